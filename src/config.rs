@@ -1,0 +1,1 @@
+//! The per-peer JSON config (stub; see the config commit).

@@ -1,0 +1,9 @@
+//! raft: Raft consensus over UDP. A pure, deterministic core (`raft`) inside a thin shell of
+//! threads (`peer`), with durable storage (`storage`) and a client library (`client`).
+
+pub mod client;
+pub mod config;
+pub mod peer;
+pub mod raft;
+pub mod storage;
+pub mod transport;

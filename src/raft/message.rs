@@ -1,0 +1,268 @@
+//! Wire types: what peers say to each other, and what clients and peers say to each other.
+//! Every datagram is one JSON-encoded [`Datagram`] of at most [`MAX_DATAGRAM`] bytes.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// A peer's identity, the `node_ID` of its config.
+pub type NodeId = u64;
+/// A Raft term (§5.1). 0 is the term before any election.
+pub type Term = u64;
+/// A log index (§5.3). The first entry has index 1; 0 means "none".
+pub type Index = u64;
+/// A client's identity for exactly-once appends: random, chosen by the client.
+pub type ClientId = u64;
+/// Where a client reply goes: the source address of the client's datagram.
+pub type ReplyTo = SocketAddr;
+
+/// The largest datagram we send or accept, kept under UDP's 65,507-byte payload limit.
+pub const MAX_DATAGRAM: usize = 64 * 1000;
+/// The largest client entry, in bytes of UTF-8.
+pub const MAX_ENTRY_DATA: usize = 16 * 1024;
+/// The largest client entry once JSON-escaped; control characters escape to six bytes each,
+/// so this bound (not only [`MAX_ENTRY_DATA`]) is what guarantees an entry fits a datagram.
+pub const MAX_ENTRY_ESCAPED: usize = 40 * 1024;
+/// Bytes of a datagram reserved for everything in it but the entries' data.
+pub const DATAGRAM_OVERHEAD: usize = 512;
+/// Per-entry JSON framing (keys, numbers, client id), an upper bound.
+pub const ENTRY_OVERHEAD: usize = 128;
+
+/// One slot of the replicated log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub index: Index,
+    pub term: Term,
+    pub payload: Payload,
+}
+
+/// What an entry carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// The empty entry a new leader appends so that earlier entries commit (§5.4.2, §8).
+    Noop,
+    /// A client's append; `(client, seq)` identifies it for exactly-once application.
+    Data {
+        client: ClientId,
+        seq: u64,
+        data: String,
+    },
+}
+
+impl Entry {
+    /// An upper bound on this entry's size inside a JSON datagram.
+    pub fn encoded_len(&self) -> usize {
+        ENTRY_OVERHEAD
+            + match &self.payload {
+                Payload::Noop => 0,
+                Payload::Data { data, .. } => escaped_len(data),
+            }
+    }
+}
+
+/// The length of `s` once escaped as a JSON string body.
+pub fn escaped_len(s: &str) -> usize {
+    s.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
+}
+
+/// Checks a client entry against the size limits; the error is shown to the client as is.
+pub fn check_entry_data(data: &str) -> Result<(), String> {
+    if data.len() > MAX_ENTRY_DATA {
+        return Err(format!(
+            "entry is {} bytes; the limit is {} bytes of UTF-8",
+            data.len(),
+            MAX_ENTRY_DATA
+        ));
+    }
+    let escaped = escaped_len(data);
+    if escaped > MAX_ENTRY_ESCAPED {
+        return Err(format!(
+            "entry is {escaped} bytes once JSON-escaped (too many control characters); the limit is {MAX_ENTRY_ESCAPED}"
+        ));
+    }
+    Ok(())
+}
+
+/// A message between peers. `from` is trusted only after the receiver checks it is a known
+/// peer; replies go to the address the config gives for `from`, never the datagram's source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub from: NodeId,
+    pub to: NodeId,
+    /// The sender's current term (for PreVote: the term it would campaign in).
+    pub term: Term,
+    pub body: Body,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    /// Thesis §9.6: would you vote for me in `term`? Changes no one's term or vote.
+    PreVote {
+        last_log_index: Index,
+        last_log_term: Term,
+    },
+    PreVoteResponse {
+        granted: bool,
+    },
+    /// §5.2 RequestVote RPC.
+    RequestVote {
+        last_log_index: Index,
+        last_log_term: Term,
+    },
+    RequestVoteResponse {
+        granted: bool,
+    },
+    /// §5.3 AppendEntries RPC; with no entries it is a heartbeat. `read_seq` is echoed back so
+    /// the leader can confirm its leadership for reads (thesis §6.4).
+    AppendEntries {
+        prev_log_index: Index,
+        prev_log_term: Term,
+        entries: Vec<Entry>,
+        leader_commit: Index,
+        read_seq: u64,
+    },
+    AppendEntriesResponse {
+        read_seq: u64,
+        result: AppendResult,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AppendResult {
+    /// The follower's log matches the leader's up to and including `match_index`.
+    Accepted { match_index: Index },
+    /// The consistency check failed at `prev_log_index`. Fast backtracking hint: if the follower
+    /// has an entry there, `hint_term` is its term and `hint_index` the first index of that term
+    /// in its log; otherwise `hint_term` is 0 and `hint_index` is its last index + 1.
+    Rejected {
+        prev_log_index: Index,
+        hint_index: Index,
+        hint_term: Term,
+    },
+}
+
+/// A client's request; `id` is echoed in the reply so the client can match them up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientRequest {
+    pub id: u64,
+    pub op: ClientOp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientOp {
+    /// Append `data` once, however often the same `(client, seq)` is retried.
+    Append {
+        client: ClientId,
+        seq: u64,
+        data: String,
+    },
+    /// Read the committed log from `start`. The first page (`read_index: None`) is linearizable
+    /// (ReadIndex, thesis §6.4) and fixes the read index; later pages pass it back.
+    Query {
+        start: Index,
+        read_index: Option<Index>,
+    },
+    /// Report this peer's view of the cluster.
+    Status,
+}
+
+/// A peer's answer to a [`ClientRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientReply {
+    pub id: u64,
+    /// The peer that answered.
+    pub from: NodeId,
+    pub result: ClientResult,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientResult {
+    /// The append is committed at `index` (also the answer to a retried duplicate).
+    Appended {
+        index: Index,
+        term: Term,
+    },
+    /// One page of the committed log, entries `start..` up to at most `read_index`.
+    /// `next` is the index to ask for next, or None when the page reached `read_index`.
+    Entries {
+        entries: Vec<LogRecord>,
+        read_index: Index,
+        next: Option<Index>,
+    },
+    Status(StatusInfo),
+    /// This peer is not the leader (or could not confirm it still is); try `leader` if known.
+    NotLeader {
+        leader: Option<NodeId>,
+    },
+    /// A definite refusal: the request can never succeed as sent.
+    Refused {
+        reason: String,
+    },
+}
+
+/// One committed log entry as the client prints it: `{"index":N,"term":T,"data":"..."}`;
+/// entries without client data have `data: null` and a `kind` (`noop`, `duplicate`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    pub index: Index,
+    pub term: Term,
+    pub data: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+/// A peer's view of itself, for `client status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    pub id: NodeId,
+    pub role: Role,
+    pub term: Term,
+    pub leader: Option<NodeId>,
+    pub last_index: Index,
+    pub commit_index: Index,
+    pub applied_index: Index,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Follower,
+    PreCandidate,
+    Candidate,
+    Leader,
+}
+
+/// Everything that travels in one UDP datagram.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Datagram {
+    Peer(Message),
+    Request(ClientRequest),
+    Reply(ClientReply),
+}
+
+impl Datagram {
+    /// Encodes to JSON; errors if the result would not fit one datagram.
+    pub fn encode(&self) -> Result<Vec<u8>, String> {
+        let bytes = serde_json::to_vec(self).map_err(|e| format!("encode: {e}"))?;
+        if bytes.len() > MAX_DATAGRAM {
+            return Err(format!(
+                "datagram of {} bytes exceeds the {MAX_DATAGRAM}-byte limit",
+                bytes.len()
+            ));
+        }
+        Ok(bytes)
+    }
+
+    /// Decodes a received datagram; never panics on garbage.
+    pub fn decode(bytes: &[u8]) -> Result<Datagram, String> {
+        if bytes.len() > MAX_DATAGRAM {
+            return Err(format!("oversized datagram of {} bytes", bytes.len()));
+        }
+        serde_json::from_slice(bytes).map_err(|e| format!("malformed datagram: {e}"))
+    }
+}
