@@ -1,1 +1,211 @@
-//! The per-peer JSON config (stub; see the config commit).
+//! The per-peer JSON config, in the original project's shape, validated with errors that name
+//! the file and the field.
+
+use crate::raft::NodeId;
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+/// Default election timeout range, in milliseconds.
+pub const DEFAULT_ELECTION_TIMEOUT_MS: (u64, u64) = (150, 300);
+/// Default heartbeat interval, in milliseconds.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 50;
+
+/// One peer's validated config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub name: String,
+    pub node_id: NodeId,
+    pub host: String,
+    pub port: u16,
+    pub other_peers: Vec<PeerAddr>,
+    pub data_dir: PathBuf,
+    pub election_timeout_ms: (u64, u64),
+    pub heartbeat_ms: u64,
+}
+
+/// Another peer's identity and address.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerAddr {
+    #[serde(rename = "node_ID")]
+    pub node_id: NodeId,
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    name: String,
+    #[serde(rename = "node_ID")]
+    node_id: NodeId,
+    host: String,
+    port: u16,
+    other_peers: Vec<PeerAddr>,
+    data_dir: Option<PathBuf>,
+    election_timeout_ms: Option<(u64, u64)>,
+    heartbeat_ms: Option<u64>,
+}
+
+impl PeerConfig {
+    /// Reads and validates `path`. A relative `data_dir` is taken relative to the working
+    /// directory, as the original's paths were; the default is `data/<name>`.
+    pub fn load(path: &Path) -> Result<PeerConfig, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("config {}: cannot read: {e}", path.display()))?;
+        PeerConfig::parse(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    }
+
+    /// Parses and validates config text; errors name the offending field.
+    pub fn parse(text: &str) -> Result<PeerConfig, String> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| format!("{e}"))?;
+        let election_timeout_ms = raw
+            .election_timeout_ms
+            .unwrap_or(DEFAULT_ELECTION_TIMEOUT_MS);
+        let heartbeat_ms = raw.heartbeat_ms.unwrap_or(DEFAULT_HEARTBEAT_MS);
+        if raw.name.is_empty()
+            || !raw
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(format!(
+                "field `name`: {:?} must be non-empty letters, digits, '-', '_' or '.'",
+                raw.name
+            ));
+        }
+        if raw.node_id == 0 {
+            return Err("field `node_ID`: must be at least 1".into());
+        }
+        if raw.port == 0 {
+            return Err("field `port`: must be 1-65535".into());
+        }
+        let mut seen = BTreeSet::new();
+        for (i, p) in raw.other_peers.iter().enumerate() {
+            if p.node_id == raw.node_id {
+                return Err(format!(
+                    "field `other_peers[{i}].node_ID`: {} is this peer's own node_ID",
+                    p.node_id
+                ));
+            }
+            if p.node_id == 0 {
+                return Err(format!(
+                    "field `other_peers[{i}].node_ID`: must be at least 1"
+                ));
+            }
+            if !seen.insert(p.node_id) {
+                return Err(format!(
+                    "field `other_peers[{i}].node_ID`: duplicate node_ID {}",
+                    p.node_id
+                ));
+            }
+            if p.port == 0 {
+                return Err(format!("field `other_peers[{i}].port`: must be 1-65535"));
+            }
+        }
+        let (min, max) = election_timeout_ms;
+        if min == 0 || min > max {
+            return Err(format!(
+                "field `election_timeout_ms`: [{min},{max}] must be [min,max] with 0 < min <= max"
+            ));
+        }
+        if heartbeat_ms == 0 || heartbeat_ms >= min {
+            return Err(format!(
+                "field `heartbeat_ms`: {heartbeat_ms} must be at least 1 and below the election minimum {min}"
+            ));
+        }
+        let data_dir = raw
+            .data_dir
+            .unwrap_or_else(|| Path::new("data").join(&raw.name));
+        Ok(PeerConfig {
+            name: raw.name,
+            node_id: raw.node_id,
+            host: raw.host,
+            port: raw.port,
+            other_peers: raw.other_peers,
+            data_dir,
+            election_timeout_ms,
+            heartbeat_ms,
+        })
+    }
+
+    /// Every peer's address by node ID, this one included, resolved once.
+    pub fn addresses(&self) -> Result<BTreeMap<NodeId, SocketAddr>, String> {
+        let mut out = BTreeMap::new();
+        out.insert(self.node_id, resolve(&self.host, self.port, "host")?);
+        for (i, p) in self.other_peers.iter().enumerate() {
+            out.insert(
+                p.node_id,
+                resolve(&p.host, p.port, &format!("other_peers[{i}].host"))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The other peers' IDs, sorted.
+    pub fn peer_ids(&self) -> Vec<NodeId> {
+        let mut ids: Vec<NodeId> = self.other_peers.iter().map(|p| p.node_id).collect();
+        ids.sort_unstable();
+        ids
+    }
+}
+
+fn resolve(host: &str, port: u16, field: &str) -> Result<SocketAddr, String> {
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("field `{field}`: cannot resolve {host:?}: {e}"))?
+        .collect();
+    // Prefer IPv4 so "localhost" means the same socket for peers and clients.
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("field `{field}`: {host:?} resolves to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{ "name": "peer01", "node_ID": 1, "host": "127.0.0.1", "port": 3000,
+        "other_peers": [ {"node_ID": 2, "host": "127.0.0.1", "port": 3001},
+                         {"node_ID": 3, "host": "localhost", "port": 3002} ] }"#;
+
+    #[test]
+    fn original_shape_parses_with_defaults() {
+        let c = PeerConfig::parse(GOOD).unwrap();
+        assert_eq!(c.node_id, 1);
+        assert_eq!(c.data_dir, Path::new("data/peer01"));
+        assert_eq!(c.election_timeout_ms, (150, 300));
+        assert_eq!(c.heartbeat_ms, 50);
+        assert_eq!(c.peer_ids(), vec![2, 3]);
+        assert_eq!(c.addresses().unwrap().len(), 3);
+    }
+
+    fn err_of(edit: &str, with: &str) -> String {
+        PeerConfig::parse(&GOOD.replace(edit, with)).unwrap_err()
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        assert!(err_of(r#""node_ID": 2, "host""#, r#""node_ID": 1, "host""#)
+            .contains("other_peers[0].node_ID"));
+        assert!(err_of(r#""node_ID": 3,"#, r#""node_ID": 2,"#).contains("duplicate"));
+        let e = err_of(
+            r#""port": 3000,"#,
+            r#""port": 3000, "election_timeout_ms": [300, 100],"#,
+        );
+        assert!(e.contains("election_timeout_ms"), "{e}");
+        let e = err_of(r#""port": 3000,"#, r#""port": 3000, "heartbeat_ms": 150,"#);
+        assert!(e.contains("heartbeat_ms"), "{e}");
+        let e = err_of(r#""port": 3000,"#, r#""port": "x","#);
+        assert!(e.contains("port") || e.contains("invalid type"), "{e}");
+        let e = err_of(r#""name": "peer01","#, "");
+        assert!(e.contains("name"), "{e}");
+        let e = err_of(r#""port": 3000,"#, r#""port": 3000, "colour": 1,"#);
+        assert!(e.contains("colour"), "{e}");
+    }
+}
