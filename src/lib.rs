@@ -5,5 +5,6 @@ pub mod client;
 pub mod config;
 pub mod peer;
 pub mod raft;
+pub mod state_machine;
 pub mod storage;
 pub mod transport;

@@ -1,7 +1,21 @@
-//! The Raft protocol as a pure state machine (no sockets, threads, clocks or files).
+//! The Raft protocol as a pure state machine: no sockets, threads, clocks, files or global
+//! randomness, so a test can run a whole cluster in one process, deterministically.
+//!
+//! - Roles (§5.1): follower, pre-candidate (thesis §9.6), candidate, leader; one step function
+//!   each in [`node`]. Term handling comes first for every message: a newer term makes us a
+//!   follower, an older one is answered with our term or dropped.
+//! - Persistent state (Figure 2): current term, vote and the log. [`Ready`] hands them to the
+//!   shell, which makes them durable before sending any message that depends on them.
+//! - Replication (§5.3) in [`log`] and [`progress`]: consistency check, truncation only on real
+//!   conflicts, fast backtracking hints, pipelined AppendEntries with a bounded window.
+//! - Commitment (§5.4.2): only entries of the leader's own term are committed by counting.
+//! - Reads (thesis §6.4): ReadIndex, confirmed by a majority round of heartbeats.
+//! - Time enters as ticks; randomness from a seed in [`Config`].
 
+pub mod log;
 pub mod message;
 pub mod node;
+pub mod progress;
 
 pub use message::*;
 pub use node::{Config, HardState, Node, Ready};

@@ -1,7 +1,13 @@
-//! The Raft core: a pure state machine stepped by messages, ticks and client requests.
-//! (Stub of the public API; the implementation lands in the core commit.)
+//! The Raft core: a pure state machine stepped by messages, ticks and client requests, which
+//! returns its effects as a [`Ready`]. Term handling happens once in [`Node::step`]; then one
+//! function per role handles the message.
 
+use super::log::RaftLog;
 use super::message::*;
+use super::progress::{Progress, ProgressState};
+use crate::state_machine::{Applied, StateMachine};
+use log::{debug, info, warn};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// Static parameters of one core. Durations are in ticks; the shell decides how long a tick is.
 #[derive(Clone, Debug)]
@@ -37,6 +43,8 @@ pub struct Ready {
     pub hard_state: Option<HardState>,
     pub entries: Vec<Entry>,
     pub messages: Vec<Message>,
+    /// True when no message depends on this Ready's writes: a leader whose term and vote are
+    /// already durable may replicate its new entries while writing them itself.
     pub send_before_persist: bool,
     pub replies: Vec<(ReplyTo, ClientReply)>,
 }
@@ -50,37 +58,980 @@ impl Ready {
     }
 }
 
-pub struct Node {}
+/// A client append waiting for its entry to be applied.
+#[derive(Clone, Debug)]
+struct Waiter {
+    reply_to: ReplyTo,
+    id: u64,
+}
+
+/// A linearizable query waiting for a majority to confirm leadership (thesis §6.4).
+#[derive(Clone, Debug)]
+struct PendingRead {
+    /// Confirmed once a majority echoes a read sequence number at least this large.
+    seq: u64,
+    /// The commit index when the read arrived; the answer covers the log up to here.
+    read_index: Index,
+    start: Index,
+    waiter: Waiter,
+}
+
+/// Room in a datagram for entries, after the envelope.
+const ENTRY_BUDGET: usize = MAX_DATAGRAM - DATAGRAM_OVERHEAD;
+
+pub struct Node {
+    cfg: Config,
+    /// Latest term this node has seen (Figure 2). Never decreases, persisted before use.
+    term: Term,
+    /// Candidate this node voted for in `term` (Figure 2); at most one per term.
+    vote: Option<NodeId>,
+    role: Role,
+    leader: Option<NodeId>,
+    log: RaftLog,
+    sm: StateMachine,
+    rng: u64,
+    election_elapsed: u64,
+    election_timeout: u64,
+    heartbeat_elapsed: u64,
+    /// Votes (or pre-votes) received in the current campaign: granted or refused.
+    votes: BTreeMap<NodeId, bool>,
+    /// Leader only: one per follower.
+    progress: BTreeMap<NodeId, Progress>,
+    /// Leader only: client appends already in the log but not yet applied, by (client, seq).
+    pending_appends: HashMap<(ClientId, u64), Index>,
+    /// Leader only: who to answer when the entry at an index is applied.
+    waiters: BTreeMap<Index, Vec<Waiter>>,
+    /// Read sequence numbers increase for the node's whole life, so no old echo can count.
+    read_seq: u64,
+    pending_reads: VecDeque<PendingRead>,
+    /// Reads that arrived before this leader committed an entry of its own term.
+    reads_before_own_commit: Vec<(Index, Waiter)>,
+    /// Ready bookkeeping.
+    persisted_hard_state: HardState,
+    handed_hard_state: Option<HardState>,
+    ready_outstanding: bool,
+    replicate_now: bool,
+    heartbeat_now: bool,
+    msgs: Vec<Message>,
+    replies: Vec<(ReplyTo, ClientReply)>,
+}
 
 impl Node {
     /// A core restored from durable state (`entries` is the whole durable log, from index 1).
-    pub fn new(_config: Config, _hard_state: HardState, _entries: Vec<Entry>) -> Node {
-        unimplemented!()
+    pub fn new(cfg: Config, hard_state: HardState, entries: Vec<Entry>) -> Node {
+        assert!(
+            cfg.election_ticks.0 > cfg.heartbeat_ticks
+                && cfg.election_ticks.0 <= cfg.election_ticks.1,
+            "election timeout must exceed the heartbeat interval"
+        );
+        assert!(!cfg.peers.contains(&cfg.id), "peers must not include self");
+        let log = RaftLog::restore(entries, hard_state.commit);
+        let mut node = Node {
+            rng: cfg.seed ^ cfg.id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            cfg,
+            term: hard_state.term,
+            vote: hard_state.vote,
+            role: Role::Follower,
+            leader: None,
+            log,
+            sm: StateMachine::default(),
+            election_elapsed: 0,
+            election_timeout: 0,
+            heartbeat_elapsed: 0,
+            votes: BTreeMap::new(),
+            progress: BTreeMap::new(),
+            pending_appends: HashMap::new(),
+            waiters: BTreeMap::new(),
+            read_seq: 0,
+            pending_reads: VecDeque::new(),
+            reads_before_own_commit: Vec::new(),
+            persisted_hard_state: HardState {
+                term: hard_state.term,
+                vote: hard_state.vote,
+                commit: 0,
+            },
+            handed_hard_state: None,
+            ready_outstanding: false,
+            replicate_now: false,
+            heartbeat_now: false,
+            msgs: Vec::new(),
+            replies: Vec::new(),
+        };
+        node.persisted_hard_state.commit = node.log.commit;
+        node.reset_election_timer();
+        node.apply_committed();
+        node
     }
+
     pub fn id(&self) -> NodeId {
-        unimplemented!()
+        self.cfg.id
     }
+    pub fn term(&self) -> Term {
+        self.term
+    }
+    pub fn vote(&self) -> Option<NodeId> {
+        self.vote
+    }
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+    pub fn log(&self) -> &RaftLog {
+        &self.log
+    }
+    pub fn commit_index(&self) -> Index {
+        self.log.commit
+    }
+    pub fn applied_index(&self) -> Index {
+        self.sm.applied
+    }
+    pub fn state_machine(&self) -> &StateMachine {
+        &self.sm
+    }
+
+    pub fn status(&self) -> StatusInfo {
+        StatusInfo {
+            id: self.cfg.id,
+            role: self.role,
+            term: self.term,
+            leader: self.leader,
+            last_index: self.log.last_index(),
+            commit_index: self.log.commit,
+            applied_index: self.sm.applied,
+        }
+    }
+
+    fn quorum(&self) -> usize {
+        (self.cfg.peers.len() + 1) / 2 + 1
+    }
+
+    // ---- time ------------------------------------------------------------------------------
+
     /// Advances time by one tick.
     pub fn tick(&mut self) {
-        unimplemented!()
+        self.election_elapsed += 1;
+        match self.role {
+            Role::Leader => {
+                self.heartbeat_elapsed += 1;
+                for pr in self.progress.values_mut() {
+                    if !pr.inflight.is_empty() {
+                        pr.stall_ticks += 1;
+                    }
+                }
+                if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
+                    self.heartbeat_elapsed = 0;
+                    self.heartbeat_now = true;
+                }
+                // Check quorum: a leader that has not heard from a majority for an election
+                // timeout steps down, so clients look for the leader elsewhere.
+                if self.election_elapsed >= self.cfg.election_ticks.0 {
+                    self.election_elapsed = 0;
+                    let active = 1 + self.progress.values().filter(|p| p.recent_active).count();
+                    for pr in self.progress.values_mut() {
+                        pr.recent_active = false;
+                    }
+                    if active < self.quorum() {
+                        info!(
+                            "node {}: lost contact with a majority in term {}; stepping down",
+                            self.cfg.id, self.term
+                        );
+                        self.become_follower(self.term, None);
+                    }
+                }
+            }
+            _ => {
+                if self.election_elapsed >= self.election_timeout {
+                    self.campaign_pre_vote();
+                }
+            }
+        }
     }
+
+    fn next_random(&mut self) -> u64 {
+        // splitmix64: a tiny seeded generator, so runs with the same seed are identical.
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn reset_election_timer(&mut self) {
+        let (min, max) = self.cfg.election_ticks;
+        self.election_elapsed = 0;
+        self.election_timeout = min + self.next_random() % (max - min + 1);
+    }
+
+    // ---- role changes ------------------------------------------------------------------------
+
+    fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        assert!(term >= self.term, "term went backwards");
+        let changed = term != self.term || self.role != Role::Follower || leader != self.leader;
+        if term > self.term {
+            self.term = term;
+            self.vote = None;
+        }
+        let was_leader = self.role == Role::Leader;
+        self.role = Role::Follower;
+        self.leader = leader;
+        self.reset_election_timer();
+        if was_leader {
+            self.abandon_leadership();
+        }
+        if changed {
+            match leader {
+                Some(l) => info!(
+                    "node {}: follower in term {}, leader {l}",
+                    self.cfg.id, self.term
+                ),
+                None => info!(
+                    "node {}: follower in term {}, no leader",
+                    self.cfg.id, self.term
+                ),
+            }
+        }
+    }
+
+    /// Thesis §9.6: ask whether we could win before disturbing anyone's term.
+    fn campaign_pre_vote(&mut self) {
+        self.role = Role::PreCandidate;
+        self.leader = None;
+        self.votes.clear();
+        self.votes.insert(self.cfg.id, true);
+        self.reset_election_timer();
+        debug!(
+            "node {}: pre-candidate for term {}",
+            self.cfg.id,
+            self.term + 1
+        );
+        if self.votes_won() {
+            return self.become_candidate();
+        }
+        let (last_log_index, last_log_term) = (self.log.last_index(), self.log.last_term());
+        for to in self.cfg.peers.clone() {
+            self.send(
+                to,
+                self.term + 1,
+                Body::PreVote {
+                    last_log_index,
+                    last_log_term,
+                },
+            );
+        }
+    }
+
+    /// §5.2: a new term, a vote for ourselves, and RequestVote to everyone.
+    fn become_candidate(&mut self) {
+        self.term += 1;
+        self.vote = Some(self.cfg.id);
+        self.role = Role::Candidate;
+        self.leader = None;
+        self.votes.clear();
+        self.votes.insert(self.cfg.id, true);
+        self.reset_election_timer();
+        info!("node {}: candidate in term {}", self.cfg.id, self.term);
+        if self.votes_won() {
+            return self.become_leader();
+        }
+        let (last_log_index, last_log_term) = (self.log.last_index(), self.log.last_term());
+        for to in self.cfg.peers.clone() {
+            self.send(
+                to,
+                self.term,
+                Body::RequestVote {
+                    last_log_index,
+                    last_log_term,
+                },
+            );
+        }
+    }
+
+    fn become_leader(&mut self) {
+        info!("node {}: leader in term {}", self.cfg.id, self.term);
+        self.role = Role::Leader;
+        self.leader = Some(self.cfg.id);
+        self.heartbeat_elapsed = 0;
+        self.election_elapsed = 0;
+        let next = self.log.last_index() + 1;
+        self.progress = self
+            .cfg
+            .peers
+            .iter()
+            .map(|&p| (p, Progress::new(next)))
+            .collect();
+        self.pending_appends.clear();
+        for e in &self.log.entries()[self.log.commit as usize..] {
+            if let Payload::Data { client, seq, .. } = e.payload {
+                self.pending_appends.insert((client, seq), e.index);
+            }
+        }
+        // §5.4.2 / §8: an entry of our own term lets earlier entries commit, and lets reads
+        // know the commit index is current.
+        self.append_entry(Payload::Noop);
+        self.replicate_now = true;
+        self.maybe_commit();
+    }
+
+    /// On losing leadership, nobody waiting on this node will get an answer from it: tell them
+    /// to look elsewhere. Appends may still commit; a retry is deduplicated.
+    fn abandon_leadership(&mut self) {
+        self.progress.clear();
+        self.pending_appends.clear();
+        let leader = self.leader;
+        let waiters: Vec<Waiter> = std::mem::take(&mut self.waiters)
+            .into_values()
+            .flatten()
+            .chain(self.pending_reads.drain(..).map(|r| r.waiter))
+            .chain(self.reads_before_own_commit.drain(..).map(|(_, w)| w))
+            .collect();
+        for w in waiters {
+            self.reply(w, ClientResult::NotLeader { leader });
+        }
+    }
+
+    fn votes_won(&self) -> bool {
+        self.votes.values().filter(|&&g| g).count() >= self.quorum()
+    }
+
+    fn votes_lost(&self) -> bool {
+        self.votes.values().filter(|&&g| !g).count() >= self.quorum()
+    }
+
+    // ---- messages ------------------------------------------------------------------------------
+
+    fn send(&mut self, to: NodeId, term: Term, body: Body) {
+        self.msgs.push(Message {
+            from: self.cfg.id,
+            to,
+            term,
+            body,
+        });
+    }
+
     /// Handles a message from a peer.
-    pub fn step(&mut self, _msg: Message) {
-        unimplemented!()
+    pub fn step(&mut self, msg: Message) {
+        assert!(!self.ready_outstanding, "step between ready and advance");
+        if msg.to != self.cfg.id || !self.cfg.peers.contains(&msg.from) {
+            warn!(
+                "node {}: dropping message from unknown peer {} to {}",
+                self.cfg.id, msg.from, msg.to
+            );
+            return;
+        }
+        // Term handling, once for every role (Figure 2, "Rules for Servers").
+        if msg.term > self.term {
+            match &msg.body {
+                // A pre-vote changes no one's term; a granted pre-vote answer carries the
+                // term we would campaign in, not a newer term someone is in.
+                Body::PreVote { .. } | Body::PreVoteResponse { granted: true } => {}
+                Body::AppendEntries { .. } => self.become_follower(msg.term, Some(msg.from)),
+                _ => self.become_follower(msg.term, None),
+            }
+        } else if msg.term < self.term {
+            match msg.body {
+                // Tell a stale leader or candidate about the newer term; drop stale answers.
+                Body::AppendEntries { prev_log_index, .. } => self.send(
+                    msg.from,
+                    self.term,
+                    Body::AppendEntriesResponse {
+                        read_seq: 0,
+                        result: AppendResult::Rejected {
+                            prev_log_index,
+                            hint_index: 0,
+                            hint_term: 0,
+                        },
+                    },
+                ),
+                Body::RequestVote { .. } => self.send(
+                    msg.from,
+                    self.term,
+                    Body::RequestVoteResponse { granted: false },
+                ),
+                Body::PreVote { .. } => self.send(
+                    msg.from,
+                    self.term,
+                    Body::PreVoteResponse { granted: false },
+                ),
+                _ => {}
+            }
+            return;
+        }
+        match self.role {
+            Role::Follower => self.step_follower(msg),
+            Role::PreCandidate | Role::Candidate => self.step_candidate(msg),
+            Role::Leader => self.step_leader(msg),
+        }
     }
+
+    fn step_follower(&mut self, msg: Message) {
+        match msg.body {
+            Body::AppendEntries { .. } => {
+                if self.leader != Some(msg.from) {
+                    self.leader = Some(msg.from);
+                    info!(
+                        "node {}: follower in term {}, leader {}",
+                        self.cfg.id, self.term, msg.from
+                    );
+                }
+                self.election_elapsed = 0;
+                self.handle_append_entries(msg);
+            }
+            Body::RequestVote { .. } => self.handle_request_vote(msg),
+            Body::PreVote { .. } => self.handle_pre_vote(msg),
+            _ => {}
+        }
+    }
+
+    fn step_candidate(&mut self, msg: Message) {
+        match msg.body {
+            Body::AppendEntries { .. } => {
+                // §5.2: a leader of our term exists; recognize it.
+                self.become_follower(msg.term, Some(msg.from));
+                self.handle_append_entries(msg);
+            }
+            Body::RequestVote { .. } => self.handle_request_vote(msg),
+            Body::PreVote { .. } => self.handle_pre_vote(msg),
+            // A grant carries the term we asked for; a refusal carries the voter's term.
+            Body::PreVoteResponse { granted }
+                if self.role == Role::PreCandidate && (msg.term == self.term + 1 || !granted) =>
+            {
+                self.votes.insert(msg.from, granted);
+                if self.votes_won() {
+                    self.become_candidate();
+                } else if self.votes_lost() {
+                    self.become_follower(self.term, None);
+                }
+            }
+            Body::RequestVoteResponse { granted }
+                if self.role == Role::Candidate && msg.term == self.term =>
+            {
+                self.votes.insert(msg.from, granted);
+                if self.votes_won() {
+                    self.become_leader();
+                } else if self.votes_lost() {
+                    self.become_follower(self.term, None);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn step_leader(&mut self, msg: Message) {
+        match msg.body {
+            Body::AppendEntriesResponse { read_seq, result } => {
+                self.handle_append_response(msg.from, read_seq, result)
+            }
+            Body::RequestVote { .. } => self.handle_request_vote(msg),
+            Body::PreVote { .. } => self.handle_pre_vote(msg),
+            Body::AppendEntries { .. } => {
+                warn!(
+                    "node {}: another leader {} in my term {}; ignoring (Election Safety broken?)",
+                    self.cfg.id, msg.from, self.term
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// §5.2, §5.4.1: one vote per term, only for a candidate whose log is at least as
+    /// up-to-date as ours. The vote is persisted before the answer leaves (see `ready`).
+    fn handle_request_vote(&mut self, msg: Message) {
+        let Body::RequestVote {
+            last_log_index,
+            last_log_term,
+        } = msg.body
+        else {
+            return;
+        };
+        let granted = (self.vote.is_none() || self.vote == Some(msg.from))
+            && self.role != Role::Leader
+            && self.log.is_up_to_date(last_log_index, last_log_term);
+        if granted {
+            self.vote = Some(msg.from);
+            self.reset_election_timer();
+            debug!(
+                "node {}: voted for {} in term {}",
+                self.cfg.id, msg.from, self.term
+            );
+        }
+        self.send(msg.from, self.term, Body::RequestVoteResponse { granted });
+    }
+
+    /// Thesis §9.6: grant a pre-vote for a later term if the candidate's log is up to date
+    /// and we have not heard from a leader within the minimum election timeout.
+    fn handle_pre_vote(&mut self, msg: Message) {
+        let Body::PreVote {
+            last_log_index,
+            last_log_term,
+        } = msg.body
+        else {
+            return;
+        };
+        let leader_alive = self.role == Role::Leader
+            || (self.leader.is_some() && self.election_elapsed < self.cfg.election_ticks.0);
+        let granted = msg.term > self.term
+            && !leader_alive
+            && self.log.is_up_to_date(last_log_index, last_log_term);
+        let term = if granted { msg.term } else { self.term };
+        self.send(msg.from, term, Body::PreVoteResponse { granted });
+    }
+
+    /// §5.3: the consistency check, then append, then advance the commit index.
+    fn handle_append_entries(&mut self, msg: Message) {
+        let Body::AppendEntries {
+            prev_log_index,
+            prev_log_term,
+            entries,
+            leader_commit,
+            read_seq,
+        } = msg.body
+        else {
+            return;
+        };
+        let result = match self.log.try_append(prev_log_index, prev_log_term, &entries) {
+            Some(match_index) => {
+                if self.log.commit_to(leader_commit.min(match_index)) {
+                    self.apply_committed();
+                }
+                AppendResult::Accepted { match_index }
+            }
+            None => {
+                let (hint_index, hint_term) = match self.log.term_at(prev_log_index) {
+                    None => (self.log.last_index() + 1, 0),
+                    Some(t) => (self.log.first_index_of_term_at(prev_log_index), t),
+                };
+                AppendResult::Rejected {
+                    prev_log_index,
+                    hint_index,
+                    hint_term,
+                }
+            }
+        };
+        self.send(
+            msg.from,
+            self.term,
+            Body::AppendEntriesResponse { read_seq, result },
+        );
+    }
+
+    fn handle_append_response(&mut self, from: NodeId, read_seq: u64, result: AppendResult) {
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
+        pr.recent_active = true;
+        if read_seq > pr.read_acked {
+            pr.read_acked = read_seq;
+            self.confirm_reads();
+        }
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
+        match result {
+            AppendResult::Accepted { match_index } => {
+                if pr.acknowledge(match_index) {
+                    self.maybe_commit();
+                }
+                self.send_append(from);
+            }
+            AppendResult::Rejected {
+                prev_log_index,
+                hint_index,
+                hint_term,
+            } => {
+                // Ignore rejections that are stale: at or below what is known to match, or in
+                // Probe state, not about the probe we are waiting on.
+                if prev_log_index <= pr.match_index
+                    || (pr.state == ProgressState::Probe && prev_log_index + 1 != pr.next_index)
+                {
+                    return;
+                }
+                let next = if hint_term > 0 {
+                    match self.log.last_index_of_term(hint_term) {
+                        Some(i) => i + 1,
+                        None => hint_index,
+                    }
+                } else {
+                    hint_index
+                };
+                let pr = self.progress.get_mut(&from).expect("checked above");
+                pr.probe_from(next.min(prev_log_index));
+                debug!(
+                    "node {}: follower {from} rejected at {prev_log_index}; probing from {}",
+                    self.cfg.id, pr.next_index
+                );
+                self.send_append(from);
+            }
+        }
+    }
+
+    /// Sends what the follower is missing, as flow control allows.
+    fn send_append(&mut self, to: NodeId) {
+        loop {
+            let pr = &self.progress[&to];
+            let next = pr.next_index;
+            match pr.state {
+                ProgressState::Probe if pr.probe_sent => return,
+                ProgressState::Replicate
+                    if pr.inflight.len() >= self.cfg.max_inflight
+                        || next > self.log.last_index() =>
+                {
+                    return
+                }
+                _ => {}
+            }
+            let entries = self.log.entries_from(next, ENTRY_BUDGET);
+            let last = entries.last().map_or(next - 1, |e| e.index);
+            let prev_log_term = self
+                .log
+                .term_at(next - 1)
+                .expect("next_index within log + 1");
+            let body = Body::AppendEntries {
+                prev_log_index: next - 1,
+                prev_log_term,
+                entries,
+                leader_commit: self.log.commit,
+                read_seq: self.read_seq,
+            };
+            self.send(to, self.term, body);
+            let pr = self.progress.get_mut(&to).expect("progress exists");
+            match pr.state {
+                ProgressState::Probe => {
+                    pr.probe_sent = true;
+                    return;
+                }
+                ProgressState::Replicate => {
+                    pr.next_index = last + 1;
+                    pr.inflight.push_back(last);
+                }
+            }
+        }
+    }
+
+    /// Heartbeat: resend a probe, restart a stalled pipeline, or confirm leadership with an
+    /// empty AppendEntries at the known match point.
+    fn heartbeat(&mut self) {
+        for to in self.cfg.peers.clone() {
+            let pr = self.progress.get_mut(&to).expect("progress exists");
+            match pr.state {
+                ProgressState::Probe => {
+                    pr.probe_sent = false;
+                    self.send_append(to);
+                }
+                ProgressState::Replicate if pr.stall_ticks >= self.cfg.heartbeat_ticks => {
+                    // Something in the pipeline was lost: go back to one-at-a-time.
+                    let next = pr.match_index + 1;
+                    pr.probe_from(next);
+                    self.send_append(to);
+                }
+                ProgressState::Replicate => {
+                    let prev = pr.match_index;
+                    let body = Body::AppendEntries {
+                        prev_log_index: prev,
+                        prev_log_term: self.log.term_at(prev).expect("match within log"),
+                        entries: Vec::new(),
+                        leader_commit: self.log.commit,
+                        read_seq: self.read_seq,
+                    };
+                    self.send(to, self.term, body);
+                    self.send_append(to);
+                }
+            }
+        }
+    }
+
+    /// §5.3, §5.4.2: commit the highest index stored on a majority, but only if it is of the
+    /// current term (Figure 8); the leader counts itself only for entries on its own disk.
+    fn maybe_commit(&mut self) {
+        let mut matches: Vec<Index> = self.progress.values().map(|p| p.match_index).collect();
+        matches.push(self.log.stable_index());
+        matches.sort_unstable_by(|a, b| b.cmp(a));
+        let candidate = matches[self.quorum() - 1];
+        if candidate > self.log.commit && self.log.term_at(candidate) == Some(self.term) {
+            self.log.commit_to(candidate);
+            self.apply_committed();
+            // Followers learn the new commit index promptly, not only at the next heartbeat.
+            self.replicate_now = true;
+            self.serve_reads_waiting_for_own_commit();
+        }
+    }
+
+    // ---- applying ----------------------------------------------------------------------------
+
+    fn apply_committed(&mut self) {
+        while self.sm.applied < self.log.commit {
+            let entry = self
+                .log
+                .get(self.sm.applied + 1)
+                .expect("committed entry in log");
+            let outcome = self.sm.apply(entry);
+            let index = entry.index;
+            if let Payload::Data { client, seq, .. } = entry.payload {
+                self.pending_appends.remove(&(client, seq));
+            }
+            if let Some(waiters) = self.waiters.remove(&index) {
+                let result = match outcome {
+                    Applied::Appended { index, term } => ClientResult::Appended { index, term },
+                    Applied::Noop | Applied::Superseded => ClientResult::Refused {
+                        reason: "request superseded by a newer one from the same client".into(),
+                    },
+                };
+                for w in waiters {
+                    self.reply(w, result.clone());
+                }
+            }
+        }
+    }
+
+    fn reply(&mut self, w: Waiter, result: ClientResult) {
+        self.replies.push((
+            w.reply_to,
+            ClientReply {
+                id: w.id,
+                from: self.cfg.id,
+                result,
+            },
+        ));
+    }
+
+    // ---- clients ---------------------------------------------------------------------------
+
     /// Handles a client request; the reply appears in a later `Ready`.
-    pub fn request(&mut self, _reply_to: ReplyTo, _req: ClientRequest) {
-        unimplemented!()
+    pub fn request(&mut self, reply_to: ReplyTo, req: ClientRequest) {
+        assert!(!self.ready_outstanding, "request between ready and advance");
+        let waiter = Waiter {
+            reply_to,
+            id: req.id,
+        };
+        if let ClientOp::Status = req.op {
+            let status = self.status();
+            return self.reply(waiter, ClientResult::Status(status));
+        }
+        if let ClientOp::Append { data, .. } = &req.op {
+            if let Err(reason) = check_entry_data(data) {
+                return self.reply(waiter, ClientResult::Refused { reason });
+            }
+        }
+        if self.role != Role::Leader {
+            let leader = self.leader;
+            return self.reply(waiter, ClientResult::NotLeader { leader });
+        }
+        match req.op {
+            ClientOp::Append { client, seq, data } => self.propose(waiter, client, seq, data),
+            ClientOp::Query { start, read_index } => self.query(waiter, start, read_index),
+            ClientOp::Status => unreachable!("answered above"),
+        }
     }
+
+    fn propose(&mut self, waiter: Waiter, client: ClientId, seq: u64, data: String) {
+        match self.sm.lookup(client, seq) {
+            Some(Applied::Appended { index, term }) => {
+                return self.reply(waiter, ClientResult::Appended { index, term })
+            }
+            Some(_) => {
+                let reason = format!("request {seq} of client {client:x} is older than its latest");
+                return self.reply(waiter, ClientResult::Refused { reason });
+            }
+            None => {}
+        }
+        // A retry of an append already in our log waits for that entry instead of adding one.
+        let index = match self.pending_appends.get(&(client, seq)) {
+            Some(&index) => index,
+            None => {
+                let index = self.append_entry(Payload::Data { client, seq, data });
+                self.pending_appends.insert((client, seq), index);
+                index
+            }
+        };
+        self.waiters.entry(index).or_default().push(waiter);
+        self.replicate_now = true;
+        self.maybe_commit();
+    }
+
+    fn append_entry(&mut self, payload: Payload) -> Index {
+        let index = self.log.last_index() + 1;
+        self.log.append(Entry {
+            index,
+            term: self.term,
+            payload,
+        });
+        index
+    }
+
+    /// Thesis §6.4 ReadIndex. A later page (`read_index: Some`) reads committed, immutable
+    /// entries up to a bound that an earlier page already confirmed.
+    fn query(&mut self, waiter: Waiter, start: Index, read_index: Option<Index>) {
+        if let Some(read_index) = read_index {
+            if read_index <= self.log.commit {
+                return self.serve_read(waiter, start, read_index);
+            }
+            let leader = self.leader;
+            return self.reply(waiter, ClientResult::NotLeader { leader });
+        }
+        if self.log.term_at(self.log.commit) != Some(self.term) {
+            // Until an entry of our term commits, our commit index may be behind the
+            // previous leader's.
+            self.reads_before_own_commit.push((start, waiter));
+            return;
+        }
+        if self.cfg.peers.is_empty() {
+            let commit = self.log.commit;
+            return self.serve_read(waiter, start, commit);
+        }
+        self.read_seq += 1;
+        self.pending_reads.push_back(PendingRead {
+            seq: self.read_seq,
+            read_index: self.log.commit,
+            start,
+            waiter,
+        });
+        self.heartbeat_now = true;
+    }
+
+    fn serve_reads_waiting_for_own_commit(&mut self) {
+        for (start, waiter) in std::mem::take(&mut self.reads_before_own_commit) {
+            self.query(waiter, start, None);
+        }
+    }
+
+    /// Serves every pending read whose sequence number a majority (us included) has echoed.
+    fn confirm_reads(&mut self) {
+        let mut acked: Vec<u64> = self.progress.values().map(|p| p.read_acked).collect();
+        acked.push(self.read_seq);
+        acked.sort_unstable_by(|a, b| b.cmp(a));
+        let confirmed = acked[self.quorum() - 1];
+        while self
+            .pending_reads
+            .front()
+            .is_some_and(|r| r.seq <= confirmed)
+        {
+            let r = self.pending_reads.pop_front().expect("checked");
+            self.serve_read(r.waiter, r.start, r.read_index);
+        }
+    }
+
+    /// Answers one page of the committed log from `start` up to `read_index`.
+    fn serve_read(&mut self, waiter: Waiter, start: Index, read_index: Index) {
+        assert!(
+            read_index <= self.sm.applied,
+            "read beyond the applied index"
+        );
+        let start = start.max(1);
+        let mut entries = Vec::new();
+        let mut used = 0;
+        let mut next = None;
+        for index in start..=read_index {
+            let e = self.log.get(index).expect("applied entry in log");
+            let record = match &e.payload {
+                Payload::Noop => LogRecord {
+                    index,
+                    term: e.term,
+                    data: None,
+                    kind: Some("noop".into()),
+                },
+                Payload::Data { .. } if self.sm.is_duplicate(index) => LogRecord {
+                    index,
+                    term: e.term,
+                    data: None,
+                    kind: Some("duplicate".into()),
+                },
+                Payload::Data { data, .. } => LogRecord {
+                    index,
+                    term: e.term,
+                    data: Some(data.clone()),
+                    kind: None,
+                },
+            };
+            used += e.encoded_len();
+            if used > ENTRY_BUDGET && !entries.is_empty() {
+                next = Some(index);
+                break;
+            }
+            entries.push(record);
+        }
+        self.reply(
+            waiter,
+            ClientResult::Entries {
+                entries,
+                read_index,
+                next,
+            },
+        );
+    }
+
+    // ---- output ------------------------------------------------------------------------------
+
     /// Takes the accumulated effects. Call [`Node::advance`] once they are carried out.
     pub fn ready(&mut self) -> Ready {
-        unimplemented!()
+        assert!(
+            !self.ready_outstanding,
+            "ready called twice without advance"
+        );
+        if self.role == Role::Leader {
+            if self.heartbeat_now {
+                self.heartbeat();
+            } else if self.replicate_now {
+                for to in self.cfg.peers.clone() {
+                    self.send_append(to);
+                }
+            }
+        }
+        self.heartbeat_now = false;
+        self.replicate_now = false;
+        let hs = HardState {
+            term: self.term,
+            vote: self.vote,
+            commit: self.log.commit,
+        };
+        let vote_changed = (hs.term, hs.vote)
+            != (
+                self.persisted_hard_state.term,
+                self.persisted_hard_state.vote,
+            );
+        let entries = self.log.take_unstable();
+        // The commit index alone is not worth an fsync; it rides along with other writes.
+        let hard_state = (vote_changed || (!entries.is_empty() && hs != self.persisted_hard_state))
+            .then_some(hs);
+        let rd = Ready {
+            hard_state,
+            send_before_persist: self.role == Role::Leader && !vote_changed,
+            entries,
+            messages: std::mem::take(&mut self.msgs),
+            replies: std::mem::take(&mut self.replies),
+        };
+        if !rd.is_empty() {
+            self.ready_outstanding = true;
+            self.handed_hard_state = rd.hard_state;
+        }
+        rd
     }
-    /// The last `Ready`'s hard state and entries are durable.
+
+    /// The last non-empty `Ready`'s hard state and entries are durable; its messages are sent.
     pub fn advance(&mut self) {
-        unimplemented!()
+        if !self.ready_outstanding {
+            return;
+        }
+        self.ready_outstanding = false;
+        if let Some(hs) = self.handed_hard_state.take() {
+            self.persisted_hard_state = hs;
+        }
+        self.log.stable_to_last();
+        if self.role == Role::Leader {
+            self.maybe_commit();
+        }
     }
-    pub fn status(&self) -> StatusInfo {
-        unimplemented!()
+
+    /// Whether `ready` would return anything.
+    pub fn has_ready(&self) -> bool {
+        !self.msgs.is_empty()
+            || !self.replies.is_empty()
+            || (self.role == Role::Leader && (self.heartbeat_now || self.replicate_now))
+            || self.log.stable_index() < self.log.last_index()
+            || (self.term, self.vote)
+                != (
+                    self.persisted_hard_state.term,
+                    self.persisted_hard_state.vote,
+                )
     }
 }

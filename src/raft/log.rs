@@ -1,0 +1,248 @@
+//! The in-memory Raft log: append, the AppendEntries consistency check with conflict
+//! truncation (§5.3), term lookup, and which suffix still has to be made durable.
+
+use super::message::{Entry, Index, Term};
+
+/// The whole log, index 1 at `entries[0]`. Invariant: `entries[i].index == i + 1`, terms never
+/// decrease along the log, and nothing at or below `commit` is ever truncated.
+#[derive(Debug, Default)]
+pub struct RaftLog {
+    entries: Vec<Entry>,
+    /// Highest index known to be stored on a majority (§5.3). Never decreases.
+    pub commit: Index,
+    /// Entries up to here are durable on this node's disk.
+    stable: Index,
+    /// Lowest index appended or overwritten since the last `take_unstable`, if any.
+    unstable_from: Option<Index>,
+}
+
+impl RaftLog {
+    /// A log restored from disk: everything in it is durable.
+    pub fn restore(entries: Vec<Entry>, commit: Index) -> RaftLog {
+        for (i, e) in entries.iter().enumerate() {
+            assert_eq!(e.index, i as Index + 1, "restored log has a gap at {i}");
+        }
+        let last = entries.len() as Index;
+        RaftLog {
+            entries,
+            commit: commit.min(last),
+            stable: last,
+            unstable_from: None,
+        }
+    }
+
+    pub fn last_index(&self) -> Index {
+        self.entries.len() as Index
+    }
+
+    pub fn last_term(&self) -> Term {
+        self.entries.last().map_or(0, |e| e.term)
+    }
+
+    /// The term of the entry at `index`; index 0 has term 0; None past the end.
+    pub fn term_at(&self, index: Index) -> Option<Term> {
+        if index == 0 {
+            return Some(0);
+        }
+        self.entries.get(index as usize - 1).map(|e| e.term)
+    }
+
+    pub fn get(&self, index: Index) -> Option<&Entry> {
+        if index == 0 {
+            return None;
+        }
+        self.entries.get(index as usize - 1)
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Entries from `start`, as many as fit `budget` encoded bytes but at least one.
+    pub fn entries_from(&self, start: Index, budget: usize) -> Vec<Entry> {
+        let mut out = Vec::new();
+        let mut used = 0;
+        for e in self.entries.iter().skip(start.max(1) as usize - 1) {
+            used += e.encoded_len();
+            if used > budget && !out.is_empty() {
+                break;
+            }
+            out.push(e.clone());
+        }
+        out
+    }
+
+    /// Durable last index: the leader counts itself toward a majority only up to here.
+    pub fn stable_index(&self) -> Index {
+        self.stable
+    }
+
+    /// §5.4.1: is a log ending at (`last_index`, `last_term`) at least as up-to-date as ours?
+    pub fn is_up_to_date(&self, last_index: Index, last_term: Term) -> bool {
+        (last_term, last_index) >= (self.last_term(), self.last_index())
+    }
+
+    /// The leader appends a new entry of its own term.
+    pub fn append(&mut self, entry: Entry) {
+        assert_eq!(entry.index, self.last_index() + 1, "append leaves a gap");
+        assert!(entry.term >= self.last_term(), "append goes back a term");
+        self.mark_unstable(entry.index);
+        self.entries.push(entry);
+    }
+
+    /// The follower side of AppendEntries (§5.3): if our log has `prev_term` at `prev_index`,
+    /// store `entries`, truncating only at a real conflict (so a stale or duplicated request
+    /// never removes anything), and return the last index known to match the leader.
+    pub fn try_append(
+        &mut self,
+        prev_index: Index,
+        prev_term: Term,
+        entries: &[Entry],
+    ) -> Option<Index> {
+        if self.term_at(prev_index) != Some(prev_term) {
+            return None;
+        }
+        for (k, e) in entries.iter().enumerate() {
+            assert_eq!(
+                e.index,
+                prev_index + 1 + k as Index,
+                "AppendEntries with a gap"
+            );
+            match self.term_at(e.index) {
+                Some(t) if t == e.term => continue,
+                Some(_) => {
+                    assert!(
+                        e.index > self.commit,
+                        "conflict at committed index {} (commit {})",
+                        e.index,
+                        self.commit
+                    );
+                    self.entries.truncate(e.index as usize - 1);
+                    self.stable = self.stable.min(e.index - 1);
+                }
+                None => {}
+            }
+            self.mark_unstable(e.index);
+            self.entries.extend_from_slice(&entries[k..]);
+            break;
+        }
+        Some(prev_index + entries.len() as Index)
+    }
+
+    /// First index of the run of entries with the same term as `index` (fast backtracking hint).
+    pub fn first_index_of_term_at(&self, index: Index) -> Index {
+        let term = self.term_at(index).expect("index in log");
+        let mut i = index;
+        while i > 1 && self.term_at(i - 1) == Some(term) {
+            i -= 1;
+        }
+        i
+    }
+
+    /// Last index whose term is `term`, if the log has that term (terms never decrease, so
+    /// binary search works).
+    pub fn last_index_of_term(&self, term: Term) -> Option<Index> {
+        let n = self.entries.partition_point(|e| e.term <= term);
+        (n > 0 && self.entries[n - 1].term == term).then_some(n as Index)
+    }
+
+    /// Raises the commit index (never lowers it) to at most the last index.
+    pub fn commit_to(&mut self, index: Index) -> bool {
+        let index = index.min(self.last_index());
+        if index > self.commit {
+            self.commit = index;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn mark_unstable(&mut self, index: Index) {
+        self.unstable_from = Some(self.unstable_from.map_or(index, |u| u.min(index)));
+    }
+
+    /// The entries that must still be written, from the lowest changed index on.
+    pub fn take_unstable(&mut self) -> Vec<Entry> {
+        match self.unstable_from.take() {
+            Some(from) if from <= self.last_index() => self.entries[from as usize - 1..].to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Everything handed out by `take_unstable` is now durable.
+    pub fn stable_to_last(&mut self) {
+        self.stable = self.last_index();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::message::Payload;
+
+    fn e(index: Index, term: Term) -> Entry {
+        Entry {
+            index,
+            term,
+            payload: Payload::Noop,
+        }
+    }
+
+    fn log_of(terms: &[Term]) -> RaftLog {
+        let entries = terms
+            .iter()
+            .enumerate()
+            .map(|(i, t)| e(i as Index + 1, *t))
+            .collect();
+        RaftLog::restore(entries, 0)
+    }
+
+    fn terms(log: &RaftLog) -> Vec<Term> {
+        log.entries().iter().map(|e| e.term).collect()
+    }
+
+    #[test]
+    fn stale_append_never_truncates() {
+        // §5.3: a delayed AppendEntries carrying a prefix must not cut entries after it.
+        let mut log = log_of(&[1, 1, 2, 2]);
+        assert_eq!(log.try_append(1, 1, &[e(2, 1)]), Some(2));
+        assert_eq!(terms(&log), vec![1, 1, 2, 2]);
+        assert!(log.take_unstable().is_empty());
+    }
+
+    #[test]
+    fn conflict_truncates_from_the_first_conflicting_entry() {
+        let mut log = log_of(&[1, 1, 2, 2]);
+        assert_eq!(log.try_append(2, 1, &[e(3, 3)]), Some(3));
+        assert_eq!(terms(&log), vec![1, 1, 3]);
+        assert_eq!(log.stable_index(), 2);
+        assert_eq!(log.take_unstable(), vec![e(3, 3)]);
+    }
+
+    #[test]
+    fn mismatch_is_refused() {
+        let mut log = log_of(&[1, 1]);
+        assert_eq!(log.try_append(2, 2, &[e(3, 2)]), None);
+        assert_eq!(log.try_append(5, 1, &[]), None);
+        assert_eq!(terms(&log), vec![1, 1]);
+    }
+
+    #[test]
+    fn term_lookups_for_fast_backtracking() {
+        let log = log_of(&[1, 1, 2, 2, 2, 4]);
+        assert_eq!(log.first_index_of_term_at(5), 3);
+        assert_eq!(log.first_index_of_term_at(2), 1);
+        assert_eq!(log.last_index_of_term(2), Some(5));
+        assert_eq!(log.last_index_of_term(3), None);
+        assert_eq!(log.last_index_of_term(4), Some(6));
+    }
+
+    #[test]
+    fn up_to_date_compares_last_term_then_length() {
+        let log = log_of(&[1, 2]);
+        assert!(log.is_up_to_date(1, 3));
+        assert!(log.is_up_to_date(2, 2));
+        assert!(!log.is_up_to_date(5, 1));
+        assert!(!log.is_up_to_date(1, 2));
+    }
+}

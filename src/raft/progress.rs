@@ -1,0 +1,77 @@
+//! The leader's view of one follower (§5.3 nextIndex/matchIndex), plus the flow control that
+//! lets it pipeline AppendEntries without buffering without limit for a slow follower.
+
+use super::message::Index;
+use std::collections::VecDeque;
+
+/// How the leader is currently sending to a follower.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgressState {
+    /// The follower's log position is unknown: one AppendEntries at a time, re-sent each
+    /// heartbeat until answered.
+    Probe,
+    /// The follower is in sync: send optimistically, up to `max_inflight` requests at once.
+    Replicate,
+}
+
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// Highest index known to be replicated on the follower. Never decreases within a term.
+    pub match_index: Index,
+    /// Index of the next entry to send.
+    pub next_index: Index,
+    pub state: ProgressState,
+    /// Last index of each unacknowledged AppendEntries sent in Replicate state, oldest first.
+    pub inflight: VecDeque<Index>,
+    /// In Probe state: an AppendEntries is out and unanswered since the last heartbeat.
+    pub probe_sent: bool,
+    /// Heard from the follower since the last check-quorum round.
+    pub recent_active: bool,
+    /// Ticks since `match_index` last advanced while requests were in flight.
+    pub stall_ticks: u64,
+    /// Highest read sequence number the follower has echoed in this term (thesis §6.4).
+    pub read_acked: u64,
+}
+
+impl Progress {
+    pub fn new(next_index: Index) -> Progress {
+        Progress {
+            match_index: 0,
+            next_index,
+            state: ProgressState::Probe,
+            inflight: VecDeque::new(),
+            probe_sent: false,
+            recent_active: false,
+            stall_ticks: 0,
+            read_acked: 0,
+        }
+    }
+
+    /// The follower confirmed `index`; returns whether that was news.
+    pub fn acknowledge(&mut self, index: Index) -> bool {
+        while self.inflight.front().is_some_and(|&i| i <= index) {
+            self.inflight.pop_front();
+        }
+        if index <= self.match_index {
+            return false;
+        }
+        self.match_index = index;
+        self.next_index = self.next_index.max(index + 1);
+        self.stall_ticks = 0;
+        if self.state == ProgressState::Probe {
+            self.state = ProgressState::Replicate;
+            self.probe_sent = false;
+            self.next_index = index + 1;
+        }
+        true
+    }
+
+    /// Back to probing from `next_index` (after a rejection or a stalled pipeline).
+    pub fn probe_from(&mut self, next_index: Index) {
+        self.state = ProgressState::Probe;
+        self.next_index = next_index.max(self.match_index + 1);
+        self.inflight.clear();
+        self.probe_sent = false;
+        self.stall_ticks = 0;
+    }
+}
