@@ -204,7 +204,8 @@ impl Node {
     }
 
     fn quorum(&self) -> usize {
-        (self.cfg.peers.len() + 1) / 2 + 1
+        let voters = self.cfg.peers.len() + 1;
+        voters / 2 + 1
     }
 
     // ---- time ------------------------------------------------------------------------------
