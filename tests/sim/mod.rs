@@ -430,11 +430,7 @@ impl Sim {
     pub fn run_until(&mut self, within: Time, mut pred: impl FnMut(&Sim) -> bool) -> bool {
         let end = self.now + within;
         while !pred(self) {
-            if !self
-                .events
-                .first_key_value()
-                .is_some_and(|(k, _)| k.0 <= end)
-            {
+            if self.events.first_key_value().is_none_or(|(k, _)| k.0 > end) {
                 self.now = end;
                 return pred(self);
             }
