@@ -1036,3 +1036,146 @@ impl Node {
                 )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(id: NodeId, peers: &[NodeId]) -> Config {
+        Config {
+            id,
+            peers: peers.to_vec(),
+            election_ticks: (10, 20),
+            heartbeat_ticks: 2,
+            max_inflight: 4,
+            seed: 1,
+        }
+    }
+
+    fn entry(index: Index, term: Term) -> Entry {
+        Entry {
+            index,
+            term,
+            payload: Payload::Noop,
+        }
+    }
+
+    fn msg(from: NodeId, to: NodeId, term: Term, body: Body) -> Message {
+        Message {
+            from,
+            to,
+            term,
+            body,
+        }
+    }
+
+    /// Carries out a Ready as the shell would and returns it.
+    fn flush(n: &mut Node) -> Ready {
+        let rd = n.ready();
+        n.advance();
+        rd
+    }
+
+    /// Makes node 1 of {1,2,3} leader by answering its pre-vote and vote requests.
+    fn elect(n: &mut Node) {
+        while n.role() != Role::PreCandidate {
+            n.tick();
+        }
+        flush(n);
+        n.step(msg(
+            2,
+            1,
+            n.term() + 1,
+            Body::PreVoteResponse { granted: true },
+        ));
+        assert_eq!(n.role(), Role::Candidate);
+        flush(n);
+        n.step(msg(
+            2,
+            1,
+            n.term(),
+            Body::RequestVoteResponse { granted: true },
+        ));
+        assert_eq!(n.role(), Role::Leader);
+        flush(n);
+    }
+
+    fn accepted(match_index: Index) -> Body {
+        Body::AppendEntriesResponse {
+            read_seq: 0,
+            result: AppendResult::Accepted { match_index },
+        }
+    }
+
+    #[test]
+    fn leader_commits_only_entries_of_its_own_term() {
+        // Raft §5.4.2, Figure 8 (c): the new leader (term 4) has replicated the term-2 entry
+        // at index 2 to a majority, but it must not count that: a later leader could still
+        // overwrite it. Only its own term's entry commits it, indirectly.
+        let hs = HardState {
+            term: 3,
+            vote: None,
+            commit: 1,
+        };
+        let mut n = Node::new(cfg(1, &[2, 3]), hs, vec![entry(1, 1), entry(2, 2)]);
+        elect(&mut n);
+        assert_eq!(n.term(), 4);
+        assert_eq!(n.log().last_index(), 3, "leader appended its no-op");
+        n.step(msg(2, 1, 4, accepted(2)));
+        flush(&mut n);
+        assert_eq!(
+            n.commit_index(),
+            1,
+            "old-term entry committed by counting replicas"
+        );
+        n.step(msg(2, 1, 4, accepted(3)));
+        flush(&mut n);
+        assert_eq!(n.commit_index(), 3);
+    }
+
+    #[test]
+    fn a_vote_is_durable_before_it_is_sent() {
+        // Figure 2: votedFor is persistent state, written before answering.
+        let vote_request = |last_log_index| Body::RequestVote {
+            last_log_index,
+            last_log_term: 1,
+        };
+        let mut n = Node::new(cfg(1, &[2, 3]), HardState::default(), vec![]);
+        n.step(msg(2, 1, 1, vote_request(0)));
+        let rd = flush(&mut n);
+        assert_eq!(rd.hard_state.map(|h| (h.term, h.vote)), Some((1, Some(2))));
+        assert!(!rd.send_before_persist);
+        let granted = |g| Body::RequestVoteResponse { granted: g };
+        assert_eq!(rd.messages[0].body, granted(true));
+        // §5.2: one vote per term, however up to date the second candidate is.
+        n.step(msg(3, 1, 1, vote_request(5)));
+        let rd = flush(&mut n);
+        assert_eq!(rd.messages[0].body, granted(false));
+    }
+
+    #[test]
+    fn a_leader_replicates_while_writing_and_answers_once_committed() {
+        // §10.2.1: the leader may send new entries before writing them itself; the client
+        // hears back only once the entry is committed.
+        let mut n = Node::new(cfg(1, &[2, 3]), HardState::default(), vec![]);
+        elect(&mut n);
+        let append = ClientRequest {
+            id: 1,
+            op: ClientOp::Append {
+                client: 9,
+                seq: 1,
+                data: "x".into(),
+            },
+        };
+        n.request("127.0.0.1:9".parse().unwrap(), append);
+        let rd = flush(&mut n);
+        assert!(rd.send_before_persist);
+        assert_eq!(rd.entries.len(), 1);
+        assert!(rd.replies.is_empty());
+        n.step(msg(2, 1, 1, accepted(2)));
+        let rd = flush(&mut n);
+        assert_eq!(n.commit_index(), 2);
+        let result = &rd.replies[0].1.result;
+        assert_eq!(result, &ClientResult::Appended { index: 2, term: 1 });
+    }
+}
