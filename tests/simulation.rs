@@ -222,3 +222,153 @@ fn leader_commits_only_entries_of_its_own_term_figure_8() {
         s.check_client_history();
     }
 }
+
+/// One randomized run: a lossy, duplicating, reordering network; partitions; crashes (also in
+/// the middle of carrying out a Ready); clients appending and querying with retries. Safety is
+/// checked after every event; at the end every acknowledged append must be in the log exactly
+/// once at its index, and no query may have missed an append acknowledged before it began.
+fn chaos_run(seed: u64, nodes: usize) {
+    let mut cfg = SimConfig::unreliable(nodes);
+    cfg.crash_in_ready = 0.002;
+    let mut s = Sim::new(seed, cfg);
+    let clients: Vec<usize> = (0..5).map(|_| s.add_client()).collect();
+    let mut next_value = 0;
+    for _ in 0..40 {
+        // Faults.
+        match s.rng.range(0, 9) {
+            0 => {
+                let id = s.rng.pick(&s.ids.clone());
+                s.crash(id);
+            }
+            1 | 2 => {
+                for id in s.ids.clone() {
+                    s.restart(id);
+                }
+            }
+            3 => {
+                let id = s.rng.pick(&s.ids.clone());
+                s.isolate(id);
+            }
+            4 => {
+                let mut ids = s.ids.clone();
+                let k = s.rng.range(1, (nodes / 2) as u64) as usize;
+                let minority: Vec<u64> = (0..k)
+                    .map(|_| {
+                        let i = s.rng.range(0, ids.len() as u64 - 1) as usize;
+                        ids.remove(i)
+                    })
+                    .collect();
+                s.partition(&minority, &ids);
+            }
+            5 => {
+                let (a, b) = (s.rng.pick(&s.ids.clone()), s.rng.pick(&s.ids.clone()));
+                if a != b {
+                    s.cut_one_way(a, b);
+                }
+            }
+            _ => s.heal(),
+        }
+        // Client work.
+        for &c in &clients {
+            if !s.client_busy(c) {
+                if s.rng.chance(0.7) {
+                    next_value += 1;
+                    s.client_append(c, &format!("v{next_value}"));
+                } else {
+                    s.client_query(c);
+                }
+            }
+        }
+        let pause = s.rng.range(10, 400) * MS;
+        s.run_for(pause);
+    }
+    // Heal everything; every client operation must then finish.
+    s.cfg.crash_in_ready = 0.0;
+    s.heal();
+    for id in s.ids.clone() {
+        s.restart(id);
+    }
+    let ok = s.run_until(30_000 * MS, |s| clients.iter().all(|&c| !s.client_busy(c)));
+    if !ok {
+        s.fail("client operations did not finish after healing");
+    }
+    s.wait_for_leader(5_000 * MS);
+    s.check_client_history();
+}
+
+#[test]
+fn safety_holds_under_random_faults_3_nodes() {
+    let list = seeds(300);
+    for &seed in &list {
+        chaos_run(seed, 3);
+    }
+    println!("{} seeds passed (3 nodes)", list.len());
+}
+
+#[test]
+fn safety_holds_under_random_faults_5_nodes() {
+    let list = seeds(150);
+    for &seed in &list {
+        chaos_run(seed + 1_000_000, 5);
+    }
+    println!("{} seeds passed (5 nodes)", list.len());
+}
+
+#[test]
+fn a_deposed_leader_that_does_not_know_it_never_serves_a_stale_read() {
+    // Thesis §6.4: the leader confirms it is still leader (a majority round after the read
+    // arrived) before answering. The old leader is frozen while a new one commits an append,
+    // then asked first, before it has heard of the newer term.
+    for seed in seeds(20) {
+        let mut s = Sim::new(seed, SimConfig::reliable(3));
+        let old = s.wait_for_leader(2_000 * MS);
+        let c = s.add_client();
+        s.clients[c].target_node(old);
+        append(&mut s, c, "a", 2_000 * MS);
+        s.pause(old);
+        let ok = s.run_until(3_000 * MS, |s| s.stable_leader().is_some_and(|l| l != old));
+        assert!(ok, "seed {seed}: no new leader");
+        let new = s.stable_leader().unwrap();
+        s.clients[c].target_node(new);
+        let acked = append(&mut s, c, "b", 2_000 * MS);
+        s.resume(old);
+        assert_eq!(s.node(old).unwrap().role(), Role::Leader, "seed {seed}");
+        s.clients[c].target_node(old);
+        s.client_query(c);
+        let ok = s.run_until(3_000 * MS, |s| !s.client_busy(c));
+        assert!(ok, "seed {seed}: query unanswered");
+        match s.clients[c].done.last() {
+            Some(sim::Op::Query { log, .. }) => assert!(
+                log.len() as u64 >= acked,
+                "seed {seed}: stale read of {} entries after {acked} was acknowledged",
+                log.len()
+            ),
+            other => panic!("seed {seed}: expected a query, got {other:?}"),
+        }
+        s.check_client_history();
+    }
+}
+
+#[test]
+fn a_leader_cut_off_from_the_majority_never_answers_a_query() {
+    // Thesis §6.4: without a majority round the read cannot be confirmed, however long.
+    for seed in seeds(10) {
+        let mut s = Sim::new(seed, SimConfig::reliable(5));
+        let old = s.wait_for_leader(2_000 * MS);
+        s.isolate(old);
+        let c = s.add_client();
+        s.clients[c].target_node(old);
+        s.client_query(c);
+        // The client keeps retrying at random nodes; whatever answers must be fresh.
+        s.run_until(3_000 * MS, |s| !s.client_busy(c));
+        let other = s.add_client();
+        let new = s.wait_for_leader(3_000 * MS);
+        s.clients[other].target_node(new);
+        append(&mut s, other, "after", 2_000 * MS);
+        s.check_client_history();
+        if let Some(sim::Op::Query { returned, .. }) = s.clients[c].done.last() {
+            // Any answer came from a confirmed leader; the history check above proves it fresh.
+            assert!(*returned > 0);
+        }
+    }
+}

@@ -174,6 +174,8 @@ pub struct Sim {
     event_seq: u64,
     /// Directed links that drop everything.
     cut: BTreeSet<(NodeId, NodeId)>,
+    /// Nodes frozen in time (like SIGSTOP): no ticks, and what arrives meanwhile is lost.
+    paused: BTreeSet<NodeId>,
     pub clients: Vec<SimClient>,
     /// Peer messages handed to the network, by (from, to) and in all.
     pub sent: u64,
@@ -201,6 +203,7 @@ impl Sim {
             events: BTreeMap::new(),
             event_seq: 0,
             cut: BTreeSet::new(),
+            paused: BTreeSet::new(),
             clients: Vec::new(),
             sent: 0,
             sent_by_link: BTreeMap::new(),
@@ -243,8 +246,20 @@ impl Sim {
     }
 
     pub fn fail(&self, what: &str) -> ! {
+        let mut dump = String::new();
+        for (id, n) in &self.nodes {
+            match n {
+                Some(n) => dump += &format!("  node {id}: {:?}\n", n.status()),
+                None => dump += &format!("  node {id}: down\n"),
+            }
+        }
+        for (i, c) in self.clients.iter().enumerate() {
+            if let Some((p, since)) = &c.pending {
+                dump += &format!("  client {i}: since {since} target {} {p:?}\n", c.target);
+            }
+        }
         panic!(
-            "seed {}: at t={}µs: {what}\nrerun with SIM_SEED={}",
+            "seed {}: at t={}µs: {what}\n{dump}rerun with SIM_SEED={}",
             self.seed, self.now, self.seed
         );
     }
@@ -285,6 +300,12 @@ impl Sim {
     }
     pub fn heal(&mut self) {
         self.cut.clear();
+    }
+    pub fn pause(&mut self, id: NodeId) {
+        self.paused.insert(id);
+    }
+    pub fn resume(&mut self, id: NodeId) {
+        self.paused.remove(&id);
     }
 
     fn schedule(&mut self, delay: Time, event: Event) {
@@ -334,6 +355,17 @@ impl Sim {
             return false;
         };
         self.now = time;
+        let frozen = |id: &NodeId| self.paused.contains(id);
+        match &event {
+            Event::Tick(id) if frozen(id) => {
+                self.schedule(self.cfg.tick, Event::Tick(*id));
+                return true;
+            }
+            Event::Deliver(Message { to: id, .. }) | Event::Request(id, ..) if frozen(id) => {
+                return true;
+            }
+            _ => {}
+        }
         let touched = match event {
             Event::Tick(id) => {
                 self.schedule(self.cfg.tick, Event::Tick(id));
