@@ -531,3 +531,389 @@ fn splitmix64(x: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::Role;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
+    use std::thread::JoinHandle;
+
+    /// A peer played by a script: for each request it receives, the replies to send back.
+    struct FakePeer {
+        addr: SocketAddr,
+        stop: Arc<AtomicBool>,
+        seen: Arc<Mutex<Vec<ClientRequest>>>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl FakePeer {
+        fn start(
+            id: NodeId,
+            mut script: impl FnMut(&ClientRequest) -> Vec<(u64, ClientResult)> + Send + 'static,
+        ) -> FakePeer {
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(10)))
+                .unwrap();
+            let addr = socket.local_addr().unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let thread = {
+                let (stop, seen) = (stop.clone(), seen.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0; MAX_DATAGRAM + 1];
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok((n, src)) = socket.recv_from(&mut buf) else {
+                            continue;
+                        };
+                        let Ok(Datagram::Request(req)) = Datagram::decode(&buf[..n]) else {
+                            panic!("fake peer {id} got garbage");
+                        };
+                        seen.lock().unwrap().push(req.clone());
+                        for (reply_id, result) in script(&req) {
+                            let reply = Datagram::Reply(ClientReply {
+                                id: reply_id,
+                                from: id,
+                                result,
+                            });
+                            socket.send_to(&reply.encode().unwrap(), src).unwrap();
+                        }
+                    }
+                })
+            };
+            FakePeer {
+                addr,
+                stop,
+                seen,
+                thread: Some(thread),
+            }
+        }
+
+        /// A peer that answers every request with the same result.
+        fn always(id: NodeId, result: ClientResult) -> FakePeer {
+            FakePeer::start(id, move |req| vec![(req.id, result.clone())])
+        }
+
+        /// A peer that never answers.
+        fn silent(id: NodeId) -> FakePeer {
+            FakePeer::start(id, |_| vec![])
+        }
+
+        fn requests(&self) -> Vec<ClientRequest> {
+            self.seen.lock().unwrap().clone()
+        }
+    }
+
+    impl Drop for FakePeer {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                // A panic in the script thread fails the test here, unless already failing.
+                if t.join().is_err() && !std::thread::panicking() {
+                    panic!("fake peer thread panicked");
+                }
+            }
+        }
+    }
+
+    fn client_of(peers: &[(NodeId, &FakePeer)], timeout_ms: u64) -> Client {
+        let map = peers.iter().map(|(id, p)| (*id, p.addr)).collect();
+        Client::new(map, Duration::from_millis(timeout_ms)).unwrap()
+    }
+
+    fn appended(index: Index, term: Term) -> ClientResult {
+        ClientResult::Appended { index, term }
+    }
+
+    /// The (client, seq, data) of every append request a peer saw.
+    fn appends(peer: &FakePeer) -> Vec<(ClientId, u64, String)> {
+        peer.requests()
+            .into_iter()
+            .filter_map(|r| match r.op {
+                ClientOp::Append { client, seq, data } => Some((client, seq, data)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn record(index: Index) -> LogRecord {
+        LogRecord {
+            index,
+            term: 1,
+            data: Some(format!("entry {index}")),
+            kind: None,
+        }
+    }
+
+    #[test]
+    fn redirect_is_followed_to_the_named_leader() {
+        let p1 = FakePeer::always(1, ClientResult::NotLeader { leader: Some(2) });
+        let p2 = FakePeer::always(2, appended(7, 3));
+        let mut c = client_of(&[(1, &p1), (2, &p2)], 2000);
+        let a = c.append("hello").unwrap();
+        assert_eq!(
+            a,
+            Appended {
+                index: 7,
+                term: 3,
+                peer: 2
+            }
+        );
+        assert_eq!(c.leader_hint(), Some(2));
+        // The next operation goes straight to the leader.
+        c.append("again").unwrap();
+        assert_eq!(p1.requests().len(), 1);
+        assert_eq!(p2.requests().len(), 2);
+    }
+
+    #[test]
+    fn redirect_to_an_unknown_id_is_ignored() {
+        let p1 = FakePeer::always(1, ClientResult::NotLeader { leader: Some(99) });
+        let p2 = FakePeer::always(2, appended(1, 1));
+        let mut c = client_of(&[(1, &p1), (2, &p2)], 2000);
+        assert_eq!(c.append("x").unwrap().peer, 2);
+        assert_eq!(c.leader_hint(), Some(2));
+    }
+
+    #[test]
+    fn stale_reply_ids_are_ignored() {
+        // Before the real answer, answers to requests this client never sent (or sent for
+        // another operation): a later ID, an earlier ID, and a NotLeader for a later ID.
+        let p1 = FakePeer::start(1, |req| {
+            vec![
+                (req.id.wrapping_add(1000), appended(99, 9)),
+                (req.id.wrapping_sub(1000), appended(98, 9)),
+                (
+                    req.id.wrapping_add(1),
+                    ClientResult::NotLeader { leader: None },
+                ),
+                (req.id, appended(5, 2)),
+            ]
+        });
+        let mut c = client_of(&[(1, &p1)], 2000);
+        let a = c.append("x").unwrap();
+        assert_eq!((a.index, a.term), (5, 2));
+        // The next operation must not pick up leftovers of the first either.
+        let b = c.append("y").unwrap();
+        assert_eq!((b.index, b.term), (5, 2));
+        assert_eq!(p1.requests().len(), 2, "no retry was needed");
+    }
+
+    #[test]
+    fn retries_reuse_the_same_seq() {
+        // Peer 1 is not the leader and does not know who is; peer 2 loses the first request.
+        let p1 = FakePeer::always(1, ClientResult::NotLeader { leader: None });
+        let mut dropped = 0;
+        let p2 = FakePeer::start(2, move |req| {
+            if dropped < 2 {
+                dropped += 1;
+                vec![]
+            } else {
+                vec![(req.id, appended(4, 1))]
+            }
+        });
+        let mut c = client_of(&[(1, &p1), (2, &p2)], 3000);
+        let id = c.client_id();
+        assert_eq!(c.append("once").unwrap().index, 4);
+        let mut sent = appends(&p1);
+        sent.extend(appends(&p2));
+        assert!(sent.len() >= 4, "{sent:?}");
+        assert!(
+            sent.iter().all(|s| *s == (id, 1, "once".to_string())),
+            "{sent:?}"
+        );
+        let ids: std::collections::BTreeSet<u64> = p1
+            .requests()
+            .iter()
+            .chain(p2.requests().iter())
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(
+            ids.len(),
+            sent.len(),
+            "every attempt has its own request id"
+        );
+        // A definite outcome advances seq.
+        c.append("next").unwrap();
+        assert_eq!(appends(&p2).last().unwrap().1, 2);
+    }
+
+    #[test]
+    fn timeout_returns_without_hanging() {
+        let p1 = FakePeer::silent(1);
+        let p2 = FakePeer::silent(2);
+        // A port nobody listens on.
+        let closed = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut peers: BTreeMap<NodeId, SocketAddr> = [(1, p1.addr), (2, p2.addr)].into();
+        peers.insert(3, closed);
+        let timeout = Duration::from_millis(300);
+        let mut c = Client::new(peers, timeout).unwrap();
+        let started = Instant::now();
+        let e = c.append("lost?").unwrap_err();
+        let elapsed = started.elapsed();
+        assert!(matches!(e, ClientError::Timeout(_)), "{e:?}");
+        assert!(e.to_string().contains("outcome unknown"), "{e}");
+        assert!(elapsed >= timeout, "{elapsed:?}");
+        assert!(
+            elapsed < timeout + Duration::from_millis(200),
+            "{elapsed:?}"
+        );
+
+        let started = Instant::now();
+        assert!(matches!(c.query(), Err(ClientError::Timeout(_))));
+        assert!(started.elapsed() < timeout + Duration::from_millis(200));
+
+        // Retrying the same data reuses the seq; different data takes a fresh one.
+        let _ = c.append("lost?");
+        let _ = c.append("other");
+        let mut sent = appends(&p1);
+        sent.extend(appends(&p2));
+        assert!(sent.iter().any(|s| s.1 == 1 && s.2 == "lost?"));
+        assert!(
+            sent.iter().all(|s| (s.1 == 1) == (s.2 == "lost?")),
+            "{sent:?}"
+        );
+        assert!(sent.iter().any(|s| s.1 == 2 && s.2 == "other"));
+    }
+
+    #[test]
+    fn query_follows_pages_with_the_read_index() {
+        // Page 1 from peer 1, which then loses leadership to peer 2 for the rest.
+        let p1 = FakePeer::start(1, |req| match req.op {
+            ClientOp::Query {
+                start: 1,
+                read_index: None,
+            } => vec![(
+                req.id,
+                ClientResult::Entries {
+                    entries: vec![record(1), record(2)],
+                    read_index: 5,
+                    next: Some(3),
+                },
+            )],
+            _ => vec![(req.id, ClientResult::NotLeader { leader: Some(2) })],
+        });
+        let p2 = FakePeer::start(2, |req| match req.op {
+            ClientOp::Query {
+                start,
+                read_index: Some(5),
+            } => {
+                let end = (start + 1).min(5);
+                vec![(
+                    req.id,
+                    ClientResult::Entries {
+                        entries: (start..=end).map(record).collect(),
+                        read_index: 5,
+                        next: (end < 5).then_some(end + 1),
+                    },
+                )]
+            }
+            _ => vec![(req.id, ClientResult::NotLeader { leader: Some(1) })],
+        });
+        let mut c = client_of(&[(1, &p1), (2, &p2)], 2000);
+        let records = c.query().unwrap();
+        assert_eq!(records, (1..=5).map(record).collect::<Vec<_>>());
+        assert_eq!(c.last_peer(), Some(2));
+        let starts: Vec<(Index, Option<Index>)> = p2
+            .requests()
+            .into_iter()
+            .map(|r| match r.op {
+                ClientOp::Query { start, read_index } => (start, read_index),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(starts, vec![(3, Some(5)), (5, Some(5))]);
+    }
+
+    #[test]
+    fn query_rejects_a_page_with_a_gap() {
+        let p1 = FakePeer::always(
+            1,
+            ClientResult::Entries {
+                entries: vec![record(1), record(3)],
+                read_index: 3,
+                next: None,
+            },
+        );
+        let mut c = client_of(&[(1, &p1)], 1000);
+        assert!(matches!(c.query(), Err(ClientError::Io(_))));
+    }
+
+    #[test]
+    fn oversized_append_is_refused_without_sending() {
+        let p1 = FakePeer::always(1, appended(1, 1));
+        let mut c = client_of(&[(1, &p1)], 1000);
+        let e = c.append(&"a".repeat(20_000)).unwrap_err();
+        assert!(matches!(e, ClientError::Refused(_)), "{e:?}");
+        let e = c.append(&"\u{1}".repeat(8_000)).unwrap_err();
+        assert!(matches!(e, ClientError::Refused(_)), "{e:?}");
+        c.append("fits").unwrap();
+        let sent = appends(&p1);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].1, 1, "refusing locally takes no seq");
+    }
+
+    #[test]
+    fn refused_is_definite_and_advances_seq() {
+        let mut first = true;
+        let p1 = FakePeer::start(1, move |req| {
+            let result = if std::mem::take(&mut first) {
+                ClientResult::Refused {
+                    reason: "no".into(),
+                }
+            } else {
+                appended(1, 1)
+            };
+            vec![(req.id, result)]
+        });
+        let mut c = client_of(&[(1, &p1)], 1000);
+        assert_eq!(
+            c.append("x").unwrap_err(),
+            ClientError::Refused("no".into())
+        );
+        c.append("x").unwrap();
+        let seqs: Vec<u64> = appends(&p1).iter().map(|s| s.1).collect();
+        assert_eq!(seqs, vec![1, 2]);
+    }
+
+    #[test]
+    fn status_asks_every_peer_and_waits_at_most_a_second() {
+        let info = StatusInfo {
+            id: 1,
+            role: Role::Leader,
+            term: 3,
+            leader: Some(1),
+            last_index: 4,
+            commit_index: 4,
+            applied_index: 4,
+        };
+        let p1 = FakePeer::always(1, ClientResult::Status(info.clone()));
+        let p2 = FakePeer::silent(2);
+        let mut c = client_of(&[(1, &p1), (2, &p2)], 5000);
+        let started = Instant::now();
+        let st = c.status();
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < STATUS_WAIT + Duration::from_millis(200),
+            "{elapsed:?}"
+        );
+        assert_eq!(st.len(), 2);
+        assert_eq!((st[0].id, st[0].answered), (1, true));
+        assert_eq!(st[0].info.as_ref(), Some(&info));
+        assert_eq!((st[1].id, st[1].answered, &st[1].info), (2, false, &None));
+        assert_eq!(st[1].address, p2.addr);
+        assert_eq!(c.leader_hint(), Some(1));
+        assert_eq!(p2.requests().len(), 1, "asked once");
+    }
+
+    #[test]
+    fn client_ids_differ() {
+        let a: std::collections::BTreeSet<u64> = (0..1000).map(|_| random_u64()).collect();
+        assert_eq!(a.len(), 1000);
+    }
+}
