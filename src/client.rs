@@ -1,1 +1,919 @@
-//! (stub)
+//! The client library: finds the leader, retries within one deadline, and keeps appends
+//! exactly-once by reusing the same `(client, seq)` on every retry.
+//!
+//! Each operation has one overall deadline (the client's `timeout`). Within it the client
+//! sends to the peer it believes is the leader, or else to the peers in turn; it waits 50 ms
+//! for an answer, doubling up to 500 ms per attempt, never past the deadline. A
+//! `NotLeader { leader: Some(id) }` answer is followed at once; `NotLeader { leader: None }`
+//! moves on to the next peer after a short pause. Every attempt carries a fresh request `id`;
+//! answers to other operations are stale and ignored.
+//!
+//! Outcomes: `Ok` and [`ClientError::Refused`] are definite. [`ClientError::Timeout`] means no
+//! answer arrived in time, so an append may or may not have been committed. After such an
+//! unknown outcome, appending the same data again reuses the same `seq`, so the server applies
+//! it at most once; appending different data takes a fresh `seq`, so it can never be mistaken
+//! for the earlier one.
+
+use crate::raft::{
+    check_entry_data, ClientId, ClientOp, ClientReply, ClientRequest, ClientResult, Datagram,
+    Index, LogRecord, NodeId, StatusInfo, Term, MAX_DATAGRAM,
+};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The first per-attempt wait; doubled after every attempt without an answer.
+pub const FIRST_WAIT: Duration = Duration::from_millis(50);
+/// The longest per-attempt wait.
+pub const MAX_WAIT: Duration = Duration::from_millis(500);
+/// The longest [`Client::status`] waits for answers, whatever the client's timeout.
+pub const STATUS_WAIT: Duration = Duration::from_secs(1);
+
+/// Why an operation did not succeed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientError {
+    /// A definite refusal: the request was not and will not be carried out as sent.
+    Refused(String),
+    /// No answer within the deadline: the outcome is unknown.
+    Timeout(String),
+    /// A local socket error, or a peer broke the protocol.
+    Io(String),
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Refused(reason) => write!(f, "refused: {reason}"),
+            ClientError::Timeout(what) => write!(f, "{what}"),
+            ClientError::Io(what) => write!(f, "{what}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+/// A committed append: where it landed, and which peer said so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub index: Index,
+    pub term: Term,
+    pub peer: NodeId,
+}
+
+/// One peer's answer to [`Client::status`]; `info` is `None` when it did not answer in time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub id: NodeId,
+    pub address: SocketAddr,
+    pub answered: bool,
+    pub info: Option<StatusInfo>,
+}
+
+/// An append whose outcome is unknown (it timed out); retried with the same `seq` if the
+/// caller appends the same data again.
+#[derive(Clone, Debug)]
+struct Pending {
+    seq: u64,
+    data: String,
+}
+
+/// A synchronous client of one cluster, over one UDP socket.
+pub struct Client {
+    socket: UdpSocket,
+    peers: BTreeMap<NodeId, SocketAddr>,
+    /// The peers' IDs in round-robin order.
+    order: Vec<NodeId>,
+    /// Position in `order` of the next peer to try when the leader is unknown.
+    cursor: usize,
+    timeout: Duration,
+    client_id: ClientId,
+    /// The `seq` the next new append takes. Starts at 1.
+    next_seq: u64,
+    pending: Option<Pending>,
+    leader: Option<NodeId>,
+    /// The `id` the next request datagram takes.
+    next_request_id: u64,
+    /// The peer that gave the last successful answer.
+    last_peer: Option<NodeId>,
+    buf: Vec<u8>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("client_id", &self.client_id)
+            .field("next_seq", &self.next_seq)
+            .field("leader", &self.leader)
+            .field("peers", &self.peers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Binds an ephemeral UDP socket (on loopback if every peer is on loopback) and picks a
+    /// random client ID. `timeout` is the deadline of each operation.
+    pub fn new(
+        peers: BTreeMap<NodeId, SocketAddr>,
+        timeout: Duration,
+    ) -> Result<Client, ClientError> {
+        if peers.is_empty() {
+            return Err(ClientError::Io("no peers to contact".into()));
+        }
+        let all_v6 = peers.values().all(|a| a.is_ipv6());
+        let all_loopback = peers.values().all(|a| a.ip().is_loopback());
+        let local: SocketAddr = match (all_v6, all_loopback) {
+            (false, true) => (Ipv4Addr::LOCALHOST, 0).into(),
+            (false, false) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            (true, true) => (Ipv6Addr::LOCALHOST, 0).into(),
+            (true, false) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let socket = UdpSocket::bind(local)
+            .map_err(|e| ClientError::Io(format!("cannot bind a UDP socket on {local}: {e}")))?;
+        let order = peers.keys().copied().collect();
+        Ok(Client {
+            socket,
+            peers,
+            order,
+            cursor: 0,
+            timeout,
+            client_id: random_u64(),
+            next_seq: 1,
+            pending: None,
+            leader: None,
+            // Random, so that answers meant for an earlier process on the same port never match.
+            next_request_id: random_u64() >> 1,
+            last_peer: None,
+            buf: vec![0; MAX_DATAGRAM + 1],
+        })
+    }
+
+    /// This client's identity for exactly-once appends.
+    pub fn client_id(&self) -> ClientId {
+        self.client_id
+    }
+
+    /// The `seq` the next new append will carry.
+    pub fn next_seq(&self) -> u64 {
+        self.pending.as_ref().map_or(self.next_seq, |p| p.seq)
+    }
+
+    /// The peer this client currently believes is the leader.
+    pub fn leader_hint(&self) -> Option<NodeId> {
+        self.leader
+    }
+
+    /// The peer that gave the last successful answer (for a query: the last page's).
+    pub fn last_peer(&self) -> Option<NodeId> {
+        self.last_peer
+    }
+
+    /// The local address of this client's socket.
+    pub fn local_addr(&self) -> Result<SocketAddr, ClientError> {
+        self.socket
+            .local_addr()
+            .map_err(|e| ClientError::Io(format!("local address: {e}")))
+    }
+
+    /// Appends `data` to the replicated log, exactly once however often it is retried.
+    /// Oversized data is refused without sending anything.
+    pub fn append(&mut self, data: &str) -> Result<Appended, ClientError> {
+        check_entry_data(data).map_err(ClientError::Refused)?;
+        let seq = match &self.pending {
+            Some(p) if p.data == data => p.seq,
+            _ => {
+                // A different append: the unknown one keeps its seq, this one takes a new one.
+                if self.pending.take().is_some() {
+                    self.next_seq += 1;
+                }
+                self.next_seq
+            }
+        };
+        let op = ClientOp::Append {
+            client: self.client_id,
+            seq,
+            data: data.to_string(),
+        };
+        let deadline = Instant::now() + self.timeout;
+        match self.call(&op, deadline) {
+            Ok((peer, ClientResult::Appended { index, term })) => {
+                self.pending = None;
+                self.next_seq = seq + 1;
+                Ok(Appended { index, term, peer })
+            }
+            Ok((peer, other)) => unreachable!("filtered reply {other:?} from peer {peer}"),
+            Err(ClientError::Refused(reason)) => {
+                self.pending = None;
+                self.next_seq = seq + 1;
+                Err(ClientError::Refused(reason))
+            }
+            Err(e) => {
+                self.pending = Some(Pending {
+                    seq,
+                    data: data.to_string(),
+                });
+                Err(match e {
+                    ClientError::Timeout(what) => {
+                        ClientError::Timeout(format!("{what} (outcome unknown)"))
+                    }
+                    other => other,
+                })
+            }
+        }
+    }
+
+    /// Reads the whole committed log, linearizably: the first page fixes a read index, later
+    /// pages (from whichever peer is leader then) pass it back. One deadline covers all pages.
+    pub fn query(&mut self) -> Result<Vec<LogRecord>, ClientError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut records: Vec<LogRecord> = Vec::new();
+        let mut start: Index = 1;
+        let mut read_index: Option<Index> = None;
+        loop {
+            let op = ClientOp::Query { start, read_index };
+            let (peer, result) = self.call(&op, deadline)?;
+            let ClientResult::Entries {
+                entries,
+                read_index: page_read_index,
+                next,
+            } = result
+            else {
+                unreachable!("filtered reply {result:?} from peer {peer}");
+            };
+            if let Some(fixed) = read_index {
+                if page_read_index != fixed {
+                    return Err(ClientError::Io(format!(
+                        "peer {peer} answered for read index {page_read_index}, not {fixed}"
+                    )));
+                }
+            }
+            for (i, e) in entries.iter().enumerate() {
+                let want = start + i as Index;
+                if e.index != want || e.index > page_read_index {
+                    return Err(ClientError::Io(format!(
+                        "peer {peer} sent entry {} where entry {want} (at most {page_read_index}) was due",
+                        e.index
+                    )));
+                }
+            }
+            let page_end = start + entries.len() as Index;
+            records.extend(entries);
+            match next {
+                None => return Ok(records),
+                Some(n) if n == page_end && n > start && n <= page_read_index => {
+                    start = n;
+                    read_index = Some(page_read_index);
+                }
+                Some(n) => {
+                    return Err(ClientError::Io(format!(
+                        "peer {peer} sent entries {start}..{page_end} with next {n} (read index {page_read_index})"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Asks every peer for its status once, in parallel, and waits up to
+    /// min(timeout, [`STATUS_WAIT`]) for the answers. One entry per peer, in ID order.
+    pub fn status(&mut self) -> Vec<PeerStatus> {
+        let deadline = Instant::now() + self.timeout.min(STATUS_WAIT);
+        let mut by_request: BTreeMap<u64, NodeId> = BTreeMap::new();
+        let mut infos: BTreeMap<NodeId, StatusInfo> = BTreeMap::new();
+        let peers: Vec<(NodeId, SocketAddr)> = self.peers.iter().map(|(&i, &a)| (i, a)).collect();
+        for &(id, addr) in &peers {
+            let request_id = self.fresh_request_id();
+            if self.send(request_id, &ClientOp::Status, addr).is_ok() {
+                by_request.insert(request_id, id);
+            }
+        }
+        while infos.len() < by_request.len() {
+            let Some(reply) = self.recv_until(deadline) else {
+                break;
+            };
+            let Some(&peer) = by_request.get(&reply.id) else {
+                continue;
+            };
+            if let ClientResult::Status(info) = reply.result {
+                infos.insert(peer, info);
+            }
+        }
+        let leaders: Vec<NodeId> = infos
+            .values()
+            .filter(|i| i.role == crate::raft::Role::Leader)
+            .map(|i| i.id)
+            .collect();
+        if let [only] = leaders[..] {
+            if self.peers.contains_key(&only) {
+                self.leader = Some(only);
+            }
+        }
+        peers
+            .into_iter()
+            .map(|(id, address)| {
+                let info = infos.remove(&id);
+                PeerStatus {
+                    id,
+                    address,
+                    answered: info.is_some(),
+                    info,
+                }
+            })
+            .collect()
+    }
+
+    /// Sends `op` until a peer gives an answer that fits it, or the deadline passes.
+    /// Returns the answering peer and its answer; a `Refused` answer becomes an error.
+    ///
+    /// Every attempt has a fresh request ID. A definite answer to an earlier attempt of this
+    /// same operation is as good as one to the latest (it answers the very same request);
+    /// a `NotLeader` answer counts only for the latest attempt; anything else is stale.
+    fn call(
+        &mut self,
+        op: &ClientOp,
+        deadline: Instant,
+    ) -> Result<(NodeId, ClientResult), ClientError> {
+        let mut wait = FIRST_WAIT;
+        // Redirects followed in a row without pausing; bounded so that two peers naming each
+        // other cannot make us spin.
+        let mut redirects = 0;
+        let first_id = self.next_request_id;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Timeout(format!(
+                    "no answer within {} ms",
+                    self.timeout.as_millis()
+                )));
+            }
+            let target = self.pick_target();
+            let addr = self.peers[&target];
+            let request_id = self.fresh_request_id();
+            match self.send(request_id, op, addr) {
+                Ok(()) => {}
+                Err(ClientError::Io(e)) => {
+                    // One unreachable peer is no reason to give up on the others.
+                    log::debug!("peer {target}: {e}");
+                    self.forget_leader(target);
+                    pause_until(short_pause(), deadline);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            let attempt_deadline = (now + wait).min(deadline);
+            let answer = loop {
+                let Some(reply) = self.recv_until(attempt_deadline) else {
+                    break None;
+                };
+                let latest = reply.id == request_id;
+                let earlier = reply.id.wrapping_sub(first_id) < request_id.wrapping_sub(first_id);
+                let definite = !matches!(reply.result, ClientResult::NotLeader { .. });
+                if !(latest || (earlier && definite)) {
+                    log::debug!("ignoring stale reply {} from peer {}", reply.id, reply.from);
+                    continue;
+                }
+                if !fits(op, &reply.result) {
+                    log::warn!(
+                        "ignoring reply from peer {} that does not answer {op:?}: {:?}",
+                        reply.from,
+                        reply.result
+                    );
+                    continue;
+                }
+                break Some(reply);
+            };
+            let Some(reply) = answer else {
+                log::debug!("no answer from peer {target} at {addr} within {wait:?}");
+                self.forget_leader(target);
+                wait = (wait * 2).min(MAX_WAIT);
+                continue;
+            };
+            match reply.result {
+                ClientResult::NotLeader { leader: Some(l) }
+                    if l != target && self.peers.contains_key(&l) =>
+                {
+                    log::debug!("peer {target} redirects to peer {l}");
+                    self.leader = Some(l);
+                    redirects += 1;
+                    if redirects > self.peers.len() {
+                        redirects = 0;
+                        pause_until(short_pause(), deadline);
+                    }
+                }
+                ClientResult::NotLeader { leader } => {
+                    log::debug!("peer {target} is not the leader (hint {leader:?})");
+                    self.forget_leader(target);
+                    redirects = 0;
+                    pause_until(short_pause(), deadline);
+                }
+                ClientResult::Refused { reason } => {
+                    self.last_peer = Some(reply.from);
+                    return Err(ClientError::Refused(reason));
+                }
+                result => {
+                    // Only the leader answers appends and queries.
+                    if self.peers.contains_key(&reply.from) {
+                        self.leader = Some(reply.from);
+                    }
+                    self.last_peer = Some(reply.from);
+                    return Ok((reply.from, result));
+                }
+            }
+        }
+    }
+
+    /// The known leader, or else the next peer in round-robin order.
+    fn pick_target(&mut self) -> NodeId {
+        if let Some(l) = self.leader {
+            return l;
+        }
+        let id = self.order[self.cursor % self.order.len()];
+        self.cursor = (self.cursor + 1) % self.order.len();
+        id
+    }
+
+    /// `id` did not answer as leader: stop preferring it, and make the round robin continue
+    /// after it rather than start over.
+    fn forget_leader(&mut self, id: NodeId) {
+        if self.leader == Some(id) {
+            self.leader = None;
+            if let Some(pos) = self.order.iter().position(|&p| p == id) {
+                self.cursor = (pos + 1) % self.order.len();
+            }
+        }
+    }
+
+    fn fresh_request_id(&mut self) -> u64 {
+        let id = self.next_request_id;
+        self.next_request_id = self.next_request_id.wrapping_add(1);
+        id
+    }
+
+    fn send(&self, id: u64, op: &ClientOp, addr: SocketAddr) -> Result<(), ClientError> {
+        let bytes = Datagram::Request(ClientRequest { id, op: op.clone() })
+            .encode()
+            .map_err(ClientError::Refused)?;
+        self.socket
+            .send_to(&bytes, addr)
+            .map(|_| ())
+            .map_err(|e| ClientError::Io(format!("send to {addr}: {e}")))
+    }
+
+    /// The next client reply to arrive before `until`, skipping anything else.
+    fn recv_until(&mut self, until: Instant) -> Option<ClientReply> {
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            if let Err(e) = self.socket.set_read_timeout(Some(left)) {
+                log::warn!("set_read_timeout: {e}");
+                std::thread::sleep(left);
+                return None;
+            }
+            match self.socket.recv_from(&mut self.buf) {
+                Ok((n, from)) => match Datagram::decode(&self.buf[..n]) {
+                    Ok(Datagram::Reply(reply)) => return Some(reply),
+                    Ok(other) => {
+                        log::debug!("ignoring a non-reply datagram from {from}: {other:?}")
+                    }
+                    Err(e) => log::debug!("ignoring a datagram from {from}: {e}"),
+                },
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // e.g. ICMP port unreachable reported on the socket: not an answer.
+                    log::debug!("recv: {e}");
+                    std::thread::sleep(Duration::from_millis(1).min(left));
+                }
+            }
+        }
+    }
+}
+
+/// Whether `result` is a possible answer to `op`. Anything else is a confused peer.
+fn fits(op: &ClientOp, result: &ClientResult) -> bool {
+    match result {
+        ClientResult::NotLeader { .. } | ClientResult::Refused { .. } => true,
+        ClientResult::Appended { .. } => matches!(op, ClientOp::Append { .. }),
+        ClientResult::Entries { .. } => matches!(op, ClientOp::Query { .. }),
+        ClientResult::Status(_) => matches!(op, ClientOp::Status),
+    }
+}
+
+/// Sleeps for `pause`, but not past `deadline`.
+fn pause_until(pause: Duration, deadline: Instant) {
+    let left = deadline.saturating_duration_since(Instant::now());
+    std::thread::sleep(pause.min(left));
+}
+
+/// 10-20 ms, jittered so that clients do not move in lockstep.
+fn short_pause() -> Duration {
+    Duration::from_millis(10 + random_u64() % 11)
+}
+
+/// A random u64 without a rand crate: the clock, the process ID and a counter, mixed.
+fn random_u64() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let pid = u64::from(std::process::id());
+    splitmix64(nanos ^ pid.rotate_left(32) ^ splitmix64(count))
+}
+
+/// Sebastiano Vigna's splitmix64 finalizer: every input bit affects every output bit.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::Role;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
+    use std::thread::JoinHandle;
+
+    /// A peer played by a script: for each request it receives, the replies to send back.
+    struct FakePeer {
+        addr: SocketAddr,
+        stop: Arc<AtomicBool>,
+        seen: Arc<Mutex<Vec<ClientRequest>>>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl FakePeer {
+        fn start(
+            id: NodeId,
+            mut script: impl FnMut(&ClientRequest) -> Vec<(u64, ClientResult)> + Send + 'static,
+        ) -> FakePeer {
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(10)))
+                .unwrap();
+            let addr = socket.local_addr().unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let thread = {
+                let (stop, seen) = (stop.clone(), seen.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0; MAX_DATAGRAM + 1];
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok((n, src)) = socket.recv_from(&mut buf) else {
+                            continue;
+                        };
+                        let Ok(Datagram::Request(req)) = Datagram::decode(&buf[..n]) else {
+                            panic!("fake peer {id} got garbage");
+                        };
+                        seen.lock().unwrap().push(req.clone());
+                        for (reply_id, result) in script(&req) {
+                            let reply = Datagram::Reply(ClientReply {
+                                id: reply_id,
+                                from: id,
+                                result,
+                            });
+                            socket.send_to(&reply.encode().unwrap(), src).unwrap();
+                        }
+                    }
+                })
+            };
+            FakePeer {
+                addr,
+                stop,
+                seen,
+                thread: Some(thread),
+            }
+        }
+
+        /// A peer that answers every request with the same result.
+        fn always(id: NodeId, result: ClientResult) -> FakePeer {
+            FakePeer::start(id, move |req| vec![(req.id, result.clone())])
+        }
+
+        /// A peer that never answers.
+        fn silent(id: NodeId) -> FakePeer {
+            FakePeer::start(id, |_| vec![])
+        }
+
+        fn requests(&self) -> Vec<ClientRequest> {
+            self.seen.lock().unwrap().clone()
+        }
+    }
+
+    impl Drop for FakePeer {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                // A panic in the script thread fails the test here, unless already failing.
+                if t.join().is_err() && !std::thread::panicking() {
+                    panic!("fake peer thread panicked");
+                }
+            }
+        }
+    }
+
+    fn client_of(peers: &[(NodeId, &FakePeer)], timeout_ms: u64) -> Client {
+        let map = peers.iter().map(|(id, p)| (*id, p.addr)).collect();
+        Client::new(map, Duration::from_millis(timeout_ms)).unwrap()
+    }
+
+    fn appended(index: Index, term: Term) -> ClientResult {
+        ClientResult::Appended { index, term }
+    }
+
+    /// The (client, seq, data) of every append request a peer saw.
+    fn appends(peer: &FakePeer) -> Vec<(ClientId, u64, String)> {
+        peer.requests()
+            .into_iter()
+            .filter_map(|r| match r.op {
+                ClientOp::Append { client, seq, data } => Some((client, seq, data)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn record(index: Index) -> LogRecord {
+        LogRecord {
+            index,
+            term: 1,
+            data: Some(format!("entry {index}")),
+            kind: None,
+        }
+    }
+
+    #[test]
+    fn redirect_is_followed_to_the_named_leader() {
+        let p1 = FakePeer::always(1, ClientResult::NotLeader { leader: Some(2) });
+        let p2 = FakePeer::always(2, appended(7, 3));
+        let mut c = client_of(&[(1, &p1), (2, &p2)], 2000);
+        let a = c.append("hello").unwrap();
+        assert_eq!(
+            a,
+            Appended {
+                index: 7,
+                term: 3,
+                peer: 2
+            }
+        );
+        assert_eq!(c.leader_hint(), Some(2));
+        // The next operation goes straight to the leader.
+        c.append("again").unwrap();
+        assert_eq!(p1.requests().len(), 1);
+        assert_eq!(p2.requests().len(), 2);
+    }
+
+    #[test]
+    fn redirect_to_an_unknown_id_is_ignored() {
+        let p1 = FakePeer::always(1, ClientResult::NotLeader { leader: Some(99) });
+        let p2 = FakePeer::always(2, appended(1, 1));
+        let mut c = client_of(&[(1, &p1), (2, &p2)], 2000);
+        assert_eq!(c.append("x").unwrap().peer, 2);
+        assert_eq!(c.leader_hint(), Some(2));
+    }
+
+    #[test]
+    fn stale_reply_ids_are_ignored() {
+        // Before the real answer, answers to requests this client never sent (or sent for
+        // another operation): a later ID, an earlier ID, and a NotLeader for a later ID.
+        let p1 = FakePeer::start(1, |req| {
+            vec![
+                (req.id.wrapping_add(1000), appended(99, 9)),
+                (req.id.wrapping_sub(1000), appended(98, 9)),
+                (
+                    req.id.wrapping_add(1),
+                    ClientResult::NotLeader { leader: None },
+                ),
+                (req.id, appended(5, 2)),
+            ]
+        });
+        let mut c = client_of(&[(1, &p1)], 2000);
+        let a = c.append("x").unwrap();
+        assert_eq!((a.index, a.term), (5, 2));
+        // The next operation must not pick up leftovers of the first either.
+        let b = c.append("y").unwrap();
+        assert_eq!((b.index, b.term), (5, 2));
+        assert_eq!(p1.requests().len(), 2, "no retry was needed");
+    }
+
+    #[test]
+    fn retries_reuse_the_same_seq() {
+        // Peer 1 is not the leader and does not know who is; peer 2 loses the first request.
+        let p1 = FakePeer::always(1, ClientResult::NotLeader { leader: None });
+        let mut dropped = 0;
+        let p2 = FakePeer::start(2, move |req| {
+            if dropped < 2 {
+                dropped += 1;
+                vec![]
+            } else {
+                vec![(req.id, appended(4, 1))]
+            }
+        });
+        let mut c = client_of(&[(1, &p1), (2, &p2)], 3000);
+        let id = c.client_id();
+        assert_eq!(c.append("once").unwrap().index, 4);
+        let mut sent = appends(&p1);
+        sent.extend(appends(&p2));
+        assert!(sent.len() >= 4, "{sent:?}");
+        assert!(
+            sent.iter().all(|s| *s == (id, 1, "once".to_string())),
+            "{sent:?}"
+        );
+        let ids: std::collections::BTreeSet<u64> = p1
+            .requests()
+            .iter()
+            .chain(p2.requests().iter())
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(
+            ids.len(),
+            sent.len(),
+            "every attempt has its own request id"
+        );
+        // A definite outcome advances seq.
+        c.append("next").unwrap();
+        assert_eq!(appends(&p2).last().unwrap().1, 2);
+    }
+
+    #[test]
+    fn timeout_returns_without_hanging() {
+        let p1 = FakePeer::silent(1);
+        let p2 = FakePeer::silent(2);
+        // A port nobody listens on.
+        let closed = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut peers: BTreeMap<NodeId, SocketAddr> = [(1, p1.addr), (2, p2.addr)].into();
+        peers.insert(3, closed);
+        let timeout = Duration::from_millis(300);
+        let mut c = Client::new(peers, timeout).unwrap();
+        let started = Instant::now();
+        let e = c.append("lost?").unwrap_err();
+        let elapsed = started.elapsed();
+        assert!(matches!(e, ClientError::Timeout(_)), "{e:?}");
+        assert!(e.to_string().contains("outcome unknown"), "{e}");
+        assert!(elapsed >= timeout, "{elapsed:?}");
+        assert!(
+            elapsed < timeout + Duration::from_millis(200),
+            "{elapsed:?}"
+        );
+
+        let started = Instant::now();
+        assert!(matches!(c.query(), Err(ClientError::Timeout(_))));
+        assert!(started.elapsed() < timeout + Duration::from_millis(200));
+
+        // Retrying the same data reuses the seq; different data takes a fresh one.
+        let _ = c.append("lost?");
+        let _ = c.append("other");
+        let mut sent = appends(&p1);
+        sent.extend(appends(&p2));
+        assert!(sent.iter().any(|s| s.1 == 1 && s.2 == "lost?"));
+        assert!(
+            sent.iter().all(|s| (s.1 == 1) == (s.2 == "lost?")),
+            "{sent:?}"
+        );
+        assert!(sent.iter().any(|s| s.1 == 2 && s.2 == "other"));
+    }
+
+    #[test]
+    fn query_follows_pages_with_the_read_index() {
+        // Page 1 from peer 1, which then loses leadership to peer 2 for the rest.
+        let p1 = FakePeer::start(1, |req| match req.op {
+            ClientOp::Query {
+                start: 1,
+                read_index: None,
+            } => vec![(
+                req.id,
+                ClientResult::Entries {
+                    entries: vec![record(1), record(2)],
+                    read_index: 5,
+                    next: Some(3),
+                },
+            )],
+            _ => vec![(req.id, ClientResult::NotLeader { leader: Some(2) })],
+        });
+        let p2 = FakePeer::start(2, |req| match req.op {
+            ClientOp::Query {
+                start,
+                read_index: Some(5),
+            } => {
+                let end = (start + 1).min(5);
+                vec![(
+                    req.id,
+                    ClientResult::Entries {
+                        entries: (start..=end).map(record).collect(),
+                        read_index: 5,
+                        next: (end < 5).then_some(end + 1),
+                    },
+                )]
+            }
+            _ => vec![(req.id, ClientResult::NotLeader { leader: Some(1) })],
+        });
+        let mut c = client_of(&[(1, &p1), (2, &p2)], 2000);
+        let records = c.query().unwrap();
+        assert_eq!(records, (1..=5).map(record).collect::<Vec<_>>());
+        assert_eq!(c.last_peer(), Some(2));
+        let starts: Vec<(Index, Option<Index>)> = p2
+            .requests()
+            .into_iter()
+            .map(|r| match r.op {
+                ClientOp::Query { start, read_index } => (start, read_index),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(starts, vec![(3, Some(5)), (5, Some(5))]);
+    }
+
+    #[test]
+    fn query_rejects_a_page_with_a_gap() {
+        let p1 = FakePeer::always(
+            1,
+            ClientResult::Entries {
+                entries: vec![record(1), record(3)],
+                read_index: 3,
+                next: None,
+            },
+        );
+        let mut c = client_of(&[(1, &p1)], 1000);
+        assert!(matches!(c.query(), Err(ClientError::Io(_))));
+    }
+
+    #[test]
+    fn oversized_append_is_refused_without_sending() {
+        let p1 = FakePeer::always(1, appended(1, 1));
+        let mut c = client_of(&[(1, &p1)], 1000);
+        let e = c.append(&"a".repeat(20_000)).unwrap_err();
+        assert!(matches!(e, ClientError::Refused(_)), "{e:?}");
+        let e = c.append(&"\u{1}".repeat(8_000)).unwrap_err();
+        assert!(matches!(e, ClientError::Refused(_)), "{e:?}");
+        c.append("fits").unwrap();
+        let sent = appends(&p1);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].1, 1, "refusing locally takes no seq");
+    }
+
+    #[test]
+    fn refused_is_definite_and_advances_seq() {
+        let mut first = true;
+        let p1 = FakePeer::start(1, move |req| {
+            let result = if std::mem::take(&mut first) {
+                ClientResult::Refused {
+                    reason: "no".into(),
+                }
+            } else {
+                appended(1, 1)
+            };
+            vec![(req.id, result)]
+        });
+        let mut c = client_of(&[(1, &p1)], 1000);
+        assert_eq!(
+            c.append("x").unwrap_err(),
+            ClientError::Refused("no".into())
+        );
+        c.append("x").unwrap();
+        let seqs: Vec<u64> = appends(&p1).iter().map(|s| s.1).collect();
+        assert_eq!(seqs, vec![1, 2]);
+    }
+
+    #[test]
+    fn status_asks_every_peer_and_waits_at_most_a_second() {
+        let info = StatusInfo {
+            id: 1,
+            role: Role::Leader,
+            term: 3,
+            leader: Some(1),
+            last_index: 4,
+            commit_index: 4,
+            applied_index: 4,
+        };
+        let p1 = FakePeer::always(1, ClientResult::Status(info.clone()));
+        let p2 = FakePeer::silent(2);
+        let mut c = client_of(&[(1, &p1), (2, &p2)], 5000);
+        let started = Instant::now();
+        let st = c.status();
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < STATUS_WAIT + Duration::from_millis(200),
+            "{elapsed:?}"
+        );
+        assert_eq!(st.len(), 2);
+        assert_eq!((st[0].id, st[0].answered), (1, true));
+        assert_eq!(st[0].info.as_ref(), Some(&info));
+        assert_eq!((st[1].id, st[1].answered, &st[1].info), (2, false, &None));
+        assert_eq!(st[1].address, p2.addr);
+        assert_eq!(c.leader_hint(), Some(1));
+        assert_eq!(p2.requests().len(), 1, "asked once");
+    }
+
+    #[test]
+    fn client_ids_differ() {
+        let a: std::collections::BTreeSet<u64> = (0..1000).map(|_| random_u64()).collect();
+        assert_eq!(a.len(), 1000);
+    }
+}

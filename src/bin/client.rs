@@ -1,0 +1,357 @@
+//! The command-line client: `append`, `query` and `status` subcommands that print JSON lines,
+//! or, with no subcommand, the original project's interactive menu.
+//!
+//! Exit codes: 0 done; 1 refused, usage or config error; 2 no answer in time (outcome unknown).
+
+use argh::FromArgs;
+use raft::client::{Client, ClientError, PeerStatus};
+use raft::config::PeerConfig;
+use raft::raft::{LogRecord, NodeId, Role, StatusInfo};
+use serde::Serialize;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Exit code: the operation is done.
+const EXIT_OK: u8 = 0;
+/// Exit code: refused, or a usage or config error.
+const EXIT_REFUSED: u8 = 1;
+/// Exit code: no answer in time; the outcome is unknown.
+const EXIT_NO_ANSWER: u8 = 2;
+
+#[derive(FromArgs)]
+/// Talk to a Raft cluster. With no subcommand, an interactive menu.
+/// Exit codes: 0 done, 1 refused or usage error, 2 no answer in time (outcome unknown).
+struct Args {
+    /// a peer config naming the cluster's peers (default peers/peer1.json)
+    #[argh(option, short = 'p', default = "PathBuf::from(\"peers/peer1.json\")")]
+    path: PathBuf,
+
+    /// time limit for each operation, in milliseconds (default 5000)
+    #[argh(option, default = "5000")]
+    timeout_ms: u64,
+
+    #[argh(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Command {
+    Append(AppendArgs),
+    Query(QueryArgs),
+    Status(StatusArgs),
+}
+
+#[derive(FromArgs)]
+/// Append TEXT to the replicated log; prints its index, term and data as one JSON line.
+#[argh(subcommand, name = "append")]
+struct AppendArgs {
+    /// the entry's text (use `--` before text that starts with '-')
+    #[argh(positional)]
+    text: String,
+}
+
+#[derive(FromArgs)]
+/// Print every committed entry, one JSON line each, in index order.
+#[argh(subcommand, name = "query")]
+struct QueryArgs {}
+
+#[derive(FromArgs)]
+/// Print every peer's status, one JSON line each; exit 2 if none answers.
+#[argh(subcommand, name = "status")]
+struct StatusArgs {}
+
+/// One `status` line; the fields after `answered` appear only for peers that answered.
+#[derive(Serialize)]
+struct StatusLine {
+    id: NodeId,
+    address: String,
+    answered: bool,
+    #[serde(flatten)]
+    info: Option<StatusFields>,
+}
+
+#[derive(Serialize)]
+struct StatusFields {
+    role: Role,
+    term: u64,
+    leader: Option<NodeId>,
+    last_index: u64,
+    commit_index: u64,
+    applied_index: u64,
+}
+
+impl From<&StatusInfo> for StatusFields {
+    fn from(i: &StatusInfo) -> StatusFields {
+        StatusFields {
+            role: i.role,
+            term: i.term,
+            leader: i.leader,
+            last_index: i.last_index,
+            commit_index: i.commit_index,
+            applied_index: i.applied_index,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(code) => return ExitCode::from(code),
+    };
+    if args.timeout_ms == 0 {
+        eprintln!("error: --timeout-ms must be at least 1");
+        return ExitCode::from(EXIT_REFUSED);
+    }
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let mut client = match connect(&args.path, timeout) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_REFUSED);
+        }
+    };
+    let code = match args.command {
+        Some(Command::Append(a)) => append(&mut client, &a.text),
+        Some(Command::Query(_)) => query(&mut client),
+        Some(Command::Status(_)) => status(&mut client, args.timeout_ms),
+        None => menu(&mut client),
+    };
+    ExitCode::from(code)
+}
+
+/// Parses the command line; usage errors exit 1, `--help` exits 0.
+fn parse_args() -> Result<Args, u8> {
+    let mut strings = Vec::new();
+    for arg in std::env::args_os() {
+        match arg.into_string() {
+            Ok(s) => strings.push(s),
+            Err(bad) => {
+                eprintln!("error: argument {bad:?} is not valid UTF-8");
+                return Err(EXIT_REFUSED);
+            }
+        }
+    }
+    let program = strings
+        .first()
+        .map(|s| {
+            Path::new(s)
+                .file_name()
+                .map_or(s.clone(), |f| f.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "client".to_string());
+    let rest: Vec<&str> = strings.iter().skip(1).map(String::as_str).collect();
+    Args::from_args(&[&program], &rest).map_err(|early| match early.status {
+        Ok(()) => {
+            print_or_exit(&early.output);
+            EXIT_OK
+        }
+        Err(()) => {
+            eprintln!(
+                "{}\nRun {program} --help for more information.",
+                early.output.trim_end()
+            );
+            EXIT_REFUSED
+        }
+    })
+}
+
+fn connect(path: &Path, timeout: Duration) -> Result<Client, String> {
+    let config = PeerConfig::load(path)?;
+    let peers = config
+        .addresses()
+        .map_err(|e| format!("config {}: {e}", path.display()))?;
+    Client::new(peers, timeout).map_err(|e| e.to_string())
+}
+
+/// The exit code for a failed operation, after printing why on stderr.
+fn fail(e: &ClientError) -> u8 {
+    eprintln!("error: {e}");
+    match e {
+        ClientError::Timeout(_) => EXIT_NO_ANSWER,
+        ClientError::Refused(_) | ClientError::Io(_) => EXIT_REFUSED,
+    }
+}
+
+/// Prints one line on stdout. A closed stdout (`client query | head`) ends the process
+/// quietly; any other write error ends it with exit code 1.
+fn print_or_exit(line: &str) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(EXIT_OK.into());
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(EXIT_REFUSED.into());
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("plain data serializes")
+}
+
+fn append(client: &mut Client, text: &str) -> u8 {
+    match client.append(text) {
+        Ok(a) => {
+            print_or_exit(&json(&LogRecord {
+                index: a.index,
+                term: a.term,
+                data: Some(text.to_string()),
+                kind: None,
+            }));
+            EXIT_OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn query(client: &mut Client) -> u8 {
+    match client.query() {
+        Ok(records) => {
+            for r in &records {
+                print_or_exit(&json(r));
+            }
+            EXIT_OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn status(client: &mut Client, timeout_ms: u64) -> u8 {
+    let peers = client.status();
+    for p in &peers {
+        print_or_exit(&json(&StatusLine {
+            id: p.id,
+            address: p.address.to_string(),
+            answered: p.answered,
+            info: p.info.as_ref().map(StatusFields::from),
+        }));
+    }
+    if peers.iter().any(|p| p.answered) {
+        EXIT_OK
+    } else {
+        eprintln!(
+            "error: no peer answered within {} ms",
+            timeout_ms.min(raft::client::STATUS_WAIT.as_millis() as u64)
+        );
+        EXIT_NO_ANSWER
+    }
+}
+
+/// The original project's menu, reading choices from stdin until `3`/`exit` or end of input.
+fn menu(client: &mut Client) -> u8 {
+    let interactive = std::io::stdin().is_terminal();
+    let mut lines = std::io::stdin().lock().lines();
+    let mut read = |prompt: &str| -> Option<String> {
+        // At a terminal the answer follows the prompt; piped, each prompt gets its own line.
+        let mut out = std::io::stdout().lock();
+        let _ = if interactive {
+            write!(out, "{prompt} ")
+        } else {
+            writeln!(out, "{prompt}")
+        };
+        let _ = out.flush();
+        match lines.next() {
+            Some(Ok(line)) => Some(line.strip_suffix('\r').unwrap_or(&line).to_string()),
+            Some(Err(e)) => {
+                eprintln!("error: reading stdin: {e}");
+                None
+            }
+            None => None,
+        }
+    };
+    loop {
+        println!();
+        println!("1. query");
+        println!("2. append");
+        println!("3. exit");
+        println!("4. status");
+        let Some(choice) = read("choice:") else {
+            return EXIT_OK;
+        };
+        match choice.trim() {
+            "1" | "query" => match client.query() {
+                Ok(records) => print_records(&records, client.last_peer()),
+                Err(e) => eprintln!("error: {e}"),
+            },
+            "2" | "append" => {
+                let Some(text) = read("text to append:") else {
+                    return EXIT_OK;
+                };
+                match client.append(&text) {
+                    Ok(a) => println!(
+                        "appended at index {}, term {} (answered by peer {})",
+                        a.index, a.term, a.peer
+                    ),
+                    Err(e) => eprintln!("error: {e}"),
+                }
+            }
+            "3" | "exit" | "quit" => return EXIT_OK,
+            "4" | "status" => {
+                let peers = client.status();
+                print_status_table(&peers);
+                if !peers.iter().any(|p| p.answered) {
+                    eprintln!("error: no peer answered");
+                }
+            }
+            "" => {}
+            other => eprintln!("error: unknown choice {other:?}; enter 1, 2, 3 or 4"),
+        }
+    }
+}
+
+fn print_records(records: &[LogRecord], peer: Option<NodeId>) {
+    let from = peer.map_or(String::new(), |p| format!(" (answered by peer {p})"));
+    println!("{} committed entries{from}", records.len());
+    for r in records {
+        match (&r.data, &r.kind) {
+            (Some(data), _) => println!("  [{}] term {}: {data}", r.index, r.term),
+            (None, Some(kind)) => println!("  [{}] term {}: ({kind})", r.index, r.term),
+            (None, None) => println!("  [{}] term {}: (no data)", r.index, r.term),
+        }
+    }
+}
+
+fn print_status_table(peers: &[PeerStatus]) {
+    let address_width = peers
+        .iter()
+        .map(|p| p.address.to_string().len())
+        .max()
+        .unwrap_or(0)
+        .max("address".len());
+    println!(
+        "{:>4}  {:<address_width$}  {:<13}  {:>6}  {:>6}  {:>8}  {:>8}  {:>8}  answered",
+        "id", "address", "role", "term", "leader", "last", "commit", "applied"
+    );
+    for p in peers {
+        let address = p.address.to_string();
+        match &p.info {
+            Some(i) => println!(
+                "{:>4}  {address:<address_width$}  {:<13}  {:>6}  {:>6}  {:>8}  {:>8}  {:>8}  yes",
+                p.id,
+                role_name(i.role),
+                i.term,
+                i.leader.map_or("-".to_string(), |l| l.to_string()),
+                i.last_index,
+                i.commit_index,
+                i.applied_index
+            ),
+            None => println!(
+                "{:>4}  {address:<address_width$}  {:<13}  {:>6}  {:>6}  {:>8}  {:>8}  {:>8}  no",
+                p.id, "-", "-", "-", "-", "-", "-"
+            ),
+        }
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Follower => "follower",
+        Role::PreCandidate => "precandidate",
+        Role::Candidate => "candidate",
+        Role::Leader => "leader",
+    }
+}
