@@ -49,13 +49,20 @@ pub enum DropReason {
 impl DropReason {
     const COUNT: usize = 5;
 
-    fn describe(self) -> &'static str {
+    /// What was dropped, in the singular and the plural.
+    fn describe(self) -> (&'static str, &'static str) {
         match self {
-            DropReason::Oversized => "oversized datagram",
-            DropReason::Malformed => "malformed datagram",
-            DropReason::UnknownSender => "peer message from an unknown sender",
-            DropReason::WrongRecipient => "peer message addressed to another node",
-            DropReason::Reply => "client reply (peers take none)",
+            DropReason::Oversized => ("an oversized datagram", "oversized datagrams"),
+            DropReason::Malformed => ("a malformed datagram", "malformed datagrams"),
+            DropReason::UnknownSender => (
+                "a peer message from an unknown node",
+                "peer messages from unknown nodes",
+            ),
+            DropReason::WrongRecipient => (
+                "a peer message for another node",
+                "peer messages for other nodes",
+            ),
+            DropReason::Reply => ("a client reply", "client replies"),
         }
     }
 }
@@ -86,17 +93,23 @@ pub fn classify(
         ));
     }
     match Datagram::decode(bytes) {
-        Err(e) => Err(dropped(DropReason::Malformed, e)),
+        Err(e) => {
+            let detail = e.strip_prefix("malformed datagram: ").unwrap_or(&e);
+            Err(dropped(DropReason::Malformed, detail.to_string()))
+        }
         Ok(Datagram::Peer(msg)) => {
             if !peers.contains(&msg.from) {
                 Err(dropped(
                     DropReason::UnknownSender,
-                    format!("from {} is not a configured peer", msg.from),
+                    format!("node {} is not a configured peer", msg.from),
                 ))
             } else if msg.to != me {
                 Err(dropped(
                     DropReason::WrongRecipient,
-                    format!("to {} from {}, but this is node {me}", msg.to, msg.from),
+                    format!(
+                        "addressed to node {} by node {}; this is node {me}",
+                        msg.to, msg.from
+                    ),
                 ))
             } else {
                 Ok(Inbound::Peer(msg))
@@ -105,7 +118,10 @@ pub fn classify(
         Ok(Datagram::Request(req)) => Ok(Inbound::Client(src, req)),
         Ok(Datagram::Reply(reply)) => Err(dropped(
             DropReason::Reply,
-            format!("id {} from {}", reply.id, reply.from),
+            format!(
+                "peers take none (id {}, from node {})",
+                reply.id, reply.from
+            ),
         )),
     }
 }
@@ -173,7 +189,8 @@ impl DropLog {
     /// Records a drop; returns the line to log, if one is due.
     pub fn note(&mut self, now: Instant, src: SocketAddr, d: &Dropped) -> Option<String> {
         let suppressed = self.limiters[d.reason as usize].allow(now)?;
-        let mut line = format!("dropped {} from {src}: {}", d.reason.describe(), d.detail);
+        let what = d.reason.describe().0;
+        let mut line = format!("dropped {what} (source {src}): {}", d.detail);
         if suppressed > 0 {
             line += &format!(" (and {suppressed} more since the last report)");
         }
@@ -185,7 +202,8 @@ impl DropLog {
         let mut lines = Vec::new();
         for (limiter, reason) in self.limiters.iter_mut().zip(ALL_REASONS) {
             if let Some(n) = limiter.flush(now) {
-                lines.push(format!("dropped {n} more: {}", reason.describe()));
+                let what = reason.describe().1;
+                lines.push(format!("dropped {n} more {what} since the last report"));
             }
         }
         lines
@@ -569,7 +587,10 @@ mod tests {
         assert!(log.note(t0, src(), &stranger).is_none());
         let lines = log.flush(t0 + Duration::from_secs(2));
         assert_eq!(lines.len(), 1, "{lines:?}");
-        assert!(lines[0].contains("1 more") && lines[0].contains("unknown sender"));
+        assert_eq!(
+            lines[0],
+            "dropped 1 more peer messages from unknown nodes since the last report"
+        );
     }
 
     fn config_for(port: u16, others: &[(NodeId, u16)]) -> PeerConfig {
