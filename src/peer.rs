@@ -1,1 +1,632 @@
-//! (stub)
+//! The shell around the core: threads, channels, and the persist → send → advance → reply loop.
+//!
+//! Three threads:
+//! - the **receiver** ([`Listener::run`]) turns datagrams into [`Inbox`] items;
+//! - the **timer** puts a [`Inbox::Tick`] in the inbox every tick, and forwards shutdown;
+//! - the **node thread** (the thread that calls [`run`]) is the sole owner of the core [`Node`],
+//!   the [`Storage`] and the send side of the socket.
+//!
+//! The node thread blocks for one inbox item, then drains whatever else is already queued, stepping
+//! the core for each, and only then takes the core's [`Ready`]. Many requests that arrive together
+//! thus share one `Ready` and one fsync: group commit falls out of the loop's shape.
+
+use crate::config::PeerConfig;
+use crate::raft::{
+    self, ClientReply, ClientRequest, Entry, HardState, Message, Node, NodeId, Ready, ReplyTo,
+};
+use crate::storage::Storage;
+use crate::transport::{self, Inbound, Transport};
+use crossbeam_channel::{select, Receiver, Sender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Items queued in the inbox beyond which the receiver drops datagrams rather than queue more.
+pub const INBOX_CAPACITY: usize = 16 * 1024;
+/// Inbox items stepped into the core before its `Ready` is carried out.
+pub const MAX_BATCH: usize = 4096;
+/// AppendEntries in flight to one follower.
+pub const MAX_INFLIGHT: usize = 32;
+
+/// Everything the node thread reacts to.
+#[derive(Debug)]
+pub enum Inbox {
+    Peer(Message),
+    Client(ReplyTo, ClientRequest),
+    Tick,
+    Shutdown,
+}
+
+impl From<Inbound> for Inbox {
+    fn from(item: Inbound) -> Inbox {
+        match item {
+            Inbound::Peer(m) => Inbox::Peer(m),
+            Inbound::Client(to, req) => Inbox::Client(to, req),
+        }
+    }
+}
+
+/// How the config's milliseconds become the core's ticks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    pub tick: Duration,
+    pub heartbeat_ticks: u64,
+    pub election_ticks: (u64, u64),
+}
+
+impl Timing {
+    /// A tick is a fifth of the heartbeat interval, between 1 and 10 ms. The election minimum
+    /// is kept above the heartbeat, whatever the rounding, so followers hear from a live leader
+    /// before they give up on it.
+    pub fn from_ms(heartbeat_ms: u64, election_ms: (u64, u64)) -> Timing {
+        let tick_ms = (heartbeat_ms / 5).clamp(1, 10);
+        let heartbeat_ticks = (heartbeat_ms / tick_ms).max(1);
+        let min = (election_ms.0 / tick_ms).max(heartbeat_ticks + 1);
+        let max = (election_ms.1 / tick_ms).max(min);
+        Timing {
+            tick: Duration::from_millis(tick_ms),
+            heartbeat_ticks,
+            election_ticks: (min, max),
+        }
+    }
+}
+
+/// The core's config for this peer.
+pub fn core_config(config: &PeerConfig, timing: &Timing, seed: u64) -> raft::Config {
+    raft::Config {
+        id: config.node_id,
+        peers: config.peer_ids(),
+        election_ticks: timing.election_ticks,
+        heartbeat_ticks: timing.heartbeat_ticks,
+        max_inflight: MAX_INFLIGHT,
+        seed,
+    }
+}
+
+/// A seed for the core's generator from the clock, the process and the node ID, so that peers
+/// started at the same instant still draw different election timeouts. (The core may not read
+/// clocks; the shell may.)
+pub fn seed(node_id: NodeId) -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut z = nanos ^ node_id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(std::process::id());
+    // SplitMix64's finaliser, so nearby inputs give unrelated seeds.
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Runs this peer until `shutdown` receives a message (or its sender is dropped). Binds the
+/// socket, opens the storage, restores the core, and runs the node loop on the calling thread.
+/// Returns an error, after stopping its threads, if the socket or storage cannot be opened or
+/// storage fails later: continuing after a failed fsync could break Raft's promises.
+pub fn run(config: PeerConfig, shutdown: Receiver<()>) -> Result<(), String> {
+    let timing = Timing::from_ms(config.heartbeat_ms, config.election_timeout_ms);
+    let (transport, listener) = transport::bind(&config)?;
+    let (storage, hard_state, entries) =
+        Storage::open(&config.data_dir, config.node_id).map_err(|e| {
+            format!(
+                "{}: cannot open storage in {}: {e}",
+                config.name,
+                config.data_dir.display()
+            )
+        })?;
+    let address = transport.local_addr().map_or_else(
+        |_| format!("{}:{}", config.host, config.port),
+        |a| a.to_string(),
+    );
+    log::info!(
+        "{} (node {}) on {address}, data in {}: restored term {}, vote {:?}, commit {}, last index {}; tick {:?}, heartbeat {} ticks, election {:?} ticks",
+        config.name,
+        config.node_id,
+        config.data_dir.display(),
+        hard_state.term,
+        hard_state.vote,
+        hard_state.commit,
+        entries.last().map_or(0, |e| e.index),
+        timing.tick,
+        timing.heartbeat_ticks,
+        timing.election_ticks,
+    );
+    let node = Node::new(
+        core_config(&config, &timing, seed(config.node_id)),
+        hard_state,
+        entries,
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // Stops the other threads however the node loop ends, a panic in the core included.
+    let _stop_on_exit = StopOnDrop(Arc::clone(&stop));
+    let (inbox_tx, inbox_rx) = crossbeam_channel::bounded::<Inbox>(INBOX_CAPACITY);
+    let receiver = {
+        let (inbox, stop) = (inbox_tx.clone(), Arc::clone(&stop));
+        thread::Builder::new()
+            .name("receiver".into())
+            .spawn(move || listener.run(inbox, stop))
+            .map_err(|e| format!("cannot start the receiver thread: {e}"))?
+    };
+    let timer = {
+        let stop = Arc::clone(&stop);
+        thread::Builder::new()
+            .name("timer".into())
+            .spawn(move || timer_loop(timing.tick, inbox_tx, shutdown, stop))
+            .map_err(|e| format!("cannot start the timer thread: {e}"))?
+    };
+
+    let result = node_loop(node, storage, transport, inbox_rx);
+
+    stop.store(true, Ordering::Relaxed);
+    for (name, handle) in [("receiver", receiver), ("timer", timer)] {
+        if handle.join().is_err() {
+            log::error!("the {name} thread panicked");
+        }
+    }
+    match &result {
+        Ok(()) => log::info!("{} (node {}) stopped", config.name, config.node_id),
+        Err(e) => log::error!("{} (node {}) stopping: {e}", config.name, config.node_id),
+    }
+    result
+}
+
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Puts a `Tick` in the inbox every `tick`, until `stop` or shutdown. Does not catch up after a
+/// stall (a late tick is followed by the next one a full tick later): time in the core may run
+/// slow under load, which delays elections but never makes them unsafe.
+fn timer_loop(tick: Duration, inbox: Sender<Inbox>, shutdown: Receiver<()>, stop: Arc<AtomicBool>) {
+    let mut next = Instant::now() + tick;
+    while !stop.load(Ordering::Relaxed) {
+        let wait = next.saturating_duration_since(Instant::now());
+        select! {
+            recv(shutdown) -> _ => {
+                log::info!("shutting down");
+                let _ = inbox.send(Inbox::Shutdown);
+                return;
+            }
+            default(wait) => {
+                if inbox.send(Inbox::Tick).is_err() {
+                    return;
+                }
+                let now = Instant::now();
+                next += tick;
+                if next <= now {
+                    next = now + tick;
+                }
+            }
+        }
+    }
+}
+
+/// What the node loop needs from the core; [`Node`] in production, fakes in the tests.
+trait Core {
+    fn tick(&mut self);
+    fn step(&mut self, msg: Message);
+    fn request(&mut self, reply_to: ReplyTo, req: ClientRequest);
+    fn ready(&mut self) -> Ready;
+    fn advance(&mut self);
+}
+
+impl Core for Node {
+    fn tick(&mut self) {
+        Node::tick(self)
+    }
+    fn step(&mut self, msg: Message) {
+        Node::step(self, msg)
+    }
+    fn request(&mut self, reply_to: ReplyTo, req: ClientRequest) {
+        Node::request(self, reply_to, req)
+    }
+    fn ready(&mut self) -> Ready {
+        Node::ready(self)
+    }
+    fn advance(&mut self) {
+        Node::advance(self)
+    }
+}
+
+/// What the node loop needs from storage.
+trait Durable {
+    fn persist(&mut self, hard_state: Option<&HardState>, entries: &[Entry]) -> Result<(), String>;
+}
+
+impl Durable for Storage {
+    fn persist(&mut self, hard_state: Option<&HardState>, entries: &[Entry]) -> Result<(), String> {
+        Storage::persist(self, hard_state, entries)
+    }
+}
+
+/// What the node loop needs from the network.
+trait Outbox {
+    fn send_peer(&mut self, msg: Message);
+    fn send_reply(&mut self, to: ReplyTo, reply: ClientReply);
+}
+
+impl Outbox for Transport {
+    fn send_peer(&mut self, msg: Message) {
+        Transport::send_peer(self, msg)
+    }
+    fn send_reply(&mut self, to: ReplyTo, reply: ClientReply) {
+        Transport::send_reply(self, to, reply)
+    }
+}
+
+/// The node thread: step a batch of inbox items, carry out the core's `Ready`s, repeat.
+/// Returns `Ok` on shutdown, `Err` on a storage failure (after which nothing more is sent).
+fn node_loop(
+    mut core: impl Core,
+    mut storage: impl Durable,
+    mut out: impl Outbox,
+    inbox: Receiver<Inbox>,
+) -> Result<(), String> {
+    loop {
+        let Ok(first) = inbox.recv() else {
+            return Err("the receiver and timer threads stopped unexpectedly".into());
+        };
+        let mut shutdown = feed(&mut core, first);
+        let mut stepped = 1;
+        while !shutdown && stepped < MAX_BATCH {
+            let Ok(item) = inbox.try_recv() else { break };
+            shutdown = feed(&mut core, item);
+            stepped += 1;
+        }
+        loop {
+            let rd = core.ready();
+            let empty = rd.is_empty();
+            carry_out(rd, &mut core, &mut storage, &mut out)?;
+            if empty {
+                break;
+            }
+        }
+        if shutdown {
+            return Ok(());
+        }
+    }
+}
+
+/// Feeds one inbox item to the core; true if it asks the loop to stop.
+fn feed(core: &mut impl Core, item: Inbox) -> bool {
+    match item {
+        Inbox::Peer(msg) => core.step(msg),
+        Inbox::Client(reply_to, req) => core.request(reply_to, req),
+        Inbox::Tick => core.tick(),
+        Inbox::Shutdown => return true,
+    }
+    false
+}
+
+/// Carries out one `Ready` in the order that keeps Raft safe: nothing that depends on the new
+/// hard state or entries leaves the process before they are durable, except messages the core
+/// marks safe to send first (a leader's AppendEntries, Raft §10.2.1). Replies go last, so a
+/// client never hears of a state that a crash could still take back. A storage error returns
+/// at once: nothing of this `Ready` is sent after it, and the core is not advanced.
+fn carry_out(
+    rd: Ready,
+    core: &mut impl Core,
+    storage: &mut impl Durable,
+    out: &mut impl Outbox,
+) -> Result<(), String> {
+    let Ready {
+        hard_state,
+        entries,
+        mut messages,
+        send_before_persist,
+        replies,
+    } = rd;
+    if send_before_persist {
+        for msg in messages.drain(..) {
+            out.send_peer(msg);
+        }
+    }
+    if hard_state.is_some() || !entries.is_empty() {
+        storage
+            .persist(hard_state.as_ref(), &entries)
+            .map_err(|e| format!("storage failed: {e}"))?;
+    }
+    // Empty here if they were sent before persisting.
+    for msg in messages {
+        out.send_peer(msg);
+    }
+    core.advance();
+    for (to, reply) in replies {
+        out.send_reply(to, reply);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::{Body, ClientOp, ClientResult, Payload};
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    #[test]
+    fn default_timing_is_a_10ms_tick() {
+        let t = Timing::from_ms(50, (150, 300));
+        assert_eq!(t.tick, Duration::from_millis(10));
+        assert_eq!(t.heartbeat_ticks, 5);
+        assert_eq!(t.election_ticks, (15, 30));
+    }
+
+    #[test]
+    fn timing_keeps_the_election_minimum_above_the_heartbeat() {
+        for hb in 1..200 {
+            for min in [hb + 1, hb + 2, 2 * hb, 10 * hb] {
+                for max in [min, min + 1, 2 * min] {
+                    let t = Timing::from_ms(hb, (min, max));
+                    let tick = t.tick.as_millis() as u64;
+                    assert!((1..=10).contains(&tick), "{t:?}");
+                    assert!(t.heartbeat_ticks >= 1, "{t:?}");
+                    assert!(
+                        t.election_ticks.0 > t.heartbeat_ticks,
+                        "hb {hb} min {min}: {t:?}"
+                    );
+                    assert!(t.election_ticks.0 <= t.election_ticks.1, "{t:?}");
+                }
+            }
+        }
+        // 49 ms heartbeats tick every 9 ms: 5 ticks; a 50 ms minimum would also be 5 ticks.
+        assert_eq!(Timing::from_ms(49, (50, 60)).election_ticks, (6, 6));
+    }
+
+    #[test]
+    fn seeds_differ_between_nodes() {
+        assert_ne!(seed(1), seed(2));
+    }
+
+    /// A log of what the loop did, shared by the fakes.
+    type Events = Rc<RefCell<Vec<String>>>;
+
+    /// A core that turns each client request into one entry, one message and one reply, all in
+    /// the next `Ready`, and counts steps.
+    struct FakeCore {
+        events: Events,
+        pending: Ready,
+        send_before_persist: bool,
+    }
+
+    impl Core for FakeCore {
+        fn tick(&mut self) {
+            self.events.borrow_mut().push("tick".into());
+        }
+        fn step(&mut self, msg: Message) {
+            self.events.borrow_mut().push(format!("step {}", msg.from));
+        }
+        fn request(&mut self, reply_to: ReplyTo, req: ClientRequest) {
+            self.events.borrow_mut().push(format!("request {}", req.id));
+            let index = self.pending.entries.len() as u64 + 1;
+            self.pending.hard_state = Some(HardState {
+                term: 1,
+                vote: Some(1),
+                commit: 0,
+            });
+            self.pending.entries.push(Entry {
+                index,
+                term: 1,
+                payload: Payload::Noop,
+            });
+            self.pending.messages.push(message(1, 2));
+            self.pending.send_before_persist = self.send_before_persist;
+            self.pending.replies.push((
+                reply_to,
+                ClientReply {
+                    id: req.id,
+                    from: 1,
+                    result: ClientResult::Appended { index, term: 1 },
+                },
+            ));
+        }
+        fn ready(&mut self) -> Ready {
+            let rd = std::mem::take(&mut self.pending);
+            let label = if rd.is_empty() {
+                "ready (empty)"
+            } else {
+                "ready"
+            };
+            self.events.borrow_mut().push(label.into());
+            rd
+        }
+        fn advance(&mut self) {
+            self.events.borrow_mut().push("advance".into());
+        }
+    }
+
+    struct FakeStorage {
+        events: Events,
+        fail: bool,
+    }
+
+    impl Durable for FakeStorage {
+        fn persist(&mut self, hs: Option<&HardState>, entries: &[Entry]) -> Result<(), String> {
+            self.events
+                .borrow_mut()
+                .push(format!("persist {} {}", hs.is_some(), entries.len()));
+            if self.fail {
+                Err("disk on fire".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    struct FakeOut(Events);
+
+    impl Outbox for FakeOut {
+        fn send_peer(&mut self, msg: Message) {
+            self.0.borrow_mut().push(format!("send {}", msg.to));
+        }
+        fn send_reply(&mut self, _to: ReplyTo, reply: ClientReply) {
+            self.0.borrow_mut().push(format!("reply {}", reply.id));
+        }
+    }
+
+    fn message(from: NodeId, to: NodeId) -> Message {
+        Message {
+            from,
+            to,
+            term: 1,
+            body: Body::PreVoteResponse { granted: true },
+        }
+    }
+
+    fn request(id: u64) -> Inbox {
+        Inbox::Client(
+            "127.0.0.1:9".parse().unwrap(),
+            ClientRequest {
+                id,
+                op: ClientOp::Status,
+            },
+        )
+    }
+
+    /// Runs the node loop over `items` (then Shutdown) and returns what it did.
+    fn run_loop(
+        items: Vec<Inbox>,
+        send_before_persist: bool,
+        fail: bool,
+    ) -> (Result<(), String>, Vec<String>) {
+        let events = Events::default();
+        let core = FakeCore {
+            events: events.clone(),
+            pending: Ready::default(),
+            send_before_persist,
+        };
+        let storage = FakeStorage {
+            events: events.clone(),
+            fail,
+        };
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for item in items {
+            tx.send(item).unwrap();
+        }
+        tx.send(Inbox::Shutdown).unwrap();
+        let result = node_loop(core, storage, FakeOut(events.clone()), rx);
+        let events = events.borrow().clone();
+        (result, events)
+    }
+
+    #[test]
+    fn persist_comes_before_send_and_advance_before_reply() {
+        let (result, events) = run_loop(vec![request(7)], false, false);
+        assert_eq!(result, Ok(()));
+        assert_eq!(
+            events,
+            [
+                "request 7",
+                "ready",
+                "persist true 1",
+                "send 2",
+                "advance",
+                "reply 7",
+                "ready (empty)",
+                "advance"
+            ]
+        );
+    }
+
+    #[test]
+    fn messages_marked_safe_are_sent_before_persisting() {
+        let (_, events) = run_loop(vec![request(7)], true, false);
+        assert_eq!(
+            events[1..6],
+            ["ready", "send 2", "persist true 1", "advance", "reply 7"]
+        );
+    }
+
+    #[test]
+    fn queued_requests_share_one_ready_and_one_fsync() {
+        let items: Vec<Inbox> = (0..100)
+            .map(request)
+            .chain([Inbox::Tick, Inbox::Peer(message(3, 1))])
+            .collect();
+        let (_, events) = run_loop(items, false, false);
+        let count = |prefix: &str| events.iter().filter(|e| e.starts_with(prefix)).count();
+        assert_eq!(count("request"), 100);
+        assert_eq!(count("tick"), 1);
+        assert_eq!(count("step 3"), 1);
+        assert_eq!(count("persist"), 1, "{events:?}");
+        assert_eq!(events[102..104], ["ready", "persist true 100"]);
+        assert_eq!(count("reply"), 100);
+    }
+
+    #[test]
+    fn a_storage_error_stops_the_loop_before_anything_is_sent() {
+        let (result, events) = run_loop(vec![request(7), request(8)], false, true);
+        assert_eq!(result, Err("storage failed: disk on fire".into()));
+        assert_eq!(events.last().unwrap(), "persist true 2");
+        assert!(!events
+            .iter()
+            .any(|e| e.starts_with("send") || e.starts_with("reply") || e == "advance"));
+    }
+
+    #[test]
+    fn shutdown_carries_out_the_batch_before_it_and_ignores_the_rest() {
+        let events = Events::default();
+        let core = FakeCore {
+            events: events.clone(),
+            pending: Ready::default(),
+            send_before_persist: false,
+        };
+        let storage = FakeStorage {
+            events: events.clone(),
+            fail: false,
+        };
+        let (tx, rx) = crossbeam_channel::unbounded();
+        tx.send(request(1)).unwrap();
+        tx.send(Inbox::Shutdown).unwrap();
+        tx.send(request(2)).unwrap();
+        assert_eq!(
+            node_loop(core, storage, FakeOut(events.clone()), rx),
+            Ok(())
+        );
+        let events = events.borrow();
+        assert!(events.contains(&"reply 1".to_string()), "{events:?}");
+        assert!(!events.contains(&"request 2".to_string()), "{events:?}");
+    }
+
+    #[test]
+    fn the_loop_ends_with_an_error_if_its_inbox_closes() {
+        let events = Events::default();
+        let core = FakeCore {
+            events: events.clone(),
+            pending: Ready::default(),
+            send_before_persist: false,
+        };
+        let storage = FakeStorage {
+            events: events.clone(),
+            fail: false,
+        };
+        let (tx, rx) = crossbeam_channel::unbounded::<Inbox>();
+        drop(tx);
+        assert!(node_loop(core, storage, FakeOut(events), rx).is_err());
+    }
+
+    #[test]
+    fn the_timer_ticks_and_forwards_shutdown() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (shutdown_tx, shutdown_rx) = crossbeam_channel::unbounded();
+        let stop = Arc::new(AtomicBool::new(false));
+        let timer = thread::spawn({
+            let stop = Arc::clone(&stop);
+            move || timer_loop(Duration::from_millis(1), tx, shutdown_rx, stop)
+        });
+        for _ in 0..3 {
+            assert!(matches!(
+                rx.recv_timeout(Duration::from_secs(5)),
+                Ok(Inbox::Tick)
+            ));
+        }
+        shutdown_tx.send(()).unwrap();
+        timer.join().unwrap();
+        let rest: Vec<Inbox> = rx.try_iter().collect();
+        assert!(matches!(rest.last(), Some(Inbox::Shutdown)), "{rest:?}");
+    }
+}

@@ -1,1 +1,711 @@
-//! (stub)
+//! The UDP side of a peer: one socket; a receiver loop that turns datagrams into inbox items and
+//! drops everything else with rate-limited warnings; and the send side, which addresses peers by
+//! node ID through the config and clients by the source address of their request.
+//!
+//! What is accepted is decided by one pure function, [`classify`], so the rules are testable
+//! without sockets:
+//! - a datagram over [`MAX_DATAGRAM`] bytes, or one that does not decode, is dropped;
+//! - a peer [`Message`] must come `from` a configured peer and be addressed `to` this node;
+//! - a client [`ClientRequest`] is accepted from anyone and answered at its source address;
+//! - a [`ClientReply`] is dropped: peers send replies, they never take them.
+
+use crate::config::PeerConfig;
+use crate::raft::{
+    ClientReply, ClientRequest, ClientResult, Datagram, Message, NodeId, ReplyTo, MAX_DATAGRAM,
+};
+use crossbeam_channel::{Sender, TrySendError};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The receive buffer. It is larger than any UDP payload (65,507 bytes), so a datagram is never
+/// cut short: an oversized one arrives whole and is rejected, not truncated into garbage.
+pub const RECV_BUFFER: usize = 65_536;
+/// How long the receiver thread waits for a datagram before it checks for shutdown.
+pub const READ_TIMEOUT: Duration = Duration::from_millis(100);
+/// At most one warning line per kind of problem per interval.
+pub const WARN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A datagram that passed [`classify`], ready for the node thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inbound {
+    Peer(Message),
+    Client(ReplyTo, ClientRequest),
+}
+
+/// Why a datagram was dropped; each reason has its own warning rate limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    Oversized,
+    Malformed,
+    UnknownSender,
+    WrongRecipient,
+    Reply,
+}
+
+impl DropReason {
+    const COUNT: usize = 5;
+
+    /// What was dropped, in the singular and the plural.
+    fn describe(self) -> (&'static str, &'static str) {
+        match self {
+            DropReason::Oversized => ("an oversized datagram", "oversized datagrams"),
+            DropReason::Malformed => ("a malformed datagram", "malformed datagrams"),
+            DropReason::UnknownSender => (
+                "a peer message from an unknown node",
+                "peer messages from unknown nodes",
+            ),
+            DropReason::WrongRecipient => (
+                "a peer message for another node",
+                "peer messages for other nodes",
+            ),
+            DropReason::Reply => ("a client reply", "client replies"),
+        }
+    }
+}
+
+/// A dropped datagram: the reason, and a detail for the log line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dropped {
+    pub reason: DropReason,
+    pub detail: String,
+}
+
+fn dropped(reason: DropReason, detail: String) -> Dropped {
+    Dropped { reason, detail }
+}
+
+/// Decides what to do with `bytes`, received from `src` by node `me`, whose configured peers
+/// (not including itself) are `peers`. Never panics, whatever the bytes.
+pub fn classify(
+    bytes: &[u8],
+    src: SocketAddr,
+    me: NodeId,
+    peers: &BTreeSet<NodeId>,
+) -> Result<Inbound, Dropped> {
+    if bytes.len() > MAX_DATAGRAM {
+        return Err(dropped(
+            DropReason::Oversized,
+            format!("{} bytes, the limit is {MAX_DATAGRAM}", bytes.len()),
+        ));
+    }
+    match Datagram::decode(bytes) {
+        Err(e) => {
+            let detail = e.strip_prefix("malformed datagram: ").unwrap_or(&e);
+            Err(dropped(DropReason::Malformed, detail.to_string()))
+        }
+        Ok(Datagram::Peer(msg)) => {
+            if !peers.contains(&msg.from) {
+                Err(dropped(
+                    DropReason::UnknownSender,
+                    format!("node {} is not a configured peer", msg.from),
+                ))
+            } else if msg.to != me {
+                Err(dropped(
+                    DropReason::WrongRecipient,
+                    format!(
+                        "addressed to node {} by node {}; this is node {me}",
+                        msg.to, msg.from
+                    ),
+                ))
+            } else {
+                Ok(Inbound::Peer(msg))
+            }
+        }
+        Ok(Datagram::Request(req)) => Ok(Inbound::Client(src, req)),
+        Ok(Datagram::Reply(reply)) => Err(dropped(
+            DropReason::Reply,
+            format!(
+                "peers take none (id {}, from node {})",
+                reply.id, reply.from
+            ),
+        )),
+    }
+}
+
+/// Allows one event per interval and counts the events it suppressed in between.
+#[derive(Clone, Debug)]
+pub struct RateLimiter {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimiter {
+    pub fn new(interval: Duration) -> RateLimiter {
+        RateLimiter {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Records an event at `now`. `Some(n)` means "report it", `n` being the events suppressed
+    /// since the last report; `None` means it was counted and suppressed.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.interval => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+
+    /// Called without an event: `Some(n)` when `n > 0` events were suppressed and a report is
+    /// due, so that a burst that ends is still counted in the log. Counts as a report.
+    pub fn flush(&mut self, now: Instant) -> Option<u64> {
+        let due = self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) >= self.interval);
+        if self.suppressed > 0 && due {
+            self.last = Some(now);
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            None
+        }
+    }
+}
+
+/// Warning lines for dropped datagrams, at most one per [`DropReason`] per interval.
+#[derive(Clone, Debug)]
+pub struct DropLog {
+    limiters: [RateLimiter; DropReason::COUNT],
+}
+
+impl DropLog {
+    pub fn new(interval: Duration) -> DropLog {
+        DropLog {
+            limiters: std::array::from_fn(|_| RateLimiter::new(interval)),
+        }
+    }
+
+    /// Records a drop; returns the line to log, if one is due.
+    pub fn note(&mut self, now: Instant, src: SocketAddr, d: &Dropped) -> Option<String> {
+        let suppressed = self.limiters[d.reason as usize].allow(now)?;
+        let what = d.reason.describe().0;
+        let mut line = format!("dropped {what} (source {src}): {}", d.detail);
+        if suppressed > 0 {
+            line += &format!(" (and {suppressed} more since the last report)");
+        }
+        Some(line)
+    }
+
+    /// The summary lines due for drops that were suppressed and not yet reported.
+    pub fn flush(&mut self, now: Instant) -> Vec<String> {
+        let mut lines = Vec::new();
+        for (limiter, reason) in self.limiters.iter_mut().zip(ALL_REASONS) {
+            if let Some(n) = limiter.flush(now) {
+                let what = reason.describe().1;
+                lines.push(format!("dropped {n} more {what} since the last report"));
+            }
+        }
+        lines
+    }
+}
+
+const ALL_REASONS: [DropReason; DropReason::COUNT] = [
+    DropReason::Oversized,
+    DropReason::Malformed,
+    DropReason::UnknownSender,
+    DropReason::WrongRecipient,
+    DropReason::Reply,
+];
+
+/// A rate-limited log line for one kind of problem.
+#[derive(Clone, Debug)]
+struct Throttled(RateLimiter);
+
+impl Throttled {
+    fn new() -> Throttled {
+        Throttled(RateLimiter::new(WARN_INTERVAL))
+    }
+
+    fn log(&mut self, level: log::Level, line: impl FnOnce() -> String) {
+        if let Some(n) = self.0.allow(Instant::now()) {
+            if n > 0 {
+                log::log!(level, "{} (and {n} more since the last report)", line());
+            } else {
+                log::log!(level, "{}", line());
+            }
+        }
+    }
+}
+
+/// Binds this peer's socket. Returns the send side, for the node thread, and the receive side,
+/// for the receiver thread; both share the one socket.
+pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
+    let addresses = config
+        .addresses()
+        .map_err(|e| format!("{}: {e}", config.name))?;
+    let local = addresses[&config.node_id];
+    let socket = UdpSocket::bind(local).map_err(|e| bind_error(&config.name, local, &e))?;
+    socket
+        .set_read_timeout(Some(READ_TIMEOUT))
+        .map_err(|e| format!("{}: cannot set a read timeout on {local}: {e}", config.name))?;
+    let socket = Arc::new(socket);
+    let transport = Transport {
+        socket: Arc::clone(&socket),
+        me: config.node_id,
+        addresses,
+        unknown_destination: Throttled::new(),
+        encode_failed: Throttled::new(),
+        send_failed: Throttled::new(),
+    };
+    let listener = Listener {
+        socket,
+        me: config.node_id,
+        peers: config.peer_ids().into_iter().collect(),
+        drops: DropLog::new(WARN_INTERVAL),
+        inbox_full: Throttled::new(),
+        recv_failed: Throttled::new(),
+    };
+    Ok((transport, listener))
+}
+
+fn bind_error(name: &str, addr: SocketAddr, e: &io::Error) -> String {
+    let why = match e.kind() {
+        io::ErrorKind::AddrInUse => "address in use (is another peer running?)".to_string(),
+        io::ErrorKind::AddrNotAvailable => {
+            "address not available on this host (check `host` in the config)".to_string()
+        }
+        io::ErrorKind::PermissionDenied => {
+            "permission denied (ports below 1024 need privileges)".to_string()
+        }
+        _ => e.to_string(),
+    };
+    format!("{name}: cannot bind {addr}: {why}")
+}
+
+/// The send side of the socket, owned by the node thread. Sending never panics: a message that
+/// cannot be encoded or sent is logged (rate-limited) and dropped, as the network might have.
+#[derive(Debug)]
+pub struct Transport {
+    socket: Arc<UdpSocket>,
+    me: NodeId,
+    addresses: BTreeMap<NodeId, SocketAddr>,
+    unknown_destination: Throttled,
+    encode_failed: Throttled,
+    send_failed: Throttled,
+}
+
+impl Transport {
+    /// The address the socket is bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Sends a peer message to the address the config gives for `msg.to`.
+    pub fn send_peer(&mut self, msg: Message) {
+        let to = msg.to;
+        let addr = match self.addresses.get(&to) {
+            Some(addr) if to != self.me => *addr,
+            _ => {
+                let me = self.me;
+                self.unknown_destination.log(log::Level::Error, || {
+                    format!(
+                        "not sending a message to node {to}: not a configured peer of node {me}"
+                    )
+                });
+                return;
+            }
+        };
+        match Datagram::Peer(msg).encode() {
+            Ok(bytes) => self.send_bytes(&bytes, addr),
+            Err(e) => self.encode_failed.log(log::Level::Error, || {
+                format!("not sending to node {to}: {e}")
+            }),
+        }
+    }
+
+    /// Sends a client reply to the client's source address. A reply too large for a datagram is
+    /// replaced by a `Refused` with the same id, so the client hears something instead of
+    /// waiting for its timeout.
+    pub fn send_reply(&mut self, to: ReplyTo, reply: ClientReply) {
+        let (id, from) = (reply.id, reply.from);
+        let bytes = match Datagram::Reply(reply).encode() {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                self.encode_failed.log(log::Level::Error, || {
+                    format!("reply {id} to client {to} does not encode: {e}")
+                });
+                let refusal = Datagram::Reply(ClientReply {
+                    id,
+                    from,
+                    result: ClientResult::Refused {
+                        reason: format!("the peer could not encode its reply: {e}"),
+                    },
+                });
+                match refusal.encode() {
+                    Ok(bytes) => bytes,
+                    Err(_) => return,
+                }
+            }
+        };
+        self.send_bytes(&bytes, to);
+    }
+
+    fn send_bytes(&mut self, bytes: &[u8], addr: SocketAddr) {
+        if let Err(e) = self.socket.send_to(bytes, addr) {
+            self.send_failed
+                .log(log::Level::Warn, || format!("send to {addr} failed: {e}"));
+        }
+    }
+}
+
+/// The receive side of the socket, run by the receiver thread.
+#[derive(Debug)]
+pub struct Listener {
+    socket: Arc<UdpSocket>,
+    me: NodeId,
+    peers: BTreeSet<NodeId>,
+    drops: DropLog,
+    inbox_full: Throttled,
+    recv_failed: Throttled,
+}
+
+impl Listener {
+    /// Receives until `stop` is set or the inbox is closed, handing each accepted datagram to
+    /// `inbox`. When the inbox is full the datagram is dropped (UDP may lose it anyway), so a
+    /// flood slows nobody but itself.
+    pub fn run<T: From<Inbound>>(mut self, inbox: Sender<T>, stop: Arc<AtomicBool>) {
+        let mut buf = vec![0u8; RECV_BUFFER];
+        while !stop.load(Ordering::Relaxed) {
+            let received = self.socket.recv_from(&mut buf);
+            let now = Instant::now();
+            for line in self.drops.flush(now) {
+                log::warn!("{line}");
+            }
+            let (len, src) = match received {
+                Ok(r) => r,
+                Err(e) => match e.kind() {
+                    io::ErrorKind::WouldBlock
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::Interrupted
+                    // Some platforms report an ICMP "port unreachable" from an earlier send here.
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionRefused => continue,
+                    _ => {
+                        self.recv_failed
+                            .log(log::Level::Warn, || format!("receive failed: {e}"));
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                },
+            };
+            match classify(&buf[..len], src, self.me, &self.peers) {
+                Ok(item) => match inbox.try_send(T::from(item)) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => self.inbox_full.log(log::Level::Warn, || {
+                        format!("inbox full, dropped a datagram from {src}")
+                    }),
+                    Err(TrySendError::Disconnected(_)) => return,
+                },
+                Err(d) => {
+                    if let Some(line) = self.drops.note(now, src, &d) {
+                        log::warn!("{line}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::{AppendResult, Body, ClientOp};
+
+    fn src() -> SocketAddr {
+        "127.0.0.1:4000".parse().unwrap()
+    }
+
+    fn peers() -> BTreeSet<NodeId> {
+        [2, 3].into_iter().collect()
+    }
+
+    fn message(from: NodeId, to: NodeId) -> Message {
+        Message {
+            from,
+            to,
+            term: 3,
+            body: Body::AppendEntriesResponse {
+                read_seq: 7,
+                result: AppendResult::Accepted { match_index: 5 },
+            },
+        }
+    }
+
+    fn encoded(d: Datagram) -> Vec<u8> {
+        d.encode().unwrap()
+    }
+
+    fn reason(bytes: &[u8]) -> DropReason {
+        classify(bytes, src(), 1, &peers()).unwrap_err().reason
+    }
+
+    #[test]
+    fn message_from_a_configured_peer_to_this_node_is_accepted() {
+        let m = message(2, 1);
+        let got = classify(&encoded(Datagram::Peer(m.clone())), src(), 1, &peers());
+        assert_eq!(got, Ok(Inbound::Peer(m)));
+    }
+
+    #[test]
+    fn message_from_an_unknown_sender_is_dropped() {
+        assert_eq!(
+            reason(&encoded(Datagram::Peer(message(9, 1)))),
+            DropReason::UnknownSender
+        );
+        // A node is not its own peer: a message claiming to be from ourselves is a forgery.
+        assert_eq!(
+            reason(&encoded(Datagram::Peer(message(1, 1)))),
+            DropReason::UnknownSender
+        );
+    }
+
+    #[test]
+    fn message_addressed_to_another_node_is_dropped() {
+        assert_eq!(
+            reason(&encoded(Datagram::Peer(message(2, 3)))),
+            DropReason::WrongRecipient
+        );
+    }
+
+    #[test]
+    fn client_request_is_accepted_from_anyone_and_answered_at_its_source() {
+        let req = ClientRequest {
+            id: 42,
+            op: ClientOp::Status,
+        };
+        let client: SocketAddr = "10.1.2.3:55555".parse().unwrap();
+        let got = classify(
+            &encoded(Datagram::Request(req.clone())),
+            client,
+            1,
+            &peers(),
+        );
+        assert_eq!(got, Ok(Inbound::Client(client, req)));
+    }
+
+    #[test]
+    fn client_reply_is_dropped() {
+        let reply = ClientReply {
+            id: 1,
+            from: 2,
+            result: ClientResult::NotLeader { leader: None },
+        };
+        assert_eq!(reason(&encoded(Datagram::Reply(reply))), DropReason::Reply);
+    }
+
+    #[test]
+    fn oversized_datagram_is_dropped_before_decoding() {
+        // Valid JSON, but one byte too many.
+        let mut bytes = encoded(Datagram::Peer(message(2, 1)));
+        bytes.resize(MAX_DATAGRAM + 1, b' ');
+        assert_eq!(reason(&bytes), DropReason::Oversized);
+        // Exactly at the limit is fine.
+        bytes.truncate(MAX_DATAGRAM);
+        assert!(classify(&bytes, src(), 1, &peers()).is_ok());
+        assert_eq!(reason(&vec![b'x'; RECV_BUFFER]), DropReason::Oversized);
+    }
+
+    #[test]
+    fn garbage_is_dropped_without_panicking() {
+        let good = encoded(Datagram::Peer(message(2, 1)));
+        let mut cases: Vec<Vec<u8>> = vec![
+            vec![],
+            b"null".to_vec(),
+            b"{}".to_vec(),
+            b"{\"Peer\":{}}".to_vec(),
+            b"{\"Peer\":{\"from\":-1,\"to\":1,\"term\":1,\"body\":null}}".to_vec(),
+            vec![0xff; 100],
+            // A pickle's opening bytes: the original project's wire format, never ours.
+            vec![0x80, 0x04, 0x95, 0x00],
+        ];
+        // Every prefix of a valid datagram, and every single-byte corruption of it.
+        for n in 0..good.len() {
+            cases.push(good[..n].to_vec());
+            let mut flipped = good.clone();
+            flipped[n] ^= 0x55;
+            cases.push(flipped);
+        }
+        for bytes in cases {
+            // Corruptions inside a number may still decode; all that matters is no panic and
+            // that anything accepted passed the sender and recipient checks.
+            match classify(&bytes, src(), 1, &peers()) {
+                Ok(Inbound::Peer(m)) => assert!(peers().contains(&m.from) && m.to == 1),
+                Ok(Inbound::Client(..)) => {}
+                Err(d) => assert_ne!(d.reason, DropReason::Oversized),
+            }
+        }
+        assert_eq!(reason(b"not json"), DropReason::Malformed);
+    }
+
+    #[test]
+    fn rate_limiter_allows_one_per_interval_and_counts_the_rest() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut r = RateLimiter::new(Duration::from_secs(1));
+        assert_eq!(r.allow(t0), Some(0));
+        assert_eq!(r.allow(t0 + ms(1)), None);
+        assert_eq!(r.allow(t0 + ms(500)), None);
+        assert_eq!(r.allow(t0 + ms(999)), None);
+        assert_eq!(r.allow(t0 + ms(1000)), Some(3));
+        assert_eq!(r.allow(t0 + ms(1500)), None);
+        // A flush before the interval reports nothing; after it, the suppressed count.
+        assert_eq!(r.flush(t0 + ms(1999)), None);
+        assert_eq!(r.flush(t0 + ms(2000)), Some(1));
+        assert_eq!(r.flush(t0 + ms(5000)), None, "nothing left to report");
+        // The flush counted as a report: the next event is allowed only after the interval.
+        assert_eq!(r.allow(t0 + ms(2500)), None);
+        assert_eq!(r.allow(t0 + ms(3000)), Some(1));
+    }
+
+    #[test]
+    fn drop_log_limits_each_reason_separately() {
+        let t0 = Instant::now();
+        let mut log = DropLog::new(Duration::from_secs(1));
+        let garbage = dropped(DropReason::Malformed, "x".into());
+        let stranger = dropped(DropReason::UnknownSender, "y".into());
+        assert!(log.note(t0, src(), &garbage).is_some());
+        assert!(log.note(t0, src(), &stranger).is_some());
+        for _ in 0..1000 {
+            assert!(log.note(t0, src(), &garbage).is_none());
+        }
+        let line = log
+            .note(t0 + Duration::from_secs(1), src(), &garbage)
+            .unwrap();
+        assert!(line.contains("and 1000 more"), "{line}");
+        assert!(line.contains("malformed"), "{line}");
+        assert!(log.note(t0, src(), &stranger).is_none());
+        let lines = log.flush(t0 + Duration::from_secs(2));
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(
+            lines[0],
+            "dropped 1 more peer messages from unknown nodes since the last report"
+        );
+    }
+
+    fn config_for(port: u16, others: &[(NodeId, u16)]) -> PeerConfig {
+        let mut c = PeerConfig::parse(
+            r#"{"name":"peer1","node_ID":1,"host":"127.0.0.1","port":1,"other_peers":[]}"#,
+        )
+        .unwrap();
+        c.port = port;
+        c.other_peers = others
+            .iter()
+            .map(|&(node_id, port)| crate::config::PeerAddr {
+                node_id,
+                host: "127.0.0.1".into(),
+                port,
+            })
+            .collect();
+        c
+    }
+
+    fn free_socket() -> UdpSocket {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    }
+
+    #[test]
+    fn binding_a_port_in_use_says_so() {
+        let taken = free_socket();
+        let port = taken.local_addr().unwrap().port();
+        let err = bind(&config_for(port, &[])).unwrap_err();
+        assert_eq!(
+            err,
+            format!(
+                "peer1: cannot bind 127.0.0.1:{port}: address in use (is another peer running?)"
+            )
+        );
+    }
+
+    #[test]
+    fn peers_are_sent_to_their_configured_address_and_clients_to_their_source() {
+        let peer2 = free_socket();
+        let client = free_socket();
+        let p2 = peer2.local_addr().unwrap().port();
+        let (mut transport, _listener) = bind(&config_for(0, &[(2, p2)])).unwrap();
+        let mut buf = vec![0; RECV_BUFFER];
+
+        transport.send_peer(message(1, 2));
+        let (n, _) = peer2.recv_from(&mut buf).unwrap();
+        assert_eq!(
+            Datagram::decode(&buf[..n]),
+            Ok(Datagram::Peer(message(1, 2)))
+        );
+
+        // Unknown destinations and ourselves are refused without a panic.
+        transport.send_peer(message(1, 9));
+        transport.send_peer(message(1, 1));
+
+        let reply = ClientReply {
+            id: 5,
+            from: 1,
+            result: ClientResult::NotLeader { leader: Some(2) },
+        };
+        transport.send_reply(client.local_addr().unwrap(), reply.clone());
+        let (n, from) = client.recv_from(&mut buf).unwrap();
+        assert_eq!(Datagram::decode(&buf[..n]), Ok(Datagram::Reply(reply)));
+        assert_eq!(from, transport.local_addr().unwrap());
+    }
+
+    #[test]
+    fn a_reply_too_large_for_a_datagram_becomes_a_refusal() {
+        let client = free_socket();
+        let (mut transport, _listener) = bind(&config_for(0, &[])).unwrap();
+        let huge = ClientReply {
+            id: 8,
+            from: 1,
+            result: ClientResult::Refused {
+                reason: "x".repeat(MAX_DATAGRAM),
+            },
+        };
+        transport.send_reply(client.local_addr().unwrap(), huge);
+        let mut buf = vec![0; RECV_BUFFER];
+        let (n, _) = client.recv_from(&mut buf).unwrap();
+        match Datagram::decode(&buf[..n]) {
+            Ok(Datagram::Reply(ClientReply {
+                id: 8,
+                result: ClientResult::Refused { reason },
+                ..
+            })) => assert!(reason.contains("exceeds"), "{reason}"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn listener_delivers_only_accepted_datagrams_and_stops_on_request() {
+        let peer2 = free_socket();
+        let p2 = peer2.local_addr().unwrap().port();
+        let (transport, listener) = bind(&config_for(0, &[(2, p2)])).unwrap();
+        let me = transport.local_addr().unwrap();
+        let (tx, rx) = crossbeam_channel::bounded::<Inbound>(16);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || listener.run(tx, stop))
+        };
+        peer2.send_to(b"garbage", me).unwrap();
+        peer2
+            .send_to(&encoded(Datagram::Peer(message(3, 1))), me)
+            .unwrap(); // node 3 is not configured here
+        peer2
+            .send_to(&encoded(Datagram::Peer(message(2, 1))), me)
+            .unwrap();
+        let got = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(got, Inbound::Peer(message(2, 1)));
+        assert!(rx.try_recv().is_err());
+        stop.store(true, Ordering::Relaxed);
+        thread.join().unwrap();
+    }
+}

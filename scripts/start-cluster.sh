@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Starts a local cluster: one `peer` per config in peers/ (peer1.json, peer2.json, ...), in the
+# background, with logs and pid files in run/; then waits until the peers agree on one leader.
+# Stop it with scripts/stop-cluster.sh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+target="${CARGO_TARGET_DIR:-target}"
+peer="$target/release/peer"
+client="$target/release/client"
+wait_seconds=10
+
+shopt -s nullglob
+configs=(peers/peer*.json)
+if ((${#configs[@]} == 0)); then
+    echo "no configs in peers/ (expected peers/peer1.json, ...)" >&2
+    exit 1
+fi
+
+# True if process $1 is running (a zombie waiting to be reaped is not).
+alive() {
+    kill -0 "$1" 2>/dev/null || return 1
+    [[ $(ps -o stat= -p "$1" 2>/dev/null) != Z* ]]
+}
+
+mkdir -p run
+running=()
+for config in "${configs[@]}"; do
+    name=$(basename "$config" .json)
+    pidfile="run/$name.pid"
+    if [[ -f $pidfile ]]; then
+        pid=$(<"$pidfile")
+        if [[ $pid =~ ^[0-9]+$ ]] && alive "$pid"; then
+            running+=("$name (pid $pid)")
+        else
+            rm -f "$pidfile" # left over from a peer that is gone
+        fi
+    fi
+done
+if ((${#running[@]})); then
+    echo "the cluster is already running: ${running[*]}"
+    echo "stop it first with scripts/stop-cluster.sh"
+    exit 1
+fi
+
+cargo build --release --bins
+
+for config in "${configs[@]}"; do
+    name=$(basename "$config" .json)
+    log="run/$name.log"
+    printf '\n=== %s: %s -p %s ===\n' "$(date '+%F %T')" "$peer" "$config" >>"$log"
+    # A session of its own, when setsid exists, so a Ctrl-C in this terminal does not reach it.
+    if command -v setsid >/dev/null; then
+        setsid "$peer" -p "$config" </dev/null >>"$log" 2>&1 &
+    else
+        nohup "$peer" -p "$config" </dev/null >>"$log" 2>&1 &
+    fi
+    echo $! >"run/$name.pid"
+    echo "started $name (pid $!) from $config"
+done
+echo "logs and pid files are in $(pwd)/run/"
+
+if [[ ! -x $client ]]; then
+    echo "no $client to ask for the leader; not waiting for an election"
+    exit 0
+fi
+
+# Prints "peerN (node N, ADDRESS, term T)" if exactly one peer that answered says it leads.
+find_leader() {
+    python3 -c '
+import json, sys
+names = {}
+for path in sys.argv[1:]:
+    try:
+        with open(path) as f:
+            c = json.load(f)
+        names[c["node_ID"]] = c["name"]
+    except (OSError, ValueError, KeyError):
+        pass
+leaders = []
+for line in sys.stdin:
+    try:
+        s = json.loads(line)
+    except ValueError:
+        continue
+    if isinstance(s, dict) and s.get("answered") and s.get("role") == "leader":
+        leaders.append(s)
+if len(leaders) != 1:
+    sys.exit(1)
+s = leaders[0]
+print("%s (node %s, %s, term %s)" % (names.get(s.get("id"), "peer"), s.get("id"), s.get("address"), s.get("term")))
+' "${configs[@]}"
+}
+
+echo "waiting up to ${wait_seconds} s for a leader..."
+deadline=$((SECONDS + wait_seconds))
+while :; do
+    for config in "${configs[@]}"; do
+        name=$(basename "$config" .json)
+        pid=$(<"run/$name.pid")
+        if ! alive "$pid"; then
+            echo "$name exited during startup; the end of run/$name.log:" >&2
+            tail -n 20 "run/$name.log" >&2
+            scripts/stop-cluster.sh >&2 || true
+            exit 1
+        fi
+    done
+    status=$("$client" -p "${configs[0]}" --timeout-ms 1000 status 2>&1 || true)
+    if leader=$(find_leader <<<"$status"); then
+        echo "leader: $leader"
+        break
+    fi
+    if ((SECONDS >= deadline)); then
+        echo "no single leader after ${wait_seconds} s; the last status was:" >&2
+        echo "$status" >&2
+        echo "the peers are still running; see their logs in run/, stop them with scripts/stop-cluster.sh" >&2
+        exit 1
+    fi
+    sleep 0.3
+done
+
+cat <<HINT
+
+Try:
+  $client -p ${configs[0]}               # the interactive menu
+  $client -p ${configs[0]} append hello  # append an entry
+  $client -p ${configs[0]} query         # print the committed log
+  $client -p ${configs[0]} status        # every peer's role, term and leader
+Stop with scripts/stop-cluster.sh (add --wipe to delete data/ as well).
+HINT
