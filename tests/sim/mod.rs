@@ -174,6 +174,8 @@ pub struct Sim {
     event_seq: u64,
     /// Directed links that drop everything.
     cut: BTreeSet<(NodeId, NodeId)>,
+    /// Nodes cut off by `disconnect`.
+    disconnected: BTreeSet<NodeId>,
     /// Nodes frozen in time (like SIGSTOP): no ticks, and what arrives meanwhile is lost.
     paused: BTreeSet<NodeId>,
     pub clients: Vec<SimClient>,
@@ -204,6 +206,7 @@ impl Sim {
             event_seq: 0,
             cut: BTreeSet::new(),
             paused: BTreeSet::new(),
+            disconnected: BTreeSet::new(),
             clients: Vec::new(),
             sent: 0,
             sent_by_link: BTreeMap::new(),
@@ -295,11 +298,25 @@ impl Sim {
         let others: Vec<NodeId> = self.ids.iter().copied().filter(|&p| p != id).collect();
         self.partition(&[id], &others);
     }
+    /// Cuts `id` off from everyone (MIT lab's "disconnect").
+    pub fn disconnect(&mut self, id: NodeId) {
+        self.disconnected.insert(id);
+        self.isolate(id);
+    }
+    /// Restores every link of `id` whose other end is not itself disconnected.
+    pub fn connect(&mut self, id: NodeId) {
+        self.disconnected.remove(&id);
+        self.cut.retain(|&(a, b)| a != id && b != id);
+        for other in self.disconnected.clone() {
+            self.isolate(other);
+        }
+    }
     pub fn cut_one_way(&mut self, from: NodeId, to: NodeId) {
         self.cut.insert((from, to));
     }
     pub fn heal(&mut self) {
         self.cut.clear();
+        self.disconnected.clear();
     }
     pub fn pause(&mut self, id: NodeId) {
         self.paused.insert(id);
@@ -391,7 +408,10 @@ impl Sim {
                 id
             }
             Event::Reply(to, reply) => {
-                self.client_reply(to.port() as usize - 40000, reply);
+                // Port 1 is where fire-and-forget proposals send their (ignored) answers.
+                if let Some(c) = (to.port() as usize).checked_sub(40000) {
+                    self.client_reply(c, reply);
+                }
                 return true;
             }
             Event::ClientTimer(c, request_id) => {
@@ -512,6 +532,15 @@ impl Sim {
         self.committed.values().map(|(e, _)| e.clone()).collect()
     }
 
+    /// How many live nodes have committed `index`, and the entry's data if any agree.
+    pub fn n_committed(&self, index: Index) -> usize {
+        self.nodes
+            .values()
+            .flatten()
+            .filter(|n| n.commit_index() >= index)
+            .count()
+    }
+
     pub fn max_commit(&self) -> Index {
         self.committed.keys().next_back().copied().unwrap_or(0)
     }
@@ -616,6 +645,28 @@ impl Sim {
 
     fn client_addr(c: usize) -> ReplyTo {
         SocketAddr::from(([127, 0, 0, 1], 40000 + c as u16))
+    }
+
+    /// The lab's `Start()` without a client behind it: hands `data` to node `id` directly, once,
+    /// and returns the index it would take if `id` is leader (its last index either way).
+    pub fn propose_once(&mut self, id: NodeId, data: &str) -> Index {
+        let client = self.rng.next_u64();
+        let Some(node) = self.nodes.get_mut(&id).unwrap().as_mut() else {
+            return 0;
+        };
+        let req = ClientRequest {
+            id: 0,
+            op: ClientOp::Append {
+                client,
+                seq: 1,
+                data: data.to_string(),
+            },
+        };
+        node.request(SocketAddr::from(([127, 0, 0, 1], 1)), req);
+        let index = node.log().last_index();
+        self.process_ready(id);
+        self.check(id);
+        index
     }
 
     pub fn client_busy(&self, c: usize) -> bool {
