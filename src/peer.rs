@@ -105,6 +105,7 @@ pub fn seed(node_id: NodeId) -> u64 {
 pub fn run(config: PeerConfig, shutdown: Receiver<()>) -> Result<(), String> {
     let timing = Timing::from_ms(config.heartbeat_ms, config.election_timeout_ms);
     let (transport, listener) = transport::bind(&config)?;
+    let started = std::time::Instant::now();
     let (storage, hard_state, entries) =
         Storage::open(&config.data_dir, config.node_id).map_err(|e| {
             format!(
@@ -134,6 +135,11 @@ pub fn run(config: PeerConfig, shutdown: Receiver<()>) -> Result<(), String> {
         core_config(&config, &timing, seed(config.node_id)),
         hard_state,
         entries,
+    );
+    log::info!(
+        "{}: log replayed and state machine rebuilt in {} ms",
+        config.name,
+        started.elapsed().as_millis()
     );
 
     let stop = Arc::new(AtomicBool::new(false));
