@@ -513,9 +513,11 @@ pub fn append_worker(
     out
 }
 
-/// Runs `workers` append workers on threads until `stop` is set; returns what they saw, merged.
+/// Starts `workers` append workers on threads, appending `{prefix}-c{w}-{n}`, until `stop` is
+/// set or each has done `limit`; [`join_workers`] collects what they saw.
 pub fn spawn_workers(
     cluster: &Cluster,
+    prefix: &str,
     workers: usize,
     timeout: Duration,
     tries: usize,
@@ -526,9 +528,10 @@ pub fn spawn_workers(
         .map(|w| {
             let client = cluster.lib_client(timeout);
             let stop = Arc::clone(stop);
+            let prefix = format!("{prefix}-c{w}");
             std::thread::Builder::new()
                 .name(format!("client{w}"))
-                .spawn(move || append_worker(client, &format!("c{w}"), tries, limit, &stop))
+                .spawn(move || append_worker(client, &prefix, tries, limit, &stop))
                 .unwrap()
         })
         .collect()
