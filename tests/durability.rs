@@ -100,16 +100,34 @@ fn kill_9_of_random_peers_never_loses_an_acknowledged_append() {
     let mut cluster = Cluster::start("durability-kill9", 3);
     cluster.wait_for_leader(ELECTION_WITHIN);
 
+    // Two patient clients (a few seconds, retried: nearly always acknowledged) and one
+    // impatient one (a quarter second, never retried: its appends around a failover end
+    // unknown, and it moves on to new data with a new seq).
     let stop = Arc::new(AtomicBool::new(false));
-    let workers = spawn_workers(&cluster, "s", 3, CLIENT_TIMEOUT, 3, usize::MAX, &stop);
+    let mut workers = spawn_workers(&cluster, "patient", 2, CLIENT_TIMEOUT, 3, usize::MAX, &stop);
+    workers.extend(spawn_workers(
+        &cluster,
+        "impatient",
+        1,
+        Duration::from_millis(250),
+        1,
+        usize::MAX,
+        &stop,
+    ));
     let mut status_client = cluster.lib_client(Duration::from_millis(300));
     let mut schedule = Vec::new();
     for round in 0..8 {
         std::thread::sleep(rng.millis(300, 1000));
         cluster.check_alive();
+        // The leader half of the time; otherwise one of the others.
         let leader = common::leaders_of(&status_client.status());
         let victim = match leader[..] {
             [(id, _)] if rng.coin() => id,
+            [(id, _)] => [1, 2, 3]
+                .into_iter()
+                .filter(|&p| p != id)
+                .nth(rng.below(2) as usize)
+                .unwrap(),
             _ => 1 + rng.below(3),
         };
         let was_leader = leader.iter().any(|&(id, _)| id == victim);

@@ -361,7 +361,14 @@ pub fn run_peer_expecting_exit(
     let status = wait_with_deadline(&mut child, within);
     let text = std::fs::read_to_string(&out_path).unwrap_or_default();
     match status {
-        Some(status) => (status.code(), text),
+        Some(status) => {
+            eprintln!(
+                "peer -p {} exited with {status}: {}",
+                config.file_name().unwrap().to_string_lossy(),
+                text.lines().last().unwrap_or("(no output)")
+            );
+            (status.code(), text)
+        }
         None => {
             let _ = child.kill();
             let _ = child.wait();
