@@ -1,0 +1,627 @@
+//! Shared helpers for the tests on real processes: temp dirs that are kept on failure, configs
+//! on free loopback ports, a cluster of `peer` processes that is killed when dropped, leader
+//! waiting, a seeded generator for fault schedules, append workers and the log checker.
+//!
+//! Each test file uses only part of this, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+use raft::client::{Client, ClientError, PeerStatus};
+use raft::config::PeerConfig;
+use raft::raft::{LogRecord, NodeId, Role, Term};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub const PEER: &str = env!("CARGO_BIN_EXE_peer");
+pub const CLIENT: &str = env!("CARGO_BIN_EXE_client");
+
+/// Runs the tests of one file one at a time: each starts several processes, and on a shared
+/// 2-core machine overlapping clusters only add election noise. Poisoning is ignored so that one
+/// failed test does not fail the rest.
+pub fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A fresh directory, removed when the test passes and kept (and printed) when it fails.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let path = std::env::temp_dir().join(format!("raft-{name}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test failed; its files are kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Ports that were free a moment ago: bound together, so distinct, then released.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let sockets: Vec<UdpSocket> = (0..n)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    sockets
+        .iter()
+        .map(|s| s.local_addr().unwrap().port())
+        .collect()
+}
+
+/// The config of peer `id` (of IDs 1..=ports.len()) as JSON, its data in `dir/data-peer{id}`.
+pub fn config_json(dir: &Path, ports: &[u16], id: u64) -> Value {
+    let others: Vec<Value> = ports
+        .iter()
+        .enumerate()
+        .filter(|&(j, _)| j as u64 + 1 != id)
+        .map(|(j, &p)| serde_json::json!({"node_ID": j + 1, "host": "127.0.0.1", "port": p}))
+        .collect();
+    serde_json::json!({
+        "name": format!("peer{id}"),
+        "node_ID": id,
+        "host": "127.0.0.1",
+        "port": ports[id as usize - 1],
+        "other_peers": others,
+        "data_dir": dir.join(format!("data-peer{id}")),
+        "election_timeout_ms": [150, 300],
+        "heartbeat_ms": 50,
+    })
+}
+
+pub fn write_json(path: &Path, value: &Value) {
+    std::fs::write(path, serde_json::to_string_pretty(value).unwrap()).unwrap();
+}
+
+/// Writes one config per peer (IDs 1..=n) into `dir`; returns their paths by ID.
+pub fn write_configs(dir: &Path, n: usize) -> BTreeMap<u64, PathBuf> {
+    let ports = free_ports(n);
+    let mut configs = BTreeMap::new();
+    for id in 1..=n as u64 {
+        let path = dir.join(format!("peer{id}.json"));
+        write_json(&path, &config_json(dir, &ports, id));
+        configs.insert(id, path);
+    }
+    configs
+}
+
+/// A running cluster; dropping it kills every peer process it started.
+pub struct Cluster {
+    pub peers: BTreeMap<u64, Child>,
+    pub configs: BTreeMap<u64, PathBuf>,
+    pub dir: TempDir,
+}
+
+impl Cluster {
+    pub fn start(name: &str, n: usize) -> Cluster {
+        let dir = TempDir::new(name);
+        let configs = write_configs(&dir.0, n);
+        let mut cluster = Cluster {
+            peers: BTreeMap::new(),
+            configs,
+            dir,
+        };
+        for id in 1..=n as u64 {
+            cluster.start_peer(id);
+        }
+        cluster
+    }
+
+    /// Starts peer `id` on its config; its output is appended to its log file, so that the
+    /// log of a restarted peer still shows what came before.
+    pub fn start_peer(&mut self, id: u64) {
+        assert!(
+            !self.peers.contains_key(&id),
+            "peer {id} is already running"
+        );
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(id))
+            .unwrap();
+        let child = Command::new(PEER)
+            .arg("-p")
+            .arg(&self.configs[&id])
+            .current_dir(&self.dir.0)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {PEER}: {e}"));
+        self.peers.insert(id, child);
+    }
+
+    /// SIGKILL: the process gets no chance to flush or clean up anything.
+    pub fn kill_peer(&mut self, id: u64) {
+        let mut child = self.peers.remove(&id).expect("peer is running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGKILLs every running peer before waiting for any, so they die together.
+    pub fn kill_all(&mut self) {
+        for child in self.peers.values_mut() {
+            child.kill().unwrap();
+        }
+        for (_, mut child) in std::mem::take(&mut self.peers) {
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit (status 0).
+    pub fn stop_peer(&mut self, id: u64) {
+        let mut child = self.peers.remove(&id).expect("peer is running");
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM {} failed", child.id());
+        let status = wait_with_deadline(&mut child, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("peer {id} did not exit within 5 s of SIGTERM"));
+        assert!(
+            status.success(),
+            "peer {id} exited with {status} after SIGTERM; its log ends:\n{}",
+            tail(&self.log_path(id))
+        );
+    }
+
+    pub fn log_path(&self, id: u64) -> PathBuf {
+        self.dir.0.join(format!("peer{id}.stderr"))
+    }
+
+    pub fn log_text(&self, id: u64) -> String {
+        std::fs::read_to_string(self.log_path(id)).unwrap_or_default()
+    }
+
+    /// The data dir the config of peer `id` names.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        PeerConfig::load(&self.configs[&id]).unwrap().data_dir
+    }
+
+    /// Every peer's client address by ID, from the first config.
+    pub fn addresses(&self) -> BTreeMap<NodeId, SocketAddr> {
+        PeerConfig::load(&self.configs[&1])
+            .unwrap()
+            .addresses()
+            .unwrap()
+    }
+
+    /// A client library handle on this cluster with the given per-operation deadline.
+    pub fn lib_client(&self, timeout: Duration) -> Client {
+        Client::new(self.addresses(), timeout).unwrap()
+    }
+
+    /// Panics if a peer we did not kill has exited.
+    pub fn check_alive(&mut self) {
+        for (id, child) in &mut self.peers {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "peer {id} exited with {status}; its stderr ends:\n{}",
+                    tail(&self.dir.0.join(format!("peer{id}.stderr")))
+                );
+            }
+        }
+    }
+
+    /// Runs the client binary with the first config.
+    pub fn client(&self, args: &[&str]) -> Output {
+        Command::new(CLIENT)
+            .arg("-p")
+            .arg(&self.configs[&1])
+            .args(args)
+            .current_dir(&self.dir.0)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// The peers that say they are leader, as (id, term), from one `client status`.
+    pub fn leaders(&self) -> (Vec<(u64, u64)>, String) {
+        let out = self.client(&["--timeout-ms", "500", "status"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let leaders = json_lines(&out.stdout)
+            .iter()
+            .filter(|l| l["answered"] == true && l["role"] == "leader")
+            .map(|l| (l["id"].as_u64().unwrap(), l["term"].as_u64().unwrap()))
+            .collect();
+        (leaders, text)
+    }
+
+    /// Polls `client status` until exactly one peer says it is leader.
+    pub fn wait_for_one_leader(&mut self, within: Duration) -> u64 {
+        let deadline = Instant::now() + within;
+        loop {
+            self.check_alive();
+            let (leaders, text) = self.leaders();
+            if let [(id, _)] = leaders[..] {
+                return id;
+            }
+            if Instant::now() >= deadline {
+                panic!("no single leader within {within:?}; last status:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls library `status` until exactly one peer says it is leader; returns (id, term).
+    pub fn wait_for_leader(&mut self, within: Duration) -> (NodeId, Term) {
+        let mut client = self.lib_client(Duration::from_millis(300));
+        let deadline = Instant::now() + within;
+        loop {
+            self.check_alive();
+            let status = client.status();
+            if let [(id, term)] = leaders_of(&status)[..] {
+                return (id, term);
+            }
+            if Instant::now() >= deadline {
+                panic!("no single leader within {within:?}; last status:\n{status:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls until every peer answers `status` with the same last and commit index (and all
+    /// have applied it), and one of them is leader; returns that common last index.
+    pub fn wait_until_converged(&mut self, within: Duration) -> u64 {
+        let mut client = self.lib_client(Duration::from_millis(300));
+        let deadline = Instant::now() + within;
+        loop {
+            self.check_alive();
+            let status = client.status();
+            let infos: Vec<_> = status.iter().filter_map(|s| s.info.as_ref()).collect();
+            if infos.len() == status.len() && leaders_of(&status).len() == 1 {
+                let last = infos[0].last_index;
+                if infos.iter().all(|i| {
+                    i.last_index == last && i.commit_index == last && i.applied_index == last
+                }) {
+                    return last;
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!("peers did not converge within {within:?}; last status:\n{status:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in self.peers.values_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The peers that answered as leader, as (id, term).
+pub fn leaders_of(status: &[PeerStatus]) -> Vec<(NodeId, Term)> {
+    status
+        .iter()
+        .filter_map(|s| s.info.as_ref())
+        .filter(|i| i.role == Role::Leader)
+        .map(|i| (i.id, i.term))
+        .collect()
+}
+
+/// Waits for `child` to exit; None if it is still running at the deadline.
+pub fn wait_with_deadline(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `peer -p config` and expects it to exit on its own within `within`; returns its exit
+/// code and everything it wrote to stderr and stdout. Kills it and panics if it keeps running.
+pub fn run_peer_expecting_exit(
+    dir: &Path,
+    config: &Path,
+    within: Duration,
+) -> (Option<i32>, String) {
+    let out_path = dir.join(format!(
+        "{}.expect-exit.out",
+        config.file_name().unwrap().to_string_lossy()
+    ));
+    let out = File::create(&out_path).unwrap();
+    let mut child = Command::new(PEER)
+        .arg("-p")
+        .arg(config)
+        .current_dir(dir)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let status = wait_with_deadline(&mut child, within);
+    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+    match status {
+        Some(status) => {
+            eprintln!(
+                "peer -p {} exited with {status}: {}",
+                config.file_name().unwrap().to_string_lossy(),
+                text.lines().last().unwrap_or("(no output)")
+            );
+            (status.code(), text)
+        }
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "peer -p {} was expected to exit, but still ran after {within:?}; output:\n{text}",
+                config.display()
+            );
+        }
+    }
+}
+
+/// The last lines of a file, for failure messages.
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+pub fn json_lines(stdout: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
+pub fn describe(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A small seeded generator (SplitMix64) for fault schedules: the same seed gives the same
+/// choices, though not the same timing of the processes around them.
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from `E2E_SEED` if set, else from the clock; prints the seed either way.
+    pub fn from_env(test: &str) -> Rng {
+        let seed = match std::env::var("E2E_SEED") {
+            Ok(s) => s
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("E2E_SEED={s:?} is not a u64")),
+            Err(_) => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64,
+        };
+        eprintln!("{test}: seed {seed} (rerun with E2E_SEED={seed})");
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in 0..n.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    pub fn coin(&mut self) -> bool {
+        self.next_u64() & 1 == 1
+    }
+
+    /// Uniform in lo..=hi milliseconds.
+    pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi - lo + 1))
+    }
+}
+
+/// What one append worker saw.
+#[derive(Debug, Default)]
+pub struct Appends {
+    /// Data → the index its append was acknowledged at.
+    pub acked: BTreeMap<String, u64>,
+    /// Data whose last attempt timed out: in the log at most once.
+    pub unknown: BTreeSet<String>,
+    /// Every data string sent.
+    pub sent: BTreeSet<String>,
+    /// Attempts that timed out (each followed by a retry of the same data, or given up).
+    pub timeouts: usize,
+    /// Appends acknowledged after at least one timed-out attempt of the same data.
+    pub acked_after_retry: usize,
+}
+
+impl Appends {
+    pub fn merge(&mut self, other: Appends) {
+        for (data, index) in other.acked {
+            assert!(
+                self.acked.insert(data.clone(), index).is_none(),
+                "{data:?} acknowledged twice"
+            );
+        }
+        self.unknown.extend(other.unknown);
+        self.sent.extend(other.sent);
+        self.timeouts += other.timeouts;
+        self.acked_after_retry += other.acked_after_retry;
+    }
+}
+
+/// Appends `{prefix}-0`, `{prefix}-1`, ... one at a time until `stop` is set (or `limit` are
+/// done). A timed-out append is retried with the same data, so with the same `(client, seq)`,
+/// up to `tries` attempts in all; after that its outcome stays unknown and the next data is
+/// taken. A refusal or a local error is a test failure.
+pub fn append_worker(
+    mut client: Client,
+    prefix: &str,
+    tries: usize,
+    limit: usize,
+    stop: &AtomicBool,
+) -> Appends {
+    let mut out = Appends::default();
+    for n in 0..limit {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let data = format!("{prefix}-{n}");
+        out.sent.insert(data.clone());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match client.append(&data) {
+                Ok(a) => {
+                    out.acked.insert(data.clone(), a.index);
+                    if attempt > 1 {
+                        out.acked_after_retry += 1;
+                    }
+                    break;
+                }
+                Err(ClientError::Timeout(_)) => {
+                    out.timeouts += 1;
+                    if attempt >= tries || stop.load(Ordering::Relaxed) {
+                        out.unknown.insert(data.clone());
+                        break;
+                    }
+                }
+                Err(e) => panic!("append {data:?} (attempt {attempt}) failed: {e:?}"),
+            }
+        }
+    }
+    out
+}
+
+/// Starts `workers` append workers on threads, appending `{prefix}-c{w}-{n}`, until `stop` is
+/// set or each has done `limit`; [`join_workers`] collects what they saw.
+pub fn spawn_workers(
+    cluster: &Cluster,
+    prefix: &str,
+    workers: usize,
+    timeout: Duration,
+    tries: usize,
+    limit: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Appends>> {
+    (0..workers)
+        .map(|w| {
+            let client = cluster.lib_client(timeout);
+            let stop = Arc::clone(stop);
+            let prefix = format!("{prefix}-c{w}");
+            std::thread::Builder::new()
+                .name(format!("client{w}"))
+                .spawn(move || append_worker(client, &prefix, tries, limit, &stop))
+                .unwrap()
+        })
+        .collect()
+}
+
+pub fn join_workers(handles: Vec<std::thread::JoinHandle<Appends>>) -> Appends {
+    let mut all = Appends::default();
+    for h in handles {
+        all.merge(h.join().expect("an append worker panicked"));
+    }
+    all
+}
+
+/// Reads the whole committed log through the library, retrying a timed-out query until
+/// `within` has passed.
+pub fn query_log(cluster: &Cluster, within: Duration) -> Vec<LogRecord> {
+    let mut client = cluster.lib_client(Duration::from_secs(5));
+    let deadline = Instant::now() + within;
+    loop {
+        match client.query() {
+            Ok(records) => return records,
+            Err(ClientError::Timeout(e)) if Instant::now() < deadline => {
+                eprintln!("query timed out ({e}); retrying");
+            }
+            Err(e) => panic!("query failed: {e:?}"),
+        }
+    }
+}
+
+/// Checks the committed log against what the clients saw:
+/// - indices run 1..=n without gaps;
+/// - every entry has data, or is a `noop` or a `duplicate` (a retried append applied once);
+/// - no data appears twice, and nothing appears that no client sent;
+/// - every acknowledged append is at the index it was acknowledged at.
+///
+/// Returns the number of `duplicate` entries.
+pub fn check_log(records: &[LogRecord], appends: &Appends) -> usize {
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(
+            r.index,
+            i as u64 + 1,
+            "indices run 1..n without gaps, but entry {} is at position {}",
+            r.index,
+            i + 1
+        );
+    }
+    let mut seen: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut duplicates = 0;
+    for r in records {
+        match (&r.data, r.kind.as_deref()) {
+            (Some(data), None) => {
+                assert!(
+                    appends.sent.contains(data.as_str()),
+                    "entry {} holds {data:?}, which no client sent",
+                    r.index
+                );
+                if let Some(first) = seen.insert(data, r.index) {
+                    panic!(
+                        "{data:?} was applied twice: at entries {first} and {}",
+                        r.index
+                    );
+                }
+            }
+            (None, Some("noop")) => {}
+            (None, Some("duplicate")) => duplicates += 1,
+            _ => panic!(
+                "entry {} is neither data nor a noop or duplicate: {r:?}",
+                r.index
+            ),
+        }
+    }
+    for (data, &index) in &appends.acked {
+        let at = records.get(index as usize - 1).unwrap_or_else(|| {
+            panic!(
+                "{data:?} was acknowledged at index {index}, but the log ends at {}",
+                records.len()
+            )
+        });
+        assert_eq!(
+            at.data.as_deref(),
+            Some(data.as_str()),
+            "{data:?} was acknowledged at index {index}, which holds {at:?}"
+        );
+    }
+    duplicates
+}
