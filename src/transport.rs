@@ -249,6 +249,7 @@ pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
     socket
         .set_read_timeout(Some(READ_TIMEOUT))
         .map_err(|e| format!("{}: cannot set a read timeout on {local}: {e}", config.name))?;
+    enlarge_buffers(&socket);
     let socket = Arc::new(socket);
     let transport = Transport {
         socket: Arc::clone(&socket),
@@ -267,6 +268,22 @@ pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
         recv_failed: Throttled::new(),
     };
     Ok((transport, listener))
+}
+
+/// Socket buffer size asked for; the kernel caps it (net.core.rmem_max / wmem_max).
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Asks for large socket buffers: with hundreds of requests in flight, the default (~200 KiB)
+/// overflows and drops datagrams, which then cost a retry timeout. Best effort: a smaller
+/// buffer only costs speed.
+pub fn enlarge_buffers(socket: &UdpSocket) {
+    let s = socket2::SockRef::from(socket);
+    if let Err(e) = s.set_recv_buffer_size(SOCKET_BUFFER) {
+        log::debug!("cannot enlarge the receive buffer: {e}");
+    }
+    if let Err(e) = s.set_send_buffer_size(SOCKET_BUFFER) {
+        log::debug!("cannot enlarge the send buffer: {e}");
+    }
 }
 
 fn bind_error(name: &str, addr: SocketAddr, e: &io::Error) -> String {

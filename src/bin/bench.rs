@@ -96,6 +96,7 @@ fn main() {
 
 fn run(args: &Args, peers: &BTreeMap<NodeId, SocketAddr>) -> Result<(), String> {
     let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    raft::transport::enlarge_buffers(&socket);
     socket
         .set_read_timeout(Some(Duration::from_millis(5)))
         .map_err(|e| format!("socket: {e}"))?;
