@@ -14,6 +14,7 @@
 //! it at most once; appending different data takes a fresh `seq`, so it can never be mistaken
 //! for the earlier one.
 
+use crate::raft::rng::splitmix64;
 use crate::raft::{
     check_entry_data, ClientId, ClientOp, ClientReply, ClientRequest, ClientResult, Datagram,
     Index, LogRecord, NodeId, StatusInfo, Term, MAX_DATAGRAM,
@@ -522,14 +523,6 @@ fn random_u64() -> u64 {
     let count = COUNTER.fetch_add(1, Ordering::Relaxed);
     let pid = u64::from(std::process::id());
     splitmix64(nanos ^ pid.rotate_left(32) ^ splitmix64(count))
-}
-
-/// Sebastiano Vigna's splitmix64 finalizer: every input bit affects every output bit.
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod log;
 pub mod message;
 pub mod node;
 pub mod progress;
+pub mod rng;
 
 pub use message::*;
 pub use node::{Config, HardState, Node, Ready};

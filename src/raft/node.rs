@@ -5,6 +5,7 @@
 use super::log::RaftLog;
 use super::message::*;
 use super::progress::{Progress, ProgressState};
+use super::rng::Rng;
 use crate::state_machine::{Applied, StateMachine};
 use log::{debug, info, warn};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -89,7 +90,7 @@ pub struct Node {
     leader: Option<NodeId>,
     log: RaftLog,
     sm: StateMachine,
-    rng: u64,
+    rng: Rng,
     election_elapsed: u64,
     election_timeout: u64,
     heartbeat_elapsed: u64,
@@ -127,7 +128,7 @@ impl Node {
         assert!(!cfg.peers.contains(&cfg.id), "peers must not include self");
         let log = RaftLog::restore(entries, hard_state.commit);
         let mut node = Node {
-            rng: cfg.seed ^ cfg.id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            rng: Rng::new(cfg.seed ^ cfg.id.rotate_left(32)),
             cfg,
             term: hard_state.term,
             vote: hard_state.vote,
@@ -250,19 +251,10 @@ impl Node {
         }
     }
 
-    fn next_random(&mut self) -> u64 {
-        // splitmix64: a tiny seeded generator, so runs with the same seed are identical.
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
     fn reset_election_timer(&mut self) {
         let (min, max) = self.cfg.election_ticks;
         self.election_elapsed = 0;
-        self.election_timeout = min + self.next_random() % (max - min + 1);
+        self.election_timeout = self.rng.range(min, max);
     }
 
     // ---- role changes ------------------------------------------------------------------------

@@ -16,32 +16,7 @@ use std::net::SocketAddr;
 pub type Time = u64;
 pub const MS: Time = 1_000;
 
-/// A small seeded generator (splitmix64), so a seed fixes the whole run.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `[lo, hi]`.
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next_u64() % (hi - lo + 1)
-    }
-    pub fn chance(&mut self, p: f64) -> bool {
-        p > 0.0 && (self.next_u64() as f64 / u64::MAX as f64) < p
-    }
-    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.next_u64() as usize % items.len()]
-    }
-}
+pub use raft::raft::rng::Rng;
 
 /// Knobs of the simulated world.
 #[derive(Clone, Debug)]
