@@ -274,7 +274,7 @@ pub fn check(ops: &[Op], observed: &Observed, final_log: &[LogRecord]) -> Verdic
                     });
                 }
             }
-            Outcome::Read { len, alt } => {
+            Outcome::Read { len, alt, .. } => {
                 match first_difference(*len, alt, observed, &bad_first_variants, final_log) {
                     Some(message) => {
                         report(
@@ -496,7 +496,8 @@ mod tests {
         }
 
         fn query(&mut self, invoke: u64, ret: u64, values: &[&str]) -> &mut Self {
-            let outcome = self.observed.intern(&log(values)).unwrap();
+            let (len, alt) = self.observed.intern(&log(values)).unwrap();
+            let outcome = Outcome::Read { len, alt, peer: 1 };
             self.push(Call::Query, invoke, ret, outcome)
         }
 

@@ -41,8 +41,13 @@ pub enum Outcome {
         peer: NodeId,
     },
     /// The query returned records `1..=len`: for each index the first [`Observed`] variant,
-    /// except at the indexes listed in `alt`, as `(index, variant)`.
-    Read { len: Index, alt: Vec<(Index, u32)> },
+    /// except at the indexes listed in `alt`, as `(index, variant)`. `peer` answered the
+    /// last page.
+    Read {
+        len: Index,
+        alt: Vec<(Index, u32)>,
+        peer: NodeId,
+    },
     /// A definite refusal: the operation certainly did not take effect.
     Failed { error: String },
     /// No definite answer (timeout, I/O): the operation may or may not have taken effect, at
@@ -87,8 +92,10 @@ impl Op {
             Outcome::Appended { index, term, peer } => {
                 format!("ok index={index} term={term} peer={peer}")
             }
-            Outcome::Read { len, alt } if alt.is_empty() => format!("ok len={len}"),
-            Outcome::Read { len, alt } => format!("ok len={len} alt={alt:?}"),
+            Outcome::Read { len, alt, peer } if alt.is_empty() => {
+                format!("ok len={len} peer={peer}")
+            }
+            Outcome::Read { len, alt, peer } => format!("ok len={len} alt={alt:?} peer={peer}"),
             Outcome::Failed { error } => format!("failed ({error})"),
             Outcome::Unknown { error } => format!("unknown ({error})"),
         };
@@ -127,8 +134,9 @@ pub struct Observed {
 
 impl Observed {
     /// Records a query's result, which must list indexes `1..=len` in order, and returns its
-    /// compact form. Errors if the indexes are not `1, 2, 3, ...`.
-    pub fn intern(&mut self, records: &[LogRecord]) -> Result<Outcome, String> {
+    /// compact form `(len, alt)` (see [`Outcome::Read`]). Errors if the indexes are not
+    /// `1, 2, 3, ...`.
+    pub fn intern(&mut self, records: &[LogRecord]) -> Result<(Index, Vec<(Index, u32)>), String> {
         let mut alt = Vec::new();
         for (i, r) in records.iter().enumerate() {
             let index = i as Index + 1;
@@ -153,10 +161,7 @@ impl Observed {
                 alt.push((index, variant as u32));
             }
         }
-        Ok(Outcome::Read {
-            len: records.len() as Index,
-            alt,
-        })
+        Ok((records.len() as Index, alt))
     }
 
     /// The record a query saw at `index` as variant `variant`.
@@ -262,10 +267,11 @@ fn op_line(op: &Op) -> Line {
             l.outcome = Some("ok".into());
             (l.index, l.term, l.peer) = (Some(*index), Some(*term), Some(*peer));
         }
-        Outcome::Read { len, alt } => {
+        Outcome::Read { len, alt, peer } => {
             l.outcome = Some("ok".into());
             l.len = Some(*len);
             l.alt = Some(alt.clone());
+            l.peer = Some(*peer);
         }
         Outcome::Failed { error } => {
             l.outcome = Some("failed".into());
@@ -297,6 +303,7 @@ fn parse_op(l: Line) -> Result<Op, String> {
         (Some("ok"), Call::Query) => Outcome::Read {
             len: l.len.ok_or_else(|| need("len"))?,
             alt: l.alt.unwrap_or_default(),
+            peer: l.peer.unwrap_or(0),
         },
         (Some("failed"), _) => Outcome::Failed {
             error: l.error.unwrap_or_default(),
@@ -456,23 +463,9 @@ mod tests {
     fn interning_keeps_one_copy_and_marks_disagreements() {
         let mut obs = Observed::default();
         let a = obs.intern(&[rec(1, "a"), rec(2, "b")]).unwrap();
-        assert_eq!(
-            a,
-            Outcome::Read {
-                len: 2,
-                alt: vec![]
-            }
-        );
-        let b = obs
-            .intern(&[rec(1, "a"), rec(2, "x"), rec(3, "c")])
-            .unwrap();
-        assert_eq!(
-            b,
-            Outcome::Read {
-                len: 3,
-                alt: vec![(2, 1)]
-            }
-        );
+        assert_eq!(a, (2, vec![]));
+        let b = obs.intern(&[rec(1, "a"), rec(2, "x"), rec(3, "c")]);
+        assert_eq!(b.unwrap(), (3, vec![(2, 1)]));
         assert_eq!(obs.disagreements(), vec![(2, 2)]);
         assert_eq!(
             obs.expand(3, &[(2, 1)]).unwrap(),
@@ -507,6 +500,7 @@ mod tests {
                 outcome: Outcome::Read {
                     len: 1,
                     alt: vec![(1, 1)],
+                    peer: 2,
                 },
             },
             Op {
