@@ -21,6 +21,8 @@ pub struct PeerProc {
     paused: bool,
     /// How many times it was started.
     pub starts: u32,
+    /// How many times it exited without being killed.
+    pub self_exits: u32,
 }
 
 impl PeerProc {
@@ -136,6 +138,7 @@ impl Cluster {
                     child: None,
                     paused: false,
                     starts: 0,
+                    self_exits: 0,
                 },
             );
         }
@@ -201,17 +204,29 @@ impl Cluster {
         Ok(())
     }
 
-    /// Peers that exited on their own (not killed by us), with their exit status.
-    pub fn exited(&mut self) -> Vec<(NodeId, String)> {
+    /// Peers that exited on their own (not killed by us) since the last call: each is
+    /// reaped (so a later [`Cluster::heal`] restarts it) and described with its exit status
+    /// and the panic message its log ends with, if any.
+    pub fn reap_exited(&mut self) -> Vec<(NodeId, String)> {
         let mut out = Vec::new();
         for p in self.peers.values_mut() {
-            if let Some(c) = &mut p.child {
-                if let Ok(Some(status)) = c.try_wait() {
-                    out.push((p.id, status.to_string()));
-                }
+            let Some(c) = &mut p.child else {
+                continue;
+            };
+            if let Ok(Some(status)) = c.try_wait() {
+                p.child = None;
+                p.paused = false;
+                p.self_exits += 1;
+                let panic = last_panic(&p.log).map_or(String::new(), |m| format!(": {m}"));
+                out.push((p.id, format!("{status}{panic}")));
             }
         }
         out
+    }
+
+    /// How many times peers exited on their own.
+    pub fn self_exits(&self) -> u32 {
+        self.peers.values().map(|p| p.self_exits).sum()
     }
 
     pub fn total_starts(&self) -> u32 {
@@ -231,6 +246,16 @@ impl Drop for Cluster {
             p.kill();
         }
     }
+}
+
+/// The last panic in a peer's log: the `panicked at` line and the message after it.
+fn last_panic(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines.iter().rposition(|l| l.contains("panicked at"))?;
+    let place = lines[at].split("panicked at").nth(1).unwrap_or("").trim();
+    let message = lines.get(at + 1).map_or("", |l| l.trim());
+    Some(format!("panicked at {place} {message}"))
 }
 
 /// `n` distinct free loopback UDP ports. They are released before the peers bind them, so a

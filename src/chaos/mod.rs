@@ -73,15 +73,19 @@ pub struct Options {
 }
 
 impl Options {
-    /// The command line that repeats this run's schedule.
+    /// The command line that repeats this run's schedule (thread timing aside).
     pub fn reproduce(&self) -> String {
         format!(
-            "cargo run --release --bin chaos -- --nodes {} --duration {} --faults {} --seed {} --clients {}",
+            "cargo run --release --bin chaos -- --nodes {} --duration {} --faults {} --seed {} --clients {} --client-timeout-ms {} --think-ms {} --query-percent {} --pinned-percent {}",
             self.nodes,
             self.duration.as_secs(),
             self.faults_arg,
             self.seed,
-            self.clients
+            self.clients,
+            self.client_timeout.as_millis(),
+            self.think.as_millis(),
+            (self.query_ratio * 100.0).round(),
+            (self.pinned_ratio * 100.0).round(),
         )
     }
 }
@@ -161,6 +165,8 @@ pub struct Shared {
     /// The fault being held now, for the progress line.
     pub fault: Mutex<String>,
     pub fault_rounds: AtomicUsize,
+    /// Peers that exited without being killed, described with the time.
+    pub peer_exits: Mutex<Vec<String>>,
     ok: AtomicUsize,
     failed: AtomicUsize,
     unknown: AtomicUsize,
@@ -177,6 +183,7 @@ impl Shared {
             faults: Mutex::new(Vec::new()),
             fault: Mutex::new(String::new()),
             fault_rounds: AtomicUsize::new(0),
+            peer_exits: Mutex::new(Vec::new()),
             ok: AtomicUsize::new(0),
             failed: AtomicUsize::new(0),
             unknown: AtomicUsize::new(0),
@@ -360,6 +367,8 @@ pub struct RunRecord {
     pub observed: Observed,
     pub final_log: Vec<LogRecord>,
     pub notes: Vec<String>,
+    /// Peers that exited on their own: a bug, whatever the history says.
+    pub peer_exits: Vec<String>,
 }
 
 /// Runs the whole thing: cluster, clients, nemesis, healing, final reads, check, files.
@@ -374,6 +383,7 @@ pub fn run(opts: &Options, dir: &Path, interrupted: Arc<AtomicBool>) -> RunOutco
     let ops = std::mem::take(&mut *shared.ops.lock().expect("ops lock"));
     let faults = std::mem::take(&mut *shared.faults.lock().expect("faults lock"));
     let observed = std::mem::take(&mut *shared.observed.lock().expect("observed lock"));
+    let peer_exits = std::mem::take(&mut *shared.peer_exits.lock().expect("exits lock"));
     let (final_log, aborted) = match outcome {
         Ok(log) => (log, None),
         Err(reason) => (Vec::new(), Some(reason)),
@@ -384,6 +394,7 @@ pub fn run(opts: &Options, dir: &Path, interrupted: Arc<AtomicBool>) -> RunOutco
         observed,
         final_log,
         notes,
+        peer_exits,
     };
     finish(opts, &files, record, aborted)
 }
@@ -416,8 +427,12 @@ fn finish(
     };
     let outcome = match (&aborted, &verdict) {
         (Some(reason), _) => RunOutcome::Aborted(reason.clone()),
-        (None, Some(v)) if v.valid() => RunOutcome::Valid,
-        _ => RunOutcome::Violation,
+        (None, Some(v)) if !v.valid() => RunOutcome::Violation,
+        (None, _) if !record.peer_exits.is_empty() => RunOutcome::Aborted(format!(
+            "the history is linearizable, but peers exited on their own: {}",
+            record.peer_exits.join("; ")
+        )),
+        _ => RunOutcome::Valid,
     };
     let summary = summary_line(&record, verdict.as_ref(), &outcome);
     let report = report_text(opts, &record, verdict.as_ref(), &outcome, &summary);
@@ -508,6 +523,9 @@ pub fn summary_line(record: &RunRecord, verdict: Option<&Verdict>, outcome: &Run
             let _ = write!(s, " ops={}", record.ops.len());
         }
     }
+    if !record.peer_exits.is_empty() {
+        let _ = write!(s, " peer_exits={}", record.peer_exits.len());
+    }
     let _ = write!(s, " faults={}", fault_counts(&record.faults));
     s
 }
@@ -546,6 +564,12 @@ fn report_text(
             f.fault,
             f.detail
         );
+    }
+    if !record.peer_exits.is_empty() {
+        let _ = writeln!(r, "\npeers that exited on their own:");
+        for e in &record.peer_exits {
+            let _ = writeln!(r, "  {e}");
+        }
     }
     let _ = writeln!(r, "\nnotes:");
     for n in &record.notes {
@@ -622,6 +646,7 @@ pub fn recheck(dir: &Path) -> Result<(Verdict, RunRecord), String> {
             observed,
             final_log,
             notes: Vec::new(),
+            peer_exits: Vec::new(),
         },
     ))
 }
@@ -651,9 +676,10 @@ fn drive(
     let mut status = Client::new(peers.clone(), Duration::from_millis(300))
         .map_err(|e| format!("status client: {e}"))?;
     let Some(first_leader) = wait_for_leader(&mut status, HEAL_WITHIN) else {
-        let exited = cluster.lock().expect("cluster lock").exited();
+        reap(&cluster, shared);
+        let exits = shared.peer_exits.lock().expect("exits lock").join("; ");
         return Err(format!(
-            "no leader within {} s of starting the peers (exited: {exited:?}); see {}",
+            "no leader within {} s of starting the peers (exits: [{exits}]); see {}",
             HEAL_WITHIN.as_secs(),
             files.peers().display()
         ));
@@ -704,6 +730,7 @@ fn drive(
     let mut last_line = Instant::now();
     while workload_start.elapsed() < opts.duration && !interrupted.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
+        reap(&cluster, shared);
         let every = if tty { 1 } else { 5 };
         if last_line.elapsed() >= Duration::from_secs(every) {
             last_line = Instant::now();
@@ -745,12 +772,9 @@ fn drive(
     // Heal everything and judge the final state.
     let healed_at = shared.now_us();
     network.heal();
+    reap(&cluster, shared);
     {
         let mut c = cluster.lock().expect("cluster lock");
-        let exited = c.exited();
-        if !exited.is_empty() {
-            notes.push(format!("peers that exited on their own: {exited:?}"));
-        }
         c.heal()?;
         notes.push(format!(
             "peer process starts over the run: {}",
@@ -759,6 +783,7 @@ fn drive(
     }
     let deadline = Instant::now() + HEAL_WITHIN;
     let Some(leader) = wait_for_leader(&mut status, HEAL_WITHIN) else {
+        final_exits(&cluster, shared)?;
         return Err(format!(
             "no leader within {} s after healing",
             HEAL_WITHIN.as_secs()
@@ -769,13 +794,41 @@ fn drive(
         secs(healed_at),
         secs(shared.now_us())
     ));
-    let final_log = final_reads(&peers, shared, deadline, notes)?;
-    converge(&mut status, final_log.len() as u64, deadline, notes)?;
-    let exited = cluster.lock().expect("cluster lock").exited();
-    if !exited.is_empty() {
-        return Err(format!("peers exited during the final checks: {exited:?}"));
-    }
+    let final_log = final_reads(&peers, shared, &cluster, deadline, notes)?;
+    converge(
+        &mut status,
+        final_log.len() as u64,
+        &cluster,
+        shared,
+        deadline,
+        notes,
+    )?;
+    final_exits(&cluster, shared)?;
     Ok(final_log)
+}
+
+/// Notes peers that exited on their own since the last look.
+fn reap(cluster: &Mutex<Cluster>, shared: &Shared) -> usize {
+    let exits = cluster.lock().expect("cluster lock").reap_exited();
+    let at = secs(shared.now_us());
+    let mut all = shared.peer_exits.lock().expect("exits lock");
+    for (id, what) in &exits {
+        eprintln!("chaos: node {id} exited on its own at {at:.3} s: {what}");
+        all.push(format!("node {id} at {at:.3} s: {what}"));
+    }
+    exits.len()
+}
+
+/// After healing nobody may exit: that ends the run.
+fn final_exits(cluster: &Mutex<Cluster>, shared: &Shared) -> Result<(), String> {
+    if reap(cluster, shared) == 0 {
+        return Ok(());
+    }
+    let all = shared.peer_exits.lock().expect("exits lock");
+    Err(format!(
+        "peers exited on their own, the last after healing: {}",
+        all.join("; ")
+    ))
 }
 
 fn progress_line(shared: &Shared, elapsed: Duration) -> String {
@@ -803,6 +856,7 @@ fn progress_line(shared: &Shared, elapsed: Duration) -> String {
 fn final_reads(
     peers: &BTreeMap<NodeId, SocketAddr>,
     shared: &Shared,
+    cluster: &Mutex<Cluster>,
     deadline: Instant,
     notes: &mut Vec<String>,
 ) -> Result<Vec<LogRecord>, String> {
@@ -811,6 +865,7 @@ fn final_reads(
     for (k, (&id, &addr)) in peers.iter().enumerate() {
         let who = FINAL_READ_CLIENT + k as u32;
         let points_at = loop {
+            final_exits(cluster, shared)?;
             match first_hop(addr) {
                 Some(ClientResult::Entries { .. }) => break format!("node {id} leads"),
                 Some(ClientResult::NotLeader { leader: Some(l) }) => {
@@ -826,6 +881,7 @@ fn final_reads(
             }
         };
         loop {
+            final_exits(cluster, shared)?;
             if Instant::now() >= deadline {
                 return Err(format!(
                     "the final read through node {id} did not succeed within {} s of healing",
@@ -889,10 +945,13 @@ fn first_hop(addr: SocketAddr) -> Option<ClientResult> {
 fn converge(
     status: &mut Client,
     at_least: u64,
+    cluster: &Mutex<Cluster>,
+    shared: &Shared,
     deadline: Instant,
     notes: &mut Vec<String>,
 ) -> Result<(), String> {
     loop {
+        final_exits(cluster, shared)?;
         let statuses = status.status();
         let infos: Vec<_> = statuses.iter().filter_map(|s| s.info.clone()).collect();
         let seen: Vec<String> = statuses

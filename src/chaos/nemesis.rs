@@ -229,15 +229,17 @@ impl Nemesis {
                 let leader_first = self.rng.chance(0.7);
                 let victims = self.victims(count, leader_first);
                 let mut cluster = self.cluster.lock().expect("cluster lock");
-                for &v in &victims {
-                    cluster.pause(v)?;
-                }
+                // A peer that exited on its own cannot be paused; that is noted elsewhere.
+                let paused: Vec<NodeId> = victims
+                    .into_iter()
+                    .filter(|&v| cluster.pause(v).is_ok())
+                    .collect();
                 a.detail = format!(
                     "SIGSTOP {}{}",
-                    ids(&victims),
+                    ids(&paused),
                     if leader_first { " (leader first)" } else { "" }
                 );
-                a.paused = victims;
+                a.paused = paused;
             }
             FaultKind::Partition => a.detail = self.partition(),
             FaultKind::Loss => {
