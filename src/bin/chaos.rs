@@ -61,7 +61,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args: Args = argh::from_env();
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     if let Some(dir) = &args.check {
         return recheck(dir);
@@ -89,6 +92,27 @@ fn main() -> ExitCode {
     }
     let outcome = chaos::run(&opts, &dir, interrupted);
     ExitCode::from(outcome.exit_code() as u8)
+}
+
+/// Like `argh::from_env`, but a usage error exits with 2, not 1 (which means a violation).
+fn parse_args() -> Result<Args, ExitCode> {
+    let strings: Vec<String> = std::env::args().collect();
+    let cmd = strings.first().map_or("chaos", |s| s.as_str());
+    let cmd = std::path::Path::new(cmd)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("chaos");
+    let rest: Vec<&str> = strings.iter().skip(1).map(|s| s.as_str()).collect();
+    Args::from_args(&[cmd], &rest).map_err(|early| match early.status {
+        Ok(()) => {
+            println!("{}", early.output);
+            ExitCode::SUCCESS
+        }
+        Err(()) => {
+            eprintln!("{}\nRun {cmd} --help for more information.", early.output);
+            ExitCode::from(2)
+        }
+    })
 }
 
 fn options(args: &Args) -> Result<Options, String> {
