@@ -1,0 +1,299 @@
+//! The peer processes of a chaos run: configs that point every peer at its link proxies, and
+//! start / kill -9 / SIGSTOP / SIGCONT / restart on the same data directory.
+
+use super::proxy::Network;
+use crate::client::{Client, PeerStatus};
+use crate::raft::{NodeId, Role};
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One peer process and the files it uses across restarts.
+pub struct PeerProc {
+    pub id: NodeId,
+    pub port: u16,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    paused: bool,
+    /// How many times it was started.
+    pub starts: u32,
+    /// How many times it exited without being killed.
+    pub self_exits: u32,
+}
+
+impl PeerProc {
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            None => false,
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    fn start(&mut self, exe: &Path) -> Result<(), String> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("{}: {e}", self.log.display()))?;
+        let child = Command::new(exe)
+            .arg("-p")
+            .arg(&self.config)
+            .env(
+                "RUST_LOG",
+                std::env::var("CHAOS_PEER_LOG").unwrap_or("info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {} for node {}: {e}", exe.display(), self.id))?;
+        self.child = Some(child);
+        self.paused = false;
+        self.starts += 1;
+        Ok(())
+    }
+
+    /// kill -9, and reap it.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.paused = false;
+    }
+
+    fn signal(&mut self, sig: &str) -> Result<(), String> {
+        let Some(c) = &self.child else {
+            return Err(format!("node {} is not running", self.id));
+        };
+        let status = Command::new("kill")
+            .arg(sig)
+            .arg(c.id().to_string())
+            .status()
+            .map_err(|e| format!("kill {sig}: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("kill {sig} {} failed: {status}", c.id()))
+        }
+    }
+}
+
+/// The peers of the run, with the network of proxies between them.
+pub struct Cluster {
+    pub peers: BTreeMap<NodeId, PeerProc>,
+    exe: PathBuf,
+}
+
+impl Cluster {
+    /// Writes a config per peer into `dir/nI/` whose `other_peers` are this peer's proxies,
+    /// and starts nothing yet. `ports` are the peers' own ports.
+    pub fn configure(
+        dir: &Path,
+        exe: &Path,
+        ports: &BTreeMap<NodeId, u16>,
+        network: &Network,
+    ) -> Result<Cluster, String> {
+        let mut peers = BTreeMap::new();
+        for (&id, &port) in ports {
+            let home = dir.join(format!("n{id}"));
+            std::fs::create_dir_all(&home).map_err(|e| format!("{}: {e}", home.display()))?;
+            let others: Vec<serde_json::Value> = ports
+                .keys()
+                .filter(|&&j| j != id)
+                .map(|&j| {
+                    let proxy = network.proxy_addr(id, j);
+                    serde_json::json!({"node_ID": j, "host": "127.0.0.1", "port": proxy.port()})
+                })
+                .collect();
+            let config = serde_json::json!({
+                "name": format!("chaos{id}"),
+                "node_ID": id,
+                "host": "127.0.0.1",
+                "port": port,
+                "other_peers": others,
+                "data_dir": home.join("data"),
+            });
+            let path = home.join("config.json");
+            std::fs::write(&path, format!("{config:#}\n"))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            peers.insert(
+                id,
+                PeerProc {
+                    id,
+                    port,
+                    config: path,
+                    log: home.join("peer.log"),
+                    child: None,
+                    paused: false,
+                    starts: 0,
+                    self_exits: 0,
+                },
+            );
+        }
+        Ok(Cluster {
+            peers,
+            exe: exe.to_path_buf(),
+        })
+    }
+
+    /// The peers' own addresses, which clients use.
+    pub fn client_addresses(&self) -> BTreeMap<NodeId, SocketAddr> {
+        self.peers
+            .iter()
+            .map(|(&id, p)| (id, SocketAddr::from((Ipv4Addr::LOCALHOST, p.port))))
+            .collect()
+    }
+
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.peers.keys().copied().collect()
+    }
+
+    pub fn start(&mut self, id: NodeId) -> Result<(), String> {
+        let exe = self.exe.clone();
+        self.peer(id)?.start(&exe)
+    }
+
+    pub fn start_all(&mut self) -> Result<(), String> {
+        for id in self.ids() {
+            self.start(id)?;
+        }
+        Ok(())
+    }
+
+    pub fn kill(&mut self, id: NodeId) -> Result<(), String> {
+        self.peer(id)?.kill();
+        Ok(())
+    }
+
+    pub fn pause(&mut self, id: NodeId) -> Result<(), String> {
+        let p = self.peer(id)?;
+        p.signal("-STOP")?;
+        p.paused = true;
+        Ok(())
+    }
+
+    pub fn resume(&mut self, id: NodeId) -> Result<(), String> {
+        let p = self.peer(id)?;
+        if p.paused {
+            p.signal("-CONT")?;
+            p.paused = false;
+        }
+        Ok(())
+    }
+
+    /// Resumes every paused peer and (re)starts every peer that is not running.
+    pub fn heal(&mut self) -> Result<(), String> {
+        for id in self.ids() {
+            self.resume(id)?;
+            if !self.peer(id)?.is_running() {
+                self.start(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Peers that exited on their own (not killed by us) since the last call: each is
+    /// reaped (so a later [`Cluster::heal`] restarts it) and described with its exit status
+    /// and the panic message its log ends with, if any.
+    pub fn reap_exited(&mut self) -> Vec<(NodeId, String)> {
+        let mut out = Vec::new();
+        for p in self.peers.values_mut() {
+            let Some(c) = &mut p.child else {
+                continue;
+            };
+            if let Ok(Some(status)) = c.try_wait() {
+                p.child = None;
+                p.paused = false;
+                p.self_exits += 1;
+                let panic = last_panic(&p.log).map_or(String::new(), |m| format!(": {m}"));
+                out.push((p.id, format!("{status}{panic}")));
+            }
+        }
+        out
+    }
+
+    /// How many times peers exited on their own.
+    pub fn self_exits(&self) -> u32 {
+        self.peers.values().map(|p| p.self_exits).sum()
+    }
+
+    pub fn total_starts(&self) -> u32 {
+        self.peers.values().map(|p| p.starts).sum()
+    }
+
+    fn peer(&mut self, id: NodeId) -> Result<&mut PeerProc, String> {
+        self.peers
+            .get_mut(&id)
+            .ok_or_else(|| format!("no node {id}"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for p in self.peers.values_mut() {
+            p.kill();
+        }
+    }
+}
+
+/// The last panic in a peer's log: the `panicked at` line and the message after it.
+fn last_panic(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines.iter().rposition(|l| l.contains("panicked at"))?;
+    let place = lines[at].split("panicked at").nth(1).unwrap_or("").trim();
+    let message = lines.get(at + 1).map_or("", |l| l.trim());
+    Some(format!("panicked at {place} {message}"))
+}
+
+/// `n` distinct free loopback UDP ports. They are released before the peers bind them, so a
+/// race with another process is possible but unlikely.
+pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
+    let sockets: Vec<UdpSocket> = (0..n)
+        .map(|_| UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| format!("bind: {e}")))
+        .collect::<Result<_, _>>()?;
+    sockets
+        .iter()
+        .map(|s| {
+            s.local_addr()
+                .map(|a| a.port())
+                .map_err(|e| format!("local_addr: {e}"))
+        })
+        .collect()
+}
+
+/// The leader among the peers that answered: the one in the highest term that says it leads.
+pub fn leader_of(statuses: &[PeerStatus]) -> Option<NodeId> {
+    statuses
+        .iter()
+        .filter_map(|s| s.info.as_ref())
+        .filter(|i| i.role == Role::Leader)
+        .max_by_key(|i| i.term)
+        .map(|i| i.id)
+}
+
+/// Polls `status` until some peer leads, or `within` passes.
+pub fn wait_for_leader(client: &mut Client, within: Duration) -> Option<NodeId> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(l) = leader_of(&client.status()) {
+            return Some(l);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,347 @@
+//! The nemesis: a seeded schedule of faults, one round at a time. Each round waits a quiet gap,
+//! starts a fault (in `mixed` mode sometimes with bad network weather on top), holds it, then
+//! heals what it did and records the fault with its start and end times.
+
+use super::cluster::{leader_of, Cluster};
+use super::history::FaultEvent;
+use super::proxy::Network;
+use super::{Rng, Shared};
+use crate::client::Client;
+use crate::raft::NodeId;
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A kind of fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FaultKind {
+    /// kill -9 a minority (the leader half of the time) and restart it on the same data.
+    Crash,
+    /// kill -9 every peer at once, then restart them all.
+    KillAll,
+    /// SIGSTOP a minority (usually the leader), later SIGCONT.
+    Pause,
+    /// Cut links in the proxies: isolate the leader, majority/minority, a bridge node,
+    /// one-way cuts.
+    Partition,
+    /// Drop datagrams at random on every link.
+    Loss,
+    /// Send datagrams twice at random on every link.
+    Dup,
+    /// Hold datagrams for a random time on every link, which reorders them.
+    Delay,
+}
+
+pub const ALL_FAULTS: [FaultKind; 7] = [
+    FaultKind::Crash,
+    FaultKind::KillAll,
+    FaultKind::Pause,
+    FaultKind::Partition,
+    FaultKind::Loss,
+    FaultKind::Dup,
+    FaultKind::Delay,
+];
+
+impl FaultKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Crash => "crash",
+            FaultKind::KillAll => "killall",
+            FaultKind::Pause => "pause",
+            FaultKind::Partition => "partition",
+            FaultKind::Loss => "loss",
+            FaultKind::Dup => "dup",
+            FaultKind::Delay => "delay",
+        }
+    }
+
+    /// Parses `crash|killall|pause|partition|loss|dup|delay|mixed|none`, comma-separated.
+    pub fn parse_list(s: &str) -> Result<Vec<FaultKind>, String> {
+        let mut out = Vec::new();
+        for word in s.split(',').map(str::trim) {
+            match word {
+                "mixed" => out.extend(ALL_FAULTS),
+                "none" => {}
+                w => out.push(
+                    *ALL_FAULTS.iter().find(|k| k.name() == w).ok_or_else(|| {
+                        format!(
+                            "unknown fault {w:?}: expected crash, killall, pause, partition, loss, dup, delay, mixed or none"
+                        )
+                    })?,
+                ),
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    fn is_weather(self) -> bool {
+        matches!(self, FaultKind::Loss | FaultKind::Dup | FaultKind::Delay)
+    }
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What the nemesis needs to reach.
+pub struct Nemesis {
+    pub kinds: Vec<FaultKind>,
+    pub cluster: Arc<Mutex<Cluster>>,
+    pub network: Arc<Network>,
+    pub shared: Arc<Shared>,
+    pub rng: Rng,
+    /// Asks the peers who leads.
+    pub status: Client,
+    /// Add loss, dup or delay on top of another fault in some rounds (mixed mode).
+    pub combine: bool,
+}
+
+/// A fault being held, and how to undo it.
+struct Active {
+    kind: FaultKind,
+    detail: String,
+    killed: Vec<NodeId>,
+    paused: Vec<NodeId>,
+}
+
+impl Nemesis {
+    /// Runs rounds until the run stops; the last fault is healed before returning. Errors only
+    /// when a peer cannot be restarted.
+    pub fn run(mut self) -> Result<(), String> {
+        if self.kinds.is_empty() {
+            return Ok(());
+        }
+        let first = self.rng.range(1000, 2000);
+        self.sleep(first);
+        while !self.shared.stopping() {
+            let mut round = Vec::new();
+            let kind = self.kinds[self.rng.below(self.kinds.len() as u64) as usize];
+            let start = self.shared.now_us();
+            round.push(self.inflict(kind)?);
+            if self.combine && !kind.is_weather() && self.rng.chance(0.3) {
+                let weather =
+                    [FaultKind::Loss, FaultKind::Dup, FaultKind::Delay][self.rng.below(3) as usize];
+                round.push(self.inflict(weather)?);
+            }
+            let what: Vec<String> = round
+                .iter()
+                .map(|a| format!("{}: {}", a.kind, a.detail))
+                .collect();
+            log::info!("nemesis: {}", what.join(" + "));
+            *self.shared.fault.lock().expect("fault lock") = what.join(" + ");
+            let hold = match kind {
+                FaultKind::KillAll => self.rng.range(300, 2000),
+                _ => self.rng.range(1000, 5000),
+            };
+            self.sleep(hold);
+            for a in &round {
+                self.heal(a)?;
+            }
+            let end = self.shared.now_us();
+            self.shared.fault.lock().expect("fault lock").clear();
+            let mut faults = self.shared.faults.lock().expect("faults lock");
+            for a in round {
+                faults.push(FaultEvent {
+                    fault: a.kind.name().to_string(),
+                    detail: a.detail,
+                    start,
+                    end,
+                });
+            }
+            drop(faults);
+            let gap = self.rng.range(500, 2500);
+            self.sleep(gap);
+        }
+        Ok(())
+    }
+
+    /// Sleeps `ms` milliseconds, or less if the run stops.
+    fn sleep(&self, ms: u64) {
+        let mut left = ms;
+        while left > 0 && !self.shared.stopping() {
+            let step = left.min(50);
+            std::thread::sleep(Duration::from_millis(step));
+            left -= step;
+        }
+    }
+
+    fn leader(&mut self) -> Option<NodeId> {
+        leader_of(&self.status.status())
+    }
+
+    /// Up to `count` distinct nodes, the leader first if `leader_first` and one is known.
+    fn victims(&mut self, count: usize, leader_first: bool) -> Vec<NodeId> {
+        let mut ids = self.cluster.lock().expect("cluster lock").ids();
+        self.rng.shuffle(&mut ids);
+        if leader_first {
+            if let Some(l) = self.leader() {
+                ids.retain(|&i| i != l);
+                ids.insert(0, l);
+            }
+        }
+        ids.truncate(count);
+        ids
+    }
+
+    fn minority(&self) -> usize {
+        (self.cluster.lock().expect("cluster lock").peers.len() - 1) / 2
+    }
+
+    fn inflict(&mut self, kind: FaultKind) -> Result<Active, String> {
+        let mut a = Active {
+            kind,
+            detail: String::new(),
+            killed: Vec::new(),
+            paused: Vec::new(),
+        };
+        match kind {
+            FaultKind::Crash => {
+                let count = 1 + self.rng.below(self.minority() as u64) as usize;
+                let leader_first = self.rng.chance(0.5);
+                let victims = self.victims(count, leader_first);
+                let mut cluster = self.cluster.lock().expect("cluster lock");
+                for &v in &victims {
+                    cluster.kill(v)?;
+                }
+                a.detail = format!(
+                    "kill -9 {}{}",
+                    ids(&victims),
+                    if leader_first { " (leader first)" } else { "" }
+                );
+                a.killed = victims;
+            }
+            FaultKind::KillAll => {
+                let mut cluster = self.cluster.lock().expect("cluster lock");
+                let all = cluster.ids();
+                for &v in &all {
+                    cluster.kill(v)?;
+                }
+                a.detail = format!("kill -9 all of {}", ids(&all));
+                a.killed = all;
+            }
+            FaultKind::Pause => {
+                let count = 1 + self.rng.below(self.minority() as u64) as usize;
+                let leader_first = self.rng.chance(0.7);
+                let victims = self.victims(count, leader_first);
+                let mut cluster = self.cluster.lock().expect("cluster lock");
+                // A peer that exited on its own cannot be paused; that is noted elsewhere.
+                let paused: Vec<NodeId> = victims
+                    .into_iter()
+                    .filter(|&v| cluster.pause(v).is_ok())
+                    .collect();
+                a.detail = format!(
+                    "SIGSTOP {}{}",
+                    ids(&paused),
+                    if leader_first { " (leader first)" } else { "" }
+                );
+                a.paused = paused;
+            }
+            FaultKind::Partition => a.detail = self.partition(),
+            FaultKind::Loss => {
+                let p = self.rng.range(10, 50) as f64 / 100.0;
+                self.network.update_all(|r| r.loss = p);
+                a.detail = format!("drop {:.0}% of datagrams on every link", p * 100.0);
+            }
+            FaultKind::Dup => {
+                let p = self.rng.range(20, 60) as f64 / 100.0;
+                self.network.update_all(|r| r.dup = p);
+                a.detail = format!("send {:.0}% of datagrams twice on every link", p * 100.0);
+            }
+            FaultKind::Delay => {
+                let hi = self.rng.range(10, 150);
+                self.network.update_all(|r| r.delay_ms = (0, hi));
+                a.detail = format!("delay every datagram by 0-{hi} ms (reordering)");
+            }
+        }
+        Ok(a)
+    }
+
+    /// Cuts links in one of six shapes; returns what it did.
+    fn partition(&mut self) -> String {
+        let mut nodes = self.cluster.lock().expect("cluster lock").ids();
+        self.rng.shuffle(&mut nodes);
+        let leader = self.leader().unwrap_or(nodes[0]);
+        let others: Vec<NodeId> = nodes.iter().copied().filter(|&n| n != leader).collect();
+        let net = &self.network;
+        match self.rng.below(6) {
+            0 => {
+                net.partition(&[vec![leader], others.clone()]);
+                format!("isolate leader: {} | {}", ids(&[leader]), ids(&others))
+            }
+            1 => {
+                let small = 1 + self.rng.below(self.minority() as u64) as usize;
+                let (minority, majority) = nodes.split_at(small);
+                net.partition(&[minority.to_vec(), majority.to_vec()]);
+                format!("minority {} | majority {}", ids(minority), ids(majority))
+            }
+            2 => {
+                // The bridge talks to both sides; the sides cannot talk to each other.
+                let bridge = nodes[0];
+                let rest = &nodes[1..];
+                let (left, right) = rest.split_at(rest.len() / 2);
+                for &l in left {
+                    for &r in right {
+                        net.cut(l, r);
+                        net.cut(r, l);
+                    }
+                }
+                format!("bridge {}: {} | {}", bridge, ids(left), ids(right))
+            }
+            3 => {
+                for &o in &others {
+                    net.cut(leader, o);
+                }
+                format!("one-way: leader {leader} cannot send, can receive")
+            }
+            4 => {
+                for &o in &others {
+                    net.cut(o, leader);
+                }
+                format!("one-way: leader {leader} can send, cannot receive")
+            }
+            _ => {
+                let mut cut = Vec::new();
+                for &from in &nodes {
+                    for &to in &nodes {
+                        if from != to && self.rng.chance(0.3) {
+                            net.cut(from, to);
+                            cut.push(format!("{from}->{to}"));
+                        }
+                    }
+                }
+                cut.sort();
+                format!("one-way cuts: {}", cut.join(","))
+            }
+        }
+    }
+
+    fn heal(&mut self, a: &Active) -> Result<(), String> {
+        match a.kind {
+            FaultKind::Partition | FaultKind::Loss | FaultKind::Dup | FaultKind::Delay => {
+                self.network.heal()
+            }
+            FaultKind::Crash | FaultKind::KillAll | FaultKind::Pause => {
+                let mut cluster = self.cluster.lock().expect("cluster lock");
+                for &v in &a.paused {
+                    cluster.resume(v)?;
+                }
+                for &v in &a.killed {
+                    cluster.start(v)?;
+                }
+            }
+        }
+        self.shared.fault_rounds.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// `[1,3]`.
+pub fn ids(nodes: &[NodeId]) -> String {
+    let v: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+    format!("[{}]", v.join(","))
+}
