@@ -372,3 +372,25 @@ fn a_leader_cut_off_from_the_majority_never_answers_a_query() {
         }
     }
 }
+
+#[test]
+fn a_leader_that_can_send_but_not_receive_is_replaced() {
+    // Liveness under a one-way cut: check quorum (thesis §6.2) makes the deaf leader step down,
+    // and pre-vote lets the others elect a new leader that commits.
+    for seed in seeds(20) {
+        let mut s = Sim::new(seed, SimConfig::reliable(3));
+        let old = s.wait_for_leader(2_000 * MS);
+        for id in s.ids.clone() {
+            if id != old {
+                s.cut_one_way(id, old);
+            }
+        }
+        let ok = s.run_until(3_000 * MS, |s| s.stable_leader().is_some_and(|l| l != old));
+        assert!(ok, "seed {seed}: no new leader while the old one is deaf");
+        let c = s.add_client();
+        let new = s.stable_leader().unwrap();
+        s.clients[c].target_node(new);
+        append(&mut s, c, "while deaf", 2_000 * MS);
+        s.check_client_history();
+    }
+}
