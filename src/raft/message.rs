@@ -132,6 +132,20 @@ pub enum Body {
     },
 }
 
+impl Body {
+    /// The message type's name, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Body::PreVote { .. } => "PreVote",
+            Body::PreVoteResponse { .. } => "PreVoteResponse",
+            Body::RequestVote { .. } => "RequestVote",
+            Body::RequestVoteResponse { .. } => "RequestVoteResponse",
+            Body::AppendEntries { .. } => "AppendEntries",
+            Body::AppendEntriesResponse { .. } => "AppendEntriesResponse",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AppendResult {
     /// The follower's log matches the leader's up to and including `match_index`.

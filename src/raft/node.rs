@@ -115,6 +115,8 @@ pub struct Node {
     heartbeat_now: bool,
     msgs: Vec<Message>,
     replies: Vec<(ReplyTo, ClientReply)>,
+    /// Malformed peer messages dropped so far.
+    malformed: u64,
 }
 
 impl Node {
@@ -157,6 +159,7 @@ impl Node {
             heartbeat_now: false,
             msgs: Vec::new(),
             replies: Vec::new(),
+            malformed: 0,
         };
         node.persisted_hard_state.commit = node.log.commit;
         node.reset_election_timer();
@@ -413,6 +416,20 @@ impl Node {
             );
             return;
         }
+        if let Err(why) = self.check_message(&msg) {
+            // Rate-limited by count (the core has no clock): the first, then every 1000th.
+            self.malformed += 1;
+            if self.malformed % 1000 == 1 {
+                warn!(
+                    "node {}: dropping malformed {} from {}: {why} ({} so far)",
+                    self.cfg.id,
+                    msg.body.name(),
+                    msg.from,
+                    self.malformed
+                );
+            }
+            return;
+        }
         // Term handling, once for every role (Figure 2, "Rules for Servers").
         if msg.term > self.term {
             match &msg.body {
@@ -455,6 +472,59 @@ impl Node {
             Role::Follower => self.step_follower(msg),
             Role::PreCandidate | Role::Candidate => self.step_candidate(msg),
             Role::Leader => self.step_leader(msg),
+        }
+    }
+
+    /// Rejects messages no correct peer sends, so that a corrupted or forged datagram is
+    /// dropped instead of tripping an invariant (Raft assumes non-malicious peers; this is
+    /// defence against bugs and garbage, not authentication).
+    fn check_message(&self, msg: &Message) -> Result<(), String> {
+        // Far beyond any real term; also keeps `term + 1` from overflowing.
+        if msg.term >= u64::MAX / 2 {
+            return Err(format!("term {} out of range", msg.term));
+        }
+        match &msg.body {
+            Body::AppendEntries {
+                prev_log_index,
+                prev_log_term,
+                entries,
+                ..
+            } => {
+                let mut term = *prev_log_term;
+                for (k, e) in entries.iter().enumerate() {
+                    if Some(e.index) != prev_log_index.checked_add(k as Index + 1) {
+                        return Err(format!("entry index {} out of sequence", e.index));
+                    }
+                    if e.term < term || e.term > msg.term {
+                        return Err(format!("entry {} has term {}", e.index, e.term));
+                    }
+                    term = e.term;
+                }
+                if *prev_log_term > msg.term {
+                    return Err(format!("prev_log_term {prev_log_term} above the term"));
+                }
+                // Entries at or below our commit index must be the committed ones (Log
+                // Matching); a conflict there would mean the sender is broken, not us.
+                for e in entries.iter().take_while(|e| e.index <= self.log.commit) {
+                    if self.log.term_at(e.index) != Some(e.term) {
+                        return Err(format!("conflicts with committed entry {}", e.index));
+                    }
+                }
+                Ok(())
+            }
+            Body::AppendEntriesResponse { result, .. } if self.role == Role::Leader => {
+                let last = self.log.last_index();
+                match *result {
+                    AppendResult::Accepted { match_index } if match_index > last => {
+                        Err(format!("match index {match_index} beyond our last {last}"))
+                    }
+                    AppendResult::Rejected { prev_log_index, .. } if prev_log_index > last => Err(
+                        format!("rejected index {prev_log_index} beyond our last {last}"),
+                    ),
+                    _ => Ok(()),
+                }
+            }
+            _ => Ok(()),
         }
     }
 
@@ -744,7 +814,8 @@ impl Node {
         if candidate > self.log.commit && self.log.term_at(candidate) == Some(self.term) {
             self.log.commit_to(candidate);
             self.apply_committed();
-            // Followers learn the new commit index promptly, not only at the next heartbeat.
+            // Followers learn the new commit index with the next AppendEntries: at once for
+            // any that still lack entries, otherwise at the next heartbeat.
             self.replicate_now = true;
             self.serve_reads_waiting_for_own_commit();
         }
@@ -1169,5 +1240,66 @@ mod tests {
         assert_eq!(n.commit_index(), 2);
         let result = &rd.replies[0].1.result;
         assert_eq!(result, &ClientResult::Appended { index: 2, term: 1 });
+    }
+
+    #[test]
+    fn forged_or_corrupt_messages_are_dropped_not_obeyed() {
+        // A leader with a committed log, and a follower of it.
+        let mut leader = Node::new(cfg(1, &[2, 3]), HardState::default(), vec![]);
+        elect(&mut leader);
+        leader.step(msg(2, 1, 1, accepted(1)));
+        flush(&mut leader);
+        assert_eq!(leader.commit_index(), 1);
+        let hs = HardState {
+            term: 1,
+            vote: Some(1),
+            commit: 1,
+        };
+        let mut follower = Node::new(cfg(2, &[1, 3]), hs, vec![entry(1, 1)]);
+        let append = |prev: Index, entries: Vec<Entry>| Body::AppendEntries {
+            prev_log_index: prev,
+            prev_log_term: 0,
+            entries,
+            leader_commit: 0,
+            read_seq: 0,
+        };
+        let forged = [
+            msg(1, 2, 1, append(0, vec![entry(5, 1)])),  // gap
+            msg(1, 2, 2, append(0, vec![entry(1, 2)])),  // rewrites a committed entry
+            msg(1, 2, 1, append(1, vec![entry(2, 50)])), // entry from a future term
+            msg(1, 2, u64::MAX, append(1, vec![])),      // absurd term
+        ];
+        for m in forged {
+            follower.step(m);
+            flush(&mut follower);
+        }
+        assert_eq!(follower.term(), 1);
+        assert_eq!(follower.log().entries(), &[entry(1, 1)]);
+        let rejected = |prev| Body::AppendEntriesResponse {
+            read_seq: 0,
+            result: AppendResult::Rejected {
+                prev_log_index: prev,
+                hint_index: prev,
+                hint_term: 0,
+            },
+        };
+        for m in [
+            msg(2, 1, 1, accepted(1000)),
+            msg(3, 1, 1, accepted(u64::MAX)),
+            msg(2, 1, 1, rejected(1000)),
+        ] {
+            leader.step(m);
+            flush(&mut leader);
+        }
+        for _ in 0..10 {
+            leader.tick();
+            flush(&mut leader);
+        }
+        assert_eq!(
+            leader.commit_index(),
+            1,
+            "forged acks must not commit anything"
+        );
+        assert_eq!(leader.role(), Role::Leader);
     }
 }
