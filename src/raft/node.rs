@@ -703,6 +703,21 @@ impl Node {
                 hint_index,
                 hint_term,
             } => {
+                // A follower refusing a heartbeat or probe at its own match index has lost
+                // entries it acknowledged (its data was wiped). That breaks Raft's assumptions,
+                // but rather than stall, start over from what it has; its old acknowledgements
+                // already counted, and commit never goes back. (A duplicated old rejection can
+                // land here too; then the follower is merely probed again.)
+                if prev_log_index == pr.match_index
+                    && prev_log_index > 0
+                    && (pr.state == ProgressState::Replicate || prev_log_index + 1 == pr.next_index)
+                {
+                    warn!(
+                        "node {}: follower {from} lost entries up to {prev_log_index} it had acknowledged (wiped data?)",
+                        self.cfg.id
+                    );
+                    pr.match_index = hint_index.saturating_sub(1).min(prev_log_index - 1);
+                }
                 // Ignore rejections that are stale: at or below what is known to match, or in
                 // Probe state, not about the probe we are waiting on.
                 if prev_log_index <= pr.match_index
@@ -1301,5 +1316,29 @@ mod tests {
             "forged acks must not commit anything"
         );
         assert_eq!(leader.role(), Role::Leader);
+    }
+
+    #[test]
+    fn a_follower_that_lost_its_log_is_replicated_to_again() {
+        // Outside Raft's fault model (a wiped data dir), but it must not wedge replication.
+        let mut leader = Node::new(cfg(1, &[2, 3]), HardState::default(), vec![]);
+        elect(&mut leader);
+        leader.step(msg(2, 1, 1, accepted(1)));
+        flush(&mut leader);
+        let mut wiped = Node::new(cfg(2, &[1, 3]), HardState::default(), vec![]);
+        // Let the leader's heartbeats and the wiped follower's answers flow a while.
+        for _ in 0..20 {
+            leader.tick();
+            for m in flush(&mut leader).messages {
+                if m.to == 2 {
+                    wiped.step(m);
+                    for answer in flush(&mut wiped).messages {
+                        leader.step(answer);
+                        flush(&mut leader);
+                    }
+                }
+            }
+        }
+        assert_eq!(wiped.log().last_index(), leader.log().last_index());
     }
 }
