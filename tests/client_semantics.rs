@@ -39,7 +39,9 @@ fn retried_appends_through_leader_changes_are_applied_once() {
         cluster.start_peer(leader);
     }
     cluster.wait_for_leader(ELECTION_WITHIN);
-    std::thread::sleep(Duration::from_millis(300));
+    // Stop the clients once they are acknowledged again with everyone up.
+    let acked = cluster.acked.load(Ordering::Relaxed);
+    cluster.wait_for_acks(acked, 30, Duration::from_secs(10));
     stop.store(true, Ordering::Relaxed);
     let appends = join_workers(workers);
 
@@ -152,35 +154,31 @@ fn agreement(lines: &[Value], up: &BTreeSet<u64>) -> Option<(u64, u64)> {
 
 /// Polls `client status` until the peers in `up` agree on one leader.
 fn wait_for_agreement(cluster: &mut Cluster, up: &BTreeSet<u64>) -> (u64, u64) {
-    let deadline = Instant::now() + ELECTION_WITHIN;
-    loop {
+    let what = format!("peers {up:?} did not agree on one leader");
+    let (code, lines, agreed) = common::poll_until(ELECTION_WITHIN, &what, || {
         cluster.check_alive();
         let (code, lines) = status_lines(cluster);
         assert_eq!(lines.len(), 3, "one line per peer: {lines:?}");
-        if let Some(agreed) = agreement(&lines, up) {
-            assert_eq!(code, Some(0), "status exits 0 when peers answer: {lines:?}");
-            for l in &lines {
-                let id = l["id"].as_u64().unwrap();
-                if !up.contains(&id) {
-                    assert!(
-                        l.get("role").is_none(),
-                        "a peer that is down has no role: {l}"
-                    );
-                }
-            }
-            return agreed;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "peers {up:?} did not agree on one leader within {ELECTION_WITHIN:?}; last status:\n{}",
-            lines
+        match agreement(&lines, up) {
+            Some(agreed) => Ok((code, lines, agreed)),
+            None => Err(lines
                 .iter()
                 .map(|l| l.to_string())
                 .collect::<Vec<_>>()
-                .join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(50));
+                .join("\n")),
+        }
+    });
+    assert_eq!(code, Some(0), "status exits 0 when peers answer: {lines:?}");
+    for l in &lines {
+        let id = l["id"].as_u64().unwrap();
+        if !up.contains(&id) {
+            assert!(
+                l.get("role").is_none(),
+                "a peer that is down has no role: {l}"
+            );
+        }
     }
+    agreed
 }
 
 #[test]

@@ -78,18 +78,11 @@ fn restored(log: &str) -> Option<Restored> {
 
 /// Waits for the start-up line a peer writes to its log after `offset`.
 fn wait_for_restored(cluster: &Cluster, id: u64, offset: usize) -> Restored {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(r) = restored(&cluster.log_text(id)[offset..]) {
-            return r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "peer {id} never logged what it restored:\n{}",
-            cluster.log_text(id)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let what = format!("peer {id} never logged what it restored");
+    common::poll_until(Duration::from_secs(5), &what, || {
+        let log = cluster.log_text(id);
+        restored(&log[offset..]).ok_or(log)
+    })
 }
 
 #[test]
@@ -141,8 +134,9 @@ fn kill_9_of_random_peers_never_loses_an_acknowledged_append() {
         std::thread::sleep(down);
         cluster.start_peer(victim);
     }
-    // Let the clients run a little with everyone up again, then stop them.
-    std::thread::sleep(Duration::from_millis(500));
+    // Stop the clients once they are acknowledged again with everyone up.
+    let acked = cluster.acked.load(Ordering::Relaxed);
+    cluster.wait_for_acks(acked, 30, Duration::from_secs(10));
     stop.store(true, Ordering::Relaxed);
     let mut appends = join_workers(workers);
 
@@ -199,6 +193,7 @@ fn kill_9_of_all_peers_at_once_then_restart_loses_nothing() {
     for round in 0..2 {
         // Mid-stream: some appends are in flight when everything dies.
         let stop = Arc::new(AtomicBool::new(false));
+        let acked = cluster.acked.load(Ordering::Relaxed);
         let workers = spawn_workers(
             &cluster,
             &format!("r{round}"),
@@ -208,7 +203,7 @@ fn kill_9_of_all_peers_at_once_then_restart_loses_nothing() {
             usize::MAX,
             &stop,
         );
-        std::thread::sleep(Duration::from_millis(200));
+        cluster.wait_for_acks(acked, 50, Duration::from_secs(10));
         cluster.kill_all();
         stop.store(true, Ordering::Relaxed);
         let in_flight = join_workers(workers);

@@ -14,7 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -106,6 +106,27 @@ pub struct Cluster {
     pub peers: BTreeMap<u64, Child>,
     pub configs: BTreeMap<u64, PathBuf>,
     pub dir: TempDir,
+    /// Appends acknowledged so far by this cluster's append workers.
+    pub acked: Arc<AtomicUsize>,
+}
+
+/// Calls `attempt` every 20 ms until it returns Ok, and panics with `what` and the last Err
+/// (the state seen last, for the failure message) once `within` has passed.
+pub fn poll_until<T>(
+    within: Duration,
+    what: &str,
+    mut attempt: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match attempt() {
+            Ok(done) => return done,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("{what} within {within:?}; last seen:\n{last}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
 
 impl Cluster {
@@ -116,6 +137,7 @@ impl Cluster {
             peers: BTreeMap::new(),
             configs,
             dir,
+            acked: Arc::new(AtomicUsize::new(0)),
         };
         for id in 1..=n as u64 {
             cluster.start_peer(id);
@@ -247,59 +269,61 @@ impl Cluster {
 
     /// Polls `client status` until exactly one peer says it is leader.
     pub fn wait_for_one_leader(&mut self, within: Duration) -> u64 {
-        let deadline = Instant::now() + within;
-        loop {
+        poll_until(within, "no single leader", || {
             self.check_alive();
-            let (leaders, text) = self.leaders();
-            if let [(id, _)] = leaders[..] {
-                return id;
+            match self.leaders() {
+                (leaders, _) if leaders.len() == 1 => Ok(leaders[0].0),
+                (_, text) => Err(text),
             }
-            if Instant::now() >= deadline {
-                panic!("no single leader within {within:?}; last status:\n{text}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 
     /// Polls library `status` until exactly one peer says it is leader; returns (id, term).
     pub fn wait_for_leader(&mut self, within: Duration) -> (NodeId, Term) {
         let mut client = self.lib_client(Duration::from_millis(300));
-        let deadline = Instant::now() + within;
-        loop {
+        poll_until(within, "no single leader", || {
             self.check_alive();
             let status = client.status();
-            if let [(id, term)] = leaders_of(&status)[..] {
-                return (id, term);
+            match leaders_of(&status)[..] {
+                [one] => Ok(one),
+                _ => Err(format!("{status:#?}")),
             }
-            if Instant::now() >= deadline {
-                panic!("no single leader within {within:?}; last status:\n{status:#?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 
     /// Polls until every peer answers `status` with the same last and commit index (and all
     /// have applied it), and one of them is leader; returns that common last index.
     pub fn wait_until_converged(&mut self, within: Duration) -> u64 {
         let mut client = self.lib_client(Duration::from_millis(300));
-        let deadline = Instant::now() + within;
-        loop {
+        poll_until(within, "peers did not converge", || {
             self.check_alive();
             let status = client.status();
             let infos: Vec<_> = status.iter().filter_map(|s| s.info.as_ref()).collect();
-            if infos.len() == status.len() && leaders_of(&status).len() == 1 {
-                let last = infos[0].last_index;
-                if infos.iter().all(|i| {
+            let last = infos.first().map_or(0, |i| i.last_index);
+            let converged = infos.len() == status.len()
+                && leaders_of(&status).len() == 1
+                && infos.iter().all(|i| {
                     i.last_index == last && i.commit_index == last && i.applied_index == last
-                }) {
-                    return last;
-                }
+                });
+            if converged {
+                Ok(last)
+            } else {
+                Err(format!("{status:#?}"))
             }
-            if Instant::now() >= deadline {
-                panic!("peers did not converge within {within:?}; last status:\n{status:#?}");
+        })
+    }
+
+    /// Waits until the append workers have had `more` appends acknowledged beyond `since`
+    /// (a count read from `acked` earlier): the cluster is making progress again.
+    pub fn wait_for_acks(&self, since: usize, more: usize, within: Duration) {
+        poll_until(within, "append workers made no progress", || {
+            let now = self.acked.load(Ordering::Relaxed);
+            if now >= since + more {
+                Ok(())
+            } else {
+                Err(format!("{} acknowledged since, {more} wanted", now - since))
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 }
 
@@ -484,6 +508,7 @@ pub fn append_worker(
     tries: usize,
     limit: usize,
     stop: &AtomicBool,
+    acked: &AtomicUsize,
 ) -> Appends {
     let mut out = Appends::default();
     for n in 0..limit {
@@ -498,6 +523,7 @@ pub fn append_worker(
             match client.append(&data) {
                 Ok(a) => {
                     out.acked.insert(data.clone(), a.index);
+                    acked.fetch_add(1, Ordering::Relaxed);
                     if attempt > 1 {
                         out.acked_after_retry += 1;
                     }
@@ -532,10 +558,11 @@ pub fn spawn_workers(
         .map(|w| {
             let client = cluster.lib_client(timeout);
             let stop = Arc::clone(stop);
+            let acked = Arc::clone(&cluster.acked);
             let prefix = format!("{prefix}-c{w}");
             std::thread::Builder::new()
                 .name(format!("client{w}"))
-                .spawn(move || append_worker(client, &prefix, tries, limit, &stop))
+                .spawn(move || append_worker(client, &prefix, tries, limit, &stop, &acked))
                 .unwrap()
         })
         .collect()
