@@ -499,6 +499,19 @@ mod tests {
         send_before_persist: bool,
         fail: bool,
     ) -> (Result<(), String>, Vec<String>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for item in items.into_iter().chain([Inbox::Shutdown]) {
+            tx.send(item).unwrap();
+        }
+        run_inbox(rx, send_before_persist, fail)
+    }
+
+    /// Runs the node loop with fakes on `inbox` until it ends; returns what it did.
+    fn run_inbox(
+        inbox: Receiver<Inbox>,
+        send_before_persist: bool,
+        fail: bool,
+    ) -> (Result<(), String>, Vec<String>) {
         let events = Events::default();
         let core = FakeCore {
             events: events.clone(),
@@ -509,12 +522,7 @@ mod tests {
             events: events.clone(),
             fail,
         };
-        let (tx, rx) = crossbeam_channel::unbounded();
-        for item in items {
-            tx.send(item).unwrap();
-        }
-        tx.send(Inbox::Shutdown).unwrap();
-        let result = node_loop(core, storage, FakeOut(events.clone()), rx);
+        let result = node_loop(core, storage, FakeOut(events.clone()), inbox);
         let events = events.borrow().clone();
         (result, events)
     }
@@ -575,44 +583,21 @@ mod tests {
 
     #[test]
     fn shutdown_carries_out_the_batch_before_it_and_ignores_the_rest() {
-        let events = Events::default();
-        let core = FakeCore {
-            events: events.clone(),
-            pending: Ready::default(),
-            send_before_persist: false,
-        };
-        let storage = FakeStorage {
-            events: events.clone(),
-            fail: false,
-        };
         let (tx, rx) = crossbeam_channel::unbounded();
         tx.send(request(1)).unwrap();
         tx.send(Inbox::Shutdown).unwrap();
         tx.send(request(2)).unwrap();
-        assert_eq!(
-            node_loop(core, storage, FakeOut(events.clone()), rx),
-            Ok(())
-        );
-        let events = events.borrow();
+        let (result, events) = run_inbox(rx, false, false);
+        assert_eq!(result, Ok(()));
         assert!(events.contains(&"reply 1".to_string()), "{events:?}");
         assert!(!events.contains(&"request 2".to_string()), "{events:?}");
     }
 
     #[test]
     fn the_loop_ends_with_an_error_if_its_inbox_closes() {
-        let events = Events::default();
-        let core = FakeCore {
-            events: events.clone(),
-            pending: Ready::default(),
-            send_before_persist: false,
-        };
-        let storage = FakeStorage {
-            events: events.clone(),
-            fail: false,
-        };
         let (tx, rx) = crossbeam_channel::unbounded::<Inbox>();
         drop(tx);
-        assert!(node_loop(core, storage, FakeOut(events), rx).is_err());
+        assert!(run_inbox(rx, false, false).0.is_err());
     }
 
     #[test]
