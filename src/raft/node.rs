@@ -129,6 +129,11 @@ impl Node {
         );
         assert!(!cfg.peers.contains(&cfg.id), "peers must not include self");
         let log = RaftLog::restore(entries, hard_state.commit);
+        // What is on disk, with the commit index clamped to the log as restored.
+        let persisted_hard_state = HardState {
+            commit: log.commit,
+            ..hard_state
+        };
         let mut node = Node {
             rng: Rng::new(cfg.seed ^ cfg.id.rotate_left(32)),
             cfg,
@@ -148,11 +153,7 @@ impl Node {
             read_seq: 0,
             pending_reads: VecDeque::new(),
             reads_before_own_commit: Vec::new(),
-            persisted_hard_state: HardState {
-                term: hard_state.term,
-                vote: hard_state.vote,
-                commit: 0,
-            },
+            persisted_hard_state,
             handed_hard_state: None,
             ready_outstanding: false,
             replicate_now: false,
@@ -161,7 +162,6 @@ impl Node {
             replies: Vec::new(),
             malformed: 0,
         };
-        node.persisted_hard_state.commit = node.log.commit;
         node.reset_election_timer();
         node.apply_committed();
         node
@@ -365,9 +365,9 @@ impl Node {
         }
         // §5.4.2 / §8: an entry of our own term lets earlier entries commit, and lets reads
         // know the commit index is current.
+        // Nothing commits yet: the no-op is of our term but not durable until `advance`.
         self.append_entry(Payload::Noop);
         self.replicate_now = true;
-        self.maybe_commit();
     }
 
     /// On losing leadership, nobody waiting on this node will get an answer from it: tell them
@@ -924,8 +924,8 @@ impl Node {
             }
         };
         self.waiters.entry(index).or_default().push(waiter);
+        // It commits in `advance` (once durable here) or on followers' acknowledgements.
         self.replicate_now = true;
-        self.maybe_commit();
     }
 
     fn append_entry(&mut self, payload: Payload) -> Index {
@@ -1099,19 +1099,6 @@ impl Node {
         if self.role == Role::Leader {
             self.maybe_commit();
         }
-    }
-
-    /// Whether `ready` would return anything.
-    pub fn has_ready(&self) -> bool {
-        !self.msgs.is_empty()
-            || !self.replies.is_empty()
-            || (self.role == Role::Leader && (self.heartbeat_now || self.replicate_now))
-            || self.log.stable_index() < self.log.last_index()
-            || (self.term, self.vote)
-                != (
-                    self.persisted_hard_state.term,
-                    self.persisted_hard_state.vote,
-                )
     }
 }
 
