@@ -103,6 +103,8 @@ pub enum Op {
         log: Vec<LogRecord>,
         invoked: Time,
         returned: Time,
+        /// The node that answered the last page.
+        peer: NodeId,
     },
 }
 
@@ -757,6 +759,7 @@ impl Sim {
                         log: pages,
                         invoked,
                         returned: now,
+                        peer: reply.from,
                     }),
                 }
             }
