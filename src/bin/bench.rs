@@ -62,9 +62,12 @@ impl Drop for Spawned {
 
 fn main() {
     let args: Args = argh::from_env();
-    if args.clients == 0 || args.size == 0 || args.size > raft::raft::MAX_ENTRY_DATA {
+    if !(1..=65_536).contains(&args.clients)
+        || args.size == 0
+        || args.size > raft::raft::MAX_ENTRY_DATA
+    {
         eprintln!(
-            "error: --clients must be >= 1 and --size 1..={}",
+            "error: --clients must be 1..=65536 and --size 1..={}",
             raft::raft::MAX_ENTRY_DATA
         );
         std::process::exit(1);
@@ -101,7 +104,7 @@ fn run(args: &Args, peers: &BTreeMap<NodeId, SocketAddr>) -> Result<(), String> 
         .set_read_timeout(Some(Duration::from_millis(5)))
         .map_err(|e| format!("socket: {e}"))?;
     let ids: Vec<NodeId> = peers.keys().copied().collect();
-    let mut leader = find_leader(&socket, peers, Duration::from_secs(10))?;
+    let leader = find_leader(&socket, peers, Duration::from_secs(10))?;
     let payload: String = "x".repeat(args.size);
     let base = (std::process::id() as u64 * 1_000_003) ^ now_nanos();
     let start = Instant::now();
@@ -115,9 +118,10 @@ fn run(args: &Args, peers: &BTreeMap<NodeId, SocketAddr>) -> Result<(), String> 
             target: leader,
         })
         .collect();
+    // A request ID is (attempt number << 16 | slot), so a reply finds its slot directly.
     let mut next_request = 1u64;
-    let send = |slot: &mut Slot, next_request: &mut u64| {
-        slot.request_id = *next_request;
+    let send = |slot_index: usize, slot: &mut Slot, next_request: &mut u64| {
+        slot.request_id = (*next_request << 16) | slot_index as u64;
         *next_request += 1;
         slot.sent = Instant::now();
         let req = Datagram::Request(ClientRequest {
@@ -131,11 +135,10 @@ fn run(args: &Args, peers: &BTreeMap<NodeId, SocketAddr>) -> Result<(), String> 
         let bytes = req.encode().expect("bench request fits a datagram");
         let _ = socket.send_to(&bytes, peers[&slot.target]);
     };
-    let by_request = |slots: &Vec<Slot>, id: u64| slots.iter().position(|s| s.request_id == id);
-    for slot in &mut slots {
+    for (i, slot) in slots.iter_mut().enumerate() {
         slot.seq = 1;
         slot.started = Instant::now();
-        send(slot, &mut next_request);
+        send(i, slot, &mut next_request);
     }
     let deadline = start + Duration::from_secs(args.duration);
     let mut latencies_us: Vec<u32> = Vec::new();
@@ -143,30 +146,29 @@ fn run(args: &Args, peers: &BTreeMap<NodeId, SocketAddr>) -> Result<(), String> 
     let mut last_progress = Instant::now();
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     let retry_after = Duration::from_millis(300);
+    let mut last_retry_scan = Instant::now();
     while Instant::now() < deadline {
         match socket.recv_from(&mut buf) {
             Ok((n, _)) => {
                 let Ok(Datagram::Reply(reply)) = Datagram::decode(&buf[..n]) else {
                     continue;
                 };
-                let Some(i) = by_request(&slots, reply.id) else {
-                    continue;
+                let i = (reply.id & 0xFFFF) as usize;
+                let Some(slot) = slots.get_mut(i).filter(|s| s.request_id == reply.id) else {
+                    continue; // an answer to an earlier attempt
                 };
-                let slot = &mut slots[i];
                 match reply.result {
                     ClientResult::Appended { .. } => {
                         latencies_us.push(slot.started.elapsed().as_micros() as u32);
-                        leader = reply.from;
                         slot.seq += 1;
                         slot.started = Instant::now();
-                        slot.target = leader;
-                        send(slot, &mut next_request);
+                        slot.target = reply.from;
+                        send(i, slot, &mut next_request);
                     }
                     ClientResult::NotLeader { leader: hint } => {
                         if let Some(l) = hint.filter(|l| peers.contains_key(l)) {
-                            leader = l;
                             slot.target = l;
-                            send(slot, &mut next_request);
+                            send(i, slot, &mut next_request);
                         }
                         // Without a hint, the retry timer below moves on.
                     }
@@ -174,7 +176,7 @@ fn run(args: &Args, peers: &BTreeMap<NodeId, SocketAddr>) -> Result<(), String> 
                         errors += 1;
                         slot.seq += 1;
                         slot.started = Instant::now();
-                        send(slot, &mut next_request);
+                        send(i, slot, &mut next_request);
                     }
                 }
             }
@@ -184,19 +186,16 @@ fn run(args: &Args, peers: &BTreeMap<NodeId, SocketAddr>) -> Result<(), String> 
             Err(e) => return Err(format!("recv: {e}")),
         }
         let now = Instant::now();
-        for slot in &mut slots {
-            if now.duration_since(slot.sent) > retry_after {
-                // Same (client, seq): the cluster applies it at most once.
-                let k = ids.iter().position(|&i| i == slot.target).unwrap_or(0);
-                slot.target = if slot.target == leader {
-                    leader
-                } else {
-                    ids[(k + 1) % ids.len()]
-                };
-                if now.duration_since(slot.started) > retry_after * 2 {
+        if now.duration_since(last_retry_scan) >= Duration::from_millis(10) {
+            last_retry_scan = now;
+            for (i, slot) in slots.iter_mut().enumerate() {
+                if now.duration_since(slot.sent) > retry_after {
+                    // Unanswered: try the next peer with the same (client, seq), which the
+                    // cluster applies at most once; a redirect corrects a wrong guess.
+                    let k = ids.iter().position(|&id| id == slot.target).unwrap_or(0);
                     slot.target = ids[(k + 1) % ids.len()];
+                    send(i, slot, &mut next_request);
                 }
-                send(slot, &mut next_request);
             }
         }
         if last_progress.elapsed() >= Duration::from_secs(1) {
