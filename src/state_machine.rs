@@ -11,12 +11,20 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 /// bound is far above the number of clients that can be retrying at once.
 pub const MAX_SESSIONS: usize = 65_536;
 
+/// Most duplicate markers kept (see [`StateMachine::is_duplicate`]). A committed duplicate
+/// needs two leaders to have taken the same retry, which the leader's own checks prevent, so
+/// this bound is never reached in practice; it keeps a forged or buggy client from growing it.
+pub const MAX_DUPLICATES: usize = 65_536;
+
 /// The latest applied append of one client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Session {
     seq: u64,
     index: Index,
     term: Term,
+    /// Fingerprint of the appended data: a retry carries the same data, so a request with the
+    /// same `(client, seq)` and other data is a second client that drew the same ID.
+    data_hash: u64,
 }
 
 /// The outcome of applying an entry, or of looking a request up.
@@ -30,6 +38,16 @@ pub enum Applied {
     },
     /// An older request than the client's latest: its result is no longer known.
     Superseded,
+    /// Same `(client, seq)` as an applied append but other data: two clients share an ID.
+    /// Never answered as the other client's entry, which would acknowledge a lost write.
+    Collision,
+}
+
+/// FNV-1a, 64-bit: a deterministic fingerprint (the same on every peer and every run).
+pub fn data_hash(data: &str) -> u64 {
+    data.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 #[derive(Debug, Default)]
@@ -39,7 +57,8 @@ pub struct StateMachine {
     sessions: HashMap<ClientId, Session>,
     /// Sessions by the index of their latest append, for least-recently-used eviction.
     by_index: BTreeMap<Index, ClientId>,
-    /// Committed entries that were retries of an already applied append.
+    /// Committed entries that took no effect (retries of an applied append, collisions),
+    /// at most [`MAX_DUPLICATES`] of the latest.
     duplicates: BTreeSet<Index>,
 }
 
@@ -49,11 +68,15 @@ impl StateMachine {
     pub fn apply(&mut self, entry: &Entry) -> Applied {
         assert_eq!(entry.index, self.applied + 1, "entries must apply in order");
         self.applied = entry.index;
-        let Payload::Data { client, seq, .. } = &entry.payload else {
+        let Payload::Data { client, seq, data } = &entry.payload else {
             return Applied::Noop;
         };
-        if let Some(prior) = self.lookup(*client, *seq) {
+        let data_hash = data_hash(data);
+        if let Some(prior) = self.lookup(*client, *seq, data_hash) {
             self.duplicates.insert(entry.index);
+            if self.duplicates.len() > MAX_DUPLICATES {
+                self.duplicates.pop_first();
+            }
             return prior;
         }
         if let Some(old) = self.sessions.insert(
@@ -62,6 +85,7 @@ impl StateMachine {
                 seq: *seq,
                 index: entry.index,
                 term: entry.term,
+                data_hash,
             },
         ) {
             self.by_index.remove(&old.index);
@@ -77,10 +101,12 @@ impl StateMachine {
         }
     }
 
-    /// The result of `(client, seq)` if it was already applied.
-    pub fn lookup(&self, client: ClientId, seq: u64) -> Option<Applied> {
+    /// The result of `(client, seq)` carrying data with fingerprint `data_hash`, if a request
+    /// with that `(client, seq)` was already applied.
+    pub fn lookup(&self, client: ClientId, seq: u64, data_hash: u64) -> Option<Applied> {
         let s = self.sessions.get(&client)?;
         match seq.cmp(&s.seq) {
+            std::cmp::Ordering::Equal if data_hash != s.data_hash => Some(Applied::Collision),
             std::cmp::Ordering::Equal => Some(Applied::Appended {
                 index: s.index,
                 term: s.term,
@@ -90,7 +116,8 @@ impl StateMachine {
         }
     }
 
-    /// Whether the committed entry at `index` was a retry that took no effect.
+    /// Whether the committed entry at `index` took no effect (a retry, or a colliding client);
+    /// only the latest [`MAX_DUPLICATES`] are remembered.
     pub fn is_duplicate(&self, index: Index) -> bool {
         self.duplicates.contains(&index)
     }
@@ -129,8 +156,42 @@ mod tests {
         );
         assert!(sm.is_duplicate(2));
         assert!(!sm.is_duplicate(1));
-        assert_eq!(sm.lookup(7, 0), Some(Applied::Superseded));
-        assert_eq!(sm.lookup(7, 2), None);
+        let h = data_hash("7-1");
+        assert_eq!(sm.lookup(7, 0, h), Some(Applied::Superseded));
+        assert_eq!(sm.lookup(7, 2, h), None);
+    }
+
+    #[test]
+    fn a_second_client_with_the_same_id_is_refused_not_acknowledged() {
+        // Two clients that drew the same ID both send seq 1 with their own data: the second
+        // must not be told its write is the first one's entry.
+        let mut sm = StateMachine::default();
+        let mut other = data(2, 7, 1);
+        if let Payload::Data { data, .. } = &mut other.payload {
+            *data = "someone else's write".into();
+        }
+        sm.apply(&data(1, 7, 1));
+        assert_eq!(sm.apply(&other), Applied::Collision);
+        assert!(sm.is_duplicate(2), "the colliding entry takes no effect");
+        let theirs = data_hash("someone else's write");
+        assert_eq!(sm.lookup(7, 1, theirs), Some(Applied::Collision));
+        assert_eq!(
+            sm.lookup(7, 1, data_hash("7-1")),
+            Some(Applied::Appended { index: 1, term: 1 })
+        );
+    }
+
+    #[test]
+    fn duplicate_markers_are_bounded() {
+        let mut sm = StateMachine::default();
+        sm.apply(&data(1, 7, 1));
+        let n = MAX_DUPLICATES as u64 + 10;
+        for i in 2..=n + 1 {
+            sm.apply(&data(i, 7, 1));
+        }
+        assert_eq!(sm.duplicates.len(), MAX_DUPLICATES);
+        assert!(sm.is_duplicate(n + 1));
+        assert!(!sm.is_duplicate(2), "oldest marker dropped");
     }
 
     #[test]
@@ -140,7 +201,10 @@ mod tests {
             sm.apply(&data(i, i, 1));
         }
         assert_eq!(sm.session_count(), MAX_SESSIONS);
-        assert_eq!(sm.lookup(1, 1), None, "oldest evicted");
-        assert!(sm.lookup(MAX_SESSIONS as u64 + 10, 1).is_some());
+        assert_eq!(sm.lookup(1, 1, data_hash("1-1")), None, "oldest evicted");
+        let last = MAX_SESSIONS as u64 + 10;
+        assert!(sm
+            .lookup(last, 1, data_hash(&format!("{last}-1")))
+            .is_some());
     }
 }

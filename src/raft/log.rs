@@ -129,14 +129,11 @@ impl RaftLog {
         Some(prev_index + entries.len() as Index)
     }
 
-    /// First index of the run of entries with the same term as `index` (fast backtracking hint).
+    /// First index of the run of entries with the same term as `index` (fast backtracking
+    /// hint); a binary search, since terms never decrease along the log.
     pub fn first_index_of_term_at(&self, index: Index) -> Index {
         let term = self.term_at(index).expect("index in log");
-        let mut i = index;
-        while i > 1 && self.term_at(i - 1) == Some(term) {
-            i -= 1;
-        }
-        i
+        self.entries[..index as usize].partition_point(|e| e.term < term) as Index + 1
     }
 
     /// Last index whose term is `term`, if the log has that term (terms never decrease, so
@@ -232,6 +229,9 @@ mod tests {
         let log = log_of(&[1, 1, 2, 2, 2, 4]);
         assert_eq!(log.first_index_of_term_at(5), 3);
         assert_eq!(log.first_index_of_term_at(2), 1);
+        assert_eq!(log.first_index_of_term_at(1), 1);
+        assert_eq!(log.first_index_of_term_at(6), 6);
+        assert_eq!(log.first_index_of_term_at(3), 3);
         assert_eq!(log.last_index_of_term(2), Some(5));
         assert_eq!(log.last_index_of_term(3), None);
         assert_eq!(log.last_index_of_term(4), Some(6));

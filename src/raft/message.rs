@@ -158,6 +158,9 @@ pub enum AppendResult {
         hint_index: Index,
         hint_term: Term,
     },
+    /// The request's term is older than the follower's (carried in the message's term): says
+    /// nothing about the log, so a sender re-elected in the newer term ignores it.
+    StaleTerm,
 }
 
 /// A client's request; `id` is echoed in the reply so the client can match them up.

@@ -6,7 +6,7 @@ use super::log::RaftLog;
 use super::message::*;
 use super::progress::{Progress, ProgressState};
 use super::rng::Rng;
-use crate::state_machine::{Applied, StateMachine};
+use crate::state_machine::{data_hash, Applied, StateMachine};
 use log::{debug, info, warn};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -100,8 +100,9 @@ pub struct Node {
     progress: BTreeMap<NodeId, Progress>,
     /// Leader only: client appends already in the log but not yet applied, by (client, seq).
     pending_appends: HashMap<(ClientId, u64), Index>,
-    /// Leader only: who to answer when the entry at an index is applied.
-    waiters: BTreeMap<Index, Vec<Waiter>>,
+    /// Leader only: who to answer when the entry at an index is applied. One per entry, so one
+    /// per `(client, seq)`: a retry replaces the earlier attempt's waiter.
+    waiters: BTreeMap<Index, Waiter>,
     /// Read sequence numbers increase for the node's whole life, so no old echo can count.
     read_seq: u64,
     pending_reads: VecDeque<PendingRead>,
@@ -378,13 +379,18 @@ impl Node {
         let leader = self.leader;
         let waiters: Vec<Waiter> = std::mem::take(&mut self.waiters)
             .into_values()
-            .flatten()
             .chain(self.pending_reads.drain(..).map(|r| r.waiter))
             .chain(self.reads_before_own_commit.drain(..).map(|(_, w)| w))
             .collect();
         for w in waiters {
             self.reply(w, ClientResult::NotLeader { leader });
         }
+    }
+
+    /// A grant stands for the whole campaign (the voter persisted it); a refusal may be a
+    /// reordered answer to an earlier request, so it never overrides a grant.
+    fn record_vote(&mut self, from: NodeId, granted: bool) {
+        *self.votes.entry(from).or_insert(granted) |= granted;
     }
 
     fn votes_won(&self) -> bool {
@@ -417,41 +423,22 @@ impl Node {
             return;
         }
         if let Err(why) = self.check_message(&msg) {
-            // Rate-limited by count (the core has no clock): the first, then every 1000th.
-            self.malformed += 1;
-            if self.malformed % 1000 == 1 {
-                warn!(
-                    "node {}: dropping malformed {} from {}: {why} ({} so far)",
-                    self.cfg.id,
-                    msg.body.name(),
-                    msg.from,
-                    self.malformed
-                );
-            }
-            return;
+            return self.drop_malformed(&msg, &why);
         }
-        // Term handling, once for every role (Figure 2, "Rules for Servers").
-        if msg.term > self.term {
-            match &msg.body {
-                // A pre-vote changes no one's term; a granted pre-vote answer carries the
-                // term we would campaign in, not a newer term someone is in.
-                Body::PreVote { .. } | Body::PreVoteResponse { granted: true } => {}
-                Body::AppendEntries { .. } => self.become_follower(msg.term, Some(msg.from)),
-                _ => self.become_follower(msg.term, None),
-            }
-        } else if msg.term < self.term {
+        // Term handling, once for every role (Figure 2, "Rules for Servers"). An older term is
+        // answered before anything that depends on our log: a deposed leader must learn the
+        // new term whatever it sent.
+        if msg.term < self.term {
             match msg.body {
                 // Tell a stale leader or candidate about the newer term; drop stale answers.
-                Body::AppendEntries { prev_log_index, .. } => self.send(
+                // The answer says only that: should the sender be re-elected in our term before
+                // it arrives, it must not mistake it for a verdict on its log.
+                Body::AppendEntries { .. } => self.send(
                     msg.from,
                     self.term,
                     Body::AppendEntriesResponse {
                         read_seq: 0,
-                        result: AppendResult::Rejected {
-                            prev_log_index,
-                            hint_index: 0,
-                            hint_term: 0,
-                        },
+                        result: AppendResult::StaleTerm,
                     },
                 ),
                 Body::RequestVote { .. } => self.send(
@@ -468,6 +455,20 @@ impl Node {
             }
             return;
         }
+        // A message that contradicts our committed log comes from a broken sender: it must
+        // not move our term either.
+        if let Err(why) = self.check_against_log(&msg) {
+            return self.drop_malformed(&msg, &why);
+        }
+        if msg.term > self.term {
+            match &msg.body {
+                // A pre-vote changes no one's term; a granted pre-vote answer carries the
+                // term we would campaign in, not a newer term someone is in.
+                Body::PreVote { .. } | Body::PreVoteResponse { granted: true } => {}
+                Body::AppendEntries { .. } => self.become_follower(msg.term, Some(msg.from)),
+                _ => self.become_follower(msg.term, None),
+            }
+        }
         match self.role {
             Role::Follower => self.step_follower(msg),
             Role::PreCandidate | Role::Candidate => self.step_candidate(msg),
@@ -475,9 +476,23 @@ impl Node {
         }
     }
 
-    /// Rejects messages no correct peer sends, so that a corrupted or forged datagram is
-    /// dropped instead of tripping an invariant (Raft assumes non-malicious peers; this is
-    /// defence against bugs and garbage, not authentication).
+    fn drop_malformed(&mut self, msg: &Message, why: &str) {
+        // Rate-limited by count (the core has no clock): the first, then every 1000th.
+        self.malformed += 1;
+        if self.malformed % 1000 == 1 {
+            warn!(
+                "node {}: dropping malformed {} from {}: {why} ({} so far)",
+                self.cfg.id,
+                msg.body.name(),
+                msg.from,
+                self.malformed
+            );
+        }
+    }
+
+    /// Rejects messages no correct peer sends, judged from the message alone, so that a
+    /// corrupted or forged datagram is dropped instead of tripping an invariant (Raft assumes
+    /// non-malicious peers; this is defence against bugs and garbage, not authentication).
     fn check_message(&self, msg: &Message) -> Result<(), String> {
         // Far beyond any real term; also keeps `term + 1` from overflowing.
         if msg.term >= u64::MAX / 2 {
@@ -503,6 +518,17 @@ impl Node {
                 if *prev_log_term > msg.term {
                     return Err(format!("prev_log_term {prev_log_term} above the term"));
                 }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Rejects current-term messages that contradict what we know: checked only after term
+    /// handling, so a stale sender is told the new term rather than ignored.
+    fn check_against_log(&self, msg: &Message) -> Result<(), String> {
+        match &msg.body {
+            Body::AppendEntries { entries, .. } => {
                 // Entries at or below our commit index must be the committed ones (Log
                 // Matching); a conflict there would mean the sender is broken, not us.
                 for e in entries.iter().take_while(|e| e.index <= self.log.commit) {
@@ -512,7 +538,15 @@ impl Node {
                 }
                 Ok(())
             }
-            Body::AppendEntriesResponse { result, .. } if self.role == Role::Leader => {
+            Body::AppendEntriesResponse { read_seq, result } if self.role == Role::Leader => {
+                // An echo of a read sequence number we never sent would confirm every read
+                // up to it (thesis §6.4) without a round trip.
+                if *read_seq > self.read_seq {
+                    return Err(format!(
+                        "echoes read_seq {read_seq}, beyond the {} sent",
+                        self.read_seq
+                    ));
+                }
                 let last = self.log.last_index();
                 match *result {
                     AppendResult::Accepted { match_index } if match_index > last => {
@@ -560,7 +594,7 @@ impl Node {
             Body::PreVoteResponse { granted }
                 if self.role == Role::PreCandidate && (msg.term == self.term + 1 || !granted) =>
             {
-                self.votes.insert(msg.from, granted);
+                self.record_vote(msg.from, granted);
                 if self.votes_won() {
                     self.become_candidate();
                 } else if self.votes_lost() {
@@ -570,7 +604,7 @@ impl Node {
             Body::RequestVoteResponse { granted }
                 if self.role == Role::Candidate && msg.term == self.term =>
             {
-                self.votes.insert(msg.from, granted);
+                self.record_vote(msg.from, granted);
                 if self.votes_won() {
                     self.become_leader();
                 } else if self.votes_lost() {
@@ -680,6 +714,10 @@ impl Node {
     }
 
     fn handle_append_response(&mut self, from: NodeId, read_seq: u64, result: AppendResult) {
+        // Only the newer term it carried mattered, and `step` has dealt with it.
+        if result == AppendResult::StaleTerm {
+            return;
+        }
         let Some(pr) = self.progress.get_mut(&from) else {
             return;
         };
@@ -692,8 +730,10 @@ impl Node {
             return;
         };
         match result {
+            AppendResult::StaleTerm => {}
             AppendResult::Accepted { match_index } => {
                 if pr.acknowledge(match_index) {
+                    pr.matched_at_read_seq = self.read_seq;
                     self.maybe_commit();
                 }
                 self.send_append(from);
@@ -703,26 +743,25 @@ impl Node {
                 hint_index,
                 hint_term,
             } => {
-                // A follower refusing a heartbeat or probe at its own match index has lost
-                // entries it acknowledged (its data was wiped). That breaks Raft's assumptions,
-                // but rather than stall, start over from what it has; its old acknowledgements
-                // already counted, and commit never goes back. (A duplicated old rejection can
-                // land here too; then the follower is merely probed again.)
-                if prev_log_index == pr.match_index
-                    && prev_log_index > 0
-                    && (pr.state == ProgressState::Replicate || prev_log_index + 1 == pr.next_index)
-                {
+                if prev_log_index <= pr.match_index {
+                    // The follower had everything up to its match index. Refusing a request
+                    // sent after we learned that (every heartbeat raises `read_seq`) means it
+                    // lost acknowledged entries: its data was wiped. That breaks Raft's
+                    // assumptions, but rather than stall, start over from what it has; its old
+                    // acknowledgements already counted, and commit never goes back. Any other
+                    // rejection at or below the match index is a late or duplicated answer to
+                    // an earlier request, and must not move the follower backwards.
+                    if read_seq <= pr.matched_at_read_seq {
+                        return;
+                    }
                     warn!(
                         "node {}: follower {from} lost entries up to {prev_log_index} it had acknowledged (wiped data?)",
                         self.cfg.id
                     );
                     pr.match_index = hint_index.saturating_sub(1).min(prev_log_index - 1);
-                }
-                // Ignore rejections that are stale: at or below what is known to match, or in
-                // Probe state, not about the probe we are waiting on.
-                if prev_log_index <= pr.match_index
-                    || (pr.state == ProgressState::Probe && prev_log_index + 1 != pr.next_index)
-                {
+                    pr.matched_at_read_seq = self.read_seq;
+                } else if pr.state == ProgressState::Probe && prev_log_index + 1 != pr.next_index {
+                    // In Probe state, only the answer to the probe we are waiting on counts.
                     return;
                 }
                 let next = if hint_term > 0 {
@@ -790,6 +829,9 @@ impl Node {
     /// Heartbeat: resend a probe, restart a stalled pipeline, or confirm leadership with an
     /// empty AppendEntries at the known match point.
     fn heartbeat(&mut self) {
+        // A fresh sequence number per round tells answers to this round from older ones, for
+        // reads and for telling a wiped follower from a late rejection.
+        self.read_seq += 1;
         for to in self.cfg.peers.clone() {
             let pr = self.progress.get_mut(&to).expect("progress exists");
             match pr.state {
@@ -849,16 +891,15 @@ impl Node {
             if let Payload::Data { client, seq, .. } = entry.payload {
                 self.pending_appends.remove(&(client, seq));
             }
-            if let Some(waiters) = self.waiters.remove(&index) {
-                let result = match outcome {
-                    Applied::Appended { index, term } => ClientResult::Appended { index, term },
-                    Applied::Noop | Applied::Superseded => ClientResult::Refused {
-                        reason: "request superseded by a newer one from the same client".into(),
-                    },
+            if let Some(waiter) = self.waiters.remove(&index) {
+                let result = match (outcome, &entry.payload) {
+                    (Applied::Appended { index, term }, _) => {
+                        ClientResult::Appended { index, term }
+                    }
+                    (outcome, Payload::Data { client, seq, .. }) => refusal(outcome, *client, *seq),
+                    (_, Payload::Noop) => unreachable!("clients wait only on their own entries"),
                 };
-                for w in waiters {
-                    self.reply(w, result.clone());
-                }
+                self.reply(waiter, result);
             }
         }
     }
@@ -904,26 +945,32 @@ impl Node {
     }
 
     fn propose(&mut self, waiter: Waiter, client: ClientId, seq: u64, data: String) {
-        match self.sm.lookup(client, seq) {
+        match self.sm.lookup(client, seq, data_hash(&data)) {
             Some(Applied::Appended { index, term }) => {
                 return self.reply(waiter, ClientResult::Appended { index, term })
             }
-            Some(_) => {
-                let reason = format!("request {seq} of client {client:x} is older than its latest");
-                return self.reply(waiter, ClientResult::Refused { reason });
-            }
+            Some(outcome) => return self.reply(waiter, refusal(outcome, client, seq)),
             None => {}
         }
         // A retry of an append already in our log waits for that entry instead of adding one.
         let index = match self.pending_appends.get(&(client, seq)) {
-            Some(&index) => index,
+            Some(&index) => {
+                let same_data = matches!(
+                    self.log.get(index).map(|e| &e.payload),
+                    Some(Payload::Data { data: d, .. }) if *d == data
+                );
+                if !same_data {
+                    return self.reply(waiter, refusal(Applied::Collision, client, seq));
+                }
+                index
+            }
             None => {
                 let index = self.append_entry(Payload::Data { client, seq, data });
                 self.pending_appends.insert((client, seq), index);
                 index
             }
         };
-        self.waiters.entry(index).or_default().push(waiter);
+        self.waiters.insert(index, waiter);
         // It commits in `advance` (once durable here) or on followers' acknowledgements.
         self.replicate_now = true;
     }
@@ -1100,6 +1147,17 @@ impl Node {
             self.maybe_commit();
         }
     }
+}
+
+/// The definite refusal for a client append that did not take effect as sent.
+fn refusal(outcome: Applied, client: ClientId, seq: u64) -> ClientResult {
+    let reason = match outcome {
+        Applied::Collision => format!(
+            "client ID collision: request {seq} of client {client:x} was already used for other data; retry with a new client"
+        ),
+        _ => format!("request {seq} of client {client:x} is older than its latest"),
+    };
+    ClientResult::Refused { reason }
 }
 
 #[cfg(test)]
@@ -1327,5 +1385,226 @@ mod tests {
             }
         }
         assert_eq!(wiped.log().last_index(), leader.log().last_index());
+    }
+
+    fn append_req(id: u64, client: ClientId, seq: u64, data: &str) -> ClientRequest {
+        ClientRequest {
+            id,
+            op: ClientOp::Append {
+                client,
+                seq,
+                data: data.into(),
+            },
+        }
+    }
+
+    fn client_addr() -> ReplyTo {
+        "127.0.0.1:9".parse().unwrap()
+    }
+
+    #[test]
+    fn a_stale_term_rejection_does_not_move_a_follower_backwards() {
+        // Node 1 led term 1 with entries 1-3 on node 2, then was re-elected in term 2. Node 2,
+        // already in term 2, answers a delayed term-1 heartbeat; that answer reaches node 1 as
+        // leader of term 2 and must not be taken as node 2 losing its log.
+        let hs = HardState {
+            term: 1,
+            vote: Some(1),
+            commit: 3,
+        };
+        let log = vec![entry(1, 1), entry(2, 1), entry(3, 1)];
+        let mut leader = Node::new(cfg(1, &[2, 3]), hs, log.clone());
+        elect(&mut leader);
+        assert_eq!(leader.term(), 2);
+        leader.step(msg(2, 1, 2, accepted(3)));
+        flush(&mut leader);
+        assert_eq!(leader.progress[&2].match_index, 3);
+
+        let hs = HardState {
+            term: 2,
+            vote: Some(1),
+            commit: 3,
+        };
+        let mut follower = Node::new(cfg(2, &[1, 3]), hs, log);
+        let stale_heartbeat = Body::AppendEntries {
+            prev_log_index: 3,
+            prev_log_term: 1,
+            entries: vec![],
+            leader_commit: 3,
+            read_seq: 0,
+        };
+        follower.step(msg(1, 2, 1, stale_heartbeat));
+        let answers = flush(&mut follower).messages;
+        assert_eq!(answers.len(), 1, "a stale leader is told the newer term");
+        assert_eq!(answers[0].term, 2);
+        for m in answers {
+            leader.step(m);
+            flush(&mut leader);
+        }
+        assert_eq!(leader.role(), Role::Leader);
+        assert_eq!(
+            leader.progress[&2].match_index, 3,
+            "match index went backwards on a stale answer"
+        );
+    }
+
+    #[test]
+    fn a_late_rejection_in_the_same_term_does_not_move_a_follower_backwards() {
+        // A probe at index 2 that node 2 refused (it had only entry 1) arrives late, duplicated,
+        // after node 2 has caught up: only a refusal of a request sent after the leader learned
+        // the match index may count as a wiped follower.
+        let mut leader = Node::new(cfg(1, &[2, 3]), HardState::default(), vec![]);
+        elect(&mut leader);
+        leader.request(client_addr(), append_req(1, 9, 1, "x"));
+        flush(&mut leader);
+        leader.step(msg(2, 1, 1, accepted(2)));
+        flush(&mut leader);
+        assert_eq!(leader.progress[&2].match_index, 2);
+        let late = Body::AppendEntriesResponse {
+            read_seq: 0,
+            result: AppendResult::Rejected {
+                prev_log_index: 2,
+                hint_index: 2,
+                hint_term: 0,
+            },
+        };
+        leader.step(msg(2, 1, 1, late));
+        flush(&mut leader);
+        assert_eq!(leader.progress[&2].match_index, 2);
+    }
+
+    #[test]
+    fn a_deposed_leader_is_told_the_new_term_even_if_its_entries_conflict() {
+        // Node 2 has committed entry 2 of term 3. The leader of term 2 still sends its own,
+        // uncommitted entry 2: that conflict must not hide the newer term from it.
+        let hs = HardState {
+            term: 3,
+            vote: None,
+            commit: 2,
+        };
+        let mut follower = Node::new(cfg(2, &[1, 3]), hs, vec![entry(1, 1), entry(2, 3)]);
+        let old = Body::AppendEntries {
+            prev_log_index: 1,
+            prev_log_term: 1,
+            entries: vec![entry(2, 2)],
+            leader_commit: 1,
+            read_seq: 0,
+        };
+        follower.step(msg(1, 2, 2, old));
+        let answers = flush(&mut follower).messages;
+        assert_eq!(answers.len(), 1, "no answer to a deposed leader");
+        assert_eq!((answers[0].to, answers[0].term), (1, 3));
+        assert_eq!(follower.log().entries(), &[entry(1, 1), entry(2, 3)]);
+
+        let mut deposed = Node::new(cfg(1, &[2, 3]), HardState::default(), vec![]);
+        elect(&mut deposed);
+        deposed.step(answers[0].clone());
+        assert_eq!((deposed.role(), deposed.term()), (Role::Follower, 3));
+    }
+
+    #[test]
+    fn an_echo_of_a_read_seq_never_sent_confirms_no_read() {
+        // Thesis §6.4: a read is served only after a majority answers a round sent after it.
+        let mut leader = Node::new(cfg(1, &[2, 3]), HardState::default(), vec![]);
+        elect(&mut leader);
+        leader.step(msg(2, 1, 1, accepted(1)));
+        flush(&mut leader);
+        let query = ClientRequest {
+            id: 5,
+            op: ClientOp::Query {
+                start: 1,
+                read_index: None,
+            },
+        };
+        leader.request(client_addr(), query);
+        flush(&mut leader);
+        let forged = Body::AppendEntriesResponse {
+            read_seq: leader.read_seq + 1000,
+            result: AppendResult::Accepted { match_index: 1 },
+        };
+        leader.step(msg(2, 1, 1, forged));
+        assert!(
+            flush(&mut leader).replies.is_empty(),
+            "read served unconfirmed"
+        );
+        let genuine = Body::AppendEntriesResponse {
+            read_seq: leader.read_seq,
+            result: AppendResult::Accepted { match_index: 1 },
+        };
+        leader.step(msg(2, 1, 1, genuine));
+        let replies = flush(&mut leader).replies;
+        assert!(matches!(replies[0].1.result, ClientResult::Entries { .. }));
+    }
+
+    #[test]
+    fn retries_of_an_uncommitted_append_keep_one_waiter_and_get_one_answer() {
+        let mut leader = Node::new(cfg(1, &[2, 3]), HardState::default(), vec![]);
+        elect(&mut leader);
+        leader.step(msg(2, 1, 1, accepted(1)));
+        flush(&mut leader);
+        for attempt in 1..=50 {
+            leader.request(client_addr(), append_req(attempt, 9, 1, "x"));
+            flush(&mut leader);
+        }
+        assert_eq!(leader.log().last_index(), 2, "one entry for all retries");
+        assert_eq!(leader.waiters.len(), 1);
+        leader.step(msg(2, 1, 1, accepted(2)));
+        let replies = flush(&mut leader).replies;
+        assert_eq!(replies.len(), 1);
+        assert_eq!(replies[0].1.id, 50, "the latest attempt is answered");
+    }
+
+    #[test]
+    fn a_client_id_collision_is_refused_not_acknowledged_as_anothers_write() {
+        let mut leader = Node::new(cfg(1, &[2, 3]), HardState::default(), vec![]);
+        elect(&mut leader);
+        leader.step(msg(2, 1, 1, accepted(1)));
+        flush(&mut leader);
+        let refused = |rd: Ready| {
+            rd.replies.iter().any(|(_, r)| {
+                matches!(&r.result, ClientResult::Refused { reason } if reason.contains("client ID collision"))
+            })
+        };
+        // Two clients drew ID 9; both send their first append.
+        leader.request(client_addr(), append_req(1, 9, 1, "mine"));
+        flush(&mut leader);
+        leader.request(client_addr(), append_req(2, 9, 1, "theirs"));
+        assert!(
+            refused(flush(&mut leader)),
+            "collision with a pending entry"
+        );
+        leader.step(msg(2, 1, 1, accepted(2)));
+        let rd = flush(&mut leader);
+        let appended = ClientResult::Appended { index: 2, term: 1 };
+        assert_eq!(rd.replies.len(), 1);
+        assert_eq!(rd.replies[0].1.result, appended);
+        leader.request(client_addr(), append_req(3, 9, 1, "theirs"));
+        assert!(
+            refused(flush(&mut leader)),
+            "collision with an applied entry"
+        );
+        leader.request(client_addr(), append_req(4, 9, 1, "mine"));
+        assert_eq!(flush(&mut leader).replies[0].1.result, appended);
+    }
+
+    #[test]
+    fn a_late_refusal_does_not_cancel_a_granted_vote() {
+        // Five voters: node 2 grants, then its answer to an earlier request (a refusal) arrives;
+        // with node 3's grant that is a majority.
+        let mut n = Node::new(cfg(1, &[2, 3, 4, 5]), HardState::default(), vec![]);
+        while n.role() != Role::PreCandidate {
+            n.tick();
+        }
+        flush(&mut n);
+        for voter in [2, 3] {
+            n.step(msg(voter, 1, 1, Body::PreVoteResponse { granted: true }));
+        }
+        assert_eq!(n.role(), Role::Candidate);
+        flush(&mut n);
+        let vote = |g| Body::RequestVoteResponse { granted: g };
+        n.step(msg(2, 1, 1, vote(true)));
+        n.step(msg(2, 1, 1, vote(false)));
+        n.step(msg(3, 1, 1, vote(true)));
+        assert_eq!(n.role(), Role::Leader);
     }
 }

@@ -31,6 +31,9 @@ pub struct Progress {
     pub stall_ticks: u64,
     /// Highest read sequence number the follower has echoed in this term (thesis §6.4).
     pub read_acked: u64,
+    /// The leader's read sequence number when `match_index` last changed: only a rejection of
+    /// a request sent after that can show the follower lost acknowledged entries.
+    pub matched_at_read_seq: u64,
 }
 
 impl Progress {
@@ -44,6 +47,7 @@ impl Progress {
             recent_active: false,
             stall_ticks: 0,
             read_acked: 0,
+            matched_at_read_seq: 0,
         }
     }
 
