@@ -1,31 +1,46 @@
 //! The shell around the core: threads, channels, and the persist → send → advance → reply loop.
 //!
 //! Three threads:
-//! - the **receiver** ([`Listener::run`]) turns datagrams into [`Inbox`] items;
-//! - the **timer** puts a [`Inbox::Tick`] in the inbox every tick, and forwards shutdown;
+//! - the **receiver** ([`Listener::run`]) turns datagrams into [`Inbox`] items: peer messages
+//!   into the peer queue, client requests into the client queue (shedding them when it is full);
+//! - the **timer** puts a [`Inbox::Tick`] in the peer queue every tick, and forwards shutdown;
 //! - the **node thread** (the thread that calls [`run`]) is the sole owner of the core [`Node`],
 //!   the [`Storage`] and the send side of the socket.
 //!
-//! The node thread blocks for one inbox item, then drains whatever else is already queued, stepping
+//! The node thread blocks for one item, then drains whatever else is already queued, stepping
 //! the core for each, and only then takes the core's [`Ready`]. Many requests that arrive together
 //! thus share one `Ready` and one fsync: group commit falls out of the loop's shape.
+//!
+//! Peer messages and ticks come first: the node thread takes everything in the peer queue
+//! before any client request, and looks at it again before each further request. A batch holds
+//! at most [`MAX_CLIENT_BATCH`] requests, so a heartbeat or an AppendEntries answer waits at
+//! most for one bounded batch, however many clients are queued. Client load can slow clients,
+//! never cost the leader its followers.
 
 use crate::config::PeerConfig;
 use crate::raft::{
     self, ClientReply, ClientRequest, Entry, HardState, Message, Node, NodeId, Ready, ReplyTo,
 };
 use crate::storage::Storage;
-use crate::transport::{self, Inbound, Transport};
-use crossbeam_channel::{select, Receiver, Sender};
+use crate::transport::{self, Inbound, Queues, Transport};
+use crossbeam_channel::{never, select, Receiver, Sender};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Items queued in the inbox beyond which the receiver drops datagrams rather than queue more.
-pub const INBOX_CAPACITY: usize = 16 * 1024;
-/// Inbox items stepped into the core before its `Ready` is carried out.
+/// Peer messages and ticks queued beyond which the receiver drops peer messages (the node
+/// thread would have to be stalled for a long time: peers keep a bounded window in flight).
+pub const PEER_QUEUE_CAPACITY: usize = 16 * 1024;
+/// Client requests queued beyond which the receiver sheds them. A few batches' worth: a request
+/// queued behind more would wait longer than clients wait before retrying.
+pub const CLIENT_QUEUE_CAPACITY: usize = 4 * MAX_CLIENT_BATCH;
+/// Peer-queue items stepped into the core before its `Ready` is carried out.
 pub const MAX_BATCH: usize = 4096;
+/// Client requests stepped into the core before its `Ready` is carried out. Large enough that
+/// an fsync is shared by hundreds of appends, small enough that one batch (stepping, sending,
+/// one fsync, and the replies) takes a few milliseconds, far below an election timeout.
+pub const MAX_CLIENT_BATCH: usize = 512;
 /// AppendEntries in flight to one follower.
 pub const MAX_INFLIGHT: usize = 32;
 
@@ -145,23 +160,31 @@ pub fn run(config: PeerConfig, shutdown: Receiver<()>) -> Result<(), String> {
     let stop = Arc::new(AtomicBool::new(false));
     // Stops the other threads however the node loop ends, a panic in the core included.
     let _stop_on_exit = StopOnDrop(Arc::clone(&stop));
-    let (inbox_tx, inbox_rx) = crossbeam_channel::bounded::<Inbox>(INBOX_CAPACITY);
+    let (peers_tx, peers_rx) = crossbeam_channel::bounded::<Inbox>(PEER_QUEUE_CAPACITY);
+    let (clients_tx, clients_rx) = crossbeam_channel::bounded::<Inbox>(CLIENT_QUEUE_CAPACITY);
     let receiver = {
-        let (inbox, stop) = (inbox_tx.clone(), Arc::clone(&stop));
+        let stop = Arc::clone(&stop);
+        let queues = Queues {
+            peers: peers_tx.clone(),
+            clients: clients_tx,
+        };
         thread::Builder::new()
             .name("receiver".into())
-            .spawn(move || listener.run(inbox, stop))
+            .spawn(move || {
+                listener.run(queues, stop);
+            })
             .map_err(|e| format!("cannot start the receiver thread: {e}"))?
     };
     let timer = {
         let stop = Arc::clone(&stop);
         thread::Builder::new()
             .name("timer".into())
-            .spawn(move || timer_loop(timing.tick, inbox_tx, shutdown, stop))
+            .spawn(move || timer_loop(timing.tick, peers_tx, shutdown, stop))
             .map_err(|e| format!("cannot start the timer thread: {e}"))?
     };
 
-    let result = node_loop(node, storage, transport, inbox_rx);
+    let inbox = Inboxes::new(peers_rx, clients_rx);
+    let result = node_loop(node, storage, transport, inbox);
 
     stop.store(true, Ordering::Relaxed);
     for (name, handle) in [("receiver", receiver), ("timer", timer)] {
@@ -184,9 +207,10 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// Puts a `Tick` in the inbox every `tick`, until `stop` or shutdown. Does not catch up after a
-/// stall (a late tick is followed by the next one a full tick later): time in the core may run
-/// slow under load, which delays elections but never makes them unsafe.
+/// Puts a `Tick` in the peer queue every `tick`, until `stop` or shutdown. Does not catch up
+/// after a stall (a late tick is followed by the next one a full tick later): time in the core
+/// may run slow under load, which delays elections but never makes them unsafe. Ticks share the
+/// peer queue, which the node thread drains first, so client load cannot hold them back.
 fn timer_loop(tick: Duration, inbox: Sender<Inbox>, shutdown: Receiver<()>, stop: Arc<AtomicBool>) {
     let mut next = Instant::now() + tick;
     while !stop.load(Ordering::Relaxed) {
@@ -264,24 +288,74 @@ impl Outbox for Transport {
     }
 }
 
-/// The node thread: step a batch of inbox items, carry out the core's `Ready`s, repeat.
-/// Returns `Ok` on shutdown, `Err` on a storage failure (after which nothing more is sent).
+/// The node thread's two queues: peer messages, ticks and shutdown in one, client requests in
+/// the other. The peer queue is always looked at first.
+struct Inboxes {
+    peers: Receiver<Inbox>,
+    clients: Receiver<Inbox>,
+}
+
+impl Inboxes {
+    fn new(peers: Receiver<Inbox>, clients: Receiver<Inbox>) -> Inboxes {
+        Inboxes { peers, clients }
+    }
+
+    /// Blocks for the next item, from the peer queue if both have one. `None` once the peer
+    /// queue is closed (the receiver and timer threads are both gone).
+    fn next(&mut self) -> Option<Inbox> {
+        if let Ok(item) = self.peers.try_recv() {
+            return Some(item);
+        }
+        if let Ok(item) = self.clients.try_recv() {
+            return Some(item);
+        }
+        select! {
+            recv(self.peers) -> item => item.ok(),
+            recv(self.clients) -> item => match item {
+                Ok(item) => Some(item),
+                Err(_) => {
+                    // No more clients; the ticks go on. Stop selecting a closed channel.
+                    self.clients = never();
+                    self.peers.recv().ok()
+                }
+            },
+        }
+    }
+}
+
+/// The node thread: step a batch (the peer queue first, then at most [`MAX_CLIENT_BATCH`]
+/// client requests, taking any peer item that arrives meanwhile first), carry out the core's
+/// `Ready`s, repeat. Returns `Ok` on shutdown, `Err` on a storage failure (after which nothing
+/// more is sent).
 fn node_loop(
     mut core: impl Core,
     mut storage: impl Durable,
     mut out: impl Outbox,
-    inbox: Receiver<Inbox>,
+    mut inbox: Inboxes,
 ) -> Result<(), String> {
     loop {
-        let Ok(first) = inbox.recv() else {
+        let Some(first) = inbox.next() else {
             return Err("the receiver and timer threads stopped unexpectedly".into());
         };
+        let mut clients = usize::from(matches!(first, Inbox::Client(..)));
+        let mut peers = 1 - clients;
         let mut shutdown = feed(&mut core, first);
-        let mut stepped = 1;
-        while !shutdown && stepped < MAX_BATCH {
-            let Ok(item) = inbox.try_recv() else { break };
+        while !shutdown {
+            if peers < MAX_BATCH {
+                if let Ok(item) = inbox.peers.try_recv() {
+                    shutdown = feed(&mut core, item);
+                    peers += 1;
+                    continue;
+                }
+            }
+            if clients >= MAX_CLIENT_BATCH {
+                break;
+            }
+            let Ok(item) = inbox.clients.try_recv() else {
+                break;
+            };
             shutdown = feed(&mut core, item);
-            stepped += 1;
+            clients += 1;
         }
         loop {
             let rd = core.ready();
@@ -391,12 +465,17 @@ mod tests {
     /// A log of what the loop did, shared by the fakes.
     type Events = Rc<RefCell<Vec<String>>>;
 
+    /// Called by the fake core with each request's id, so a test can act in the middle of a
+    /// batch (queue a peer message, ask for shutdown).
+    type Hook = Box<dyn FnMut(u64)>;
+
     /// A core that turns each client request into one entry, one message and one reply, all in
     /// the next `Ready`, and counts steps.
     struct FakeCore {
         events: Events,
         pending: Ready,
         send_before_persist: bool,
+        hook: Option<Hook>,
     }
 
     impl Core for FakeCore {
@@ -408,6 +487,9 @@ mod tests {
         }
         fn request(&mut self, reply_to: ReplyTo, req: ClientRequest) {
             self.events.borrow_mut().push(format!("request {}", req.id));
+            if let Some(hook) = &mut self.hook {
+                hook(req.id);
+            }
             let index = self.pending.entries.len() as u64 + 1;
             self.pending.hard_state = Some(HardState {
                 term: 1,
@@ -493,30 +575,50 @@ mod tests {
         )
     }
 
-    /// Runs the node loop over `items` (then Shutdown) and returns what it did.
+    /// The node loop's two queues (unbounded), with their send sides.
+    fn queues() -> (Sender<Inbox>, Sender<Inbox>, Inboxes) {
+        let (peers_tx, peers_rx) = crossbeam_channel::unbounded();
+        let (clients_tx, clients_rx) = crossbeam_channel::unbounded();
+        (peers_tx, clients_tx, Inboxes::new(peers_rx, clients_rx))
+    }
+
+    /// Queues `item` where the receiver or the timer would put it.
+    fn queue(peers: &Sender<Inbox>, clients: &Sender<Inbox>, item: Inbox) {
+        match item {
+            Inbox::Client(..) => clients.send(item).unwrap(),
+            _ => peers.send(item).unwrap(),
+        }
+    }
+
+    /// Runs the node loop over `items`, then Shutdown, and returns what it did. The Shutdown
+    /// goes last in the client queue, so that it is taken after everything else (in a peer it
+    /// comes through the peer queue, and is taken before any queued client request).
     fn run_loop(
         items: Vec<Inbox>,
         send_before_persist: bool,
         fail: bool,
     ) -> (Result<(), String>, Vec<String>) {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        for item in items.into_iter().chain([Inbox::Shutdown]) {
-            tx.send(item).unwrap();
+        let (peers, clients, inbox) = queues();
+        for item in items {
+            queue(&peers, &clients, item);
         }
-        run_inbox(rx, send_before_persist, fail)
+        clients.send(Inbox::Shutdown).unwrap();
+        run_inbox(inbox, send_before_persist, fail, None)
     }
 
     /// Runs the node loop with fakes on `inbox` until it ends; returns what it did.
     fn run_inbox(
-        inbox: Receiver<Inbox>,
+        inbox: Inboxes,
         send_before_persist: bool,
         fail: bool,
+        hook: Option<Hook>,
     ) -> (Result<(), String>, Vec<String>) {
         let events = Events::default();
         let core = FakeCore {
             events: events.clone(),
             pending: Ready::default(),
             send_before_persist,
+            hook,
         };
         let storage = FakeStorage {
             events: events.clone(),
@@ -583,21 +685,80 @@ mod tests {
 
     #[test]
     fn shutdown_carries_out_the_batch_before_it_and_ignores_the_rest() {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        tx.send(request(1)).unwrap();
-        tx.send(Inbox::Shutdown).unwrap();
-        tx.send(request(2)).unwrap();
-        let (result, events) = run_inbox(rx, false, false);
+        let (peers, clients, inbox) = queues();
+        for id in 1..=3 {
+            clients.send(request(id)).unwrap();
+        }
+        // Shutdown arrives while request 2 is being stepped; request 3 is still queued.
+        let hook: Hook = Box::new(move |id| {
+            if id == 2 {
+                peers.send(Inbox::Shutdown).unwrap();
+            }
+        });
+        let (result, events) = run_inbox(inbox, false, false, Some(hook));
         assert_eq!(result, Ok(()));
         assert!(events.contains(&"reply 1".to_string()), "{events:?}");
-        assert!(!events.contains(&"request 2".to_string()), "{events:?}");
+        assert!(events.contains(&"reply 2".to_string()), "{events:?}");
+        assert!(!events.contains(&"request 3".to_string()), "{events:?}");
     }
 
     #[test]
     fn the_loop_ends_with_an_error_if_its_inbox_closes() {
-        let (tx, rx) = crossbeam_channel::unbounded::<Inbox>();
-        drop(tx);
-        assert!(run_inbox(rx, false, false).0.is_err());
+        let (peers, clients, inbox) = queues();
+        drop((peers, clients));
+        assert!(run_inbox(inbox, false, false, None).0.is_err());
+    }
+
+    #[test]
+    fn ticks_go_on_after_the_client_queue_closes() {
+        let (peers, clients, inbox) = queues();
+        drop(clients);
+        for item in [Inbox::Tick, Inbox::Tick, Inbox::Shutdown] {
+            peers.send(item).unwrap();
+        }
+        let (result, events) = run_inbox(inbox, false, false, None);
+        assert_eq!(result, Ok(()));
+        assert_eq!(events.iter().filter(|e| *e == "tick").count(), 2);
+    }
+
+    #[test]
+    fn peer_messages_and_ticks_are_stepped_before_queued_client_requests() {
+        // A backlog of client requests, then a follower's answer and a tick: the answer and
+        // the tick must not wait behind the backlog, and the first batch must end after
+        // MAX_CLIENT_BATCH requests, so its Ready (heartbeats, replication) leaves soon.
+        let (peers, clients, inbox) = queues();
+        for id in 0..3 * MAX_CLIENT_BATCH as u64 {
+            clients.send(request(id)).unwrap();
+        }
+        peers.send(Inbox::Peer(message(3, 1))).unwrap();
+        peers.send(Inbox::Tick).unwrap();
+        clients.send(Inbox::Shutdown).unwrap();
+        let (_, events) = run_inbox(inbox, false, false, None);
+        assert_eq!(events[..3], ["step 3", "tick", "request 0"], "{events:?}");
+        let first_ready = events.iter().position(|e| e == "ready").unwrap();
+        assert_eq!(first_ready, 2 + MAX_CLIENT_BATCH, "{:?}", &events[..8]);
+    }
+
+    #[test]
+    fn a_peer_message_arriving_during_a_client_batch_is_stepped_in_that_batch() {
+        let (peers, clients, inbox) = queues();
+        for id in 0..2 * MAX_CLIENT_BATCH as u64 {
+            clients.send(request(id)).unwrap();
+        }
+        clients.send(Inbox::Shutdown).unwrap();
+        let hook: Hook = Box::new(move |id| {
+            if id == 10 {
+                peers.send(Inbox::Peer(message(2, 1))).unwrap();
+                peers.send(Inbox::Tick).unwrap();
+            }
+        });
+        let (_, events) = run_inbox(inbox, false, false, Some(hook));
+        // Taken right after the request during which it arrived, ahead of the queued ones.
+        assert_eq!(
+            events[10..14],
+            ["request 10", "step 2", "tick", "request 11"],
+            "{events:?}"
+        );
     }
 
     #[test]

@@ -8,6 +8,10 @@
 //! - a peer [`Message`] must come `from` a configured peer and be addressed `to` this node;
 //! - a client [`ClientRequest`] is accepted from anyone and answered at its source address;
 //! - a [`ClientReply`] is dropped: peers send replies, they never take them.
+//!
+//! Accepted peer messages and client requests go to separate queues ([`Queues`]). The receiver
+//! never blocks: when the client queue is full it sheds the request (clients retry), so that
+//! client load can never cost the cluster a peer message, nor stall the socket behind it.
 
 use crate::config::PeerConfig;
 use crate::raft::{
@@ -44,10 +48,14 @@ pub enum DropReason {
     UnknownSender,
     WrongRecipient,
     Reply,
+    /// A client request that found the client queue full: shed, so peers keep their share.
+    ClientQueueFull,
+    /// A peer message that found the peer queue full: the node thread is far behind.
+    PeerQueueFull,
 }
 
 impl DropReason {
-    const COUNT: usize = 5;
+    const COUNT: usize = 7;
 
     /// What was dropped, in the singular and the plural.
     fn describe(self) -> (&'static str, &'static str) {
@@ -63,6 +71,14 @@ impl DropReason {
                 "peer messages for other nodes",
             ),
             DropReason::Reply => ("a client reply", "client replies"),
+            DropReason::ClientQueueFull => (
+                "a client request (client queue full)",
+                "client requests (client queue full)",
+            ),
+            DropReason::PeerQueueFull => (
+                "a peer message (peer queue full)",
+                "peer messages (peer queue full)",
+            ),
         }
     }
 }
@@ -216,6 +232,8 @@ const ALL_REASONS: [DropReason; DropReason::COUNT] = [
     DropReason::UnknownSender,
     DropReason::WrongRecipient,
     DropReason::Reply,
+    DropReason::ClientQueueFull,
+    DropReason::PeerQueueFull,
 ];
 
 /// A rate-limited log line for one kind of problem.
@@ -264,8 +282,8 @@ pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
         me: config.node_id,
         peers: config.peer_ids().into_iter().collect(),
         drops: DropLog::new(WARN_INTERVAL),
-        inbox_full: Throttled::new(),
         recv_failed: Throttled::new(),
+        stats: ReceiveStats::default(),
     };
     Ok((transport, listener))
 }
@@ -274,12 +292,21 @@ pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
 pub const SOCKET_BUFFER: usize = 4 << 20;
 
 /// Asks for large socket buffers: with hundreds of requests in flight, the default (~200 KiB)
-/// overflows and drops datagrams, which then cost a retry timeout. Best effort: a smaller
-/// buffer only costs speed.
+/// overflows and drops datagrams, which then cost a retry timeout; a peer's socket also holds
+/// its peer traffic, which the kernel drops as readily as a client's when the buffer is full.
+/// Best effort: a smaller buffer costs speed, so it is logged once at info.
 pub fn enlarge_buffers(socket: &UdpSocket) {
     let s = socket2::SockRef::from(socket);
     if let Err(e) = s.set_recv_buffer_size(SOCKET_BUFFER) {
         log::debug!("cannot enlarge the receive buffer: {e}");
+    }
+    // Linux reports twice what it grants (it counts its bookkeeping).
+    if let Ok(got) = s.recv_buffer_size() {
+        if got < SOCKET_BUFFER {
+            log::info!(
+                "the UDP receive buffer is {got} bytes, not the {SOCKET_BUFFER} asked for (raise net.core.rmem_max): bursts may lose datagrams"
+            );
+        }
     }
     if let Err(e) = s.set_send_buffer_size(SOCKET_BUFFER) {
         log::debug!("cannot enlarge the send buffer: {e}");
@@ -376,6 +403,29 @@ impl Transport {
     }
 }
 
+/// Where the receiver hands what it accepts: peer messages and client requests each to their
+/// own bounded queue, so that however full the client queue, a peer message still gets in.
+#[derive(Debug)]
+pub struct Queues<T> {
+    pub peers: Sender<T>,
+    pub clients: Sender<T>,
+}
+
+/// What a receiver did, returned when it stops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReceiveStats {
+    /// Peer messages queued for the node thread.
+    pub peer_messages: u64,
+    /// Client requests queued for the node thread.
+    pub client_requests: u64,
+    /// Client requests dropped because the client queue was full.
+    pub clients_shed: u64,
+    /// Peer messages dropped because the peer queue was full.
+    pub peers_dropped: u64,
+    /// Datagrams that [`classify`] rejected.
+    pub rejected: u64,
+}
+
 /// The receive side of the socket, run by the receiver thread.
 #[derive(Debug)]
 pub struct Listener {
@@ -383,15 +433,23 @@ pub struct Listener {
     me: NodeId,
     peers: BTreeSet<NodeId>,
     drops: DropLog,
-    inbox_full: Throttled,
     recv_failed: Throttled,
+    stats: ReceiveStats,
 }
 
+/// How every client request datagram our own encoder makes begins; see [`Listener::run`].
+const REQUEST_PREFIX: &[u8] = b"{\"Request\":";
+
 impl Listener {
-    /// Receives until `stop` is set or the inbox is closed, handing each accepted datagram to
-    /// `inbox`. When the inbox is full the datagram is dropped (UDP may lose it anyway), so a
-    /// flood slows nobody but itself.
-    pub fn run<T: From<Inbound>>(mut self, inbox: Sender<T>, stop: Arc<AtomicBool>) {
+    /// Receives until `stop` is set or a queue is closed, handing each accepted datagram to
+    /// its queue in `queues`, and returns what it did. It never blocks on a queue: a client
+    /// request that finds the client queue full is shed (counted, with a rate-limited warning),
+    /// and a peer message that finds the peer queue full is dropped as the network might have.
+    pub fn run<T: From<Inbound>>(
+        mut self,
+        queues: Queues<T>,
+        stop: Arc<AtomicBool>,
+    ) -> ReceiveStats {
         let mut buf = vec![0u8; RECV_BUFFER];
         while !stop.load(Ordering::Relaxed) {
             let received = self.socket.recv_from(&mut buf);
@@ -416,20 +474,63 @@ impl Listener {
                     }
                 },
             };
-            match classify(&buf[..len], src, self.me, &self.peers) {
-                Ok(item) => match inbox.try_send(T::from(item)) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(_)) => self.inbox_full.log(log::Level::Warn, || {
-                        format!("inbox full, dropped a datagram from {src}")
-                    }),
-                    Err(TrySendError::Disconnected(_)) => return,
-                },
-                Err(d) => {
-                    if let Some(line) = self.drops.note(now, src, &d) {
-                        log::warn!("{line}");
-                    }
-                }
+            let bytes = &buf[..len];
+            // Under overload, shed a request before paying to decode it: the time this thread
+            // saves is time it spends draining the socket, where peer datagrams wait too.
+            if queues.clients.is_full() && bytes.starts_with(REQUEST_PREFIX) {
+                self.shed(now, src, queues.clients.capacity());
+                continue;
             }
+            let (queue, item) = match classify(bytes, src, self.me, &self.peers) {
+                Ok(item @ Inbound::Peer(_)) => (&queues.peers, item),
+                Ok(item @ Inbound::Client(..)) => (&queues.clients, item),
+                Err(d) => {
+                    self.stats.rejected += 1;
+                    self.warn(now, src, &d);
+                    continue;
+                }
+            };
+            let is_peer = matches!(item, Inbound::Peer(_));
+            match queue.try_send(T::from(item)) {
+                Ok(()) if is_peer => self.stats.peer_messages += 1,
+                Ok(()) => self.stats.client_requests += 1,
+                Err(TrySendError::Full(_)) if is_peer => {
+                    self.stats.peers_dropped += 1;
+                    let detail = format!(
+                        "{} messages queued; the node thread is not keeping up",
+                        queue.len()
+                    );
+                    self.warn(now, src, &dropped(DropReason::PeerQueueFull, detail));
+                }
+                Err(TrySendError::Full(_)) => self.shed(now, src, queue.capacity()),
+                Err(TrySendError::Disconnected(_)) => break,
+            }
+        }
+        let s = self.stats;
+        log::info!(
+            "receiver stopped: {} peer messages and {} client requests queued; {} client requests shed, {} peer messages dropped, {} datagrams rejected",
+            s.peer_messages,
+            s.client_requests,
+            s.clients_shed,
+            s.peers_dropped,
+            s.rejected
+        );
+        s
+    }
+
+    /// Sheds a client request because the client queue is full.
+    fn shed(&mut self, now: Instant, src: SocketAddr, capacity: Option<usize>) {
+        self.stats.clients_shed += 1;
+        let detail = format!(
+            "{} requests already queued; shedding client load so that peer traffic keeps flowing",
+            capacity.unwrap_or(0)
+        );
+        self.warn(now, src, &dropped(DropReason::ClientQueueFull, detail));
+    }
+
+    fn warn(&mut self, now: Instant, src: SocketAddr, d: &Dropped) {
+        if let Some(line) = self.drops.note(now, src, d) {
+            log::warn!("{line}");
         }
     }
 }
@@ -700,29 +801,145 @@ mod tests {
         }
     }
 
+    /// A listener on its own thread with queues of the given capacities, which the test
+    /// drains itself (or leaves full).
+    struct Running {
+        addr: SocketAddr,
+        peers: crossbeam_channel::Receiver<Inbound>,
+        clients: crossbeam_channel::Receiver<Inbound>,
+        stop: Arc<AtomicBool>,
+        thread: std::thread::JoinHandle<ReceiveStats>,
+    }
+
+    impl Running {
+        fn start(
+            others: &[(NodeId, u16)],
+            peer_capacity: usize,
+            client_capacity: usize,
+        ) -> Running {
+            let (transport, listener) = bind(&config_for(0, others)).unwrap();
+            let (peers_tx, peers) = crossbeam_channel::bounded(peer_capacity);
+            let (clients_tx, clients) = crossbeam_channel::bounded(client_capacity);
+            let stop = Arc::new(AtomicBool::new(false));
+            let queues = Queues {
+                peers: peers_tx,
+                clients: clients_tx,
+            };
+            let thread = {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || listener.run(queues, stop))
+            };
+            Running {
+                addr: transport.local_addr().unwrap(),
+                peers,
+                clients,
+                stop,
+                thread,
+            }
+        }
+
+        fn stop(self) -> ReceiveStats {
+            self.stop.store(true, Ordering::Relaxed);
+            self.thread.join().unwrap()
+        }
+    }
+
+    fn status_request(id: u64) -> Vec<u8> {
+        encoded(Datagram::Request(ClientRequest {
+            id,
+            op: ClientOp::Status,
+        }))
+    }
+
     #[test]
     fn listener_delivers_only_accepted_datagrams_and_stops_on_request() {
         let peer2 = free_socket();
         let p2 = peer2.local_addr().unwrap().port();
-        let (transport, listener) = bind(&config_for(0, &[(2, p2)])).unwrap();
-        let me = transport.local_addr().unwrap();
-        let (tx, rx) = crossbeam_channel::bounded::<Inbound>(16);
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || listener.run(tx, stop))
-        };
-        peer2.send_to(b"garbage", me).unwrap();
+        let r = Running::start(&[(2, p2)], 16, 16);
+        peer2.send_to(b"garbage", r.addr).unwrap();
         peer2
-            .send_to(&encoded(Datagram::Peer(message(3, 1))), me)
+            .send_to(&encoded(Datagram::Peer(message(3, 1))), r.addr)
             .unwrap(); // node 3 is not configured here
         peer2
-            .send_to(&encoded(Datagram::Peer(message(2, 1))), me)
+            .send_to(&encoded(Datagram::Peer(message(2, 1))), r.addr)
             .unwrap();
-        let got = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let got = r.peers.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(got, Inbound::Peer(message(2, 1)));
-        assert!(rx.try_recv().is_err());
-        stop.store(true, Ordering::Relaxed);
-        thread.join().unwrap();
+        assert!(r.peers.try_recv().is_err());
+        assert!(r.clients.try_recv().is_err());
+        let stats = r.stop();
+        assert_eq!((stats.peer_messages, stats.rejected), (1, 2), "{stats:?}");
+    }
+
+    #[test]
+    fn peer_messages_get_through_while_the_client_queue_is_full() {
+        let peer2 = free_socket();
+        let p2 = peer2.local_addr().unwrap().port();
+        let r = Running::start(&[(2, p2)], 16, 4);
+        // Nobody drains the client queue: 4 requests fill it, the next 96 must be shed, and
+        // the peer messages sent among and after them must all arrive.
+        let client = free_socket();
+        for id in 0..100 {
+            client.send_to(&status_request(id), r.addr).unwrap();
+            if id % 25 == 0 {
+                peer2
+                    .send_to(&encoded(Datagram::Peer(message(2, 1))), r.addr)
+                    .unwrap();
+            }
+        }
+        peer2
+            .send_to(&encoded(Datagram::Peer(message(2, 1))), r.addr)
+            .unwrap();
+        for n in 0..5 {
+            let got = r.peers.recv_timeout(Duration::from_secs(5));
+            assert_eq!(got, Ok(Inbound::Peer(message(2, 1))), "peer message {n}");
+        }
+        // Loopback keeps the order of the sends, so the last peer message was handled after
+        // every request: the counts are final.
+        let queued: Vec<Inbound> = r.clients.try_iter().collect();
+        let stats = r.stop();
+        assert_eq!(queued.len(), 4);
+        assert_eq!(
+            (
+                stats.peer_messages,
+                stats.client_requests,
+                stats.clients_shed
+            ),
+            (5, 4, 96),
+            "{stats:?}"
+        );
+        assert_eq!(stats.peers_dropped, 0);
+    }
+
+    #[test]
+    fn a_full_peer_queue_drops_without_blocking_the_receiver() {
+        let peer2 = free_socket();
+        let p2 = peer2.local_addr().unwrap().port();
+        let r = Running::start(&[(2, p2)], 2, 4);
+        for _ in 0..5 {
+            peer2
+                .send_to(&encoded(Datagram::Peer(message(2, 1))), r.addr)
+                .unwrap();
+        }
+        // The receiver is still reading: a client request sent after the flood is queued.
+        let client = free_socket();
+        client.send_to(&status_request(9), r.addr).unwrap();
+        let got = r.clients.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(matches!(
+            got,
+            Inbound::Client(_, ClientRequest { id: 9, .. })
+        ));
+        let stats = r.stop();
+        assert_eq!(
+            (stats.peer_messages, stats.peers_dropped),
+            (2, 3),
+            "{stats:?}"
+        );
+    }
+
+    #[test]
+    fn the_shed_prefix_is_how_requests_are_encoded() {
+        assert!(status_request(1).starts_with(REQUEST_PREFIX));
+        assert!(!encoded(Datagram::Peer(message(2, 1))).starts_with(REQUEST_PREFIX));
     }
 }
