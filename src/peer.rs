@@ -70,15 +70,32 @@ pub struct Timing {
     pub election_ticks: (u64, u64),
 }
 
+/// The least difference, in ticks, between the longest and the shortest election timeout.
+/// Peers act on whole ticks, and each draws its timeout uniformly from `min..=max`: with at
+/// least 4 values to draw from, two peers pick the same one (and may split the vote) with
+/// probability at most 1/4, and a split repeats n times with at most (1/4)^n. With none,
+/// peers whose clocks tick together split every time.
+pub const MIN_ELECTION_SPREAD_TICKS: u64 = 3;
+
 impl Timing {
     /// A tick is a fifth of the heartbeat interval, between 1 and 10 ms. The election minimum
     /// is kept above the heartbeat, whatever the rounding, so followers hear from a live leader
-    /// before they give up on it.
+    /// before they give up on it; the maximum is kept [`MIN_ELECTION_SPREAD_TICKS`] above the
+    /// minimum (and says so in the log if that widens the configured range).
     pub fn from_ms(heartbeat_ms: u64, election_ms: (u64, u64)) -> Timing {
         let tick_ms = (heartbeat_ms / 5).clamp(1, 10);
         let heartbeat_ticks = (heartbeat_ms / tick_ms).max(1);
         let min = (election_ms.0 / tick_ms).max(heartbeat_ticks + 1);
-        let max = (election_ms.1 / tick_ms).max(min);
+        let configured_max = election_ms.1 / tick_ms;
+        let max = configured_max.max(min + MIN_ELECTION_SPREAD_TICKS);
+        if max > configured_max {
+            log::info!(
+                "election timeout {}-{} ms is {min}-{configured_max} ticks of {tick_ms} ms; widening the maximum to {max} ticks ({} ms) so that peers draw different timeouts and split votes do not repeat",
+                election_ms.0,
+                election_ms.1,
+                max * tick_ms
+            );
+        }
         Timing {
             tick: Duration::from_millis(tick_ms),
             heartbeat_ticks,
@@ -449,12 +466,29 @@ mod tests {
                         t.election_ticks.0 > t.heartbeat_ticks,
                         "hb {hb} min {min}: {t:?}"
                     );
-                    assert!(t.election_ticks.0 <= t.election_ticks.1, "{t:?}");
+                    assert!(
+                        t.election_ticks.0 + MIN_ELECTION_SPREAD_TICKS <= t.election_ticks.1,
+                        "hb {hb} election {min}-{max}: {t:?}"
+                    );
                 }
             }
         }
         // 49 ms heartbeats tick every 9 ms: 5 ticks; a 50 ms minimum would also be 5 ticks.
-        assert_eq!(Timing::from_ms(49, (50, 60)).election_ticks, (6, 6));
+        assert_eq!(Timing::from_ms(49, (50, 60)).election_ticks, (6, 9));
+    }
+
+    #[test]
+    fn election_timeouts_keep_a_spread_of_a_few_ticks_after_rounding() {
+        // Raft §5.2: randomized timeouts are what keep split votes from repeating. Ranges that
+        // rounding to 10 ms ticks would collapse to a single value are widened.
+        assert_eq!(Timing::from_ms(50, (150, 150)).election_ticks, (15, 18));
+        assert_eq!(Timing::from_ms(50, (150, 152)).election_ticks, (15, 18));
+        assert_eq!(Timing::from_ms(50, (150, 179)).election_ticks, (15, 18));
+        // A range with room enough is left alone.
+        assert_eq!(Timing::from_ms(50, (150, 180)).election_ticks, (15, 18));
+        assert_eq!(Timing::from_ms(50, (150, 300)).election_ticks, (15, 30));
+        // 1 ms ticks: the spread is 3 ms.
+        assert_eq!(Timing::from_ms(5, (20, 20)).election_ticks, (20, 23));
     }
 
     #[test]
