@@ -13,6 +13,10 @@
 //! unknown outcome, appending the same data again reuses the same `seq`, so the server applies
 //! it at most once; appending different data takes a fresh `seq`, so it can never be mistaken
 //! for the earlier one.
+//!
+//! `(client, seq)` is only as unique as the client ID, so IDs are drawn from the operating
+//! system's randomness: two clients started at the same instant, even with the same PID in two
+//! containers, draw the same ID with probability 2^-64.
 
 use crate::raft::rng::splitmix64;
 use crate::raft::{
@@ -140,12 +144,12 @@ impl Client {
             order,
             cursor: 0,
             timeout,
-            client_id: random_u64(),
+            client_id: os_random_u64()?,
             next_seq: 1,
             pending: None,
             leader: None,
             // Random, so that answers meant for an earlier process on the same port never match.
-            next_request_id: random_u64() >> 1,
+            next_request_id: os_random_u64()? >> 1,
             last_peer: None,
             buf: vec![0; MAX_DATAGRAM + 1],
         })
@@ -511,11 +515,21 @@ fn pause_until(pause: Duration, deadline: Instant) {
 
 /// 10-20 ms, jittered so that clients do not move in lockstep.
 fn short_pause() -> Duration {
-    Duration::from_millis(10 + random_u64() % 11)
+    Duration::from_millis(10 + jitter_u64() % 11)
 }
 
-/// A random u64 without a rand crate: the clock, the process ID and a counter, mixed.
-fn random_u64() -> u64 {
+/// A random u64 from the operating system, for identities that must not collide.
+fn os_random_u64() -> Result<u64, ClientError> {
+    getrandom::u64().map_err(|e| {
+        ClientError::Io(format!(
+            "cannot draw the client's random IDs from the operating system: {e}"
+        ))
+    })
+}
+
+/// A cheap, predictable u64 (the clock, the process ID and a counter, mixed): for spreading
+/// pauses only, never for identities.
+fn jitter_u64() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -529,6 +543,7 @@ fn random_u64() -> u64 {
 mod tests {
     use super::*;
     use crate::raft::Role;
+    use std::collections::BTreeSet;
     use std::sync::atomic::AtomicBool;
     use std::sync::{Arc, Mutex};
     use std::thread::JoinHandle;
@@ -905,8 +920,82 @@ mod tests {
     }
 
     #[test]
-    fn client_ids_differ() {
-        let a: std::collections::BTreeSet<u64> = (0..1000).map(|_| random_u64()).collect();
-        assert_eq!(a.len(), 1000);
+    fn definite_answer_to_an_earlier_attempt_is_accepted() {
+        // The peer got the first attempt but answers only after the retry, quoting the first
+        // attempt's ID (a NotLeader for it, which no longer counts, and then the outcome).
+        let mut first = None;
+        let p1 = FakePeer::start(1, move |req| match first {
+            None => {
+                first = Some(req.id);
+                vec![]
+            }
+            Some(id) => vec![
+                (id, ClientResult::NotLeader { leader: None }),
+                (id, appended(4, 1)),
+            ],
+        });
+        let mut c = client_of(&[(1, &p1)], 2000);
+        assert_eq!(c.append("x").unwrap().index, 4);
+        assert_eq!(p1.requests().len(), 2);
+    }
+
+    #[test]
+    fn client_ids_are_distinct() {
+        let drawn: BTreeSet<u64> = (0..10_000).map(|_| os_random_u64().unwrap()).collect();
+        assert_eq!(drawn.len(), 10_000);
+        let p1 = FakePeer::silent(1);
+        let clients: Vec<Client> = (0..50).map(|_| client_of(&[(1, &p1)], 100)).collect();
+        let ids: BTreeSet<ClientId> = clients.iter().map(|c| c.client_id()).collect();
+        assert_eq!(ids.len(), clients.len(), "clients made back to back");
+    }
+
+    /// Inverse of [`splitmix64`]: its steps are an addition, two xor-shifts and two
+    /// multiplications by odd constants, each invertible modulo 2^64.
+    fn unsplitmix64(mut z: u64) -> u64 {
+        fn unxorshift(y: u64, shift: u32) -> u64 {
+            let mut x = y;
+            for _ in 0..64 / shift {
+                x = y ^ (x >> shift);
+            }
+            x
+        }
+        fn inverse(odd: u64) -> u64 {
+            // Newton's iteration doubles the correct low bits each step.
+            let mut inv = odd;
+            for _ in 0..6 {
+                inv = inv.wrapping_mul(2u64.wrapping_sub(odd.wrapping_mul(inv)));
+            }
+            inv
+        }
+        z = unxorshift(z, 31).wrapping_mul(inverse(0x94D0_49BB_1331_11EB));
+        z = unxorshift(z, 27).wrapping_mul(inverse(0xBF58_476D_1CE4_E5B9));
+        unxorshift(z, 30).wrapping_sub(0x9E37_79B9_7F4A_7C15)
+    }
+
+    #[test]
+    fn client_ids_are_not_a_function_of_the_clock() {
+        for x in [0, 1, 0xDEAD_BEEF, u64::MAX] {
+            assert_eq!(unsplitmix64(splitmix64(x)), x);
+        }
+        // IDs used to be splitmix64(nanos ^ pid.rotate_left(32) ^ splitmix64(counter)): two
+        // processes with the same PID (in two containers) drawing in the same nanosecond drew
+        // the same ID. Decode IDs that way and check none yields the instant it was drawn at.
+        let pid = u64::from(std::process::id()).rotate_left(32);
+        let p1 = FakePeer::silent(1);
+        for _ in 0..5 {
+            let now = || {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            };
+            let before = now();
+            let id = client_of(&[(1, &p1)], 100).client_id();
+            let after = now();
+            let mixed = unsplitmix64(id) ^ pid;
+            let counter = (0..1u64 << 20)
+                .find(|&count| (before..=after).contains(&(mixed ^ splitmix64(count))));
+            assert_eq!(counter, None, "client ID {id:#x} decodes to the clock");
+        }
     }
 }
