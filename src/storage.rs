@@ -8,15 +8,25 @@
 //!   processes never append to the same log.
 //! - `wal`: the log, one frame per [`Storage::persist`] call.
 //!
-//! # Frame format (all integers little-endian)
+//! # WAL format, version 2 (all integers little-endian)
 //! ```text
-//! frame   = len: u32, crc: u32 (CRC-32 of payload), payload: [u8; len]      with len > 0
+//! wal     = header frame*
+//! header  = "raft-wal": [u8; 8], version: u32, magic: u64, crc: u32       crc of the 20 bytes before it
+//! frame   = magic: u64, offset: u64, seq: u64, len: u32, data_crc: u32, header_crc: u32,
+//!           payload: [u8; len]                                            header_crc of the 32 bytes before it
 //! payload = record*
 //! record  = 1: u8, term: u64, vote: u64 (0 = none), commit: u64             a hard state
 //!         | 2: u8, index: u64, term: u64, kind                              an entry
 //! kind    = 0: u8                                                           Payload::Noop
 //!         | 1: u8, client: u64, seq: u64, n: u32, data: [u8; n] (UTF-8)     Payload::Data
 //! ```
+//! `magic` is drawn from the OS's randomness when the file is created and never leaves it;
+//! every frame repeats it, along with the frame's own byte `offset` and its `seq` (1, 2, ...).
+//! A frame header that carries the magic and its own offset, with a matching `header_crc`, can
+//! only have been written by us, at that place: client data inside a payload cannot forge one
+//! without the magic, and a copy of a real header elsewhere names the wrong offset.
+//! Version 1 had no file header and only `len, crc` per frame; this build refuses it.
+//!
 //! A batch is one frame written with one `write` and made durable with one `fdatasync`, so it is
 //! atomic: a crash mid-write leaves a torn last frame, which the next open drops as a whole.
 //!
@@ -26,11 +36,15 @@
 //! is no separate truncate record); after that its index must be exactly last + 1. The last
 //! hard-state record wins, and its commit index is clamped to the last index.
 //!
-//! A bad last frame is a torn write and is cut off (with a warning): one that runs past the end
-//! of the file with no valid frame anywhere after its header, or one that fails its CRC (or is an
-//! all-zero header) with nothing but zero bytes after it. Any other bad frame means the file was
-//! damaged after it was synced; open then fails, naming the file and byte offset, rather than
-//! silently forgetting entries this peer may have promised to keep.
+//! Replay stops at the first frame that is not intact: its header is incomplete or not ours, its
+//! payload runs past the end of the file, or its payload fails its CRC. Every frame is synced
+//! before the next one is written, so a torn write is always the last frame: if no header of
+//! ours starts anywhere after the bad frame's first byte, it is torn and cut off (with a
+//! warning), whatever its bytes are (zeros, garbage, or pages of it that did reach the disk).
+//! If one does, the bad frame was synced before a later write, so the file was damaged
+//! afterwards; open then fails, naming the file and byte offset, rather than silently
+//! forgetting entries this peer may have promised to keep. So does an intact frame that is out
+//! of sequence or does not decode.
 
 use crate::raft::{Entry, HardState, Index, NodeId, Payload};
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -40,9 +54,17 @@ use std::path::{Path, PathBuf};
 const NODE_ID_FILE: &str = "node_id";
 const LOCK_FILE: &str = "LOCK";
 const WAL_FILE: &str = "wal";
+/// Where a new WAL is written before it is renamed into place, so `wal` always has a header.
+const WAL_TMP_FILE: &str = "wal.tmp";
 
-/// `len: u32` and `crc: u32`.
-const FRAME_HEADER_LEN: u64 = 8;
+/// The first bytes of every WAL (the per-file random magic comes after the version).
+const WAL_SIGNATURE: [u8; 8] = *b"raft-wal";
+/// The WAL format this build writes and reads.
+const WAL_VERSION: u32 = 2;
+/// `"raft-wal"`, `version: u32`, `magic: u64`, `crc: u32`.
+const WAL_HEADER_LEN: u64 = 24;
+/// `magic: u64`, `offset: u64`, `seq: u64`, `len: u32`, `data_crc: u32`, `header_crc: u32`.
+const FRAME_HEADER_LEN: u64 = 36;
 const RECORD_HARD_STATE: u8 = 1;
 const RECORD_ENTRY: u8 = 2;
 const KIND_NOOP: u8 = 0;
@@ -59,8 +81,12 @@ pub struct Storage {
     wal: File,
     /// Holds the directory's exclusive lock for as long as it is open.
     _lock: File,
-    /// Length of the WAL: every byte before it belongs to a complete, synced frame.
+    /// Length of the WAL: every byte before it belongs to the header or a complete, synced frame.
     wal_len: u64,
+    /// This WAL's random magic, repeated in every frame header.
+    magic: u64,
+    /// The `seq` the next frame takes: one more than the frames in the file.
+    next_seq: u64,
     /// Index of the last entry in the durable log; 0 when the log is empty.
     last_index: Index,
     /// Set once a write or fsync failed. The file's contents are then unknown (a failed fsync may
@@ -79,17 +105,14 @@ impl Storage {
         check_node_id(dir, node_id)?;
 
         let wal_path = dir.join(WAL_FILE);
-        let existed = exists(&wal_path)?;
+        if !exists(&wal_path)? {
+            create_wal(dir, &wal_path)?;
+        }
         let mut wal = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(false)
             .open(&wal_path)
             .map_err(|e| format!("cannot open {}: {e}", wal_path.display()))?;
-        if !existed {
-            sync_dir(dir)?;
-        }
 
         let replay = replay(&wal_path, &mut wal)?;
         if let Some(reason) = &replay.torn {
@@ -122,6 +145,8 @@ impl Storage {
             wal,
             _lock: lock,
             wal_len: replay.valid_len,
+            magic: replay.magic,
+            next_seq: replay.next_seq,
             last_index: replay.entries.len() as Index,
             failed: None,
             buf: Vec::new(),
@@ -167,9 +192,15 @@ impl Storage {
                 buf.len()
             )
         })?;
-        let crc = crc32fast::hash(&buf[FRAME_HEADER_LEN as usize..]);
-        buf[0..4].copy_from_slice(&payload_len.to_le_bytes());
-        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        let (header, payload) = buf.split_at_mut(FRAME_HEADER_LEN as usize);
+        FrameHeader {
+            magic: self.magic,
+            offset: self.wal_len,
+            seq: self.next_seq,
+            len: payload_len,
+            data_crc: crc32fast::hash(payload),
+        }
+        .encode(header);
 
         let result = self.write_frame(&buf);
         if buf.capacity() > KEEP_BUFFER {
@@ -178,6 +209,7 @@ impl Storage {
         self.buf = buf;
         result?;
 
+        self.next_seq += 1;
         if let Some(last) = entries.last() {
             self.last_index = last.index;
         }
@@ -360,11 +392,123 @@ fn encode_entry(buf: &mut Vec<u8>, entry: &Entry) -> Result<(), String> {
     Ok(())
 }
 
+/// A frame's header, as [`Storage::persist`] writes it; `header_crc` is computed, not stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FrameHeader {
+    magic: u64,
+    offset: u64,
+    seq: u64,
+    len: u32,
+    data_crc: u32,
+}
+
+impl FrameHeader {
+    /// Writes the header, with its CRC, into the first [`FRAME_HEADER_LEN`] bytes of `out`.
+    fn encode(&self, out: &mut [u8]) {
+        out[0..8].copy_from_slice(&self.magic.to_le_bytes());
+        out[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        out[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        out[24..28].copy_from_slice(&self.len.to_le_bytes());
+        out[28..32].copy_from_slice(&self.data_crc.to_le_bytes());
+        let crc = crc32fast::hash(&out[0..32]);
+        out[32..36].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// The header in `raw` if this WAL's writer put it at byte offset `at`; otherwise why not.
+    fn ours(raw: &[u8], magic: u64, at: u64) -> Result<FrameHeader, String> {
+        let u64_at = |i: usize| u64::from_le_bytes(raw[i..i + 8].try_into().unwrap());
+        let u32_at = |i: usize| u32::from_le_bytes(raw[i..i + 4].try_into().unwrap());
+        if u64_at(0) != magic {
+            return Err("frame header does not carry this WAL's magic".into());
+        }
+        if crc32fast::hash(&raw[0..32]) != u32_at(32) {
+            return Err("frame header fails its CRC check".into());
+        }
+        if u64_at(8) != at {
+            return Err(format!("frame header names byte offset {}", u64_at(8)));
+        }
+        Ok(FrameHeader {
+            magic,
+            offset: at,
+            seq: u64_at(16),
+            len: u32_at(24),
+            data_crc: u32_at(28),
+        })
+    }
+}
+
+/// Creates an empty WAL, header only, under a temporary name first: a crash never leaves a
+/// `wal` without its header.
+fn create_wal(dir: &Path, wal_path: &Path) -> Result<(), String> {
+    let magic = getrandom::u64().map_err(|e| {
+        format!(
+            "cannot draw a random magic for a new {}: {e}",
+            wal_path.display()
+        )
+    })?;
+    let mut header = Vec::with_capacity(WAL_HEADER_LEN as usize);
+    header.extend_from_slice(&WAL_SIGNATURE);
+    header.extend_from_slice(&WAL_VERSION.to_le_bytes());
+    put_u64(&mut header, magic);
+    let crc = crc32fast::hash(&header);
+    header.extend_from_slice(&crc.to_le_bytes());
+
+    let tmp = dir.join(WAL_TMP_FILE);
+    let write = || -> io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&header)?;
+        f.sync_all()?;
+        fs::rename(&tmp, wal_path)
+    };
+    write().map_err(|e| format!("cannot create {}: {e}", wal_path.display()))?;
+    sync_dir(dir)
+}
+
+/// Checks the WAL's file header; returns its magic.
+fn read_wal_header(path: &Path, reader: &mut impl Read, file_len: u64) -> Result<u64, String> {
+    let wal = path.display();
+    let refuse_other_format = || {
+        format!(
+            "{wal}: not a WAL of format version {WAL_VERSION}: it does not start with a \
+             {WAL_HEADER_LEN}-byte header beginning \"raft-wal\" (WALs of earlier versions have \
+             none, and this build cannot read them); refusing to start"
+        )
+    };
+    if file_len < WAL_HEADER_LEN {
+        return Err(refuse_other_format());
+    }
+    let mut header = [0; WAL_HEADER_LEN as usize];
+    reader
+        .read_exact(&mut header)
+        .map_err(|e| format!("{wal}: read failed near byte offset 0: {e}"))?;
+    if header[0..8] != WAL_SIGNATURE {
+        return Err(refuse_other_format());
+    }
+    if crc32fast::hash(&header[0..20]) != u32::from_le_bytes(header[20..24].try_into().unwrap()) {
+        return Err(format!(
+            "{wal}: the WAL header at byte offset 0 fails its CRC check; the WAL is corrupt, \
+             refusing to start"
+        ));
+    }
+    let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
+    if version != WAL_VERSION {
+        return Err(format!(
+            "{wal}: WAL format version {version} (byte offset 8); this build reads only version \
+             {WAL_VERSION}; refusing to start"
+        ));
+    }
+    Ok(u64::from_le_bytes(header[12..20].try_into().unwrap()))
+}
+
 /// What replaying the WAL found.
 struct Replay {
     hard_state: HardState,
     /// The whole log, `entries[i].index == i + 1`.
     entries: Vec<Entry>,
+    /// The WAL's magic, from its header.
+    magic: u64,
+    /// The `seq` of the next frame to write.
+    next_seq: u64,
     /// End of the last good frame.
     valid_len: u64,
     /// Why the bytes from `valid_len` on are a torn write, if there are any.
@@ -380,89 +524,53 @@ fn replay(path: &Path, file: &mut File) -> Result<Replay, String> {
     let read_err =
         |off: u64, e: io::Error| format!("{wal}: read failed near byte offset {off}: {e}");
     let mut reader = BufReader::with_capacity(READ_BUFFER, &mut *file);
+    let magic = read_wal_header(path, &mut reader, file_len)?;
     let mut hard_state = HardState::default();
     // A guess at the entry count; the log grows past it if the entries are smaller.
     let mut entries = Vec::with_capacity((file_len / 64) as usize);
     let mut payload = Vec::new();
-    let mut off = 0;
-    let mut torn = None;
+    let mut off = WAL_HEADER_LEN;
+    let mut seq = 1;
 
-    while off < file_len {
+    // Why the frame at `off` is not intact, if it is not.
+    let damage = loop {
+        if off >= file_len {
+            break None;
+        }
         let remaining = file_len - off;
         if remaining < FRAME_HEADER_LEN {
-            torn = Some(format!(
+            break Some(format!(
                 "incomplete frame header ({remaining} of {FRAME_HEADER_LEN} bytes)"
             ));
-            break;
         }
-        let mut header = [0; FRAME_HEADER_LEN as usize];
-        reader
-            .read_exact(&mut header)
-            .map_err(|e| read_err(off, e))?;
-        let len = u32::from_le_bytes(header[0..4].try_into().unwrap());
-        let crc = u32::from_le_bytes(header[4..8].try_into().unwrap());
-        let end = off + FRAME_HEADER_LEN + u64::from(len);
-
-        if len == 0 {
-            if header == [0; FRAME_HEADER_LEN as usize] {
-                match first_nonzero(&mut reader).map_err(|e| read_err(off, e))? {
-                    None => {
-                        torn = Some("zero-filled tail".into());
-                        break;
-                    }
-                    Some(at) => {
-                        return Err(format!(
-                            "{wal}: frame at byte offset {off} has a zero header, but non-zero \
-                             data follows at byte offset {}; the WAL is corrupt",
-                            off + FRAME_HEADER_LEN + at
-                        ))
-                    }
-                }
-            }
+        let mut raw = [0; FRAME_HEADER_LEN as usize];
+        reader.read_exact(&mut raw).map_err(|e| read_err(off, e))?;
+        let header = match FrameHeader::ours(&raw, magic, off) {
+            Ok(header) => header,
+            Err(why) => break Some(why),
+        };
+        if header.seq != seq {
+            // An intact header is a whole write of ours; in the wrong place in the sequence it
+            // is no torn write.
             return Err(format!(
-                "{wal}: frame at byte offset {off} has length 0; the WAL is corrupt"
+                "{wal}: frame at byte offset {off} is frame {} where frame {seq} was due; the \
+                 WAL is corrupt",
+                header.seq
             ));
         }
-
+        let end = off + FRAME_HEADER_LEN + u64::from(header.len);
         if end > file_len {
-            // Torn, unless the length itself is damaged: then a synced frame lies after it.
-            let mut rest = Vec::with_capacity((remaining - FRAME_HEADER_LEN) as usize);
-            reader
-                .read_to_end(&mut rest)
-                .map_err(|e| read_err(off, e))?;
-            if let Some(at) = find_frame(&rest) {
-                return Err(format!(
-                    "{wal}: frame at byte offset {off} claims {len} bytes, past the end of the \
-                     file ({file_len} bytes), yet a valid frame follows at byte offset {}; the \
-                     WAL is corrupt",
-                    off + FRAME_HEADER_LEN + at as u64
-                ));
-            }
-            torn = Some(format!(
-                "frame of {len} bytes runs past the end of the file ({file_len} bytes)"
+            break Some(format!(
+                "frame of {} bytes runs past the end of the file ({file_len} bytes)",
+                header.len
             ));
-            break;
         }
-
-        payload.resize(len as usize, 0);
+        payload.resize(header.len as usize, 0);
         reader
             .read_exact(&mut payload)
             .map_err(|e| read_err(off, e))?;
-        if crc32fast::hash(&payload) != crc {
-            match first_nonzero(&mut reader).map_err(|e| read_err(end, e))? {
-                None => {
-                    torn = Some(format!("last frame ({len} bytes) fails its CRC check"));
-                    break;
-                }
-                Some(at) => {
-                    return Err(format!(
-                        "{wal}: frame at byte offset {off} ({len} bytes) fails its CRC check, \
-                         and data follows it at byte offset {}; the WAL is corrupt (this is \
-                         not a torn write), refusing to start",
-                        end + at
-                    ))
-                }
-            }
+        if crc32fast::hash(&payload) != header.data_crc {
+            break Some(format!("frame of {} bytes fails its CRC check", header.len));
         }
         apply_frame(
             &payload,
@@ -472,46 +580,81 @@ fn replay(path: &Path, file: &mut File) -> Result<Replay, String> {
         )
         .map_err(|e| format!("{wal}: frame at byte offset {off}: {e}; the WAL is corrupt"))?;
         off = end;
-    }
+        seq += 1;
+    };
+
+    let torn = match damage {
+        None => None,
+        Some(why) => match find_frame(file, off + 1, magic).map_err(|e| read_err(off, e))? {
+            None => Some(why),
+            Some(at) => {
+                return Err(format!(
+                    "{wal}: frame at byte offset {off} is damaged ({why}), yet a frame written \
+                     after it starts at byte offset {at}; the WAL is corrupt (this is not a torn \
+                     write), refusing to start"
+                ))
+            }
+        },
+    };
 
     hard_state.commit = hard_state.commit.min(entries.len() as Index);
     entries.shrink_to_fit();
     Ok(Replay {
         hard_state,
         entries,
+        magic,
+        next_seq: seq,
         valid_len: off,
         torn,
     })
 }
 
-/// Reads to the end; returns the position (from the reader's start) of the first non-zero byte.
-fn first_nonzero(reader: &mut impl Read) -> io::Result<Option<u64>> {
-    let mut chunk = vec![0; 64 * 1024];
-    let mut pos = 0;
+/// The offset of the first frame header of ours at or after byte offset `from`, if any.
+fn find_frame(file: &mut File, from: u64, magic: u64) -> io::Result<Option<u64>> {
+    let header_len = FRAME_HEADER_LEN as usize;
+    let magic_bytes = magic.to_le_bytes();
+    file.seek(SeekFrom::Start(from))?;
+    let mut chunk = vec![0; READ_BUFFER];
+    // `chunk[..filled]` holds the file from byte offset `base` on.
+    let mut base = from;
+    let mut filled = 0;
     loop {
-        let n = match reader.read(&mut chunk) {
-            Ok(0) => return Ok(None),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if let Some(i) = chunk[..n].iter().position(|&b| b != 0) {
-            return Ok(Some(pos + i as u64));
+        let n = read_up_to(file, &mut chunk[filled..])?;
+        let at_eof = filled + n < chunk.len();
+        filled += n;
+        if filled >= header_len {
+            for at in 0..=filled - header_len {
+                let raw = &chunk[at..at + header_len];
+                if raw[0..8] == magic_bytes
+                    && FrameHeader::ours(raw, magic, base + at as u64).is_ok()
+                {
+                    return Ok(Some(base + at as u64));
+                }
+            }
         }
-        pos += n as u64;
+        if at_eof {
+            return Ok(None);
+        }
+        // Keep the bytes that could begin a header straddling the chunks.
+        let keep = header_len - 1;
+        chunk.copy_within(filled - keep..filled, 0);
+        base += (filled - keep) as u64;
+        filled = keep;
     }
 }
 
-/// The first position in `bytes` where a complete frame with a matching CRC starts, if any.
-fn find_frame(bytes: &[u8]) -> Option<usize> {
-    let header = FRAME_HEADER_LEN as usize;
-    (0..bytes.len().saturating_sub(header)).find(|&at| {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap());
-        len > 0
-            && len <= bytes.len() - at - header
-            && crc32fast::hash(&bytes[at + header..at + header + len]) == crc
-    })
+/// Fills `buf` from `reader`, short only at the end of the input; returns how much it read.
+fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match reader.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// Applies one frame's records; `base` is the file offset of the payload, for error messages.
@@ -679,6 +822,37 @@ mod tests {
         fs::metadata(dir.wal()).unwrap().len()
     }
 
+    /// The magic a WAL's header holds.
+    fn wal_magic(dir: &TempDir) -> u64 {
+        let bytes = fs::read(dir.wal()).unwrap();
+        u64::from_le_bytes(bytes[12..20].try_into().unwrap())
+    }
+
+    /// A WAL file header of `version` with `magic`.
+    fn wal_header(version: u32, magic: u64) -> Vec<u8> {
+        let mut header = WAL_SIGNATURE.to_vec();
+        header.extend_from_slice(&version.to_le_bytes());
+        put_u64(&mut header, magic);
+        let crc = crc32fast::hash(&header);
+        header.extend_from_slice(&crc.to_le_bytes());
+        header
+    }
+
+    /// A complete frame, built as `persist` builds one.
+    fn frame(magic: u64, offset: u64, seq: u64, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![0; FRAME_HEADER_LEN as usize];
+        FrameHeader {
+            magic,
+            offset,
+            seq,
+            len: payload.len() as u32,
+            data_crc: crc32fast::hash(payload),
+        }
+        .encode(&mut bytes);
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
     #[test]
     fn new_dir_opens_empty_and_records_its_owner() {
         let dir = TempDir::new("new");
@@ -687,7 +861,17 @@ mod tests {
         assert!(log.is_empty());
         assert_eq!(s.last_index(), 0);
         assert_eq!(fs::read_to_string(dir.0.join(NODE_ID_FILE)).unwrap(), "1\n");
-        assert_eq!(wal_len(&dir), 0);
+        let header = fs::read(dir.wal()).unwrap();
+        assert_eq!(header, wal_header(WAL_VERSION, wal_magic(&dir)));
+        assert!(!dir.0.join(WAL_TMP_FILE).exists());
+        drop(s);
+        let other = TempDir::new("new-other");
+        drop(open(&other));
+        assert_ne!(
+            wal_magic(&dir),
+            wal_magic(&other),
+            "each WAL draws its own magic"
+        );
     }
 
     #[test]
@@ -765,7 +949,7 @@ mod tests {
         let dir = TempDir::new("nothing");
         let (mut s, _, _) = open(&dir);
         s.persist(None, &[]).unwrap();
-        assert_eq!(wal_len(&dir), 0);
+        assert_eq!(wal_len(&dir), WAL_HEADER_LEN);
         s.persist(None, &[noop(1, 1)]).unwrap();
         let len = wal_len(&dir);
         s.persist(None, &[]).unwrap();
@@ -778,13 +962,22 @@ mod tests {
         let (mut s, _, _) = open(&dir);
         let batch = [noop(1, 1), data(2, 1, "xyz")];
         s.persist(Some(&hs(1, None, 0)), &batch).unwrap();
+        s.persist(None, &[noop(3, 1)]).unwrap();
         let bytes = fs::read(dir.wal()).unwrap();
-        let len = u32::from_le_bytes(bytes[0..4].try_into().unwrap()) as usize;
-        assert_eq!(bytes.len(), 8 + len);
-        let crc = u32::from_le_bytes(bytes[4..8].try_into().unwrap());
-        assert_eq!(crc, crc32fast::hash(&bytes[8..]));
+        let magic = wal_magic(&dir);
+        let first = WAL_HEADER_LEN as usize;
+        let len = u32::from_le_bytes(bytes[first + 24..first + 28].try_into().unwrap()) as usize;
         // hard state (1 + 24) + noop (1 + 17) + data (1 + 17 + 20 + 3)
         assert_eq!(len, 25 + 18 + 41);
+        let second = first + FRAME_HEADER_LEN as usize + len;
+        assert_eq!(
+            bytes[first..second],
+            frame(magic, first as u64, 1, &bytes[first + 36..second])
+        );
+        assert_eq!(
+            bytes[second..],
+            frame(magic, second as u64, 2, &bytes[second + 36..])
+        );
     }
 
     #[test]
@@ -875,9 +1068,7 @@ mod tests {
 
         // A last frame whose payload never reached the disk: its header, then zeros.
         let mut bytes = good.clone();
-        for b in &mut bytes[last_frame_start as usize + 8..] {
-            *b = 0;
-        }
+        bytes[last_frame_start as usize + FRAME_HEADER_LEN as usize..].fill(0);
         bytes.extend_from_slice(&[0; 100]);
         fs::write(dir.wal(), &bytes).unwrap();
         let (_, _, got) = open(&dir);
@@ -920,31 +1111,239 @@ mod tests {
     fn undecodable_payload_with_a_valid_crc_is_an_error() {
         let dir = TempDir::new("undecodable");
         drop(open(&dir));
-        let mut frame = Vec::new();
-        let payload = [RECORD_ENTRY, 1, 0, 0];
-        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        frame.extend_from_slice(&payload);
-        fs::write(dir.wal(), &frame).unwrap();
+        let mut bytes = fs::read(dir.wal()).unwrap();
+        bytes.extend(frame(
+            wal_magic(&dir),
+            WAL_HEADER_LEN,
+            1,
+            &[RECORD_ENTRY, 1, 0, 0],
+        ));
+        fs::write(dir.wal(), &bytes).unwrap();
         let err = Storage::open(&dir.0, 1).err().unwrap();
         assert!(
-            err.contains("byte offset 0") && err.contains("truncated"),
+            err.contains(&format!("byte offset {WAL_HEADER_LEN}")) && err.contains("truncated"),
             "{err}"
         );
 
         // An index gap is corruption too.
-        let mut bytes = Vec::new();
-        encode_entry(&mut bytes, &noop(2, 1)).unwrap();
-        let mut frame = Vec::new();
-        frame.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
-        frame.extend_from_slice(&bytes);
-        fs::write(dir.wal(), &frame).unwrap();
+        let mut payload = Vec::new();
+        encode_entry(&mut payload, &noop(2, 1)).unwrap();
+        bytes.truncate(WAL_HEADER_LEN as usize);
+        bytes.extend(frame(wal_magic(&dir), WAL_HEADER_LEN, 1, &payload));
+        fs::write(dir.wal(), &bytes).unwrap();
         let err = Storage::open(&dir.0, 1).err().unwrap();
         assert!(
             err.contains("entry 2 does not follow the last index 0"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn intact_frame_out_of_sequence_is_an_error() {
+        let dir = TempDir::new("sequence");
+        drop(open(&dir));
+        let magic = wal_magic(&dir);
+        let mut one = Vec::new();
+        encode_entry(&mut one, &noop(1, 1)).unwrap();
+        let mut bytes = fs::read(dir.wal()).unwrap();
+        bytes.extend(frame(magic, WAL_HEADER_LEN, 1, &one));
+        let second = bytes.len() as u64;
+        bytes.extend(frame(magic, second, 3, &one));
+        fs::write(dir.wal(), &bytes).unwrap();
+        let err = Storage::open(&dir.0, 1).err().unwrap();
+        assert!(
+            err.contains(&format!(
+                "byte offset {second} is frame 3 where frame 2 was due"
+            )),
+            "{err}"
+        );
+    }
+
+    /// Builds a WAL whose magic is `magic` holding entries 1 and 2 in one frame, then a frame
+    /// with entry 3 whose data embeds `forge(offset)`, where `offset` is where in the file the
+    /// forged bytes will lie. Returns the file's bytes and where the last frame starts.
+    fn wal_with_forged_data(
+        dir: &TempDir,
+        magic: u64,
+        forge: impl Fn(u64) -> Vec<u8>,
+    ) -> (Vec<u8>, usize) {
+        drop(open(dir));
+        fs::write(dir.wal(), wal_header(WAL_VERSION, magic)).unwrap();
+        let (mut s, _, _) = open(dir);
+        s.persist(None, &[noop(1, 1), data(2, 1, "kept")]).unwrap();
+        let start = wal_len(dir);
+        // The data of entry 3 starts after the frame header and the entry's own fields.
+        let data_at = start + FRAME_HEADER_LEN + 1 + 17 + 20;
+        // Place the forgery where its offset's bytes are ASCII, so it can be UTF-8.
+        let at = (data_at + 1..).find(|at| at & !0x7f7f == 0).unwrap();
+        let mut text = "<".repeat((at - data_at) as usize).into_bytes();
+        text.extend(forge(at));
+        text.extend_from_slice(b"> and the rest of the entry");
+        let text = String::from_utf8(text).expect("the forgery is UTF-8");
+        s.persist(None, &[data(3, 1, &text)]).unwrap();
+        drop(s);
+        (fs::read(dir.wal()).unwrap(), start as usize)
+    }
+
+    /// A frame from `frame`, its payload varied until all its bytes are UTF-8 (its other
+    /// fields must be ASCII for that to be possible).
+    fn utf8_frame(magic: u64, offset: u64, seq: u64) -> Vec<u8> {
+        (0u32..)
+            .map(|n| frame(magic, offset, seq, format!("forged {n:08}").as_bytes()))
+            .find(|f| std::str::from_utf8(f).is_ok())
+            .unwrap()
+    }
+
+    #[test]
+    fn only_a_header_with_this_wals_magic_and_its_own_offset_is_taken_for_a_frame() {
+        // ASCII, so that frames carrying it can be embedded in an entry's data.
+        let magic = u64::from_le_bytes(*b"m4g1c-wl");
+        let guess = u64::from_le_bytes(*b"guessed!");
+
+        // What a client could put in its data: a copy of a frame of ours (wrong offset), or a
+        // frame at its own offset with the next seq but without the magic, which it never sees.
+        let src = TempDir::new("forged-src");
+        let (full, start) = wal_with_forged_data(&src, magic, |at| {
+            let mut forged = utf8_frame(magic, WAL_HEADER_LEN, 1);
+            forged.extend(utf8_frame(guess, at + forged.len() as u64, 3));
+            forged
+        });
+        for cut in start..full.len() {
+            let dir = TempDir::new("forged");
+            drop(open(&dir));
+            fs::write(dir.wal(), &full[..cut]).unwrap();
+            let (_, _, log) =
+                Storage::open(&dir.0, 1).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+            assert_eq!(log, vec![noop(1, 1), data(2, 1, "kept")], "cut at {cut}");
+            assert_eq!(wal_len(&dir), start as u64, "cut at {cut}");
+        }
+
+        // The check relies on the magic alone staying secret: with it, the scan does see the
+        // forgery, so a torn tail is then taken for damage.
+        let src = TempDir::new("forged-with-magic");
+        let (full, start) = wal_with_forged_data(&src, magic, |at| utf8_frame(magic, at, 3));
+        let forged_at = full
+            .windows(8)
+            .rposition(|w| w == magic.to_le_bytes())
+            .unwrap();
+        fs::write(src.wal(), &full[..full.len() - 1]).unwrap();
+        let err = Storage::open(&src.0, 1).err().unwrap();
+        assert!(
+            err.contains(&format!(
+                "frame at byte offset {start} is damaged (frame of"
+            )) && err.contains(&format!("starts at byte offset {forged_at}")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn damage_before_a_torn_last_frame_is_an_error() {
+        let dir = TempDir::new("damage-then-torn");
+        let (second, third) = {
+            let (mut s, _, _) = open(&dir);
+            s.persist(None, &[noop(1, 1)]).unwrap();
+            let second = wal_len(&dir) as usize;
+            s.persist(None, &[data(2, 1, "damaged")]).unwrap();
+            let third = wal_len(&dir) as usize;
+            s.persist(None, &[data(3, 1, "torn")]).unwrap();
+            (second, third)
+        };
+        let mut bytes = fs::read(dir.wal()).unwrap();
+        bytes[third - 1] ^= 1;
+        bytes.truncate(bytes.len() - 2);
+        fs::write(dir.wal(), &bytes).unwrap();
+        let err = Storage::open(&dir.0, 1).err().unwrap();
+        assert!(
+            err.contains(&format!("frame at byte offset {second} is damaged"))
+                && err.contains(&format!("starts at byte offset {third}")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_frame_after_damage_is_found_across_read_chunks() {
+        // The frame after the damaged one starts near the end of the scan's first chunk, so
+        // its header straddles two reads.
+        for before_boundary in [
+            0,
+            1,
+            10,
+            FRAME_HEADER_LEN as usize - 1,
+            FRAME_HEADER_LEN as usize,
+        ] {
+            let dir = TempDir::new("chunks");
+            let (second, third) = {
+                let (mut s, _, _) = open(&dir);
+                s.persist(None, &[noop(1, 1)]).unwrap();
+                let second = wal_len(&dir) as usize;
+                // The scan starts one byte into the damaged frame.
+                let frame_len = READ_BUFFER + 1 - before_boundary;
+                let data_len = frame_len - FRAME_HEADER_LEN as usize - (1 + 17 + 20);
+                s.persist(None, &[data(2, 1, &"d".repeat(data_len))])
+                    .unwrap();
+                let third = wal_len(&dir) as usize;
+                assert_eq!(third - second, frame_len);
+                s.persist(None, &[noop(3, 1)]).unwrap();
+                (second, third)
+            };
+            let mut bytes = fs::read(dir.wal()).unwrap();
+            bytes[second + 100] ^= 1;
+            fs::write(dir.wal(), &bytes).unwrap();
+            let err = Storage::open(&dir.0, 1).err().unwrap();
+            assert!(
+                err.contains(&format!("frame at byte offset {second} is damaged"))
+                    && err.contains(&format!("starts at byte offset {third}")),
+                "{before_boundary}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn wal_of_another_format_is_refused_naming_the_file() {
+        let dir = TempDir::new("format");
+        drop(open(&dir));
+        let magic = wal_magic(&dir);
+        let wal = dir.wal().display().to_string();
+        // A version 1 WAL: frames of `len, crc, payload` from the first byte on.
+        let mut payload = Vec::new();
+        encode_entry(&mut payload, &noop(1, 1)).unwrap();
+        let mut v1 = (payload.len() as u32).to_le_bytes().to_vec();
+        v1.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        v1.extend_from_slice(&payload);
+        let mut flipped = wal_header(WAL_VERSION, magic);
+        flipped[15] ^= 4;
+        let cases: [(&str, Vec<u8>, &str); 5] = [
+            ("version 1", v1, "not a WAL of format version 2"),
+            ("empty", Vec::new(), "not a WAL of format version 2"),
+            (
+                "short header",
+                wal_header(WAL_VERSION, magic)[..20].to_vec(),
+                "not a WAL",
+            ),
+            (
+                "version 3",
+                wal_header(3, magic),
+                "WAL format version 3 (byte offset 8)",
+            ),
+            (
+                "damaged header",
+                flipped,
+                "byte offset 0 fails its CRC check",
+            ),
+        ];
+        for (what, bytes, expected) in cases {
+            fs::write(dir.wal(), &bytes).unwrap();
+            let err = Storage::open(&dir.0, 1).err().unwrap();
+            assert!(
+                err.contains(&wal) && err.contains(expected),
+                "{what}: {err}"
+            );
+            assert_eq!(
+                fs::read(dir.wal()).unwrap(),
+                bytes,
+                "{what}: open must not modify"
+            );
+        }
     }
 
     #[test]
