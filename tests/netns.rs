@@ -169,7 +169,9 @@ fn leader_cut_off_is_replaced_and_rejoins(n: usize) {
     let mut acked: Vec<(u64, String)> = Vec::new();
     for i in 0..5 {
         let text = format!("n{n}-before-{i}");
-        let index = cluster.append(&text, 5000).expect("append with a stable leader");
+        let index = cluster
+            .append(&text, 5000)
+            .expect("append with a stable leader");
         acked.push((index, text));
     }
     let old = cluster.leader().expect("one leader");
@@ -177,9 +179,7 @@ fn leader_cut_off_is_replaced_and_rejoins(n: usize) {
     let cut_at = Instant::now();
     let (index, took) = poll_until(Duration::from_secs(10), || {
         let text = format!("n{n}-after-cut");
-        cluster
-            .append(&text, 1000)
-            .map(|i| (i, cut_at.elapsed()))
+        cluster.append(&text, 1000).map(|i| (i, cut_at.elapsed()))
     })
     .expect("the majority side serves appends after the leader is cut off");
     acked.push((index, format!("n{n}-after-cut")));
@@ -222,7 +222,8 @@ fn leader_cut_off_is_replaced_and_rejoins(n: usize) {
         let copies = log.iter().filter(|e| e["data"] == text.as_str()).count();
         assert_eq!(copies, 1, "{text:?} appears {copies} times");
         assert_eq!(
-            log[*index as usize - 1]["data"], text.as_str(),
+            log[*index as usize - 1]["data"],
+            text.as_str(),
             "{text:?} not at its acknowledged index {index}"
         );
     }
