@@ -3,9 +3,11 @@
 //!
 //! Exit status: 0 the history is linearizable, 1 a violation (the first violating operation
 //! and the command that repeats the run are printed), 2 bad arguments, 3 the run could not be
-//! done (peers would not start, no leader after healing, ...).
+//! done (peers would not start, no leader after healing, network namespaces cannot be made
+//! for `--netns`, ...).
 
 use argh::FromArgs;
+use raft::chaos::netns::{self, NetnsConfig};
 use raft::chaos::{self, nemesis::FaultKind, Options, RunOutcome};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,8 +24,9 @@ struct Args {
     /// seconds of workload under faults (default 60)
     #[argh(option, default = "60")]
     duration: u64,
-    /// crash, killall, pause, partition, loss, dup, delay, mixed (all of them) or none;
-    /// several may be given comma-separated (default mixed)
+    /// crash, killall, pause, partition, loss, dup, delay, mixed (all of them; with --netns
+    /// all but loss, dup and delay) or none; several may be given comma-separated (default
+    /// mixed)
     #[argh(option, default = "String::from(\"mixed\")")]
     faults: String,
     /// seed of the fault schedule and of the workload's choices (default 1)
@@ -58,6 +61,17 @@ struct Args {
     /// only re-check the history saved in this run folder, and exit
     #[argh(option)]
     check: Option<PathBuf>,
+    /// run each peer in a network namespace of its own (needs root and iproute2) and make
+    /// partitions on their links instead of in proxies; loss, dup and delay are not available
+    #[argh(switch)]
+    netns: bool,
+    /// with --netns: namespaces PREFIX1..N, bridge PREFIXbr (default rchaos)
+    #[argh(option, default = "String::from(netns::DEFAULT_PREFIX)")]
+    netns_prefix: String,
+    /// with --netns: the private /24 of the peers' addresses, as three octets (default
+    /// 10.213.11)
+    #[argh(option, default = "String::from(netns::DEFAULT_SUBNET)")]
+    netns_subnet: String,
 }
 
 fn main() -> ExitCode {
@@ -76,6 +90,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(cfg) = &opts.netns {
+        if let Err(why) = netns::probe(cfg) {
+            eprintln!("error: chaos --netns: network namespaces cannot be used here: {why}");
+            println!("valid=unknown ops=0 faults=none");
+            return ExitCode::from(3);
+        }
+    }
     let dir = match chaos::run_folder(&opts) {
         Ok(d) => d,
         Err(e) => {
@@ -128,6 +149,15 @@ fn options(args: &Args) -> Result<Options, String> {
     if args.client_timeout_ms < 100 {
         return Err("--client-timeout-ms must be at least 100".into());
     }
+    let netns = if args.netns {
+        Some(NetnsConfig::new(&args.netns_prefix, &args.netns_subnet)?)
+    } else if args.netns_prefix != netns::DEFAULT_PREFIX
+        || args.netns_subnet != netns::DEFAULT_SUBNET
+    {
+        return Err("--netns-prefix and --netns-subnet need --netns".into());
+    } else {
+        None
+    };
     let peer_exe = match &args.peer_bin {
         Some(p) => p.clone(),
         None => std::env::current_exe()
@@ -138,7 +168,7 @@ fn options(args: &Args) -> Result<Options, String> {
         nodes: args.nodes,
         duration: Duration::from_secs(args.duration),
         faults_arg: args.faults.clone(),
-        faults: FaultKind::parse_list(&args.faults)?,
+        faults: FaultKind::parse_list(&args.faults, args.netns)?,
         seed: args.seed,
         clients: args.clients,
         client_timeout: Duration::from_millis(args.client_timeout_ms),
@@ -148,6 +178,7 @@ fn options(args: &Args) -> Result<Options, String> {
         out: args.out.clone(),
         keep_data: args.keep_data,
         peer_exe,
+        netns,
     })
 }
 

@@ -1,6 +1,8 @@
-//! The peer processes of a chaos run: configs that point every peer at its link proxies, and
+//! The peer processes of a chaos run: configs that point every peer at its link proxies (or
+//! the peers of a `--netns` run, which the namespace script configures and starts), and
 //! start / kill -9 / SIGSTOP / SIGCONT / restart on the same data directory.
 
+use super::netns::{alive, wait_gone, Netns};
 use super::proxy::Network;
 use crate::client::{Client, PeerStatus};
 use crate::raft::{NodeId, Role};
@@ -9,15 +11,41 @@ use std::fs::OpenOptions;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// How peers are started.
+enum Launcher {
+    /// This binary on loopback, as our child.
+    Local(PathBuf),
+    /// By the namespace script inside the peer's namespace; not our child.
+    Netns(Arc<Netns>),
+}
+
+/// A running peer process.
+enum Proc {
+    Child(Child),
+    /// Known by pid only: its exit status is not ours to collect.
+    Detached(u32),
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        match self {
+            Proc::Child(c) => c.id(),
+            Proc::Detached(pid) => *pid,
+        }
+    }
+}
 
 /// One peer process and the files it uses across restarts.
 pub struct PeerProc {
     pub id: NodeId,
-    pub port: u16,
+    /// Where clients reach it.
+    pub addr: SocketAddr,
     config: PathBuf,
     log: PathBuf,
-    child: Option<Child>,
+    child: Option<Proc>,
     paused: bool,
     /// How many times it was started.
     pub starts: u32,
@@ -29,7 +57,8 @@ impl PeerProc {
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {
             None => false,
-            Some(c) => matches!(c.try_wait(), Ok(None)),
+            Some(Proc::Child(c)) => matches!(c.try_wait(), Ok(None)),
+            Some(Proc::Detached(pid)) => alive(*pid),
         }
     }
 
@@ -37,10 +66,19 @@ impl PeerProc {
         self.paused
     }
 
-    fn start(&mut self, exe: &Path) -> Result<(), String> {
+    fn start(&mut self, launcher: &Launcher) -> Result<(), String> {
         if self.is_running() {
             return Ok(());
         }
+        let exe = match launcher {
+            Launcher::Local(exe) => exe,
+            Launcher::Netns(netns) => {
+                self.child = Some(Proc::Detached(netns.start(self.id)?));
+                self.paused = false;
+                self.starts += 1;
+                return Ok(());
+            }
+        };
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -58,42 +96,56 @@ impl PeerProc {
             .stderr(log)
             .spawn()
             .map_err(|e| format!("cannot start {} for node {}: {e}", exe.display(), self.id))?;
-        self.child = Some(child);
+        self.child = Some(Proc::Child(child));
         self.paused = false;
         self.starts += 1;
         Ok(())
     }
 
-    /// kill -9, and reap it.
+    /// kill -9, and reap it (or, if it is not our child, wait until it is gone, so that a
+    /// restart finds its port and data directory free).
     fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        match self.child.take() {
+            Some(Proc::Child(mut c)) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Some(Proc::Detached(pid)) => {
+                let _ = signal(pid, "-KILL");
+                if !wait_gone(pid, Duration::from_secs(5)) {
+                    log::warn!("node {} (pid {pid}) survived kill -9 for 5 s", self.id);
+                }
+            }
+            None => {}
         }
         self.paused = false;
     }
 
     fn signal(&mut self, sig: &str) -> Result<(), String> {
-        let Some(c) = &self.child else {
-            return Err(format!("node {} is not running", self.id));
-        };
-        let status = Command::new("kill")
-            .arg(sig)
-            .arg(c.id().to_string())
-            .status()
-            .map_err(|e| format!("kill {sig}: {e}"))?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(format!("kill {sig} {} failed: {status}", c.id()))
+        match &self.child {
+            Some(p) => signal(p.pid(), sig),
+            None => Err(format!("node {} is not running", self.id)),
         }
     }
 }
 
-/// The peers of the run, with the network of proxies between them.
+fn signal(pid: u32, sig: &str) -> Result<(), String> {
+    let status = Command::new("kill")
+        .arg(sig)
+        .arg(pid.to_string())
+        .status()
+        .map_err(|e| format!("kill {sig}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("kill {sig} {pid} failed: {status}"))
+    }
+}
+
+/// The peers of the run.
 pub struct Cluster {
     pub peers: BTreeMap<NodeId, PeerProc>,
-    exe: PathBuf,
+    launcher: Launcher,
 }
 
 impl Cluster {
@@ -132,7 +184,7 @@ impl Cluster {
                 id,
                 PeerProc {
                     id,
-                    port,
+                    addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
                     config: path,
                     log: home.join("peer.log"),
                     child: None,
@@ -144,16 +196,40 @@ impl Cluster {
         }
         Ok(Cluster {
             peers,
-            exe: exe.to_path_buf(),
+            launcher: Launcher::Local(exe.to_path_buf()),
+        })
+    }
+
+    /// The peers `netns` started in its namespaces (`up`), taken over by their pid files.
+    pub fn in_netns(netns: Arc<Netns>, nodes: usize) -> Result<Cluster, String> {
+        let mut peers = BTreeMap::new();
+        for id in 1..=nodes as NodeId {
+            let pid = netns
+                .pid(id)
+                .ok_or_else(|| format!("no pid file for node {id} after `up`"))?;
+            peers.insert(
+                id,
+                PeerProc {
+                    id,
+                    addr: netns.cfg.addr(id),
+                    config: netns.config(id),
+                    log: netns.peer_log(id),
+                    child: Some(Proc::Detached(pid)),
+                    paused: false,
+                    starts: 1,
+                    self_exits: 0,
+                },
+            );
+        }
+        Ok(Cluster {
+            peers,
+            launcher: Launcher::Netns(netns),
         })
     }
 
     /// The peers' own addresses, which clients use.
     pub fn client_addresses(&self) -> BTreeMap<NodeId, SocketAddr> {
-        self.peers
-            .iter()
-            .map(|(&id, p)| (id, SocketAddr::from((Ipv4Addr::LOCALHOST, p.port))))
-            .collect()
+        self.peers.iter().map(|(&id, p)| (id, p.addr)).collect()
     }
 
     pub fn ids(&self) -> Vec<NodeId> {
@@ -161,8 +237,11 @@ impl Cluster {
     }
 
     pub fn start(&mut self, id: NodeId) -> Result<(), String> {
-        let exe = self.exe.clone();
-        self.peer(id)?.start(&exe)
+        let p = self
+            .peers
+            .get_mut(&id)
+            .ok_or_else(|| format!("no node {id}"))?;
+        p.start(&self.launcher)
     }
 
     pub fn start_all(&mut self) -> Result<(), String> {
@@ -210,16 +289,22 @@ impl Cluster {
     pub fn reap_exited(&mut self) -> Vec<(NodeId, String)> {
         let mut out = Vec::new();
         for p in self.peers.values_mut() {
-            let Some(c) = &mut p.child else {
-                continue;
+            let status = match &mut p.child {
+                None => continue,
+                Some(Proc::Child(c)) => match c.try_wait() {
+                    Ok(Some(status)) => status.to_string(),
+                    _ => continue,
+                },
+                Some(Proc::Detached(pid)) if !alive(*pid) => {
+                    format!("pid {pid} exited (status unknown: not our child)")
+                }
+                Some(Proc::Detached(_)) => continue,
             };
-            if let Ok(Some(status)) = c.try_wait() {
-                p.child = None;
-                p.paused = false;
-                p.self_exits += 1;
-                let panic = last_panic(&p.log).map_or(String::new(), |m| format!(": {m}"));
-                out.push((p.id, format!("{status}{panic}")));
-            }
+            p.child = None;
+            p.paused = false;
+            p.self_exits += 1;
+            let panic = last_panic(&p.log).map_or(String::new(), |m| format!(": {m}"));
+            out.push((p.id, format!("{status}{panic}")));
         }
         out
     }

@@ -7,6 +7,10 @@
 //! delays datagrams on a seeded schedule. Every operation goes into a [`history`] with its
 //! invoke and return times and outcome (ok, failed = refused, unknown = timed out).
 //!
+//! With `--netns` ([`netns`]) the peers run in network namespaces of their own and talk to
+//! each other directly; partitions take links down or filter packets, and the faults that act
+//! on single datagrams (loss, dup, delay), which need the proxies, are not available.
+//!
 //! At the end everything is healed, the cluster must elect a leader, the final log is read once
 //! per peer (each read is answered by whoever leads, and is itself checked as an operation of
 //! the history), and every peer's status must converge to the same commit index. The
@@ -19,6 +23,7 @@ pub mod checker;
 pub mod cluster;
 pub mod history;
 pub mod nemesis;
+pub mod netns;
 pub mod proxy;
 
 use crate::client::{Client, ClientError};
@@ -28,7 +33,8 @@ use crate::raft::{
 use checker::Verdict;
 use cluster::{free_ports, wait_for_leader, Cluster};
 use history::{secs, Call, FaultEvent, Micros, Observed, Op, Outcome};
-use nemesis::{FaultKind, Nemesis};
+use nemesis::{FaultKind, Links, Nemesis};
+use netns::{NetnsConfig, NetnsGuard};
 use proxy::Network;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -70,13 +76,15 @@ pub struct Options {
     pub keep_data: bool,
     /// The peer binary.
     pub peer_exe: PathBuf,
+    /// Run the peers in network namespaces of these names and addresses, without proxies.
+    pub netns: Option<NetnsConfig>,
 }
 
 impl Options {
     /// The command line that repeats this run's schedule (thread timing aside).
     pub fn reproduce(&self) -> String {
         format!(
-            "cargo run --release --bin chaos -- --nodes {} --duration {} --faults {} --seed {} --clients {} --client-timeout-ms {} --think-ms {} --query-percent {} --pinned-percent {}",
+            "cargo run --release --bin chaos -- --nodes {} --duration {} --faults {} --seed {} --clients {} --client-timeout-ms {} --think-ms {} --query-percent {} --pinned-percent {}{}",
             self.nodes,
             self.duration.as_secs(),
             self.faults_arg,
@@ -86,7 +94,24 @@ impl Options {
             self.think.as_millis(),
             (self.query_ratio * 100.0).round(),
             (self.pinned_ratio * 100.0).round(),
+            self.netns.as_ref().map_or(String::new(), NetnsConfig::args),
         )
+    }
+
+    /// Faults that `mixed` stands for elsewhere but not in this run, said once at the start.
+    pub fn left_out_of_mixed(&self) -> Option<String> {
+        let mixed = self.faults_arg.split(',').any(|w| w.trim() == "mixed");
+        let left: Vec<&str> = nemesis::ALL_FAULTS
+            .iter()
+            .filter(|k| !self.faults.contains(k))
+            .map(|k| k.name())
+            .collect();
+        (mixed && !left.is_empty()).then(|| {
+            format!(
+                "--netns: mixed leaves out {} (they act on single datagrams, which needs the proxies)",
+                left.join(", ")
+            )
+        })
     }
 }
 
@@ -399,6 +424,8 @@ fn finish(
     }
     if outcome == RunOutcome::Valid && !opts.keep_data {
         remove_data_dirs(&files.peers());
+        // The namespace script keeps every peer's data under one folder.
+        let _ = std::fs::remove_dir_all(files.peers().join("data"));
     }
     for e in &write_errors {
         eprintln!("chaos: {e}");
@@ -511,6 +538,15 @@ fn report_text(
         opts.query_ratio * 100.0,
         opts.pinned_ratio * 100.0
     );
+    if let Some(cfg) = &opts.netns {
+        let _ = writeln!(
+            r,
+            "peers in network namespaces {p}1..{p}{n} at {s}.1..{s}.{n}, no proxies",
+            p = cfg.prefix,
+            n = opts.nodes,
+            s = cfg.subnet
+        );
+    }
     let _ = writeln!(r, "outcome: {outcome:?}");
     let _ = writeln!(r, "\nfaults ({}):", record.faults.len());
     for f in &record.faults {
@@ -623,14 +659,48 @@ fn drive(
             opts.peer_exe.display()
         ));
     }
-    let ids: Vec<NodeId> = (1..=opts.nodes as NodeId).collect();
-    let ports: BTreeMap<NodeId, u16> = ids.iter().copied().zip(free_ports(opts.nodes)?).collect();
-    let network = Arc::new(Network::start(&ports, opts.seed)?);
     std::fs::create_dir_all(files.peers()).map_err(|e| format!("{e}"))?;
-    let cluster = Cluster::configure(&files.peers(), &opts.peer_exe, &ports, &network)?;
+    // Declared before the cluster, so that it is dropped after it: however drive() ends, the
+    // peers are killed first and then the namespaces are removed.
+    let mut netns_guard: Option<NetnsGuard> = None;
+    let (cluster, links) = match &opts.netns {
+        None => {
+            let ids: Vec<NodeId> = (1..=opts.nodes as NodeId).collect();
+            let ports: BTreeMap<NodeId, u16> =
+                ids.iter().copied().zip(free_ports(opts.nodes)?).collect();
+            let network = Arc::new(Network::start(&ports, opts.seed)?);
+            let mut cluster = Cluster::configure(&files.peers(), &opts.peer_exe, &ports, &network)?;
+            cluster.start_all()?;
+            (cluster, Links::Proxies(network))
+        }
+        Some(cfg) => {
+            let guard = netns_guard.insert(NetnsGuard::prepare(
+                cfg,
+                &files.dir.join("netns"),
+                &files.peers(),
+                &opts.peer_exe,
+                notes,
+            )?);
+            let netns = guard.netns();
+            if !netns.one_way {
+                notes.push(
+                    "no working packet filter (nft or iptables): partitions are two-way only"
+                        .into(),
+                );
+            }
+            if let Some(left) = opts.left_out_of_mixed() {
+                eprintln!("chaos: {left}");
+                notes.push(left);
+            }
+            netns.up(opts.nodes)?;
+            (
+                Cluster::in_netns(netns.clone(), opts.nodes)?,
+                Links::Netns(netns),
+            )
+        }
+    };
     let peers = cluster.client_addresses();
     let cluster = Arc::new(Mutex::new(cluster));
-    cluster.lock().expect("cluster lock").start_all()?;
     let mut status = Client::new(peers.clone(), Duration::from_millis(300))
         .map_err(|e| format!("status client: {e}"))?;
     let Some(first_leader) = wait_for_leader(&mut status, HEAL_WITHIN) else {
@@ -672,12 +742,13 @@ fn drive(
     let nemesis = Nemesis {
         kinds: opts.faults.clone(),
         cluster: cluster.clone(),
-        network: network.clone(),
+        links: links.clone(),
         shared: shared.clone(),
         rng: Rng::new(opts.seed),
         status: Client::new(peers.clone(), Duration::from_millis(300))
             .map_err(|e| format!("nemesis client: {e}"))?,
-        combine: opts.faults.len() > 1,
+        // Weather on top of other faults needs the proxies.
+        combine: opts.faults.len() > 1 && opts.netns.is_none(),
     };
     let nemesis = std::thread::Builder::new()
         .name("nemesis".into())
@@ -721,15 +792,17 @@ fn drive(
         }
     }
     nemesis_result?;
-    let t = network.totals();
-    notes.push(format!(
-        "proxies: {} datagrams received, {} forwarded, {} dropped, {} duplicated, {} delayed",
-        t.received, t.forwarded, t.dropped, t.duplicated, t.delayed
-    ));
+    if let Links::Proxies(network) = &links {
+        let t = network.totals();
+        notes.push(format!(
+            "proxies: {} datagrams received, {} forwarded, {} dropped, {} duplicated, {} delayed",
+            t.received, t.forwarded, t.dropped, t.duplicated, t.delayed
+        ));
+    }
 
     // Heal everything and judge the final state.
     let healed_at = shared.now_us();
-    network.heal();
+    links.heal()?;
     reap(&cluster, shared);
     {
         let mut c = cluster.lock().expect("cluster lock");
@@ -870,7 +943,12 @@ fn final_reads(
 
 /// Sends one query straight to one peer; its answer, if any within a second.
 fn first_hop(addr: SocketAddr) -> Option<ClientResult> {
-    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).ok()?;
+    let local = if addr.ip().is_loopback() {
+        Ipv4Addr::LOCALHOST
+    } else {
+        Ipv4Addr::UNSPECIFIED
+    };
+    let socket = UdpSocket::bind((local, 0)).ok()?;
     socket
         .set_read_timeout(Some(Duration::from_millis(200)))
         .ok()?;

@@ -4,6 +4,7 @@
 
 use super::cluster::{leader_of, Cluster};
 use super::history::FaultEvent;
+use super::netns::Netns;
 use super::proxy::Network;
 use super::{Rng, Shared};
 use crate::client::Client;
@@ -57,19 +58,27 @@ impl FaultKind {
     }
 
     /// Parses `crash|killall|pause|partition|loss|dup|delay|mixed|none`, comma-separated.
-    pub fn parse_list(s: &str) -> Result<Vec<FaultKind>, String> {
+    /// With `netns`, `mixed` leaves out the faults that need the proxies, and naming one of
+    /// them is an error.
+    pub fn parse_list(s: &str, netns: bool) -> Result<Vec<FaultKind>, String> {
         let mut out = Vec::new();
         for word in s.split(',').map(str::trim) {
             match word {
-                "mixed" => out.extend(ALL_FAULTS),
+                "mixed" => out.extend(ALL_FAULTS.iter().filter(|k| !(netns && k.needs_proxies()))),
                 "none" => {}
-                w => out.push(
-                    *ALL_FAULTS.iter().find(|k| k.name() == w).ok_or_else(|| {
+                w => {
+                    let kind = *ALL_FAULTS.iter().find(|k| k.name() == w).ok_or_else(|| {
                         format!(
                             "unknown fault {w:?}: expected crash, killall, pause, partition, loss, dup, delay, mixed or none"
                         )
-                    })?,
-                ),
+                    })?;
+                    if netns && kind.needs_proxies() {
+                        return Err(format!(
+                            "fault {w:?} is not available with --netns: it acts on single datagrams, which only the proxies can do (there are none with --netns); use crash, killall, pause, partition or mixed"
+                        ));
+                    }
+                    out.push(kind);
+                }
             }
         }
         out.sort();
@@ -80,6 +89,11 @@ impl FaultKind {
     fn is_weather(self) -> bool {
         matches!(self, FaultKind::Loss | FaultKind::Dup | FaultKind::Delay)
     }
+
+    /// Faults made by the link proxies, datagram by datagram: not available with `--netns`.
+    pub fn needs_proxies(self) -> bool {
+        self.is_weather()
+    }
 }
 
 impl fmt::Display for FaultKind {
@@ -88,11 +102,42 @@ impl fmt::Display for FaultKind {
     }
 }
 
+/// Where partitions are made.
+#[derive(Clone)]
+pub enum Links {
+    /// In the proxy of every directed link.
+    Proxies(Arc<Network>),
+    /// On the peers' own links in their namespaces: a link down, or a packet filter.
+    Netns(Arc<Netns>),
+}
+
+impl Links {
+    /// Lifts every partition (and, on the proxies, any loss, duplication or delay).
+    pub fn heal(&self) -> Result<(), String> {
+        match self {
+            Links::Proxies(network) => {
+                network.heal();
+                Ok(())
+            }
+            Links::Netns(netns) => netns.heal(),
+        }
+    }
+
+    fn proxies(&self, kind: FaultKind) -> Result<&Network, String> {
+        match self {
+            Links::Proxies(network) => Ok(network),
+            Links::Netns(_) => Err(format!(
+                "{kind} needs the proxies, which a --netns run has not"
+            )),
+        }
+    }
+}
+
 /// What the nemesis needs to reach.
 pub struct Nemesis {
     pub kinds: Vec<FaultKind>,
     pub cluster: Arc<Mutex<Cluster>>,
-    pub network: Arc<Network>,
+    pub links: Links,
     pub shared: Arc<Shared>,
     pub rng: Rng,
     /// Asks the peers who leads.
@@ -241,33 +286,39 @@ impl Nemesis {
                 );
                 a.paused = paused;
             }
-            FaultKind::Partition => a.detail = self.partition(),
+            FaultKind::Partition => {
+                a.detail = match self.links.clone() {
+                    Links::Proxies(network) => self.partition(&network),
+                    Links::Netns(netns) => self.partition_links(&netns)?,
+                }
+            }
             FaultKind::Loss => {
                 let p = self.rng.range(10, 50) as f64 / 100.0;
-                self.network.update_all(|r| r.loss = p);
+                self.links.proxies(kind)?.update_all(|r| r.loss = p);
                 a.detail = format!("drop {:.0}% of datagrams on every link", p * 100.0);
             }
             FaultKind::Dup => {
                 let p = self.rng.range(20, 60) as f64 / 100.0;
-                self.network.update_all(|r| r.dup = p);
+                self.links.proxies(kind)?.update_all(|r| r.dup = p);
                 a.detail = format!("send {:.0}% of datagrams twice on every link", p * 100.0);
             }
             FaultKind::Delay => {
                 let hi = self.rng.range(10, 150);
-                self.network.update_all(|r| r.delay_ms = (0, hi));
+                self.links
+                    .proxies(kind)?
+                    .update_all(|r| r.delay_ms = (0, hi));
                 a.detail = format!("delay every datagram by 0-{hi} ms (reordering)");
             }
         }
         Ok(a)
     }
 
-    /// Cuts links in one of six shapes; returns what it did.
-    fn partition(&mut self) -> String {
+    /// Cuts links in the proxies in one of six shapes; returns what it did.
+    fn partition(&mut self, net: &Network) -> String {
         let mut nodes = self.cluster.lock().expect("cluster lock").ids();
         self.rng.shuffle(&mut nodes);
         let leader = self.leader().unwrap_or(nodes[0]);
         let others: Vec<NodeId> = nodes.iter().copied().filter(|&n| n != leader).collect();
-        let net = &self.network;
         match self.rng.below(6) {
             0 => {
                 net.partition(&[vec![leader], others.clone()]);
@@ -320,10 +371,72 @@ impl Nemesis {
         }
     }
 
+    /// Cuts the peers' links in one of five shapes (two where no packet filter works, as
+    /// one-way cuts need one); returns what it did. A cut peer is cut off from the clients
+    /// too, and the shapes are per peer, not per pair: there is no bridge node here.
+    fn partition_links(&mut self, netns: &Netns) -> Result<String, String> {
+        let mut nodes = self.cluster.lock().expect("cluster lock").ids();
+        self.rng.shuffle(&mut nodes);
+        let leader = self.leader().unwrap_or(nodes[0]);
+        let others: Vec<NodeId> = nodes.iter().copied().filter(|&n| n != leader).collect();
+        let shapes = if netns.one_way { 5 } else { 2 };
+        Ok(match self.rng.below(shapes) {
+            0 => {
+                netns.cut(leader)?;
+                format!(
+                    "isolate leader: {} | {} (link down)",
+                    ids(&[leader]),
+                    ids(&others)
+                )
+            }
+            1 => {
+                let small = 1 + self.rng.below(self.minority() as u64) as usize;
+                let (minority, majority) = nodes.split_at(small);
+                netns.split(minority)?;
+                format!(
+                    "minority {} | majority {} (each of the minority's links down)",
+                    ids(minority),
+                    ids(majority)
+                )
+            }
+            2 => {
+                netns.cut_out(leader)?;
+                format!("one-way: leader {leader} cannot send, can receive")
+            }
+            3 => {
+                netns.cut_in(leader)?;
+                format!("one-way: leader {leader} can send, cannot receive")
+            }
+            _ => {
+                let mut cut = Vec::new();
+                for &n in &nodes {
+                    if self.rng.chance(0.3) {
+                        cut.push((n, self.rng.chance(0.5)));
+                    }
+                }
+                if cut.is_empty() {
+                    cut.push((nodes[0], self.rng.chance(0.5)));
+                }
+                cut.sort();
+                let mut what = Vec::new();
+                for &(n, inbound) in &cut {
+                    if inbound {
+                        netns.cut_in(n)?;
+                        what.push(format!("{n} cannot receive"));
+                    } else {
+                        netns.cut_out(n)?;
+                        what.push(format!("{n} cannot send"));
+                    }
+                }
+                format!("one-way cuts: {}", what.join(", "))
+            }
+        })
+    }
+
     fn heal(&mut self, a: &Active) -> Result<(), String> {
         match a.kind {
             FaultKind::Partition | FaultKind::Loss | FaultKind::Dup | FaultKind::Delay => {
-                self.network.heal()
+                self.links.heal()?
             }
             FaultKind::Crash | FaultKind::KillAll | FaultKind::Pause => {
                 let mut cluster = self.cluster.lock().expect("cluster lock");
