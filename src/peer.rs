@@ -22,7 +22,7 @@ use crate::raft::{
     self, ClientReply, ClientRequest, Entry, HardState, Message, Node, NodeId, Ready, ReplyTo,
 };
 use crate::storage::Storage;
-use crate::transport::{self, Inbound, Queues, Transport};
+use crate::transport::{self, Inbound, Queues, RateLimiter, Transport};
 use crossbeam_channel::{never, select, Receiver, Sender};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -41,6 +41,17 @@ pub const MAX_BATCH: usize = 4096;
 /// an fsync is shared by hundreds of appends, small enough that one batch (stepping, sending,
 /// one fsync, and the replies) takes a few milliseconds, far below an election timeout.
 pub const MAX_CLIENT_BATCH: usize = 512;
+/// Ticks stepped into the core per batch; more that are queued are skipped. After the node
+/// thread stalls (a slow fsync, descheduled), the ticks queued meanwhile would otherwise reach
+/// the core all at once: a leader would conclude it had lost its followers (check quorum) and
+/// followers that their leader was gone, before either had a chance to send or hear anything.
+/// Skipping them makes time in the core run slow during the stall, as Go's tickers do for
+/// etcd: elections are delayed, never made unsafe.
+pub const MAX_TICKS_PER_BATCH: usize = 2;
+/// A batch (stepping, fsync, sending) that takes this long is logged with where the time went,
+/// as is one that skips this many ticks (the one after a stall).
+pub const SLOW_BATCH: Duration = Duration::from_millis(50);
+const SKIPPED_TICKS_TO_LOG: usize = 5;
 /// AppendEntries in flight to one follower.
 pub const MAX_INFLIGHT: usize = 32;
 
@@ -350,36 +361,59 @@ fn node_loop(
     mut out: impl Outbox,
     mut inbox: Inboxes,
 ) -> Result<(), String> {
+    let mut slow = RateLimiter::new(transport::WARN_INTERVAL);
     loop {
         let Some(first) = inbox.next() else {
             return Err("the receiver and timer threads stopped unexpectedly".into());
         };
-        let mut clients = usize::from(matches!(first, Inbox::Client(..)));
-        let mut peers = 1 - clients;
-        let mut shutdown = feed(&mut core, first);
+        let mut batch = Batch::default();
+        let started = Instant::now();
+        let mut shutdown = batch.feed(&mut core, first);
         while !shutdown {
-            if peers < MAX_BATCH {
+            if batch.peers < MAX_BATCH {
                 if let Ok(item) = inbox.peers.try_recv() {
-                    shutdown = feed(&mut core, item);
-                    peers += 1;
+                    shutdown = batch.feed(&mut core, item);
                     continue;
                 }
             }
-            if clients >= MAX_CLIENT_BATCH {
+            if batch.clients >= MAX_CLIENT_BATCH {
                 break;
             }
             let Ok(item) = inbox.clients.try_recv() else {
                 break;
             };
-            shutdown = feed(&mut core, item);
-            clients += 1;
+            shutdown = batch.feed(&mut core, item);
         }
+        let stepped = started.elapsed();
+        let mut persisting = Duration::ZERO;
         loop {
             let rd = core.ready();
             let empty = rd.is_empty();
-            carry_out(rd, &mut core, &mut storage, &mut out)?;
+            persisting += carry_out(rd, &mut core, &mut storage, &mut out)?;
             if empty {
                 break;
+            }
+        }
+        let took = started.elapsed();
+        let behind = batch.skipped_ticks >= SKIPPED_TICKS_TO_LOG;
+        if took >= SLOW_BATCH || behind {
+            if let Some(suppressed) = slow.allow(Instant::now()) {
+                let more = if suppressed > 0 {
+                    format!(" ({suppressed} more since the last report)")
+                } else {
+                    String::new()
+                };
+                log::warn!(
+                    "batch of {} peer items ({} ticks stepped, {} skipped) and {} client requests took {} ms: stepping {} ms, persisting {} ms, sending {} ms{more}",
+                    batch.peers,
+                    batch.ticks,
+                    batch.skipped_ticks,
+                    batch.clients,
+                    took.as_millis(),
+                    stepped.as_millis(),
+                    persisting.as_millis(),
+                    took.saturating_sub(stepped + persisting).as_millis(),
+                );
             }
         }
         if shutdown {
@@ -388,15 +422,40 @@ fn node_loop(
     }
 }
 
-/// Feeds one inbox item to the core; true if it asks the loop to stop.
-fn feed(core: &mut impl Core, item: Inbox) -> bool {
-    match item {
-        Inbox::Peer(msg) => core.step(msg),
-        Inbox::Client(reply_to, req) => core.request(reply_to, req),
-        Inbox::Tick => core.tick(),
-        Inbox::Shutdown => return true,
+/// What one turn of the node loop stepped.
+#[derive(Debug, Default)]
+struct Batch {
+    /// Items from the peer queue: messages, ticks (stepped or skipped), shutdown.
+    peers: usize,
+    clients: usize,
+    ticks: usize,
+    skipped_ticks: usize,
+}
+
+impl Batch {
+    /// Feeds one inbox item to the core (a tick only if fewer than [`MAX_TICKS_PER_BATCH`]
+    /// were); true if it asks the loop to stop.
+    fn feed(&mut self, core: &mut impl Core, item: Inbox) -> bool {
+        match item {
+            Inbox::Client(reply_to, req) => {
+                self.clients += 1;
+                core.request(reply_to, req);
+                return false;
+            }
+            Inbox::Peer(msg) => core.step(msg),
+            Inbox::Tick if self.ticks < MAX_TICKS_PER_BATCH => {
+                self.ticks += 1;
+                core.tick();
+            }
+            Inbox::Tick => self.skipped_ticks += 1,
+            Inbox::Shutdown => {
+                self.peers += 1;
+                return true;
+            }
+        }
+        self.peers += 1;
+        false
     }
-    false
 }
 
 /// Carries out one `Ready` in the order that keeps Raft safe: nothing that depends on the new
@@ -409,7 +468,7 @@ fn carry_out(
     core: &mut impl Core,
     storage: &mut impl Durable,
     out: &mut impl Outbox,
-) -> Result<(), String> {
+) -> Result<Duration, String> {
     let Ready {
         hard_state,
         entries,
@@ -422,11 +481,13 @@ fn carry_out(
             out.send_peer(msg);
         }
     }
+    let persisting = Instant::now();
     if hard_state.is_some() || !entries.is_empty() {
         storage
             .persist(hard_state.as_ref(), &entries)
             .map_err(|e| format!("storage failed: {e}"))?;
     }
+    let persisting = persisting.elapsed();
     // Empty here if they were sent before persisting.
     for msg in messages {
         out.send_peer(msg);
@@ -435,7 +496,7 @@ fn carry_out(
     for (to, reply) in replies {
         out.send_reply(to, reply);
     }
-    Ok(())
+    Ok(persisting)
 }
 
 #[cfg(test)]
@@ -771,6 +832,24 @@ mod tests {
         assert_eq!(events[..3], ["step 3", "tick", "request 0"], "{events:?}");
         let first_ready = events.iter().position(|e| e == "ready").unwrap();
         assert_eq!(first_ready, 2 + MAX_CLIENT_BATCH, "{:?}", &events[..8]);
+    }
+
+    #[test]
+    fn ticks_queued_during_a_stall_reach_the_core_a_few_at_a_time() {
+        // 200 ms of ticks piled up while the node thread sat in a slow fsync. Stepped at once,
+        // they would let a leader's check quorum, or a follower's election timer, fire before
+        // anyone could send or answer anything.
+        let (peers, clients, inbox) = queues();
+        for _ in 0..20 {
+            peers.send(Inbox::Tick).unwrap();
+        }
+        peers.send(Inbox::Peer(message(2, 1))).unwrap();
+        clients.send(request(1)).unwrap();
+        clients.send(Inbox::Shutdown).unwrap();
+        let (_, events) = run_inbox(inbox, false, false, None);
+        let ticks = events.iter().filter(|e| *e == "tick").count();
+        assert_eq!(ticks, MAX_TICKS_PER_BATCH, "{events:?}");
+        assert!(events.contains(&"step 2".to_string()), "{events:?}");
     }
 
     #[test]

@@ -72,13 +72,12 @@ impl DropReason {
             ),
             DropReason::Reply => ("a client reply", "client replies"),
             DropReason::ClientQueueFull => (
-                "a client request (client queue full)",
-                "client requests (client queue full)",
+                "a client request",
+                "client requests (the client queue was full)",
             ),
-            DropReason::PeerQueueFull => (
-                "a peer message (peer queue full)",
-                "peer messages (peer queue full)",
-            ),
+            DropReason::PeerQueueFull => {
+                ("a peer message", "peer messages (the peer queue was full)")
+            }
         }
     }
 }
@@ -497,7 +496,7 @@ impl Listener {
                 Err(TrySendError::Full(_)) if is_peer => {
                     self.stats.peers_dropped += 1;
                     let detail = format!(
-                        "{} messages queued; the node thread is not keeping up",
+                        "the peer queue is full ({} queued); the node thread is not keeping up",
                         queue.len()
                     );
                     self.warn(now, src, &dropped(DropReason::PeerQueueFull, detail));
@@ -522,7 +521,7 @@ impl Listener {
     fn shed(&mut self, now: Instant, src: SocketAddr, capacity: Option<usize>) {
         self.stats.clients_shed += 1;
         let detail = format!(
-            "{} requests already queued; shedding client load so that peer traffic keeps flowing",
+            "the client queue is full ({} queued); shedding client load so that peer traffic keeps flowing",
             capacity.unwrap_or(0)
         );
         self.warn(now, src, &dropped(DropReason::ClientQueueFull, detail));
