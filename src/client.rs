@@ -280,6 +280,34 @@ impl Client {
         }
     }
 
+    /// Hands leadership to `target`, or to the most up-to-date voter (Raft thesis §3.10), and
+    /// returns the new leader and its term once it leads. Without a target, the leader seen
+    /// first is named as the one to move away from, so a retry that reaches the new leader
+    /// does not move leadership again.
+    pub fn transfer_leader(
+        &mut self,
+        target: Option<NodeId>,
+    ) -> Result<(NodeId, Term), ClientError> {
+        let deadline = Instant::now() + self.timeout;
+        let away_from = match target {
+            Some(_) => None,
+            None => {
+                self.status();
+                self.leader
+            }
+        };
+        let op = ClientOp::TransferLeader { target, away_from };
+        match self.call(&op, deadline)? {
+            (_, ClientResult::Transferred { leader, term }) => {
+                if self.peers.contains_key(&leader) {
+                    self.leader = Some(leader);
+                }
+                Ok((leader, term))
+            }
+            (peer, other) => unreachable!("filtered reply {other:?} from peer {peer}"),
+        }
+    }
+
     /// Asks every peer for its status once, in parallel, and waits up to
     /// min(timeout, [`STATUS_WAIT`]) for the answers. One entry per peer, in ID order.
     pub fn status(&mut self) -> Vec<PeerStatus> {
@@ -504,6 +532,7 @@ fn fits(op: &ClientOp, result: &ClientResult) -> bool {
         ClientResult::Appended { .. } => matches!(op, ClientOp::Append { .. }),
         ClientResult::Entries { .. } => matches!(op, ClientOp::Query { .. }),
         ClientResult::Status(_) => matches!(op, ClientOp::Status),
+        ClientResult::Transferred { .. } => matches!(op, ClientOp::TransferLeader { .. }),
     }
 }
 

@@ -1,5 +1,5 @@
-//! The command-line client: `append`, `query` and `status` subcommands that print JSON lines,
-//! or, with no subcommand, the original project's interactive menu.
+//! The command-line client: `append`, `query`, `status` and `transfer-leader` subcommands that
+//! print JSON lines, or, with no subcommand, the original project's interactive menu.
 //!
 //! Exit codes: 0 done; 1 refused, usage or config error; 2 no answer in time (outcome unknown).
 
@@ -42,6 +42,7 @@ enum Command {
     Append(AppendArgs),
     Query(QueryArgs),
     Status(StatusArgs),
+    TransferLeader(TransferLeaderArgs),
 }
 
 #[derive(FromArgs)]
@@ -62,6 +63,22 @@ struct QueryArgs {}
 /// Print every peer's status, one JSON line each; exit 2 if none answers.
 #[argh(subcommand, name = "status")]
 struct StatusArgs {}
+
+#[derive(FromArgs)]
+/// Hand leadership to peer ID, or to the most up-to-date peer; prints the new leader and term.
+#[argh(subcommand, name = "transfer-leader")]
+struct TransferLeaderArgs {
+    /// the peer to lead next (default: the most up-to-date one)
+    #[argh(positional)]
+    id: Option<NodeId>,
+}
+
+/// What `transfer-leader` prints.
+#[derive(Serialize)]
+struct LeaderLine {
+    leader: NodeId,
+    term: u64,
+}
 
 /// One `status` line; the fields after `answered` appear only for peers that answered.
 #[derive(Serialize)]
@@ -118,6 +135,7 @@ fn main() -> ExitCode {
         Some(Command::Append(a)) => append(&mut client, &a.text),
         Some(Command::Query(_)) => query(&mut client),
         Some(Command::Status(_)) => status(&mut client, args.timeout_ms),
+        Some(Command::TransferLeader(t)) => transfer_leader(&mut client, t.id),
         None => menu(&mut client),
     };
     ExitCode::from(code)
@@ -220,6 +238,16 @@ fn query(client: &mut Client) -> u8 {
     }
 }
 
+fn transfer_leader(client: &mut Client, target: Option<NodeId>) -> u8 {
+    match client.transfer_leader(target) {
+        Ok((leader, term)) => {
+            print_or_exit(&json(&LeaderLine { leader, term }));
+            EXIT_OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
 fn status(client: &mut Client, timeout_ms: u64) -> u8 {
     let peers = client.status();
     for p in &peers {
@@ -269,6 +297,7 @@ fn menu(client: &mut Client) -> u8 {
         println!("2. append");
         println!("3. exit");
         println!("4. status");
+        println!("5. transfer leadership");
         let Some(choice) = read("choice:") else {
             return EXIT_OK;
         };
@@ -297,8 +326,28 @@ fn menu(client: &mut Client) -> u8 {
                     eprintln!("error: no peer answered");
                 }
             }
+            "5" | "transfer" => {
+                let Some(answer) = read("peer ID to lead next (empty: the most up-to-date):")
+                else {
+                    return EXIT_OK;
+                };
+                let target = match answer.trim() {
+                    "" => None,
+                    id => match id.parse::<NodeId>() {
+                        Ok(id) => Some(id),
+                        Err(_) => {
+                            eprintln!("error: {id:?} is not a peer ID");
+                            continue;
+                        }
+                    },
+                };
+                match client.transfer_leader(target) {
+                    Ok((leader, term)) => println!("peer {leader} leads, in term {term}"),
+                    Err(e) => eprintln!("error: {e}"),
+                }
+            }
             "" => {}
-            other => eprintln!("error: unknown choice {other:?}; enter 1, 2, 3 or 4"),
+            other => eprintln!("error: unknown choice {other:?}; enter 1, 2, 3, 4 or 5"),
         }
     }
 }

@@ -130,6 +130,9 @@ pub enum Body {
         read_seq: u64,
         result: AppendResult,
     },
+    /// Thesis §3.10: the leader hands over leadership; the receiver campaigns at once, without
+    /// pre-vote. Sent only once the receiver's log matches the leader's.
+    TimeoutNow,
 }
 
 impl Body {
@@ -142,6 +145,7 @@ impl Body {
             Body::RequestVoteResponse { .. } => "RequestVoteResponse",
             Body::AppendEntries { .. } => "AppendEntries",
             Body::AppendEntriesResponse { .. } => "AppendEntriesResponse",
+            Body::TimeoutNow => "TimeoutNow",
         }
     }
 }
@@ -186,6 +190,13 @@ pub enum ClientOp {
     },
     /// Report this peer's view of the cluster.
     Status,
+    /// Hand leadership to `target`, or to the most up-to-date voter (thesis §3.10). With no
+    /// target, `away_from` names the leader the client saw, so that a retry reaching the new
+    /// leader does not move leadership again.
+    TransferLeader {
+        target: Option<NodeId>,
+        away_from: Option<NodeId>,
+    },
 }
 
 /// A peer's answer to a [`ClientRequest`].
@@ -212,6 +223,11 @@ pub enum ClientResult {
         next: Option<Index>,
     },
     Status(StatusInfo),
+    /// Leadership is now with `leader` in `term` (the answer to a transfer).
+    Transferred {
+        leader: NodeId,
+        term: Term,
+    },
     /// This peer is not the leader (or could not confirm it still is); try `leader` if known.
     NotLeader {
         leader: Option<NodeId>,

@@ -10,6 +10,7 @@
 //!   conflicts, fast backtracking hints, pipelined AppendEntries with a bounded window.
 //! - Commitment (§5.4.2): only entries of the leader's own term are committed by counting.
 //! - Reads (thesis §6.4): ReadIndex, confirmed by a majority round of heartbeats.
+//! - Leadership transfer (thesis §3.10) in [`transfer`]: catch the target up, TimeoutNow.
 //! - Time enters as ticks; randomness from a seed in [`Config`].
 
 pub mod log;
@@ -17,6 +18,7 @@ pub mod message;
 pub mod node;
 pub mod progress;
 pub mod rng;
+pub mod transfer;
 
 pub use message::*;
 pub use node::{Config, HardState, Node, Ready};

@@ -6,6 +6,7 @@ use super::log::RaftLog;
 use super::message::*;
 use super::progress::{Progress, ProgressState};
 use super::rng::Rng;
+use super::transfer::{self, HeldAppend, Transfer};
 use crate::state_machine::{data_hash, Applied, StateMachine};
 use log::{debug, info, warn};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -59,9 +60,9 @@ impl Ready {
     }
 }
 
-/// A client append waiting for its entry to be applied.
-#[derive(Clone, Debug)]
-struct Waiter {
+/// A client waiting for an answer: where to send it, and the request ID to echo.
+#[derive(Clone, Copy, Debug)]
+pub struct Waiter {
     reply_to: ReplyTo,
     id: u64,
 }
@@ -118,6 +119,11 @@ pub struct Node {
     replies: Vec<(ReplyTo, ClientReply)>,
     /// Malformed peer messages dropped so far.
     malformed: u64,
+    /// A leadership transfer this node started, until a leader of a later term is known or it
+    /// is abandoned (kept after stepping down, to answer whoever asked).
+    transfer: Option<Transfer>,
+    /// Leader only: appends that arrived during a transfer, proposed if it is abandoned.
+    held_appends: Vec<HeldAppend>,
 }
 
 impl Node {
@@ -162,6 +168,8 @@ impl Node {
             msgs: Vec::new(),
             replies: Vec::new(),
             malformed: 0,
+            transfer: None,
+            held_appends: Vec::new(),
         };
         node.reset_election_timer();
         node.apply_committed();
@@ -253,6 +261,7 @@ impl Node {
                 }
             }
         }
+        self.tick_transfer();
     }
 
     fn reset_election_timer(&mut self) {
@@ -277,6 +286,7 @@ impl Node {
         if was_leader {
             self.abandon_leadership();
         }
+        self.settle_transfer();
         if changed {
             match leader {
                 Some(l) => info!(
@@ -347,6 +357,13 @@ impl Node {
 
     fn become_leader(&mut self) {
         info!("node {}: leader in term {}", self.cfg.id, self.term);
+        if let Some(t) = self.transfer.take() {
+            let reason = format!(
+                "leadership transfer to node {} failed: node {} leads again, in term {}",
+                t.target, self.cfg.id, self.term
+            );
+            self.reply(t.requester, ClientResult::Refused { reason });
+        }
         self.role = Role::Leader;
         self.leader = Some(self.cfg.id);
         self.heartbeat_elapsed = 0;
@@ -384,6 +401,16 @@ impl Node {
             .collect();
         for w in waiters {
             self.reply(w, ClientResult::NotLeader { leader });
+        }
+        // Appends held for a transfer go to the node that is taking over.
+        let heir = self
+            .transfer
+            .as_ref()
+            .filter(|t| t.timeout_now_sent)
+            .map(|t| t.target)
+            .or(leader);
+        for held in std::mem::take(&mut self.held_appends) {
+            self.reply(held.requester, ClientResult::NotLeader { leader: heir });
         }
     }
 
@@ -571,14 +598,26 @@ impl Node {
                         "node {}: follower in term {}, leader {}",
                         self.cfg.id, self.term, msg.from
                     );
+                    self.settle_transfer();
                 }
                 self.election_elapsed = 0;
                 self.handle_append_entries(msg);
             }
             Body::RequestVote { .. } => self.handle_request_vote(msg),
             Body::PreVote { .. } => self.handle_pre_vote(msg),
+            Body::TimeoutNow => self.timeout_now(msg.from),
             _ => {}
         }
+    }
+
+    /// Thesis §3.10: our leader hands over; campaign at once, skipping pre-vote (the leader
+    /// already knows our log is up to date).
+    fn timeout_now(&mut self, from: NodeId) {
+        info!(
+            "node {}: TimeoutNow from {from} in term {}; campaigning",
+            self.cfg.id, self.term
+        );
+        self.become_candidate();
     }
 
     fn step_candidate(&mut self, msg: Message) {
@@ -590,6 +629,7 @@ impl Node {
             }
             Body::RequestVote { .. } => self.handle_request_vote(msg),
             Body::PreVote { .. } => self.handle_pre_vote(msg),
+            Body::TimeoutNow if self.role == Role::PreCandidate => self.timeout_now(msg.from),
             // A grant carries the term we asked for; a refusal carries the voter's term.
             Body::PreVoteResponse { granted }
                 if self.role == Role::PreCandidate && (msg.term == self.term + 1 || !granted) =>
@@ -735,6 +775,7 @@ impl Node {
                 if pr.acknowledge(match_index) {
                     pr.matched_at_read_seq = self.read_seq;
                     self.maybe_commit();
+                    self.maybe_send_timeout_now();
                 }
                 self.send_append(from);
             }
@@ -938,9 +979,148 @@ impl Node {
             return self.reply(waiter, ClientResult::NotLeader { leader });
         }
         match req.op {
+            ClientOp::Append { client, seq, data } if self.transfer.is_some() => {
+                self.held_appends.push(HeldAppend {
+                    requester: waiter,
+                    client,
+                    seq,
+                    data,
+                });
+            }
             ClientOp::Append { client, seq, data } => self.propose(waiter, client, seq, data),
             ClientOp::Query { start, read_index } => self.query(waiter, start, read_index),
+            ClientOp::TransferLeader { target, away_from } => {
+                self.start_transfer(waiter, target, away_from)
+            }
             ClientOp::Status => unreachable!("answered above"),
+        }
+    }
+
+    // ---- leadership transfer (thesis §3.10) -----------------------------------------------------
+
+    fn start_transfer(
+        &mut self,
+        waiter: Waiter,
+        target: Option<NodeId>,
+        away_from: Option<NodeId>,
+    ) {
+        let done = ClientResult::Transferred {
+            leader: self.cfg.id,
+            term: self.term,
+        };
+        let refuse = |reason: String| ClientResult::Refused { reason };
+        if let Some(t) = self.transfer.as_mut() {
+            if target.is_some_and(|target| target != t.target) {
+                let reason = format!("a leadership transfer to node {} is in progress", t.target);
+                return self.reply(waiter, refuse(reason));
+            }
+            // A retry of the same request: answer its latest attempt.
+            t.requester = waiter;
+            return;
+        }
+        let target = match target {
+            Some(t) if t == self.cfg.id => return self.reply(waiter, done),
+            Some(t) if !self.cfg.peers.contains(&t) => {
+                let reason = format!("node {t} is not a voter of this cluster");
+                return self.reply(waiter, refuse(reason));
+            }
+            Some(t) => t,
+            // A retry that reaches the new leader: leadership already moved away.
+            None if away_from.is_some_and(|a| a != self.cfg.id) => return self.reply(waiter, done),
+            None => match transfer::pick_target(&self.progress) {
+                Some(t) => t,
+                None => {
+                    let reason = "no other voter to transfer leadership to".to_string();
+                    return self.reply(waiter, refuse(reason));
+                }
+            },
+        };
+        info!(
+            "node {}: transferring leadership to {target} in term {}",
+            self.cfg.id, self.term
+        );
+        self.transfer = Some(Transfer {
+            target,
+            term: self.term,
+            elapsed: 0,
+            timeout_now_sent: false,
+            requester: waiter,
+        });
+        self.maybe_send_timeout_now();
+        self.replicate_now = true;
+    }
+
+    /// Sends TimeoutNow once the target's log matches ours; new appends are held meanwhile,
+    /// so our last index stays put.
+    fn maybe_send_timeout_now(&mut self) {
+        let Some(t) = &self.transfer else {
+            return;
+        };
+        if self.role != Role::Leader
+            || t.timeout_now_sent
+            || self.progress.get(&t.target).map(|p| p.match_index) != Some(self.log.last_index())
+        {
+            return;
+        }
+        let target = t.target;
+        self.send(target, self.term, Body::TimeoutNow);
+        if let Some(t) = self.transfer.as_mut() {
+            t.timeout_now_sent = true;
+        }
+    }
+
+    /// A leader of a later term is known: answer whoever asked for the transfer.
+    fn settle_transfer(&mut self) {
+        let Some(t) = &self.transfer else {
+            return;
+        };
+        let Some(leader) = self.leader.filter(|_| self.term > t.term) else {
+            return;
+        };
+        let t = self.transfer.take().expect("checked");
+        let result = if leader == t.target {
+            ClientResult::Transferred {
+                leader,
+                term: self.term,
+            }
+        } else {
+            let reason = format!(
+                "leadership went to node {leader} in term {}, not to node {}",
+                self.term, t.target
+            );
+            ClientResult::Refused { reason }
+        };
+        self.reply(t.requester, result);
+    }
+
+    /// Abandons a transfer that has not produced a new leader within an election timeout
+    /// (thesis §3.10), so a dead or slow target cannot hold appends forever.
+    fn tick_transfer(&mut self) {
+        let Some(t) = self.transfer.as_mut() else {
+            return;
+        };
+        t.elapsed += 1;
+        if t.elapsed < self.cfg.election_ticks.1 {
+            return;
+        }
+        let t = self.transfer.take().expect("checked");
+        if self.role != Role::Leader {
+            // Stepped down and no leader since: the outcome is unknown, so the client times
+            // out rather than hear a definite answer.
+            return;
+        }
+        let behind = self.log.last_index() - self.progress[&t.target].match_index;
+        info!(
+            "node {}: leadership transfer to {} abandoned ({behind} entries behind)",
+            self.cfg.id, t.target
+        );
+        let reason = format!(
+            "leadership transfer to node {} abandoned: it did not take over within an election timeout ({behind} entries behind)",
+            t.target
+        );
+        self.reply(t.requester, ClientResult::Refused { reason });
+        for held in std::mem::take(&mut self.held_appends) {
+            self.propose(held.requester, held.client, held.seq, held.data);
         }
     }
 
@@ -1606,5 +1786,170 @@ mod tests {
         n.step(msg(2, 1, 1, vote(false)));
         n.step(msg(3, 1, 1, vote(true)));
         assert_eq!(n.role(), Role::Leader);
+    }
+
+    /// Delivers every message among `nodes` (indexed by ID - 1) until none is left, returning
+    /// the client replies they produced.
+    fn exchange(nodes: &mut [Node]) -> Vec<ClientReply> {
+        let mut replies = Vec::new();
+        let mut queue: Vec<Message> = Vec::new();
+        for n in nodes.iter_mut() {
+            let rd = flush(n);
+            queue.extend(rd.messages);
+            replies.extend(rd.replies.into_iter().map(|(_, r)| r));
+        }
+        while let Some(m) = queue.pop() {
+            let n = &mut nodes[m.to as usize - 1];
+            n.step(m);
+            let rd = flush(n);
+            queue.extend(rd.messages);
+            replies.extend(rd.replies.into_iter().map(|(_, r)| r));
+        }
+        replies
+    }
+
+    fn transfer_req(id: u64, target: Option<NodeId>) -> ClientRequest {
+        ClientRequest {
+            id,
+            op: ClientOp::TransferLeader {
+                target,
+                away_from: None,
+            },
+        }
+    }
+
+    fn three_nodes_led_by_1() -> Vec<Node> {
+        let mut nodes: Vec<Node> = (1..=3)
+            .map(|id| {
+                let peers: Vec<NodeId> = (1..=3).filter(|&p| p != id).collect();
+                Node::new(cfg(id, &peers), HardState::default(), vec![])
+            })
+            .collect();
+        while nodes[0].role() != Role::PreCandidate {
+            nodes[0].tick();
+        }
+        exchange(&mut nodes);
+        assert_eq!(nodes[0].role(), Role::Leader);
+        nodes
+    }
+
+    #[test]
+    fn leadership_transfer_hands_over_to_the_target_and_answers_once_it_leads() {
+        // Thesis §3.10: catch the target up, TimeoutNow, the target campaigns at once.
+        let mut nodes = three_nodes_led_by_1();
+        nodes[0].request(client_addr(), transfer_req(7, Some(2)));
+        let replies = exchange(&mut nodes);
+        assert_eq!(nodes[1].role(), Role::Leader);
+        assert_eq!(nodes[0].role(), Role::Follower);
+        let term = nodes[1].term();
+        assert_eq!(term, 2, "one election, without pre-vote");
+        let answer = replies
+            .iter()
+            .find(|r| r.id == 7)
+            .expect("the transfer is answered");
+        assert_eq!(answer.result, ClientResult::Transferred { leader: 2, term });
+    }
+
+    #[test]
+    fn appends_wait_during_a_transfer_and_go_to_the_new_leader() {
+        let mut nodes = three_nodes_led_by_1();
+        // Node 2 has not received entry 2 yet: TimeoutNow must wait for it.
+        nodes[0].request(client_addr(), append_req(6, 9, 1, "before"));
+        let mut queue = flush(&mut nodes[0]).messages;
+        nodes[0].request(client_addr(), transfer_req(7, Some(2)));
+        let rd = flush(&mut nodes[0]);
+        assert!(
+            !rd.messages.iter().any(|m| m.body == Body::TimeoutNow),
+            "TimeoutNow before the target caught up"
+        );
+        queue.extend(rd.messages);
+        let last = nodes[0].log().last_index();
+        nodes[0].request(client_addr(), append_req(8, 9, 2, "held"));
+        queue.extend(flush(&mut nodes[0]).messages);
+        assert_eq!(
+            nodes[0].log().last_index(),
+            last,
+            "an append during a transfer"
+        );
+        let mut replies = Vec::new();
+        while let Some(m) = queue.pop() {
+            let n = &mut nodes[m.to as usize - 1];
+            n.step(m);
+            let rd = flush(n);
+            queue.extend(rd.messages);
+            replies.extend(rd.replies.into_iter().map(|(_, r)| r));
+        }
+        let held = replies
+            .iter()
+            .find(|r| r.id == 8)
+            .expect("held append answered");
+        assert_eq!(held.result, ClientResult::NotLeader { leader: Some(2) });
+        assert_eq!(nodes[1].role(), Role::Leader);
+        assert_eq!(
+            nodes[1].log().get(2).map(|e| e.term),
+            Some(1),
+            "entry 2 kept"
+        );
+    }
+
+    #[test]
+    fn a_transfer_to_a_silent_target_is_abandoned_and_held_appends_proceed() {
+        let mut leader = Node::new(cfg(1, &[2, 3]), HardState::default(), vec![]);
+        elect(&mut leader);
+        leader.step(msg(2, 1, 1, accepted(1)));
+        flush(&mut leader);
+        leader.request(client_addr(), transfer_req(7, Some(3)));
+        flush(&mut leader);
+        leader.request(client_addr(), append_req(8, 9, 1, "held"));
+        flush(&mut leader);
+        assert_eq!(leader.log().last_index(), 1);
+        let mut replies = Vec::new();
+        for _ in 0..25 {
+            leader.tick();
+            // Node 2 keeps the leader in contact with a majority.
+            leader.step(msg(2, 1, 1, accepted(leader.log().last_index())));
+            replies.extend(flush(&mut leader).replies);
+        }
+        assert_eq!(leader.role(), Role::Leader);
+        let abandoned = replies.iter().find(|(_, r)| r.id == 7).expect("answered");
+        assert!(
+            matches!(&abandoned.1.result, ClientResult::Refused { reason } if reason.contains("abandoned")),
+            "{:?}",
+            abandoned.1.result
+        );
+        assert_eq!(leader.log().last_index(), 2, "the held append was proposed");
+        let appended = replies.iter().find(|(_, r)| r.id == 8).expect("answered");
+        assert_eq!(
+            appended.1.result,
+            ClientResult::Appended { index: 2, term: 1 }
+        );
+    }
+
+    #[test]
+    fn a_transfer_request_is_checked() {
+        let mut nodes = three_nodes_led_by_1();
+        let result = |nodes: &mut Vec<Node>, req| {
+            nodes[0].request(client_addr(), req);
+            flush(&mut nodes[0]).replies[0].1.result.clone()
+        };
+        let refused = |r: &ClientResult, what: &str| matches!(r, ClientResult::Refused { reason } if reason.contains(what));
+        let r = result(&mut nodes, transfer_req(1, Some(9)));
+        assert!(refused(&r, "not a voter"), "{r:?}");
+        let r = result(&mut nodes, transfer_req(2, Some(1)));
+        assert_eq!(r, ClientResult::Transferred { leader: 1, term: 1 });
+        // A retry that reaches a new leader after it took over moves nothing.
+        let away = ClientRequest {
+            id: 3,
+            op: ClientOp::TransferLeader {
+                target: None,
+                away_from: Some(3),
+            },
+        };
+        let r = result(&mut nodes, away);
+        assert_eq!(r, ClientResult::Transferred { leader: 1, term: 1 });
+        nodes[0].request(client_addr(), transfer_req(4, Some(2)));
+        flush(&mut nodes[0]);
+        let r = result(&mut nodes, transfer_req(5, Some(3)));
+        assert!(refused(&r, "in progress"), "{r:?}");
     }
 }
