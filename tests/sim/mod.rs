@@ -1,16 +1,21 @@
 //! A deterministic cluster simulator for the Raft core: N cores in one process over a seeded,
-//! virtual-time network that drops, duplicates, reorders, delays and partitions datagrams, with
-//! crash-restart from durable state and retrying clients. Raft's safety properties are checked
-//! after every event; a failure panics with the seed, and `SIM_SEED=<seed>` reruns that seed.
+//! virtual-time network that drops, duplicates, reorders, delays (some datagrams by seconds) and
+//! partitions datagrams, with crash-restart from durable state (also part-way through a
+//! `Ready`), SIGSTOP-like pauses and retrying clients. Raft's safety properties are checked
+//! after every event, incrementally so that long runs stay cheap; a failure panics with the
+//! seed, and `SIM_SEED=<seed>` reruns that seed (`SIM_PARANOID=1` adds the full, quadratic
+//! versions of the checks).
 
 #![allow(dead_code)]
 
 use raft::raft::{
-    ClientId, ClientOp, ClientReply, ClientRequest, ClientResult, Config, Entry, HardState, Index,
-    LogRecord, Message, Node, NodeId, Ready, ReplyTo, Role, Term,
+    Body, ClientId, ClientOp, ClientReply, ClientRequest, ClientResult, Config, Datagram, Entry,
+    HardState, Index, LogRecord, Message, Node, NodeId, Payload, Ready, ReplyTo, Role, Term,
 };
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// Virtual microseconds.
 pub type Time = u64;
@@ -31,10 +36,17 @@ pub struct SimConfig {
     pub duplicate: f64,
     /// One-way delay, uniform in this range (random delays reorder datagrams).
     pub delay: (Time, Time),
-    /// Probability, per Ready, that the node crashes while carrying it out.
+    /// Probability that a datagram is instead delayed by `long_delay_range` (the MIT lab's
+    /// long-reordering network: it arrives long after everything sent after it).
+    pub long_delay: f64,
+    pub long_delay_range: (Time, Time),
+    /// Probability, per Ready, that the node crashes while carrying it out (at a point chosen
+    /// uniformly among the kinds of [`CrashPoint`] that Ready has).
     pub crash_in_ready: f64,
     /// How long a client waits for an answer before retrying elsewhere.
     pub client_retry: Time,
+    /// Datagrams a paused node's socket buffer holds; later ones are lost, as in a full buffer.
+    pub pause_buffer: usize,
 }
 
 impl SimConfig {
@@ -48,8 +60,11 @@ impl SimConfig {
             drop: 0.0,
             duplicate: 0.0,
             delay: (100, 2 * MS),
+            long_delay: 0.0,
+            long_delay_range: (200 * MS, 2_000 * MS),
             crash_in_ready: 0.0,
             client_retry: 100 * MS,
+            pause_buffer: 1_000,
         }
     }
     pub fn unreliable(nodes: usize) -> SimConfig {
@@ -62,7 +77,8 @@ impl SimConfig {
     }
 }
 
-/// What survives a crash: whatever a Ready persisted (the shell fsyncs each one).
+/// What survives a crash: whatever a Ready persisted (the shell fsyncs each one as one frame,
+/// so a crash during the write loses the batch whole).
 #[derive(Clone, Debug, Default)]
 pub struct Disk {
     pub hard_state: HardState,
@@ -79,6 +95,42 @@ impl Disk {
             self.entries.extend_from_slice(&rd.entries);
         }
     }
+}
+
+/// Where in carrying out a Ready a node crashed. Every point leaves a state the shell can
+/// really be in, so recovery from each must keep every promise made before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CrashPoint {
+    /// Nothing done: the write was lost whole.
+    BeforePersist,
+    /// A leader replicating while writing: some or all messages out, its own write lost.
+    SentBeforePersist,
+    /// Durable, nothing sent.
+    AfterPersist,
+    /// Durable, some messages sent and some not.
+    BetweenMessages,
+    /// Durable and sent, but the core was never told (`advance` not called).
+    BeforeAdvance,
+    /// Advanced; some or all client replies not sent.
+    BeforeReplies,
+}
+
+pub const CRASH_POINTS: [CrashPoint; 6] = [
+    CrashPoint::BeforePersist,
+    CrashPoint::SentBeforePersist,
+    CrashPoint::AfterPersist,
+    CrashPoint::BetweenMessages,
+    CrashPoint::BeforeAdvance,
+    CrashPoint::BeforeReplies,
+];
+
+/// One step of carrying out a Ready, in the shell's order.
+#[derive(Clone, Copy, Debug)]
+enum Act {
+    Persist,
+    Send(usize),
+    Advance,
+    Reply(usize),
 }
 
 #[derive(Clone, Debug)]
@@ -100,7 +152,10 @@ pub enum Op {
         returned: Time,
     },
     Query {
+        /// Entries `start..=read_index`, from every page.
         log: Vec<LogRecord>,
+        start: Index,
+        read_index: Index,
         invoked: Time,
         returned: Time,
         /// The node that answered the last page.
@@ -117,6 +172,7 @@ enum Pending {
     Query {
         pages: Vec<LogRecord>,
         read_index: Option<Index>,
+        first: Index,
         start: Index,
     },
 }
@@ -130,6 +186,12 @@ pub struct SimClient {
     pending: Option<(Pending, Time)>,
     request_id: u64,
     pub done: Vec<Op>,
+    /// Back to back: starts its next operation the moment one completes, an append with this
+    /// probability, else a query of the log's tail.
+    busy_appends: Option<f64>,
+    made: u64,
+    /// Attempts re-sent after a timeout.
+    pub retries: u64,
 }
 
 impl SimClient {
@@ -138,6 +200,26 @@ impl SimClient {
         self.target = id;
     }
 }
+
+/// What a run did, so a test can require a minimum of activity and print it.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub events: u64,
+    pub delivered: u64,
+    pub dropped: u64,
+    pub duplicated: u64,
+    pub long_delayed: u64,
+    pub crashes: u64,
+    pub crashes_in_ready: BTreeMap<CrashPoint, u64>,
+    pub restarts: u64,
+    pub pauses: u64,
+    /// Datagrams that waited in a paused node's buffer and were received on resume.
+    pub received_late: u64,
+    pub faults: u64,
+}
+
+/// A paused node: its held datagrams, or None if what arrives is lost.
+type Held = Option<Vec<Event>>;
 
 pub struct Sim {
     pub seed: u64,
@@ -153,21 +235,61 @@ pub struct Sim {
     cut: BTreeSet<(NodeId, NodeId)>,
     /// Nodes cut off by `disconnect`.
     disconnected: BTreeSet<NodeId>,
-    /// Nodes frozen in time (like SIGSTOP): no ticks, and what arrives meanwhile is lost.
-    paused: BTreeSet<NodeId>,
+    /// Nodes frozen in time: no ticks; what arrives meanwhile waits (SIGSTOP) or is lost.
+    paused: BTreeMap<NodeId, Held>,
     pub clients: Vec<SimClient>,
     /// Peer messages handed to the network, by (from, to) and in all.
     pub sent: u64,
     pub sent_by_link: BTreeMap<(NodeId, NodeId), u64>,
+    /// When set, encoded bytes of peer messages by (from, to) (costly: encodes each message).
+    pub count_bytes: bool,
+    pub bytes_by_link: BTreeMap<(NodeId, NodeId), u64>,
     pub restarts: u64,
+    pub stats: Stats,
+    paranoid: bool,
     // ---- invariant bookkeeping ----
     leader_of_term: BTreeMap<Term, NodeId>,
-    /// Committed entries by index: the entry, and the lowest term at which anyone saw it
-    /// committed (Leader Completeness applies to leaders of later terms).
+    /// Committed entries by index: the entry, and the term of the node that saw it committed
+    /// first (Leader Completeness applies to leaders of later terms).
     committed: BTreeMap<Index, (Entry, Term)>,
+    /// The highest index first seen committed by a node in each term.
+    committed_by_term: BTreeMap<Term, Index>,
     last_term: BTreeMap<NodeId, Term>,
     last_commit: BTreeMap<NodeId, Index>,
+    /// Indices up to here were checked against `committed` in the node's current life.
+    checked_commit: BTreeMap<NodeId, Index>,
     was_leader: BTreeMap<NodeId, Term>,
+    /// A leader's (term, last index, hash of the entry there), for Leader Append-Only.
+    leader_tail: BTreeMap<NodeId, (Term, Index, u64)>,
+    /// Paranoid mode: a leader's whole log when last checked.
+    leader_log: BTreeMap<NodeId, (Term, Vec<Entry>)>,
+    /// Each node's durable log as prefix hashes: `prefix[i - 1]` covers entries 1..=i.
+    prefix: BTreeMap<NodeId, Vec<u64>>,
+    /// Log Matching over all time: every (index, term) ever written, with its prefix hash and
+    /// the first node that wrote it.
+    written: HashMap<(Index, Term), (u64, NodeId)>,
+    /// Votes cast, by (term, voter): the candidate. At most one per term, across restarts.
+    votes: HashMap<(Term, NodeId), NodeId>,
+    /// Granted RequestVote answers a candidate received, by (term, candidate).
+    grants: HashMap<(Term, NodeId), BTreeSet<NodeId>>,
+    checks: u64,
+}
+
+/// A hash of one entry's whole content.
+fn entry_hash(e: &Entry) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (e.index, e.term).hash(&mut h);
+    match &e.payload {
+        Payload::Noop => 0u8.hash(&mut h),
+        Payload::Data { client, seq, data } => (1u8, client, seq, data).hash(&mut h),
+    }
+    h.finish()
+}
+
+/// Extends a prefix hash by one entry's hash.
+fn chain(prefix: u64, entry: u64) -> u64 {
+    raft::raft::rng::splitmix64(prefix.rotate_left(17) ^ entry)
 }
 
 impl Sim {
@@ -182,17 +304,30 @@ impl Sim {
             events: BTreeMap::new(),
             event_seq: 0,
             cut: BTreeSet::new(),
-            paused: BTreeSet::new(),
+            paused: BTreeMap::new(),
             disconnected: BTreeSet::new(),
             clients: Vec::new(),
             sent: 0,
             sent_by_link: BTreeMap::new(),
+            count_bytes: false,
+            bytes_by_link: BTreeMap::new(),
             restarts: 0,
+            stats: Stats::default(),
+            paranoid: std::env::var("SIM_PARANOID").is_ok_and(|v| v != "0"),
             leader_of_term: BTreeMap::new(),
             committed: BTreeMap::new(),
+            committed_by_term: BTreeMap::new(),
             last_term: BTreeMap::new(),
             last_commit: BTreeMap::new(),
+            checked_commit: BTreeMap::new(),
             was_leader: BTreeMap::new(),
+            leader_tail: BTreeMap::new(),
+            leader_log: BTreeMap::new(),
+            prefix: ids.iter().map(|&id| (id, Vec::new())).collect(),
+            written: HashMap::new(),
+            votes: HashMap::new(),
+            grants: HashMap::new(),
+            checks: 0,
             ids,
             cfg,
         };
@@ -222,6 +357,10 @@ impl Sim {
         let disk = self.disks[&id].clone();
         let node = Node::new(self.core_config(id), disk.hard_state, disk.entries);
         self.last_commit.insert(id, node.commit_index());
+        // A new life: its durable log is checked against what was committed from scratch.
+        self.checked_commit.insert(id, 0);
+        self.leader_tail.remove(&id);
+        self.leader_log.remove(&id);
         self.nodes.insert(id, Some(node));
     }
 
@@ -238,8 +377,12 @@ impl Sim {
                 dump += &format!("  client {i}: since {since} target {} {p:?}\n", c.target);
             }
         }
+        let test = std::thread::current()
+            .name()
+            .map(|n| format!(" {}", n.rsplit("::").next().unwrap_or(n)))
+            .unwrap_or_default();
         panic!(
-            "seed {}: at t={}µs: {what}\n{dump}rerun with SIM_SEED={}",
+            "seed {}: at t={}µs: {what}\n{dump}rerun with SIM_SEED={} cargo test --release{test}",
             self.seed, self.now, self.seed
         );
     }
@@ -252,12 +395,32 @@ impl Sim {
     pub fn is_up(&self, id: NodeId) -> bool {
         self.nodes[&id].is_some()
     }
+    pub fn up_nodes(&self) -> Vec<NodeId> {
+        self.ids
+            .iter()
+            .copied()
+            .filter(|&i| self.is_up(i))
+            .collect()
+    }
+    pub fn down_nodes(&self) -> Vec<NodeId> {
+        self.ids
+            .iter()
+            .copied()
+            .filter(|&i| !self.is_up(i))
+            .collect()
+    }
+    /// SIGKILL: the node loses everything not on its disk, including datagrams it held paused.
     pub fn crash(&mut self, id: NodeId) {
+        if self.nodes[&id].is_some() {
+            self.stats.crashes += 1;
+        }
         self.nodes.insert(id, None);
+        self.paused.remove(&id);
     }
     pub fn restart(&mut self, id: NodeId) {
         if self.nodes[&id].is_none() {
             self.restarts += 1;
+            self.stats.restarts += 1;
             self.start(id);
         }
     }
@@ -288,6 +451,9 @@ impl Sim {
             self.isolate(other);
         }
     }
+    pub fn is_connected(&self, id: NodeId) -> bool {
+        !self.disconnected.contains(&id)
+    }
     pub fn cut_one_way(&mut self, from: NodeId, to: NodeId) {
         self.cut.insert((from, to));
     }
@@ -295,11 +461,31 @@ impl Sim {
         self.cut.clear();
         self.disconnected.clear();
     }
+    /// SIGSTOP: no ticks, and datagrams wait in the socket buffer until [`Sim::resume`].
     pub fn pause(&mut self, id: NodeId) {
-        self.paused.insert(id);
+        if self.is_up(id) && !self.paused.contains_key(&id) {
+            self.stats.pauses += 1;
+            self.paused.insert(id, Some(Vec::new()));
+        }
     }
+    /// Frozen and deaf: no ticks, and whatever arrives until [`Sim::resume`] is lost.
+    pub fn freeze(&mut self, id: NodeId) {
+        if self.is_up(id) && !self.paused.contains_key(&id) {
+            self.stats.pauses += 1;
+            self.paused.insert(id, None);
+        }
+    }
+    /// SIGCONT: the node receives, in order, everything its buffer held.
     pub fn resume(&mut self, id: NodeId) {
-        self.paused.remove(&id);
+        if let Some(Some(held)) = self.paused.remove(&id) {
+            self.stats.received_late += held.len() as u64;
+            for event in held {
+                self.schedule(0, event);
+            }
+        }
+    }
+    pub fn paused_nodes(&self) -> Vec<NodeId> {
+        self.paused.keys().copied().collect()
     }
 
     fn schedule(&mut self, delay: Time, event: Event) {
@@ -308,37 +494,42 @@ impl Sim {
             .insert((self.now + delay, self.event_seq), event);
     }
 
-    fn send(&mut self, msg: Message) {
-        self.sent += 1;
-        *self.sent_by_link.entry((msg.from, msg.to)).or_default() += 1;
-        if self.cut.contains(&(msg.from, msg.to)) || self.rng.chance(self.cfg.drop) {
-            return;
-        }
-        let copies = if self.rng.chance(self.cfg.duplicate) {
-            2
+    fn delay(&mut self) -> Time {
+        if self.rng.chance(self.cfg.long_delay) {
+            self.stats.long_delayed += 1;
+            self.rng
+                .range(self.cfg.long_delay_range.0, self.cfg.long_delay_range.1)
         } else {
-            1
-        };
-        for _ in 0..copies {
-            let delay = self.rng.range(self.cfg.delay.0, self.cfg.delay.1);
-            self.schedule(delay, Event::Deliver(msg.clone()));
+            self.rng.range(self.cfg.delay.0, self.cfg.delay.1)
         }
     }
 
-    /// Client datagrams cross the same lossy network (but no partitions).
-    fn send_client(&mut self, event: Event) {
+    /// Hands `event` to the lossy network: lost, delivered once, or twice.
+    fn transmit(&mut self, event: Event) {
         if self.rng.chance(self.cfg.drop) {
+            self.stats.dropped += 1;
             return;
         }
-        let copies = if self.rng.chance(self.cfg.duplicate) {
-            2
-        } else {
-            1
-        };
-        for _ in 0..copies {
-            let delay = self.rng.range(self.cfg.delay.0, self.cfg.delay.1);
+        if self.rng.chance(self.cfg.duplicate) {
+            self.stats.duplicated += 1;
+            let delay = self.delay();
             self.schedule(delay, event.clone());
         }
+        let delay = self.delay();
+        self.schedule(delay, event);
+    }
+
+    fn send(&mut self, msg: Message) {
+        self.sent += 1;
+        *self.sent_by_link.entry((msg.from, msg.to)).or_default() += 1;
+        if self.count_bytes {
+            let bytes = Datagram::Peer(msg.clone()).encode().map_or(0, |b| b.len());
+            *self.bytes_by_link.entry((msg.from, msg.to)).or_default() += bytes as u64;
+        }
+        if self.cut.contains(&(msg.from, msg.to)) {
+            return;
+        }
+        self.transmit(Event::Deliver(msg));
     }
 
     // ---- running ------------------------------------------------------------------------------
@@ -349,16 +540,21 @@ impl Sim {
             return false;
         };
         self.now = time;
-        let frozen = |id: &NodeId| self.paused.contains(id);
-        match &event {
-            Event::Tick(id) if frozen(id) => {
-                self.schedule(self.cfg.tick, Event::Tick(*id));
-                return true;
+        self.stats.events += 1;
+        let target = match &event {
+            Event::Tick(id) => Some(*id),
+            Event::Deliver(Message { to: id, .. }) | Event::Request(id, ..) => Some(*id),
+            _ => None,
+        };
+        if let Some(id) = target.filter(|id| self.paused.contains_key(id)) {
+            if let Event::Tick(_) = event {
+                self.schedule(self.cfg.tick, event);
+            } else if let Some(Some(queue)) = self.paused.get_mut(&id) {
+                if queue.len() < self.cfg.pause_buffer {
+                    queue.push(event);
+                }
             }
-            Event::Deliver(Message { to: id, .. }) | Event::Request(id, ..) if frozen(id) => {
-                return true;
-            }
-            _ => {}
+            return true;
         }
         let touched = match event {
             Event::Tick(id) => {
@@ -371,10 +567,17 @@ impl Sim {
             }
             Event::Deliver(msg) => {
                 let id = msg.to;
-                match self.nodes.get_mut(&id).unwrap() {
-                    Some(node) => node.step(msg),
-                    None => return true,
+                if self.nodes[&id].is_none() {
+                    return true;
                 }
+                self.stats.delivered += 1;
+                if let Body::RequestVoteResponse { granted: true } = msg.body {
+                    self.grants
+                        .entry((msg.term, id))
+                        .or_default()
+                        .insert(msg.from);
+                }
+                self.nodes.get_mut(&id).unwrap().as_mut().unwrap().step(msg);
                 id
             }
             Event::Request(id, reply_to, req) => {
@@ -407,39 +610,140 @@ impl Sim {
             let Some(node) = self.nodes.get_mut(&id).unwrap().as_mut() else {
                 return;
             };
+            let (role, term) = (node.role(), node.term());
             let rd = node.ready();
             if rd.is_empty() {
                 return;
             }
-            let crash_at = if self.rng.chance(self.cfg.crash_in_ready) {
-                Some(self.rng.range(0, 1))
+            let writes = rd.hard_state.is_some() || !rd.entries.is_empty();
+            let mut acts = Vec::with_capacity(rd.messages.len() + rd.replies.len() + 2);
+            if writes && !rd.send_before_persist {
+                acts.push(Act::Persist);
+            }
+            acts.extend((0..rd.messages.len()).map(Act::Send));
+            if writes && rd.send_before_persist {
+                acts.push(Act::Persist);
+            }
+            acts.push(Act::Advance);
+            acts.extend((0..rd.replies.len()).map(Act::Reply));
+            let crash_before = if self.rng.chance(self.cfg.crash_in_ready) {
+                Some(self.pick_crash_point(&acts))
             } else {
                 None
             };
-            if rd.send_before_persist {
-                for m in rd.messages.iter().cloned() {
-                    self.send(m);
+            let mut persisted = false;
+            for (g, act) in acts.iter().enumerate() {
+                if let Some((at, point)) = crash_before {
+                    if at == g {
+                        *self.stats.crashes_in_ready.entry(point).or_default() += 1;
+                        self.crash(id);
+                        return;
+                    }
+                }
+                match *act {
+                    Act::Persist => {
+                        self.persist(id, role, term, &rd);
+                        persisted = true;
+                    }
+                    Act::Send(k) => self.send(rd.messages[k].clone()),
+                    Act::Advance => {
+                        debug_assert!(persisted || !writes);
+                        self.nodes.get_mut(&id).unwrap().as_mut().unwrap().advance();
+                    }
+                    Act::Reply(k) => {
+                        let (to, reply) = rd.replies[k].clone();
+                        self.transmit(Event::Reply(to, reply));
+                    }
                 }
             }
-            if crash_at == Some(0) {
-                // Crashed during the write: an un-fsynced batch is lost whole.
-                self.crash(id);
-                return;
+        }
+    }
+
+    /// A crash point for this Ready: a kind uniformly among those it has, then a position
+    /// of that kind uniformly. Returns (crash before `acts[at]`, kind).
+    fn pick_crash_point(&mut self, acts: &[Act]) -> (usize, CrashPoint) {
+        let mut persisted = !acts.iter().any(|a| matches!(a, Act::Persist));
+        let mut sent = 0;
+        let mut points: Vec<(usize, CrashPoint)> = Vec::new();
+        for (g, act) in acts.iter().enumerate() {
+            let point = match act {
+                Act::Persist | Act::Send(_) if !persisted && sent > 0 => {
+                    CrashPoint::SentBeforePersist
+                }
+                Act::Persist | Act::Send(_) if !persisted => CrashPoint::BeforePersist,
+                Act::Send(_) if sent == 0 => CrashPoint::AfterPersist,
+                Act::Send(_) => CrashPoint::BetweenMessages,
+                Act::Advance if sent == 0 && acts.iter().any(|a| matches!(a, Act::Persist)) => {
+                    CrashPoint::AfterPersist
+                }
+                Act::Advance => CrashPoint::BeforeAdvance,
+                Act::Reply(_) | Act::Persist => CrashPoint::BeforeReplies,
+            };
+            points.push((g, point));
+            match act {
+                Act::Persist => persisted = true,
+                Act::Send(_) => sent += 1,
+                _ => {}
             }
-            self.disks.get_mut(&id).unwrap().persist(&rd);
-            if !rd.send_before_persist {
-                for m in rd.messages.iter().cloned() {
-                    self.send(m);
+        }
+        let mut kinds: Vec<CrashPoint> = points.iter().map(|p| p.1).collect();
+        kinds.dedup();
+        let kind = self.rng.pick(&kinds);
+        let of_kind: Vec<(usize, CrashPoint)> =
+            points.into_iter().filter(|p| p.1 == kind).collect();
+        self.rng.pick(&of_kind)
+    }
+
+    /// Makes a Ready's writes durable, checking Leader Append-Only and Log Matching on them.
+    fn persist(&mut self, id: NodeId, role: Role, term: Term, rd: &Ready) {
+        let durable = self.disks[&id].entries.len() as Index;
+        if let Some(first) = rd.entries.first() {
+            if first.index > durable + 1 {
+                self.fail(&format!(
+                    "node {id} writes entry {} past the end of its durable log ({durable})",
+                    first.index
+                ));
+            }
+            // Leader Append-Only (Figure 3): a leader only ever appends to its log.
+            if role == Role::Leader {
+                if first.index != durable + 1 {
+                    self.fail(&format!(
+                        "Leader Append-Only: leader {id} of term {term} rewrites its log from \
+                         index {} (it had {durable} entries)",
+                        first.index
+                    ));
+                }
+                if let Some(e) = rd.entries.iter().find(|e| e.term != term) {
+                    self.fail(&format!(
+                        "leader {id} of term {term} appends an entry of term {}",
+                        e.term
+                    ));
                 }
             }
-            if crash_at == Some(1) {
-                self.crash(id);
-                return;
+        }
+        self.disks.get_mut(&id).unwrap().persist(rd);
+        let Some(first) = rd.entries.first() else {
+            return;
+        };
+        let prefix = self.prefix.get_mut(&id).unwrap();
+        prefix.truncate(first.index as usize - 1);
+        let mut h = prefix.last().copied().unwrap_or(0);
+        let mut conflict = None;
+        for e in &rd.entries {
+            h = chain(h, entry_hash(e));
+            prefix.push(h);
+            // Log Matching (Figure 3), over every log that ever existed: an entry's index and
+            // term determine it and everything before it.
+            let first_writer = self.written.entry((e.index, e.term)).or_insert((h, id));
+            if first_writer.0 != h && conflict.is_none() {
+                conflict = Some((e.index, e.term, first_writer.1));
             }
-            self.nodes.get_mut(&id).unwrap().as_mut().unwrap().advance();
-            for (to, reply) in rd.replies {
-                self.send_client(Event::Reply(to, reply));
-            }
+        }
+        if let Some((index, term, other)) = conflict {
+            self.fail(&format!(
+                "Log Matching: node {id} wrote an entry at index {index} of term {term} whose \
+                 log differs from the one node {other} wrote with that entry"
+            ));
         }
     }
 
@@ -453,6 +757,18 @@ impl Sim {
             self.step();
         }
         self.now = end;
+    }
+
+    /// Processes `n` events, or fewer if `within` passes first.
+    pub fn run_events_within(&mut self, n: u64, within: Time) {
+        let end = self.now + within;
+        for _ in 0..n {
+            if self.events.first_key_value().is_none_or(|(k, _)| k.0 > end) {
+                self.now = end;
+                return;
+            }
+            self.step();
+        }
     }
 
     /// Runs until `pred` holds, checking after every event; false if `within` passes first.
@@ -484,6 +800,15 @@ impl Sim {
             .collect()
     }
 
+    /// Every live node of `among` that believes it is leader, whatever its term.
+    pub fn leaders_among(&self, among: &[NodeId]) -> Vec<NodeId> {
+        among
+            .iter()
+            .copied()
+            .filter(|&i| self.node(i).is_some_and(|n| n.role() == Role::Leader))
+            .collect()
+    }
+
     /// A leader that a majority of live nodes follow in its term (a settled cluster).
     pub fn stable_leader(&self) -> Option<NodeId> {
         let leader = *self.leaders().first()?;
@@ -504,12 +829,25 @@ impl Sim {
         self.stable_leader().unwrap()
     }
 
+    /// Lets a minority settle for `settle` (a stale leader steps down by check quorum within
+    /// two minimum election timeouts), then runs for `during`, failing if any live node of
+    /// `minority` is Leader at any moment of it.
+    pub fn assert_no_leader_among(&mut self, minority: &[NodeId], settle: Time, during: Time) {
+        self.run_for(settle);
+        if self.run_until(during, |s| !s.leaders_among(minority).is_empty()) {
+            self.fail(&format!(
+                "node {:?} is leader without a majority",
+                self.leaders_among(minority)
+            ));
+        }
+    }
+
     /// The longest committed prefix any node knows, as (index, term, payload) entries.
     pub fn committed_log(&self) -> Vec<Entry> {
         self.committed.values().map(|(e, _)| e.clone()).collect()
     }
 
-    /// How many live nodes have committed `index`, and the entry's data if any agree.
+    /// How many live nodes have committed `index`.
     pub fn n_committed(&self, index: Index) -> usize {
         self.nodes
             .values()
@@ -522,14 +860,55 @@ impl Sim {
         self.committed.keys().next_back().copied().unwrap_or(0)
     }
 
+    /// How many terms have had a leader.
+    pub fn elections(&self) -> usize {
+        self.leader_of_term.len()
+    }
+
+    /// Appends acknowledged to clients so far.
+    pub fn acked_appends(&self) -> usize {
+        self.clients
+            .iter()
+            .map(|c| {
+                c.done
+                    .iter()
+                    .filter(|o| matches!(o, Op::Append { .. }))
+                    .count()
+            })
+            .sum()
+    }
+
+    pub fn answered_queries(&self) -> usize {
+        self.clients
+            .iter()
+            .map(|c| {
+                c.done
+                    .iter()
+                    .filter(|o| matches!(o, Op::Query { .. }))
+                    .count()
+            })
+            .sum()
+    }
+
+    pub fn client_retries(&self) -> u64 {
+        self.clients.iter().map(|c| c.retries).sum()
+    }
+
     // ---- invariants --------------------------------------------------------------------------
 
-    /// Raft's safety properties (Figure 3), checked after every event that touched `id`.
+    fn quorum(&self) -> usize {
+        self.ids.len() / 2 + 1
+    }
+
+    /// Raft's safety properties (Figure 3), checked after every event that touched `id`:
+    /// O(1) per event plus the work of what changed, so that long runs stay cheap.
     fn check(&mut self, id: NodeId) {
         let Some(node) = self.nodes[&id].as_ref() else {
             return;
         };
+        self.checks += 1;
         let (term, commit, role) = (node.term(), node.commit_index(), node.role());
+        let last_index = node.log().last_index();
         // Terms never go backwards, across restarts too (they are durable).
         let last = self.last_term.insert(id, term).unwrap_or(0);
         if term < last {
@@ -542,11 +921,47 @@ impl Sim {
                 "node {id}: commit went back from {last} to {commit}"
             ));
         }
+        if commit > last_index {
+            self.fail(&format!(
+                "node {id}: commit {commit} beyond its last index {last_index}"
+            ));
+        }
         if node.applied_index() != commit {
             self.fail(&format!(
                 "node {id}: applied {} != commit {commit}",
                 node.applied_index()
             ));
+        }
+        // Once a Ready is carried out, the log in memory is the log on disk (so checks made on
+        // what was written hold for what the node uses). Cheap always, in full now and then.
+        let disk = &self.disks[&id].entries;
+        let full = self.paranoid || self.checks.is_multiple_of(512);
+        if disk.len() as Index != last_index
+            || disk.last() != node.log().entries().last()
+            || (full && disk[..] != node.log().entries()[..])
+        {
+            let at = (0..disk.len().min(last_index as usize))
+                .find(|&k| disk[k] != node.log().entries()[k])
+                .map_or(String::new(), |k| {
+                    format!(", first difference at {}", k + 1)
+                });
+            self.fail(&format!(
+                "node {id}: log in memory (last {last_index}) is not its durable log (last {}){at}",
+                disk.len()
+            ));
+        }
+        // One vote per term (§5.2), across restarts: the vote is durable once the Ready that
+        // changed it is carried out, and no node may then vote for anyone else in that term.
+        if let Some(v) = node.vote() {
+            if let Some(&before) = self.votes.get(&(term, id)) {
+                if before != v {
+                    self.fail(&format!(
+                        "node {id} voted for {before} and then {v} in term {term}"
+                    ));
+                }
+            } else {
+                self.votes.insert((term, id), v);
+            }
         }
         // Election Safety: at most one leader per term.
         if role == Role::Leader {
@@ -558,7 +973,10 @@ impl Sim {
             self.leader_of_term.insert(term, id);
         }
         // State Machine Safety: every node commits (and applies) the same entry at an index.
-        for index in 1..=commit {
+        // Only indices not yet checked in this node's life.
+        let from = self.checked_commit[&id] + 1;
+        for index in from..=commit {
+            let node = self.nodes[&id].as_ref().unwrap();
             let entry = node.log().get(index).expect("committed entry present");
             match self.committed.get(&index) {
                 Some((e, _)) if e != entry => self.fail(&format!(
@@ -566,22 +984,131 @@ impl Sim {
                 )),
                 Some(_) => {}
                 None => {
-                    self.committed.insert(index, (entry.clone(), term));
+                    let entry = entry.clone();
+                    self.newly_committed(id, term, entry);
                 }
             }
         }
-        // Leader Completeness: a leader has every entry committed in an earlier term.
+        self.checked_commit.insert(id, commit.max(from - 1));
         if role == Role::Leader && self.was_leader.get(&id) != Some(&term) {
             self.was_leader.insert(id, term);
-            for (index, (entry, seen_in)) in &self.committed {
-                if *seen_in < term && node.log().get(*index) != Some(entry) {
+            self.new_leader(id, term);
+        }
+        if role == Role::Leader {
+            self.leader_append_only(id, term);
+        } else {
+            self.leader_tail.remove(&id);
+        }
+        if self.paranoid {
+            self.full_check(id);
+        }
+    }
+
+    /// A committed index seen for the first time: it must be durable on a majority (with the
+    /// same log up to it), or a crash of the others could lose it.
+    fn newly_committed(&mut self, id: NodeId, term: Term, entry: Entry) {
+        let index = entry.index;
+        let h = self.prefix[&id][index as usize - 1];
+        let stored = self
+            .prefix
+            .values()
+            .filter(|p| p.get(index as usize - 1) == Some(&h))
+            .count();
+        if stored < self.quorum() {
+            self.fail(&format!(
+                "node {id} committed index {index} in term {term}, but only {stored} disks hold it"
+            ));
+        }
+        let top = self.committed_by_term.entry(term).or_default();
+        *top = (*top).max(index);
+        self.committed.insert(index, (entry, term));
+    }
+
+    /// Checks made once when `id` becomes leader of `term`.
+    fn new_leader(&mut self, id: NodeId, term: Term) {
+        // A leader was granted votes by a majority of the cluster in its term, itself included.
+        let node = self.nodes[&id].as_ref().unwrap();
+        let mut voters = self.grants.get(&(term, id)).cloned().unwrap_or_default();
+        if node.vote() == Some(id) {
+            voters.insert(id);
+        }
+        if voters.len() < self.quorum() {
+            self.fail(&format!(
+                "node {id} became leader of term {term} with votes from only {voters:?}"
+            ));
+        }
+        // Leader Completeness: a leader has every entry committed in an earlier term. By Log
+        // Matching (checked on every write) it suffices to check the last such entry.
+        let top = self
+            .committed_by_term
+            .range(..term)
+            .map(|(_, &i)| i)
+            .max()
+            .unwrap_or(0);
+        if top > 0 {
+            let (entry, _) = &self.committed[&top];
+            if node.log().get(top) != Some(entry) {
+                self.fail(&format!(
+                    "leader {id} of term {term} lacks committed entry {top} ({entry:?})"
+                ));
+            }
+        }
+    }
+
+    /// Leader Append-Only in memory: while leader of the same term, the last index never falls
+    /// and the entry at the last index seen stays the same. (Rewrites show up on disk as a
+    /// leader's write that is not an append, checked in `persist`.)
+    fn leader_append_only(&mut self, id: NodeId, term: Term) {
+        let log = self.nodes[&id].as_ref().unwrap().log();
+        let last = log.last_index();
+        if let Some(&(t, before, h)) = self.leader_tail.get(&id) {
+            if t == term && (last < before || log.get(before).map(entry_hash) != Some(h)) {
+                self.fail(&format!(
+                    "Leader Append-Only: leader {id} of term {term} changed its log at or below \
+                     index {before} (last now {last})"
+                ));
+            }
+        }
+        let h = log.get(last).map_or(0, entry_hash);
+        self.leader_tail.insert(id, (term, last, h));
+        if self.paranoid {
+            let entries = log.entries().to_vec();
+            if let Some((t, before)) = self.leader_log.get(&id) {
+                if *t == term
+                    && (entries.len() < before.len() || entries[..before.len()] != before[..])
+                {
                     self.fail(&format!(
-                        "leader {id} of term {term} lacks committed entry {index} ({entry:?})"
+                        "Leader Append-Only (full check): leader {id} of term {term} changed its log"
+                    ));
+                }
+            }
+            self.leader_log.insert(id, (term, entries));
+        }
+    }
+
+    /// The checks the incremental ones stand for, in full: every committed index of the node,
+    /// every earlier-term committed entry in a leader's log, Log Matching against every other
+    /// live node. Quadratic; only with `SIM_PARANOID`.
+    fn full_check(&self, id: NodeId) {
+        let node = self.nodes[&id].as_ref().unwrap();
+        for index in 1..=node.commit_index() {
+            let entry = node.log().get(index).expect("committed entry present");
+            if self.committed.get(&index).map(|c| &c.0) != Some(entry) {
+                self.fail(&format!(
+                    "full check: node {id} committed {entry:?} at {index}"
+                ));
+            }
+        }
+        if node.role() == Role::Leader {
+            for (index, (entry, seen_in)) in &self.committed {
+                if *seen_in < node.term() && node.log().get(*index) != Some(entry) {
+                    self.fail(&format!(
+                        "full check: leader {id} of term {} lacks committed entry {index}",
+                        node.term()
                     ));
                 }
             }
         }
-        // Log Matching: same index and term means identical logs up to there.
         let mine = node.log().entries();
         for (other_id, other) in &self.nodes {
             let Some(other) = other else { continue };
@@ -592,11 +1119,9 @@ impl Sim {
             let n = mine.len().min(theirs.len());
             if let Some(k) = (0..n).rev().find(|&k| mine[k].term == theirs[k].term) {
                 if mine[..=k] != theirs[..=k] {
-                    let bad = (0..=k).find(|&j| mine[j] != theirs[j]).unwrap();
                     self.fail(&format!(
-                        "Log Matching: nodes {id} and {other_id} agree on term at {} but differ at {}",
-                        k + 1,
-                        bad + 1
+                        "full check: Log Matching between nodes {id} and {other_id} at {}",
+                        k + 1
                     ));
                 }
             }
@@ -616,8 +1141,45 @@ impl Sim {
             pending: None,
             request_id: 0,
             done: Vec::new(),
+            busy_appends: None,
+            made: 0,
+            retries: 0,
         });
         c
+    }
+
+    /// Makes client `c` issue operations back to back, appends with probability
+    /// `append_ratio` and otherwise linearizable queries of the log's tail, until
+    /// [`Sim::stop_clients`].
+    pub fn keep_busy(&mut self, c: usize, append_ratio: f64) {
+        self.clients[c].busy_appends = Some(append_ratio);
+        if !self.client_busy(c) {
+            self.next_op(c);
+        }
+    }
+
+    /// Busy clients finish the operation they have started and issue no more.
+    pub fn stop_clients(&mut self) {
+        for c in &mut self.clients {
+            c.busy_appends = None;
+        }
+    }
+
+    fn next_op(&mut self, c: usize) {
+        let Some(ratio) = self.clients[c].busy_appends else {
+            return;
+        };
+        if self.rng.chance(ratio) {
+            self.clients[c].made += 1;
+            let data = format!("b{c}.{}", self.clients[c].made);
+            self.client_append(c, &data);
+        } else {
+            let start = self
+                .max_commit()
+                .saturating_sub(self.rng.range(0, 8))
+                .max(1);
+            self.client_query_from(c, start);
+        }
     }
 
     fn client_addr(c: usize) -> ReplyTo {
@@ -628,6 +1190,9 @@ impl Sim {
     /// and returns the index it would take if `id` is leader (its last index either way).
     pub fn propose_once(&mut self, id: NodeId, data: &str) -> Index {
         let client = self.rng.next_u64();
+        if self.paused.contains_key(&id) {
+            return 0;
+        }
         let Some(node) = self.nodes.get_mut(&id).unwrap().as_mut() else {
             return 0;
         };
@@ -667,12 +1232,18 @@ impl Sim {
 
     /// Starts a linearizable query of the whole committed log.
     pub fn client_query(&mut self, c: usize) {
+        self.client_query_from(c, 1);
+    }
+
+    /// Starts a linearizable query of the committed log from `start`.
+    pub fn client_query_from(&mut self, c: usize, start: Index) {
         assert!(!self.client_busy(c), "one operation per client at a time");
         self.clients[c].pending = Some((
             Pending::Query {
                 pages: Vec::new(),
                 read_index: None,
-                start: 1,
+                first: start,
+                start,
             },
             self.now,
         ));
@@ -703,7 +1274,7 @@ impl Sim {
             op,
         };
         let (target, request_id) = (client.target, client.request_id);
-        self.send_client(Event::Request(target, Self::client_addr(c), req));
+        self.transmit(Event::Request(target, Self::client_addr(c), req));
         let retry = self.cfg.client_retry;
         self.schedule(retry, Event::ClientTimer(c, request_id));
     }
@@ -714,6 +1285,7 @@ impl Sim {
         }
         let ids = self.ids.clone();
         self.clients[c].target = self.rng.pick(&ids);
+        self.clients[c].retries += 1;
         self.client_send(c);
     }
 
@@ -732,9 +1304,12 @@ impl Sim {
                     invoked,
                     returned: now,
                 });
+                self.next_op(c);
             }
             (
-                Pending::Query { mut pages, .. },
+                Pending::Query {
+                    mut pages, first, ..
+                },
                 ClientResult::Entries {
                     entries,
                     read_index,
@@ -748,6 +1323,7 @@ impl Sim {
                             Pending::Query {
                                 pages,
                                 read_index: Some(read_index),
+                                first,
                                 start,
                             },
                             invoked,
@@ -755,12 +1331,17 @@ impl Sim {
                         client.target = reply.from;
                         self.client_send(c);
                     }
-                    None => client.done.push(Op::Query {
-                        log: pages,
-                        invoked,
-                        returned: now,
-                        peer: reply.from,
-                    }),
+                    None => {
+                        client.done.push(Op::Query {
+                            log: pages,
+                            start: first,
+                            read_index,
+                            invoked,
+                            returned: now,
+                            peer: reply.from,
+                        });
+                        self.next_op(c);
+                    }
                 }
             }
             (pending, ClientResult::NotLeader { leader }) => {
@@ -783,15 +1364,15 @@ impl Sim {
     }
 
     /// Checks what clients saw against the final committed log: every acknowledged append is
-    /// in it exactly once at its acknowledged index, and no query returned a log missing an
-    /// append acknowledged before the query began (no stale reads), or anything not committed.
+    /// in it exactly once at its acknowledged index; every query's entries are the committed
+    /// ones, contiguous up to its read index, and that read index covers every append
+    /// acknowledged before the query began (no stale reads).
     pub fn check_client_history(&self) {
         let log = self.committed_log();
         let mut seen_data: BTreeMap<&str, Index> = BTreeMap::new();
         for e in &log {
-            if let raft::raft::Payload::Data { data, client, seq } = &e.payload {
-                let dup = self.node_view_is_duplicate(e.index);
-                if !dup {
+            if let Payload::Data { data, client, seq } = &e.payload {
+                if !self.node_view_is_duplicate(e.index) {
                     if let Some(prev) = seen_data.insert(data, e.index) {
                         self.fail(&format!(
                             "{data:?} applied twice, at {prev} and {} (client {client:x} seq {seq})",
@@ -820,24 +1401,56 @@ impl Sim {
                 }
             }
         }
+        // The highest index acknowledged at or before each time, for the stale-read check.
+        acks.sort_unstable();
+        let mut highest = 0;
+        let acked_by: Vec<(Time, Index)> = acks
+            .iter()
+            .map(|&(t, i)| {
+                highest = highest.max(i);
+                (t, highest)
+            })
+            .collect();
         for client in &self.clients {
             for op in &client.done {
-                if let Op::Query {
-                    log: got, invoked, ..
+                let Op::Query {
+                    log: got,
+                    start,
+                    read_index,
+                    invoked,
+                    ..
                 } = op
-                {
-                    for (k, r) in got.iter().enumerate() {
-                        let Some(e) = log.get(k) else {
-                            self.fail(&format!("query returned uncommitted index {}", r.index));
-                        };
-                        if r.index != e.index || r.term != e.term {
-                            self.fail(&format!("query returned {r:?}, committed was {e:?}"));
+                else {
+                    continue;
+                };
+                if *read_index > log.len() as Index {
+                    self.fail(&format!(
+                        "query read index {read_index} beyond the committed log ({})",
+                        log.len()
+                    ));
+                }
+                let want = (*start).max(1)..=*read_index;
+                if got.len() != want.clone().count() {
+                    self.fail(&format!("query of {want:?} returned {} entries", got.len()));
+                }
+                for (r, index) in got.iter().zip(want) {
+                    let e = &log[index as usize - 1];
+                    let data = match &e.payload {
+                        Payload::Data { data, .. } if !self.node_view_is_duplicate(index) => {
+                            Some(data.clone())
                         }
+                        _ => None,
+                    };
+                    if r.index != index || r.term != e.term || r.data != data {
+                        self.fail(&format!("query returned {r:?}, committed was {e:?}"));
                     }
-                    let len = got.len() as Index;
-                    if let Some((t, i)) = acks.iter().find(|(t, i)| t < invoked && *i > len) {
+                }
+                let before = acked_by.partition_point(|&(t, _)| t < *invoked);
+                if let Some(&(t, i)) = before.checked_sub(1).map(|k| &acked_by[k]) {
+                    if i > *read_index {
                         self.fail(&format!(
-                            "stale read: query at {invoked} returned {len} entries, but index {i} was acknowledged at {t}"
+                            "stale read: query at {invoked} read up to {read_index}, but index \
+                             {i} was acknowledged by {t}"
                         ));
                     }
                 }
@@ -854,14 +1467,98 @@ impl Sim {
     }
 }
 
-/// Seeds for randomized tests: `SIM_SEED` reruns one; `SIM_SEEDS` sets how many (default given).
-pub fn seeds(default_count: u64) -> Vec<u64> {
-    if let Ok(s) = std::env::var("SIM_SEED") {
-        return vec![s.parse().expect("SIM_SEED must be a number")];
+// ---- seeds ------------------------------------------------------------------------------------
+
+/// The seed before the first one this process runs: `SIM_SEED_OFFSET`, else derived from the
+/// clock, so that every run explores seeds no run has tried.
+pub fn seed_offset() -> u64 {
+    static OFFSET: OnceLock<u64> = OnceLock::new();
+    *OFFSET.get_or_init(|| match std::env::var("SIM_SEED_OFFSET") {
+        Ok(s) => s.trim().parse().expect("SIM_SEED_OFFSET must be a number"),
+        Err(_) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            // Microseconds: runs a second apart do not overlap even at 20,000 seeds a test.
+            now.as_micros() as u64
+        }
+    })
+}
+
+fn env_count(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|s| {
+        s.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} must be a number"))
+    })
+}
+
+fn seed_list(count: u64) -> Vec<u64> {
+    if let Some(seed) = env_count("SIM_SEED") {
+        return vec![seed];
     }
-    let n = std::env::var("SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default_count);
-    (1..=n).collect()
+    let offset = seed_offset();
+    println!(
+        "seeds {}..={} (SIM_SEED_OFFSET={offset}); rerun one with SIM_SEED=<seed>",
+        offset + 1,
+        offset + count
+    );
+    (offset + 1..=offset + count).collect()
+}
+
+/// Seeds for a scenario test: `SIM_SEED` reruns one, `SIM_SCENARIO_SEEDS` sets how many
+/// (default given), starting after [`seed_offset`].
+pub fn seeds(default_count: u64) -> Vec<u64> {
+    seed_list(env_count("SIM_SCENARIO_SEEDS").unwrap_or(default_count))
+}
+
+/// Seeds for a randomized-fault test: `SIM_SEED` reruns one, `SIM_SEEDS` sets how many
+/// (default given; CI sets thousands), starting after [`seed_offset`].
+pub fn random_seeds(default_count: u64) -> Vec<u64> {
+    seed_list(env_count("SIM_SEEDS").unwrap_or(default_count))
+}
+
+/// Runs `run` for every seed on `SIM_THREADS` threads (default: one per CPU) and returns what
+/// each run reported, in seed order. The first failure stops the others and is re-raised.
+pub fn run_seeds<T: Send>(seeds: &[u64], run: impl Fn(u64) -> T + Sync) -> Vec<(u64, T)> {
+    let threads = env_count("SIM_THREADS")
+        .map(|n| n as usize)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .clamp(1, seeds.len().max(1));
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let results = Mutex::new(Vec::with_capacity(seeds.len()));
+    let name = std::thread::current().name().unwrap_or("sim").to_string();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                std::thread::Builder::new()
+                    .name(name.clone())
+                    .spawn_scoped(scope, || loop {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        if k >= seeds.len() || failed.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            run(seeds[k])
+                        })) {
+                            Ok(out) => results.lock().unwrap().push((seeds[k], out)),
+                            Err(panic) => {
+                                failed.store(true, Ordering::Relaxed);
+                                return Err(panic);
+                            }
+                        }
+                    })
+                    .unwrap()
+            })
+            .collect();
+        for w in workers {
+            if let Err(panic) = w.join().unwrap() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    });
+    let mut results = results.into_inner().unwrap();
+    results.sort_by_key(|r| r.0);
+    results
 }
