@@ -928,6 +928,9 @@ mod tests {
             last_index: 4,
             commit_index: 4,
             applied_index: 4,
+            elections_started: 1,
+            leader_changes: 1,
+            followers: Vec::new(),
         };
         let p1 = FakePeer::always(1, ClientResult::Status(info.clone()));
         let p2 = FakePeer::silent(2);

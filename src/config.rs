@@ -23,6 +23,8 @@ pub struct PeerConfig {
     pub data_dir: PathBuf,
     pub election_timeout_ms: (u64, u64),
     pub heartbeat_ms: u64,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Another peer's identity and address.
@@ -47,6 +49,7 @@ struct RawConfig {
     data_dir: Option<PathBuf>,
     election_timeout_ms: Option<(u64, u64)>,
     heartbeat_ms: Option<u64>,
+    metrics_addr: Option<String>,
 }
 
 impl PeerConfig {
@@ -119,6 +122,14 @@ impl PeerConfig {
         let data_dir = raw
             .data_dir
             .unwrap_or_else(|| Path::new("data").join(&raw.name));
+        let metrics_addr = match &raw.metrics_addr {
+            None => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
+                format!(
+                    "field `metrics_addr`: {a:?} is not an address like \"127.0.0.1:9300\": {e}"
+                )
+            })?),
+        };
         Ok(PeerConfig {
             name: raw.name,
             node_id: raw.node_id,
@@ -128,6 +139,7 @@ impl PeerConfig {
             data_dir,
             election_timeout_ms,
             heartbeat_ms,
+            metrics_addr,
         })
     }
 
@@ -207,5 +219,13 @@ mod tests {
         assert!(e.contains("name"), "{e}");
         let e = err_of(r#""port": 3000,"#, r#""port": 3000, "colour": 1,"#);
         assert!(e.contains("colour"), "{e}");
+        let e = err_of(
+            r#""port": 3000,"#,
+            r#""port": 3000, "metrics_addr": "nowhere","#,
+        );
+        assert!(e.contains("metrics_addr"), "{e}");
+        let with = r#""port": 3000, "metrics_addr": "127.0.0.1:9300","#;
+        let c = PeerConfig::parse(&GOOD.replace(r#""port": 3000,"#, with)).unwrap();
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9300".parse().unwrap()));
     }
 }

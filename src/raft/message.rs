@@ -259,6 +259,26 @@ pub struct StatusInfo {
     pub last_index: Index,
     pub commit_index: Index,
     pub applied_index: Index,
+    /// Elections this node has started (as a candidate), since it started.
+    #[serde(default)]
+    pub elections_started: u64,
+    /// Times this node has seen leadership change hands (a new leader or term), since it started.
+    #[serde(default)]
+    pub leader_changes: u64,
+    /// On a leader: its view of every other member, by ID.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub followers: Vec<FollowerInfo>,
+}
+
+/// A leader's view of one follower, for `client status`, `client watch` and metrics.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowerInfo {
+    pub id: NodeId,
+    pub match_index: Index,
+    /// Entries the follower lacks: the leader's last index minus its match index.
+    pub lag: Index,
+    /// Ticks since the follower last answered the leader (the shell turns ticks into ms).
+    pub last_contact_ticks: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -124,6 +124,11 @@ pub struct Node {
     transfer: Option<Transfer>,
     /// Leader only: appends that arrived during a transfer, proposed if it is abandoned.
     held_appends: Vec<HeldAppend>,
+    /// Counters for operators: elections started, and leadership changes seen, with the last
+    /// (term, leader) seen so that one change counts once.
+    elections_started: u64,
+    leader_changes: u64,
+    last_leader_seen: Option<(Term, NodeId)>,
 }
 
 impl Node {
@@ -170,6 +175,9 @@ impl Node {
             malformed: 0,
             transfer: None,
             held_appends: Vec::new(),
+            elections_started: 0,
+            leader_changes: 0,
+            last_leader_seen: None,
         };
         node.reset_election_timer();
         node.apply_committed();
@@ -213,6 +221,29 @@ impl Node {
             last_index: self.log.last_index(),
             commit_index: self.log.commit,
             applied_index: self.sm.applied,
+            elections_started: self.elections_started,
+            leader_changes: self.leader_changes,
+            followers: self
+                .progress
+                .iter()
+                .map(|(&id, p)| FollowerInfo {
+                    id,
+                    match_index: p.match_index,
+                    lag: self.log.last_index().saturating_sub(p.match_index),
+                    last_contact_ticks: p.last_contact_ticks,
+                })
+                .collect(),
+        }
+    }
+
+    /// Counts a leadership change the first time this node learns of a (term, leader).
+    fn note_leader(&mut self) {
+        if let Some(leader) = self.leader {
+            let seen = Some((self.term, leader));
+            if seen != self.last_leader_seen {
+                self.last_leader_seen = seen;
+                self.leader_changes += 1;
+            }
         }
     }
 
@@ -230,6 +261,7 @@ impl Node {
             Role::Leader => {
                 self.heartbeat_elapsed += 1;
                 for pr in self.progress.values_mut() {
+                    pr.last_contact_ticks += 1;
                     if !pr.inflight.is_empty() {
                         pr.stall_ticks += 1;
                     }
@@ -287,6 +319,7 @@ impl Node {
             self.abandon_leadership();
         }
         self.settle_transfer();
+        self.note_leader();
         if changed {
             match leader {
                 Some(l) => info!(
@@ -331,6 +364,7 @@ impl Node {
 
     /// §5.2: a new term, a vote for ourselves, and RequestVote to everyone.
     fn become_candidate(&mut self) {
+        self.elections_started += 1;
         self.term += 1;
         self.vote = Some(self.cfg.id);
         self.role = Role::Candidate;
@@ -366,6 +400,7 @@ impl Node {
         }
         self.role = Role::Leader;
         self.leader = Some(self.cfg.id);
+        self.note_leader();
         self.heartbeat_elapsed = 0;
         self.election_elapsed = 0;
         let next = self.log.last_index() + 1;
@@ -599,6 +634,7 @@ impl Node {
                         self.cfg.id, self.term, msg.from
                     );
                     self.settle_transfer();
+                    self.note_leader();
                 }
                 self.election_elapsed = 0;
                 self.handle_append_entries(msg);
@@ -762,6 +798,7 @@ impl Node {
             return;
         };
         pr.recent_active = true;
+        pr.last_contact_ticks = 0;
         if read_seq > pr.read_acked {
             pr.read_acked = read_seq;
             self.confirm_reads();
@@ -1951,5 +1988,29 @@ mod tests {
         flush(&mut nodes[0]);
         let r = result(&mut nodes, transfer_req(5, Some(3)));
         assert!(refused(&r, "in progress"), "{r:?}");
+    }
+
+    #[test]
+    fn status_counts_elections_and_leader_changes_and_shows_followers_on_the_leader() {
+        let mut nodes = three_nodes_led_by_1();
+        let s1 = nodes[0].status();
+        assert_eq!((s1.elections_started, s1.leader_changes), (1, 1));
+        let ids: Vec<NodeId> = s1.followers.iter().map(|f| f.id).collect();
+        assert_eq!(ids, vec![2, 3]);
+        assert!(s1
+            .followers
+            .iter()
+            .all(|f| f.lag == 0 && f.match_index == 1));
+        let s2 = nodes[1].status();
+        assert_eq!((s2.elections_started, s2.leader_changes), (0, 1));
+        assert!(s2.followers.is_empty(), "only a leader reports followers");
+        nodes[0].tick();
+        assert_eq!(nodes[0].status().followers[0].last_contact_ticks, 1);
+
+        nodes[0].request(client_addr(), transfer_req(7, Some(2)));
+        exchange(&mut nodes);
+        let (s1, s2) = (nodes[0].status(), nodes[1].status());
+        assert_eq!((s1.elections_started, s1.leader_changes), (1, 2));
+        assert_eq!((s2.elections_started, s2.leader_changes), (1, 2));
     }
 }

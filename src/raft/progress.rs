@@ -34,6 +34,8 @@ pub struct Progress {
     /// The leader's read sequence number when `match_index` last changed: only a rejection of
     /// a request sent after that can show the follower lost acknowledged entries.
     pub matched_at_read_seq: u64,
+    /// Ticks since the follower last answered, for operators (`client status`, metrics).
+    pub last_contact_ticks: u64,
 }
 
 impl Progress {
@@ -48,6 +50,7 @@ impl Progress {
             stall_ticks: 0,
             read_acked: 0,
             matched_at_read_seq: 0,
+            last_contact_ticks: 0,
         }
     }
 
