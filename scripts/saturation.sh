@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Saturation runs on a spawned three-peer cluster: appends at 1,024 in flight for 5 minutes,
+# then 256 in flight for 60 s while the leader is flooded with 50,000 junk datagrams/s.
+# Each must see no leader change. Prints bench's summary and JSON lines; on a leader change,
+# also the peers' role changes and slow batches, and keeps their logs. Exit 1 on a leader change.
+#
+#   scripts/saturation.sh            # both runs, 6 minutes
+#   LONG=30 FLOOD=20 scripts/saturation.sh   # shorter
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bench="${CARGO_TARGET_DIR:-target}/release/bench"
+long=${LONG:-300}
+flood=${FLOOD:-60}
+cargo build --release --bins --quiet
+echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+failed=0
+
+run() {
+  echo "\$ $bench $*"
+  local err out dir
+  err=$(mktemp)
+  out=$("$bench" --keep-logs "$@" 2>"$err") || { cat "$err" >&2; rm -f "$err"; exit 2; }
+  echo "$out"
+  dir=$(sed -n 's/^peer logs kept in //p' "$err")
+  rm -f "$err"
+  if grep -q '"leader_changes":0,' <<<"$out"; then
+    rm -rf "$dir"
+  else
+    failed=1
+    echo "leader changed; peer logs in $dir:"
+    grep -h -e 'candidate\|leader in term\|stepping down\|took' "$dir"/peer*.log | sort | head -40
+  fi
+}
+
+run --spawn --clients 1024 --duration "$long"
+run --spawn --clients 256 --duration "$flood" --garbage-rate 50000
+exit "$failed"
