@@ -9,3 +9,4 @@ pub mod raft;
 pub mod state_machine;
 pub mod storage;
 pub mod transport;
+pub mod watch;

@@ -6,7 +6,7 @@
 use argh::FromArgs;
 use raft::client::{Client, ClientError, PeerStatus};
 use raft::config::PeerConfig;
-use raft::raft::{LogRecord, NodeId, Role, StatusInfo};
+use raft::raft::{FollowerInfo, LogRecord, NodeId, Role, StatusInfo};
 use serde::Serialize;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -43,6 +43,7 @@ enum Command {
     Query(QueryArgs),
     Status(StatusArgs),
     TransferLeader(TransferLeaderArgs),
+    Watch(WatchArgs),
 }
 
 #[derive(FromArgs)]
@@ -73,6 +74,19 @@ struct TransferLeaderArgs {
     id: Option<NodeId>,
 }
 
+#[derive(FromArgs)]
+/// A live view of the cluster, redrawn several times a second; q or Ctrl-C quits.
+#[argh(subcommand, name = "watch")]
+struct WatchArgs {
+    /// print one frame as plain text and exit
+    #[argh(switch)]
+    once: bool,
+
+    /// milliseconds between refreshes (default 250)
+    #[argh(option, default = "250")]
+    interval_ms: u64,
+}
+
 /// What `transfer-leader` prints.
 #[derive(Serialize)]
 struct LeaderLine {
@@ -98,6 +112,9 @@ struct StatusFields {
     last_index: u64,
     commit_index: u64,
     applied_index: u64,
+    /// On the leader's row: each follower's match index, lag and time since last contact.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    followers: Vec<FollowerInfo>,
 }
 
 impl From<&StatusInfo> for StatusFields {
@@ -109,6 +126,7 @@ impl From<&StatusInfo> for StatusFields {
             last_index: i.last_index,
             commit_index: i.commit_index,
             applied_index: i.applied_index,
+            followers: i.followers.clone(),
         }
     }
 }
@@ -136,6 +154,7 @@ fn main() -> ExitCode {
         Some(Command::Query(_)) => query(&mut client),
         Some(Command::Status(_)) => status(&mut client, args.timeout_ms),
         Some(Command::TransferLeader(t)) => transfer_leader(&mut client, t.id),
+        Some(Command::Watch(w)) => watch(&args.path, &w),
         None => menu(&mut client),
     };
     ExitCode::from(code)
@@ -235,6 +254,102 @@ fn query(client: &mut Client) -> u8 {
             EXIT_OK
         }
         Err(e) => fail(&e),
+    }
+}
+
+/// `client watch`: status rounds with a short deadline, so a dead peer slows no redraw.
+fn watch(path: &Path, args: &WatchArgs) -> u8 {
+    use crossterm::event::{self, Event, KeyCode, KeyEvent, KeyModifiers};
+    use crossterm::{cursor, execute, terminal};
+    let interval = Duration::from_millis(args.interval_ms.clamp(50, 10_000));
+    let mut client = match connect(path, interval.min(Duration::from_millis(200))) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_REFUSED;
+        }
+    };
+    let title = format!("raft watch: {}", path.display());
+    let mut view = raft::watch::Watch::default();
+    if args.once {
+        view.update(std::time::Instant::now(), client.status());
+        for line in view.render(&title, usize::MAX) {
+            print_or_exit(&line);
+        }
+        return EXIT_OK;
+    }
+    if !std::io::stdout().is_terminal() {
+        eprintln!("error: watch needs a terminal; use `watch --once` for plain text");
+        return EXIT_REFUSED;
+    }
+    /// Puts the terminal back however the view ends, a panic included.
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = terminal::disable_raw_mode();
+            let _ = execute!(
+                std::io::stdout(),
+                cursor::Show,
+                terminal::LeaveAlternateScreen
+            );
+        }
+    }
+    let start = terminal::enable_raw_mode().and_then(|()| {
+        execute!(
+            std::io::stdout(),
+            terminal::EnterAlternateScreen,
+            cursor::Hide
+        )
+    });
+    let _restore = Restore;
+    if let Err(e) = start {
+        drop(_restore);
+        eprintln!("error: cannot take over the terminal: {e}");
+        return EXIT_REFUSED;
+    }
+    loop {
+        view.update(std::time::Instant::now(), client.status());
+        let (width, height) = terminal::size().unwrap_or((120, 40));
+        let mut frame = String::new();
+        for line in view.render(&title, height as usize) {
+            let line: String = line.chars().take(width as usize).collect();
+            frame.push_str(&line);
+            frame.push_str("\x1b[K\r\n");
+        }
+        let mut out = std::io::stdout().lock();
+        let drawn = write!(out, "\x1b[H{frame}\x1b[J").and_then(|()| out.flush());
+        drop(out);
+        if drawn.is_err() {
+            return EXIT_OK;
+        }
+        let deadline = std::time::Instant::now() + interval;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match event::poll(left).and_then(|ready| {
+                if ready {
+                    event::read().map(Some)
+                } else {
+                    Ok(None)
+                }
+            }) {
+                Ok(Some(Event::Key(KeyEvent {
+                    code, modifiers, ..
+                }))) => {
+                    let quit = matches!(code, KeyCode::Char('q') | KeyCode::Esc)
+                        || (code == KeyCode::Char('c')
+                            && modifiers.contains(KeyModifiers::CONTROL));
+                    if quit {
+                        return EXIT_OK;
+                    }
+                }
+                Ok(Some(Event::Resize(..))) => break,
+                Ok(_) => {}
+                Err(_) => return EXIT_OK,
+            }
+        }
     }
 }
 

@@ -277,8 +277,11 @@ pub struct FollowerInfo {
     pub match_index: Index,
     /// Entries the follower lacks: the leader's last index minus its match index.
     pub lag: Index,
-    /// Ticks since the follower last answered the leader (the shell turns ticks into ms).
+    /// Ticks since the follower last answered the leader.
     pub last_contact_ticks: u64,
+    /// The same in milliseconds, filled in by the shell, which knows how long a tick is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_contact_ms: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -231,6 +231,7 @@ impl Node {
                     match_index: p.match_index,
                     lag: self.log.last_index().saturating_sub(p.match_index),
                     last_contact_ticks: p.last_contact_ticks,
+                    last_contact_ms: None,
                 })
                 .collect(),
         }
