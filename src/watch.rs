@@ -243,7 +243,7 @@ mod tests {
                 peer(3, Some((Role::Follower, 2, Some(2), 0))),
             ],
         );
-        let events: Vec<&str> = w.events.iter().map(|e| &e[9..]).collect();
+        let events: Vec<&str> = w.events.iter().map(|e| e[8..].trim_start()).collect();
         assert_eq!(
             events,
             vec![
