@@ -266,11 +266,11 @@ impl Counts {
 const CHAOS_TIME: u64 = 30_000 * MS;
 const EPOCH: u64 = 2_000 * MS;
 /// Every randomized run must show at least this much, or it proved nothing. (Over 2,000 seeds
-/// at 20 virtual seconds, the fewest seen were 38 acknowledged appends, 10 elections and 11
+/// at 3 and at 5 nodes, the fewest seen were 94 acknowledged appends, 18 elections and 17
 /// crashes.)
-const MIN_ACKED: usize = 20;
-const MIN_ELECTIONS: usize = 5;
-const MIN_CRASHES: u64 = 5;
+const MIN_ACKED: usize = 40;
+const MIN_ELECTIONS: usize = 8;
+const MIN_CRASHES: u64 = 8;
 
 /// One randomized run: clients append and query back to back over a network that loses,
 /// duplicates, reorders and (per seed) delays some datagrams by up to 2 s, while faults strike
