@@ -4,6 +4,7 @@
 pub mod chaos;
 pub mod client;
 pub mod config;
+pub mod metrics;
 pub mod peer;
 pub mod raft;
 pub mod state_machine;

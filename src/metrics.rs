@@ -1,0 +1,382 @@
+//! Prometheus metrics of one peer, served at `GET /metrics` by a small synchronous HTTP server
+//! on a thread of its own (no async runtime). The node thread and the receiver update the
+//! metrics with atomic operations; the HTTP thread only reads them.
+
+use crate::raft::{Role, StatusInfo};
+use prometheus_client::encoding::{text, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FollowerLabel {
+    pub follower: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// Every metric a peer exports. Cheap to update from any thread.
+pub struct Metrics {
+    registry: Registry,
+    term: Gauge,
+    is_leader: Gauge,
+    commit_index: Gauge,
+    applied_index: Gauge,
+    last_log_index: Gauge,
+    leader_changes: Counter,
+    elections_started: Counter,
+    follower_match_index: Family<FollowerLabel, Gauge>,
+    follower_lag: Family<FollowerLabel, Gauge>,
+    /// Followers currently in the families above, so that a deposed leader's rows go away.
+    followers: Mutex<BTreeSet<u64>>,
+    pub fsync_duration: Histogram,
+    pub commit_latency: Histogram,
+    pub entries_per_fsync: Histogram,
+    pub datagrams_received: Counter,
+    pub datagrams_sent: Counter,
+    datagrams_dropped: Family<ReasonLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut m = Metrics {
+            registry: Registry::default(),
+            term: Gauge::default(),
+            is_leader: Gauge::default(),
+            commit_index: Gauge::default(),
+            applied_index: Gauge::default(),
+            last_log_index: Gauge::default(),
+            leader_changes: Counter::default(),
+            elections_started: Counter::default(),
+            follower_match_index: Family::default(),
+            follower_lag: Family::default(),
+            followers: Mutex::new(BTreeSet::new()),
+            // 20 µs .. ~0.33 s
+            fsync_duration: Histogram::new(exponential_buckets(20e-6, 2.0, 15)),
+            // 50 µs .. ~1.6 s
+            commit_latency: Histogram::new(exponential_buckets(50e-6, 2.0, 16)),
+            // 1 .. 16,384
+            entries_per_fsync: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
+            datagrams_received: Counter::default(),
+            datagrams_sent: Counter::default(),
+            datagrams_dropped: Family::default(),
+        };
+        let r = &mut m.registry;
+        r.register("raft_term", "The current term", m.term.clone());
+        r.register(
+            "raft_is_leader",
+            "1 if this peer is the leader, else 0",
+            m.is_leader.clone(),
+        );
+        r.register(
+            "raft_commit_index",
+            "Highest log index known to be committed",
+            m.commit_index.clone(),
+        );
+        r.register(
+            "raft_applied_index",
+            "Highest log index applied to the state machine",
+            m.applied_index.clone(),
+        );
+        r.register(
+            "raft_last_log_index",
+            "Index of the last entry in this peer's log",
+            m.last_log_index.clone(),
+        );
+        // The text encoder adds the `_total` suffix to counters.
+        r.register(
+            "raft_leader_changes",
+            "Times this peer saw leadership change hands (a new leader or term)",
+            m.leader_changes.clone(),
+        );
+        r.register(
+            "raft_elections_started",
+            "Elections this peer started as a candidate",
+            m.elections_started.clone(),
+        );
+        r.register(
+            "raft_follower_match_index",
+            "On the leader: the highest index known to be replicated on each follower",
+            m.follower_match_index.clone(),
+        );
+        r.register(
+            "raft_follower_lag_entries",
+            "On the leader: entries each follower lacks",
+            m.follower_lag.clone(),
+        );
+        r.register(
+            "raft_fsync_duration_seconds",
+            "Time of each write and fdatasync of the log",
+            m.fsync_duration.clone(),
+        );
+        r.register(
+            "raft_commit_latency_seconds",
+            "Time from receiving a client append to answering it committed",
+            m.commit_latency.clone(),
+        );
+        r.register(
+            "raft_entries_per_fsync",
+            "Log entries made durable by each fdatasync (group commit)",
+            m.entries_per_fsync.clone(),
+        );
+        r.register(
+            "raft_datagrams_received",
+            "UDP datagrams received",
+            m.datagrams_received.clone(),
+        );
+        r.register(
+            "raft_datagrams_sent",
+            "UDP datagrams sent",
+            m.datagrams_sent.clone(),
+        );
+        r.register(
+            "raft_datagrams_dropped",
+            "UDP datagrams dropped, by reason",
+            m.datagrams_dropped.clone(),
+        );
+        m
+    }
+
+    /// Takes the core's view after a batch of steps.
+    pub fn observe_status(&self, s: &StatusInfo) {
+        self.term.set(s.term as i64);
+        self.is_leader.set(i64::from(s.role == Role::Leader));
+        self.commit_index.set(s.commit_index as i64);
+        self.applied_index.set(s.applied_index as i64);
+        self.last_log_index.set(s.last_index as i64);
+        // The core's counters only grow; the metric follows them.
+        let grow = |c: &Counter, to: u64| {
+            let now = c.get();
+            if to > now {
+                c.inc_by(to - now);
+            }
+        };
+        grow(&self.leader_changes, s.leader_changes);
+        grow(&self.elections_started, s.elections_started);
+        let mut shown = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        let current: BTreeSet<u64> = s.followers.iter().map(|f| f.id).collect();
+        for gone in shown.difference(&current) {
+            let label = FollowerLabel {
+                follower: gone.to_string(),
+            };
+            self.follower_match_index.remove(&label);
+            self.follower_lag.remove(&label);
+        }
+        for f in &s.followers {
+            let label = FollowerLabel {
+                follower: f.id.to_string(),
+            };
+            self.follower_match_index
+                .get_or_create(&label)
+                .set(f.match_index as i64);
+            self.follower_lag.get_or_create(&label).set(f.lag as i64);
+        }
+        *shown = current;
+    }
+
+    /// Counts `n` datagrams dropped for `reason` (a short, fixed word).
+    pub fn dropped(&self, reason: &str, n: u64) {
+        self.datagrams_dropped
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    /// The exposition in the Prometheus text format (version 0.0.4), which every Prometheus
+    /// and `promtool check metrics` read.
+    pub fn encode(&self) -> String {
+        let mut open_metrics = String::new();
+        text::encode(&mut open_metrics, &self.registry).expect("writing to a String cannot fail");
+        to_prometheus_text(&open_metrics)
+    }
+}
+
+/// Turns the OpenMetrics text the registry writes into the Prometheus text format: a counter's
+/// HELP and TYPE lines name its samples (`x_total`), and there is no `# EOF`.
+fn to_prometheus_text(open_metrics: &str) -> String {
+    let counters: BTreeSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len() + 64);
+    for line in open_metrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// The HTTP server thread; stops when dropped.
+pub struct MetricsServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    pub addr: SocketAddr,
+}
+
+impl MetricsServer {
+    /// Serves `metrics` at `http://addr/metrics`. A port in use is a clear error.
+    pub fn start(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<MetricsServer, String> {
+        let server = tiny_http::Server::http(addr)
+            .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+        let addr = server
+            .server_addr()
+            .to_ip()
+            .ok_or_else(|| format!("metrics server on {addr} has no IP address"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("metrics".into())
+                .spawn(move || serve(server, &metrics, &stop))
+                .map_err(|e| format!("cannot start the metrics thread: {e}"))?
+        };
+        log::info!("serving Prometheus metrics at http://{addr}/metrics");
+        Ok(MetricsServer {
+            stop,
+            thread: Some(thread),
+            addr,
+        })
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(server: tiny_http::Server, metrics: &Metrics, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        let request = match server.recv_timeout(Duration::from_millis(100)) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(e) => {
+                log::warn!("metrics server: {e}");
+                continue;
+            }
+        };
+        let response = if request.url() == "/metrics" || request.url().starts_with("/metrics?") {
+            let header = tiny_http::Header::from_bytes(
+                &b"Content-Type"[..],
+                &b"text/plain; version=0.0.4; charset=utf-8"[..],
+            )
+            .expect("a valid header");
+            tiny_http::Response::from_string(metrics.encode()).with_header(header)
+        } else {
+            tiny_http::Response::from_string("not found; metrics are at /metrics\n")
+                .with_status_code(404)
+        };
+        if let Err(e) = request.respond(response) {
+            log::debug!("metrics server: answering a scrape: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::FollowerInfo;
+    use std::io::{Read, Write};
+
+    fn status(role: Role, followers: &[(u64, u64, u64)]) -> StatusInfo {
+        StatusInfo {
+            id: 1,
+            role,
+            term: 4,
+            leader: Some(1),
+            last_index: 10,
+            commit_index: 9,
+            applied_index: 8,
+            elections_started: 2,
+            leader_changes: 3,
+            followers: followers
+                .iter()
+                .map(|&(id, m, lag)| FollowerInfo {
+                    id,
+                    match_index: m,
+                    lag,
+                    last_contact_ticks: 0,
+                    last_contact_ms: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn scrape(addr: SocketAddr, path: &str) -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    }
+
+    #[test]
+    fn a_scrape_shows_the_core_view_and_a_deposed_leaders_followers_go_away() {
+        let m = Arc::new(Metrics::new());
+        m.observe_status(&status(Role::Leader, &[(2, 10, 0), (3, 7, 3)]));
+        m.datagrams_received.inc_by(5);
+        m.dropped("malformed", 2);
+        let server = MetricsServer::start("127.0.0.1:0".parse().unwrap(), Arc::clone(&m)).unwrap();
+        let body = scrape(server.addr, "/metrics");
+        for line in [
+            "raft_term 4",
+            "raft_is_leader 1",
+            "raft_commit_index 9",
+            "raft_leader_changes_total 3",
+            "raft_elections_started_total 2",
+            "raft_follower_lag_entries{follower=\"3\"} 3",
+            "raft_follower_match_index{follower=\"2\"} 10",
+            "raft_datagrams_received_total 5",
+            "raft_datagrams_dropped_total{reason=\"malformed\"} 2",
+        ] {
+            assert!(body.lines().any(|l| l == line), "no {line:?} in\n{body}");
+        }
+        m.observe_status(&status(Role::Follower, &[]));
+        let body = scrape(server.addr, "/metrics");
+        assert!(body.contains("raft_is_leader 0"), "{body}");
+        assert!(!body.contains("follower=\"3\""), "{body}");
+        assert!(scrape(server.addr, "/other").contains("404"));
+    }
+
+    #[test]
+    fn a_metrics_port_in_use_is_a_clear_error() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = MetricsServer::start(addr, Arc::new(Metrics::new()))
+            .err()
+            .expect("port in use");
+        assert!(err.contains(&addr.to_string()), "{err}");
+    }
+}
