@@ -5,7 +5,7 @@
 # batches; on a leader change, also their role changes, and keeps their logs. Exit 1 then.
 #
 #   scripts/saturation.sh            # both runs, 6 minutes
-#   LONG=30 FLOOD=20 scripts/saturation.sh   # shorter
+#   LONG=30 FLOOD=20 scripts/saturation.sh   # shorter; 0 skips a run
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -25,20 +25,21 @@ run() {
   dir=$(sed -n 's/^peer logs kept in //p' "$err")
   rm -f "$err"
   # The peers log every batch over 50 ms with where the time went (stepping, fsync, sending).
+  # (sed, not head, ends pipelines here: head's early exit would fail them under pipefail.)
   local slow
   slow=$(cat "$dir"/peer*.log | grep 'took' || true)
   echo "slow batches logged by the peers: $(grep -c . <<<"$slow" || true); the slowest:"
   awk '{for (i = 1; i < NF; i++) if ($i == "took") print $(i + 1), $0}' <<<"$slow" |
-    sort -rn | head -3 | cut -d' ' -f2-
+    sort -rn | sed -n '1,3p' | cut -d' ' -f2-
   if grep -q '"leader_changes":0,' <<<"$out"; then
     rm -rf "$dir"
   else
     failed=1
     echo "leader changed; peer logs in $dir:"
-    grep -h -e 'candidate\|leader in term\|stepping down\|took' "$dir"/peer*.log | sort | head -40
+    grep -h -e 'candidate\|leader in term\|stepping down\|took' "$dir"/peer*.log | sort | sed -n '1,40p'
   fi
 }
 
-run --spawn --clients 1024 --duration "$long"
-run --spawn --clients 256 --duration "$flood" --garbage-rate 50000
+((long > 0)) && run --spawn --clients 1024 --duration "$long"
+((flood > 0)) && run --spawn --clients 256 --duration "$flood" --garbage-rate 50000
 exit "$failed"
