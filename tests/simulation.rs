@@ -57,6 +57,49 @@ fn reelection_after_the_leader_is_cut_off() {
 }
 
 #[test]
+fn leadership_moves_to_the_named_node_under_load_and_loses_nothing() {
+    // Thesis §3.10: the leader catches the target up and sends it TimeoutNow; the target wins
+    // at once. Busy clients keep appending across 20 transfers; every acknowledged append
+    // survives, and an unnamed transfer moves leadership somewhere else.
+    for n in [3, 5] {
+        for seed in seeds(10) {
+            let mut s = Sim::new(seed, SimConfig::reliable(n));
+            let mut leader = s.wait_for_leader(2_000 * MS);
+            let clients: Vec<usize> = (0..4).map(|_| s.add_client()).collect();
+            for &c in &clients {
+                s.keep_busy(c, 0.8);
+            }
+            for k in 0..20 {
+                let pause = s.rng.range(0, 100) * MS;
+                s.run_for(pause);
+                let others: Vec<NodeId> = s.ids.iter().copied().filter(|&i| i != leader).collect();
+                let target = (k % 2 == 0).then(|| s.rng.pick(&others));
+                s.transfer_leader(target);
+                let moved = s.run_until(1_000 * MS, |s| {
+                    s.stable_leader()
+                        .is_some_and(|l| l != leader && target.is_none_or(|t| t == l))
+                });
+                if !moved {
+                    s.fail(&format!(
+                        "leadership did not move from {leader} to {target:?}"
+                    ));
+                }
+                leader = s.stable_leader().unwrap();
+            }
+            s.stop_clients();
+            let ok = s.run_until(5_000 * MS, |s| clients.iter().all(|&c| !s.client_busy(c)));
+            assert!(ok, "seed {seed}: client operations did not finish");
+            assert!(
+                s.acked_appends() >= 100,
+                "seed {seed}: {} acked",
+                s.acked_appends()
+            );
+            s.check_client_history();
+        }
+    }
+}
+
+#[test]
 fn no_leader_without_a_majority() {
     // Raft §5.2: a candidate needs votes from a majority.
     for seed in seeds(10) {
@@ -236,6 +279,7 @@ struct Counts {
     crashes_in_ready: BTreeMap<CrashPoint, u64>,
     pauses: u64,
     received_late: u64,
+    transfers: u64,
     long_delayed: u64,
     faults: u64,
     retries: u64,
@@ -254,6 +298,7 @@ impl Counts {
         }
         self.pauses += o.pauses;
         self.received_late += o.received_late;
+        self.transfers += o.transfers;
         self.long_delayed += o.long_delayed;
         self.faults += o.faults;
         self.retries += o.retries;
@@ -275,8 +320,8 @@ const MIN_CRASHES: u64 = 8;
 /// One randomized run: clients append and query back to back over a network that loses,
 /// duplicates, reorders and (per seed) delays some datagrams by up to 2 s, while faults strike
 /// after a random number of events: crashes (also part-way through a Ready, at every kind of
-/// point), restarts, SIGSTOP-like pauses whose buffered datagrams arrive on resume, partitions
-/// and one-way cuts. Safety is checked after every event; after healing, every client operation
+/// point), restarts, SIGSTOP-like pauses whose buffered datagrams arrive on resume, partitions,
+/// one-way cuts and leadership transfers. Safety is checked after every event; after healing, every client operation
 /// must finish, a new append must commit everywhere, and what clients saw must agree with the
 /// committed log (each acknowledged append exactly once at its index, no stale reads).
 fn chaos_run(seed: u64, nodes: usize) -> Counts {
@@ -359,6 +404,7 @@ fn chaos_run(seed: u64, nodes: usize) -> Counts {
         crashes_in_ready: s.stats.crashes_in_ready.clone(),
         pauses: s.stats.pauses,
         received_late: s.stats.received_late,
+        transfers: s.stats.transfers,
         long_delayed: s.stats.long_delayed,
         faults: s.stats.faults,
         retries: s.client_retries(),
@@ -380,13 +426,14 @@ fn chaos_run(seed: u64, nodes: usize) -> Counts {
 /// One fault, chosen uniformly: a crash (of anyone, or of the leader), restarts (of one node
 /// that is down, or all), a SIGSTOP
 /// pause or a resume, an isolated node, a minority cut off (possibly with the leader), a
-/// one-way cut, or healing the network.
+/// one-way cut, a leadership transfer (to a given node or the leader's choice), or healing the
+/// network.
 fn random_fault(s: &mut Sim) {
     s.stats.faults += 1;
     let ids = s.ids.clone();
     let nodes = ids.len();
     let id = s.rng.pick(&ids);
-    match s.rng.range(0, 12) {
+    match s.rng.range(0, 13) {
         0 => s.crash(id),
         1 => {
             for l in s.leaders() {
@@ -437,6 +484,10 @@ fn random_fault(s: &mut Sim) {
             if to != id {
                 s.cut_one_way(id, to);
             }
+        }
+        11 => {
+            let target = s.rng.chance(0.5).then_some(id);
+            s.transfer_leader(target);
         }
         _ => s.heal(),
     }

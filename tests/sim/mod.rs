@@ -1,7 +1,7 @@
 //! A deterministic cluster simulator for the Raft core: N cores in one process over a seeded,
 //! virtual-time network that drops, duplicates, reorders, delays (some datagrams by seconds) and
 //! partitions datagrams, with crash-restart from durable state (also part-way through a
-//! `Ready`), SIGSTOP-like pauses and retrying clients. Raft's safety properties are checked
+//! `Ready`), SIGSTOP-like pauses, leadership transfers and retrying clients. Raft's safety properties are checked
 //! after every event, incrementally so that long runs stay cheap; a failure panics with the
 //! seed, and `SIM_SEED=<seed>` reruns that seed (`SIM_PARANOID=1` adds the full, quadratic
 //! versions of the checks).
@@ -215,6 +215,8 @@ pub struct Stats {
     pub pauses: u64,
     /// Datagrams that waited in a paused node's buffer and were received on resume.
     pub received_late: u64,
+    /// Leadership transfers requested.
+    pub transfers: u64,
     pub faults: u64,
 }
 
@@ -482,6 +484,25 @@ impl Sim {
             for event in held {
                 self.schedule(0, event);
             }
+        }
+    }
+    /// Asks every live leader, over the network, to hand leadership to `target` (or to its most
+    /// up-to-date follower), as `client transfer-leader` does; the answer is not awaited.
+    pub fn transfer_leader(&mut self, target: Option<NodeId>) {
+        for l in self.leaders() {
+            self.stats.transfers += 1;
+            let req = ClientRequest {
+                id: 0,
+                op: ClientOp::TransferLeader {
+                    target,
+                    away_from: Some(l),
+                },
+            };
+            self.transmit(Event::Request(
+                l,
+                SocketAddr::from(([127, 0, 0, 1], 1)),
+                req,
+            ));
         }
     }
     pub fn paused_nodes(&self) -> Vec<NodeId> {
