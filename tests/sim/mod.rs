@@ -379,10 +379,16 @@ impl Sim {
                 dump += &format!("  client {i}: since {since} target {} {p:?}\n", c.target);
             }
         }
+        // The test binary's name without cargo's hash, and the test's name: the rerun command.
+        let binary = std::env::current_exe()
+            .ok()
+            .and_then(|p| Some(p.file_stem()?.to_str()?.rsplit_once('-')?.0.to_string()))
+            .map(|b| format!(" --test {b}"))
+            .unwrap_or_default();
         let test = std::thread::current()
             .name()
-            .map(|n| format!(" {}", n.rsplit("::").next().unwrap_or(n)))
-            .unwrap_or_default();
+            .map(|n| format!("{binary} {}", n.rsplit("::").next().unwrap_or(n)))
+            .unwrap_or(binary);
         panic!(
             "seed {}: at t={}µs: {what}\n{dump}rerun with SIM_SEED={} cargo test --release{test}",
             self.seed, self.now, self.seed
