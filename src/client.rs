@@ -930,6 +930,7 @@ mod tests {
             applied_index: 4,
             elections_started: 1,
             leader_changes: 1,
+            auth_failures: 0,
             followers: Vec::new(),
         };
         let p1 = FakePeer::always(1, ClientResult::Status(info.clone()));

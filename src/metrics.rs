@@ -321,6 +321,7 @@ mod tests {
             applied_index: 8,
             elections_started: 2,
             leader_changes: 3,
+            auth_failures: 0,
             followers: followers
                 .iter()
                 .map(|&(id, m, lag)| FollowerInfo {

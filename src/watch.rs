@@ -208,6 +208,7 @@ mod tests {
                 applied_index: 10,
                 elections_started: elections,
                 leader_changes: term,
+                auth_failures: 0,
                 followers: if role == Role::Leader {
                     vec![FollowerInfo {
                         id: id % 3 + 1,

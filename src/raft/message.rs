@@ -265,6 +265,9 @@ pub struct StatusInfo {
     /// Times this node has seen leadership change hands (a new leader or term), since it started.
     #[serde(default)]
     pub leader_changes: u64,
+    /// Datagrams this peer dropped for a missing or wrong MAC (filled in by the shell).
+    #[serde(default)]
+    pub auth_failures: u64,
     /// On a leader: its view of every other member, by ID.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub followers: Vec<FollowerInfo>,

@@ -223,6 +223,7 @@ impl Node {
             applied_index: self.sm.applied,
             elections_started: self.elections_started,
             leader_changes: self.leader_changes,
+            auth_failures: 0,
             followers: self
                 .progress
                 .iter()
