@@ -27,6 +27,7 @@ pub struct ReasonLabel {
 }
 
 /// Every metric a peer exports. Cheap to update from any thread.
+#[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     term: Gauge,

@@ -18,12 +18,15 @@
 //! never cost the leader its followers.
 
 use crate::config::PeerConfig;
+use crate::metrics::{Metrics, MetricsServer};
 use crate::raft::{
-    self, ClientReply, ClientRequest, Entry, HardState, Message, Node, NodeId, Ready, ReplyTo,
+    self, ClientOp, ClientReply, ClientRequest, ClientResult, Entry, HardState, Message, Node,
+    NodeId, Ready, ReplyTo, StatusInfo,
 };
 use crate::storage::Storage;
 use crate::transport::{self, Inbound, Queues, RateLimiter, Transport};
 use crossbeam_channel::{never, select, Receiver, Sender};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -185,6 +188,15 @@ pub fn run(config: PeerConfig, shutdown: Receiver<()>) -> Result<(), String> {
         started.elapsed().as_millis()
     );
 
+    let metrics = transport.metrics();
+    let metrics_server = match config.metrics_addr {
+        Some(addr) => Some(
+            MetricsServer::start(addr, Arc::clone(&metrics))
+                .map_err(|e| format!("{}: {e}", config.name))?,
+        ),
+        None => None,
+    };
+
     let stop = Arc::new(AtomicBool::new(false));
     // Stops the other threads however the node loop ends, a panic in the core included.
     let _stop_on_exit = StopOnDrop(Arc::clone(&stop));
@@ -212,7 +224,9 @@ pub fn run(config: PeerConfig, shutdown: Receiver<()>) -> Result<(), String> {
     };
 
     let inbox = Inboxes::new(peers_rx, clients_rx);
-    let result = node_loop(node, storage, transport, inbox);
+    let mut instruments = Instruments::new(metrics, timing.tick);
+    let result = node_loop(node, storage, transport, inbox, &mut instruments);
+    drop(metrics_server);
 
     stop.store(true, Ordering::Relaxed);
     for (name, handle) in [("receiver", receiver), ("timer", timer)] {
@@ -270,6 +284,10 @@ trait Core {
     fn request(&mut self, reply_to: ReplyTo, req: ClientRequest);
     fn ready(&mut self) -> Ready;
     fn advance(&mut self);
+    /// The core's view, for metrics.
+    fn status(&self) -> Option<StatusInfo> {
+        None
+    }
 }
 
 impl Core for Node {
@@ -287,6 +305,65 @@ impl Core for Node {
     }
     fn advance(&mut self) {
         Node::advance(self)
+    }
+    fn status(&self) -> Option<StatusInfo> {
+        Some(Node::status(self))
+    }
+}
+
+/// Client appends whose arrival time is kept for the commit-latency histogram, at most; past
+/// this (answers lost to retries on other peers) the table starts over.
+const MAX_ARRIVALS: usize = 65_536;
+
+/// What the node loop measures for operators.
+struct Instruments {
+    metrics: Arc<Metrics>,
+    /// How long a core tick is, to show the leader's last contact with followers in ms.
+    tick: Duration,
+    /// When each client append not yet answered was stepped, by (client address, request ID).
+    arrivals: HashMap<(ReplyTo, u64), Instant>,
+}
+
+impl Instruments {
+    fn new(metrics: Arc<Metrics>, tick: Duration) -> Instruments {
+        Instruments {
+            metrics,
+            tick,
+            arrivals: HashMap::new(),
+        }
+    }
+
+    fn arrived(&mut self, from: ReplyTo, req: &ClientRequest) {
+        if matches!(req.op, ClientOp::Append { .. }) {
+            if self.arrivals.len() >= MAX_ARRIVALS {
+                self.arrivals.clear();
+            }
+            self.arrivals.insert((from, req.id), Instant::now());
+        }
+    }
+
+    /// Measures an answer on its way out, and fills in what only the shell knows.
+    fn answering(&mut self, to: ReplyTo, reply: &mut ClientReply) {
+        if let Some(arrived) = self.arrivals.remove(&(to, reply.id)) {
+            if let ClientResult::Appended { .. } = reply.result {
+                self.metrics
+                    .commit_latency
+                    .observe(arrived.elapsed().as_secs_f64());
+            }
+        }
+        if let ClientResult::Status(info) = &mut reply.result {
+            let tick_ms = self.tick.as_millis() as u64;
+            for f in &mut info.followers {
+                f.last_contact_ms = Some(f.last_contact_ticks * tick_ms);
+            }
+        }
+    }
+
+    fn persisted(&self, took: Duration, entries: usize) {
+        self.metrics.fsync_duration.observe(took.as_secs_f64());
+        if entries > 0 {
+            self.metrics.entries_per_fsync.observe(entries as f64);
+        }
     }
 }
 
@@ -360,6 +437,7 @@ fn node_loop(
     mut storage: impl Durable,
     mut out: impl Outbox,
     mut inbox: Inboxes,
+    inst: &mut Instruments,
 ) -> Result<(), String> {
     let mut slow = RateLimiter::new(transport::WARN_INTERVAL);
     loop {
@@ -368,11 +446,11 @@ fn node_loop(
         };
         let mut batch = Batch::default();
         let started = Instant::now();
-        let mut shutdown = batch.feed(&mut core, first);
+        let mut shutdown = batch.feed(&mut core, first, inst);
         while !shutdown {
             if batch.peers < MAX_BATCH {
                 if let Ok(item) = inbox.peers.try_recv() {
-                    shutdown = batch.feed(&mut core, item);
+                    shutdown = batch.feed(&mut core, item, inst);
                     continue;
                 }
             }
@@ -382,17 +460,20 @@ fn node_loop(
             let Ok(item) = inbox.clients.try_recv() else {
                 break;
             };
-            shutdown = batch.feed(&mut core, item);
+            shutdown = batch.feed(&mut core, item, inst);
         }
         let stepped = started.elapsed();
         let mut persisting = Duration::ZERO;
         loop {
             let rd = core.ready();
             let empty = rd.is_empty();
-            persisting += carry_out(rd, &mut core, &mut storage, &mut out)?;
+            persisting += carry_out(rd, &mut core, &mut storage, &mut out, inst)?;
             if empty {
                 break;
             }
+        }
+        if let Some(status) = core.status() {
+            inst.metrics.observe_status(&status);
         }
         let took = started.elapsed();
         let behind = batch.skipped_ticks >= SKIPPED_TICKS_TO_LOG;
@@ -435,10 +516,11 @@ struct Batch {
 impl Batch {
     /// Feeds one inbox item to the core (a tick only if fewer than [`MAX_TICKS_PER_BATCH`]
     /// were); true if it asks the loop to stop.
-    fn feed(&mut self, core: &mut impl Core, item: Inbox) -> bool {
+    fn feed(&mut self, core: &mut impl Core, item: Inbox, inst: &mut Instruments) -> bool {
         match item {
             Inbox::Client(reply_to, req) => {
                 self.clients += 1;
+                inst.arrived(reply_to, &req);
                 core.request(reply_to, req);
                 return false;
             }
@@ -468,6 +550,7 @@ fn carry_out(
     core: &mut impl Core,
     storage: &mut impl Durable,
     out: &mut impl Outbox,
+    inst: &mut Instruments,
 ) -> Result<Duration, String> {
     let Ready {
         hard_state,
@@ -488,12 +571,16 @@ fn carry_out(
             .map_err(|e| format!("storage failed: {e}"))?;
     }
     let persisting = persisting.elapsed();
+    if hard_state.is_some() || !entries.is_empty() {
+        inst.persisted(persisting, entries.len());
+    }
     // Empty here if they were sent before persisting.
     for msg in messages {
         out.send_peer(msg);
     }
     core.advance();
-    for (to, reply) in replies {
+    for (to, mut reply) in replies {
+        inst.answering(to, &mut reply);
         out.send_reply(to, reply);
     }
     Ok(persisting)
@@ -719,7 +806,8 @@ mod tests {
             events: events.clone(),
             fail,
         };
-        let result = node_loop(core, storage, FakeOut(events.clone()), inbox);
+        let mut inst = Instruments::new(Arc::new(Metrics::new()), Duration::from_millis(10));
+        let result = node_loop(core, storage, FakeOut(events.clone()), inbox, &mut inst);
         let events = events.borrow().clone();
         (result, events)
     }

@@ -14,6 +14,7 @@
 //! client load can never cost the cluster a peer message, nor stall the socket behind it.
 
 use crate::config::PeerConfig;
+use crate::metrics::Metrics;
 use crate::raft::{
     ClientReply, ClientRequest, ClientResult, Datagram, Message, NodeId, ReplyTo, MAX_DATAGRAM,
 };
@@ -56,6 +57,19 @@ pub enum DropReason {
 
 impl DropReason {
     const COUNT: usize = 7;
+
+    /// The `reason` label of `raft_datagrams_dropped_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::Oversized => "oversized",
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownSender => "unknown_sender",
+            DropReason::WrongRecipient => "wrong_recipient",
+            DropReason::Reply => "reply",
+            DropReason::ClientQueueFull => "client_queue_full",
+            DropReason::PeerQueueFull => "peer_queue_full",
+        }
+    }
 
     /// What was dropped, in the singular and the plural.
     fn describe(self) -> (&'static str, &'static str) {
@@ -268,6 +282,7 @@ pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
         .map_err(|e| format!("{}: cannot set a read timeout on {local}: {e}", config.name))?;
     enlarge_buffers(&socket);
     let socket = Arc::new(socket);
+    let metrics = Arc::new(Metrics::new());
     let transport = Transport {
         socket: Arc::clone(&socket),
         me: config.node_id,
@@ -275,6 +290,7 @@ pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
         unknown_destination: Throttled::new(),
         encode_failed: Throttled::new(),
         send_failed: Throttled::new(),
+        metrics: Arc::clone(&metrics),
     };
     let listener = Listener {
         socket,
@@ -283,6 +299,7 @@ pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
         drops: DropLog::new(WARN_INTERVAL),
         recv_failed: Throttled::new(),
         stats: ReceiveStats::default(),
+        metrics,
     };
     Ok((transport, listener))
 }
@@ -336,12 +353,18 @@ pub struct Transport {
     unknown_destination: Throttled,
     encode_failed: Throttled,
     send_failed: Throttled,
+    metrics: Arc<Metrics>,
 }
 
 impl Transport {
     /// The address the socket is bound to.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
+    }
+
+    /// The metrics this transport counts datagrams in, shared with its listener.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// Sends a peer message to the address the config gives for `msg.to`.
@@ -395,9 +418,13 @@ impl Transport {
     }
 
     fn send_bytes(&mut self, bytes: &[u8], addr: SocketAddr) {
-        if let Err(e) = self.socket.send_to(bytes, addr) {
-            self.send_failed
-                .log(log::Level::Warn, || format!("send to {addr} failed: {e}"));
+        match self.socket.send_to(bytes, addr) {
+            Ok(_) => {
+                self.metrics.datagrams_sent.inc();
+            }
+            Err(e) => self
+                .send_failed
+                .log(log::Level::Warn, || format!("send to {addr} failed: {e}")),
         }
     }
 }
@@ -434,6 +461,7 @@ pub struct Listener {
     drops: DropLog,
     recv_failed: Throttled,
     stats: ReceiveStats,
+    metrics: Arc<Metrics>,
 }
 
 /// How every client request datagram our own encoder makes begins; see [`Listener::run`].
@@ -473,6 +501,7 @@ impl Listener {
                     }
                 },
             };
+            self.metrics.datagrams_received.inc();
             let bytes = &buf[..len];
             // Under overload, shed a request before paying to decode it: the time this thread
             // saves is time it spends draining the socket, where peer datagrams wait too.
@@ -528,6 +557,7 @@ impl Listener {
     }
 
     fn warn(&mut self, now: Instant, src: SocketAddr, d: &Dropped) {
+        self.metrics.dropped(d.reason.label(), 1);
         if let Some(line) = self.drops.note(now, src, d) {
             log::warn!("{line}");
         }
