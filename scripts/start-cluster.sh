@@ -119,6 +119,23 @@ while :; do
     sleep 0.3
 done
 
+# Where each peer serves Prometheus metrics, if its config names a metrics_addr.
+metrics=$(python3 -c '
+import json, sys
+for path in sys.argv[1:]:
+    try:
+        with open(path) as f:
+            c = json.load(f)
+    except (OSError, ValueError):
+        continue
+    if c.get("metrics_addr"):
+        print("  %s: http://%s/metrics" % (c.get("name", path), c["metrics_addr"]))
+' "${configs[@]}")
+if [[ -n $metrics ]]; then
+    echo "Prometheus metrics (scrape these):"
+    echo "$metrics"
+fi
+
 cat <<HINT
 
 Try:
