@@ -1,6 +1,7 @@
 //! raft: Raft consensus over UDP. A pure, deterministic core (`raft`) inside a thin shell of
 //! threads (`peer`), with durable storage (`storage`) and a client library (`client`).
 
+pub mod auth;
 pub mod chaos;
 pub mod client;
 pub mod config;
