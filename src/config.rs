@@ -1,16 +1,20 @@
 //! The per-peer JSON config, in the original project's shape, validated with errors that name
 //! the file and the field.
 
+use crate::auth::{Keys, Secret};
 use crate::raft::NodeId;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Default election timeout range, in milliseconds.
 pub const DEFAULT_ELECTION_TIMEOUT_MS: (u64, u64) = (150, 300);
 /// Default heartbeat interval, in milliseconds.
 pub const DEFAULT_HEARTBEAT_MS: u64 = 50;
+/// Default cluster name, bound into every MAC.
+pub const DEFAULT_CLUSTER: &str = "raft";
 
 /// One peer's validated config.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +29,13 @@ pub struct PeerConfig {
     pub heartbeat_ms: u64,
     /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
     pub metrics_addr: Option<SocketAddr>,
+    /// The file holding the cluster secret (`secret_file`); without one, datagrams are not
+    /// authenticated. Relative to the working directory, as `data_dir` is.
+    pub secret_file: Option<PathBuf>,
+    /// The cluster's name (`cluster`), bound into every MAC: the same secret under two names
+    /// gives two clusters that cannot take each other's datagrams. Every peer and client of a
+    /// cluster must use the same one.
+    pub cluster: String,
 }
 
 /// Another peer's identity and address.
@@ -50,6 +61,8 @@ struct RawConfig {
     election_timeout_ms: Option<(u64, u64)>,
     heartbeat_ms: Option<u64>,
     metrics_addr: Option<String>,
+    secret_file: Option<PathBuf>,
+    cluster: Option<String>,
 }
 
 impl PeerConfig {
@@ -130,6 +143,19 @@ impl PeerConfig {
                 )
             })?),
         };
+        if raw
+            .secret_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err("field `secret_file`: must name a file".into());
+        }
+        let cluster = raw.cluster.unwrap_or_else(|| DEFAULT_CLUSTER.to_string());
+        if cluster.is_empty() || cluster.len() > 128 {
+            return Err(format!(
+                "field `cluster`: {cluster:?} must be 1 to 128 bytes"
+            ));
+        }
         Ok(PeerConfig {
             name: raw.name,
             node_id: raw.node_id,
@@ -140,7 +166,23 @@ impl PeerConfig {
             election_timeout_ms,
             heartbeat_ms,
             metrics_addr,
+            secret_file: raw.secret_file,
+            cluster,
         })
+    }
+
+    /// The MAC keys from `secret_file` and `cluster`, or `None` if the config names no secret
+    /// file (datagrams are then not authenticated). Reads the file each time: call it once, at
+    /// start-up. A secret file that is missing, unreadable, accessible by others, or holds no
+    /// valid key is an error naming the file.
+    pub fn keys(&self) -> Result<Option<Arc<Keys>>, String> {
+        let Some(path) = &self.secret_file else {
+            return Ok(None);
+        };
+        let secret = Secret::load(path)?;
+        let keys = Keys::new(&secret, &self.cluster)
+            .map_err(|e| format!("secret_file {}: {e}", path.display()))?;
+        Ok(Some(Arc::new(keys)))
     }
 
     /// Every peer's address by node ID, this one included, resolved once.
@@ -195,6 +237,52 @@ mod tests {
         assert_eq!(c.heartbeat_ms, 50);
         assert_eq!(c.peer_ids(), vec![2, 3]);
         assert_eq!(c.addresses().unwrap().len(), 3);
+        assert_eq!((c.secret_file.as_ref(), c.cluster.as_str()), (None, "raft"));
+        assert_eq!(c.keys(), Ok(None), "no secret_file: unauthenticated");
+    }
+
+    #[test]
+    fn a_secret_file_is_loaded_and_checked_at_start_up() {
+        let dir = std::env::temp_dir().join(format!(
+            "raft-config-secret-{}-{}",
+            std::process::id(),
+            crate::auth::fresh_epoch()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cluster.key");
+        let with = |extra: &str| {
+            PeerConfig::parse(
+                &GOOD.replace(r#""port": 3000,"#, &format!(r#""port": 3000, {extra}"#)),
+            )
+        };
+        let c = with(&format!(r#""secret_file": {:?},"#, path.to_str().unwrap())).unwrap();
+        let e = c.keys().unwrap_err();
+        assert!(
+            e.contains("cluster.key") && e.contains("does not exist"),
+            "{e}"
+        );
+        Secret::generate().unwrap().write(&path).unwrap();
+        let keys = c.keys().unwrap().unwrap();
+        assert_eq!(keys.len(), 1);
+        // Another cluster name: other keys from the same secret.
+        let named = with(&format!(
+            r#""secret_file": {:?}, "cluster": "staging","#,
+            path.to_str().unwrap()
+        ))
+        .unwrap();
+        assert_ne!(named.keys().unwrap().unwrap().ids(), keys.ids());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+            let e = c.keys().unwrap_err();
+            assert!(e.contains("accessible by others"), "{e}");
+        }
+        assert!(with(r#""secret_file": "","#)
+            .unwrap_err()
+            .contains("secret_file"));
+        assert!(with(r#""cluster": "","#).unwrap_err().contains("cluster"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn err_of(edit: &str, with: &str) -> String {
