@@ -9,10 +9,18 @@
 //! - a client [`ClientRequest`] is accepted from anyone and answered at its source address;
 //! - a [`ClientReply`] is dropped: peers send replies, they never take them.
 //!
+//! With a cluster secret (the config's `secret_file`), every datagram is sealed in the envelope
+//! of [`crate::auth`]: the receiver verifies its MAC, its recipient and its freshness (a replay
+//! window per sender) in [`classify_sealed`], before any JSON is decoded, and drops what fails
+//! without answering it (counted: `auth_failures` in `status`, reasons `auth` and `replay` in
+//! the metrics). Sending seals peer messages for their recipient and replies for the client
+//! session that asked. Without a secret, datagrams are plain JSON, as the original's were.
+//!
 //! Accepted peer messages and client requests go to separate queues ([`Queues`]). The receiver
 //! never blocks: when the client queue is full it sheds the request (clients retry), so that
 //! client load can never cost the cluster a peer message, nor stall the socket behind it.
 
+use crate::auth::{self, Admitted, Dest, Gate, PeerAuth, Refused};
 use crate::config::PeerConfig;
 use crate::metrics::Metrics;
 use crate::raft::{
@@ -53,10 +61,14 @@ pub enum DropReason {
     ClientQueueFull,
     /// A peer message that found the peer queue full: the node thread is far behind.
     PeerQueueFull,
+    /// A missing or wrong MAC (or a key this peer does not hold): never answered.
+    Unauthenticated,
+    /// An authentic datagram seen before, or bound to another incarnation or recipient.
+    Replay,
 }
 
 impl DropReason {
-    const COUNT: usize = 7;
+    const COUNT: usize = 9;
 
     /// The `reason` label of `raft_datagrams_dropped_total`.
     pub fn label(self) -> &'static str {
@@ -68,6 +80,8 @@ impl DropReason {
             DropReason::Reply => "reply",
             DropReason::ClientQueueFull => "client_queue_full",
             DropReason::PeerQueueFull => "peer_queue_full",
+            DropReason::Unauthenticated => "auth",
+            DropReason::Replay => "replay",
         }
     }
 
@@ -92,6 +106,14 @@ impl DropReason {
             DropReason::PeerQueueFull => {
                 ("a peer message", "peer messages (the peer queue was full)")
             }
+            DropReason::Unauthenticated => (
+                "an unauthenticated datagram",
+                "datagrams that failed authentication",
+            ),
+            DropReason::Replay => (
+                "a replayed or stale datagram",
+                "replayed or stale datagrams",
+            ),
         }
     }
 }
@@ -119,6 +141,12 @@ pub fn classify(
         return Err(dropped(
             DropReason::Oversized,
             format!("{} bytes, the limit is {MAX_DATAGRAM}", bytes.len()),
+        ));
+    }
+    if bytes.first() == Some(&auth::MAGIC) {
+        return Err(dropped(
+            DropReason::Malformed,
+            "an authenticated (sealed) datagram, but this peer has no secret_file: its sender has the cluster secret and this peer does not".into(),
         ));
     }
     match Datagram::decode(bytes) {
@@ -153,6 +181,71 @@ pub fn classify(
             ),
         )),
     }
+}
+
+/// Like [`classify`], for a peer with a cluster secret: `gate` opens the envelope (MAC,
+/// recipient, freshness) before the JSON inside is decoded, and the JSON must agree with the
+/// envelope (a peer message's `from` is the node that sealed it). `Ok(None)` for a notice,
+/// which the gate has handled. Never panics, whatever the bytes.
+pub fn classify_sealed(
+    gate: &mut Gate,
+    bytes: &[u8],
+    src: SocketAddr,
+    me: NodeId,
+    now: Instant,
+) -> Result<Option<Inbound>, Dropped> {
+    if bytes.len() > MAX_DATAGRAM + auth::OVERHEAD {
+        return Err(dropped(
+            DropReason::Oversized,
+            format!(
+                "{} bytes, the limit is {}",
+                bytes.len(),
+                MAX_DATAGRAM + auth::OVERHEAD
+            ),
+        ));
+    }
+    let admitted = gate.admit(bytes, src, now).map_err(|r| match r {
+        Refused::Auth(e) => dropped(DropReason::Unauthenticated, e.to_string()),
+        Refused::Replay { why, sender } => {
+            dropped(DropReason::Replay, format!("{why}, from {sender}"))
+        }
+        Refused::Misdirected(why) => dropped(DropReason::UnknownSender, why),
+        Refused::NotTaken(kind) => dropped(
+            DropReason::Reply,
+            format!("a sealed {kind:?}: peers take none"),
+        ),
+    })?;
+    let malformed = |e: String| {
+        let detail = e.strip_prefix("malformed datagram: ").unwrap_or(&e);
+        dropped(DropReason::Malformed, format!("authentic, but {detail}"))
+    };
+    match admitted {
+        Admitted::Notice { .. } => Ok(None),
+        Admitted::Peer { from, body } => match Datagram::decode(body).map_err(malformed)? {
+            Datagram::Peer(msg) if msg.from == from && msg.to == me => Ok(Some(Inbound::Peer(msg))),
+            Datagram::Peer(msg) => Err(dropped(
+                DropReason::WrongRecipient,
+                format!(
+                    "sealed by node {from} for node {me}, but from node {} to node {}",
+                    msg.from, msg.to
+                ),
+            )),
+            _ => Err(malformed(format!(
+                "sealed by node {from} as a peer message, but not one"
+            ))),
+        },
+        Admitted::Request { body, .. } => match Datagram::decode(body).map_err(malformed)? {
+            Datagram::Request(req) => Ok(Some(Inbound::Client(src, req))),
+            _ => Err(malformed("sealed as a client request, but not one".into())),
+        },
+    }
+}
+
+/// Whether a datagram is a client request, judged from its first bytes only, so that a
+/// receiver under overload can shed it before paying to verify or decode it.
+fn looks_like_request(bytes: &[u8]) -> bool {
+    bytes.starts_with(REQUEST_PREFIX)
+        || (bytes.len() > 2 && bytes[0] == auth::MAGIC && bytes[2] == auth::Kind::Request as u8)
 }
 
 /// Allows one event per interval and counts the events it suppressed in between.
@@ -247,6 +340,8 @@ const ALL_REASONS: [DropReason; DropReason::COUNT] = [
     DropReason::Reply,
     DropReason::ClientQueueFull,
     DropReason::PeerQueueFull,
+    DropReason::Unauthenticated,
+    DropReason::Replay,
 ];
 
 /// A rate-limited log line for one kind of problem.
@@ -270,36 +365,68 @@ impl Throttled {
 }
 
 /// Binds this peer's socket. Returns the send side, for the node thread, and the receive side,
-/// for the receiver thread; both share the one socket.
+/// for the receiver thread; both share the one socket. Loads the cluster secret first, if the
+/// config names one: a bad secret file stops the peer before it binds anything.
 pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
     let addresses = config
         .addresses()
         .map_err(|e| format!("{}: {e}", config.name))?;
+    let keys = config.keys().map_err(|e| format!("{}: {e}", config.name))?;
     let local = addresses[&config.node_id];
     let socket = UdpSocket::bind(local).map_err(|e| bind_error(&config.name, local, &e))?;
     socket
         .set_read_timeout(Some(READ_TIMEOUT))
         .map_err(|e| format!("{}: cannot set a read timeout on {local}: {e}", config.name))?;
     enlarge_buffers(&socket);
+    let auth = match keys {
+        Some(keys) => {
+            let ids: Vec<String> = keys.ids().iter().map(|id| format!("{id:08x}")).collect();
+            log::info!(
+                "{}: datagrams are authenticated (cluster {:?}, key {}{})",
+                config.name,
+                config.cluster,
+                ids[0],
+                ids.get(1).map_or(String::new(), |p| format!(
+                    ", previous key {p} also accepted"
+                ))
+            );
+            Some(Arc::new(PeerAuth::new(
+                keys,
+                config.node_id,
+                config.peer_ids(),
+            )))
+        }
+        None => {
+            log::warn!(
+                "{}: no secret_file in the config: datagrams are NOT authenticated, and anyone who can reach {local} can write to the log; see the README's Authentication section",
+                config.name
+            );
+            None
+        }
+    };
     let socket = Arc::new(socket);
     let metrics = Arc::new(Metrics::new());
     let transport = Transport {
         socket: Arc::clone(&socket),
         me: config.node_id,
-        addresses,
+        addresses: addresses.clone(),
         unknown_destination: Throttled::new(),
         encode_failed: Throttled::new(),
         send_failed: Throttled::new(),
         metrics: Arc::clone(&metrics),
+        auth: auth.clone(),
+        buf: Vec::new(),
     };
     let listener = Listener {
         socket,
         me: config.node_id,
         peers: config.peer_ids().into_iter().collect(),
+        addresses,
         drops: DropLog::new(WARN_INTERVAL),
         recv_failed: Throttled::new(),
         stats: ReceiveStats::default(),
         metrics,
+        gate: auth.map(Gate::new),
     };
     Ok((transport, listener))
 }
@@ -354,6 +481,10 @@ pub struct Transport {
     encode_failed: Throttled,
     send_failed: Throttled,
     metrics: Arc<Metrics>,
+    /// The cluster secret's state, shared with the listener; `None`: plain JSON datagrams.
+    auth: Option<Arc<PeerAuth>>,
+    /// Reused for every datagram sent: room for the envelope's header, then the JSON.
+    buf: Vec<u8>,
 }
 
 impl Transport {
@@ -382,50 +513,117 @@ impl Transport {
                 return;
             }
         };
-        match Datagram::Peer(msg).encode() {
-            Ok(bytes) => self.send_bytes(&bytes, addr),
+        let mut buf = std::mem::take(&mut self.buf);
+        let room = if self.auth.is_some() {
+            auth::HEADER_LEN
+        } else {
+            0
+        };
+        match encode_into(&mut buf, room, &Datagram::Peer(msg)) {
+            Ok(()) => match &self.auth {
+                None => send_datagram(
+                    &self.socket,
+                    &self.metrics,
+                    &mut self.send_failed,
+                    &buf,
+                    addr,
+                ),
+                Some(auth) => {
+                    let (socket, metrics, failed) =
+                        (&self.socket, &self.metrics, &mut self.send_failed);
+                    if let Err(e) = auth.seal_to_peer(to, &mut buf, |bytes| {
+                        send_datagram(socket, metrics, failed, bytes, addr)
+                    }) {
+                        self.encode_failed.log(log::Level::Error, || {
+                            format!("not sending to node {to}: {e}")
+                        });
+                    }
+                }
+            },
             Err(e) => self.encode_failed.log(log::Level::Error, || {
                 format!("not sending to node {to}: {e}")
             }),
         }
+        self.buf = buf;
     }
 
     /// Sends a client reply to the client's source address. A reply too large for a datagram is
     /// replaced by a `Refused` with the same id, so the client hears something instead of
     /// waiting for its timeout.
-    pub fn send_reply(&mut self, to: ReplyTo, reply: ClientReply) {
-        let (id, from) = (reply.id, reply.from);
-        let bytes = match Datagram::Reply(reply).encode() {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                self.encode_failed.log(log::Level::Error, || {
-                    format!("reply {id} to client {to} does not encode: {e}")
-                });
-                let refusal = Datagram::Reply(ClientReply {
-                    id,
-                    from,
-                    result: ClientResult::Refused {
-                        reason: format!("the peer could not encode its reply: {e}"),
-                    },
-                });
-                match refusal.encode() {
-                    Ok(bytes) => bytes,
-                    Err(_) => return,
-                }
-            }
-        };
-        self.send_bytes(&bytes, to);
-    }
-
-    fn send_bytes(&mut self, bytes: &[u8], addr: SocketAddr) {
-        match self.socket.send_to(bytes, addr) {
-            Ok(_) => {
-                self.metrics.datagrams_sent.inc();
-            }
-            Err(e) => self
-                .send_failed
-                .log(log::Level::Warn, || format!("send to {addr} failed: {e}")),
+    ///
+    /// With a cluster secret, the reply is sealed to the client session whose authenticated
+    /// request last came from `to`, with the key that request used; a `Status` answer carries
+    /// this peer's count of datagrams that failed authentication.
+    pub fn send_reply(&mut self, to: ReplyTo, mut reply: ClientReply) {
+        if let (ClientResult::Status(info), Some(auth)) = (&mut reply.result, &self.auth) {
+            info.auth_failures = auth.stats.auth_failures.load(Ordering::Relaxed);
         }
+        let (id, from) = (reply.id, reply.from);
+        let mut buf = std::mem::take(&mut self.buf);
+        let room = if self.auth.is_some() {
+            auth::HEADER_LEN
+        } else {
+            0
+        };
+        if let Err(e) = encode_into(&mut buf, room, &Datagram::Reply(reply)) {
+            self.encode_failed.log(log::Level::Error, || {
+                format!("reply {id} to client {to} does not encode: {e}")
+            });
+            let refusal = Datagram::Reply(ClientReply {
+                id,
+                from,
+                result: ClientResult::Refused {
+                    reason: format!("the peer could not encode its reply: {e}"),
+                },
+            });
+            if encode_into(&mut buf, room, &refusal).is_err() {
+                self.buf = buf;
+                return;
+            }
+        }
+        let sealed = match &self.auth {
+            None => Ok(()),
+            Some(auth) => auth.seal_reply(to, &mut buf),
+        };
+        match sealed {
+            Ok(()) => send_datagram(&self.socket, &self.metrics, &mut self.send_failed, &buf, to),
+            Err(e) => self.encode_failed.log(log::Level::Warn, || {
+                format!("not answering request {id} of client {to}: {e}")
+            }),
+        }
+        self.buf = buf;
+    }
+}
+
+/// Encodes `d` as JSON into `buf` after `room` zero bytes (for an envelope's header); fails
+/// if the JSON would not fit one datagram.
+fn encode_into(buf: &mut Vec<u8>, room: usize, d: &Datagram) -> Result<(), String> {
+    buf.clear();
+    buf.resize(room, 0);
+    serde_json::to_writer(&mut *buf, d).map_err(|e| format!("encode: {e}"))?;
+    let len = buf.len() - room;
+    if len > MAX_DATAGRAM {
+        return Err(format!(
+            "datagram of {len} bytes exceeds the {MAX_DATAGRAM}-byte limit"
+        ));
+    }
+    Ok(())
+}
+
+/// Sends one datagram, counting it; a failure is logged (rate-limited) and otherwise ignored,
+/// as a loss in the network would be.
+fn send_datagram(
+    socket: &UdpSocket,
+    metrics: &Metrics,
+    failed: &mut Throttled,
+    bytes: &[u8],
+    addr: SocketAddr,
+) {
+    match socket.send_to(bytes, addr) {
+        Ok(_) => {
+            metrics.datagrams_sent.inc();
+        }
+        Err(e) => failed.log(log::Level::Warn, || format!("send to {addr} failed: {e}")),
     }
 }
 
@@ -448,8 +646,10 @@ pub struct ReceiveStats {
     pub clients_shed: u64,
     /// Peer messages dropped because the peer queue was full.
     pub peers_dropped: u64,
-    /// Datagrams that [`classify`] rejected.
+    /// Datagrams that [`classify`] (or [`classify_sealed`]) rejected.
     pub rejected: u64,
+    /// Notices handled (sealed datagrams that carry a peer's epoch to us, nothing for the core).
+    pub notices: u64,
 }
 
 /// The receive side of the socket, run by the receiver thread.
@@ -458,10 +658,14 @@ pub struct Listener {
     socket: Arc<UdpSocket>,
     me: NodeId,
     peers: BTreeSet<NodeId>,
+    /// Where notices to peers go: their configured addresses.
+    addresses: BTreeMap<NodeId, SocketAddr>,
     drops: DropLog,
     recv_failed: Throttled,
     stats: ReceiveStats,
     metrics: Arc<Metrics>,
+    /// Opens sealed datagrams; `None` without a cluster secret.
+    gate: Option<Gate>,
 }
 
 /// How every client request datagram our own encoder makes begins; see [`Listener::run`].
@@ -505,13 +709,25 @@ impl Listener {
             let bytes = &buf[..len];
             // Under overload, shed a request before paying to decode it: the time this thread
             // saves is time it spends draining the socket, where peer datagrams wait too.
-            if queues.clients.is_full() && bytes.starts_with(REQUEST_PREFIX) {
+            if queues.clients.is_full() && looks_like_request(bytes) {
                 self.shed(now, src, queues.clients.capacity());
                 continue;
             }
-            let (queue, item) = match classify(bytes, src, self.me, &self.peers) {
-                Ok(item @ Inbound::Peer(_)) => (&queues.peers, item),
-                Ok(item @ Inbound::Client(..)) => (&queues.clients, item),
+            let classified = match &mut self.gate {
+                None => classify(bytes, src, self.me, &self.peers).map(Some),
+                Some(gate) => {
+                    let c = classify_sealed(gate, bytes, src, self.me, now);
+                    self.send_outgoing();
+                    c
+                }
+            };
+            let (queue, item) = match classified {
+                Ok(Some(item @ Inbound::Peer(_))) => (&queues.peers, item),
+                Ok(Some(item @ Inbound::Client(..))) => (&queues.clients, item),
+                Ok(None) => {
+                    self.stats.notices += 1;
+                    continue;
+                }
                 Err(d) => {
                     self.stats.rejected += 1;
                     self.warn(now, src, &d);
@@ -544,6 +760,29 @@ impl Listener {
             s.rejected
         );
         s
+    }
+
+    /// Sends the notices (and resends) the gate queued.
+    fn send_outgoing(&mut self) {
+        let Some(gate) = &mut self.gate else {
+            return;
+        };
+        for (dest, bytes) in gate.take_outgoing() {
+            let addr = match dest {
+                Dest::Addr(addr) => addr,
+                Dest::Peer(id) => match self.addresses.get(&id) {
+                    Some(&addr) => addr,
+                    None => continue,
+                },
+            };
+            send_datagram(
+                &self.socket,
+                &self.metrics,
+                &mut self.recv_failed,
+                &bytes,
+                addr,
+            );
+        }
     }
 
     /// Sheds a client request because the client queue is full.
@@ -846,7 +1085,18 @@ mod tests {
             peer_capacity: usize,
             client_capacity: usize,
         ) -> Running {
-            let (transport, listener) = bind(&config_for(0, others)).unwrap();
+            let (_, running) =
+                Running::start_config(&config_for(0, others), peer_capacity, client_capacity);
+            running
+        }
+
+        /// A listener on its own thread for `config`; returns the send side too.
+        fn start_config(
+            config: &PeerConfig,
+            peer_capacity: usize,
+            client_capacity: usize,
+        ) -> (Transport, Running) {
+            let (transport, listener) = bind(config).unwrap();
             let (peers_tx, peers) = crossbeam_channel::bounded(peer_capacity);
             let (clients_tx, clients) = crossbeam_channel::bounded(client_capacity);
             let stop = Arc::new(AtomicBool::new(false));
@@ -858,13 +1108,14 @@ mod tests {
                 let stop = Arc::clone(&stop);
                 std::thread::spawn(move || listener.run(queues, stop))
             };
-            Running {
+            let running = Running {
                 addr: transport.local_addr().unwrap(),
                 peers,
                 clients,
                 stop,
                 thread,
-            }
+            };
+            (transport, running)
         }
 
         fn stop(self) -> ReceiveStats {
@@ -970,5 +1221,135 @@ mod tests {
     fn the_shed_prefix_is_how_requests_are_encoded() {
         assert!(status_request(1).starts_with(REQUEST_PREFIX));
         assert!(!encoded(Datagram::Peer(message(2, 1))).starts_with(REQUEST_PREFIX));
+        assert!(looks_like_request(&status_request(1)));
+        let mut sealed = auth::with_room(&status_request(1));
+        let keys = auth::Keys::random("test").unwrap();
+        let header = auth::Header {
+            kind: auth::Kind::Request,
+            key_id: 0,
+            sender: 1,
+            sender_epoch: 1,
+            recipient: 1,
+            recipient_epoch: 1,
+            counter: 1,
+        };
+        auth::seal(&keys, 0, &header, &mut sealed);
+        assert!(looks_like_request(&sealed));
+    }
+
+    /// A config of node 1 whose peer 2 listens on `p2`, with a fresh secret file in a fresh
+    /// directory (returned, to be removed).
+    fn sealed_config(p2: u16) -> (PeerConfig, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "raft-transport-auth-{}-{}",
+            std::process::id(),
+            auth::fresh_epoch()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("cluster.key");
+        auth::Secret::generate().unwrap().write(&key).unwrap();
+        let mut config = config_for(0, &[(2, p2)]);
+        config.secret_file = Some(key);
+        (config, dir)
+    }
+
+    #[test]
+    fn with_a_secret_only_sealed_datagrams_get_in_and_forgeries_get_no_answer() {
+        let peer2 = free_socket();
+        let p2 = peer2.local_addr().unwrap().port();
+        let (config, dir) = sealed_config(p2);
+        let (mut transport, r) = Running::start_config(&config, 16, 16);
+        let mut buf = vec![0; RECV_BUFFER];
+        // Node 2's side of the conversation, with the same secret.
+        let keys = config.keys().unwrap().unwrap();
+        let two = Arc::new(PeerAuth::new(Arc::clone(&keys), 2, [1]));
+        let mut gate2 = Gate::new(Arc::clone(&two));
+
+        // Plain JSON, as the original sends it, and the same sealed with a wrong key: dropped,
+        // and never answered.
+        let plain = encoded(Datagram::Peer(message(2, 1)));
+        peer2.send_to(&plain, r.addr).unwrap();
+        let wrong = auth::Keys::random(&config.cluster).unwrap();
+        let forger = PeerAuth::new(Arc::new(wrong), 2, [1]);
+        let mut sealed = auth::with_room(&plain);
+        forger
+            .seal_to_peer(1, &mut sealed, |b| {
+                peer2.send_to(b, r.addr).unwrap();
+            })
+            .unwrap();
+
+        // Sealed with the secret: node 2 does not know node 1's epoch yet, so node 1 answers
+        // with a notice (to node 2's configured address), and node 2 resends.
+        let mut sealed = auth::with_room(&plain);
+        two.seal_to_peer(1, &mut sealed, |b| {
+            peer2.send_to(b, r.addr).unwrap();
+        })
+        .unwrap();
+        let (n, _) = peer2.recv_from(&mut buf).unwrap();
+        let now = Instant::now();
+        assert_eq!(
+            gate2.admit(&buf[..n], r.addr, now),
+            Ok(Admitted::Notice { from: 1 }),
+            "the first answer is the notice: the forgeries got nothing"
+        );
+        for (dest, bytes) in gate2.take_outgoing() {
+            assert_eq!(dest, Dest::Peer(1));
+            peer2.send_to(&bytes, r.addr).unwrap();
+        }
+        let got = r.peers.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(got, Inbound::Peer(message(2, 1)));
+
+        // Node 1 seals what it sends; node 2 opens it.
+        transport.send_peer(message(1, 2));
+        let (n, _) = peer2.recv_from(&mut buf).unwrap();
+        match gate2.admit(&buf[..n], r.addr, Instant::now()) {
+            Ok(Admitted::Peer { from: 1, body }) => {
+                assert_eq!(Datagram::decode(body), Ok(Datagram::Peer(message(1, 2))))
+            }
+            other => panic!("{other:?}"),
+        }
+        // A reply to a client that never sent an authenticated request is not sent at all.
+        let client = free_socket();
+        client
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        transport.send_reply(
+            client.local_addr().unwrap(),
+            ClientReply {
+                id: 1,
+                from: 1,
+                result: ClientResult::NotLeader { leader: None },
+            },
+        );
+        assert!(client.recv_from(&mut buf).is_err());
+
+        let stats = r.stop();
+        assert_eq!(
+            (stats.peer_messages, stats.rejected),
+            (1, 3),
+            "plain, wrong key, stale: {stats:?}"
+        );
+        assert!(peer2
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .is_ok());
+        assert!(peer2.recv_from(&mut buf).is_err(), "nothing else came back");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn without_a_secret_a_sealed_datagram_is_dropped_as_malformed() {
+        let keys = auth::Keys::random("raft").unwrap();
+        let mut sealed = auth::with_room(&encoded(Datagram::Peer(message(2, 1))));
+        let header = auth::Header {
+            kind: auth::Kind::Peer,
+            key_id: 0,
+            sender: 2,
+            sender_epoch: 1,
+            recipient: 1,
+            recipient_epoch: 0,
+            counter: 1,
+        };
+        auth::seal(&keys, 0, &header, &mut sealed);
+        assert_eq!(reason(&sealed), DropReason::Malformed);
     }
 }
