@@ -17,7 +17,18 @@
 //! `(client, seq)` is only as unique as the client ID, so IDs are drawn from the operating
 //! system's randomness: two clients started at the same instant, even with the same PID in two
 //! containers, draw the same ID with probability 2^-64.
+//!
+//! With the cluster's keys ([`Client::from_config`] reads them from the config's
+//! `secret_file`), every request is sealed for the peer it goes to and every reply must be
+//! sealed by a configured peer *to this client's session* ([`crate::auth`]); anything else,
+//! including a forged or replayed reply, is dropped before it is decoded, and the request ID
+//! inside it must still match an attempt of the current operation. A peer's first answer may
+//! be a notice of its epoch (it restarted, or we are new to it): the request is then resent at
+//! once. A client whose key the peers do not hold hears nothing; its timeout says that a key
+//! mismatch is the likely cause.
 
+use crate::auth::{self, ClientAuth, FromPeer, Keys};
+use crate::config::PeerConfig;
 use crate::raft::rng::splitmix64;
 use crate::raft::{
     check_entry_data, ClientId, ClientOp, ClientReply, ClientRequest, ClientResult, Datagram,
@@ -28,6 +39,7 @@ use std::fmt;
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The first per-attempt wait; doubled after every attempt without an answer.
@@ -36,6 +48,8 @@ pub const FIRST_WAIT: Duration = Duration::from_millis(50);
 pub const MAX_WAIT: Duration = Duration::from_millis(500);
 /// The longest [`Client::status`] waits for answers, whatever the client's timeout.
 pub const STATUS_WAIT: Duration = Duration::from_secs(1);
+/// Resends of one attempt after a peer's notice of its epoch (normally one is needed).
+const MAX_RESENDS: u32 = 3;
 
 /// Why an operation did not succeed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,6 +118,19 @@ pub struct Client {
     /// The peer that gave the last successful answer.
     last_peer: Option<NodeId>,
     buf: Vec<u8>,
+    /// Sealing and opening with the cluster's keys; `None`: plain JSON datagrams.
+    auth: Option<ClientAuth>,
+    /// Reused for every request sent.
+    out: Vec<u8>,
+    /// Whether any peer has answered this client (authentically) since it was made.
+    heard_any: bool,
+}
+
+/// What [`Client::recv_until`] hands back.
+enum Incoming {
+    Reply(ClientReply),
+    /// Peer `id` told us its epoch: resend to it what it dropped.
+    Notice(NodeId),
 }
 
 impl fmt::Debug for Client {
@@ -118,11 +145,31 @@ impl fmt::Debug for Client {
 }
 
 impl Client {
+    /// A client of the cluster a peer config describes: every peer's address, and the keys
+    /// of its `secret_file`, if any. Errors (an unreadable or unsafe secret file, say) name the
+    /// config and the file.
+    pub fn from_config(config: &PeerConfig, timeout: Duration) -> Result<Client, String> {
+        let peers = config.addresses()?;
+        let keys = config.keys()?;
+        Client::with_keys(peers, timeout, keys).map_err(|e| e.to_string())
+    }
+
     /// Binds an ephemeral UDP socket (on loopback if every peer is on loopback) and picks a
-    /// random client ID. `timeout` is the deadline of each operation.
+    /// random client ID. `timeout` is the deadline of each operation. Datagrams are plain
+    /// JSON; [`Client::with_keys`] or [`Client::from_config`] make an authenticated client.
     pub fn new(
         peers: BTreeMap<NodeId, SocketAddr>,
         timeout: Duration,
+    ) -> Result<Client, ClientError> {
+        Client::with_keys(peers, timeout, None)
+    }
+
+    /// Like [`Client::new`], sealing requests with `keys` (and taking only replies sealed to
+    /// this client) when given.
+    pub fn with_keys(
+        peers: BTreeMap<NodeId, SocketAddr>,
+        timeout: Duration,
+        keys: Option<Arc<Keys>>,
     ) -> Result<Client, ClientError> {
         if peers.is_empty() {
             return Err(ClientError::Io("no peers to contact".into()));
@@ -138,6 +185,12 @@ impl Client {
         let socket = UdpSocket::bind(local)
             .map_err(|e| ClientError::Io(format!("cannot bind a UDP socket on {local}: {e}")))?;
         let order = peers.keys().copied().collect();
+        let auth = match keys {
+            Some(keys) => {
+                Some(ClientAuth::new(keys, peers.keys().copied()).map_err(ClientError::Io)?)
+            }
+            None => None,
+        };
         Ok(Client {
             socket,
             peers,
@@ -151,8 +204,16 @@ impl Client {
             // Random, so that answers meant for an earlier process on the same port never match.
             next_request_id: os_random_u64()? >> 1,
             last_peer: None,
-            buf: vec![0; MAX_DATAGRAM + 1],
+            buf: vec![0; MAX_DATAGRAM + auth::OVERHEAD + 1],
+            auth,
+            out: Vec::new(),
+            heard_any: false,
         })
+    }
+
+    /// Whether this client seals its requests (it has the cluster's keys).
+    pub fn authenticated(&self) -> bool {
+        self.auth.is_some()
     }
 
     /// This client's identity for exactly-once appends.
@@ -314,22 +375,40 @@ impl Client {
         let deadline = Instant::now() + self.timeout.min(STATUS_WAIT);
         let mut by_request: BTreeMap<u64, NodeId> = BTreeMap::new();
         let mut infos: BTreeMap<NodeId, StatusInfo> = BTreeMap::new();
+        let mut resends: BTreeMap<NodeId, u32> = BTreeMap::new();
         let peers: Vec<(NodeId, SocketAddr)> = self.peers.iter().map(|(&i, &a)| (i, a)).collect();
-        for &(id, addr) in &peers {
+        for &(id, _) in &peers {
             let request_id = self.fresh_request_id();
-            if self.send(request_id, &ClientOp::Status, addr).is_ok() {
+            if self.send(request_id, &ClientOp::Status, id).is_ok() {
                 by_request.insert(request_id, id);
             }
         }
         while infos.len() < by_request.len() {
-            let Some(reply) = self.recv_until(deadline) else {
-                break;
+            let reply = match self.recv_until(deadline) {
+                None => break,
+                Some(Incoming::Reply(reply)) => reply,
+                Some(Incoming::Notice(peer)) => {
+                    let n = resends.entry(peer).or_default();
+                    let asked = by_request.iter().find(|(_, &p)| p == peer);
+                    if let (true, Some((&request_id, _))) = (*n < MAX_RESENDS, asked) {
+                        *n += 1;
+                        let _ = self.send(request_id, &ClientOp::Status, peer);
+                    }
+                    continue;
+                }
             };
             let Some(&peer) = by_request.get(&reply.id) else {
                 continue;
             };
             if let ClientResult::Status(info) = reply.result {
                 infos.insert(peer, info);
+            }
+        }
+        if let Some(auth) = &mut self.auth {
+            for &(id, _) in &peers {
+                if !infos.contains_key(&id) {
+                    auth.forget(id);
+                }
             }
         }
         let leaders: Vec<NodeId> = infos
@@ -376,14 +455,16 @@ impl Client {
             let now = Instant::now();
             if now >= deadline {
                 return Err(ClientError::Timeout(format!(
-                    "no answer within {} ms",
-                    self.timeout.as_millis()
+                    "no answer within {} ms{}",
+                    self.timeout.as_millis(),
+                    self.silence_hint()
                 )));
             }
             let target = self.pick_target();
             let addr = self.peers[&target];
             let request_id = self.fresh_request_id();
-            match self.send(request_id, op, addr) {
+            let mut resends = 0;
+            match self.send(request_id, op, target) {
                 Ok(()) => {}
                 Err(ClientError::Io(e)) => {
                     // One unreachable peer is no reason to give up on the others.
@@ -396,8 +477,19 @@ impl Client {
             }
             let attempt_deadline = (now + wait).min(deadline);
             let answer = loop {
-                let Some(reply) = self.recv_until(attempt_deadline) else {
-                    break None;
+                let reply = match self.recv_until(attempt_deadline) {
+                    None => break None,
+                    Some(Incoming::Reply(reply)) => reply,
+                    Some(Incoming::Notice(peer)) => {
+                        // The peer dropped the request (it did not know this session, or we
+                        // did not know its epoch) and told us why: send it again, now sealed
+                        // for its epoch.
+                        if peer == target && resends < MAX_RESENDS {
+                            resends += 1;
+                            let _ = self.send(request_id, op, target);
+                        }
+                        continue;
+                    }
                 };
                 let latest = reply.id == request_id;
                 let earlier = reply.id.wrapping_sub(first_id) < request_id.wrapping_sub(first_id);
@@ -419,6 +511,10 @@ impl Client {
             let Some(reply) = answer else {
                 log::debug!("no answer from peer {target} at {addr} within {wait:?}");
                 self.forget_leader(target);
+                if let Some(auth) = &mut self.auth {
+                    // It may have restarted, or with other keys: start over with it.
+                    auth.forget(target);
+                }
                 wait = (wait * 2).min(MAX_WAIT);
                 continue;
             };
@@ -483,18 +579,55 @@ impl Client {
         id
     }
 
-    fn send(&self, id: u64, op: &ClientOp, addr: SocketAddr) -> Result<(), ClientError> {
-        let bytes = Datagram::Request(ClientRequest { id, op: op.clone() })
-            .encode()
-            .map_err(ClientError::Refused)?;
-        self.socket
-            .send_to(&bytes, addr)
-            .map(|_| ())
-            .map_err(|e| ClientError::Io(format!("send to {addr}: {e}")))
+    /// What a timeout adds when no peer has ever answered this client: the likely causes.
+    fn silence_hint(&self) -> String {
+        if self.heard_any {
+            return String::new();
+        }
+        if self.auth.is_some() {
+            "; no peer has answered this client at all: if the peers are running, a key mismatch is the likely cause (this config's secret_file or cluster name differs from the peers'; a peer silently drops what is sealed with a key it does not hold)".to_string()
+        } else {
+            "; no peer has answered this client at all: are the peers running? If they have a secret_file, this client's config must name it too".to_string()
+        }
     }
 
-    /// The next client reply to arrive before `until`, skipping anything else.
-    fn recv_until(&mut self, until: Instant) -> Option<ClientReply> {
+    /// Sends request `id` for `op` to peer `to`: sealed for it with the cluster's keys if this
+    /// client has them (one datagram per key while `to`'s epoch is unknown), plain JSON if not.
+    fn send(&mut self, id: u64, op: &ClientOp, to: NodeId) -> Result<(), ClientError> {
+        let addr = self.peers[&to];
+        let datagram = Datagram::Request(ClientRequest { id, op: op.clone() });
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        if self.auth.is_some() {
+            out.resize(auth::HEADER_LEN, 0);
+        }
+        let room = out.len();
+        serde_json::to_writer(&mut out, &datagram)
+            .map_err(|e| ClientError::Refused(format!("encode: {e}")))?;
+        if out.len() - room > MAX_DATAGRAM {
+            return Err(ClientError::Refused(format!(
+                "datagram of {} bytes exceeds the {MAX_DATAGRAM}-byte limit",
+                out.len() - room
+            )));
+        }
+        let socket = &self.socket;
+        let send = |bytes: &[u8]| {
+            socket
+                .send_to(bytes, addr)
+                .map(|_| ())
+                .map_err(|e| ClientError::Io(format!("send to {addr}: {e}")))
+        };
+        let result = match &mut self.auth {
+            None => send(&out),
+            Some(auth) => auth.seal_request(to, &mut out, send),
+        };
+        self.out = out;
+        result
+    }
+
+    /// The next client reply (or notice) to arrive before `until`, skipping anything else:
+    /// with keys, anything not sealed by a configured peer to this client's session.
+    fn recv_until(&mut self, until: Instant) -> Option<Incoming> {
         loop {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -506,13 +639,35 @@ impl Client {
                 return None;
             }
             match self.socket.recv_from(&mut self.buf) {
-                Ok((n, from)) => match Datagram::decode(&self.buf[..n]) {
-                    Ok(Datagram::Reply(reply)) => return Some(reply),
-                    Ok(other) => {
-                        log::debug!("ignoring a non-reply datagram from {from}: {other:?}")
+                Ok((n, from)) => {
+                    let bytes = &self.buf[..n];
+                    let (body, sealed_by) = match &mut self.auth {
+                        None => (bytes, None),
+                        Some(auth) => match auth.open(bytes) {
+                            Ok(FromPeer::Reply { from, body }) => (body, Some(from)),
+                            Ok(FromPeer::Notice { from }) => {
+                                self.heard_any = true;
+                                return Some(Incoming::Notice(from));
+                            }
+                            Err(e) => {
+                                log::debug!("dropping a datagram from {from}: {e:?}");
+                                continue;
+                            }
+                        },
+                    };
+                    match Datagram::decode(body) {
+                        Ok(Datagram::Reply(reply))
+                            if sealed_by.is_none_or(|peer| peer == reply.from) =>
+                        {
+                            self.heard_any = true;
+                            return Some(Incoming::Reply(reply));
+                        }
+                        Ok(other) => {
+                            log::debug!("ignoring a non-reply datagram from {from}: {other:?}")
+                        }
+                        Err(e) => log::debug!("ignoring a datagram from {from}: {e}"),
                     }
-                    Err(e) => log::debug!("ignoring a datagram from {from}: {e}"),
-                },
+                }
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
