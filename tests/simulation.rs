@@ -100,6 +100,50 @@ fn leadership_moves_to_the_named_node_under_load_and_loses_nothing() {
 }
 
 #[test]
+fn a_leader_re_elected_later_is_not_misled_by_answers_to_its_old_appends() {
+    // Raft §5.1: an answer from an older term says nothing about the current one. The leader's
+    // appends to one follower are delayed by seconds; leadership moves away and back (two
+    // transfers), and the follower answers the old appends with its newer term. The leader
+    // must not take them as rejections: its match index for the follower never falls (checked
+    // after every event) and the follower keeps up.
+    for seed in seeds(20) {
+        let mut s = Sim::new(seed, SimConfig::reliable(3));
+        let leader = s.wait_for_leader(2_000 * MS);
+        let o: Vec<NodeId> = s.ids.iter().copied().filter(|&i| i != leader).collect();
+        let (slow, other) = (o[0], o[1]);
+        let c = s.add_client();
+        s.clients[c].target_node(leader);
+        append(&mut s, c, "before", 2_000 * MS);
+        s.slow_link(leader, slow, 1_500 * MS);
+        s.keep_busy(c, 1.0);
+        s.run_for(100 * MS);
+        for target in [other, leader] {
+            s.transfer_leader(Some(target));
+            if !s.run_until(1_000 * MS, |s| s.stable_leader() == Some(target)) {
+                s.fail(&format!("leadership did not move to {target}"));
+            }
+        }
+        s.slow_link(leader, slow, 0);
+        let term = s.node(leader).unwrap().term();
+        // The delayed appends of the first term arrive during this second.
+        s.run_for(2_000 * MS);
+        assert_eq!(s.stable_leader(), Some(leader), "seed {seed}");
+        assert_eq!(s.node(leader).unwrap().term(), term, "seed {seed}");
+        s.stop_clients();
+        assert!(
+            s.run_until(2_000 * MS, |s| !s.client_busy(c)),
+            "seed {seed}"
+        );
+        let last = s.node(leader).unwrap().log().last_index();
+        let caught_up = s.run_until(1_000 * MS, |s| {
+            s.node(slow).unwrap().log().last_index() == last
+        });
+        assert!(caught_up, "seed {seed}: the slow follower fell behind");
+        s.check_client_history();
+    }
+}
+
+#[test]
 fn no_leader_without_a_majority() {
     // Raft §5.2: a candidate needs votes from a majority.
     for seed in seeds(10) {

@@ -235,6 +235,8 @@ pub struct Sim {
     event_seq: u64,
     /// Directed links that drop everything.
     cut: BTreeSet<(NodeId, NodeId)>,
+    /// Directed links whose datagrams take this much longer (and are never lost).
+    slow: BTreeMap<(NodeId, NodeId), Time>,
     /// Nodes cut off by `disconnect`.
     disconnected: BTreeSet<NodeId>,
     /// Nodes frozen in time: no ticks; what arrives meanwhile waits (SIGSTOP) or is lost.
@@ -263,6 +265,9 @@ pub struct Sim {
     was_leader: BTreeMap<NodeId, Term>,
     /// A leader's (term, last index, hash of the entry there), for Leader Append-Only.
     leader_tail: BTreeMap<NodeId, (Term, Index, u64)>,
+    /// The match index a leader last reported for a follower, by (leader, follower), with the
+    /// leader's term.
+    match_seen: HashMap<(NodeId, NodeId), (Term, Index)>,
     /// Paranoid mode: a leader's whole log when last checked.
     leader_log: BTreeMap<NodeId, (Term, Vec<Entry>)>,
     /// Each node's durable log as prefix hashes: `prefix[i - 1]` covers entries 1..=i.
@@ -306,6 +311,7 @@ impl Sim {
             events: BTreeMap::new(),
             event_seq: 0,
             cut: BTreeSet::new(),
+            slow: BTreeMap::new(),
             paused: BTreeMap::new(),
             disconnected: BTreeSet::new(),
             clients: Vec::new(),
@@ -324,6 +330,7 @@ impl Sim {
             checked_commit: BTreeMap::new(),
             was_leader: BTreeMap::new(),
             leader_tail: BTreeMap::new(),
+            match_seen: HashMap::new(),
             leader_log: BTreeMap::new(),
             prefix: ids.iter().map(|&id| (id, Vec::new())).collect(),
             written: HashMap::new(),
@@ -469,6 +476,15 @@ impl Sim {
         self.cut.clear();
         self.disconnected.clear();
     }
+    /// Adds `extra` to the delay of every datagram sent from `from` to `to` from now on (0 ends
+    /// it), so that a link's old datagrams arrive after newer ones on other links.
+    pub fn slow_link(&mut self, from: NodeId, to: NodeId, extra: Time) {
+        if extra == 0 {
+            self.slow.remove(&(from, to));
+        } else {
+            self.slow.insert((from, to), extra);
+        }
+    }
     /// SIGSTOP: no ticks, and datagrams wait in the socket buffer until [`Sim::resume`].
     pub fn pause(&mut self, id: NodeId) {
         if self.is_up(id) && !self.paused.contains_key(&id) {
@@ -554,6 +570,11 @@ impl Sim {
             *self.bytes_by_link.entry((msg.from, msg.to)).or_default() += bytes as u64;
         }
         if self.cut.contains(&(msg.from, msg.to)) {
+            return;
+        }
+        if let Some(&extra) = self.slow.get(&(msg.from, msg.to)) {
+            let delay = self.delay() + extra;
+            self.schedule(delay, Event::Deliver(msg));
             return;
         }
         self.transmit(Event::Deliver(msg));
@@ -1023,6 +1044,7 @@ impl Sim {
         }
         if role == Role::Leader {
             self.leader_append_only(id, term);
+            self.match_indices_are_sound(id, term);
         } else {
             self.leader_tail.remove(&id);
         }
@@ -1110,6 +1132,41 @@ impl Sim {
                 }
             }
             self.leader_log.insert(id, (term, entries));
+        }
+    }
+
+    /// What a leader counts towards commitment is real: a follower's match index never falls
+    /// within the leader's term (no follower here loses what it acknowledged), and the
+    /// follower's durable log agrees with the leader's up to it, unless a newer term has since
+    /// reached the follower's disk.
+    fn match_indices_are_sound(&mut self, id: NodeId, term: Term) {
+        let info = self.nodes[&id].as_ref().unwrap().status();
+        for f in &info.followers {
+            let m = f.match_index;
+            if let Some(&(t, before)) = self.match_seen.get(&(id, f.id)) {
+                if t == term && m < before {
+                    self.fail(&format!(
+                        "leader {id} of term {term}: match index of follower {} fell from \
+                         {before} to {m}",
+                        f.id
+                    ));
+                }
+            }
+            self.match_seen.insert((id, f.id), (term, m));
+            if m == 0 || self.disks[&f.id].hard_state.term > term {
+                continue;
+            }
+            let mine = self.prefix[&id].get(m as usize - 1);
+            let theirs = self.prefix[&f.id].get(m as usize - 1);
+            if mine.is_none() || mine != theirs {
+                self.fail(&format!(
+                    "leader {id} of term {term} counts follower {} as matching up to {m}, but \
+                     its durable log ({} entries) does not agree with the leader's ({})",
+                    f.id,
+                    self.prefix[&f.id].len(),
+                    info.last_index
+                ));
+            }
         }
     }
 
