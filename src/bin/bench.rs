@@ -6,8 +6,13 @@
 //! exactly-once retries work as for real clients. A second thread polls every peer's status
 //! (its own socket) to count leader changes; with `--garbage-rate`, a third floods the leader
 //! with junk datagrams, to show that client load cannot cost the cluster its leader.
+//!
+//! Datagrams are authenticated when the cluster is: with `-p`, if the config names a
+//! `secret_file`; with `--spawn`, always (a fresh secret in the temporary folder), unless
+//! `--no-auth`, which is how the cost of authentication is measured.
 
 use argh::FromArgs;
+use raft::auth::{self, ClientAuth, FromPeer, Keys, Secret};
 use raft::client::Client;
 use raft::config::PeerConfig;
 use raft::raft::rng::Rng;
@@ -54,6 +59,10 @@ struct Args {
     /// (default 150)
     #[argh(option, default = "150")]
     poll_ms: u64,
+    /// with --spawn: run the peers without a secret_file (unauthenticated datagrams), to
+    /// measure what authentication costs
+    #[argh(switch)]
+    no_auth: bool,
 }
 
 /// One in-flight append.
@@ -101,9 +110,13 @@ fn main() {
         );
         std::process::exit(1);
     }
-    let (_spawned, peers) = if args.spawn {
-        match spawn_cluster(args.keep_logs) {
-            Ok((s, p)) => (Some(s), p),
+    if args.no_auth && !args.spawn {
+        eprintln!("error: --no-auth is for --spawn; a running cluster authenticates if its config names a secret_file");
+        std::process::exit(1);
+    }
+    let (_spawned, peers, keys) = if args.spawn {
+        match spawn_cluster(args.keep_logs, !args.no_auth) {
+            Ok((s, p, k)) => (Some(s), p, k),
             Err(e) => {
                 eprintln!("error: {e}");
                 std::process::exit(1);
@@ -118,13 +131,17 @@ fn main() {
             eprintln!("error: {e}");
             std::process::exit(1);
         });
-        (None, peers)
+        let keys = config.keys().unwrap_or_else(|e| {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        });
+        (None, peers, keys)
     };
     if args.garbage_rate > 0 && !peers.values().any(|a| is_flood_target(*a)) {
         eprintln!("error: --garbage-rate only floods peers configured on 127.0.0.1; none is");
         std::process::exit(1);
     }
-    if let Err(e) = run(&args, &peers) {
+    if let Err(e) = run(&args, &peers, keys) {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
@@ -147,19 +164,89 @@ struct Load {
     started_at: u64,
 }
 
-fn run(args: &Args, peers: &BTreeMap<NodeId, SocketAddr>) -> Result<(), String> {
+/// The appends' socket: plain JSON, or sealed for each peer and opened with the cluster's keys.
+struct Wire {
+    socket: UdpSocket,
+    auth: Option<ClientAuth>,
+    /// Reused for every request: room for the envelope's header, then the JSON.
+    out: Vec<u8>,
+}
+
+/// What a peer sent the appends' socket.
+enum Incoming {
+    Reply(ClientReply),
+    /// Peer `id` dropped our requests and told us its epoch: resend what went to it.
+    Notice(NodeId),
+}
+
+impl Wire {
+    /// Sends `d` to peer `to` at `addr`; errors (a full buffer, say) are the network's.
+    fn send(&mut self, d: &Datagram, to: NodeId, addr: SocketAddr) {
+        self.out.clear();
+        if self.auth.is_some() {
+            self.out.resize(auth::HEADER_LEN, 0);
+        }
+        if serde_json::to_writer(&mut self.out, d).is_err() {
+            return;
+        }
+        let socket = &self.socket;
+        let send = |b: &[u8]| socket.send_to(b, addr).map(|_| ());
+        let _ = match &mut self.auth {
+            None => send(&self.out),
+            Some(auth) => auth.seal_request(to, &mut self.out, send),
+        };
+    }
+
+    /// Decodes what arrived: a reply, a notice, or nothing we take.
+    fn open(&mut self, bytes: &[u8]) -> Option<Incoming> {
+        let body = match &mut self.auth {
+            None => bytes,
+            Some(auth) => match auth.open(bytes).ok()? {
+                FromPeer::Reply { body, .. } => body,
+                FromPeer::Notice { from } => return Some(Incoming::Notice(from)),
+            },
+        };
+        match Datagram::decode(body) {
+            Ok(Datagram::Reply(reply)) => Some(Incoming::Reply(reply)),
+            _ => None,
+        }
+    }
+}
+
+fn run(
+    args: &Args,
+    peers: &BTreeMap<NodeId, SocketAddr>,
+    keys: Option<Arc<Keys>>,
+) -> Result<(), String> {
     let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
     raft::transport::enlarge_buffers(&socket);
     socket
         .set_read_timeout(Some(Duration::from_millis(5)))
         .map_err(|e| format!("socket: {e}"))?;
-    let leader = find_leader(&socket, peers, Duration::from_secs(10))?;
+    let auth = match &keys {
+        Some(keys) => Some(ClientAuth::new(Arc::clone(keys), peers.keys().copied())?),
+        None => None,
+    };
+    eprintln!(
+        "datagrams {}",
+        if auth.is_some() {
+            "authenticated (keyed BLAKE3)"
+        } else {
+            "not authenticated"
+        }
+    );
+    let mut wire = Wire {
+        socket,
+        auth,
+        out: Vec::new(),
+    };
+    let leader = find_leader(&mut wire, peers, Duration::from_secs(10))?;
     let drops_before = kernel_drops(peers);
 
     let stop = Arc::new(AtomicBool::new(false));
     let current_leader = Arc::new(AtomicU64::new(leader));
     let watch = {
-        let client = Client::new(peers.clone(), Duration::from_millis(500))
+        let client = Client::with_keys(peers.clone(), Duration::from_millis(500), keys.clone())
             .map_err(|e| format!("status client: {e}"))?;
         let (stop, current_leader) = (Arc::clone(&stop), Arc::clone(&current_leader));
         let every = Duration::from_millis(args.poll_ms);
@@ -190,21 +277,29 @@ fn run(args: &Args, peers: &BTreeMap<NodeId, SocketAddr>) -> Result<(), String> 
         None
     };
 
-    let load = drive(args, &socket, peers, leader, deadline);
+    let load = drive(args, &mut wire, peers, leader, deadline);
     stop.store(true, Ordering::Relaxed);
     let garbage = flood.map(|f| f.join().unwrap_or(Ok(0))).transpose()?;
     let seen = watch
         .join()
         .map_err(|_| "the status thread panicked".to_string())?;
     let drops_after = kernel_drops(peers);
-    report(args, load?, &seen, garbage, &drops_before, &drops_after);
+    report(
+        args,
+        load?,
+        &seen,
+        garbage,
+        &drops_before,
+        &drops_after,
+        wire.auth.is_some(),
+    );
     Ok(())
 }
 
 /// Keeps `args.clients` appends in flight until `deadline`.
 fn drive(
     args: &Args,
-    socket: &UdpSocket,
+    wire: &mut Wire,
     peers: &BTreeMap<NodeId, SocketAddr>,
     leader: NodeId,
     deadline: Instant,
@@ -225,7 +320,7 @@ fn drive(
         .collect();
     // A request ID is (attempt number << 16 | slot), so a reply finds its slot directly.
     let mut next_request = 1u64;
-    let send = |slot_index: usize, slot: &mut Slot, next_request: &mut u64| {
+    let send = |wire: &mut Wire, slot_index: usize, slot: &mut Slot, next_request: &mut u64| {
         slot.request_id = (*next_request << 16) | slot_index as u64;
         *next_request += 1;
         slot.sent = Instant::now();
@@ -237,13 +332,12 @@ fn drive(
                 data: payload.clone(),
             },
         });
-        let bytes = req.encode().expect("bench request fits a datagram");
-        let _ = socket.send_to(&bytes, peers[&slot.target]);
+        wire.send(&req, slot.target, peers[&slot.target]);
     };
     for (i, slot) in slots.iter_mut().enumerate() {
         slot.seq = 1;
         slot.started = Instant::now();
-        send(i, slot, &mut next_request);
+        send(wire, i, slot, &mut next_request);
     }
     let started_at = now_nanos() / 1_000_000_000;
     let mut worst_per_second: Vec<u32> = Vec::new();
@@ -254,10 +348,21 @@ fn drive(
     let retry_after = Duration::from_millis(300);
     let mut last_retry_scan = Instant::now();
     while Instant::now() < deadline {
-        match socket.recv_from(&mut buf) {
+        match wire.socket.recv_from(&mut buf) {
             Ok((n, _)) => {
-                let Ok(Datagram::Reply(reply)) = Datagram::decode(&buf[..n]) else {
-                    continue;
+                let reply = match wire.open(&buf[..n]) {
+                    None => continue,
+                    Some(Incoming::Reply(reply)) => reply,
+                    Some(Incoming::Notice(peer)) => {
+                        // It dropped what we sent it (it restarted, or does not know us yet):
+                        // resend every append in flight to it, sealed for its epoch now.
+                        for (i, slot) in slots.iter_mut().enumerate() {
+                            if slot.target == peer {
+                                send(wire, i, slot, &mut next_request);
+                            }
+                        }
+                        continue;
+                    }
                 };
                 let i = (reply.id & 0xFFFF) as usize;
                 let Some(slot) = slots.get_mut(i).filter(|s| s.request_id == reply.id) else {
@@ -275,12 +380,12 @@ fn drive(
                         slot.seq += 1;
                         slot.started = Instant::now();
                         slot.target = reply.from;
-                        send(i, slot, &mut next_request);
+                        send(wire, i, slot, &mut next_request);
                     }
                     ClientResult::NotLeader { leader: hint } => {
                         if let Some(l) = hint.filter(|l| peers.contains_key(l)) {
                             slot.target = l;
-                            send(i, slot, &mut next_request);
+                            send(wire, i, slot, &mut next_request);
                         }
                         // Without a hint, the retry timer below moves on.
                     }
@@ -288,7 +393,7 @@ fn drive(
                         errors += 1;
                         slot.seq += 1;
                         slot.started = Instant::now();
-                        send(i, slot, &mut next_request);
+                        send(wire, i, slot, &mut next_request);
                     }
                 }
             }
@@ -306,7 +411,11 @@ fn drive(
                     // cluster applies at most once; a redirect corrects a wrong guess.
                     let k = ids.iter().position(|&id| id == slot.target).unwrap_or(0);
                     slot.target = ids[(k + 1) % ids.len()];
-                    send(i, slot, &mut next_request);
+                    if let Some(auth) = &mut wire.auth {
+                        // It may have restarted: greet it afresh (once per key).
+                        auth.forget(slot.target);
+                    }
+                    send(wire, i, slot, &mut next_request);
                 }
             }
         }
@@ -340,6 +449,7 @@ fn report(
     garbage: Option<u64>,
     drops_before: &BTreeMap<NodeId, u64>,
     drops_after: &BTreeMap<NodeId, u64>,
+    authenticated: bool,
 ) {
     let mut latencies_us = load.latencies_us;
     let (secs, errors) = (load.secs, load.errors);
@@ -354,9 +464,10 @@ fn report(
     };
     let ops_per_sec = ops as f64 / secs;
     println!(
-        "{ops} appends committed in {secs:.1} s with {} in flight, {} B each: {ops_per_sec:.0} ops/s; latency p50 {} µs, p99 {} µs, max {} µs; {errors} errors",
+        "{ops} appends committed in {secs:.1} s with {} in flight, {} B each, datagrams {}: {ops_per_sec:.0} ops/s; latency p50 {} µs, p99 {} µs, max {} µs; {errors} errors",
         args.clients,
         args.size,
+        if authenticated { "authenticated" } else { "not authenticated" },
         pct(0.5),
         pct(0.99),
         pct(1.0)
@@ -421,6 +532,7 @@ fn report(
         serde_json::json!({
             "clients": args.clients,
             "size": args.size,
+            "auth": authenticated,
             "ops": ops,
             "ops_per_sec": (ops_per_sec * 10.0).round() / 10.0,
             "p50_us": pct(0.5),
@@ -650,44 +762,69 @@ fn now_nanos() -> u64 {
 }
 
 /// Asks every peer for its status until one says it leads.
+/// Asks every peer for its status until one says it leads (which also tells an authenticated
+/// bench every peer's epoch before the run starts).
 fn find_leader(
-    socket: &UdpSocket,
+    wire: &mut Wire,
     peers: &BTreeMap<NodeId, SocketAddr>,
     within: Duration,
 ) -> Result<NodeId, String> {
     let deadline = Instant::now() + within;
-    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut buf = vec![0u8; MAX_DATAGRAM + auth::OVERHEAD + 1];
+    let req = Datagram::Request(ClientRequest {
+        id: 0,
+        op: ClientOp::Status,
+    });
     while Instant::now() < deadline {
-        for addr in peers.values() {
-            let req = Datagram::Request(ClientRequest {
-                id: 0,
-                op: ClientOp::Status,
-            });
-            let _ = socket.send_to(&req.encode()?, addr);
+        for (&id, &addr) in peers {
+            wire.send(&req, id, addr);
         }
         let round = Instant::now() + Duration::from_millis(100);
         while Instant::now() < round {
-            if let Ok((n, _)) = socket.recv_from(&mut buf) {
-                if let Ok(Datagram::Reply(r)) = Datagram::decode(&buf[..n]) {
+            let Ok((n, _)) = wire.socket.recv_from(&mut buf) else {
+                continue;
+            };
+            match wire.open(&buf[..n]) {
+                Some(Incoming::Reply(r)) => {
                     if let ClientResult::Status(s) = r.result {
                         if s.role == raft::raft::Role::Leader {
                             return Ok(s.id);
                         }
                     }
                 }
+                Some(Incoming::Notice(id)) => wire.send(&req, id, peers[&id]),
+                None => {}
             }
         }
     }
+    let hint = match &wire.auth {
+        Some(a) if a.heard == 0 => {
+            "; no peer answered at all: a key mismatch (secret_file, cluster) is the likely cause"
+        }
+        _ => "",
+    };
     Err(format!(
-        "no leader among {} peers within {within:?}",
+        "no leader among {} peers within {within:?}{hint}",
         peers.len()
     ))
 }
 
-/// Starts three peers on free loopback ports with data in a fresh temporary folder.
-fn spawn_cluster(keep: bool) -> Result<(Spawned, BTreeMap<NodeId, SocketAddr>), String> {
+/// Spawned peers, their addresses, and the keys of their secret (None: unauthenticated).
+type SpawnedCluster = (Spawned, BTreeMap<NodeId, SocketAddr>, Option<Arc<Keys>>);
+
+/// Starts three peers on free loopback ports with data in a fresh temporary folder, and with
+/// `auth`, a fresh secret file there that they all use.
+fn spawn_cluster(keep: bool, auth: bool) -> Result<SpawnedCluster, String> {
     let dir = std::env::temp_dir().join(format!("raft-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let secret_file = dir.join("cluster.key");
+    let keys = if auth {
+        let secret = Secret::generate()?;
+        secret.write(&secret_file)?;
+        Some(Arc::new(Keys::new(&secret, raft::config::DEFAULT_CLUSTER)?))
+    } else {
+        None
+    };
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let peer = exe.with_file_name("peer");
     if !peer.exists() {
@@ -717,7 +854,7 @@ fn spawn_cluster(keep: bool) -> Result<(Spawned, BTreeMap<NodeId, SocketAddr>), 
             .filter(|&j| j != i)
             .map(|j| serde_json::json!({"node_ID": j + 1, "host": "127.0.0.1", "port": ports[j]}))
             .collect();
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "name": format!("bench{}", i + 1),
             "node_ID": i + 1,
             "host": "127.0.0.1",
@@ -725,6 +862,9 @@ fn spawn_cluster(keep: bool) -> Result<(Spawned, BTreeMap<NodeId, SocketAddr>), 
             "other_peers": others,
             "data_dir": dir.join(format!("data{}", i + 1)),
         });
+        if keys.is_some() {
+            config["secret_file"] = secret_file.to_string_lossy().into_owned().into();
+        }
         let path = dir.join(format!("peer{}.json", i + 1));
         std::fs::write(&path, config.to_string())
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -745,7 +885,7 @@ fn spawn_cluster(keep: bool) -> Result<(Spawned, BTreeMap<NodeId, SocketAddr>), 
         );
     }
     eprintln!("spawned 3 peers with data in {}", dir.display());
-    Ok((spawned, peers))
+    Ok((spawned, peers, keys))
 }
 
 #[cfg(test)]
