@@ -55,6 +55,10 @@ struct Args {
     /// keep the peers' data directories after a valid run
     #[argh(switch)]
     keep_data: bool,
+    /// run the peers without a secret_file (by default a fresh cluster secret authenticates
+    /// every datagram; --netns runs are never authenticated)
+    #[argh(switch)]
+    no_auth: bool,
     /// the peer binary (default: `peer` next to this binary)
     #[argh(option)]
     peer_bin: Option<PathBuf>,
@@ -178,6 +182,7 @@ fn options(args: &Args) -> Result<Options, String> {
         out: args.out.clone(),
         keep_data: args.keep_data,
         peer_exe,
+        auth: !args.no_auth && netns.is_none(),
         netns,
     })
 }

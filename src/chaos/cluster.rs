@@ -150,12 +150,14 @@ pub struct Cluster {
 
 impl Cluster {
     /// Writes a config per peer into `dir/nI/` whose `other_peers` are this peer's proxies,
-    /// and starts nothing yet. `ports` are the peers' own ports.
+    /// and starts nothing yet. `ports` are the peers' own ports; every peer uses `secret_file`,
+    /// if given.
     pub fn configure(
         dir: &Path,
         exe: &Path,
         ports: &BTreeMap<NodeId, u16>,
         network: &Network,
+        secret_file: Option<&Path>,
     ) -> Result<Cluster, String> {
         let mut peers = BTreeMap::new();
         for (&id, &port) in ports {
@@ -169,7 +171,7 @@ impl Cluster {
                     serde_json::json!({"node_ID": j, "host": "127.0.0.1", "port": proxy.port()})
                 })
                 .collect();
-            let config = serde_json::json!({
+            let mut config = serde_json::json!({
                 "name": format!("chaos{id}"),
                 "node_ID": id,
                 "host": "127.0.0.1",
@@ -177,6 +179,9 @@ impl Cluster {
                 "other_peers": others,
                 "data_dir": home.join("data"),
             });
+            if let Some(secret) = secret_file {
+                config["secret_file"] = secret.to_string_lossy().into_owned().into();
+            }
             let path = home.join("config.json");
             std::fs::write(&path, format!("{config:#}\n"))
                 .map_err(|e| format!("{}: {e}", path.display()))?;

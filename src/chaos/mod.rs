@@ -26,6 +26,7 @@ pub mod nemesis;
 pub mod netns;
 pub mod proxy;
 
+use crate::auth::{self, ClientAuth, FromPeer, Keys, Secret};
 use crate::client::{Client, ClientError};
 use crate::raft::{
     ClientOp, ClientRequest, ClientResult, Datagram, LogRecord, NodeId, MAX_DATAGRAM,
@@ -78,13 +79,16 @@ pub struct Options {
     pub peer_exe: PathBuf,
     /// Run the peers in network namespaces of these names and addresses, without proxies.
     pub netns: Option<NetnsConfig>,
+    /// Authenticate datagrams: a fresh secret file in the run's folder that every peer and
+    /// client uses. Not with `netns`, whose script writes the peers' configs.
+    pub auth: bool,
 }
 
 impl Options {
     /// The command line that repeats this run's schedule (thread timing aside).
     pub fn reproduce(&self) -> String {
         format!(
-            "cargo run --release --bin chaos -- --nodes {} --duration {} --faults {} --seed {} --clients {} --client-timeout-ms {} --think-ms {} --query-percent {} --pinned-percent {}{}",
+            "cargo run --release --bin chaos -- --nodes {} --duration {} --faults {} --seed {} --clients {} --client-timeout-ms {} --think-ms {} --query-percent {} --pinned-percent {}{}{}",
             self.nodes,
             self.duration.as_secs(),
             self.faults_arg,
@@ -95,6 +99,11 @@ impl Options {
             (self.query_ratio * 100.0).round(),
             (self.pinned_ratio * 100.0).round(),
             self.netns.as_ref().map_or(String::new(), NetnsConfig::args),
+            if self.auth || self.netns.is_some() {
+                ""
+            } else {
+                " --no-auth"
+            },
         )
     }
 
@@ -266,14 +275,18 @@ fn error_outcome(e: ClientError) -> Outcome {
 fn client_loop(
     who: u32,
     peers: BTreeMap<NodeId, SocketAddr>,
+    keys: Option<Arc<Keys>>,
     opts: &Options,
     shared: &Shared,
 ) -> Result<(), String> {
-    let mut client = Client::new(peers.clone(), opts.client_timeout).map_err(|e| e.to_string())?;
+    let mut client = Client::with_keys(peers.clone(), opts.client_timeout, keys.clone())
+        .map_err(|e| e.to_string())?;
     let pinned_timeout = (opts.client_timeout / 3).max(Duration::from_millis(100));
     let mut pinned: Vec<Client> = peers
         .iter()
-        .map(|(&id, &addr)| Client::new(BTreeMap::from([(id, addr)]), pinned_timeout))
+        .map(|(&id, &addr)| {
+            Client::with_keys(BTreeMap::from([(id, addr)]), pinned_timeout, keys.clone())
+        })
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
     let mut rng = Rng::new(opts.seed ^ (u64::from(who) + 1).wrapping_mul(0xA076_1D64_78BD_642F));
@@ -663,13 +676,35 @@ fn drive(
     // Declared before the cluster, so that it is dropped after it: however drive() ends, the
     // peers are killed first and then the namespaces are removed.
     let mut netns_guard: Option<NetnsGuard> = None;
+    let mut keys: Option<Arc<Keys>> = None;
     let (cluster, links) = match &opts.netns {
         None => {
             let ids: Vec<NodeId> = (1..=opts.nodes as NodeId).collect();
             let ports: BTreeMap<NodeId, u16> =
                 ids.iter().copied().zip(free_ports(opts.nodes)?).collect();
             let network = Arc::new(Network::start(&ports, opts.seed)?);
-            let mut cluster = Cluster::configure(&files.peers(), &opts.peer_exe, &ports, &network)?;
+            let secret_file = files.peers().join("cluster.key");
+            if opts.auth {
+                let secret = Secret::generate()?;
+                secret.write(&secret_file)?;
+                keys = Some(Arc::new(Keys::new(
+                    &secret,
+                    crate::config::DEFAULT_CLUSTER,
+                )?));
+                notes.push(format!(
+                    "datagrams authenticated (keyed BLAKE3; secret in {})",
+                    secret_file.display()
+                ));
+            } else {
+                notes.push("datagrams not authenticated (--no-auth)".into());
+            }
+            let mut cluster = Cluster::configure(
+                &files.peers(),
+                &opts.peer_exe,
+                &ports,
+                &network,
+                opts.auth.then_some(secret_file.as_path()),
+            )?;
             cluster.start_all()?;
             (cluster, Links::Proxies(network))
         }
@@ -692,6 +727,10 @@ fn drive(
                 eprintln!("chaos: {left}");
                 notes.push(left);
             }
+            notes.push(
+                "--netns: datagrams not authenticated (the namespace script writes the configs)"
+                    .into(),
+            );
             netns.up(opts.nodes)?;
             (
                 Cluster::in_netns(netns.clone(), opts.nodes)?,
@@ -701,7 +740,7 @@ fn drive(
     };
     let peers = cluster.client_addresses();
     let cluster = Arc::new(Mutex::new(cluster));
-    let mut status = Client::new(peers.clone(), Duration::from_millis(300))
+    let mut status = Client::with_keys(peers.clone(), Duration::from_millis(300), keys.clone())
         .map_err(|e| format!("status client: {e}"))?;
     let Some(first_leader) = wait_for_leader(&mut status, HEAL_WITHIN) else {
         reap(&cluster, shared);
@@ -731,11 +770,12 @@ fn drive(
     let workload_start = Instant::now();
     let mut clients = Vec::new();
     for who in 1..=opts.clients as u32 {
-        let (peers, opts, shared) = (peers.clone(), opts.clone(), shared.clone());
+        let (peers, keys, opts, shared) =
+            (peers.clone(), keys.clone(), opts.clone(), shared.clone());
         clients.push(
             std::thread::Builder::new()
                 .name(format!("client-{who}"))
-                .spawn(move || client_loop(who, peers, &opts, &shared))
+                .spawn(move || client_loop(who, peers, keys, &opts, &shared))
                 .map_err(|e| format!("client thread: {e}"))?,
         );
     }
@@ -745,7 +785,7 @@ fn drive(
         links: links.clone(),
         shared: shared.clone(),
         rng: Rng::new(opts.seed),
-        status: Client::new(peers.clone(), Duration::from_millis(300))
+        status: Client::with_keys(peers.clone(), Duration::from_millis(300), keys.clone())
             .map_err(|e| format!("nemesis client: {e}"))?,
         // Weather on top of other faults needs the proxies.
         combine: opts.faults.len() > 1 && opts.netns.is_none(),
@@ -825,7 +865,7 @@ fn drive(
         secs(healed_at),
         secs(shared.now_us())
     ));
-    let final_log = final_reads(&peers, shared, &cluster, deadline, notes)?;
+    let final_log = final_reads(&peers, keys.as_ref(), shared, &cluster, deadline, notes)?;
     converge(
         &mut status,
         final_log.len() as u64,
@@ -886,6 +926,7 @@ fn progress_line(shared: &Shared, elapsed: Duration) -> String {
 /// (it must contain every acknowledged append, for one). The final log is the last read.
 fn final_reads(
     peers: &BTreeMap<NodeId, SocketAddr>,
+    keys: Option<&Arc<Keys>>,
     shared: &Shared,
     cluster: &Mutex<Cluster>,
     deadline: Instant,
@@ -897,7 +938,7 @@ fn final_reads(
         let who = FINAL_READ_CLIENT + k as u32;
         let points_at = loop {
             final_exits(cluster, shared)?;
-            match first_hop(addr) {
+            match first_hop(id, addr, keys) {
                 Some(ClientResult::Entries { .. }) => break format!("node {id} leads"),
                 Some(ClientResult::NotLeader { leader: Some(l) }) => {
                     break format!("node {id} points at {l}")
@@ -919,8 +960,9 @@ fn final_reads(
                     HEAL_WITHIN.as_secs()
                 ));
             }
-            let mut client = Client::new(peers.clone(), Duration::from_secs(5))
-                .map_err(|e| format!("final read client: {e}"))?;
+            let mut client =
+                Client::with_keys(peers.clone(), Duration::from_secs(5), keys.cloned())
+                    .map_err(|e| format!("final read client: {e}"))?;
             match shared.query(who, &mut client) {
                 (Outcome::Read { len, .. }, Some(records)) => {
                     seen.push(format!(
@@ -941,8 +983,9 @@ fn final_reads(
     Ok(last.unwrap_or_default())
 }
 
-/// Sends one query straight to one peer; its answer, if any within a second.
-fn first_hop(addr: SocketAddr) -> Option<ClientResult> {
+/// Sends one query straight to peer `peer` (sealed with `keys`, if given); its answer, if any
+/// within a second.
+fn first_hop(peer: NodeId, addr: SocketAddr, keys: Option<&Arc<Keys>>) -> Option<ClientResult> {
     let local = if addr.ip().is_loopback() {
         Ipv4Addr::LOCALHOST
     } else {
@@ -962,15 +1005,39 @@ fn first_hop(addr: SocketAddr) -> Option<ClientResult> {
     })
     .encode()
     .ok()?;
-    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut auth = match keys {
+        Some(keys) => Some(ClientAuth::new(Arc::clone(keys), [peer]).ok()?),
+        None => None,
+    };
+    let send = |auth: &mut Option<ClientAuth>| match auth {
+        None => socket.send_to(&request, addr).map(|_| ()),
+        Some(auth) => {
+            let mut out = auth::with_room(&request);
+            auth.seal_request(peer, &mut out, |b| socket.send_to(b, addr).map(|_| ()))
+        }
+    };
+    let mut buf = vec![0u8; MAX_DATAGRAM + auth::OVERHEAD + 1];
     let until = Instant::now() + Duration::from_secs(1);
-    socket.send_to(&request, addr).ok()?;
+    send(&mut auth).ok()?;
     while Instant::now() < until {
-        if let Ok((n, _)) = socket.recv_from(&mut buf) {
-            if let Ok(Datagram::Reply(reply)) = Datagram::decode(&buf[..n]) {
-                if reply.id == id {
-                    return Some(reply.result);
+        let Ok((n, _)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let body = match &mut auth {
+            None => &buf[..n],
+            Some(a) => match a.open(&buf[..n]) {
+                Ok(FromPeer::Reply { body, .. }) => body,
+                Ok(FromPeer::Notice { .. }) => {
+                    // The peer does not know this session yet: its epoch is known now.
+                    send(&mut auth).ok()?;
+                    continue;
                 }
+                Err(_) => continue,
+            },
+        };
+        if let Ok(Datagram::Reply(reply)) = Datagram::decode(body) {
+            if reply.id == id {
+                return Some(reply.result);
             }
         }
     }
