@@ -317,6 +317,7 @@ fn leader_commits_only_entries_of_its_own_term_figure_8() {
 #[derive(Clone, Debug, Default)]
 struct Counts {
     acked: usize,
+    refused: usize,
     queries: usize,
     elections: usize,
     crashes: u64,
@@ -334,6 +335,7 @@ struct Counts {
 impl Counts {
     fn add(&mut self, o: &Counts) {
         self.acked += o.acked;
+        self.refused += o.refused;
         self.queries += o.queries;
         self.elections += o.elections;
         self.crashes += o.crashes;
@@ -371,6 +373,8 @@ const MIN_CRASHES: u64 = 8;
 fn chaos_run(seed: u64, nodes: usize) -> Counts {
     let mut s = Sim::new(seed, SimConfig::unreliable(nodes));
     let clients: Vec<usize> = (0..6).map(|_| s.add_client()).collect();
+    // Two of them drew the same ID: neither may ever be acknowledged with the other's entry.
+    s.share_client_id(clients[5], clients[4]);
     for &c in &clients {
         s.keep_busy(c, 0.8);
     }
@@ -442,6 +446,7 @@ fn chaos_run(seed: u64, nodes: usize) -> Counts {
     s.check_client_history();
     let counts = Counts {
         acked: s.acked_appends(),
+        refused: s.refused_appends(),
         queries: s.answered_queries(),
         elections: s.elections(),
         crashes: s.stats.crashes,
@@ -557,8 +562,13 @@ fn chaos_test(nodes: usize, default_seeds: u64) {
         min(|c| c.elections as u64),
         min(|c| c.crashes),
     );
-    // Over enough seeds, every kind of crash point in a Ready must have been exercised.
+    // Over enough seeds, ID collisions and every kind of crash point in a Ready must have been
+    // exercised.
     if results.len() >= 200 {
+        assert!(
+            total.refused > 0,
+            "no append of clients sharing an ID was refused"
+        );
         for p in CRASH_POINTS {
             assert!(
                 total.crashes_in_ready.get(&p).copied().unwrap_or(0) > 0,

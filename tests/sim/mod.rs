@@ -151,6 +151,8 @@ pub enum Op {
         invoked: Time,
         returned: Time,
     },
+    /// A definite refusal, which only a client sharing its ID with another may get.
+    Refused { data: String, reason: String },
     Query {
         /// Entries `start..=read_index`, from every page.
         log: Vec<LogRecord>,
@@ -192,6 +194,9 @@ pub struct SimClient {
     made: u64,
     /// Attempts re-sent after a timeout.
     pub retries: u64,
+    /// Shares its ID with another client (as two clients that drew the same random ID), so
+    /// appends may be refused; they must never be acknowledged as the other client's entry.
+    shares_id: bool,
 }
 
 impl SimClient {
@@ -938,6 +943,18 @@ impl Sim {
             .sum()
     }
 
+    pub fn refused_appends(&self) -> usize {
+        self.clients
+            .iter()
+            .map(|c| {
+                c.done
+                    .iter()
+                    .filter(|o| matches!(o, Op::Refused { .. }))
+                    .count()
+            })
+            .sum()
+    }
+
     pub fn client_retries(&self) -> u64 {
         self.clients.iter().map(|c| c.retries).sum()
     }
@@ -1228,8 +1245,17 @@ impl Sim {
             busy_appends: None,
             made: 0,
             retries: 0,
+            shares_id: false,
         });
         c
+    }
+
+    /// Gives client `c` the ID of client `with`: their requests with the same sequence number
+    /// collide.
+    pub fn share_client_id(&mut self, c: usize, with: usize) {
+        self.clients[c].id = self.clients[with].id;
+        self.clients[c].shares_id = true;
+        self.clients[with].shares_id = true;
     }
 
     /// Makes client `c` issue operations back to back, appends with probability
@@ -1427,6 +1453,12 @@ impl Sim {
                         self.next_op(c);
                     }
                 }
+            }
+            (Pending::Append { data, .. }, ClientResult::Refused { reason })
+                if client.shares_id =>
+            {
+                client.done.push(Op::Refused { data, reason });
+                self.next_op(c);
             }
             (pending, ClientResult::NotLeader { leader }) => {
                 client.pending = Some((pending, invoked));
