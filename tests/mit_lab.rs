@@ -503,10 +503,11 @@ fn figure_8_unreliable_3c() {
     }
 }
 
-/// Figure 8 as the lab runs it, 1,000 iterations (at least 50 elections): every live node is handed a command, time
-/// passes (usually under 13 ms, sometimes up to 500 ms), and the leader that took it crashes
-/// (reliable) or, half the time, is disconnected (unreliable; long reordering from iteration
-/// 200 on); a majority is brought back whenever fewer than three remain. Then all must agree.
+/// Figure 8 as the lab runs it, 1,000 iterations (and at least 50 elections): every live node
+/// is handed a command, time passes (usually under 13 ms, sometimes up to 500 ms), and the
+/// leader that took it crashes (reliable) or, half the time, is disconnected (unreliable; long
+/// reordering from iteration 200 on); a majority is brought back whenever fewer than three
+/// remain. Then all must agree.
 fn figure8(seed: u64, unreliable: bool) {
     let cfg = if unreliable {
         SimConfig::unreliable(5)

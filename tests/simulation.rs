@@ -363,13 +363,14 @@ const MIN_ACKED: usize = 40;
 const MIN_ELECTIONS: usize = 8;
 const MIN_CRASHES: u64 = 8;
 
-/// One randomized run: clients append and query back to back over a network that loses,
-/// duplicates, reorders and (per seed) delays some datagrams by up to 2 s, while faults strike
-/// after a random number of events: crashes (also part-way through a Ready, at every kind of
-/// point), restarts, SIGSTOP-like pauses whose buffered datagrams arrive on resume, partitions,
-/// one-way cuts and leadership transfers. Safety is checked after every event; after healing, every client operation
-/// must finish, a new append must commit everywhere, and what clients saw must agree with the
-/// committed log (each acknowledged append exactly once at its index, no stale reads).
+/// One randomized run: clients append and query back to back (two of them sharing an ID) over
+/// a network whose loss, duplication, delay and share of datagrams 0.2-2 s late change every
+/// epoch, while faults strike after a random number of events: crashes (also part-way through
+/// a Ready, at every kind of point), restarts, SIGSTOP-like pauses whose buffered datagrams
+/// arrive on resume, partitions, one-way cuts and leadership transfers. Safety is checked after
+/// every event; after healing, every client operation must finish, a new append must commit
+/// everywhere, and what clients saw must agree with the committed log (each acknowledged append
+/// exactly once at its index, no stale reads).
 fn chaos_run(seed: u64, nodes: usize) -> Counts {
     let mut s = Sim::new(seed, SimConfig::unreliable(nodes));
     let clients: Vec<usize> = (0..6).map(|_| s.add_client()).collect();

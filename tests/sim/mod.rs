@@ -1,10 +1,10 @@
 //! A deterministic cluster simulator for the Raft core: N cores in one process over a seeded,
 //! virtual-time network that drops, duplicates, reorders, delays (some datagrams by seconds) and
 //! partitions datagrams, with crash-restart from durable state (also part-way through a
-//! `Ready`), SIGSTOP-like pauses, leadership transfers and retrying clients. Raft's safety properties are checked
-//! after every event, incrementally so that long runs stay cheap; a failure panics with the
-//! seed, and `SIM_SEED=<seed>` reruns that seed (`SIM_PARANOID=1` adds the full, quadratic
-//! versions of the checks).
+//! `Ready`), SIGSTOP-like pauses, leadership transfers and retrying clients. Raft's safety
+//! properties are checked after every event, incrementally so that long runs stay cheap; a
+//! failure panics with the seed, and `SIM_SEED=<seed>` reruns that seed (`SIM_PARANOID=1` adds
+//! the full, quadratic versions of the checks).
 
 #![allow(dead_code)]
 
@@ -684,7 +684,6 @@ impl Sim {
             } else {
                 None
             };
-            let mut persisted = false;
             for (g, act) in acts.iter().enumerate() {
                 if let Some((at, point)) = crash_before {
                     if at == g {
@@ -694,13 +693,9 @@ impl Sim {
                     }
                 }
                 match *act {
-                    Act::Persist => {
-                        self.persist(id, role, term, &rd);
-                        persisted = true;
-                    }
+                    Act::Persist => self.persist(id, role, term, &rd),
                     Act::Send(k) => self.send(rd.messages[k].clone()),
                     Act::Advance => {
-                        debug_assert!(persisted || !writes);
                         self.nodes.get_mut(&id).unwrap().as_mut().unwrap().advance();
                     }
                     Act::Reply(k) => {
