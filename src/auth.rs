@@ -1141,11 +1141,6 @@ impl Gate {
         let h = opened.header;
         let me = self.auth.me;
         let client = h.kind.from_client();
-        let sender = if client {
-            format!("client session {:016x}", h.sender)
-        } else {
-            format!("node {}", h.sender)
-        };
         match h.kind {
             Kind::Peer | Kind::NoticeToPeer | Kind::Request => {}
             Kind::Reply | Kind::NoticeToClient => return Err(Refused::NotTaken(h.kind)),
@@ -1156,12 +1151,15 @@ impl Gate {
                 h.sender
             )));
         }
+        // Described only when dropped: no allocation on the path of an accepted datagram.
         let replay = |why: Replay| {
             stats.replays.fetch_add(1, Ordering::Relaxed);
-            Refused::Replay {
-                why,
-                sender: sender.clone(),
-            }
+            let sender = if client {
+                format!("client session {:016x}", h.sender)
+            } else {
+                format!("node {}", h.sender)
+            };
+            Refused::Replay { why, sender }
         };
         if h.recipient != me {
             return Err(replay(Replay::WrongRecipient));
