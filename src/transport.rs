@@ -63,12 +63,16 @@ pub enum DropReason {
     PeerQueueFull,
     /// A missing or wrong MAC (or a key this peer does not hold): never answered.
     Unauthenticated,
-    /// An authentic datagram seen before, or bound to another incarnation or recipient.
+    /// An authentic datagram seen before (replayed or duplicated), from an older incarnation
+    /// of its sender, or addressed to another peer.
     Replay,
+    /// An authentic datagram bound to an earlier incarnation of this peer: replayed, or sent
+    /// before its sender learned that we restarted (it is told).
+    Stale,
 }
 
 impl DropReason {
-    const COUNT: usize = 9;
+    const COUNT: usize = 10;
 
     /// The `reason` label of `raft_datagrams_dropped_total`.
     pub fn label(self) -> &'static str {
@@ -82,6 +86,7 @@ impl DropReason {
             DropReason::PeerQueueFull => "peer_queue_full",
             DropReason::Unauthenticated => "auth",
             DropReason::Replay => "replay",
+            DropReason::Stale => "stale",
         }
     }
 
@@ -110,9 +115,10 @@ impl DropReason {
                 "an unauthenticated datagram",
                 "datagrams that failed authentication",
             ),
-            DropReason::Replay => (
-                "a replayed or stale datagram",
-                "replayed or stale datagrams",
+            DropReason::Replay => ("a replayed datagram", "replayed or duplicated datagrams"),
+            DropReason::Stale => (
+                "a datagram for an earlier incarnation of this peer",
+                "datagrams for an earlier incarnation of this peer",
             ),
         }
     }
@@ -204,11 +210,25 @@ pub fn classify_sealed(
             ),
         ));
     }
-    let admitted = gate.admit(bytes, src, now).map_err(|r| match r {
+    let refused = match gate.admit(bytes, src, now) {
+        Ok(admitted) => Ok(admitted),
+        // Answered with a notice; nothing for the core, and nothing wrong.
+        Err(Refused::Handshake) => return Ok(None),
+        Err(r) => Err(r),
+    };
+    let admitted = refused.map_err(|r| match r {
         Refused::Auth(e) => dropped(DropReason::Unauthenticated, e.to_string()),
+        Refused::Replay {
+            why: auth::Replay::StaleRecipient,
+            sender,
+        } => dropped(
+            DropReason::Stale,
+            format!("{}, from {sender}", auth::Replay::StaleRecipient),
+        ),
         Refused::Replay { why, sender } => {
             dropped(DropReason::Replay, format!("{why}, from {sender}"))
         }
+        Refused::Handshake => unreachable!("handled above"),
         Refused::Misdirected(why) => dropped(DropReason::UnknownSender, why),
         Refused::NotTaken(kind) => dropped(
             DropReason::Reply,
@@ -342,6 +362,7 @@ const ALL_REASONS: [DropReason; DropReason::COUNT] = [
     DropReason::PeerQueueFull,
     DropReason::Unauthenticated,
     DropReason::Replay,
+    DropReason::Stale,
 ];
 
 /// A rate-limited log line for one kind of problem.
@@ -648,8 +669,9 @@ pub struct ReceiveStats {
     pub peers_dropped: u64,
     /// Datagrams that [`classify`] (or [`classify_sealed`]) rejected.
     pub rejected: u64,
-    /// Notices handled (sealed datagrams that carry a peer's epoch to us, nothing for the core).
-    pub notices: u64,
+    /// Sealed datagrams handled without the core: notices (a peer's epoch, for us), and first
+    /// datagrams from senders that did not know our epoch yet (answered with a notice).
+    pub handshakes: u64,
 }
 
 /// The receive side of the socket, run by the receiver thread.
@@ -725,7 +747,7 @@ impl Listener {
                 Ok(Some(item @ Inbound::Peer(_))) => (&queues.peers, item),
                 Ok(Some(item @ Inbound::Client(..))) => (&queues.clients, item),
                 Ok(None) => {
-                    self.stats.notices += 1;
+                    self.stats.handshakes += 1;
                     continue;
                 }
                 Err(d) => {
@@ -1325,9 +1347,9 @@ mod tests {
 
         let stats = r.stop();
         assert_eq!(
-            (stats.peer_messages, stats.rejected),
-            (1, 3),
-            "plain, wrong key, stale: {stats:?}"
+            (stats.peer_messages, stats.rejected, stats.handshakes),
+            (1, 2, 1),
+            "plain and wrong key rejected, the first sealed one a handshake: {stats:?}"
         );
         assert!(peer2
             .set_read_timeout(Some(Duration::from_millis(100)))
