@@ -43,6 +43,38 @@ if ((${#running[@]})); then
     exit 1
 fi
 
+# Every secret_file the configs name (the cluster secret that authenticates all datagrams):
+# made if missing, as 32 random bytes in hex, readable by this user only. The peers refuse
+# to start with a secret file that others can read.
+secrets=$(python3 -c '
+import json, sys
+seen = set()
+for path in sys.argv[1:]:
+    try:
+        with open(path) as f:
+            s = json.load(f).get("secret_file")
+    except (OSError, ValueError):
+        continue
+    if s and s not in seen:
+        seen.add(s)
+        print(s)
+' "${configs[@]}")
+while IFS= read -r secret; do
+    [[ -n $secret && ! -e $secret ]] || continue
+    mkdir -p "$(dirname "$secret")"
+    (
+        umask 077
+        key=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+        if ((${#key} != 64)); then
+            echo "could not draw 32 random bytes for $secret" >&2
+            exit 1
+        fi
+        printf '# raft cluster secret: the first key seals, a second one is also accepted (rotation)\n%s\n' "$key" >"$secret.tmp.$$"
+        mv "$secret.tmp.$$" "$secret"
+    )
+    echo "made a new cluster secret in $secret (mode 0600); every peer and client of this cluster uses it"
+done <<<"$secrets"
+
 cargo build --release --bins
 
 for config in "${configs[@]}"; do
