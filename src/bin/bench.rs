@@ -114,7 +114,7 @@ fn main() {
         eprintln!("error: --no-auth is for --spawn; a running cluster authenticates if its config names a secret_file");
         std::process::exit(1);
     }
-    let (_spawned, peers, keys) = if args.spawn {
+    let (spawned, peers, keys) = if args.spawn {
         match spawn_cluster(args.keep_logs, !args.no_auth) {
             Ok((s, p, k)) => (Some(s), p, k),
             Err(e) => {
@@ -141,7 +141,10 @@ fn main() {
         eprintln!("error: --garbage-rate only floods peers configured on 127.0.0.1; none is");
         std::process::exit(1);
     }
-    if let Err(e) = run(&args, &peers, keys) {
+    let peer_pids: Vec<u32> = spawned
+        .as_ref()
+        .map_or(Vec::new(), |s| s.children.iter().map(|c| c.id()).collect());
+    if let Err(e) = run(&args, &peers, keys, &peer_pids) {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
@@ -217,6 +220,7 @@ fn run(
     args: &Args,
     peers: &BTreeMap<NodeId, SocketAddr>,
     keys: Option<Arc<Keys>>,
+    peer_pids: &[u32],
 ) -> Result<(), String> {
     let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
     raft::transport::enlarge_buffers(&socket);
@@ -277,7 +281,11 @@ fn run(
         None
     };
 
+    let cpu_before = cpu_ticks(peer_pids);
     let load = drive(args, &mut wire, peers, leader, deadline);
+    let cpu = cpu_ticks(peer_pids)
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
     stop.store(true, Ordering::Relaxed);
     let garbage = flood.map(|f| f.join().unwrap_or(Ok(0))).transpose()?;
     let seen = watch
@@ -291,9 +299,42 @@ fn run(
         garbage,
         &drops_before,
         &drops_after,
-        wire.auth.is_some(),
+        Cost {
+            authenticated: wire.auth.is_some(),
+            cpu_ticks: cpu,
+        },
     );
     Ok(())
+}
+
+/// What the run cost the peers: whether they authenticated, and their CPU time.
+struct Cost {
+    authenticated: bool,
+    /// User + system clock ticks the spawned peers used during the run, if known.
+    cpu_ticks: Option<u64>,
+}
+
+/// Clock ticks per second of /proc/PID/stat's CPU times (USER_HZ, 100 on Linux).
+const USER_HZ: u64 = 100;
+
+/// The CPU time (user + system, in clock ticks) the processes `pids` have used so far; `None`
+/// without pids or where /proc cannot tell. A robust measure of cost on a busy machine, where
+/// throughput also depends on what else runs.
+fn cpu_ticks(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    let mut total = 0;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name, in parentheses, may hold spaces: count fields after it.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        total += utime + stime;
+    }
+    Some(total)
 }
 
 /// Keeps `args.clients` appends in flight until `deadline`.
@@ -449,8 +490,12 @@ fn report(
     garbage: Option<u64>,
     drops_before: &BTreeMap<NodeId, u64>,
     drops_after: &BTreeMap<NodeId, u64>,
-    authenticated: bool,
+    cost: Cost,
 ) {
+    let Cost {
+        authenticated,
+        cpu_ticks,
+    } = cost;
     let mut latencies_us = load.latencies_us;
     let (secs, errors) = (load.secs, load.errors);
     let ops = latencies_us.len();
@@ -527,6 +572,17 @@ fn report(
         );
     }
     let kernel_drops: Option<u64> = (!drops.is_empty()).then(|| drops.values().sum());
+    // The peers' CPU time per committed append (all three peers together).
+    let cpu_us_per_op = cpu_ticks.filter(|_| ops > 0).map(|t| {
+        let us = t as f64 * 1e6 / USER_HZ as f64 / ops as f64;
+        (us * 10.0).round() / 10.0
+    });
+    if let (Some(t), Some(per)) = (cpu_ticks, cpu_us_per_op) {
+        println!(
+            "peers' CPU time: {:.2} s over the run, {per} µs per committed append",
+            t as f64 / USER_HZ as f64
+        );
+    }
     println!(
         "{}",
         serde_json::json!({
@@ -544,6 +600,7 @@ fn report(
             "garbage_rate": args.garbage_rate,
             "garbage_sent": garbage.unwrap_or(0),
             "kernel_drops": kernel_drops,
+            "peer_cpu_us_per_op": cpu_us_per_op,
         })
     );
 }
