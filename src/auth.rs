@@ -712,33 +712,79 @@ pub fn admit(
     slot: usize,
 ) -> Admission {
     match state {
-        Some(s) if epoch == s.epoch => match s.window.accept(counter) {
+        Some(s) => admit_known(s, epoch, counter, slot),
+        None if epoch <= floor => Admission::Refused {
+            why: Replay::OldEpoch,
+            min_epoch: floor.saturating_add(1),
+        },
+        None => {
+            *state = Some(SenderState::new(epoch, counter, slot));
+            Admission::Fresh { new_epoch: true }
+        }
+    }
+}
+
+/// [`admit`] for a sender we know.
+fn admit_known(s: &mut SenderState, epoch: u64, counter: u64, slot: usize) -> Admission {
+    if epoch == s.epoch {
+        match s.window.accept(counter) {
             Ok(()) => {
                 s.slot = s.slot.min(slot);
                 Admission::Fresh { new_epoch: false }
             }
             Err(why) => Admission::Refused { why, min_epoch: 0 },
-        },
-        Some(s) if epoch < s.epoch => Admission::Refused {
+        }
+    } else if epoch < s.epoch {
+        Admission::Refused {
             why: Replay::OldEpoch,
             min_epoch: s.epoch + 1,
-        },
-        None if epoch <= floor => Admission::Refused {
-            why: Replay::OldEpoch,
-            min_epoch: floor.saturating_add(1),
-        },
-        _ => {
-            let mut window = ReplayWindow::new();
-            let _ = window.accept(counter);
-            *state = Some(SenderState {
-                epoch,
-                slot,
-                window,
-            });
-            Admission::Fresh { new_epoch: true }
+        }
+    } else {
+        *s = SenderState::new(epoch, counter, slot);
+        Admission::Fresh { new_epoch: true }
+    }
+}
+
+impl SenderState {
+    /// A sender's first datagram in `epoch`.
+    fn new(epoch: u64, counter: u64, slot: usize) -> SenderState {
+        let mut window = ReplayWindow::new();
+        let _ = window.accept(counter);
+        SenderState {
+            epoch,
+            slot,
+            window,
         }
     }
 }
+
+/// A fast hash for keys that only authentic datagrams put in a map (random session IDs, the
+/// source addresses of verified requests): an unauthenticated sender cannot choose them, so
+/// SipHash's protection against chosen collisions buys nothing here but time.
+#[derive(Clone, Copy, Default)]
+struct FastHash(u64);
+
+impl std::hash::Hasher for FastHash {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // FxHash's step (as in rustc), then a final mix in `finish`.
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn finish(&self) -> u64 {
+        let z = self.0;
+        z ^ (z >> 29)
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHash>>;
 
 // ---------------------------------------------------------------------------------------------
 // Bounded maps
@@ -749,18 +795,26 @@ pub fn admit(
 /// datagrams, and those of any session older than it, cannot be replayed as a new session's.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    young: HashMap<u64, SenderState>,
-    old: HashMap<u64, SenderState>,
+    young: FastMap<u64, SenderState>,
+    old: FastMap<u64, SenderState>,
     /// The newest epoch of a forgotten session; an unknown session must be newer.
     pub floor: u64,
 }
 
 impl Sessions {
-    /// The state of `session`, taken out (put it back with [`Sessions::put`]).
-    fn take(&mut self, session: u64) -> Option<SenderState> {
-        self.young
-            .remove(&session)
-            .or_else(|| self.old.remove(&session))
+    /// [`admit`] for a datagram of client `session`; also says whether the session was known.
+    /// A known session is looked up in place (the common case: no map is changed).
+    fn admit(&mut self, session: u64, epoch: u64, counter: u64, slot: usize) -> (Admission, bool) {
+        if let Some(s) = self.young.get_mut(&session) {
+            return (admit_known(s, epoch, counter, slot), true);
+        }
+        let mut state = self.old.remove(&session);
+        let known = state.is_some();
+        let admission = admit(&mut state, self.floor, epoch, counter, slot);
+        if let Some(state) = state {
+            self.put(session, state);
+        }
+        (admission, known)
     }
 
     fn put(&mut self, session: u64, state: SenderState) {
@@ -787,16 +841,16 @@ impl Sessions {
 /// a time; O(1) per operation.
 #[derive(Debug)]
 struct TwoGenerations<K, V> {
-    young: HashMap<K, V>,
-    old: HashMap<K, V>,
+    young: FastMap<K, V>,
+    old: FastMap<K, V>,
     cap: usize,
 }
 
 impl<K: std::hash::Hash + Eq + Copy, V: Copy> TwoGenerations<K, V> {
     fn new(cap: usize) -> Self {
         TwoGenerations {
-            young: HashMap::new(),
-            old: HashMap::new(),
+            young: FastMap::default(),
+            old: FastMap::default(),
             cap: cap.max(2),
         }
     }
@@ -1170,25 +1224,13 @@ impl Gate {
         // The sender's epoch and counter first, even for a datagram bound to another
         // incarnation of ours: its counter is spent, so a replay of it is a duplicate and
         // draws no second notice.
-        let known_sender;
-        let admission = if client {
-            let mut state = self.sessions.take(h.sender);
-            known_sender = state.is_some();
-            let a = admit(
-                &mut state,
-                self.sessions.floor,
-                h.sender_epoch,
-                h.counter,
-                opened.slot,
-            );
-            if let Some(state) = state {
-                self.sessions.put(h.sender, state);
-            }
-            a
+        let (admission, known_sender) = if client {
+            self.sessions
+                .admit(h.sender, h.sender_epoch, h.counter, opened.slot)
         } else {
             let state = self.peers.entry(h.sender).or_default();
-            known_sender = true;
-            admit(state, 0, h.sender_epoch, h.counter, opened.slot)
+            let admission = admit(state, 0, h.sender_epoch, h.counter, opened.slot);
+            (admission, true)
         };
         match admission {
             Admission::Refused { why, min_epoch } => {
@@ -1817,24 +1859,35 @@ mod tests {
 
     #[test]
     fn forgotten_client_sessions_raise_the_floor() {
+        let fresh = Admission::Fresh { new_epoch: true };
         let mut s = Sessions::default();
         for id in 0..CLIENT_SESSIONS as u64 {
-            let mut state = None;
-            admit(&mut state, s.floor, 1000 + id, 1, 0);
-            s.put(id, state.unwrap());
+            assert_eq!(s.admit(id, 1000 + id, 1, 0), (fresh, false));
         }
         assert_eq!(s.len(), CLIENT_SESSIONS);
         assert_eq!(s.floor, 0);
-        let mut state = None;
-        admit(&mut state, s.floor, 1_000_000, 1, 0);
-        s.put(99_999, state.unwrap());
-        assert!(s.len() <= CLIENT_SESSIONS);
-        // The first half was forgotten; the floor is the newest epoch among them.
+        // Session 0, heard first, is in the older generation; hearing it again moves it to
+        // the younger one, which is full: the rest of the older generation is forgotten, and
+        // the floor is the newest epoch among the forgotten.
+        let again = Admission::Fresh { new_epoch: false };
+        assert_eq!(s.admit(0, 1000, 2, 0), (again, true));
         assert_eq!(s.floor, 1000 + CLIENT_SESSIONS as u64 / 2 - 1);
-        assert!(s.take(0).is_none());
-        // A session heard again moves to the young generation and survives the next turn.
-        let kept = s.take(CLIENT_SESSIONS as u64 - 1).unwrap();
-        s.put(CLIENT_SESSIONS as u64 - 1, kept);
+        assert_eq!(s.admit(99_999, 1_000_000, 1, 0), (fresh, false));
+        assert!(s.len() <= CLIENT_SESSIONS);
+        // Session 0 survived; a forgotten one is unknown now, and its epoch is too old: it is
+        // told to move past the floor (and its old datagrams cannot be replayed as new).
+        assert_eq!(s.admit(0, 1000, 3, 0), (again, true));
+        assert_eq!(
+            s.admit(1, 1001, 2, 0),
+            (
+                Admission::Refused {
+                    why: Replay::OldEpoch,
+                    min_epoch: s.floor + 1
+                },
+                false
+            )
+        );
+        assert_eq!(s.admit(1, s.floor + 1, 3, 0), (fresh, false));
     }
 
     /// Two peers' authentication, wired back to back without sockets.
