@@ -670,7 +670,6 @@ fn a_client_with_the_wrong_key_gets_no_answer_and_is_told_why() {
 // The client binary reads the secret from the same config, and with the wrong key exits 2
 // naming a key mismatch as the likely cause.
 #[test]
-#[ignore = "needs src/bin/client.rs to build its client with Client::from_config"]
 fn the_client_binary_uses_the_secret_and_names_a_key_mismatch() {
     let _serial = one_at_a_time();
     let secret = Secret::generate().unwrap();

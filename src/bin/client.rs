@@ -196,12 +196,10 @@ fn parse_args() -> Result<Args, u8> {
     })
 }
 
+/// A client of the cluster `path` describes, authenticated with its `secret_file` if any.
 fn connect(path: &Path, timeout: Duration) -> Result<Client, String> {
     let config = PeerConfig::load(path)?;
-    let peers = config
-        .addresses()
-        .map_err(|e| format!("config {}: {e}", path.display()))?;
-    Client::new(peers, timeout).map_err(|e| e.to_string())
+    Client::from_config(&config, timeout).map_err(|e| format!("config {}: {e}", path.display()))
 }
 
 /// The exit code for a failed operation, after printing why on stderr.
