@@ -112,6 +112,8 @@ struct StatusFields {
     last_index: u64,
     commit_index: u64,
     applied_index: u64,
+    /// Datagrams the peer dropped for a missing or wrong MAC.
+    auth_failures: u64,
     /// On the leader's row: each follower's match index, lag and time since last contact.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     followers: Vec<FollowerInfo>,
@@ -126,6 +128,7 @@ impl From<&StatusInfo> for StatusFields {
             last_index: i.last_index,
             commit_index: i.commit_index,
             applied_index: i.applied_index,
+            auth_failures: i.auth_failures,
             followers: i.followers.clone(),
         }
     }
