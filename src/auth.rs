@@ -43,15 +43,19 @@
 //!   is a previous incarnation's datagram), and within that epoch its counter has not been seen
 //!   and is within [`WINDOW`] of the highest seen (a sliding window, as IPsec and WireGuard keep).
 //!
+//! The sender's epoch and counter are checked first, so the counter of an authentic datagram
+//! is spent even if the datagram is stale: replayed, it is a duplicate.
+//!
 //! A sender learns a recipient's epoch from the recipient's own authenticated datagrams. Until it
-//! has (after either side restarts), its datagrams are stale, and the recipient answers the
-//! first of them (at most one per sender per [`NOTICE_INTERVAL`]) with a *notice*: a sealed,
-//! body-less datagram that carries the recipient's epoch and is bound to the sender's epoch. A
-//! notice is never answered with a notice, and a datagram whose MAC fails is never answered at
-//! all, so a spoofed source gets nothing. A notice also carries the least sender epoch the
-//! recipient will accept, which moves a sender whose clock stepped back past its old epoch.
-//! This is WireGuard's rule that a datagram is valid only inside the session it was sent in,
-//! with the handshake replaced by the first stale datagram and its notice: peers resend the
+//! has (its first datagram says 0, a *handshake*; or the recipient restarted since), its
+//! datagrams are stale, and the recipient answers the first of them (at most one per sender per
+//! [`NOTICE_INTERVAL`]) with a *notice*: a sealed datagram that carries the recipient's epoch
+//! and is bound to the sender's epoch. A notice is never answered with a notice, and a datagram
+//! whose MAC fails is never answered at all, so a spoofed source gets nothing; a peer is told
+//! at its configured address, never a datagram's source. A notice also carries the least sender
+//! epoch the recipient will accept, which moves a sender whose clock stepped back past its old
+//! epoch. This is WireGuard's rule that a datagram is valid only inside the session it was sent
+//! in, with the handshake folded into the first datagram and its notice: peers resend the
 //! message the notice answered at once, clients their request.
 //!
 //! Client sessions are random 64-bit IDs, one per client process; a peer keeps the windows of
@@ -72,6 +76,18 @@
 //! whichever key the recipient has, the exchange starts. A rolling restart with the new key
 //! first and the old one second therefore rotates the key without losing a majority; a second
 //! rolling restart without the old key ends the rotation.
+//!
+//! # What this does not do
+//!
+//! - It authenticates, it does not encrypt: anyone on the path can read the datagrams.
+//! - The secret is the cluster's, and clients hold it too: any holder can seal a datagram as
+//!   any peer or client. The MAC keeps out everyone without the secret, not a member gone bad.
+//! - A datagram that an attacker intercepts and withholds can still be delivered later, once,
+//!   while neither end has restarted and its counter is within the window: a late datagram,
+//!   which Raft takes (UDP delivers late too). One that was delivered is refused as a
+//!   duplicate, and one bound to an earlier incarnation of either end is refused.
+//! - Epochs order a process's incarnations by the wall clock. A peer whose clock stepped back
+//!   across a restart is told by the others to move its epoch forward (one round trip).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

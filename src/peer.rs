@@ -1,8 +1,9 @@
 //! The shell around the core: threads, channels, and the persist → send → advance → reply loop.
 //!
 //! Three threads:
-//! - the **receiver** ([`Listener::run`]) turns datagrams into [`Inbox`] items: peer messages
-//!   into the peer queue, client requests into the client queue (shedding them when it is full);
+//! - the **receiver** ([`transport::Listener::run`]) turns datagrams into [`Inbox`] items:
+//!   peer messages into the peer queue, client requests into the client queue (shedding them
+//!   when it is full); with a cluster secret it verifies each datagram first ([`crate::auth`]);
 //! - the **timer** puts a [`Inbox::Tick`] in the peer queue every tick, and forwards shutdown;
 //! - the **node thread** (the thread that calls [`run`]) is the sole owner of the core [`Node`],
 //!   the [`Storage`] and the send side of the socket.
