@@ -26,15 +26,6 @@ pub struct Watch {
     peers: Vec<PeerStatus>,
 }
 
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Follower => "follower",
-        Role::PreCandidate => "precandidate",
-        Role::Candidate => "candidate",
-        Role::Leader => "leader",
-    }
-}
-
 impl Watch {
     /// Takes one round of `status` answers taken at `now`.
     pub fn update(&mut self, now: Instant, peers: Vec<PeerStatus>) {
@@ -135,7 +126,7 @@ impl Watch {
                     "{:>4}  {:<21}  {:<12}  {:>5}  {:>6}  {:>9}  {:>9}  {:>9}  {:>7}  {:>8}  yes",
                     p.id,
                     p.address.to_string(),
-                    role_name(i.role),
+                    i.role.name(),
                     i.term,
                     i.leader.map_or("-".into(), |l| l.to_string()),
                     i.last_index,

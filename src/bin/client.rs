@@ -497,7 +497,7 @@ fn print_status_table(peers: &[PeerStatus]) {
             Some(i) => println!(
                 "{:>4}  {address:<address_width$}  {:<13}  {:>6}  {:>6}  {:>8}  {:>8}  {:>8}  yes",
                 p.id,
-                role_name(i.role),
+                i.role.name(),
                 i.term,
                 i.leader.map_or("-".to_string(), |l| l.to_string()),
                 i.last_index,
@@ -509,14 +509,5 @@ fn print_status_table(peers: &[PeerStatus]) {
                 p.id, "-", "-", "-", "-", "-", "-"
             ),
         }
-    }
-}
-
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Follower => "follower",
-        Role::PreCandidate => "precandidate",
-        Role::Candidate => "candidate",
-        Role::Leader => "leader",
     }
 }

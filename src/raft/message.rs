@@ -296,6 +296,18 @@ pub enum Role {
     Leader,
 }
 
+impl Role {
+    /// The role's name as `status` prints it (the same as its JSON form).
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Follower => "follower",
+            Role::PreCandidate => "precandidate",
+            Role::Candidate => "candidate",
+            Role::Leader => "leader",
+        }
+    }
+}
+
 /// Everything that travels in one UDP datagram.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Datagram {

@@ -1837,6 +1837,13 @@ mod tests {
             queue.extend(rd.messages);
             replies.extend(rd.replies.into_iter().map(|(_, r)| r));
         }
+        replies.extend(deliver(nodes, queue));
+        replies
+    }
+
+    /// Delivers `queue` and everything it causes among `nodes`; returns the client replies.
+    fn deliver(nodes: &mut [Node], mut queue: Vec<Message>) -> Vec<ClientReply> {
+        let mut replies = Vec::new();
         while let Some(m) = queue.pop() {
             let n = &mut nodes[m.to as usize - 1];
             n.step(m);
@@ -1910,14 +1917,7 @@ mod tests {
             last,
             "an append during a transfer"
         );
-        let mut replies = Vec::new();
-        while let Some(m) = queue.pop() {
-            let n = &mut nodes[m.to as usize - 1];
-            n.step(m);
-            let rd = flush(n);
-            queue.extend(rd.messages);
-            replies.extend(rd.replies.into_iter().map(|(_, r)| r));
-        }
+        let replies = deliver(&mut nodes, queue);
         let held = replies
             .iter()
             .find(|r| r.id == 8)
