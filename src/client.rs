@@ -684,6 +684,10 @@ impl Client {
 fn fits(op: &ClientOp, result: &ClientResult) -> bool {
     match result {
         ClientResult::NotLeader { .. } | ClientResult::Refused { .. } => true,
+        ClientResult::Members { .. } => matches!(op, ClientOp::Members),
+        ClientResult::Configured { .. } | ClientResult::Busy { .. } => {
+            matches!(op, ClientOp::ChangeMembers { .. })
+        }
         ClientResult::Appended { .. } => matches!(op, ClientOp::Append { .. }),
         ClientResult::Entries { .. } => matches!(op, ClientOp::Query { .. }),
         ClientResult::Status(_) => matches!(op, ClientOp::Status),
@@ -1076,6 +1080,8 @@ mod tests {
     #[test]
     fn status_asks_every_peer_and_waits_at_most_a_second() {
         let info = StatusInfo {
+            members: Vec::new(),
+            config_index: 0,
             id: 1,
             role: Role::Leader,
             term: 3,

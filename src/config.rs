@@ -2,7 +2,7 @@
 //! the file and the field.
 
 use crate::auth::{Keys, Secret};
-use crate::raft::NodeId;
+use crate::raft::{Member, MemberRole, Membership, NodeId};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -196,6 +196,22 @@ impl PeerConfig {
             );
         }
         Ok(out)
+    }
+
+    /// The initial membership this file describes: this peer and `other_peers`, all voters,
+    /// at `host:port` as written. Used once, to bootstrap an empty `data_dir`.
+    pub fn initial_membership(&self) -> Membership {
+        let me = Member {
+            id: self.node_id,
+            address: format!("{}:{}", self.host, self.port),
+            role: MemberRole::Voter,
+        };
+        let others = self.other_peers.iter().map(|p| Member {
+            id: p.node_id,
+            address: format!("{}:{}", p.host, p.port),
+            role: MemberRole::Voter,
+        });
+        Membership::new(std::iter::once(me).chain(others).collect())
     }
 
     /// The other peers' IDs, sorted.

@@ -313,6 +313,8 @@ mod tests {
 
     fn status(role: Role, followers: &[(u64, u64, u64)]) -> StatusInfo {
         StatusInfo {
+            members: Vec::new(),
+            config_index: 0,
             id: 1,
             role,
             term: 4,

@@ -123,7 +123,7 @@ impl Timing {
 pub fn core_config(config: &PeerConfig, timing: &Timing, seed: u64) -> raft::Config {
     raft::Config {
         id: config.node_id,
-        peers: config.peer_ids(),
+        membership: config.initial_membership(),
         election_ticks: timing.election_ticks,
         heartbeat_ticks: timing.heartbeat_ticks,
         max_inflight: MAX_INFLIGHT,
@@ -741,6 +741,7 @@ mod tests {
 
     fn message(from: NodeId, to: NodeId) -> Message {
         Message {
+            cluster: 0,
             from,
             to,
             term: 1,

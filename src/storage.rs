@@ -19,6 +19,7 @@
 //!         | 2: u8, index: u64, term: u64, kind                              an entry
 //! kind    = 0: u8                                                           Payload::Noop
 //!         | 1: u8, client: u64, seq: u64, n: u32, data: [u8; n] (UTF-8)     Payload::Data
+//!         | 2: u8, n: u32, json: [u8; n]                                    Payload::Config
 //! ```
 //! `magic` is drawn from the OS's randomness when the file is created and never leaves it;
 //! every frame repeats it, along with the frame's own byte `offset` and its `seq` (1, 2, ...).
@@ -69,6 +70,7 @@ const RECORD_HARD_STATE: u8 = 1;
 const RECORD_ENTRY: u8 = 2;
 const KIND_NOOP: u8 = 0;
 const KIND_DATA: u8 = 1;
+const KIND_CONFIG: u8 = 2;
 
 /// Read buffer for replay: big enough that start-up is a few large reads.
 const READ_BUFFER: usize = 1 << 20;
@@ -388,6 +390,14 @@ fn encode_entry(buf: &mut Vec<u8>, entry: &Entry) -> Result<(), String> {
             buf.extend_from_slice(&len.to_le_bytes());
             buf.extend_from_slice(data.as_bytes());
         }
+        Payload::Config(m) => {
+            let json = serde_json::to_vec(m).map_err(|e| format!("configuration: {e}"))?;
+            let len = u32::try_from(json.len())
+                .map_err(|_| format!("configuration of {} bytes is too long", json.len()))?;
+            buf.push(KIND_CONFIG);
+            buf.extend_from_slice(&len.to_le_bytes());
+            buf.extend_from_slice(&json);
+        }
     }
     Ok(())
 }
@@ -706,6 +716,12 @@ fn apply_record(
                         .map_err(|e| format!("entry {index}: data is not UTF-8: {e}"))?
                         .to_owned();
                     Payload::Data { client, seq, data }
+                }
+                KIND_CONFIG => {
+                    let len = d.u32()? as usize;
+                    let membership = serde_json::from_slice(d.bytes(len)?)
+                        .map_err(|e| format!("entry {index}: bad configuration: {e}"))?;
+                    Payload::Config(membership)
                 }
                 kind => return Err(format!("entry {index}: unknown payload kind {kind}")),
             };

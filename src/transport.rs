@@ -840,6 +840,7 @@ mod tests {
 
     fn message(from: NodeId, to: NodeId) -> Message {
         Message {
+            cluster: 0,
             from,
             to,
             term: 3,

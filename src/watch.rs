@@ -190,6 +190,8 @@ mod tests {
             address: format!("127.0.0.1:{}", 3000 + id).parse().unwrap(),
             answered: info.is_some(),
             info: info.map(|(role, term, leader, elections)| StatusInfo {
+                members: Vec::new(),
+                config_index: 0,
                 id,
                 role,
                 term,

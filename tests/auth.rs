@@ -131,6 +131,7 @@ fn forged_append_entries(
     last: &LogRecord,
 ) -> Vec<u8> {
     Datagram::Peer(Message {
+        cluster: 0,
         from: leader,
         to: follower,
         term,

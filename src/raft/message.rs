@@ -1,6 +1,7 @@
 //! Wire types: what peers say to each other, and what clients and peers say to each other.
 //! Every datagram is one JSON-encoded [`Datagram`] of at most [`MAX_DATAGRAM`] bytes.
 
+pub use super::membership::{ConfChange, Member, MemberRole, Membership};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
@@ -46,6 +47,8 @@ pub enum Payload {
         seq: u64,
         data: String,
     },
+    /// A configuration (thesis §4.1): in force on a server as soon as it is in its log.
+    Config(Membership),
 }
 
 impl Entry {
@@ -55,6 +58,11 @@ impl Entry {
             + match &self.payload {
                 Payload::Noop => 0,
                 Payload::Data { data, .. } => escaped_len(data),
+                Payload::Config(m) => m
+                    .members
+                    .iter()
+                    .map(|m| ENTRY_OVERHEAD + escaped_len(&m.address))
+                    .sum(),
             }
     }
 }
@@ -92,6 +100,10 @@ pub fn check_entry_data(data: &str) -> Result<(), String> {
 /// peer; replies go to the address the config gives for `from`, never the datagram's source.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
+    /// The cluster ID (see [`Membership::cluster_id`]): stamped and checked by the shell, so
+    /// that a peer of another cluster is never heard. The core leaves it 0.
+    #[serde(default)]
+    pub cluster: u64,
     pub from: NodeId,
     pub to: NodeId,
     /// The sender's current term (for PreVote: the term it would campaign in).
@@ -197,6 +209,10 @@ pub enum ClientOp {
         target: Option<NodeId>,
         away_from: Option<NodeId>,
     },
+    /// The configuration as this peer sees it (any peer answers; the leader adds progress).
+    Members,
+    /// Change the membership by one server (thesis §4.2); answered once the change commits.
+    ChangeMembers { change: ConfChange },
 }
 
 /// A peer's answer to a [`ClientRequest`].
@@ -228,6 +244,25 @@ pub enum ClientResult {
         leader: NodeId,
         term: Term,
     },
+    /// The configuration in force on the answering peer (`config_index` is its entry, 0 for
+    /// the bootstrap one; `committed` whether it is known committed there).
+    Members {
+        leader: Option<NodeId>,
+        config_index: Index,
+        committed: bool,
+        members: Vec<MemberInfo>,
+    },
+    /// A membership change is committed at `index`; `members` is the new configuration.
+    Configured {
+        index: Index,
+        term: Term,
+        members: Vec<Member>,
+    },
+    /// Not now, but maybe soon (a learner still catching up, a leader yet to commit an entry
+    /// of its term): the client may retry until its deadline. Nothing was changed.
+    Busy {
+        reason: String,
+    },
     /// This peer is not the leader (or could not confirm it still is); try `leader` if known.
     NotLeader {
         leader: Option<NodeId>,
@@ -249,6 +284,19 @@ pub struct LogRecord {
     pub kind: Option<String>,
 }
 
+/// One member as `client members` prints it; progress only from the leader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub id: NodeId,
+    pub address: String,
+    pub role: MemberRole,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_index: Option<Index>,
+    /// Entries behind the leader's last index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<Index>,
+}
+
 /// A peer's view of itself, for `client status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusInfo {
@@ -268,6 +316,11 @@ pub struct StatusInfo {
     /// Datagrams this peer dropped for a missing or wrong MAC (filled in by the shell).
     #[serde(default)]
     pub auth_failures: u64,
+    /// The configuration in force here, and the index of its entry (0: the bootstrap one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<Member>,
+    #[serde(default)]
+    pub config_index: Index,
     /// On a leader: its view of every other member, by ID.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub followers: Vec<FollowerInfo>,

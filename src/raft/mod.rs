@@ -11,9 +11,12 @@
 //! - Commitment (§5.4.2): only entries of the leader's own term are committed by counting.
 //! - Reads (thesis §6.4): ReadIndex, confirmed by a majority round of heartbeats.
 //! - Leadership transfer (thesis §3.10) in [`transfer`]: catch the target up, TimeoutNow.
+//! - Membership (thesis ch. 4) in [`membership`]: one server at a time, configurations in the
+//!   log, in force once appended; learners count in no quorum.
 //! - Time enters as ticks; randomness from a seed in [`Config`].
 
 pub mod log;
+pub mod membership;
 pub mod message;
 pub mod node;
 pub mod progress;

@@ -3,6 +3,7 @@
 //! function per role handles the message.
 
 use super::log::RaftLog;
+use super::membership::Configurations;
 use super::message::*;
 use super::progress::{Progress, ProgressState};
 use super::rng::Rng;
@@ -11,12 +12,16 @@ use crate::state_machine::{data_hash, Applied, StateMachine};
 use log::{debug, info, warn};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+mod reconfig;
+pub use reconfig::PROMOTE_MAX_LAG;
+
 /// Static parameters of one core. Durations are in ticks; the shell decides how long a tick is.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub id: NodeId,
-    /// Every other voter's ID.
-    pub peers: Vec<NodeId>,
+    /// The bootstrap configuration, in force until the log has a configuration entry: the
+    /// initial members from the peer's config file, or none for a peer that joins (§4.1).
+    pub membership: Membership,
     /// An election timeout is drawn uniformly from `[min, max]` ticks.
     pub election_ticks: (u64, u64),
     pub heartbeat_ticks: u64,
@@ -124,6 +129,17 @@ pub struct Node {
     transfer: Option<Transfer>,
     /// Leader only: appends that arrived during a transfer, proposed if it is abandoned.
     held_appends: Vec<HeldAppend>,
+    /// Every configuration in the log, the latest in force (thesis §4.1).
+    configs: Configurations,
+    /// Leader only: members removed by a configuration, still sent the log until an election
+    /// timeout after their removal commits, so that they learn of it: (removal index, ticks
+    /// since it committed).
+    leaving: BTreeMap<NodeId, (Index, u64)>,
+    /// This node has been a member of a configuration it applied (or of the bootstrap one).
+    was_member: bool,
+    /// A committed configuration no longer lists this node, which was a member: it takes no
+    /// further part, and the shell stops it.
+    removed: bool,
     /// Counters for operators: elections started, and leadership changes seen, with the last
     /// (term, leader) seen so that one change counts once.
     elections_started: u64,
@@ -139,7 +155,8 @@ impl Node {
                 && cfg.election_ticks.0 <= cfg.election_ticks.1,
             "election timeout must exceed the heartbeat interval"
         );
-        assert!(!cfg.peers.contains(&cfg.id), "peers must not include self");
+        let configs = Configurations::restore(cfg.membership.clone(), &entries);
+        let was_member = cfg.membership.contains(cfg.id);
         let log = RaftLog::restore(entries, hard_state.commit);
         // What is on disk, with the commit index clamped to the log as restored.
         let persisted_hard_state = HardState {
@@ -175,6 +192,10 @@ impl Node {
             malformed: 0,
             transfer: None,
             held_appends: Vec::new(),
+            configs,
+            leaving: BTreeMap::new(),
+            was_member,
+            removed: false,
             elections_started: 0,
             leader_changes: 0,
             last_leader_seen: None,
@@ -211,6 +232,55 @@ impl Node {
     pub fn state_machine(&self) -> &StateMachine {
         &self.sm
     }
+    /// The configuration in force: the latest in the log, committed or not (thesis §4.1).
+    pub fn membership(&self) -> &Membership {
+        self.configs.latest()
+    }
+    /// Index of the configuration entry in force; 0 for the bootstrap configuration.
+    pub fn config_index(&self) -> Index {
+        self.configs.latest_index()
+    }
+    /// The configuration in force once everything up to the commit index applies.
+    pub fn committed_membership(&self) -> &Membership {
+        self.configs.committed(self.log.commit)
+    }
+    /// A committed configuration removed this node: it takes no further part.
+    pub fn removed(&self) -> bool {
+        self.removed
+    }
+    /// Every node this one may have to reach: the members of the configuration in force and
+    /// those still being told of their removal.
+    pub fn contacts(&self) -> Vec<NodeId> {
+        let mut ids: Vec<NodeId> = self
+            .membership()
+            .ids()
+            .chain(self.leaving.keys().copied())
+            .filter(|&id| id != self.cfg.id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Voters of the configuration in force, other than this node: whom to ask for votes.
+    fn other_voters(&self) -> Vec<NodeId> {
+        let me = self.cfg.id;
+        self.membership()
+            .voter_ids()
+            .filter(|&id| id != me)
+            .collect()
+    }
+
+    fn is_voter(&self) -> bool {
+        self.membership().is_voter(self.cfg.id)
+    }
+
+    /// The answer to a request only a leader takes.
+    fn not_leader(&self) -> ClientResult {
+        ClientResult::NotLeader {
+            leader: self.leader,
+        }
+    }
 
     pub fn status(&self) -> StatusInfo {
         StatusInfo {
@@ -224,6 +294,8 @@ impl Node {
             elections_started: self.elections_started,
             leader_changes: self.leader_changes,
             auth_failures: 0,
+            members: self.membership().members.clone(),
+            config_index: self.config_index(),
             followers: self
                 .progress
                 .iter()
@@ -249,11 +321,6 @@ impl Node {
         }
     }
 
-    fn quorum(&self) -> usize {
-        let voters = self.cfg.peers.len() + 1;
-        voters / 2 + 1
-    }
-
     // ---- time ------------------------------------------------------------------------------
 
     /// Advances time by one tick.
@@ -276,11 +343,15 @@ impl Node {
                 // timeout steps down, so clients look for the leader elsewhere.
                 if self.election_elapsed >= self.cfg.election_ticks.0 {
                     self.election_elapsed = 0;
-                    let active = 1 + self.progress.values().filter(|p| p.recent_active).count();
+                    let me = self.cfg.id;
+                    let progress = &self.progress;
+                    let active = self.configs.latest().has_quorum(|id| {
+                        id == me || progress.get(&id).is_some_and(|p| p.recent_active)
+                    });
                     for pr in self.progress.values_mut() {
                         pr.recent_active = false;
                     }
-                    if active < self.quorum() {
+                    if !active {
                         info!(
                             "node {}: lost contact with a majority in term {}; stepping down",
                             self.cfg.id, self.term
@@ -289,6 +360,8 @@ impl Node {
                     }
                 }
             }
+            // Learners, joining and removed servers never campaign (thesis §4.2.1).
+            _ if !self.is_voter() || self.removed => self.election_elapsed = 0,
             _ => {
                 if self.election_elapsed >= self.election_timeout {
                     self.campaign_pre_vote();
@@ -296,6 +369,7 @@ impl Node {
             }
         }
         self.tick_transfer();
+        self.tick_leaving();
     }
 
     fn reset_election_timer(&mut self) {
@@ -352,7 +426,7 @@ impl Node {
             return self.become_candidate();
         }
         let (last_log_index, last_log_term) = (self.log.last_index(), self.log.last_term());
-        for to in self.cfg.peers.clone() {
+        for to in self.other_voters() {
             self.send(
                 to,
                 self.term + 1,
@@ -379,7 +453,7 @@ impl Node {
             return self.become_leader();
         }
         let (last_log_index, last_log_term) = (self.log.last_index(), self.log.last_term());
-        for to in self.cfg.peers.clone() {
+        for to in self.other_voters() {
             self.send(
                 to,
                 self.term,
@@ -406,12 +480,14 @@ impl Node {
         self.heartbeat_elapsed = 0;
         self.election_elapsed = 0;
         let next = self.log.last_index() + 1;
+        let me = self.cfg.id;
         self.progress = self
-            .cfg
-            .peers
-            .iter()
-            .map(|&p| (p, Progress::new(next)))
+            .membership()
+            .ids()
+            .filter(|&id| id != me)
+            .map(|id| (id, Progress::new(next)))
             .collect();
+        self.leaving.clear();
         self.pending_appends.clear();
         for e in &self.log.entries()[self.log.commit as usize..] {
             if let Payload::Data { client, seq, .. } = e.payload {
@@ -429,6 +505,7 @@ impl Node {
     /// to look elsewhere. Appends may still commit; a retry is deduplicated.
     fn abandon_leadership(&mut self) {
         self.progress.clear();
+        self.leaving.clear();
         self.pending_appends.clear();
         let leader = self.leader;
         let waiters: Vec<Waiter> = std::mem::take(&mut self.waiters)
@@ -437,7 +514,7 @@ impl Node {
             .chain(self.reads_before_own_commit.drain(..).map(|(_, w)| w))
             .collect();
         for w in waiters {
-            self.reply(w, ClientResult::NotLeader { leader });
+            self.reply(w, self.not_leader());
         }
         // Appends held for a transfer go to the node that is taking over.
         let heir = self
@@ -457,18 +534,24 @@ impl Node {
         *self.votes.entry(from).or_insert(granted) |= granted;
     }
 
+    /// Only voters of our configuration count (a learner's grant is no vote).
     fn votes_won(&self) -> bool {
-        self.votes.values().filter(|&&g| g).count() >= self.quorum()
+        let votes = &self.votes;
+        self.membership()
+            .has_quorum(|id| votes.get(&id) == Some(&true))
     }
 
     fn votes_lost(&self) -> bool {
-        self.votes.values().filter(|&&g| !g).count() >= self.quorum()
+        let votes = &self.votes;
+        self.membership()
+            .has_quorum(|id| votes.get(&id) == Some(&false))
     }
 
     // ---- messages ------------------------------------------------------------------------------
 
     fn send(&mut self, to: NodeId, term: Term, body: Body) {
         self.msgs.push(Message {
+            cluster: 0,
             from: self.cfg.id,
             to,
             term,
@@ -479,11 +562,17 @@ impl Node {
     /// Handles a message from a peer.
     pub fn step(&mut self, msg: Message) {
         assert!(!self.ready_outstanding, "step between ready and advance");
-        if msg.to != self.cfg.id || !self.cfg.peers.contains(&msg.from) {
+        // Requests are taken from servers outside our configuration (thesis §4.1): a new
+        // leader may know of a configuration we have not seen yet. The shell decides who may
+        // reach us at all.
+        if msg.to != self.cfg.id || msg.from == self.cfg.id || msg.from == 0 {
             warn!(
-                "node {}: dropping message from unknown peer {} to {}",
+                "node {}: dropping message from {} to {}",
                 self.cfg.id, msg.from, msg.to
             );
+            return;
+        }
+        if self.removed {
             return;
         }
         if let Err(why) = self.check_message(&msg) {
@@ -651,6 +740,9 @@ impl Node {
     /// Thesis §3.10: our leader hands over; campaign at once, skipping pre-vote (the leader
     /// already knows our log is up to date).
     fn timeout_now(&mut self, from: NodeId) {
+        if !self.is_voter() {
+            return;
+        }
         info!(
             "node {}: TimeoutNow from {from} in term {}; campaigning",
             self.cfg.id, self.term
@@ -767,6 +859,9 @@ impl Node {
         };
         let result = match self.log.try_append(prev_log_index, prev_log_term, &entries) {
             Some(match_index) => {
+                let log = &self.log;
+                self.configs.retain_in_log(|i| log.term_at(i));
+                self.configs.appended(&entries);
                 if self.log.commit_to(leader_commit.min(match_index)) {
                     self.apply_committed();
                 }
@@ -912,7 +1007,7 @@ impl Node {
         // A fresh sequence number per round tells answers to this round from older ones, for
         // reads and for telling a wiped follower from a late rejection.
         self.read_seq += 1;
-        for to in self.cfg.peers.clone() {
+        for to in self.progress.keys().copied().collect::<Vec<_>>() {
             let pr = self.progress.get_mut(&to).expect("progress exists");
             match pr.state {
                 ProgressState::Probe => {
@@ -943,11 +1038,17 @@ impl Node {
 
     /// §5.3, §5.4.2: commit the highest index stored on a majority, but only if it is of the
     /// current term (Figure 8); the leader counts itself only for entries on its own disk.
+    /// Only voters of the configuration in force count; a leader that is not one (it is
+    /// removing itself, thesis §4.2.2) replicates without counting itself.
     fn maybe_commit(&mut self) {
-        let mut matches: Vec<Index> = self.progress.values().map(|p| p.match_index).collect();
-        matches.push(self.log.stable_index());
-        matches.sort_unstable_by(|a, b| b.cmp(a));
-        let candidate = matches[self.quorum() - 1];
+        let (me, stable, progress) = (self.cfg.id, self.log.stable_index(), &self.progress);
+        let candidate = self.configs.latest().quorum_value(|id| {
+            if id == me {
+                stable
+            } else {
+                progress.get(&id).map_or(0, |p| p.match_index)
+            }
+        });
         if candidate > self.log.commit && self.log.term_at(candidate) == Some(self.term) {
             self.log.commit_to(candidate);
             self.apply_committed();
@@ -955,6 +1056,7 @@ impl Node {
             // any that still lack entries, otherwise at the next heartbeat.
             self.replicate_now = true;
             self.serve_reads_waiting_for_own_commit();
+            self.after_config_commit();
         }
     }
 
@@ -971,12 +1073,29 @@ impl Node {
             if let Payload::Data { client, seq, .. } = entry.payload {
                 self.pending_appends.remove(&(client, seq));
             }
+            if let Payload::Config(m) = &entry.payload {
+                if m.contains(self.cfg.id) {
+                    self.was_member = true;
+                } else if self.was_member && !self.removed {
+                    self.removed = true;
+                    info!(
+                        "node {}: removed from the cluster by the configuration at index {index} {}; taking no further part",
+                        self.cfg.id,
+                        m.describe()
+                    );
+                }
+            }
             if let Some(waiter) = self.waiters.remove(&index) {
                 let result = match (outcome, &entry.payload) {
                     (Applied::Appended { index, term }, _) => {
                         ClientResult::Appended { index, term }
                     }
                     (outcome, Payload::Data { client, seq, .. }) => refusal(outcome, *client, *seq),
+                    (_, Payload::Config(m)) => ClientResult::Configured {
+                        index,
+                        term: entry.term,
+                        members: m.members.clone(),
+                    },
                     (_, Payload::Noop) => unreachable!("clients wait only on their own entries"),
                 };
                 self.reply(waiter, result);
@@ -1013,9 +1132,12 @@ impl Node {
                 return self.reply(waiter, ClientResult::Refused { reason });
             }
         }
-        if self.role != Role::Leader {
-            let leader = self.leader;
-            return self.reply(waiter, ClientResult::NotLeader { leader });
+        if let ClientOp::Members = req.op {
+            let members = self.members_info();
+            return self.reply(waiter, members);
+        }
+        if self.role != Role::Leader || self.removed {
+            return self.reply(waiter, self.not_leader());
         }
         match req.op {
             ClientOp::Append { client, seq, data } if self.transfer.is_some() => {
@@ -1031,7 +1153,8 @@ impl Node {
             ClientOp::TransferLeader { target, away_from } => {
                 self.start_transfer(waiter, target, away_from)
             }
-            ClientOp::Status => unreachable!("answered above"),
+            ClientOp::ChangeMembers { change } => self.change_members(waiter, change),
+            ClientOp::Status | ClientOp::Members => unreachable!("answered above"),
         }
     }
 
@@ -1059,14 +1182,14 @@ impl Node {
         }
         let target = match target {
             Some(t) if t == self.cfg.id => return self.reply(waiter, done),
-            Some(t) if !self.cfg.peers.contains(&t) => {
+            Some(t) if !self.membership().is_voter(t) => {
                 let reason = format!("node {t} is not a voter of this cluster");
                 return self.reply(waiter, refuse(reason));
             }
             Some(t) => t,
             // A retry that reaches the new leader: leadership already moved away.
             None if away_from.is_some_and(|a| a != self.cfg.id) => return self.reply(waiter, done),
-            None => match transfer::pick_target(&self.progress) {
+            None => match transfer::pick_target(&self.progress, self.configs.latest()) {
                 Some(t) => t,
                 None => {
                     let reason = "no other voter to transfer leadership to".to_string();
@@ -1196,11 +1319,19 @@ impl Node {
 
     fn append_entry(&mut self, payload: Payload) -> Index {
         let index = self.log.last_index() + 1;
-        self.log.append(Entry {
+        let is_config = matches!(payload, Payload::Config(_));
+        let entry = Entry {
             index,
             term: self.term,
             payload,
-        });
+        };
+        if is_config {
+            self.configs.appended(std::slice::from_ref(&entry));
+        }
+        self.log.append(entry);
+        if is_config {
+            self.sync_progress(index);
+        }
         index
     }
 
@@ -1211,8 +1342,7 @@ impl Node {
             if read_index <= self.log.commit {
                 return self.serve_read(waiter, start, read_index);
             }
-            let leader = self.leader;
-            return self.reply(waiter, ClientResult::NotLeader { leader });
+            return self.reply(waiter, self.not_leader());
         }
         if self.log.term_at(self.log.commit) != Some(self.term) {
             // Until an entry of our term commits, our commit index may be behind the
@@ -1220,7 +1350,8 @@ impl Node {
             self.reads_before_own_commit.push((start, waiter));
             return;
         }
-        if self.cfg.peers.is_empty() {
+        let me = self.cfg.id;
+        if self.membership().voter_ids().all(|id| id == me) && self.is_voter() {
             let commit = self.log.commit;
             return self.serve_read(waiter, start, commit);
         }
@@ -1242,10 +1373,14 @@ impl Node {
 
     /// Serves every pending read whose sequence number a majority (us included) has echoed.
     fn confirm_reads(&mut self) {
-        let mut acked: Vec<u64> = self.progress.values().map(|p| p.read_acked).collect();
-        acked.push(self.read_seq);
-        acked.sort_unstable_by(|a, b| b.cmp(a));
-        let confirmed = acked[self.quorum() - 1];
+        let (me, read_seq, progress) = (self.cfg.id, self.read_seq, &self.progress);
+        let confirmed = self.configs.latest().quorum_value(|id| {
+            if id == me {
+                read_seq
+            } else {
+                progress.get(&id).map_or(0, |p| p.read_acked)
+            }
+        });
         while self
             .pending_reads
             .front()
@@ -1274,6 +1409,12 @@ impl Node {
                     term: e.term,
                     data: None,
                     kind: Some("noop".into()),
+                },
+                Payload::Config(_) => LogRecord {
+                    index,
+                    term: e.term,
+                    data: None,
+                    kind: Some("config".into()),
                 },
                 Payload::Data { .. } if self.sm.is_duplicate(index) => LogRecord {
                     index,
@@ -1317,7 +1458,7 @@ impl Node {
             if self.heartbeat_now {
                 self.heartbeat();
             } else if self.replicate_now {
-                for to in self.cfg.peers.clone() {
+                for to in self.progress.keys().copied().collect::<Vec<_>>() {
                     self.send_append(to);
                 }
             }
@@ -1386,7 +1527,7 @@ mod tests {
     fn cfg(id: NodeId, peers: &[NodeId]) -> Config {
         Config {
             id,
-            peers: peers.to_vec(),
+            membership: Membership::voters(&[&[id][..], peers].concat()),
             election_ticks: (10, 20),
             heartbeat_ticks: 2,
             max_inflight: 4,
@@ -1404,6 +1545,7 @@ mod tests {
 
     fn msg(from: NodeId, to: NodeId, term: Term, body: Body) -> Message {
         Message {
+            cluster: 0,
             from,
             to,
             term,

@@ -3,6 +3,7 @@
 //! timer), and holds new appends meanwhile so that none is lost with the old leader's term. The
 //! transfer is abandoned if no new leader appears within an election timeout.
 
+use super::membership::Membership;
 use super::message::{ClientId, NodeId, Term};
 use super::node::Waiter;
 use super::progress::Progress;
@@ -32,11 +33,16 @@ pub struct HeldAppend {
     pub data: String,
 }
 
-/// The voter to hand leadership to when none is named: the most up-to-date one (highest match
-/// index), the lowest ID among equals, so the choice is deterministic.
-pub fn pick_target(progress: &BTreeMap<NodeId, Progress>) -> Option<NodeId> {
+/// The voter to hand leadership to when none is named: the most up-to-date voter of
+/// `membership` (highest match index), the lowest ID among equals, so the choice is
+/// deterministic. Learners and leaving members are never picked.
+pub fn pick_target(
+    progress: &BTreeMap<NodeId, Progress>,
+    membership: &Membership,
+) -> Option<NodeId> {
     progress
         .iter()
+        .filter(|(&id, _)| membership.is_voter(id))
         .max_by(|a, b| a.1.match_index.cmp(&b.1.match_index).then(b.0.cmp(a.0)))
         .map(|(&id, _)| id)
 }
@@ -53,7 +59,11 @@ mod tests {
             p.match_index = m;
             progress.insert(id, p);
         }
-        assert_eq!(pick_target(&progress), Some(3));
-        assert_eq!(pick_target(&BTreeMap::new()), None);
+        let all = Membership::voters(&[1, 2, 3, 4, 5]);
+        assert_eq!(pick_target(&progress, &all), Some(3));
+        assert_eq!(pick_target(&BTreeMap::new(), &all), None);
+        // A learner is never picked, however up to date.
+        let without_3 = Membership::voters(&[1, 2, 4, 5]);
+        assert_eq!(pick_target(&progress, &without_3), Some(4));
     }
 }

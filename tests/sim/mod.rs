@@ -10,7 +10,8 @@
 
 use raft::raft::{
     Body, ClientId, ClientOp, ClientReply, ClientRequest, ClientResult, Config, Datagram, Entry,
-    HardState, Index, LogRecord, Message, Node, NodeId, Payload, Ready, ReplyTo, Role, Term,
+    HardState, Index, LogRecord, Membership, Message, Node, NodeId, Payload, Ready, ReplyTo, Role,
+    Term,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -295,6 +296,7 @@ fn entry_hash(e: &Entry) -> u64 {
     match &e.payload {
         Payload::Noop => 0u8.hash(&mut h),
         Payload::Data { client, seq, data } => (1u8, client, seq, data).hash(&mut h),
+        Payload::Config(m) => (2u8, format!("{m:?}")).hash(&mut h),
     }
     h.finish()
 }
@@ -356,7 +358,7 @@ impl Sim {
     fn core_config(&self, id: NodeId) -> Config {
         Config {
             id,
-            peers: self.ids.iter().copied().filter(|&p| p != id).collect(),
+            membership: Membership::voters(&self.ids),
             election_ticks: self.cfg.election_ticks,
             heartbeat_ticks: self.cfg.heartbeat_ticks,
             max_inflight: self.cfg.max_inflight,
