@@ -11,7 +11,12 @@ client="$target/release/client"
 wait_seconds=10
 
 shopt -s nullglob
-configs=(peers/peer*.json)
+# Peers removed with scripts/remove-peer.sh stay out; those added with scripts/add-peer.sh
+# start with --join (which a data_dir that already belongs to the cluster ignores).
+configs=()
+for config in peers/peer*.json; do
+    grep -qxF "$(basename "$config" .json)" run/removed-peers 2>/dev/null || configs+=("$config")
+done
 if ((${#configs[@]} == 0)); then
     echo "no configs in peers/ (expected peers/peer1.json, ...)" >&2
     exit 1
@@ -80,12 +85,16 @@ cargo build --release --bins
 for config in "${configs[@]}"; do
     name=$(basename "$config" .json)
     log="run/$name.log"
-    printf '\n=== %s: %s -p %s ===\n' "$(date '+%F %T')" "$peer" "$config" >>"$log"
+    args=(-p "$config")
+    if grep -qxF "$name" run/added-peers 2>/dev/null; then
+        args+=(--join)
+    fi
+    printf '\n=== %s: %s %s ===\n' "$(date '+%F %T')" "$peer" "${args[*]}" >>"$log"
     # A session of its own, when setsid exists, so a Ctrl-C in this terminal does not reach it.
     if command -v setsid >/dev/null; then
-        setsid "$peer" -p "$config" </dev/null >>"$log" 2>&1 &
+        setsid "$peer" "${args[@]}" </dev/null >>"$log" 2>&1 &
     else
-        nohup "$peer" -p "$config" </dev/null >>"$log" 2>&1 &
+        nohup "$peer" "${args[@]}" </dev/null >>"$log" 2>&1 &
     fi
     echo $! >"run/$name.pid"
     echo "started $name (pid $!) from $config"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stops the peers that scripts/start-cluster.sh started: SIGTERM, up to 5 s to exit, then
-# SIGKILL. With --wipe, also deletes data/: every peer's log and vote, a cluster from scratch.
+# SIGKILL. With --wipe, also deletes data/ (every peer's log and vote: a cluster from scratch)
+# and the configs of peers that scripts/add-peer.sh added.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -77,4 +78,12 @@ fi
 if $wipe; then
     rm -rf data
     echo "deleted data/"
+    # Peers added by scripts/add-peer.sh belong to the cluster just wiped: a fresh one starts
+    # from the configs in peers/ that bootstrap it.
+    if [[ -f run/written-configs ]]; then
+        while IFS= read -r config; do
+            [[ -n $config ]] && rm -f "$config" && echo "deleted $config (written by scripts/add-peer.sh)"
+        done <run/written-configs
+    fi
+    rm -f run/added-peers run/removed-peers run/written-configs
 fi
