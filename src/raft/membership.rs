@@ -280,10 +280,19 @@ impl Configurations {
         self.base.contains(id) || self.entries.iter().any(|(_, _, m)| m.contains(id))
     }
 
-    /// Records configuration entries among `entries`, just appended to the log.
+    /// Records configuration entries among `entries`, just stored in the log. An entry
+    /// already known (same index and term: the same entry, by Log Matching) changes nothing,
+    /// so a duplicated AppendEntries cannot drop the configurations after it.
     pub fn appended(&mut self, entries: &[Entry]) {
         for e in entries {
             if let Payload::Config(m) = &e.payload {
+                if self
+                    .entries
+                    .iter()
+                    .any(|&(i, t, _)| i == e.index && t == e.term)
+                {
+                    continue;
+                }
                 self.entries.retain(|(i, _, _)| *i < e.index);
                 self.entries.push((e.index, e.term, m.clone()));
             }
@@ -425,9 +434,16 @@ mod tests {
         log.push(noop(2, 2));
         c.retain_in_log(|i| log.get(i as usize - 1).map(|e| e.term));
         assert_eq!(c.latest(), &base);
-        let more = [config(3, 2, &[1, 2])];
+        let more = [config(3, 2, &[1, 2]), noop(4, 2), config(5, 2, &[1, 2, 5])];
         c.appended(&more);
-        assert_eq!(c.latest(), &Membership::voters(&[1, 2]));
+        assert_eq!(c.latest(), &Membership::voters(&[1, 2, 5]));
+        // A duplicate of an earlier AppendEntries re-delivers the entry at 3.
+        c.appended(&more[..1]);
+        assert_eq!(
+            c.latest_index(),
+            5,
+            "a duplicate must not drop later configurations"
+        );
     }
 
     #[test]
