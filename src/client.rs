@@ -18,6 +18,15 @@
 //! system's randomness: two clients started at the same instant, even with the same PID in two
 //! containers, draw the same ID with probability 2^-64.
 //!
+//! The cluster's membership can change (Raft thesis ch. 4), so the peers a client knows are an
+//! address book, seeded with the peers it was made with. A client that follows the cluster
+//! ([`Client::from_config`], or [`Client::follow_cluster`]) adds to it from every membership
+//! answer (`members`, `status`, a committed change), so a config naming one current member is
+//! enough: a redirect to a leader whose address it lacks makes it ask the redirecting peer for
+//! the members first. Peers outside the newest configuration it has seen (removed ones, which
+//! stop answering) leave its round robin but stay reachable by redirect. Membership changes
+//! answered `Busy` are retried until the deadline ([`Client::change_members`]).
+//!
 //! With the cluster's keys ([`Client::from_config`] reads them from the config's
 //! `secret_file`), every request is sealed for the peer it goes to and every reply must be
 //! sealed by a configured peer *to this client's session* ([`crate::auth`]); anything else,
@@ -31,13 +40,13 @@ use crate::auth::{self, ClientAuth, FromPeer, Keys};
 use crate::config::PeerConfig;
 use crate::raft::rng::splitmix64;
 use crate::raft::{
-    check_entry_data, ClientId, ClientOp, ClientReply, ClientRequest, ClientResult, Datagram,
-    Index, LogRecord, NodeId, StatusInfo, Term, MAX_DATAGRAM,
+    check_entry_data, ClientId, ClientOp, ClientReply, ClientRequest, ClientResult, ConfChange,
+    Datagram, Index, LogRecord, Member, MemberInfo, NodeId, StatusInfo, Term, MAX_DATAGRAM,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -50,6 +59,13 @@ pub const MAX_WAIT: Duration = Duration::from_millis(500);
 pub const STATUS_WAIT: Duration = Duration::from_secs(1);
 /// Resends of one attempt after a peer's notice of its epoch (normally one is needed).
 const MAX_RESENDS: u32 = 3;
+/// The first pause before retrying a membership change answered `Busy`; doubled up to
+/// [`MAX_WAIT`].
+pub const BUSY_PAUSE: Duration = Duration::from_millis(50);
+/// A `Busy` change is retried only while more than this is left of the deadline, and the
+/// pause before it leaves this much: a last attempt cut short by the deadline would leave its
+/// outcome unknown, where giving up after a `Busy` answer is a definite "nothing changed".
+pub const BUSY_MARGIN: Duration = Duration::from_millis(200);
 
 /// Why an operation did not succeed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,6 +107,28 @@ pub struct PeerStatus {
     pub info: Option<StatusInfo>,
 }
 
+/// A committed membership change ([`Client::change_members`]): the configuration entry's index
+/// and term, the configuration it made, and the peer (the leader) that said so.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Configured {
+    pub index: Index,
+    pub term: Term,
+    pub members: Vec<Member>,
+    pub peer: NodeId,
+}
+
+/// The configuration as the leader sees it ([`Client::members`]): every member with its match
+/// index and lag behind the leader's last index (absent for a member it has no progress for).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Members {
+    pub leader: NodeId,
+    /// The index of the configuration's entry; 0 for the bootstrap configuration.
+    pub config_index: Index,
+    /// Whether that entry is known committed on the leader.
+    pub committed: bool,
+    pub members: Vec<MemberInfo>,
+}
+
 /// An append whose outcome is unknown (it timed out); retried with the same `seq` if the
 /// caller appends the same data again.
 #[derive(Clone, Debug)]
@@ -102,9 +140,16 @@ struct Pending {
 /// A synchronous client of one cluster, over one UDP socket.
 pub struct Client {
     socket: UdpSocket,
+    /// The address book: every peer this client can send to. Seeded by its maker; when
+    /// following, grown and corrected from membership answers, never shrunk.
     peers: BTreeMap<NodeId, SocketAddr>,
-    /// The peers' IDs in round-robin order.
+    /// The peers' IDs in round-robin order: those of `current` when known, else all of
+    /// `peers`. Never empty.
     order: Vec<NodeId>,
+    /// Whether to learn the cluster's members from its answers ([`Client::follow_cluster`]).
+    follow: bool,
+    /// The newest configuration seen while following: its entry's index and member IDs.
+    current: Option<(Index, BTreeSet<NodeId>)>,
     /// Position in `order` of the next peer to try when the leader is unknown.
     cursor: usize,
     timeout: Duration,
@@ -146,12 +191,15 @@ impl fmt::Debug for Client {
 
 impl Client {
     /// A client of the cluster a peer config describes: every peer's address, and the keys
-    /// of its `secret_file`, if any. Errors (an unreadable or unsafe secret file, say) name the
+    /// of its `secret_file`, if any. It follows the cluster ([`Client::follow_cluster`]), so
+    /// the config needs to name only one current member. Errors (an unreadable or unsafe secret file, say) name the
     /// config and the file.
     pub fn from_config(config: &PeerConfig, timeout: Duration) -> Result<Client, String> {
         let peers = config.addresses()?;
         let keys = config.keys()?;
-        Client::with_keys(peers, timeout, keys).map_err(|e| e.to_string())
+        let mut client = Client::with_keys(peers, timeout, keys).map_err(|e| e.to_string())?;
+        client.follow_cluster(true);
+        Ok(client)
     }
 
     /// Binds an ephemeral UDP socket (on loopback if every peer is on loopback) and picks a
@@ -195,6 +243,8 @@ impl Client {
             socket,
             peers,
             order,
+            follow: false,
+            current: None,
             cursor: 0,
             timeout,
             client_id: os_random_u64()?,
@@ -209,6 +259,28 @@ impl Client {
             out: Vec::new(),
             heard_any: false,
         })
+    }
+
+    /// Whether to learn peers from the cluster's membership answers (off for [`Client::new`]
+    /// and [`Client::with_keys`], on for [`Client::from_config`]). Off, the client talks only
+    /// to the peers it was made with, so one made with a single peer is pinned to it.
+    pub fn follow_cluster(&mut self, follow: bool) {
+        self.follow = follow;
+    }
+
+    /// The deadline of each operation.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Sets the deadline of each operation from now on.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// Every peer this client can send to, by ID: the address book (see [`Client::follow_cluster`]).
+    pub fn peers(&self) -> &BTreeMap<NodeId, SocketAddr> {
+        &self.peers
     }
 
     /// Whether this client seals its requests (it has the cluster's keys).
@@ -369,6 +441,116 @@ impl Client {
         }
     }
 
+    /// The configuration as the leader sees it, with each member's match index and lag. Any
+    /// peer answers with its own view; a follower's names the leader, which is asked next (its
+    /// address learned from that answer when following). `Timeout` if no leader answered by
+    /// the deadline; it then says which view it had.
+    pub fn members(&mut self) -> Result<Members, ClientError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut seen: Option<String> = None;
+        loop {
+            let (peer, result) = match self.call(&ClientOp::Members, deadline) {
+                Ok(answer) => answer,
+                Err(ClientError::Timeout(what)) => {
+                    return Err(ClientError::Timeout(match seen {
+                        Some(view) => format!("{what} from the leader; {view}"),
+                        None => what,
+                    }))
+                }
+                Err(e) => return Err(e),
+            };
+            let ClientResult::Members {
+                leader,
+                config_index,
+                committed,
+                members,
+            } = result
+            else {
+                unreachable!("filtered reply {result:?} from peer {peer}");
+            };
+            let from_leader = leader == Some(peer);
+            self.learn(
+                config_index,
+                committed || from_leader,
+                members.iter().map(|m| (m.id, m.address.as_str())),
+            );
+            if from_leader {
+                self.leader = Some(peer);
+                return Ok(Members {
+                    leader: peer,
+                    config_index,
+                    committed,
+                    members,
+                });
+            }
+            let ids: Vec<String> = members.iter().map(|m| m.id.to_string()).collect();
+            seen = Some(format!(
+                "the last view was peer {peer}'s: members [{}] at config index {config_index}, leader {}",
+                ids.join(", "),
+                leader.map_or("unknown".to_string(), |l| l.to_string())
+            ));
+            match leader {
+                Some(l) if l != peer && self.peers.contains_key(&l) => self.leader = Some(l),
+                _ => {
+                    self.forget_leader(peer);
+                    pause_until(short_pause(), deadline);
+                }
+            }
+        }
+    }
+
+    /// Changes the membership by one server (Raft thesis §4.2) and returns once the change is
+    /// committed. `Busy` answers (a learner still catching up, a new leader yet to commit in
+    /// its term) are retried until the deadline; if the last answer was still `Busy`, the
+    /// result is `Refused` with its reason (nothing was changed). A change already in effect
+    /// is answered as done, so retrying after a `Timeout` (outcome unknown) is safe.
+    pub fn change_members(&mut self, change: ConfChange) -> Result<Configured, ClientError> {
+        let deadline = Instant::now() + self.timeout;
+        let op = ClientOp::ChangeMembers { change };
+        let mut pause = BUSY_PAUSE;
+        loop {
+            match self.call(&op, deadline) {
+                Ok((
+                    peer,
+                    ClientResult::Configured {
+                        index,
+                        term,
+                        members,
+                    },
+                )) => {
+                    self.learn(
+                        index,
+                        true,
+                        members.iter().map(|m| (m.id, m.address.as_str())),
+                    );
+                    return Ok(Configured {
+                        index,
+                        term,
+                        members,
+                        peer,
+                    });
+                }
+                Ok((peer, ClientResult::Busy { reason })) => {
+                    log::debug!("peer {peer} is busy: {reason}");
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left <= BUSY_MARGIN {
+                        return Err(ClientError::Refused(format!(
+                            "not done within {} ms, nothing changed; peer {peer} answered: {reason}",
+                            self.timeout.as_millis()
+                        )));
+                    }
+                    std::thread::sleep(pause.min(left - BUSY_MARGIN));
+                    pause = (pause * 2).min(MAX_WAIT);
+                }
+                Ok((peer, other)) => unreachable!("filtered reply {other:?} from peer {peer}"),
+                Err(ClientError::Timeout(what)) => {
+                    return Err(ClientError::Timeout(format!("{what} (outcome unknown)")))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Asks every peer for its status once, in parallel, and waits up to
     /// min(timeout, [`STATUS_WAIT`]) for the answers. One entry per peer, in ID order.
     pub fn status(&mut self) -> Vec<PeerStatus> {
@@ -401,9 +583,29 @@ impl Client {
                 continue;
             };
             if let ClientResult::Status(info) = reply.result {
+                self.learn(
+                    info.config_index,
+                    info.role == crate::raft::Role::Leader,
+                    info.members.iter().map(|m| (m.id, m.address.as_str())),
+                );
                 infos.insert(peer, info);
+                // Members just learned are asked in this same round.
+                let asked: BTreeSet<NodeId> = by_request.values().copied().collect();
+                let new: Vec<NodeId> = self
+                    .peers
+                    .keys()
+                    .copied()
+                    .filter(|id| !asked.contains(id))
+                    .collect();
+                for id in new {
+                    let request_id = self.fresh_request_id();
+                    if self.send(request_id, &ClientOp::Status, id).is_ok() {
+                        by_request.insert(request_id, id);
+                    }
+                }
             }
         }
+        let peers: Vec<(NodeId, SocketAddr)> = self.peers.iter().map(|(&i, &a)| (i, a)).collect();
         if let Some(auth) = &mut self.auth {
             for &(id, _) in &peers {
                 if !infos.contains_key(&id) {
@@ -518,6 +720,14 @@ impl Client {
                 wait = (wait * 2).min(MAX_WAIT);
                 continue;
             };
+            if let ClientResult::NotLeader { leader: Some(l) } = reply.result {
+                if self.follow && l != target && !self.peers.contains_key(&l) {
+                    log::debug!(
+                        "peer {target} redirects to peer {l}, whose address is unknown: asking peer {target} for the members"
+                    );
+                    self.discover(target, wait, deadline);
+                }
+            }
             match reply.result {
                 ClientResult::NotLeader { leader: Some(l) }
                     if l != target && self.peers.contains_key(&l) =>
@@ -541,8 +751,10 @@ impl Client {
                     return Err(ClientError::Refused(reason));
                 }
                 result => {
-                    // Only the leader answers appends and queries.
-                    if self.peers.contains_key(&reply.from) {
+                    // Only the leader answers appends, queries, transfers and membership
+                    // changes; any peer answers `Members`.
+                    let any_peer = matches!(result, ClientResult::Members { .. });
+                    if !any_peer && self.peers.contains_key(&reply.from) {
                         self.leader = Some(reply.from);
                     }
                     self.last_peer = Some(reply.from);
@@ -550,6 +762,101 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// Asks peer `from`, which has just answered, for the members, to learn addresses (of a
+    /// leader it named); waits at most `wait`, not past `deadline`. Whether it answered.
+    fn discover(&mut self, from: NodeId, wait: Duration, deadline: Instant) -> bool {
+        let op = ClientOp::Members;
+        let request_id = self.fresh_request_id();
+        if self.send(request_id, &op, from).is_err() {
+            return false;
+        }
+        let until = (Instant::now() + wait).min(deadline);
+        let mut resends = 0;
+        loop {
+            match self.recv_until(until) {
+                None => return false,
+                Some(Incoming::Notice(peer)) => {
+                    if peer == from && resends < MAX_RESENDS {
+                        resends += 1;
+                        let _ = self.send(request_id, &op, from);
+                    }
+                }
+                Some(Incoming::Reply(reply)) if reply.id == request_id => {
+                    let ClientResult::Members {
+                        leader,
+                        config_index,
+                        committed,
+                        members,
+                    } = reply.result
+                    else {
+                        return false;
+                    };
+                    self.learn(
+                        config_index,
+                        committed || leader == Some(reply.from),
+                        members.iter().map(|m| (m.id, m.address.as_str())),
+                    );
+                    return true;
+                }
+                Some(Incoming::Reply(reply)) => {
+                    log::debug!("ignoring reply {} from peer {}", reply.id, reply.from)
+                }
+            }
+        }
+    }
+
+    /// Takes a configuration a peer reported (`config_index` its entry; `authoritative` if it
+    /// is the leader's or committed): adds or corrects members' addresses, and if it is the
+    /// newest seen, its members become the round robin. Nothing unless following.
+    fn learn<'a>(
+        &mut self,
+        config_index: Index,
+        authoritative: bool,
+        members: impl IntoIterator<Item = (NodeId, &'a str)>,
+    ) {
+        if !self.follow {
+            return;
+        }
+        let mut ids = BTreeSet::new();
+        for (id, address) in members {
+            ids.insert(id);
+            if address.is_empty() {
+                continue;
+            }
+            match resolve(address) {
+                Ok(addr) => {
+                    if self.peers.insert(id, addr) != Some(addr) {
+                        log::debug!("peer {id} is at {addr} ({address})");
+                    }
+                }
+                Err(e) => log::debug!("member {id}: {e}"),
+            }
+        }
+        if ids.is_empty() {
+            return;
+        }
+        let newer = self
+            .current
+            .as_ref()
+            .is_none_or(|(seen, _)| config_index >= *seen || authoritative);
+        if newer {
+            self.current = Some((config_index, ids));
+        }
+        let mut order: Vec<NodeId> = self.current.as_ref().map_or(Vec::new(), |(_, ids)| {
+            ids.iter()
+                .copied()
+                .filter(|id| self.peers.contains_key(id))
+                .collect()
+        });
+        if order.is_empty() {
+            order = self.peers.keys().copied().collect();
+        }
+        // The round robin goes on from the peer it would have tried next.
+        let next = self.order[self.cursor % self.order.len()];
+        self.cursor = order.iter().position(|&p| p >= next).unwrap_or(0);
+        self.order = order;
     }
 
     /// The known leader, or else the next peer in round-robin order.
@@ -693,6 +1000,20 @@ fn fits(op: &ClientOp, result: &ClientResult) -> bool {
         ClientResult::Status(_) => matches!(op, ClientOp::Status),
         ClientResult::Transferred { .. } => matches!(op, ClientOp::TransferLeader { .. }),
     }
+}
+
+/// A member's `host:port` as a socket address, preferring IPv4 (as peer configs do).
+fn resolve(address: &str) -> Result<SocketAddr, String> {
+    let addrs: Vec<SocketAddr> = address
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {address:?}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{address:?} resolves to no address"))
 }
 
 /// Sleeps for `pause`, but not past `deadline`.
@@ -871,6 +1192,224 @@ mod tests {
         let mut c = client_of(&[(1, &p1), (2, &p2)], 2000);
         assert_eq!(c.append("x").unwrap().peer, 2);
         assert_eq!(c.leader_hint(), Some(2));
+    }
+
+    /// Fake peers' addresses by ID, filled in once they are started, for their scripts to
+    /// report in membership answers.
+    type Book = Arc<Mutex<BTreeMap<NodeId, String>>>;
+
+    /// Voters `ids` at their addresses in `book`, with progress if `progress`.
+    fn voters(book: &Book, ids: &[NodeId], progress: bool) -> Vec<MemberInfo> {
+        let book = book.lock().unwrap();
+        ids.iter()
+            .map(|&id| MemberInfo {
+                id,
+                address: book[&id].clone(),
+                role: crate::raft::MemberRole::Voter,
+                match_index: progress.then_some(10 + id),
+                lag: progress.then_some(3 - id),
+            })
+            .collect()
+    }
+
+    /// A `Members` answer naming `leader`, with `members`.
+    fn members_answer(leader: Option<NodeId>, members: Vec<MemberInfo>) -> ClientResult {
+        ClientResult::Members {
+            leader,
+            config_index: 3,
+            committed: true,
+            members,
+        }
+    }
+
+    #[test]
+    fn redirect_to_an_unknown_id_is_followed_once_members_name_it() {
+        // The config names peer 1 only; the leader is peer 7, added since.
+        let book = Book::default();
+        let p7 = FakePeer::start(7, |req| match req.op {
+            ClientOp::Members => vec![],
+            _ => vec![(req.id, appended(9, 4))],
+        });
+        let p1 = FakePeer::start(1, {
+            let book = book.clone();
+            move |req| match req.op {
+                ClientOp::Members => vec![(
+                    req.id,
+                    members_answer(Some(7), voters(&book, &[1, 7], false)),
+                )],
+                _ => vec![(req.id, ClientResult::NotLeader { leader: Some(7) })],
+            }
+        });
+        book.lock()
+            .unwrap()
+            .extend([(1, p1.addr.to_string()), (7, p7.addr.to_string())]);
+        let mut c = client_of(&[(1, &p1)], 2000);
+        c.follow_cluster(true);
+        let a = c.append("hello").unwrap();
+        assert_eq!((a.index, a.term, a.peer), (9, 4, 7));
+        assert_eq!(c.peers().get(&7), Some(&p7.addr));
+        assert_eq!(c.leader_hint(), Some(7));
+        let asked: Vec<bool> = p1
+            .requests()
+            .iter()
+            .map(|r| r.op == ClientOp::Members)
+            .collect();
+        assert_eq!(asked, [false, true], "the append, then the members");
+        assert_eq!(p7.requests().len(), 1);
+    }
+
+    #[test]
+    fn a_client_not_following_stays_with_the_peers_it_was_given() {
+        let p1 = FakePeer::start(1, |req| match req.op {
+            ClientOp::Members => vec![(req.id, members_answer(Some(7), Vec::new()))],
+            _ => vec![(req.id, ClientResult::NotLeader { leader: Some(7) })],
+        });
+        let mut c = client_of(&[(1, &p1)], 300);
+        assert!(matches!(c.append("x"), Err(ClientError::Timeout(_))));
+        assert!(p1.requests().iter().all(|r| r.op != ClientOp::Members));
+        assert_eq!(c.peers().len(), 1);
+    }
+
+    #[test]
+    fn members_asks_the_leader_and_removed_peers_leave_the_round_robin() {
+        // Peer 1 was removed and no longer answers; peer 2 follows peer 3, which the config
+        // does not name.
+        let book = Book::default();
+        let p1 = FakePeer::silent(1);
+        let p2 = FakePeer::start(2, {
+            let book = book.clone();
+            move |req| match req.op {
+                ClientOp::Members => vec![(
+                    req.id,
+                    members_answer(Some(3), voters(&book, &[2, 3], false)),
+                )],
+                _ => vec![(req.id, ClientResult::NotLeader { leader: Some(3) })],
+            }
+        });
+        let p3 = FakePeer::start(3, {
+            let book = book.clone();
+            move |req| match req.op {
+                ClientOp::Members => vec![(
+                    req.id,
+                    members_answer(Some(3), voters(&book, &[2, 3], true)),
+                )],
+                _ => vec![(req.id, appended(13, 2))],
+            }
+        });
+        book.lock()
+            .unwrap()
+            .extend([(2, p2.addr.to_string()), (3, p3.addr.to_string())]);
+        let mut c = client_of(&[(1, &p1), (2, &p2)], 2000);
+        c.follow_cluster(true);
+        let m = c.members().unwrap();
+        assert_eq!((m.leader, m.config_index, m.committed), (3, 3, true));
+        let progress: Vec<(NodeId, Option<Index>, Option<Index>)> = m
+            .members
+            .iter()
+            .map(|m| (m.id, m.match_index, m.lag))
+            .collect();
+        assert_eq!(progress, [(2, Some(12), Some(1)), (3, Some(13), Some(0))]);
+        assert_eq!(c.leader_hint(), Some(3));
+        assert_eq!(c.order, [2, 3], "peer 1 is out of the round robin");
+        assert_eq!(c.peers().len(), 3, "but still in the address book");
+        // With the leader gone quiet, the client rotates over the current members only.
+        c.leader = None;
+        assert_eq!(c.append("x").unwrap().peer, 3);
+        assert_eq!(
+            p1.requests().len(),
+            1,
+            "the removed peer was asked only once"
+        );
+    }
+
+    #[test]
+    fn status_asks_members_it_learns_in_the_same_round() {
+        let book = Book::default();
+        let p2 = FakePeer::always(2, ClientResult::Status(status_info(2, Role::Follower)));
+        let p1 = FakePeer::start(1, {
+            let book = book.clone();
+            move |req| {
+                let mut info = status_info(1, Role::Leader);
+                info.config_index = 5;
+                info.members = voters(&book, &[1, 2], false)
+                    .into_iter()
+                    .map(|m| Member {
+                        id: m.id,
+                        address: m.address,
+                        role: m.role,
+                    })
+                    .collect();
+                info.members[1].role = crate::raft::MemberRole::Learner;
+                vec![(req.id, ClientResult::Status(info))]
+            }
+        });
+        book.lock()
+            .unwrap()
+            .extend([(1, p1.addr.to_string()), (2, p2.addr.to_string())]);
+        let mut c = client_of(&[(1, &p1)], 2000);
+        c.follow_cluster(true);
+        let st = c.status();
+        let answered: Vec<(NodeId, bool)> = st.iter().map(|p| (p.id, p.answered)).collect();
+        assert_eq!(answered, [(1, true), (2, true)]);
+        assert_eq!(st[1].address, p2.addr);
+        assert_eq!(p2.requests().len(), 1);
+    }
+
+    #[test]
+    fn busy_changes_are_retried_until_configured() {
+        let mut busy = 3;
+        let config = vec![Member {
+            id: 1,
+            address: String::new(),
+            role: crate::raft::MemberRole::Voter,
+        }];
+        let p1 = FakePeer::start(1, move |req| {
+            let result = if busy > 0 {
+                busy -= 1;
+                ClientResult::Busy {
+                    reason: "learner 4 has not caught up: 300 entries behind".into(),
+                }
+            } else {
+                ClientResult::Configured {
+                    index: 8,
+                    term: 2,
+                    members: config.clone(),
+                }
+            };
+            vec![(req.id, result)]
+        });
+        let mut c = client_of(&[(1, &p1)], 3000);
+        let done = c.change_members(ConfChange::Promote { id: 4 }).unwrap();
+        assert_eq!((done.index, done.term, done.peer), (8, 2, 1));
+        let sent = p1.requests();
+        assert_eq!(sent.len(), 4);
+        assert!(sent.iter().all(|r| r.op
+            == ClientOp::ChangeMembers {
+                change: ConfChange::Promote { id: 4 }
+            }));
+    }
+
+    #[test]
+    fn busy_until_the_deadline_is_refused_with_the_reason() {
+        let p1 = FakePeer::always(
+            1,
+            ClientResult::Busy {
+                reason: "learner 4 has not caught up: 5000 entries behind (match index 7)".into(),
+            },
+        );
+        let timeout = Duration::from_millis(800);
+        let mut c = client_of(&[(1, &p1)], timeout.as_millis() as u64);
+        let started = Instant::now();
+        let e = c.change_members(ConfChange::Promote { id: 4 }).unwrap_err();
+        let elapsed = started.elapsed();
+        let ClientError::Refused(reason) = &e else {
+            panic!("{e:?}");
+        };
+        assert!(reason.contains("5000 entries behind"), "{reason}");
+        assert!(reason.contains("nothing changed"), "{reason}");
+        assert!(p1.requests().len() >= 3, "retried");
+        assert!(elapsed >= timeout - BUSY_MARGIN, "{elapsed:?}");
+        assert!(elapsed < timeout, "{elapsed:?}");
     }
 
     #[test]
@@ -1077,13 +1616,12 @@ mod tests {
         assert_eq!(seqs, vec![1, 2]);
     }
 
-    #[test]
-    fn status_asks_every_peer_and_waits_at_most_a_second() {
-        let info = StatusInfo {
+    fn status_info(id: NodeId, role: Role) -> StatusInfo {
+        StatusInfo {
             members: Vec::new(),
             config_index: 0,
-            id: 1,
-            role: Role::Leader,
+            id,
+            role,
             term: 3,
             leader: Some(1),
             last_index: 4,
@@ -1093,7 +1631,12 @@ mod tests {
             leader_changes: 1,
             auth_failures: 0,
             followers: Vec::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn status_asks_every_peer_and_waits_at_most_a_second() {
+        let info = status_info(1, Role::Leader);
         let p1 = FakePeer::always(1, ClientResult::Status(info.clone()));
         let p2 = FakePeer::silent(2);
         let mut c = client_of(&[(1, &p1), (2, &p2)], 5000);

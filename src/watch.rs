@@ -126,7 +126,7 @@ impl Watch {
                     "{:>4}  {:<21}  {:<12}  {:>5}  {:>6}  {:>9}  {:>9}  {:>9}  {:>7}  {:>8}  yes",
                     p.id,
                     p.address.to_string(),
-                    i.role.name(),
+                    role_name(i),
                     i.term,
                     i.leader.map_or("-".into(), |l| l.to_string()),
                     i.last_index,
@@ -156,6 +156,19 @@ impl Watch {
         let skip = self.events.len().saturating_sub(room);
         lines.extend(self.events.iter().skip(skip).cloned());
         lines
+    }
+}
+
+/// The role column: `learner` for a learner (which is always a follower), else the role.
+fn role_name(i: &StatusInfo) -> &'static str {
+    let learner = i
+        .members
+        .iter()
+        .any(|m| m.id == i.id && m.role == crate::raft::MemberRole::Learner);
+    if learner {
+        "learner"
+    } else {
+        i.role.name()
     }
 }
 
@@ -260,5 +273,38 @@ mod tests {
             .find(|l| l.trim_start().starts_with("1 "))
             .unwrap();
         assert!(row1.ends_with("no"), "{row1}");
+    }
+
+    #[test]
+    fn a_learner_is_shown_as_one() {
+        use crate::raft::{Member, MemberRole};
+        let mut learner = peer(4, Some((Role::Follower, 1, Some(1), 0)));
+        let mut voter = peer(2, Some((Role::Follower, 1, Some(1), 0)));
+        let members = vec![
+            Member {
+                id: 2,
+                address: "127.0.0.1:3002".into(),
+                role: MemberRole::Voter,
+            },
+            Member {
+                id: 4,
+                address: "127.0.0.1:3004".into(),
+                role: MemberRole::Learner,
+            },
+        ];
+        for p in [&mut learner, &mut voter] {
+            p.info.as_mut().unwrap().members = members.clone();
+        }
+        let mut w = Watch::default();
+        w.update(Instant::now(), vec![voter, learner]);
+        let frame = w.render("raft", 40);
+        let row = |id: &str| {
+            frame
+                .iter()
+                .find(|l| l.trim_start().starts_with(id))
+                .unwrap()
+        };
+        assert!(row("4 ").contains(" learner "), "{frame:?}");
+        assert!(row("2 ").contains(" follower "), "{frame:?}");
     }
 }

@@ -1,12 +1,17 @@
-//! The command-line client: `append`, `query`, `status` and `transfer-leader` subcommands that
-//! print JSON lines, or, with no subcommand, the original project's interactive menu.
+//! The command-line client: `append`, `query`, `status`, `transfer-leader`, and membership
+//! (`members`, `add-learner`, `promote`, `remove`) subcommands that print JSON lines, or, with
+//! no subcommand, the original project's interactive menu. It follows the cluster: the config
+//! needs to name only one current member.
 //!
 //! Exit codes: 0 done; 1 refused, usage or config error; 2 no answer in time (outcome unknown).
 
 use argh::FromArgs;
-use raft::client::{Client, ClientError, PeerStatus};
+use raft::client::{Client, ClientError, Configured, PeerStatus};
 use raft::config::PeerConfig;
-use raft::raft::{FollowerInfo, LogRecord, NodeId, Role, StatusInfo};
+use raft::raft::membership::check_address;
+use raft::raft::{
+    ConfChange, FollowerInfo, LogRecord, Member, MemberRole, NodeId, Role, StatusInfo,
+};
 use serde::Serialize;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -19,6 +24,10 @@ const EXIT_OK: u8 = 0;
 const EXIT_REFUSED: u8 = 1;
 /// Exit code: no answer in time; the outcome is unknown.
 const EXIT_NO_ANSWER: u8 = 2;
+/// The time limit of an operation without `--timeout-ms`.
+const DEFAULT_TIMEOUT_MS: u64 = 5000;
+/// The time limit of `promote` without `--timeout-ms`: a learner may need a while to catch up.
+const DEFAULT_PROMOTE_TIMEOUT_MS: u64 = 10_000;
 
 #[derive(FromArgs)]
 /// Talk to a Raft cluster. With no subcommand, an interactive menu.
@@ -28,9 +37,9 @@ struct Args {
     #[argh(option, short = 'p', default = "PathBuf::from(\"peers/peer1.json\")")]
     path: PathBuf,
 
-    /// time limit for each operation, in milliseconds (default 5000)
-    #[argh(option, default = "5000")]
-    timeout_ms: u64,
+    /// time limit for each operation, in milliseconds (default 5000; promote: 10000)
+    #[argh(option)]
+    timeout_ms: Option<u64>,
 
     #[argh(subcommand)]
     command: Option<Command>,
@@ -44,6 +53,51 @@ enum Command {
     Status(StatusArgs),
     TransferLeader(TransferLeaderArgs),
     Watch(WatchArgs),
+    Members(MembersArgs),
+    AddLearner(AddLearnerArgs),
+    Promote(PromoteArgs),
+    Remove(RemoveArgs),
+}
+
+#[derive(FromArgs)]
+/// Print each member as the leader sees it, one JSON line each: id, address, role (voter or
+/// learner), match_index and lag.
+#[argh(subcommand, name = "members")]
+struct MembersArgs {}
+
+#[derive(FromArgs)]
+/// Add peer ID at HOST:PORT as a learner (it gets the log but does not vote); prints the new
+/// configuration once committed.
+#[argh(subcommand, name = "add-learner")]
+struct AddLearnerArgs {
+    /// the new peer's node ID
+    #[argh(positional)]
+    id: NodeId,
+    /// where peers reach it, HOST:PORT
+    #[argh(positional)]
+    address: String,
+}
+
+#[derive(FromArgs)]
+/// Make learner ID a voter once it has caught up; retries until the time limit, then exits 1
+/// saying how far behind it is.
+#[argh(subcommand, name = "promote")]
+struct PromoteArgs {
+    /// the learner's node ID
+    #[argh(positional)]
+    id: NodeId,
+    /// how long to wait for the learner to catch up, in milliseconds (default 10000)
+    #[argh(option)]
+    timeout_ms: Option<u64>,
+}
+
+#[derive(FromArgs)]
+/// Remove voter or learner ID from the cluster; prints the new configuration once committed.
+#[argh(subcommand, name = "remove")]
+struct RemoveArgs {
+    /// the member's node ID
+    #[argh(positional)]
+    id: NodeId,
 }
 
 #[derive(FromArgs)]
@@ -87,6 +141,15 @@ struct WatchArgs {
     interval_ms: u64,
 }
 
+/// What `add-learner`, `promote` and `remove` print: the configuration entry's index and term,
+/// and the configuration it made.
+#[derive(Serialize)]
+struct ConfiguredLine {
+    index: u64,
+    term: u64,
+    members: Vec<Member>,
+}
+
 /// What `transfer-leader` prints.
 #[derive(Serialize)]
 struct LeaderLine {
@@ -117,6 +180,15 @@ struct StatusFields {
     /// On the leader's row: each follower's match index, lag and time since last contact.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     followers: Vec<FollowerInfo>,
+    /// This peer's role in its configuration (`voter`, `learner`); absent if it reports no
+    /// configuration, or one without itself (it was removed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    member_role: Option<MemberRole>,
+    /// The index of the configuration in force on this peer (0: the bootstrap one).
+    config_index: u64,
+    /// That configuration's members.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    members: Vec<Member>,
 }
 
 impl From<&StatusInfo> for StatusFields {
@@ -130,8 +202,16 @@ impl From<&StatusInfo> for StatusFields {
             applied_index: i.applied_index,
             auth_failures: i.auth_failures,
             followers: i.followers.clone(),
+            member_role: member_role(i),
+            config_index: i.config_index,
+            members: i.members.clone(),
         }
     }
+}
+
+/// A peer's role in the configuration it reports, if it is in it.
+fn member_role(i: &StatusInfo) -> Option<MemberRole> {
+    i.members.iter().find(|m| m.id == i.id).map(|m| m.role)
 }
 
 fn main() -> ExitCode {
@@ -140,11 +220,24 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(code) => return ExitCode::from(code),
     };
-    if args.timeout_ms == 0 {
+    let timeout_ms = match &args.command {
+        Some(Command::Promote(p)) => p
+            .timeout_ms
+            .or(args.timeout_ms)
+            .unwrap_or(DEFAULT_PROMOTE_TIMEOUT_MS),
+        _ => args.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS),
+    };
+    if timeout_ms == 0 {
         eprintln!("error: --timeout-ms must be at least 1");
         return ExitCode::from(EXIT_REFUSED);
     }
-    let timeout = Duration::from_millis(args.timeout_ms);
+    if let Some(Command::AddLearner(a)) = &args.command {
+        if let Err(e) = check_address(&a.address) {
+            eprintln!("error: address {:?}: {e}", a.address);
+            return ExitCode::from(EXIT_REFUSED);
+        }
+    }
+    let timeout = Duration::from_millis(timeout_ms);
     let mut client = match connect(&args.path, timeout) {
         Ok(c) => c,
         Err(e) => {
@@ -155,9 +248,19 @@ fn main() -> ExitCode {
     let code = match args.command {
         Some(Command::Append(a)) => append(&mut client, &a.text),
         Some(Command::Query(_)) => query(&mut client),
-        Some(Command::Status(_)) => status(&mut client, args.timeout_ms),
+        Some(Command::Status(_)) => status(&mut client, timeout_ms),
         Some(Command::TransferLeader(t)) => transfer_leader(&mut client, t.id),
         Some(Command::Watch(w)) => watch(&args.path, &w),
+        Some(Command::Members(_)) => members(&mut client),
+        Some(Command::AddLearner(a)) => change(
+            &mut client,
+            ConfChange::AddLearner {
+                id: a.id,
+                address: a.address,
+            },
+        ),
+        Some(Command::Promote(p)) => change(&mut client, ConfChange::Promote { id: p.id }),
+        Some(Command::Remove(r)) => change(&mut client, ConfChange::Remove { id: r.id }),
         None => menu(&mut client),
     };
     ExitCode::from(code)
@@ -364,6 +467,39 @@ fn transfer_leader(client: &mut Client, target: Option<NodeId>) -> u8 {
     }
 }
 
+/// `members`: one line per member, as the leader sees it.
+fn members(client: &mut Client) -> u8 {
+    match client.members() {
+        Ok(m) => {
+            for member in &m.members {
+                print_or_exit(&json(member));
+            }
+            EXIT_OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// `add-learner`, `promote`, `remove`: one line once the change is committed.
+fn change(client: &mut Client, change: ConfChange) -> u8 {
+    match client.change_members(change) {
+        Ok(Configured {
+            index,
+            term,
+            members,
+            ..
+        }) => {
+            print_or_exit(&json(&ConfiguredLine {
+                index,
+                term,
+                members,
+            }));
+            EXIT_OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
 fn status(client: &mut Client, timeout_ms: u64) -> u8 {
     let peers = client.status();
     for p in &peers {
@@ -414,6 +550,10 @@ fn menu(client: &mut Client) -> u8 {
         println!("3. exit");
         println!("4. status");
         println!("5. transfer leadership");
+        println!("6. members");
+        println!("7. add a learner");
+        println!("8. promote a learner");
+        println!("9. remove a member");
         let Some(choice) = read("choice:") else {
             return EXIT_OK;
         };
@@ -462,9 +602,120 @@ fn menu(client: &mut Client) -> u8 {
                     Err(e) => eprintln!("error: {e}"),
                 }
             }
+            "6" | "members" => match client.members() {
+                Ok(m) => print_members(&m),
+                Err(e) => eprintln!("error: {e}"),
+            },
+            "7" | "add" | "add-learner" => {
+                let Some(id) = read("new peer's ID:") else {
+                    return EXIT_OK;
+                };
+                let Some(id) = parse_id(&id) else { continue };
+                let Some(address) = read("its address (HOST:PORT):") else {
+                    return EXIT_OK;
+                };
+                let address = address.trim().to_string();
+                if let Err(e) = check_address(&address) {
+                    eprintln!("error: address {address:?}: {e}");
+                    continue;
+                }
+                menu_change(client, ConfChange::AddLearner { id, address });
+            }
+            "8" | "promote" => {
+                let Some(id) = read("learner's ID:") else {
+                    return EXIT_OK;
+                };
+                let Some(id) = parse_id(&id) else { continue };
+                menu_change(client, ConfChange::Promote { id });
+            }
+            "9" | "remove" => {
+                let Some(id) = read("member's ID to remove:") else {
+                    return EXIT_OK;
+                };
+                let Some(id) = parse_id(&id) else { continue };
+                menu_change(client, ConfChange::Remove { id });
+            }
             "" => {}
-            other => eprintln!("error: unknown choice {other:?}; enter 1, 2, 3, 4 or 5"),
+            other => eprintln!("error: unknown choice {other:?}; enter a number from 1 to 9"),
         }
+    }
+}
+
+/// A node ID typed at the menu, or `None` after saying why not.
+fn parse_id(text: &str) -> Option<NodeId> {
+    match text.trim().parse::<NodeId>() {
+        Ok(id) => Some(id),
+        Err(_) => {
+            eprintln!("error: {:?} is not a peer ID", text.trim());
+            None
+        }
+    }
+}
+
+/// A membership change from the menu. Promotion gets the longer promote time limit, as on
+/// the command line, unless the client's own is longer.
+fn menu_change(client: &mut Client, change: ConfChange) {
+    let promote = matches!(change, ConfChange::Promote { .. });
+    let normal = client.timeout();
+    if promote {
+        client.set_timeout(normal.max(Duration::from_millis(DEFAULT_PROMOTE_TIMEOUT_MS)));
+    }
+    let result = client.change_members(change);
+    client.set_timeout(normal);
+    match result {
+        Ok(c) => println!(
+            "done at index {}, term {}: members {}",
+            c.index,
+            c.term,
+            describe(&c.members)
+        ),
+        Err(e) => eprintln!("error: {e}"),
+    }
+}
+
+/// Members as `1, 2, 4 (learner)`.
+fn describe(members: &[Member]) -> String {
+    let parts: Vec<String> = members
+        .iter()
+        .map(|m| match m.role {
+            MemberRole::Voter => m.id.to_string(),
+            MemberRole::Learner => format!("{} (learner)", m.id),
+        })
+        .collect();
+    parts.join(", ")
+}
+
+fn print_members(m: &raft::client::Members) {
+    let state = if m.committed {
+        "committed"
+    } else {
+        "not yet committed"
+    };
+    println!(
+        "configuration at index {} ({state}), as leader {} sees it",
+        m.config_index, m.leader
+    );
+    let address_width = m
+        .members
+        .iter()
+        .map(|i| i.address.len())
+        .max()
+        .unwrap_or(0)
+        .max("address".len());
+    println!(
+        "{:>4}  {:<address_width$}  {:<7}  {:>8}  {:>8}",
+        "id", "address", "role", "match", "lag"
+    );
+    let or_dash = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    for i in &m.members {
+        println!(
+            "{:>4}  {:<address_width$}  {:<7}  {:>8}  {:>8}",
+            i.id,
+            i.address,
+            i.role.name(),
+            or_dash(i.match_index),
+            or_dash(i.lag)
+        );
     }
 }
 
@@ -488,26 +739,42 @@ fn print_status_table(peers: &[PeerStatus]) {
         .unwrap_or(0)
         .max("address".len());
     println!(
-        "{:>4}  {:<address_width$}  {:<13}  {:>6}  {:>6}  {:>8}  {:>8}  {:>8}  answered",
-        "id", "address", "role", "term", "leader", "last", "commit", "applied"
+        "{:>4}  {:<address_width$}  {:<13}  {:<7}  {:>6}  {:>6}  {:>8}  {:>8}  {:>8}  {:>6}  answered",
+        "id", "address", "role", "member", "term", "leader", "last", "commit", "applied", "config"
     );
     for p in peers {
         let address = p.address.to_string();
         match &p.info {
             Some(i) => println!(
-                "{:>4}  {address:<address_width$}  {:<13}  {:>6}  {:>6}  {:>8}  {:>8}  {:>8}  yes",
+                "{:>4}  {address:<address_width$}  {:<13}  {:<7}  {:>6}  {:>6}  {:>8}  {:>8}  {:>8}  {:>6}  yes",
                 p.id,
                 i.role.name(),
+                member_role(i).map_or(if i.members.is_empty() { "-" } else { "removed" }, |r| r.name()),
                 i.term,
                 i.leader.map_or("-".to_string(), |l| l.to_string()),
                 i.last_index,
                 i.commit_index,
-                i.applied_index
+                i.applied_index,
+                i.config_index
             ),
             None => println!(
-                "{:>4}  {address:<address_width$}  {:<13}  {:>6}  {:>6}  {:>8}  {:>8}  {:>8}  no",
-                p.id, "-", "-", "-", "-", "-", "-"
+                "{:>4}  {address:<address_width$}  {:<13}  {:<7}  {:>6}  {:>6}  {:>8}  {:>8}  {:>8}  {:>6}  no",
+                p.id, "-", "-", "-", "-", "-", "-", "-", "-"
             ),
         }
+    }
+    // The newest configuration any peer reports (the leader's, on a tie).
+    let newest = peers
+        .iter()
+        .filter_map(|p| p.info.as_ref())
+        .filter(|i| !i.members.is_empty())
+        .max_by_key(|i| (i.config_index, i.role == Role::Leader));
+    if let Some(i) = newest {
+        println!(
+            "members (config index {}, from peer {}): {}",
+            i.config_index,
+            i.id,
+            describe(&i.members)
+        );
     }
 }
