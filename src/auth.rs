@@ -2017,6 +2017,49 @@ mod tests {
     }
 
     #[test]
+    fn members_added_later_and_senders_to_a_joining_peer_are_taken() {
+        // Node 1 leads {1, 2, 3}; node 4 joins, knowing only node 2 as a contact point.
+        let k = keys(K1);
+        let mut p = Pair {
+            a: Arc::new(PeerAuth::new(Arc::clone(&k), 1, [2, 3])),
+            b: Arc::new(PeerAuth::new(Arc::clone(&k), 4, [2])),
+            gate_a: Gate::new(Arc::new(PeerAuth::new(Arc::clone(&k), 9, []))),
+            gate_b: Gate::new(Arc::new(PeerAuth::new(Arc::clone(&k), 9, []))),
+        };
+        p.gate_a = Gate::new(Arc::clone(&p.a));
+        p.gate_b = Gate::new(Arc::clone(&p.b));
+        let mut buf = with_room(b"x");
+        assert!(
+            p.a.seal_to_peer(4, &mut buf, |_| {}).is_err(),
+            "not yet a peer"
+        );
+        // Not yet open: a sender it has no link to is refused.
+        p.a.add_peer(4);
+        let first = Pair::seal(&p.a, 4, b"append");
+        assert!(matches!(
+            p.gate_b.admit(&first[0], src(), Instant::now()),
+            Err(Refused::Misdirected(_))
+        ));
+        // Open (no configuration yet): the leader's datagrams get in, and node 4 can answer.
+        p.b.set_open(true);
+        assert!(p.b.knows(1) && !p.b.knows(4));
+        let (_, at_b) = p.exchange(Pair::seal(&p.a, 4, b"append"));
+        assert_eq!(at_b, [b"append".to_vec()]);
+        let answer = Pair::seal(&p.b, 1, b"ok");
+        let got: Vec<_> = answer
+            .iter()
+            .filter_map(|d| match p.gate_a.admit(d, src(), Instant::now()) {
+                Ok(Admitted::Peer { from, body }) => Some((from, body.to_vec())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, [(4, b"ok".to_vec())]);
+        // Closed again (a configuration is known): the link it made stays.
+        p.b.set_open(false);
+        assert!(p.b.knows(1) && !p.b.knows(3));
+    }
+
+    #[test]
     fn the_first_datagram_learns_the_epoch_and_is_resent_once() {
         let k = keys(K1);
         let mut p = Pair::new(Arc::clone(&k), k);
