@@ -1,11 +1,14 @@
 //! The UDP side of a peer: one socket; a receiver loop that turns datagrams into inbox items and
 //! drops everything else with rate-limited warnings; and the send side, which addresses peers by
-//! node ID through the config and clients by the source address of their request.
+//! node ID through the [`Directory`] (addresses from the configuration in force) and clients by
+//! the source address of their request.
 //!
 //! What is accepted is decided by one pure function, [`classify`], so the rules are testable
 //! without sockets:
 //! - a datagram over [`MAX_DATAGRAM`] bytes, or one that does not decode, is dropped;
-//! - a peer [`Message`] must come `from` a configured peer and be addressed `to` this node;
+//! - a peer [`Message`] must carry this peer's cluster ID (else it is dropped as
+//!   `wrong_cluster`), come `from` a member of a configuration it knows ([`Accept`], which the
+//!   node thread updates as the configuration in the log changes) and be addressed `to` it;
 //! - a client [`ClientRequest`] is accepted from anyone and answered at its source address;
 //! - a [`ClientReply`] is dropped: peers send replies, they never take them.
 //!
