@@ -94,8 +94,8 @@ use std::fmt;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A node ID, as in the core (`crate::raft::NodeId`).
@@ -957,6 +957,18 @@ struct Link {
     unsent: Mutex<Option<Vec<u8>>>,
 }
 
+impl Link {
+    fn new() -> Link {
+        Link {
+            counter: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            slot: AtomicU8::new(0),
+            probed: AtomicU64::new(0),
+            unsent: Mutex::new(None),
+        }
+    }
+}
+
 /// A client session to seal replies to: who sent the latest request from an address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientTag {
@@ -973,7 +985,12 @@ pub struct PeerAuth {
     me: NodeId,
     /// This incarnation's epoch; moved forward only by a peer's notice.
     epoch: AtomicU64,
-    links: BTreeMap<NodeId, Link>,
+    /// One per peer we may talk to. Grows as configurations add members (never shrinks: a
+    /// link's counter must never restart within our epoch, or the peer would refuse it).
+    links: RwLock<BTreeMap<NodeId, Arc<Link>>>,
+    /// A joining peer that has no configuration yet takes authentic datagrams from any node
+    /// (every member holds the cluster secret) and makes a link for each new sender.
+    open: AtomicBool,
     /// The last counter used towards clients (replies and notices; clients keep no window).
     client_counter: AtomicU64,
     /// Source address → the session that sent the latest request from it.
@@ -999,20 +1016,14 @@ impl PeerAuth {
             keys,
             me,
             epoch: AtomicU64::new(fresh_epoch()),
-            links: peers
-                .into_iter()
-                .filter(|&p| p != me)
-                .map(|p| {
-                    let link = Link {
-                        counter: AtomicU64::new(0),
-                        epoch: AtomicU64::new(0),
-                        slot: AtomicU8::new(0),
-                        probed: AtomicU64::new(0),
-                        unsent: Mutex::new(None),
-                    };
-                    (p, link)
-                })
-                .collect(),
+            links: RwLock::new(
+                peers
+                    .into_iter()
+                    .filter(|&p| p != me)
+                    .map(|p| (p, Arc::new(Link::new())))
+                    .collect(),
+            ),
+            open: AtomicBool::new(false),
             client_counter: AtomicU64::new(0),
             replies: Mutex::new(TwoGenerations::new(4 * CLIENT_SESSIONS)),
             created: Instant::now(),
@@ -1024,6 +1035,32 @@ impl PeerAuth {
         &self.keys
     }
 
+    /// The link to peer `id`, if it is one we know.
+    fn link(&self, id: NodeId) -> Option<Arc<Link>> {
+        let links = self.links.read().unwrap_or_else(|p| p.into_inner());
+        links.get(&id).cloned()
+    }
+
+    /// Whether datagrams sealed by node `id` are taken: a known peer, or any node while open.
+    pub fn knows(&self, id: NodeId) -> bool {
+        id != self.me && (self.open.load(Ordering::Relaxed) || self.link(id).is_some())
+    }
+
+    /// Starts talking to peer `id` (a member a configuration added); no-op if known.
+    pub fn add_peer(&self, id: NodeId) {
+        if id == self.me {
+            return;
+        }
+        let mut links = self.links.write().unwrap_or_else(|p| p.into_inner());
+        links.entry(id).or_insert_with(|| Arc::new(Link::new()));
+    }
+
+    /// Whether datagrams from nodes we have no link to are taken (a joining peer's state
+    /// until it has a configuration).
+    pub fn set_open(&self, open: bool) {
+        self.open.store(open, Ordering::Relaxed);
+    }
+
     /// This incarnation's epoch.
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Relaxed)
@@ -1031,9 +1068,7 @@ impl PeerAuth {
 
     /// What we know of peer `id`'s epoch (0: nothing yet).
     pub fn peer_epoch(&self, id: NodeId) -> u64 {
-        self.links
-            .get(&id)
-            .map_or(0, |l| l.epoch.load(Ordering::Relaxed))
+        self.link(id).map_or(0, |l| l.epoch.load(Ordering::Relaxed))
     }
 
     /// Seals the body in `buf` (after [`HEADER_LEN`] bytes of room) for peer `to` and hands each
@@ -1048,8 +1083,7 @@ impl PeerAuth {
         mut send: impl FnMut(&[u8]),
     ) -> Result<(), String> {
         let link = self
-            .links
-            .get(&to)
+            .link(to)
             .ok_or_else(|| format!("node {to} is not a configured peer"))?;
         let their = link.epoch.load(Ordering::Acquire);
         let slots = if their == 0 {
@@ -1059,7 +1093,7 @@ impl PeerAuth {
             (0..self.keys.len()).collect::<Vec<_>>().into_iter()
         } else {
             let slot = usize::from(link.slot.load(Ordering::Relaxed)).min(self.keys.len() - 1);
-            if slot > 0 && self.probe_due(link) {
+            if slot > 0 && self.probe_due(&link) {
                 // Previous key first: the copy the peer surely takes.
                 (0..slot + 1).rev().collect::<Vec<_>>().into_iter()
             } else {
@@ -1170,7 +1204,13 @@ pub struct Gate {
 
 impl Gate {
     pub fn new(auth: Arc<PeerAuth>) -> Gate {
-        let peers = auth.links.keys().map(|&p| (p, None)).collect();
+        let peers = auth
+            .links
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .map(|&p| (p, None))
+            .collect();
         Gate {
             auth,
             peers,
@@ -1218,7 +1258,11 @@ impl Gate {
             Kind::Peer | Kind::NoticeToPeer | Kind::Request => {}
             Kind::Reply | Kind::NoticeToClient => return Err(Refused::NotTaken(h.kind)),
         }
-        if !client && !self.peers.contains_key(&h.sender) {
+        if !client && self.auth.knows(h.sender) && self.auth.link(h.sender).is_none() {
+            // Open (joining): any holder of the secret is a member of some cluster.
+            self.auth.add_peer(h.sender);
+        }
+        if !client && self.auth.link(h.sender).is_none() {
             return Err(Refused::Misdirected(format!(
                 "sealed by node {}, which is not a configured peer of node {me}",
                 h.sender
@@ -1299,7 +1343,7 @@ impl Gate {
     /// A fresh datagram from peer `id`: seal to it for this epoch and key from now on, and
     /// resend what it could not take before we knew its epoch.
     fn learn_peer(&mut self, id: NodeId, epoch: u64, slot: usize) {
-        let Some(link) = self.auth.links.get(&id) else {
+        let Some(link) = self.auth.link(id) else {
             return;
         };
         if link.epoch.load(Ordering::Acquire) == epoch {
@@ -1356,7 +1400,7 @@ impl Gate {
                 next_counter(&self.auth.client_counter),
             )
         } else {
-            let Some(link) = self.auth.links.get(&h.sender) else {
+            let Some(link) = self.auth.link(h.sender) else {
                 return;
             };
             (
@@ -1970,6 +2014,49 @@ mod tests {
             }
             (at_a, at_b)
         }
+    }
+
+    #[test]
+    fn members_added_later_and_senders_to_a_joining_peer_are_taken() {
+        // Node 1 leads {1, 2, 3}; node 4 joins, knowing only node 2 as a contact point.
+        let k = keys(K1);
+        let mut p = Pair {
+            a: Arc::new(PeerAuth::new(Arc::clone(&k), 1, [2, 3])),
+            b: Arc::new(PeerAuth::new(Arc::clone(&k), 4, [2])),
+            gate_a: Gate::new(Arc::new(PeerAuth::new(Arc::clone(&k), 9, []))),
+            gate_b: Gate::new(Arc::new(PeerAuth::new(Arc::clone(&k), 9, []))),
+        };
+        p.gate_a = Gate::new(Arc::clone(&p.a));
+        p.gate_b = Gate::new(Arc::clone(&p.b));
+        let mut buf = with_room(b"x");
+        assert!(
+            p.a.seal_to_peer(4, &mut buf, |_| {}).is_err(),
+            "not yet a peer"
+        );
+        // Not yet open: a sender it has no link to is refused.
+        p.a.add_peer(4);
+        let first = Pair::seal(&p.a, 4, b"append");
+        assert!(matches!(
+            p.gate_b.admit(&first[0], src(), Instant::now()),
+            Err(Refused::Misdirected(_))
+        ));
+        // Open (no configuration yet): the leader's datagrams get in, and node 4 can answer.
+        p.b.set_open(true);
+        assert!(p.b.knows(1) && !p.b.knows(4));
+        let (_, at_b) = p.exchange(Pair::seal(&p.a, 4, b"append"));
+        assert_eq!(at_b, [b"append".to_vec()]);
+        let answer = Pair::seal(&p.b, 1, b"ok");
+        let got: Vec<_> = answer
+            .iter()
+            .filter_map(|d| match p.gate_a.admit(d, src(), Instant::now()) {
+                Ok(Admitted::Peer { from, body }) => Some((from, body.to_vec())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, [(4, b"ok".to_vec())]);
+        // Closed again (a configuration is known): the link it made stays.
+        p.b.set_open(false);
+        assert!(p.b.knows(1) && !p.b.knows(3));
     }
 
     #[test]

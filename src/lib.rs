@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod chaos;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod peer;

@@ -2,7 +2,7 @@
 //! on a thread of its own (no async runtime). The node thread and the receiver update the
 //! metrics with atomic operations; the HTTP thread only reads them.
 
-use crate::raft::{Role, StatusInfo};
+use crate::raft::{MemberRole, Role, StatusInfo};
 use prometheus_client::encoding::{text, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -35,6 +35,9 @@ pub struct Metrics {
     commit_index: Gauge,
     applied_index: Gauge,
     last_log_index: Gauge,
+    config_index: Gauge,
+    voters: Gauge,
+    learners: Gauge,
     leader_changes: Counter,
     elections_started: Counter,
     follower_match_index: Family<FollowerLabel, Gauge>,
@@ -64,6 +67,9 @@ impl Metrics {
             commit_index: Gauge::default(),
             applied_index: Gauge::default(),
             last_log_index: Gauge::default(),
+            config_index: Gauge::default(),
+            voters: Gauge::default(),
+            learners: Gauge::default(),
             leader_changes: Counter::default(),
             elections_started: Counter::default(),
             follower_match_index: Family::default(),
@@ -100,6 +106,21 @@ impl Metrics {
             "raft_last_log_index",
             "Index of the last entry in this peer's log",
             m.last_log_index.clone(),
+        );
+        r.register(
+            "raft_config_index",
+            "Index of the configuration entry in force (0: the bootstrap membership)",
+            m.config_index.clone(),
+        );
+        r.register(
+            "raft_voters",
+            "Voters in the configuration in force",
+            m.voters.clone(),
+        );
+        r.register(
+            "raft_learners",
+            "Learners in the configuration in force",
+            m.learners.clone(),
         );
         // The text encoder adds the `_total` suffix to counters.
         r.register(
@@ -162,6 +183,14 @@ impl Metrics {
         self.commit_index.set(s.commit_index as i64);
         self.applied_index.set(s.applied_index as i64);
         self.last_log_index.set(s.last_index as i64);
+        self.config_index.set(s.config_index as i64);
+        let voters = s
+            .members
+            .iter()
+            .filter(|m| m.role == MemberRole::Voter)
+            .count();
+        self.voters.set(voters as i64);
+        self.learners.set((s.members.len() - voters) as i64);
         // The core's counters only grow; the metric follows them.
         let grow = |c: &Counter, to: u64| {
             let now = c.get();
@@ -313,8 +342,19 @@ mod tests {
 
     fn status(role: Role, followers: &[(u64, u64, u64)]) -> StatusInfo {
         StatusInfo {
-            members: Vec::new(),
-            config_index: 0,
+            members: [
+                (1, MemberRole::Voter),
+                (2, MemberRole::Voter),
+                (3, MemberRole::Learner),
+            ]
+            .into_iter()
+            .map(|(id, role)| crate::raft::Member {
+                id,
+                address: format!("127.0.0.1:{}", 9000 + id),
+                role,
+            })
+            .collect(),
+            config_index: 6,
             id: 1,
             role,
             term: 4,
@@ -364,6 +404,9 @@ mod tests {
             "raft_follower_match_index{follower=\"2\"} 10",
             "raft_datagrams_received_total 5",
             "raft_datagrams_dropped_total{reason=\"malformed\"} 2",
+            "raft_config_index 6",
+            "raft_voters 2",
+            "raft_learners 1",
         ] {
             assert!(body.lines().any(|l| l == line), "no {line:?} in\n{body}");
         }

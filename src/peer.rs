@@ -18,16 +18,18 @@
 //! most for one bounded batch, however many clients are queued. Client load can slow clients,
 //! never cost the leader its followers.
 
+use crate::cluster::{self, ClusterFile, Start};
 use crate::config::PeerConfig;
 use crate::metrics::{Metrics, MetricsServer};
 use crate::raft::{
-    self, ClientOp, ClientReply, ClientRequest, ClientResult, Entry, HardState, Message, Node,
-    NodeId, Ready, ReplyTo, StatusInfo,
+    self, Body, ClientOp, ClientReply, ClientRequest, ClientResult, Entry, HardState, Index,
+    Membership, Message, Node, NodeId, Ready, ReplyTo, StatusInfo,
 };
 use crate::storage::Storage;
-use crate::transport::{self, Inbound, Queues, RateLimiter, Transport};
+use crate::transport::{self, Accept, Directory, Inbound, Queues, RateLimiter, Transport};
 use crossbeam_channel::{never, select, Receiver, Sender};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -119,11 +121,17 @@ impl Timing {
     }
 }
 
-/// The core's config for this peer.
-pub fn core_config(config: &PeerConfig, timing: &Timing, seed: u64) -> raft::Config {
+/// The core's config for this peer, with `bootstrap` the membership from its `cluster` file
+/// (empty for a peer that joins): never the JSON's, which only bootstraps an empty data dir.
+pub fn core_config(
+    config: &PeerConfig,
+    bootstrap: Membership,
+    timing: &Timing,
+    seed: u64,
+) -> raft::Config {
     raft::Config {
         id: config.node_id,
-        membership: config.initial_membership(),
+        membership: bootstrap,
         election_ticks: timing.election_ticks,
         heartbeat_ticks: timing.heartbeat_ticks,
         max_inflight: MAX_INFLIGHT,
@@ -145,11 +153,29 @@ pub fn seed(node_id: NodeId) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Runs this peer until `shutdown` receives a message (or its sender is dropped). Binds the
-/// socket, opens the storage, restores the core, and runs the node loop on the calling thread.
-/// Returns an error, after stopping its threads, if the socket or storage cannot be opened or
-/// storage fails later: continuing after a failed fsync could break Raft's promises.
+/// How a peer starts, beyond its config file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// `--join`: with an empty data_dir, join an existing cluster (learning its ID and
+    /// configurations from the leader) instead of bootstrapping one from `other_peers`.
+    pub join: bool,
+}
+
+/// [`run_with`] and default options: an empty data_dir bootstraps a cluster.
 pub fn run(config: PeerConfig, shutdown: Receiver<()>) -> Result<(), String> {
+    run_with(config, Options::default(), shutdown)
+}
+
+/// Runs this peer until `shutdown` receives a message (or its sender is dropped), or a
+/// committed configuration removes it (then `Ok`). Binds the socket, opens the storage, reads
+/// (or writes) the `cluster` file, restores the core, and runs the node loop on the calling
+/// thread. Returns an error, after stopping its threads, if the socket or storage cannot be
+/// opened or storage fails later: continuing after a failed fsync could break Raft's promises.
+pub fn run_with(
+    config: PeerConfig,
+    options: Options,
+    shutdown: Receiver<()>,
+) -> Result<(), String> {
     let timing = Timing::from_ms(config.heartbeat_ms, config.election_timeout_ms);
     let (transport, listener) = transport::bind(&config)?;
     let started = std::time::Instant::now();
@@ -178,8 +204,15 @@ pub fn run(config: PeerConfig, shutdown: Receiver<()>) -> Result<(), String> {
         timing.heartbeat_ticks,
         timing.election_ticks,
     );
+    let log_is_empty = entries.is_empty() && hard_state == HardState::default();
+    let start = cluster::prepare(&config, options.join, log_is_empty)?;
+    let routes = Routes::new(&config, &start);
+    let bootstrap = match start {
+        Start::Member(file) => file.bootstrap,
+        Start::Joining => Membership::default(),
+    };
     let node = Node::new(
-        core_config(&config, &timing, seed(config.node_id)),
+        core_config(&config, bootstrap, &timing, seed(config.node_id)),
         hard_state,
         entries,
     );
@@ -226,7 +259,15 @@ pub fn run(config: PeerConfig, shutdown: Receiver<()>) -> Result<(), String> {
 
     let inbox = Inboxes::new(peers_rx, clients_rx);
     let mut instruments = Instruments::new(metrics, timing.tick);
-    let result = node_loop(node, storage, transport, inbox, &mut instruments);
+    let mut routes = Some(routes);
+    let result = node_loop(
+        node,
+        storage,
+        transport,
+        inbox,
+        &mut instruments,
+        &mut routes,
+    );
     drop(metrics_server);
 
     stop.store(true, Ordering::Relaxed);
@@ -289,6 +330,14 @@ trait Core {
     fn status(&self) -> Option<StatusInfo> {
         None
     }
+    /// What routing needs to know of the configurations; `None` in fakes.
+    fn routing(&self) -> Option<Routing> {
+        None
+    }
+    /// A committed configuration removed this node: the peer stops.
+    fn removed(&self) -> bool {
+        false
+    }
 }
 
 impl Core for Node {
@@ -309,6 +358,192 @@ impl Core for Node {
     }
     fn status(&self) -> Option<StatusInfo> {
         Some(Node::status(self))
+    }
+    fn routing(&self) -> Option<Routing> {
+        Some(Routing {
+            config_index: self.config_index(),
+            latest: self.membership().clone(),
+            committed: self.committed_membership().clone(),
+            contacts: self.contacts(),
+        })
+    }
+    fn removed(&self) -> bool {
+        Node::removed(self)
+    }
+}
+
+/// The core's configurations as routing sees them; routing is recomputed when this changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Routing {
+    config_index: Index,
+    /// The configuration in force (the latest in the log).
+    latest: Membership,
+    /// The one in force once the log is committed up to the commit index.
+    committed: Membership,
+    /// Everyone the core may send to.
+    contacts: Vec<NodeId>,
+}
+
+/// A joining peer's state until the first AppendEntries tells it the cluster.
+#[derive(Clone, Debug)]
+struct Joining {
+    config: PeerConfig,
+}
+
+/// The shell's side of membership: which cluster this peer is in, where peers are, and whom to
+/// hear. Addresses come from the newest knowledge that has one: the configuration in force,
+/// the committed one, the `cluster` file's bootstrap membership, then the JSON's `other_peers`
+/// (for a joining peer, its contact points).
+#[derive(Debug)]
+struct Routes {
+    me: NodeId,
+    name: String,
+    data_dir: PathBuf,
+    /// Our cluster ID; 0 while joining.
+    cluster: u64,
+    /// The bootstrap membership and cluster name, for the wrong-cluster warning.
+    bootstrap: String,
+    /// Addresses from before the log: the JSON's, then the `cluster` file's (which win).
+    older: BTreeMap<NodeId, String>,
+    joining: Option<Joining>,
+    /// The configurations the directory was last computed from; `None`: recompute.
+    seen: Option<Routing>,
+}
+
+impl Routes {
+    fn new(config: &PeerConfig, start: &Start) -> Routes {
+        let mut older: BTreeMap<NodeId, String> = config
+            .other_peers
+            .iter()
+            .map(|p| (p.node_id, format!("{}:{}", p.host, p.port)))
+            .collect();
+        let (cluster, bootstrap, joining) = match start {
+            Start::Member(file) => {
+                for m in &file.bootstrap.members {
+                    older.insert(m.id, m.address.clone());
+                }
+                (file.id, describe(file), None)
+            }
+            Start::Joining => (
+                0,
+                "none yet: joining".to_string(),
+                Some(Joining {
+                    config: config.clone(),
+                }),
+            ),
+        };
+        older.remove(&config.node_id);
+        Routes {
+            me: config.node_id,
+            name: config.name.clone(),
+            data_dir: config.data_dir.clone(),
+            cluster,
+            bootstrap,
+            older,
+            joining,
+            seen: None,
+        }
+    }
+
+    /// What to do with a peer message before the core sees it. A joining peer adopts the
+    /// cluster ID of the first AppendEntries, writing the `cluster` file (fsynced) before the
+    /// core handles it, and ignores anything else until then; a message of another cluster
+    /// that the receiver let through before it knew ours is ignored. `Ok(false)`: ignore it.
+    fn admit(&mut self, msg: &Message) -> Result<bool, String> {
+        if let Some(joining) = &self.joining {
+            if !matches!(msg.body, Body::AppendEntries { .. }) || msg.cluster == 0 {
+                log::debug!(
+                    "{}: joining: ignoring {} from node {} until an AppendEntries names the cluster",
+                    self.name,
+                    msg.body.name(),
+                    msg.from
+                );
+                return Ok(false);
+            }
+            let file = ClusterFile::joined(&joining.config, msg.cluster);
+            file.write(&self.data_dir)?;
+            log::info!(
+                "{}: joined cluster {:016x} (from node {}'s AppendEntries in term {}); recorded in {}",
+                self.name,
+                msg.cluster,
+                msg.from,
+                msg.term,
+                self.data_dir.join(cluster::CLUSTER_FILE).display()
+            );
+            self.cluster = msg.cluster;
+            self.bootstrap = describe(&file);
+            self.joining = None;
+            self.seen = None;
+            return Ok(true);
+        }
+        Ok(self.cluster == 0 || msg.cluster == self.cluster)
+    }
+
+    /// The directory for `routing`, if it (or our cluster) changed since the last one.
+    fn update(&mut self, routing: Routing) -> Option<Directory> {
+        if self.seen.as_ref() == Some(&routing) {
+            return None;
+        }
+        let mut wheres = self.older.clone();
+        for m in routing
+            .committed
+            .members
+            .iter()
+            .chain(&routing.latest.members)
+        {
+            wheres.insert(m.id, m.address.clone());
+        }
+        wheres.remove(&self.me);
+        let mut addresses = BTreeMap::new();
+        for (id, address) in wheres {
+            // Resolving may wait for DNS; it happens only when the configuration changes.
+            match transport::resolve_address(&address) {
+                Ok(a) => {
+                    addresses.insert(id, a);
+                }
+                Err(e) => log::warn!("{}: peer {id}: {e}; cannot send to it", self.name),
+            }
+        }
+        let senders: BTreeSet<NodeId> = routing
+            .latest
+            .ids()
+            .chain(routing.committed.ids())
+            .chain(routing.contacts.iter().copied())
+            .filter(|&id| id != self.me)
+            .collect();
+        let index_moved = self.seen.as_ref().map(|r| r.config_index) != Some(routing.config_index);
+        if routing.config_index > 0 && index_moved {
+            log::info!(
+                "{}: configuration at index {} in force: {}",
+                self.name,
+                routing.config_index,
+                routing.latest.describe()
+            );
+        }
+        let directory = Directory {
+            accept: Accept {
+                senders,
+                any_sender: routing.latest.members.is_empty(),
+                cluster: self.cluster,
+                bootstrap: self.bootstrap.clone(),
+            },
+            addresses,
+        };
+        self.seen = Some(routing);
+        Some(directory)
+    }
+}
+
+/// A cluster file's bootstrap membership and name, for logs.
+fn describe(file: &ClusterFile) -> String {
+    if file.joined {
+        format!("joined, cluster name {:?}", file.name)
+    } else {
+        format!(
+            "bootstrapped with {}, cluster name {:?}",
+            file.bootstrap.describe(),
+            file.name
+        )
     }
 }
 
@@ -383,6 +618,8 @@ impl Durable for Storage {
 trait Outbox {
     fn send_peer(&mut self, msg: Message);
     fn send_reply(&mut self, to: ReplyTo, reply: ClientReply);
+    /// Routes by `directory` from now on (it is shared with the receiver).
+    fn route(&mut self, _directory: Directory) {}
 }
 
 impl Outbox for Transport {
@@ -391,6 +628,9 @@ impl Outbox for Transport {
     }
     fn send_reply(&mut self, to: ReplyTo, reply: ClientReply) {
         Transport::send_reply(self, to, reply)
+    }
+    fn route(&mut self, directory: Directory) {
+        self.set_directory(directory)
     }
 }
 
@@ -439,19 +679,21 @@ fn node_loop(
     mut out: impl Outbox,
     mut inbox: Inboxes,
     inst: &mut Instruments,
+    routes: &mut Option<Routes>,
 ) -> Result<(), String> {
     let mut slow = RateLimiter::new(transport::WARN_INTERVAL);
+    follow_configuration(&core, &mut out, routes);
     loop {
         let Some(first) = inbox.next() else {
             return Err("the receiver and timer threads stopped unexpectedly".into());
         };
         let mut batch = Batch::default();
         let started = Instant::now();
-        let mut shutdown = batch.feed(&mut core, first, inst);
+        let mut shutdown = batch.feed(&mut core, first, inst, routes)?;
         while !shutdown {
             if batch.peers < MAX_BATCH {
                 if let Ok(item) = inbox.peers.try_recv() {
-                    shutdown = batch.feed(&mut core, item, inst);
+                    shutdown = batch.feed(&mut core, item, inst, routes)?;
                     continue;
                 }
             }
@@ -461,7 +703,11 @@ fn node_loop(
             let Ok(item) = inbox.clients.try_recv() else {
                 break;
             };
-            shutdown = batch.feed(&mut core, item, inst);
+            shutdown = batch.feed(&mut core, item, inst, routes)?;
+        }
+        if routes.as_ref().is_some_and(|r| r.seen.is_none()) {
+            // A joining peer just adopted its cluster: its answers must carry the ID.
+            follow_configuration(&core, &mut out, routes);
         }
         let stepped = started.elapsed();
         let mut persisting = Duration::ZERO;
@@ -475,6 +721,16 @@ fn node_loop(
         }
         if let Some(status) = core.status() {
             inst.metrics.observe_status(&status);
+        }
+        follow_configuration(&core, &mut out, routes);
+        if core.removed() {
+            let routing = core.routing();
+            log::info!(
+                "removed from the cluster by the configuration at index {} ({}); exiting",
+                routing.as_ref().map_or(0, |r| r.config_index),
+                routing.map_or_else(String::new, |r| r.committed.describe())
+            );
+            return Ok(());
         }
         let took = started.elapsed();
         let behind = batch.skipped_ticks >= SKIPPED_TICKS_TO_LOG;
@@ -504,6 +760,16 @@ fn node_loop(
     }
 }
 
+/// Points the transport and receiver at the configuration in force, if it changed.
+fn follow_configuration(core: &impl Core, out: &mut impl Outbox, routes: &mut Option<Routes>) {
+    let (Some(routes), Some(routing)) = (routes.as_mut(), core.routing()) else {
+        return;
+    };
+    if let Some(directory) = routes.update(routing) {
+        out.route(directory);
+    }
+}
+
 /// What one turn of the node loop stepped.
 #[derive(Debug, Default)]
 struct Batch {
@@ -516,16 +782,31 @@ struct Batch {
 
 impl Batch {
     /// Feeds one inbox item to the core (a tick only if fewer than [`MAX_TICKS_PER_BATCH`]
-    /// were); true if it asks the loop to stop.
-    fn feed(&mut self, core: &mut impl Core, item: Inbox, inst: &mut Instruments) -> bool {
+    /// were; a peer message only if `routes` admits it); true if it asks the loop to stop. An
+    /// error (the `cluster` file could not be written) stops the loop.
+    fn feed(
+        &mut self,
+        core: &mut impl Core,
+        item: Inbox,
+        inst: &mut Instruments,
+        routes: &mut Option<Routes>,
+    ) -> Result<bool, String> {
         match item {
             Inbox::Client(reply_to, req) => {
                 self.clients += 1;
                 inst.arrived(reply_to, &req);
                 core.request(reply_to, req);
-                return false;
+                return Ok(false);
             }
-            Inbox::Peer(msg) => core.step(msg),
+            Inbox::Peer(msg) => {
+                let admitted = match routes {
+                    Some(r) => r.admit(&msg)?,
+                    None => true,
+                };
+                if admitted {
+                    core.step(msg);
+                }
+            }
             Inbox::Tick if self.ticks < MAX_TICKS_PER_BATCH => {
                 self.ticks += 1;
                 core.tick();
@@ -533,11 +814,11 @@ impl Batch {
             Inbox::Tick => self.skipped_ticks += 1,
             Inbox::Shutdown => {
                 self.peers += 1;
-                return true;
+                return Ok(true);
             }
         }
         self.peers += 1;
-        false
+        Ok(false)
     }
 }
 
@@ -809,7 +1090,14 @@ mod tests {
             fail,
         };
         let mut inst = Instruments::new(Arc::new(Metrics::new()), Duration::from_millis(10));
-        let result = node_loop(core, storage, FakeOut(events.clone()), inbox, &mut inst);
+        let result = node_loop(
+            core,
+            storage,
+            FakeOut(events.clone()),
+            inbox,
+            &mut inst,
+            &mut None,
+        );
         let events = events.borrow().clone();
         (result, events)
     }

@@ -337,19 +337,25 @@ fn check_node_id(dir: &Path, node_id: NodeId) -> Result<(), String> {
                     dir.display()
                 ));
             }
-            // Write-then-rename, so a crash never leaves an empty or partial node_id.
-            let tmp = dir.join(format!("{NODE_ID_FILE}.tmp"));
-            let write = || -> io::Result<()> {
-                let mut f = File::create(&tmp)?;
-                f.write_all(format!("{node_id}\n").as_bytes())?;
-                f.sync_all()?;
-                fs::rename(&tmp, &path)
-            };
-            write().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            sync_dir(dir)
+            write_atomically(dir, NODE_ID_FILE, format!("{node_id}\n").as_bytes())
         }
         Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
+}
+
+/// Writes `dir/name` so that a crash leaves either the old file or the whole new one, never an
+/// empty or partial one: temp file, fsync, rename, fsync of the directory.
+pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), String> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let write = || -> io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    sync_dir(dir)
 }
 
 fn exists(path: &Path) -> Result<bool, String> {

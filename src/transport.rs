@@ -1,11 +1,14 @@
 //! The UDP side of a peer: one socket; a receiver loop that turns datagrams into inbox items and
 //! drops everything else with rate-limited warnings; and the send side, which addresses peers by
-//! node ID through the config and clients by the source address of their request.
+//! node ID through the [`Directory`] (addresses from the configuration in force) and clients by
+//! the source address of their request.
 //!
 //! What is accepted is decided by one pure function, [`classify`], so the rules are testable
 //! without sockets:
 //! - a datagram over [`MAX_DATAGRAM`] bytes, or one that does not decode, is dropped;
-//! - a peer [`Message`] must come `from` a configured peer and be addressed `to` this node;
+//! - a peer [`Message`] must carry this peer's cluster ID (else it is dropped as
+//!   `wrong_cluster`), come `from` a member of a configuration it knows ([`Accept`], which the
+//!   node thread updates as the configuration in the log changes) and be addressed `to` it;
 //! - a client [`ClientRequest`] is accepted from anyone and answered at its source address;
 //! - a [`ClientReply`] is dropped: peers send replies, they never take them.
 //!
@@ -29,9 +32,9 @@ use crate::raft::{
 use crossbeam_channel::{Sender, TrySendError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 /// The receive buffer. It is larger than any UDP payload (65,507 bytes), so a datagram is never
@@ -69,10 +72,13 @@ pub enum DropReason {
     /// An authentic datagram bound to an earlier incarnation of this peer: replayed, or sent
     /// before its sender learned that we restarted (it is told).
     Stale,
+    /// A peer message stamped with another cluster's ID: its sender was bootstrapped from
+    /// other initial members or another cluster name.
+    WrongCluster,
 }
 
 impl DropReason {
-    const COUNT: usize = 10;
+    const COUNT: usize = 11;
 
     /// The `reason` label of `raft_datagrams_dropped_total`.
     pub fn label(self) -> &'static str {
@@ -87,6 +93,7 @@ impl DropReason {
             DropReason::Unauthenticated => "auth",
             DropReason::Replay => "replay",
             DropReason::Stale => "stale",
+            DropReason::WrongCluster => "wrong_cluster",
         }
     }
 
@@ -120,6 +127,10 @@ impl DropReason {
                 "a datagram for an earlier incarnation of this peer",
                 "datagrams for an earlier incarnation of this peer",
             ),
+            DropReason::WrongCluster => (
+                "a peer message from another cluster",
+                "peer messages from other clusters",
+            ),
         }
     }
 }
@@ -135,13 +146,71 @@ fn dropped(reason: DropReason, detail: String) -> Dropped {
     Dropped { reason, detail }
 }
 
-/// Decides what to do with `bytes`, received from `src` by node `me`, whose configured peers
-/// (not including itself) are `peers`. Never panics, whatever the bytes.
+/// Whom a peer takes messages from, and under which cluster ID. The node thread updates it as
+/// configurations change ([`Directory`]); the receiver checks every peer message against it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Accept {
+    /// Nodes whose messages are taken: members of the configurations this peer knows, and
+    /// those it still talks to. Never this node itself.
+    pub senders: BTreeSet<NodeId>,
+    /// A joining peer with no configuration yet takes messages from any node.
+    pub any_sender: bool,
+    /// The cluster ID every peer message must carry; 0 while a joining peer has none yet
+    /// (then any is taken, and the node thread adopts the first AppendEntries' one).
+    pub cluster: u64,
+    /// Our bootstrap membership and cluster name, for the wrong-cluster warning.
+    pub bootstrap: String,
+}
+
+impl Accept {
+    /// Messages from `senders` only, with no cluster ID check (as before cluster IDs).
+    pub fn only(senders: impl IntoIterator<Item = NodeId>) -> Accept {
+        Accept {
+            senders: senders.into_iter().collect(),
+            ..Accept::default()
+        }
+    }
+
+    fn knows(&self, id: NodeId) -> bool {
+        self.any_sender || self.senders.contains(&id)
+    }
+}
+
+/// The checks every decoded peer message passes: its cluster, its sender, its recipient.
+fn check_peer(msg: Message, me: NodeId, accept: &Accept) -> Result<Inbound, Dropped> {
+    if accept.cluster != 0 && msg.cluster != accept.cluster {
+        Err(dropped(
+            DropReason::WrongCluster,
+            format!(
+                "node {} is in cluster {:016x}, this peer (node {me}) in cluster {:016x}: the peers were bootstrapped from different initial members or cluster names (ours: {}); a peer that should join this cluster needs an empty data_dir and --join",
+                msg.from, msg.cluster, accept.cluster, accept.bootstrap
+            ),
+        ))
+    } else if msg.from == me || !accept.knows(msg.from) {
+        Err(dropped(
+            DropReason::UnknownSender,
+            format!("node {} is not a configured peer", msg.from),
+        ))
+    } else if msg.to != me {
+        Err(dropped(
+            DropReason::WrongRecipient,
+            format!(
+                "addressed to node {} by node {}; this is node {me}",
+                msg.to, msg.from
+            ),
+        ))
+    } else {
+        Ok(Inbound::Peer(msg))
+    }
+}
+
+/// Decides what to do with `bytes`, received from `src` by node `me`, which takes peer
+/// messages as `accept` says. Never panics, whatever the bytes.
 pub fn classify(
     bytes: &[u8],
     src: SocketAddr,
     me: NodeId,
-    peers: &BTreeSet<NodeId>,
+    accept: &Accept,
 ) -> Result<Inbound, Dropped> {
     if bytes.len() > MAX_DATAGRAM {
         return Err(dropped(
@@ -160,24 +229,7 @@ pub fn classify(
             let detail = e.strip_prefix("malformed datagram: ").unwrap_or(&e);
             Err(dropped(DropReason::Malformed, detail.to_string()))
         }
-        Ok(Datagram::Peer(msg)) => {
-            if !peers.contains(&msg.from) {
-                Err(dropped(
-                    DropReason::UnknownSender,
-                    format!("node {} is not a configured peer", msg.from),
-                ))
-            } else if msg.to != me {
-                Err(dropped(
-                    DropReason::WrongRecipient,
-                    format!(
-                        "addressed to node {} by node {}; this is node {me}",
-                        msg.to, msg.from
-                    ),
-                ))
-            } else {
-                Ok(Inbound::Peer(msg))
-            }
-        }
+        Ok(Datagram::Peer(msg)) => check_peer(msg, me, accept),
         Ok(Datagram::Request(req)) => Ok(Inbound::Client(src, req)),
         Ok(Datagram::Reply(reply)) => Err(dropped(
             DropReason::Reply,
@@ -198,6 +250,7 @@ pub fn classify_sealed(
     bytes: &[u8],
     src: SocketAddr,
     me: NodeId,
+    accept: &Accept,
     now: Instant,
 ) -> Result<Option<Inbound>, Dropped> {
     if bytes.len() > MAX_DATAGRAM + auth::OVERHEAD {
@@ -242,7 +295,9 @@ pub fn classify_sealed(
     match admitted {
         Admitted::Notice { .. } => Ok(None),
         Admitted::Peer { from, body } => match Datagram::decode(body).map_err(malformed)? {
-            Datagram::Peer(msg) if msg.from == from && msg.to == me => Ok(Some(Inbound::Peer(msg))),
+            Datagram::Peer(msg) if msg.from == from && msg.to == me => {
+                check_peer(msg, me, accept).map(Some)
+            }
             Datagram::Peer(msg) => Err(dropped(
                 DropReason::WrongRecipient,
                 format!(
@@ -363,6 +418,7 @@ const ALL_REASONS: [DropReason; DropReason::COUNT] = [
     DropReason::Unauthenticated,
     DropReason::Replay,
     DropReason::Stale,
+    DropReason::WrongCluster,
 ];
 
 /// A rate-limited log line for one kind of problem.
@@ -389,11 +445,24 @@ impl Throttled {
 /// for the receiver thread; both share the one socket. Loads the cluster secret first, if the
 /// config names one: a bad secret file stops the peer before it binds anything.
 pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
-    let addresses = config
-        .addresses()
-        .map_err(|e| format!("{}: {e}", config.name))?;
     let keys = config.keys().map_err(|e| format!("{}: {e}", config.name))?;
-    let local = addresses[&config.node_id];
+    let local = resolve_address(&format!("{}:{}", config.host, config.port))
+        .map_err(|e| format!("{}: field `host`: {e}", config.name))?;
+    // Other peers' addresses are best effort: one that does not resolve now may later, and
+    // the configuration in the log may not even list it any more.
+    let mut addresses = BTreeMap::new();
+    for p in &config.other_peers {
+        match resolve_address(&format!("{}:{}", p.host, p.port)) {
+            Ok(addr) => {
+                addresses.insert(p.node_id, addr);
+            }
+            Err(e) => log::warn!("{}: peer {}: {e}", config.name, p.node_id),
+        }
+    }
+    let directory = Arc::new(RwLock::new(Directory {
+        accept: Accept::only(config.peer_ids()),
+        addresses,
+    }));
     let socket = UdpSocket::bind(local).map_err(|e| bind_error(&config.name, local, &e))?;
     socket
         .set_read_timeout(Some(READ_TIMEOUT))
@@ -430,7 +499,7 @@ pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
     let transport = Transport {
         socket: Arc::clone(&socket),
         me: config.node_id,
-        addresses: addresses.clone(),
+        directory: Arc::clone(&directory),
         unknown_destination: Throttled::new(),
         encode_failed: Throttled::new(),
         send_failed: Throttled::new(),
@@ -441,8 +510,7 @@ pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
     let listener = Listener {
         socket,
         me: config.node_id,
-        peers: config.peer_ids().into_iter().collect(),
-        addresses,
+        directory,
         drops: DropLog::new(WARN_INTERVAL),
         recv_failed: Throttled::new(),
         stats: ReceiveStats::default(),
@@ -450,6 +518,35 @@ pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
         gate: auth.map(Gate::new),
     };
     Ok((transport, listener))
+}
+
+/// Resolves `host:port` (preferring IPv4, so that "localhost" means the same socket for peers
+/// and clients).
+pub fn resolve_address(address: &str) -> Result<SocketAddr, String> {
+    let addrs: Vec<SocketAddr> = address
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {address:?}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{address:?} resolves to no address"))
+}
+
+/// What the node thread and the receiver share about other peers: where each is, and whom to
+/// take messages from. The node thread rewrites it when the configuration changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Directory {
+    pub accept: Accept,
+    /// Where to send to each peer, by node ID: never a datagram's source address.
+    pub addresses: BTreeMap<NodeId, SocketAddr>,
+}
+
+/// Reads a shared directory, whatever a panicking writer left (it is replaced whole).
+fn read(directory: &RwLock<Directory>) -> std::sync::RwLockReadGuard<'_, Directory> {
+    directory.read().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Socket buffer size asked for; the kernel caps it (net.core.rmem_max / wmem_max).
@@ -497,7 +594,8 @@ fn bind_error(name: &str, addr: SocketAddr, e: &io::Error) -> String {
 pub struct Transport {
     socket: Arc<UdpSocket>,
     me: NodeId,
-    addresses: BTreeMap<NodeId, SocketAddr>,
+    /// Shared with the listener; updated by [`Transport::set_directory`].
+    directory: Arc<RwLock<Directory>>,
     unknown_destination: Throttled,
     encode_failed: Throttled,
     send_failed: Throttled,
@@ -519,16 +617,49 @@ impl Transport {
         Arc::clone(&self.metrics)
     }
 
-    /// Sends a peer message to the address the config gives for `msg.to`.
-    pub fn send_peer(&mut self, msg: Message) {
+    /// The cluster secret's state, if datagrams are authenticated.
+    pub fn auth(&self) -> Option<&Arc<PeerAuth>> {
+        self.auth.as_ref()
+    }
+
+    /// The routing state in force (shared with the listener).
+    pub fn directory(&self) -> Directory {
+        read(&self.directory).clone()
+    }
+
+    /// Replaces the routing state, for this side and the listener's; with authentication, new
+    /// peers get a link (all members share the cluster secret).
+    pub fn set_directory(&mut self, directory: Directory) {
+        if let Some(auth) = &self.auth {
+            for &id in directory
+                .accept
+                .senders
+                .iter()
+                .chain(directory.addresses.keys())
+            {
+                auth.add_peer(id);
+            }
+            auth.set_open(directory.accept.any_sender);
+        }
+        *self.directory.write().unwrap_or_else(|p| p.into_inner()) = directory;
+    }
+
+    /// Sends a peer message, stamped with our cluster ID, to the address the configuration
+    /// (or, failing it, older knowledge) gives for `msg.to`.
+    pub fn send_peer(&mut self, mut msg: Message) {
         let to = msg.to;
-        let addr = match self.addresses.get(&to) {
-            Some(addr) if to != self.me => *addr,
+        let (addr, cluster) = {
+            let d = read(&self.directory);
+            (d.addresses.get(&to).copied(), d.accept.cluster)
+        };
+        msg.cluster = cluster;
+        let addr = match addr {
+            Some(addr) if to != self.me => addr,
             _ => {
                 let me = self.me;
                 self.unknown_destination.log(log::Level::Error, || {
                     format!(
-                        "not sending a message to node {to}: not a configured peer of node {me}"
+                        "not sending a message to node {to}: no known address for it (node {me})"
                     )
                 });
                 return;
@@ -679,9 +810,9 @@ pub struct ReceiveStats {
 pub struct Listener {
     socket: Arc<UdpSocket>,
     me: NodeId,
-    peers: BTreeSet<NodeId>,
-    /// Where notices to peers go: their configured addresses.
-    addresses: BTreeMap<NodeId, SocketAddr>,
+    /// Whom to take peer messages from, and where notices to peers go (their configured
+    /// addresses); shared with the transport, which updates it.
+    directory: Arc<RwLock<Directory>>,
     drops: DropLog,
     recv_failed: Throttled,
     stats: ReceiveStats,
@@ -736,9 +867,13 @@ impl Listener {
                 continue;
             }
             let classified = match &mut self.gate {
-                None => classify(bytes, src, self.me, &self.peers).map(Some),
+                None => classify(bytes, src, self.me, &read(&self.directory).accept).map(Some),
                 Some(gate) => {
-                    let c = classify_sealed(gate, bytes, src, self.me, now);
+                    let c = {
+                        let directory = read(&self.directory);
+                        classify_sealed(gate, bytes, src, self.me, &directory.accept, now)
+                    };
+                    // Takes the directory's lock again: the guard above is gone.
                     self.send_outgoing();
                     c
                 }
@@ -792,7 +927,7 @@ impl Listener {
         for (dest, bytes) in gate.take_outgoing() {
             let addr = match dest {
                 Dest::Addr(addr) => addr,
-                Dest::Peer(id) => match self.addresses.get(&id) {
+                Dest::Peer(id) => match read(&self.directory).addresses.get(&id) {
                     Some(&addr) => addr,
                     None => continue,
                 },
@@ -834,8 +969,8 @@ mod tests {
         "127.0.0.1:4000".parse().unwrap()
     }
 
-    fn peers() -> BTreeSet<NodeId> {
-        [2, 3].into_iter().collect()
+    fn peers() -> Accept {
+        Accept::only([2, 3])
     }
 
     fn message(from: NodeId, to: NodeId) -> Message {
@@ -949,12 +1084,69 @@ mod tests {
             // Corruptions inside a number may still decode; all that matters is no panic and
             // that anything accepted passed the sender and recipient checks.
             match classify(&bytes, src(), 1, &peers()) {
-                Ok(Inbound::Peer(m)) => assert!(peers().contains(&m.from) && m.to == 1),
+                Ok(Inbound::Peer(m)) => assert!(peers().senders.contains(&m.from) && m.to == 1),
                 Ok(Inbound::Client(..)) => {}
                 Err(d) => assert_ne!(d.reason, DropReason::Oversized),
             }
         }
         assert_eq!(reason(b"not json"), DropReason::Malformed);
+    }
+
+    #[test]
+    fn a_message_from_another_cluster_is_dropped_naming_both_clusters() {
+        let ours = Accept {
+            cluster: 0xaaaa,
+            bootstrap: "bootstrapped with [1@h:1, 2@h:2, 3@h:3]".into(),
+            ..peers()
+        };
+        let mut m = message(2, 1);
+        m.cluster = 0xbbbb;
+        let d = classify(&encoded(Datagram::Peer(m.clone())), src(), 1, &ours).unwrap_err();
+        assert_eq!(d.reason, DropReason::WrongCluster);
+        assert_eq!(d.reason.label(), "wrong_cluster");
+        for part in [
+            "000000000000aaaa",
+            "000000000000bbbb",
+            "different initial members or cluster names",
+            "[1@h:1, 2@h:2, 3@h:3]",
+        ] {
+            assert!(d.detail.contains(part), "{part:?} not in {}", d.detail);
+        }
+        // Checked before the sender: a stranger from another cluster is named as such.
+        m.from = 9;
+        let d = classify(&encoded(Datagram::Peer(m.clone())), src(), 1, &ours).unwrap_err();
+        assert_eq!(d.reason, DropReason::WrongCluster);
+        m.from = 2;
+        m.cluster = 0xaaaa;
+        let got = classify(&encoded(Datagram::Peer(m.clone())), src(), 1, &ours);
+        assert_eq!(got, Ok(Inbound::Peer(m.clone())));
+        // A joining peer knows no cluster and no members yet: it takes any, from anyone.
+        let joining = Accept {
+            any_sender: true,
+            ..Accept::default()
+        };
+        m.from = 9;
+        m.cluster = 0xbbbb;
+        let got = classify(&encoded(Datagram::Peer(m.clone())), src(), 1, &joining);
+        assert_eq!(got, Ok(Inbound::Peer(m)));
+        // Never a message claiming to be from ourselves.
+        let d = classify(&encoded(Datagram::Peer(message(1, 1))), src(), 1, &joining);
+        assert_eq!(d.unwrap_err().reason, DropReason::UnknownSender);
+    }
+
+    #[test]
+    fn the_wrong_cluster_warning_is_rate_limited() {
+        let t0 = Instant::now();
+        let mut log = DropLog::new(Duration::from_secs(1));
+        let d = dropped(DropReason::WrongCluster, "x".into());
+        let line = log.note(t0, src(), &d).unwrap();
+        assert!(line.contains("from another cluster"), "{line}");
+        assert!(log.note(t0, src(), &d).is_none());
+        let lines = log.flush(t0 + Duration::from_secs(1));
+        assert_eq!(
+            lines,
+            ["dropped 1 more peer messages from other clusters since the last report"]
+        );
     }
 
     #[test]

@@ -124,14 +124,23 @@ fn wait_until_converged(cluster: &mut Cluster, client: &mut Client) -> Vec<PeerS
 
 /// The AppendEntries the attacker sent to `follower`: from the leader in its term, one
 /// entry `FORGED` after the leader's last entry, and `leader_commit` one past the leader's.
+/// The cluster ID on the wire: in every plain datagram, so any watcher knows it.
+fn cluster_id(cluster: &Cluster) -> u64 {
+    raft::cluster::ClusterFile::load(&config(cluster, 1).data_dir)
+        .unwrap()
+        .expect("peer 1's cluster file")
+        .id
+}
+
 fn forged_append_entries(
+    cluster: u64,
     leader: NodeId,
     follower: NodeId,
     term: Term,
     last: &LogRecord,
 ) -> Vec<u8> {
     Datagram::Peer(Message {
-        cluster: 0,
+        cluster,
         from: leader,
         to: follower,
         term,
@@ -179,7 +188,7 @@ fn without_a_secret_a_forged_append_entries_is_committed_by_followers() {
     let addresses = config(&cluster, 1).addresses().unwrap();
     let followers: Vec<NodeId> = (1..=3).filter(|&id| id != leader).collect();
     for &f in &followers {
-        let bytes = forged_append_entries(leader, f, term, &last);
+        let bytes = forged_append_entries(cluster_id(&cluster), leader, f, term, &last);
         attacker.send_to(&bytes, addresses[&f]).unwrap();
     }
     let status = poll_until(Duration::from_secs(5), "the forgery took", || {
@@ -229,7 +238,7 @@ fn a_forged_append_entries_has_no_effect() {
         .set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
     for &f in &followers {
-        let json = forged_append_entries(leader, f, term, &last);
+        let json = forged_append_entries(cluster_id(&cluster), leader, f, term, &last);
         let header = Header {
             kind: Kind::Peer,
             key_id: 0,

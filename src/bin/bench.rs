@@ -984,7 +984,7 @@ mod tests {
     #[test]
     fn junk_never_passes_for_a_configured_peer() {
         let src: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let peers = [2, 3].into_iter().collect();
+        let peers = raft::transport::Accept::only([2, 3]);
         let pool = junk(7);
         let mut requests = 0;
         for bytes in &pool {

@@ -1,4 +1,5 @@
-//! `peer -p CONFIG`: runs one Raft peer until SIGINT or SIGTERM.
+//! `peer -p CONFIG [--join]`: runs one Raft peer until SIGINT or SIGTERM, or until a committed
+//! configuration removes it (exit status 0).
 
 use argh::FromArgs;
 use raft::config::PeerConfig;
@@ -11,6 +12,14 @@ struct Args {
     /// this peer's JSON config (default: peers/peer1.json)
     #[argh(option, short = 'p', default = "PathBuf::from(\"peers/peer1.json\")")]
     path: PathBuf,
+
+    /// join an existing cluster: with an empty data_dir, start with no members, never
+    /// campaign, and take the cluster ID and configuration from the first leader that
+    /// replicates to this peer (add it with `client add-learner`); `other_peers` are only
+    /// contact points. Without it an empty data_dir bootstraps a new cluster from
+    /// `other_peers`. Ignored once the data_dir has a `cluster` file.
+    #[argh(switch)]
+    join: bool,
 }
 
 fn main() -> ExitCode {
@@ -33,5 +42,6 @@ fn run(args: &Args) -> Result<(), String> {
         let _ = shutdown_tx.send(());
     })
     .map_err(|e| format!("cannot install the signal handler: {e}"))?;
-    raft::peer::run(config, shutdown_rx)
+    let options = raft::peer::Options { join: args.join };
+    raft::peer::run_with(config, options, shutdown_rx)
 }
