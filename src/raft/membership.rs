@@ -278,12 +278,16 @@ impl Configurations {
         self.base.contains(id) || self.entries.iter().any(|(_, _, m)| m.contains(id))
     }
 
-    /// Records configuration entries among `entries`, just appended to the log.
+    /// Records configuration entries among `entries`, just stored in the log. Entries that
+    /// were already there (a duplicated or late AppendEntries) change nothing; a truncated
+    /// suffix is dropped by [`Configurations::retain_in_log`] first, not here, so that a stale
+    /// prefix of the log never hides a later configuration.
     pub fn appended(&mut self, entries: &[Entry]) {
         for e in entries {
             if let Payload::Config(m) = &e.payload {
-                self.entries.retain(|(i, _, _)| *i < e.index);
-                self.entries.push((e.index, e.term, m.clone()));
+                self.entries.retain(|(i, _, _)| *i != e.index);
+                let at = self.entries.partition_point(|(i, _, _)| *i < e.index);
+                self.entries.insert(at, (e.index, e.term, m.clone()));
             }
         }
     }
@@ -426,6 +430,21 @@ mod tests {
         let more = [config(3, 2, &[1, 2])];
         c.appended(&more);
         assert_eq!(c.latest(), &Membership::voters(&[1, 2]));
+    }
+
+    #[test]
+    fn entries_stored_again_do_not_hide_a_later_configuration() {
+        // A late AppendEntries carries a prefix of the log, with an older configuration.
+        let config = |index, ids: &[NodeId]| Entry {
+            index,
+            term: 1,
+            payload: Payload::Config(Membership::voters(ids)),
+        };
+        let log = vec![config(1, &[1, 2, 3, 4]), config(2, &[1, 2, 3])];
+        let mut c = Configurations::restore(Membership::voters(&[1, 2, 3]), &log);
+        c.appended(&log[..1]);
+        assert_eq!(c.latest(), &Membership::voters(&[1, 2, 3]));
+        assert_eq!(c.latest_index(), 2);
     }
 
     #[test]

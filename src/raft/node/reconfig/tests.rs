@@ -606,3 +606,45 @@ fn ongaro_2015_single_server_change_bug_cannot_happen_with_the_rule() {
         assert_eq!(n1.log().get(i), n2.log().get(i), "conflict at {i}");
     }
 }
+
+#[test]
+fn a_late_append_entries_with_an_older_configuration_does_not_revert_a_follower() {
+    // Thesis §4.1: the latest configuration in the log is in force. A duplicated or delayed
+    // AppendEntries carrying a prefix of the log stores nothing new and must not make an
+    // earlier configuration look like the latest.
+    let mut f = Node::new(
+        config(2, Membership::voters(&[1, 2, 3])),
+        HardState::default(),
+        vec![],
+    );
+    let with_4 = Membership::voters(&[1, 2, 3]).apply(&add(4)).unwrap();
+    let voter_4 = with_4.apply(&ConfChange::Promote { id: 4 }).unwrap();
+    let entries = vec![
+        Entry {
+            index: 1,
+            term: 1,
+            payload: Payload::Config(with_4),
+        },
+        Entry {
+            index: 2,
+            term: 1,
+            payload: Payload::Config(voter_4.clone()),
+        },
+    ];
+    let append = |entries: Vec<Entry>| Body::AppendEntries {
+        prev_log_index: 0,
+        prev_log_term: 0,
+        entries,
+        leader_commit: 0,
+        read_seq: 0,
+    };
+    f.step(msg(1, 2, 1, append(entries.clone())));
+    f.ready();
+    f.advance();
+    f.step(msg(1, 2, 1, append(entries[..1].to_vec())));
+    f.ready();
+    f.advance();
+    assert_eq!(f.log().last_index(), 2);
+    assert_eq!(f.membership(), &voter_4, "an older configuration took over");
+    assert_eq!(f.config_index(), 2);
+}
