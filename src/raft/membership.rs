@@ -280,21 +280,16 @@ impl Configurations {
         self.base.contains(id) || self.entries.iter().any(|(_, _, m)| m.contains(id))
     }
 
-    /// Records configuration entries among `entries`, just stored in the log. An entry
-    /// already known (same index and term: the same entry, by Log Matching) changes nothing,
-    /// so a duplicated AppendEntries cannot drop the configurations after it.
+    /// Records configuration entries among `entries`, just stored in the log. Entries that
+    /// were already there (a duplicated or late AppendEntries) change nothing; a truncated
+    /// suffix is dropped by [`Configurations::retain_in_log`] first, not here, so that a stale
+    /// prefix of the log never hides a later configuration.
     pub fn appended(&mut self, entries: &[Entry]) {
         for e in entries {
             if let Payload::Config(m) = &e.payload {
-                if self
-                    .entries
-                    .iter()
-                    .any(|&(i, t, _)| i == e.index && t == e.term)
-                {
-                    continue;
-                }
-                self.entries.retain(|(i, _, _)| *i < e.index);
-                self.entries.push((e.index, e.term, m.clone()));
+                self.entries.retain(|(i, _, _)| *i != e.index);
+                let at = self.entries.partition_point(|(i, _, _)| *i < e.index);
+                self.entries.insert(at, (e.index, e.term, m.clone()));
             }
         }
     }
@@ -444,6 +439,21 @@ mod tests {
             5,
             "a duplicate must not drop later configurations"
         );
+    }
+
+    #[test]
+    fn entries_stored_again_do_not_hide_a_later_configuration() {
+        // A late AppendEntries carries a prefix of the log, with an older configuration.
+        let config = |index, ids: &[NodeId]| Entry {
+            index,
+            term: 1,
+            payload: Payload::Config(Membership::voters(ids)),
+        };
+        let log = vec![config(1, &[1, 2, 3, 4]), config(2, &[1, 2, 3])];
+        let mut c = Configurations::restore(Membership::voters(&[1, 2, 3]), &log);
+        c.appended(&log[..1]);
+        assert_eq!(c.latest(), &Membership::voters(&[1, 2, 3]));
+        assert_eq!(c.latest_index(), 2);
     }
 
     #[test]

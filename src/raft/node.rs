@@ -909,6 +909,10 @@ impl Node {
                 if pr.acknowledge(match_index) {
                     pr.matched_at_read_seq = self.read_seq;
                     self.maybe_commit();
+                    // Committing our own removal ends our leadership (thesis §4.2.2).
+                    if self.role != Role::Leader {
+                        return;
+                    }
                     self.maybe_send_timeout_now();
                 }
                 self.send_append(from);

@@ -90,7 +90,12 @@ impl Node {
         if let ConfChange::Promote { id } = change {
             let p = &self.progress[&id];
             let lag = self.log.last_index().saturating_sub(p.match_index);
-            if lag > PROMOTE_MAX_LAG || p.last_contact_ticks >= self.cfg.election_ticks.1 {
+            // A match index of 0 means it has acknowledged nothing to this leader: it may
+            // not even be running.
+            if p.match_index == 0
+                || lag > PROMOTE_MAX_LAG
+                || p.last_contact_ticks >= self.cfg.election_ticks.1
+            {
                 let reason = format!(
                     "learner {id} has not caught up: {lag} entries behind (match index {}), last heard {} ticks ago",
                     p.match_index, p.last_contact_ticks
@@ -170,3 +175,6 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

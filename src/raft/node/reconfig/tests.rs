@@ -1,0 +1,650 @@
+//! Membership changes (thesis ch. 4) on small clusters of cores wired by hand: learners,
+//! promotion, removal (of the leader too), Ongaro's rule, truncation and idempotent retries.
+
+use super::*;
+use std::collections::BTreeSet;
+
+fn config(id: NodeId, membership: Membership) -> Config {
+    Config {
+        id,
+        membership,
+        election_ticks: (10, 20),
+        heartbeat_ticks: 2,
+        max_inflight: 4,
+        seed: 1,
+    }
+}
+
+fn address(id: NodeId) -> String {
+    format!("10.0.0.{id}:7000")
+}
+
+fn add(id: NodeId) -> ConfChange {
+    ConfChange::AddLearner {
+        id,
+        address: address(id),
+    }
+}
+
+fn client() -> ReplyTo {
+    "127.0.0.1:9".parse().unwrap()
+}
+
+fn is_busy(r: &Option<ClientResult>) -> bool {
+    matches!(r, Some(ClientResult::Busy { .. }))
+}
+
+fn is_configured(r: &Option<ClientResult>) -> bool {
+    matches!(r, Some(ClientResult::Configured { .. }))
+}
+
+fn refused_for(r: &Option<ClientResult>, why: &str) -> bool {
+    matches!(r, Some(ClientResult::Refused { reason }) if reason.contains(why))
+}
+
+/// Which messages the network loses.
+type Loss = Box<dyn Fn(&Message) -> bool>;
+
+/// Cores exchanging messages instantly, with nodes taken down and links cut by hand.
+struct Cluster {
+    nodes: BTreeMap<NodeId, Node>,
+    /// Receive nothing; what they would send is lost.
+    down: BTreeSet<NodeId>,
+    /// Messages for which this holds are lost.
+    lose: Option<Loss>,
+    replies: Vec<ClientReply>,
+    delivered: Vec<Message>,
+    request_id: u64,
+}
+
+impl Cluster {
+    fn new(voters: &[NodeId]) -> Cluster {
+        let nodes = voters
+            .iter()
+            .map(|&id| {
+                let n = Node::new(
+                    config(id, Membership::voters(voters)),
+                    HardState::default(),
+                    vec![],
+                );
+                (id, n)
+            })
+            .collect();
+        Cluster {
+            nodes,
+            down: BTreeSet::new(),
+            lose: None,
+            replies: Vec::new(),
+            delivered: Vec::new(),
+            request_id: 0,
+        }
+    }
+
+    /// A joining server: empty disk, empty bootstrap configuration (§4.1).
+    fn join(&mut self, id: NodeId) {
+        let n = Node::new(
+            config(id, Membership::default()),
+            HardState::default(),
+            vec![],
+        );
+        self.nodes.insert(id, n);
+    }
+
+    fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[&id]
+    }
+
+    fn node_mut(&mut self, id: NodeId) -> &mut Node {
+        self.nodes.get_mut(&id).unwrap()
+    }
+
+    /// Carries out every Ready and delivers every message until none is left.
+    fn settle(&mut self) {
+        for _ in 0..10_000 {
+            let mut queue = Vec::new();
+            for (id, n) in self.nodes.iter_mut() {
+                let rd = n.ready();
+                n.advance();
+                if !self.down.contains(id) {
+                    queue.extend(rd.messages);
+                    self.replies.extend(rd.replies.into_iter().map(|(_, r)| r));
+                }
+            }
+            if queue.is_empty() {
+                return;
+            }
+            for m in queue {
+                let lost = self.down.contains(&m.to) || self.lose.as_ref().is_some_and(|f| f(&m));
+                if let Some(n) = self.nodes.get_mut(&m.to).filter(|_| !lost) {
+                    self.delivered.push(m.clone());
+                    n.step(m);
+                }
+            }
+        }
+        panic!("messages never settled");
+    }
+
+    /// Ticks every node that is up `n` times, settling after each.
+    fn tick(&mut self, n: usize) {
+        for _ in 0..n {
+            for (id, node) in self.nodes.iter_mut() {
+                if !self.down.contains(id) {
+                    node.tick();
+                }
+            }
+            self.settle();
+        }
+    }
+
+    /// Node `id` times out (alone) and campaigns.
+    fn campaign(&mut self, id: NodeId) {
+        self.settle();
+        // The others have not heard from a leader for a minimum election timeout, so they
+        // grant pre-votes (thesis §9.6).
+        for n in self.nodes.values_mut() {
+            n.election_elapsed = n.cfg.election_ticks.0;
+        }
+        let n = self.node_mut(id);
+        for _ in 0..100 {
+            if n.role() == Role::PreCandidate {
+                break;
+            }
+            n.tick();
+        }
+        assert_eq!(n.role(), Role::PreCandidate, "node {id} did not campaign");
+        self.settle();
+    }
+
+    fn elect(&mut self, id: NodeId) {
+        self.campaign(id);
+        assert_eq!(self.node(id).role(), Role::Leader, "node {id} not elected");
+    }
+
+    /// Sends a client request to `id`; returns its request ID.
+    fn send(&mut self, id: NodeId, op: ClientOp) -> u64 {
+        self.request_id += 1;
+        let req = ClientRequest {
+            id: self.request_id,
+            op,
+        };
+        self.node_mut(id).request(client(), req);
+        self.settle();
+        self.request_id
+    }
+
+    /// The answer to request `rid`, if any yet.
+    fn answer(&self, rid: u64) -> Option<ClientResult> {
+        self.replies
+            .iter()
+            .rev()
+            .find(|r| r.id == rid)
+            .map(|r| r.result.clone())
+    }
+
+    fn change(&mut self, id: NodeId, change: ConfChange) -> Option<ClientResult> {
+        let rid = self.send(id, ClientOp::ChangeMembers { change });
+        self.answer(rid)
+    }
+
+    fn append(&mut self, id: NodeId, seq: u64) -> u64 {
+        let op = ClientOp::Append {
+            client: 7,
+            seq,
+            data: format!("x{seq}"),
+        };
+        self.send(id, op)
+    }
+}
+
+fn msg(from: NodeId, to: NodeId, term: Term, body: Body) -> Message {
+    Message {
+        cluster: 0,
+        from,
+        to,
+        term,
+        body,
+    }
+}
+
+#[test]
+fn a_learner_gets_the_log_but_its_acknowledgements_commit_nothing_and_its_votes_elect_no_one() {
+    // Thesis §4.2.1: a learner (non-voting member) catches up without counting in any quorum.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    c.join(4);
+    assert!(is_configured(&c.change(1, add(4))));
+    c.tick(2);
+    assert_eq!(c.node(4).log().entries(), c.node(1).log().entries());
+    assert_eq!(
+        c.node(4).membership().get(4).unwrap().role,
+        MemberRole::Learner
+    );
+    // With both other voters down, the learner's acknowledgement commits nothing.
+    c.down.extend([2, 3]);
+    let commit = c.node(1).commit_index();
+    c.append(1, 1);
+    let last = c.node(1).log().last_index();
+    assert_eq!(
+        c.node(1).progress[&4].match_index,
+        last,
+        "the learner has it"
+    );
+    assert_eq!(
+        c.node(1).commit_index(),
+        commit,
+        "a learner's ack committed"
+    );
+    // The learner never campaigns, however long it hears nothing.
+    c.down = BTreeSet::from([1, 2, 3]);
+    let term = c.node(4).term();
+    c.tick(100);
+    assert_eq!((c.node(4).role(), c.node(4).term()), (Role::Follower, term));
+    // A candidate counts no learner's grant: 2 needs 3, whatever 4 says.
+    c.down.clear();
+    let n2 = c.node_mut(2);
+    while n2.role() != Role::PreCandidate {
+        n2.tick();
+    }
+    let t = n2.term();
+    n2.step(msg(4, 2, t + 1, Body::PreVoteResponse { granted: true }));
+    assert_eq!(
+        n2.role(),
+        Role::PreCandidate,
+        "a learner's pre-vote counted"
+    );
+    n2.step(msg(3, 2, t + 1, Body::PreVoteResponse { granted: true }));
+    assert_eq!(n2.role(), Role::Candidate);
+    n2.step(msg(
+        4,
+        2,
+        t + 1,
+        Body::RequestVoteResponse { granted: true },
+    ));
+    assert_eq!(n2.role(), Role::Candidate, "a learner's vote counted");
+    n2.step(msg(
+        3,
+        2,
+        t + 1,
+        Body::RequestVoteResponse { granted: true },
+    ));
+    assert_eq!(n2.role(), Role::Leader);
+}
+
+#[test]
+fn a_learner_is_promoted_only_once_it_has_caught_up() {
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    c.join(4);
+    c.down.insert(4);
+    assert!(is_configured(&c.change(1, add(4))));
+    // Never heard from: it may not even be running.
+    let r = c.change(1, ConfChange::Promote { id: 4 });
+    assert!(
+        is_busy(&r),
+        "a learner never heard from was promoted: {r:?}"
+    );
+    // Far behind.
+    c.down.remove(&4);
+    c.tick(2);
+    c.node_mut(1).progress.get_mut(&4).unwrap().match_index = 1;
+    for seq in 1..=PROMOTE_MAX_LAG + 1 {
+        c.node_mut(1).request(
+            client(),
+            ClientRequest {
+                id: 0,
+                op: ClientOp::Append {
+                    client: 7,
+                    seq,
+                    data: "y".into(),
+                },
+            },
+        );
+    }
+    let lag = c.node(1).log().last_index() - 1;
+    assert!(lag > PROMOTE_MAX_LAG);
+    let leader = c.node_mut(1);
+    let rid = 99;
+    leader.change_members(
+        Waiter {
+            reply_to: client(),
+            id: rid,
+        },
+        ConfChange::Promote { id: 4 },
+    );
+    c.settle();
+    assert!(is_busy(&c.answer(rid)), "promoted {lag} entries behind");
+    // Silent for an election timeout.
+    c.down.insert(4);
+    c.tick(21);
+    assert!(is_busy(&c.change(1, ConfChange::Promote { id: 4 })));
+    // Caught up and answering: promoted.
+    c.down.remove(&4);
+    c.tick(2);
+    assert_eq!(c.node(4).log().last_index(), c.node(1).log().last_index());
+    assert!(is_configured(&c.change(1, ConfChange::Promote { id: 4 })));
+    assert!(c.node(1).membership().is_voter(4));
+    c.tick(2);
+    assert!(c.node(4).membership().is_voter(4));
+}
+
+#[test]
+fn a_change_while_another_is_uncommitted_is_refused_and_a_retry_waits_for_its_entry() {
+    // Thesis §4.2 / Ongaro 2015: at most one uncommitted configuration.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    c.join(4);
+    c.down.extend([2, 3]);
+    let first = c.send(1, ClientOp::ChangeMembers { change: add(4) });
+    assert_eq!(c.answer(first), None, "answered before it committed");
+    assert!(
+        c.node(1).membership().contains(4),
+        "in force once in the log"
+    );
+    let r = c.change(1, add(5));
+    assert!(refused_for(&r, "in progress"), "{r:?}");
+    let r = c.change(1, ConfChange::Remove { id: 3 });
+    assert!(refused_for(&r, "in progress"), "{r:?}");
+    // A retry of the same change waits for the same entry and is the one answered.
+    let retry = c.send(1, ClientOp::ChangeMembers { change: add(4) });
+    c.down.clear();
+    c.tick(2);
+    assert!(is_configured(&c.answer(retry)));
+    assert_eq!(c.node(1).log().entries().len(), 2, "one entry for both");
+    // Changes already in effect are answered as done at once.
+    assert!(is_configured(&c.change(1, add(4))));
+    assert!(is_configured(&c.change(1, ConfChange::Promote { id: 2 })));
+    assert!(is_configured(&c.change(1, ConfChange::Remove { id: 4 })));
+    c.tick(2);
+    let before = c.node(1).log().last_index();
+    assert!(is_configured(&c.change(1, ConfChange::Remove { id: 4 })));
+    assert_eq!(
+        c.node(1).log().last_index(),
+        before,
+        "a retried removal appended"
+    );
+    let r = c.change(1, ConfChange::Remove { id: 9 });
+    assert!(refused_for(&r, "not a member"), "{r:?}");
+}
+
+#[test]
+fn a_new_leader_is_busy_until_an_entry_of_its_term_commits() {
+    // Ongaro, raft-dev 2015: a leader appends a configuration only after committing an entry
+    // of its own term.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    c.down.insert(1);
+    // Node 2 wins, but hears no acknowledgement of its no-op.
+    c.lose = Some(Box::new(|m| {
+        matches!(m.body, Body::AppendEntriesResponse { .. }) && m.to == 2
+    }));
+    c.elect(2);
+    let r = c.change(2, ConfChange::Remove { id: 1 });
+    assert!(is_busy(&r), "{r:?}");
+    c.lose = None;
+    c.tick(2);
+    assert!(c.node(2).commit_index() == c.node(2).log().last_index());
+    assert!(is_configured(&c.change(2, ConfChange::Remove { id: 1 })));
+}
+
+#[test]
+fn a_removed_follower_learns_of_it_and_takes_no_further_part() {
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    assert!(is_configured(&c.change(1, ConfChange::Remove { id: 3 })));
+    assert_eq!(c.node(1).contacts(), vec![2, 3], "3 is still told");
+    c.tick(2);
+    assert!(c.node(3).removed(), "node 3 did not learn it was removed");
+    // The leader stops sending to it an election timeout after the removal committed.
+    c.tick(20);
+    assert_eq!(c.node(1).contacts(), vec![2]);
+    assert!(!c.node(1).progress.contains_key(&3));
+    // It answers nothing, and never campaigns.
+    let n3 = c.node_mut(3);
+    let term = n3.term();
+    n3.step(msg(
+        2,
+        3,
+        term + 1,
+        Body::RequestVote {
+            last_log_index: 9,
+            last_log_term: 9,
+        },
+    ));
+    for _ in 0..100 {
+        n3.tick();
+    }
+    let rd = n3.ready();
+    n3.advance();
+    assert!(rd.messages.is_empty());
+    assert_eq!(n3.term(), term);
+    // The two remaining voters commit on their own.
+    c.down.insert(3);
+    let rid = c.append(1, 1);
+    assert!(matches!(c.answer(rid), Some(ClientResult::Appended { .. })));
+}
+
+#[test]
+fn a_removed_leader_steps_down_once_its_removal_commits_and_hands_over_with_timeout_now() {
+    // Thesis §4.2.2.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    c.down.insert(2);
+    let rid = c.send(
+        1,
+        ClientOp::ChangeMembers {
+            change: ConfChange::Remove { id: 1 },
+        },
+    );
+    // Configuration {2, 3}: node 3's acknowledgement alone is no majority, and the leader
+    // does not count itself.
+    assert_eq!(c.answer(rid), None);
+    assert_eq!(c.node(1).role(), Role::Leader);
+    let rid2 = c.append(1, 1);
+    assert_eq!(
+        c.answer(rid2),
+        None,
+        "committed without a majority of {{2, 3}}"
+    );
+    c.down.clear();
+    c.tick(2);
+    assert!(is_configured(&c.answer(rid)));
+    assert!(c.node(1).removed());
+    assert_ne!(c.node(1).role(), Role::Leader);
+    let handover = c
+        .delivered
+        .iter()
+        .find(|m| m.from == 1 && m.body == Body::TimeoutNow)
+        .expect("TimeoutNow sent");
+    let heir = handover.to;
+    assert_eq!(c.node(heir).role(), Role::Leader);
+    assert_eq!(c.node(heir).term(), 2, "one election, at once");
+    let rid3 = c.append(heir, 2);
+    assert!(matches!(
+        c.answer(rid3),
+        Some(ClientResult::Appended { .. })
+    ));
+}
+
+#[test]
+fn truncating_an_uncommitted_configuration_reverts_to_the_previous_one() {
+    // Thesis §4.1: a server uses the latest configuration in its log, committed or not.
+    let mut f = Node::new(
+        config(2, Membership::voters(&[1, 2, 3])),
+        HardState::default(),
+        vec![],
+    );
+    let grown = Membership::voters(&[1, 2, 3]).apply(&add(4)).unwrap();
+    let append = |prev: (Index, Term), entries: Vec<Entry>, commit| Body::AppendEntries {
+        prev_log_index: prev.0,
+        prev_log_term: prev.1,
+        entries,
+        leader_commit: commit,
+        read_seq: 0,
+    };
+    let e = |index, term, payload| Entry {
+        index,
+        term,
+        payload,
+    };
+    f.step(msg(
+        1,
+        2,
+        1,
+        append(
+            (0, 0),
+            vec![
+                e(1, 1, Payload::Noop),
+                e(2, 1, Payload::Config(grown.clone())),
+            ],
+            1,
+        ),
+    ));
+    f.ready();
+    f.advance();
+    assert_eq!(f.membership(), &grown);
+    assert_eq!(
+        (f.config_index(), f.committed_membership()),
+        (2, &Membership::voters(&[1, 2, 3]))
+    );
+    // The leader of term 2 never had it: its entry 2 replaces the configuration.
+    f.step(msg(
+        3,
+        2,
+        2,
+        append((1, 1), vec![e(2, 2, Payload::Noop)], 2),
+    ));
+    f.ready();
+    f.advance();
+    assert_eq!(f.membership(), &Membership::voters(&[1, 2, 3]));
+    assert_eq!(f.config_index(), 0);
+}
+
+/// The raft-dev post "bug in single-server membership changes" (Ongaro, July 2015), rebuilt
+/// with a learner promotion as the added server (our one-server "add" is learner, then
+/// promote). Four servers {1,2,3,4}; leader 1 (term 1) promotes 5, making C = {1..5}, stored
+/// only on 1 and 5. Node 2 wins term 2 with 2, 3, 4 under the old configuration and removes 1,
+/// C' = {2,3,4}, committed by 2 and 3. Node 1 then wins term 3 with 1, 4, 5 under C (4's log
+/// ends in term 1 and is shorter) and commits C's entry over C': two majorities, {2,3} of C'
+/// and {1,4,5} of C, with no server in common, and two different entries committed at one
+/// index. With the rule, 2 cannot append C' before an entry of term 2 commits, which needs
+/// 3 of {1,2,3,4}, so 4 holds term 2 and never votes for 1.
+fn ongaro_2015(with_the_rule: bool) -> Cluster {
+    let mut c = Cluster::new(&[1, 2, 3, 4]);
+    c.elect(1);
+    c.join(5);
+    assert!(is_configured(&c.change(1, add(5))));
+    c.tick(2);
+    c.down.extend([2, 3, 4]);
+    assert_eq!(c.change(1, ConfChange::Promote { id: 5 }), None);
+    let promoted = c.node(1).log().last_index();
+    // Node 1 (with 5) is cut off; 2, 3 and 4 elect node 2 under the configuration they have.
+    c.down = BTreeSet::from([1, 5]);
+    // 4 votes for 2 but receives none of its entries.
+    c.lose = Some(Box::new(|m| {
+        matches!(m.body, Body::AppendEntries { .. }) && m.from == 2 && m.to == 4
+    }));
+    c.elect(2);
+    let removal = ConfChange::Remove { id: 1 };
+    if with_the_rule {
+        // Only 3 has the no-op: 2 of the 4 voters, no commit, so no change yet.
+        let r = c.change(2, removal.clone());
+        assert!(is_busy(&r), "{r:?}");
+        c.lose = None;
+        c.tick(2);
+        let r = c.change(2, removal);
+        assert!(is_configured(&r), "{r:?}");
+    } else {
+        // A leader without the rule appends the removal at once.
+        let next = c.node(2).membership().apply(&removal).unwrap();
+        c.node_mut(2).append_entry(Payload::Config(next));
+        c.down.insert(4);
+        c.settle();
+        c.tick(1);
+    }
+    let removed_at = c.node(2).config_index();
+    assert!(
+        c.node(2).commit_index() >= removed_at,
+        "the removal did not commit"
+    );
+    // Now 1, 4 and 5 can talk, 2 and 3 cannot.
+    c.down = BTreeSet::from([2, 3]);
+    c.lose = None;
+    c.tick(60);
+    assert!(promoted <= removed_at);
+    c
+}
+
+#[test]
+fn ongaro_2015_single_server_change_bug_without_the_rule_commits_conflicting_configurations() {
+    let c = ongaro_2015(false);
+    let (n1, n2) = (c.node(1), c.node(2));
+    assert_eq!(n1.role(), Role::Leader, "node 1 was not re-elected");
+    let conflict = (1..=n1.commit_index().min(n2.commit_index()))
+        .find(|&i| n1.log().get(i) != n2.log().get(i));
+    assert!(
+        conflict.is_some(),
+        "no conflicting commitment without the rule"
+    );
+    let (c1, c2) = (n1.committed_membership(), n2.committed_membership());
+    let voters = |m: &Membership| m.voter_ids().collect::<BTreeSet<_>>();
+    assert_eq!(voters(c1), BTreeSet::from([1, 2, 3, 4, 5]));
+    assert_eq!(voters(c2), BTreeSet::from([2, 3, 4]));
+}
+
+#[test]
+fn ongaro_2015_single_server_change_bug_cannot_happen_with_the_rule() {
+    let c = ongaro_2015(true);
+    for id in [1, 4, 5] {
+        assert_ne!(
+            c.node(id).role(),
+            Role::Leader,
+            "node {id} leads with a minority"
+        );
+    }
+    let (n1, n2) = (c.node(1), c.node(2));
+    for i in 1..=n1.commit_index().min(n2.commit_index()) {
+        assert_eq!(n1.log().get(i), n2.log().get(i), "conflict at {i}");
+    }
+}
+
+#[test]
+fn a_late_append_entries_with_an_older_configuration_does_not_revert_a_follower() {
+    // Thesis §4.1: the latest configuration in the log is in force. A duplicated or delayed
+    // AppendEntries carrying a prefix of the log stores nothing new and must not make an
+    // earlier configuration look like the latest.
+    let mut f = Node::new(
+        config(2, Membership::voters(&[1, 2, 3])),
+        HardState::default(),
+        vec![],
+    );
+    let with_4 = Membership::voters(&[1, 2, 3]).apply(&add(4)).unwrap();
+    let voter_4 = with_4.apply(&ConfChange::Promote { id: 4 }).unwrap();
+    let entries = vec![
+        Entry {
+            index: 1,
+            term: 1,
+            payload: Payload::Config(with_4),
+        },
+        Entry {
+            index: 2,
+            term: 1,
+            payload: Payload::Config(voter_4.clone()),
+        },
+    ];
+    let append = |entries: Vec<Entry>| Body::AppendEntries {
+        prev_log_index: 0,
+        prev_log_term: 0,
+        entries,
+        leader_commit: 0,
+        read_seq: 0,
+    };
+    f.step(msg(1, 2, 1, append(entries.clone())));
+    f.ready();
+    f.advance();
+    f.step(msg(1, 2, 1, append(entries[..1].to_vec())));
+    f.ready();
+    f.advance();
+    assert_eq!(f.log().last_index(), 2);
+    assert_eq!(f.membership(), &voter_4, "an older configuration took over");
+    assert_eq!(f.config_index(), 2);
+}
