@@ -403,7 +403,9 @@ struct Routes {
     cluster: u64,
     /// The bootstrap membership and cluster name, for the wrong-cluster warning.
     bootstrap: String,
-    /// Addresses from before the log: the JSON's, then the `cluster` file's (which win).
+    /// Every address known: the JSON's, then the `cluster` file's, then each configuration's
+    /// as it comes into force (later ones win); never forgotten, so a removed member can still
+    /// be told of its removal.
     older: BTreeMap<NodeId, String>,
     joining: Option<Joining>,
     /// The configurations the directory was last computed from; `None`: recompute.
@@ -484,15 +486,17 @@ impl Routes {
         if self.seen.as_ref() == Some(&routing) {
             return None;
         }
-        let mut wheres = self.older.clone();
+        // Addresses from configurations are kept after their member leaves them: a removed
+        // member is still sent the log until it has learned of its removal (`contacts`).
         for m in routing
             .committed
             .members
             .iter()
             .chain(&routing.latest.members)
         {
-            wheres.insert(m.id, m.address.clone());
+            self.older.insert(m.id, m.address.clone());
         }
+        let mut wheres = self.older.clone();
         wheres.remove(&self.me);
         let mut addresses = BTreeMap::new();
         for (id, address) in wheres {

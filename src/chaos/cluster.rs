@@ -51,6 +51,10 @@ pub struct PeerProc {
     pub starts: u32,
     /// How many times it exited without being killed.
     pub self_exits: u32,
+    /// It was removed from the cluster: its exit (status 0) is expected, not a failure.
+    removed: bool,
+    /// Start the next process with `--join` (its data was wiped to be added anew).
+    join: bool,
 }
 
 impl PeerProc {
@@ -70,6 +74,11 @@ impl PeerProc {
         if self.is_running() {
             return Ok(());
         }
+        // A removed peer stays down until it is added again; restarting it is pointless
+        // (it would only find its removal in its log and exit).
+        if self.removed {
+            return Ok(());
+        }
         let exe = match launcher {
             Launcher::Local(exe) => exe,
             Launcher::Netns(netns) => {
@@ -87,6 +96,7 @@ impl PeerProc {
         let child = Command::new(exe)
             .arg("-p")
             .arg(&self.config)
+            .args(self.join.then_some("--join"))
             .env(
                 "RUST_LOG",
                 std::env::var("CHAOS_PEER_LOG").unwrap_or("info".into()),
@@ -196,6 +206,8 @@ impl Cluster {
                     paused: false,
                     starts: 0,
                     self_exits: 0,
+                    removed: false,
+                    join: false,
                 },
             );
         }
@@ -223,6 +235,8 @@ impl Cluster {
                     paused: false,
                     starts: 1,
                     self_exits: 0,
+                    removed: false,
+                    join: false,
                 },
             );
         }
@@ -307,11 +321,53 @@ impl Cluster {
             };
             p.child = None;
             p.paused = false;
+            if p.removed && status.contains("exit status: 0") {
+                log::info!("node {} exited after its removal from the cluster", p.id);
+                continue;
+            }
             p.self_exits += 1;
             let panic = last_panic(&p.log).map_or(String::new(), |m| format!(": {m}"));
             out.push((p.id, format!("{status}{panic}")));
         }
         out
+    }
+
+    /// Node `id` is being removed from the cluster: its own exit is expected, and it is not
+    /// restarted until [`Cluster::rejoin`].
+    pub fn mark_removed(&mut self, id: NodeId, removed: bool) -> Result<(), String> {
+        self.peer(id)?.removed = removed;
+        Ok(())
+    }
+
+    /// Waits up to `within` for removed node `id` to exit by itself, then kills it; wipes its
+    /// data directory; starts it with `--join`, to be added again as a new member.
+    pub fn rejoin(&mut self, id: NodeId, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        while self.peer(id)?.is_running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let p = self.peer(id)?;
+        if p.is_running() {
+            log::warn!("node {id} did not exit within {within:?} of its removal; killing it");
+        }
+        p.kill();
+        let text = std::fs::read_to_string(&p.config)
+            .map_err(|e| format!("{}: {e}", p.config.display()))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.config.display()))?;
+        let data = config["data_dir"]
+            .as_str()
+            .ok_or_else(|| format!("{}: no data_dir", p.config.display()))?;
+        match std::fs::remove_dir_all(data) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot wipe {data}: {e}")),
+        }
+        p.removed = false;
+        p.join = true;
+        let launcher = &self.launcher;
+        let p = self.peers.get_mut(&id).expect("checked");
+        p.start(launcher)
     }
 
     /// How many times peers exited on their own.

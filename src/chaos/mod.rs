@@ -787,6 +787,8 @@ fn drive(
         rng: Rng::new(opts.seed),
         status: Client::with_keys(peers.clone(), Duration::from_millis(300), keys.clone())
             .map_err(|e| format!("nemesis client: {e}"))?,
+        admin: Client::with_keys(peers.clone(), Duration::from_secs(10), keys.clone())
+            .map_err(|e| format!("nemesis client: {e}"))?,
         // Weather on top of other faults needs the proxies.
         combine: opts.faults.len() > 1 && opts.netns.is_none(),
     };

@@ -7,8 +7,8 @@ use super::history::FaultEvent;
 use super::netns::Netns;
 use super::proxy::Network;
 use super::{Rng, Shared};
-use crate::client::Client;
-use crate::raft::NodeId;
+use crate::client::{Client, ClientError};
+use crate::raft::{ConfChange, MemberRole, NodeId};
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -32,9 +32,12 @@ pub enum FaultKind {
     Dup,
     /// Hold datagrams for a random time on every link, which reorders them.
     Delay,
+    /// Remove a random member (the leader sometimes) and add it back as a new member on an
+    /// empty data directory (learner, then voter); or transfer leadership.
+    Membership,
 }
 
-pub const ALL_FAULTS: [FaultKind; 7] = [
+pub const ALL_FAULTS: [FaultKind; 8] = [
     FaultKind::Crash,
     FaultKind::KillAll,
     FaultKind::Pause,
@@ -42,6 +45,7 @@ pub const ALL_FAULTS: [FaultKind; 7] = [
     FaultKind::Loss,
     FaultKind::Dup,
     FaultKind::Delay,
+    FaultKind::Membership,
 ];
 
 impl FaultKind {
@@ -54,10 +58,12 @@ impl FaultKind {
             FaultKind::Loss => "loss",
             FaultKind::Dup => "dup",
             FaultKind::Delay => "delay",
+            FaultKind::Membership => "membership",
         }
     }
 
-    /// Parses `crash|killall|pause|partition|loss|dup|delay|mixed|none`, comma-separated.
+    /// Parses `crash|killall|pause|partition|loss|dup|delay|membership|mixed|none`,
+    /// comma-separated.
     /// With `netns`, `mixed` leaves out the faults that need the proxies, and naming one of
     /// them is an error.
     pub fn parse_list(s: &str, netns: bool) -> Result<Vec<FaultKind>, String> {
@@ -69,12 +75,12 @@ impl FaultKind {
                 w => {
                     let kind = *ALL_FAULTS.iter().find(|k| k.name() == w).ok_or_else(|| {
                         format!(
-                            "unknown fault {w:?}: expected crash, killall, pause, partition, loss, dup, delay, mixed or none"
+                            "unknown fault {w:?}: expected crash, killall, pause, partition, loss, dup, delay, membership, mixed or none"
                         )
                     })?;
                     if netns && kind.needs_proxies() {
                         return Err(format!(
-                            "fault {w:?} is not available with --netns: it acts on single datagrams, which only the proxies can do (there are none with --netns); use crash, killall, pause, partition or mixed"
+                            "fault {w:?} is not available with --netns: it acts on single datagrams, which only the proxies can do, or restarts peers with --join, which the namespace script does not; use crash, killall, pause, partition or mixed"
                         ));
                     }
                     out.push(kind);
@@ -90,9 +96,11 @@ impl FaultKind {
         matches!(self, FaultKind::Loss | FaultKind::Dup | FaultKind::Delay)
     }
 
-    /// Faults made by the link proxies, datagram by datagram: not available with `--netns`.
+    /// Faults not available with `--netns`: those the link proxies make, datagram by
+    /// datagram, and membership changes (the namespace script cannot start a peer with
+    /// `--join`).
     pub fn needs_proxies(self) -> bool {
-        self.is_weather()
+        self.is_weather() || self == FaultKind::Membership
     }
 }
 
@@ -142,6 +150,8 @@ pub struct Nemesis {
     pub rng: Rng,
     /// Asks the peers who leads.
     pub status: Client,
+    /// Asks for membership changes and transfers: a longer deadline than `status`.
+    pub admin: Client,
     /// Add loss, dup or delay on top of another fault in some rounds (mixed mode).
     pub combine: bool,
 }
@@ -152,6 +162,8 @@ struct Active {
     detail: String,
     killed: Vec<NodeId>,
     paused: Vec<NodeId>,
+    /// A member whose removal was asked for, and its address, to add it back on healing.
+    removed: Option<(NodeId, String)>,
 }
 
 impl Nemesis {
@@ -243,6 +255,7 @@ impl Nemesis {
             detail: String::new(),
             killed: Vec::new(),
             paused: Vec::new(),
+            removed: None,
         };
         match kind {
             FaultKind::Crash => {
@@ -301,6 +314,17 @@ impl Nemesis {
                 let p = self.rng.range(20, 60) as f64 / 100.0;
                 self.links.proxies(kind)?.update_all(|r| r.dup = p);
                 a.detail = format!("send {:.0}% of datagrams twice on every link", p * 100.0);
+            }
+            FaultKind::Membership if self.rng.chance(0.35) => {
+                a.detail = match self.admin.transfer_leader(None) {
+                    Ok((leader, _)) => format!("transfer leadership: node {leader} leads"),
+                    Err(e) => format!("transfer leadership: {e}"),
+                };
+            }
+            FaultKind::Membership => {
+                let leader_first = self.rng.chance(0.3);
+                let victim = self.victims(1, leader_first)[0];
+                a.detail = self.remove(victim, &mut a.removed)?;
             }
             FaultKind::Delay => {
                 let hi = self.rng.range(10, 150);
@@ -438,6 +462,11 @@ impl Nemesis {
             FaultKind::Partition | FaultKind::Loss | FaultKind::Dup | FaultKind::Delay => {
                 self.links.heal()?
             }
+            FaultKind::Membership => {
+                if let Some((id, address)) = &a.removed {
+                    self.add_back(*id, address)?;
+                }
+            }
             FaultKind::Crash | FaultKind::KillAll | FaultKind::Pause => {
                 let mut cluster = self.cluster.lock().expect("cluster lock");
                 for &v in &a.paused {
@@ -450,6 +479,101 @@ impl Nemesis {
         }
         self.shared.fault_rounds.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+impl Nemesis {
+    /// Asks for the removal of `id`; on an answer other than a definite refusal, `removed`
+    /// records it (with its address) to be added back on healing. Returns what it did.
+    fn remove(
+        &mut self,
+        id: NodeId,
+        removed: &mut Option<(NodeId, String)>,
+    ) -> Result<String, String> {
+        let address = match self.admin.members() {
+            Ok(m) => m
+                .members
+                .into_iter()
+                .find(|m| m.id == id)
+                .map(|m| m.address),
+            Err(e) => return Ok(format!("remove {id}: cannot list the members: {e}")),
+        };
+        let Some(address) = address else {
+            return Ok(format!("remove {id}: not a member"));
+        };
+        self.cluster
+            .lock()
+            .expect("cluster lock")
+            .mark_removed(id, true)?;
+        let outcome = match self.admin.change_members(ConfChange::Remove { id }) {
+            Ok(_) => "committed".to_string(),
+            Err(ClientError::Refused(reason)) => {
+                self.cluster
+                    .lock()
+                    .expect("cluster lock")
+                    .mark_removed(id, false)?;
+                return Ok(format!("remove {id}: refused: {reason}"));
+            }
+            Err(e) => format!("outcome unknown: {e}"),
+        };
+        *removed = Some((id, address.clone()));
+        Ok(format!("remove {id} at {address}: {outcome}"))
+    }
+
+    /// Adds removed member `id` back, as a new member on an empty data directory: started
+    /// with `--join`, added as a learner at `address`, promoted once caught up. Retries for
+    /// up to a minute, even while the run stops (the final checks expect every member back);
+    /// a member whose removal never took effect is left as it is.
+    fn add_back(&mut self, id: NodeId, address: &str) -> Result<(), String> {
+        let mut rejoined = false;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            let members = match self.admin.members() {
+                Ok(m) => m.members,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+            };
+            match members.iter().find(|m| m.id == id).map(|m| m.role) {
+                Some(MemberRole::Voter) if !rejoined => {
+                    // The removal did not happen (its outcome was unknown).
+                    self.cluster
+                        .lock()
+                        .expect("cluster lock")
+                        .mark_removed(id, false)?;
+                    return Ok(());
+                }
+                Some(MemberRole::Voter) => {
+                    log::info!("nemesis: node {id} is a voter again");
+                    return Ok(());
+                }
+                Some(MemberRole::Learner) => {
+                    if let Err(e) = self.admin.change_members(ConfChange::Promote { id }) {
+                        log::info!("nemesis: promoting {id} again: {e}");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+                None => {
+                    if !rejoined {
+                        let mut cluster = self.cluster.lock().expect("cluster lock");
+                        cluster.rejoin(id, Duration::from_secs(5))?;
+                        rejoined = true;
+                    }
+                    let change = ConfChange::AddLearner {
+                        id,
+                        address: address.to_string(),
+                    };
+                    if let Err(e) = self.admin.change_members(change) {
+                        log::info!("nemesis: adding {id} again: {e}");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            }
+        }
+        Err(format!(
+            "node {id} could not be added back within a minute of its removal"
+        ))
     }
 }
 

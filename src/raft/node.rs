@@ -131,10 +131,10 @@ pub struct Node {
     held_appends: Vec<HeldAppend>,
     /// Every configuration in the log, the latest in force (thesis §4.1).
     configs: Configurations,
-    /// Leader only: members removed by a configuration, still sent the log until an election
-    /// timeout after their removal commits, so that they learn of it: (removal index, ticks
-    /// since it committed).
-    leaving: BTreeMap<NodeId, (Index, u64)>,
+    /// Leader only: members removed by a configuration, still sent the log until they can
+    /// have learned that their removal committed: (removal index, ticks since it committed,
+    /// ticks since they also acknowledged it). See `tick_leaving`.
+    leaving: BTreeMap<NodeId, (Index, u64, u64)>,
     /// This node has been a member of a configuration it applied (or of the bootstrap one).
     was_member: bool,
     /// A committed configuration no longer lists this node, which was a member: it takes no

@@ -122,14 +122,18 @@ impl Node {
         let next = self.log.last_index();
         let members: Vec<NodeId> = self.membership().ids().filter(|&id| id != me).collect();
         for &id in &members {
-            self.leaving.remove(&id);
+            // A member added back while still leaving is a new member (its data may be
+            // gone): what it acknowledged before says nothing now.
+            if self.leaving.remove(&id).is_some() {
+                self.progress.insert(id, Progress::new(next));
+            }
             self.progress
                 .entry(id)
                 .or_insert_with(|| Progress::new(next));
         }
         for id in self.progress.keys().copied().collect::<Vec<_>>() {
             if !members.contains(&id) {
-                self.leaving.entry(id).or_insert((index, 0));
+                self.leaving.entry(id).or_insert((index, 0, 0));
             }
         }
     }
@@ -153,20 +157,31 @@ impl Node {
         self.become_follower(self.term, None);
     }
 
-    /// Stops replicating to a removed member an election timeout after its removal
-    /// committed: long enough for a few heartbeats to tell it.
+    /// Stops replicating to a removed member an election timeout after it acknowledged the
+    /// entry removing it, once that entry committed: every heartbeat after its acknowledgement
+    /// carries a commit index covering its removal, so it learns of it (and its process
+    /// exits). A member that never acknowledges (dead, or its disk stalls) is dropped after
+    /// ten election timeouts.
     pub(super) fn tick_leaving(&mut self) {
         if self.leaving.is_empty() {
             return;
         }
         let (commit, patience) = (self.log.commit, self.cfg.election_ticks.1);
         let mut gone = Vec::new();
-        for (&id, (index, ticks)) in self.leaving.iter_mut() {
-            if *index <= commit {
-                *ticks += 1;
-                if *ticks >= patience {
-                    gone.push(id);
-                }
+        for (&id, (index, waited, since_ack)) in self.leaving.iter_mut() {
+            if *index > commit {
+                continue;
+            }
+            *waited += 1;
+            if self
+                .progress
+                .get(&id)
+                .is_some_and(|p| p.match_index >= *index)
+            {
+                *since_ack += 1;
+            }
+            if *since_ack >= patience || *waited >= 10 * patience {
+                gone.push(id);
             }
         }
         for id in gone {
