@@ -54,6 +54,14 @@ impl Node {
                 return self.reply(waiter, refuse(format!("node {id} is not a member")));
             }
         }
+        // A removed server takes no further part (it ignores everything), so its ID never
+        // comes back; this also keeps a late duplicate of an old request from re-adding it.
+        if let ConfChange::AddLearner { id, .. } = change {
+            if !self.membership().contains(id) && self.configs.ever_member(id) {
+                let reason = format!("node {id} was removed from the cluster; join with a new ID");
+                return self.reply(waiter, refuse(reason));
+            }
+        }
         if self.membership().has_applied(&change) {
             if latest_index > self.log.commit {
                 self.waiters.insert(latest_index, waiter);

@@ -648,3 +648,19 @@ fn a_late_append_entries_with_an_older_configuration_does_not_revert_a_follower(
     assert_eq!(f.membership(), &voter_4, "an older configuration took over");
     assert_eq!(f.config_index(), 2);
 }
+
+#[test]
+fn a_removed_id_is_never_added_again() {
+    // A removed server ignores everything from then on; a late duplicate of the request that
+    // once added it must not add it back as a member that will never answer.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    c.join(4);
+    assert!(is_configured(&c.change(1, add(4))));
+    assert!(is_configured(&c.change(1, ConfChange::Remove { id: 4 })));
+    c.tick(2);
+    assert!(c.node(4).removed());
+    let r = c.change(1, add(4));
+    assert!(refused_for(&r, "was removed"), "{r:?}");
+    assert!(!c.node(1).membership().contains(4));
+}
