@@ -664,3 +664,34 @@ fn a_removed_id_is_never_added_again() {
     assert!(refused_for(&r, "was removed"), "{r:?}");
     assert!(!c.node(1).membership().contains(4));
 }
+
+#[test]
+fn a_learner_that_no_longer_hears_a_leader_grants_pre_votes() {
+    // Node 4 is a learner in its log but a voter in a newer configuration it has not received
+    // yet; once the leader is silent for an election timeout, it must grant an up-to-date
+    // candidate's pre-vote (thesis §9.6), whose configuration counts it (found by the
+    // simulator: a cluster without a leader stayed so for good).
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    c.join(4);
+    assert!(is_configured(&c.change(1, add(4))));
+    c.tick(2);
+    assert_eq!(c.node(4).leader(), Some(1));
+    let n4 = c.node_mut(4);
+    for _ in 0..25 {
+        n4.tick();
+    }
+    let (term, last) = (n4.term(), n4.log().last_index());
+    n4.step(msg(
+        2,
+        4,
+        term + 1,
+        Body::PreVote {
+            last_log_index: last,
+            last_log_term: term,
+        },
+    ));
+    let rd = n4.ready();
+    n4.advance();
+    assert_eq!(rd.messages[0].body, Body::PreVoteResponse { granted: true });
+}
