@@ -370,7 +370,7 @@ const MIN_ELECTIONS: usize = 8;
 const MIN_CRASHES: u64 = 8;
 /// The minima (acknowledged appends, elections, crashes, membership changes committed) of a
 /// randomized run with membership changes, which is shorter.
-const MEMBERSHIP_MINIMA: (usize, usize, u64, u64) = (10, 4, 4, 3);
+const MEMBERSHIP_MINIMA: (usize, usize, u64, u64) = (10, 4, 4, 2);
 /// Virtual time of the faulty part of a randomized run with membership changes: shorter, so
 /// that the two such tests cost CI about a minute at 2,000 seeds.
 const MEMBERSHIP_CHAOS_TIME: u64 = 14_000 * MS;

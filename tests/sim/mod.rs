@@ -249,6 +249,8 @@ pub struct Stats {
     pub config_requests: u64,
     pub config_changes: u64,
     pub config_refused: u64,
+    /// Busy answers to membership changes (retried).
+    pub config_busy: u64,
     /// Nodes that stopped because they learned they were removed.
     pub removed_stopped: u64,
 }
@@ -1457,6 +1459,20 @@ impl Sim {
         self.admin.is_some()
     }
 
+    /// The administrator gives up on the change in progress (its entry may still commit).
+    pub fn admin_abandon(&mut self) {
+        self.admin = None;
+    }
+
+    /// Asks for `change` and runs until it is answered; returns the answer.
+    pub fn change_members_and_wait(&mut self, change: ConfChange, within: Time) -> ClientResult {
+        self.change_members(change.clone());
+        if !self.run_until(within, |s| !s.admin_busy()) {
+            self.fail(&format!("{change:?} not answered in time"));
+        }
+        self.admin_done.last().unwrap().1.clone()
+    }
+
     /// Asks for one membership change as `client` does: to the leader if one is known, retried
     /// (Busy, NotLeader, timeouts) until it is committed or refused.
     pub fn change_members(&mut self, change: ConfChange) {
@@ -1617,6 +1633,7 @@ impl Sim {
             }
             // Not now: the retry timer asks again, of the same leader.
             ClientResult::Busy { .. } => {
+                self.stats.config_busy += 1;
                 let op = self.admin.as_mut().unwrap();
                 op.target = reply.from;
                 op.retry_same = true;
