@@ -372,7 +372,9 @@ const MIN_CRASHES: u64 = 8;
 /// randomized run with membership changes, which is shorter.
 const MEMBERSHIP_MINIMA: (usize, usize, u64, u64) = (10, 4, 4, 2);
 /// Virtual time of the faulty part of a randomized run with membership changes: shorter, so
-/// that the two such tests cost CI about a minute at 2,000 seeds.
+/// that the two such tests cost CI about a minute at 2,000 seeds (measured: 70 s of CPU for
+/// both, 2,000 seeds each; the fewest per run were 21 acknowledged appends, 4 elections, 4
+/// crashes and 2 membership changes committed).
 const MEMBERSHIP_CHAOS_TIME: u64 = 14_000 * MS;
 
 /// One randomized run: clients append and query back to back (two of them sharing an ID) over
