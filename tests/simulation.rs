@@ -330,6 +330,9 @@ struct Counts {
     retries: u64,
     events: u64,
     virtual_ms: u64,
+    config_changes: u64,
+    config_refused: u64,
+    removed_stopped: u64,
 }
 
 impl Counts {
@@ -350,6 +353,9 @@ impl Counts {
         self.retries += o.retries;
         self.events += o.events;
         self.virtual_ms += o.virtual_ms;
+        self.config_changes += o.config_changes;
+        self.config_refused += o.config_refused;
+        self.removed_stopped += o.removed_stopped;
     }
 }
 
@@ -362,6 +368,14 @@ const EPOCH: u64 = 2_000 * MS;
 const MIN_ACKED: usize = 40;
 const MIN_ELECTIONS: usize = 8;
 const MIN_CRASHES: u64 = 8;
+/// The minima (acknowledged appends, elections, crashes, membership changes committed) of a
+/// randomized run with membership changes, which is shorter.
+const MEMBERSHIP_MINIMA: (usize, usize, u64, u64) = (10, 4, 4, 2);
+/// Virtual time of the faulty part of a randomized run with membership changes: shorter, so
+/// that the two such tests cost CI about a minute at 2,000 seeds (measured: 70 s of CPU for
+/// both, 2,000 seeds each; the fewest per run were 21 acknowledged appends, 4 elections, 4
+/// crashes and 2 membership changes committed).
+const MEMBERSHIP_CHAOS_TIME: u64 = 14_000 * MS;
 
 /// One randomized run: clients append and query back to back (two of them sharing an ID) over
 /// a network whose loss, duplication, delay and share of datagrams 0.2-2 s late change every
@@ -371,7 +385,11 @@ const MIN_CRASHES: u64 = 8;
 /// every event; after healing, every client operation must finish, a new append must commit
 /// everywhere, and what clients saw must agree with the committed log (each acknowledged append
 /// exactly once at its index, no stale reads).
-fn chaos_run(seed: u64, nodes: usize) -> Counts {
+///
+/// With `membership`, configuration changes (thesis ch. 4) join the faults: a fresh node joins
+/// as a learner, a learner is promoted, a member (the leader as often as not) is removed, so
+/// members are replaced over the run; each change is retried as a client does until committed.
+fn chaos_run(seed: u64, nodes: usize, membership: bool, chaos_time: u64) -> Counts {
     let mut s = Sim::new(seed, SimConfig::unreliable(nodes));
     let clients: Vec<usize> = (0..6).map(|_| s.add_client()).collect();
     // Two of them drew the same ID: neither may ever be acknowledged with the other's entry.
@@ -380,7 +398,7 @@ fn chaos_run(seed: u64, nodes: usize) -> Counts {
         s.keep_busy(c, 0.8);
     }
     let mut epochs = Vec::new();
-    while s.now < CHAOS_TIME {
+    while s.now < chaos_time {
         // Each epoch draws its own network and fault rate, so that every run sees calm and
         // storm: on a uniformly harsh network too little would commit to prove much.
         s.cfg.drop = s.rng.pick(&[0.0, 0.05, 0.1, 0.25]);
@@ -403,11 +421,12 @@ fn chaos_run(seed: u64, nodes: usize) -> Counts {
             // events happen, and the next fault (perhaps a restart) should not wait for them.
             let k = s.rng.range(1, 2 * gap);
             s.run_events_within(k, 500 * MS);
-            random_fault(&mut s);
+            random_fault(&mut s, membership);
         }
         let last = epochs.last_mut().unwrap();
         *last += &format!(": {} acked", s.acked_appends() - acked);
         // Leaders fall regularly, so that every run sees elections and crashes.
+        s.decommission();
         for d in s.down_nodes() {
             s.restart(d);
         }
@@ -416,6 +435,11 @@ fn chaos_run(seed: u64, nodes: usize) -> Counts {
         }
         s.heal();
         s.run_until(3_000 * MS, |s| s.stable_leader().is_some());
+        if membership {
+            // A change in calm weather too, so that every run commits some.
+            s.random_membership_change();
+            s.run_until(500 * MS, |s| !s.admin_busy());
+        }
         for l in s.leaders() {
             s.crash(l);
         }
@@ -434,14 +458,18 @@ fn chaos_run(seed: u64, nodes: usize) -> Counts {
     for id in s.ids.clone() {
         s.restart(id);
     }
-    if !s.run_until(60_000 * MS, |s| clients.iter().all(|&c| !s.client_busy(c))) {
+    if !s.run_until(60_000 * MS, |s| {
+        !s.admin_busy() && clients.iter().all(|&c| !s.client_busy(c))
+    }) {
         s.fail("client operations did not finish after healing");
     }
+    // Nodes whose removal committed stop; the others all hold the final append.
+    s.retire_non_members();
     let leader = s.wait_for_leader(10_000 * MS);
     let c = s.add_client();
     s.clients[c].target_node(leader);
     let index = append(&mut s, c, "final", 10_000 * MS);
-    if !s.run_until(5_000 * MS, |s| s.n_committed(index) == nodes) {
+    if !s.run_until(5_000 * MS, |s| s.n_committed(index) == s.ids.len()) {
         s.fail("the final append did not commit on every node");
     }
     s.check_client_history();
@@ -460,11 +488,22 @@ fn chaos_run(seed: u64, nodes: usize) -> Counts {
         retries: s.client_retries(),
         events: s.stats.events,
         virtual_ms: s.now / MS,
+        config_changes: s.stats.config_changes,
+        config_refused: s.stats.config_refused,
+        removed_stopped: s.stats.removed_stopped,
     };
     if std::env::var("SIM_SEED").is_ok() || std::env::var("SIM_VERBOSE").is_ok() {
         println!("seed {seed} ({flavour_text}): {counts:?}");
     }
-    if counts.acked < MIN_ACKED || counts.elections < MIN_ELECTIONS || counts.crashes < MIN_CRASHES
+    let (min_acked, min_elections, min_crashes, min_changes) = if membership {
+        MEMBERSHIP_MINIMA
+    } else {
+        (MIN_ACKED, MIN_ELECTIONS, MIN_CRASHES, 0)
+    };
+    if counts.acked < min_acked
+        || counts.elections < min_elections
+        || counts.crashes < min_crashes
+        || counts.config_changes < min_changes
     {
         s.fail(&format!(
             "too little happened to prove anything ({flavour_text}): {counts:?}"
@@ -477,13 +516,14 @@ fn chaos_run(seed: u64, nodes: usize) -> Counts {
 /// that is down, or all), a SIGSTOP
 /// pause or a resume, an isolated node, a minority cut off (possibly with the leader), a
 /// one-way cut, a leadership transfer (to a given node or the leader's choice), or healing the
-/// network.
-fn random_fault(s: &mut Sim) {
+/// network; with `membership`, also a membership change (if none is in progress).
+fn random_fault(s: &mut Sim, membership: bool) {
     s.stats.faults += 1;
     let ids = s.ids.clone();
     let nodes = ids.len();
     let id = s.rng.pick(&ids);
-    match s.rng.range(0, 13) {
+    match s.rng.range(0, if membership { 15 } else { 13 }) {
+        14 | 15 => s.random_membership_change(),
         0 => s.crash(id),
         1 => {
             for l in s.leaders() {
@@ -544,10 +584,15 @@ fn random_fault(s: &mut Sim) {
 }
 
 /// Runs the randomized seeds at `nodes` nodes and prints what they did in all.
-fn chaos_test(nodes: usize, default_seeds: u64) {
+fn chaos_test(nodes: usize, default_seeds: u64, membership: bool) {
     let list = random_seeds(default_seeds);
     let started = std::time::Instant::now();
-    let results = run_seeds(&list, |seed| chaos_run(seed, nodes));
+    let time = if membership {
+        MEMBERSHIP_CHAOS_TIME
+    } else {
+        CHAOS_TIME
+    };
+    let results = run_seeds(&list, |seed| chaos_run(seed, nodes, membership, time));
     let mut total = Counts::default();
     for (_, c) in &results {
         total.add(c);
@@ -556,16 +601,23 @@ fn chaos_test(nodes: usize, default_seeds: u64) {
     let secs = started.elapsed().as_secs_f64();
     println!(
         "{} seeds passed ({nodes} nodes) in {secs:.1} s ({:.1} seeds/s): {total:?}; per run at \
-         least {} acked, {} elections, {} crashes",
+         least {} acked, {} elections, {} crashes, {} membership changes",
         results.len(),
         results.len() as f64 / secs,
         min(|c| c.acked as u64),
         min(|c| c.elections as u64),
         min(|c| c.crashes),
+        min(|c| c.config_changes),
     );
     // Over enough seeds, ID collisions and every kind of crash point in a Ready must have been
     // exercised.
     if results.len() >= 200 {
+        if membership {
+            assert!(
+                total.removed_stopped > 0,
+                "no removed node stopped on its own"
+            );
+        }
         assert!(
             total.refused > 0,
             "no append of clients sharing an ID was refused"
@@ -581,12 +633,22 @@ fn chaos_test(nodes: usize, default_seeds: u64) {
 
 #[test]
 fn safety_holds_under_random_faults_3_nodes() {
-    chaos_test(3, 200);
+    chaos_test(3, 200, false);
 }
 
 #[test]
 fn safety_holds_under_random_faults_5_nodes() {
-    chaos_test(5, 200);
+    chaos_test(5, 200, false);
+}
+
+#[test]
+fn safety_holds_under_random_faults_and_membership_changes_3_nodes() {
+    chaos_test(3, 200, true);
+}
+
+#[test]
+fn safety_holds_under_random_faults_and_membership_changes_5_nodes() {
+    chaos_test(5, 200, true);
 }
 
 #[test]

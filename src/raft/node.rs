@@ -360,8 +360,11 @@ impl Node {
                     }
                 }
             }
-            // Learners, joining and removed servers never campaign (thesis §4.2.1).
-            _ if !self.is_voter() || self.removed => self.election_elapsed = 0,
+            // Learners, joining and removed servers never campaign (thesis §4.2.1). Their
+            // timer still runs: a server that is a voter in a newer configuration than its
+            // own must grant pre-votes once the leader is silent (thesis §9.6), or a cluster
+            // whose leader is gone may never reach a majority.
+            _ if !self.is_voter() || self.removed => {}
             _ => {
                 if self.election_elapsed >= self.election_timeout {
                     self.campaign_pre_vote();

@@ -5,13 +5,18 @@
 //! properties are checked after every event, incrementally so that long runs stay cheap; a
 //! failure panics with the seed, and `SIM_SEED=<seed>` reruns that seed (`SIM_PARANOID=1` adds
 //! the full, quadratic versions of the checks).
+//!
+//! Membership (thesis ch. 4): an administrator issues one-server changes as a client does
+//! ([`Sim::change_members`]), node slots start and stop with them (a joining node starts with
+//! an empty disk and an empty bootstrap configuration; a node stops once `removed()`), and
+//! the invariants are computed against the configurations in force.
 
 #![allow(dead_code)]
 
 use raft::raft::{
-    Body, ClientId, ClientOp, ClientReply, ClientRequest, ClientResult, Config, Datagram, Entry,
-    HardState, Index, LogRecord, Membership, Message, Node, NodeId, Payload, Ready, ReplyTo, Role,
-    Term,
+    Body, ClientId, ClientOp, ClientReply, ClientRequest, ClientResult, ConfChange, Config,
+    Datagram, Entry, HardState, Index, LogRecord, MemberRole, Membership, Message, Node, NodeId,
+    Payload, Ready, ReplyTo, Role, Term,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -141,6 +146,22 @@ enum Event {
     Request(NodeId, ReplyTo, ClientRequest),
     Reply(ReplyTo, ClientReply),
     ClientTimer(usize, u64),
+    AdminTimer(u64),
+}
+
+/// Where the administrator's answers go.
+const ADMIN_PORT: u16 = 39999;
+
+/// The administrator's membership change in progress, retried as a client does until it gets
+/// a definite answer.
+#[derive(Clone, Debug)]
+pub struct AdminOp {
+    pub change: ConfChange,
+    target: NodeId,
+    request_id: u64,
+    pub since: Time,
+    /// The last answer was Busy: the next attempt goes to the same node.
+    retry_same: bool,
 }
 
 /// One completed client operation, for checking what clients saw.
@@ -224,6 +245,14 @@ pub struct Stats {
     /// Leadership transfers requested.
     pub transfers: u64,
     pub faults: u64,
+    /// Membership changes requested, answered as committed, and refused.
+    pub config_requests: u64,
+    pub config_changes: u64,
+    pub config_refused: u64,
+    /// Busy answers to membership changes (retried).
+    pub config_busy: u64,
+    /// Nodes that stopped because they learned they were removed.
+    pub removed_stopped: u64,
 }
 
 /// A paused node: its held datagrams, or None if what arrives is lost.
@@ -234,7 +263,19 @@ pub struct Sim {
     pub cfg: SimConfig,
     pub rng: Rng,
     pub now: Time,
+    /// The node slots in use: every node started and not retired (stopped for good).
     pub ids: Vec<NodeId>,
+    /// The bootstrap voters; nodes added later join with an empty configuration.
+    pub initial: Vec<NodeId>,
+    joined: BTreeSet<NodeId>,
+    pub retired: BTreeSet<NodeId>,
+    next_id: NodeId,
+    /// The membership change in progress, and every answer the administrator got.
+    pub admin: Option<AdminOp>,
+    admin_request_id: u64,
+    pub admin_done: Vec<(ConfChange, ClientResult)>,
+    /// Removed by a committed change: stopped by the operator at the next [`Sim::decommission`].
+    decommission: BTreeSet<NodeId>,
     nodes: BTreeMap<NodeId, Option<Node>>,
     pub disks: BTreeMap<NodeId, Disk>,
     events: BTreeMap<(Time, u64), Event>,
@@ -264,6 +305,11 @@ pub struct Sim {
     committed: BTreeMap<Index, (Entry, Term)>,
     /// The highest index first seen committed by a node in each term.
     committed_by_term: BTreeMap<Term, Index>,
+    /// The committed configurations, by index (0: the bootstrap one).
+    committed_configs: BTreeMap<Index, Membership>,
+    /// The commit index up to which a leader's commitment was checked against the voters of
+    /// its configuration.
+    leader_commit_checked: BTreeMap<NodeId, Index>,
     last_term: BTreeMap<NodeId, Term>,
     last_commit: BTreeMap<NodeId, Index>,
     /// Indices up to here were checked against `committed` in the node's current life.
@@ -286,6 +332,14 @@ pub struct Sim {
     /// Granted RequestVote answers a candidate received, by (term, candidate).
     grants: HashMap<(Term, NodeId), BTreeSet<NodeId>>,
     checks: u64,
+}
+
+/// How many servers' membership or role differs between two configurations.
+fn member_changes(a: &Membership, b: &Membership) -> usize {
+    let ids: BTreeSet<NodeId> = a.ids().chain(b.ids()).collect();
+    ids.into_iter()
+        .filter(|&i| a.get(i).map(|m| m.role) != b.get(i).map(|m| m.role))
+        .count()
 }
 
 /// A hash of one entry's whole content.
@@ -315,6 +369,14 @@ impl Sim {
             now: 0,
             nodes: BTreeMap::new(),
             disks: ids.iter().map(|&id| (id, Disk::default())).collect(),
+            initial: ids.clone(),
+            joined: BTreeSet::new(),
+            retired: BTreeSet::new(),
+            next_id: cfg.nodes as NodeId + 1,
+            admin: None,
+            admin_request_id: 0,
+            admin_done: Vec::new(),
+            decommission: BTreeSet::new(),
             events: BTreeMap::new(),
             event_seq: 0,
             cut: BTreeSet::new(),
@@ -332,6 +394,8 @@ impl Sim {
             leader_of_term: BTreeMap::new(),
             committed: BTreeMap::new(),
             committed_by_term: BTreeMap::new(),
+            committed_configs: BTreeMap::from([(0, Membership::voters(&ids))]),
+            leader_commit_checked: BTreeMap::new(),
             last_term: BTreeMap::new(),
             last_commit: BTreeMap::new(),
             checked_commit: BTreeMap::new(),
@@ -358,7 +422,11 @@ impl Sim {
     fn core_config(&self, id: NodeId) -> Config {
         Config {
             id,
-            membership: Membership::voters(&self.ids),
+            membership: if self.joined.contains(&id) {
+                Membership::default()
+            } else {
+                Membership::voters(&self.initial)
+            },
             election_ticks: self.cfg.election_ticks,
             heartbeat_ticks: self.cfg.heartbeat_ticks,
             max_inflight: self.cfg.max_inflight,
@@ -373,6 +441,7 @@ impl Sim {
         let disk = self.disks[&id].clone();
         let node = Node::new(self.core_config(id), disk.hard_state, disk.entries);
         self.last_commit.insert(id, node.commit_index());
+        self.leader_commit_checked.insert(id, node.commit_index());
         // A new life: its durable log is checked against what was committed from scratch.
         self.checked_commit.insert(id, 0);
         self.leader_tail.remove(&id);
@@ -440,12 +509,37 @@ impl Sim {
         self.paused.remove(&id);
     }
     pub fn restart(&mut self, id: NodeId) {
-        if self.nodes[&id].is_none() {
+        if self.nodes[&id].is_none() && !self.retired.contains(&id) {
             self.restarts += 1;
             self.stats.restarts += 1;
             self.start(id);
         }
     }
+    /// Starts a new node slot with an empty disk and an empty bootstrap configuration, as a
+    /// server that joins (thesis §4.1); returns its ID.
+    pub fn spawn(&mut self) -> NodeId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.ids.push(id);
+        self.joined.insert(id);
+        self.disks.insert(id, Disk::default());
+        self.prefix.insert(id, Vec::new());
+        self.start(id);
+        let phase = self.rng.range(0, self.cfg.tick - 1);
+        self.schedule(phase, Event::Tick(id));
+        id
+    }
+
+    /// Stops node `id` for good, as an operator does once it has left the cluster. Its disk is
+    /// kept for the invariants.
+    pub fn retire(&mut self, id: NodeId) {
+        self.nodes.insert(id, None);
+        self.paused.remove(&id);
+        self.ids.retain(|&i| i != id);
+        self.retired.insert(id);
+        self.decommission.remove(&id);
+    }
+
     /// Cuts both directions between every node of `a` and every node of `b`.
     pub fn partition(&mut self, a: &[NodeId], b: &[NodeId]) {
         for &x in a {
@@ -613,6 +707,9 @@ impl Sim {
         }
         let touched = match event {
             Event::Tick(id) => {
+                if self.retired.contains(&id) {
+                    return true;
+                }
                 self.schedule(self.cfg.tick, Event::Tick(id));
                 match self.nodes.get_mut(&id).unwrap() {
                     Some(node) => node.tick(),
@@ -644,9 +741,15 @@ impl Sim {
             }
             Event::Reply(to, reply) => {
                 // Port 1 is where fire-and-forget proposals send their (ignored) answers.
-                if let Some(c) = (to.port() as usize).checked_sub(40000) {
+                if to.port() == ADMIN_PORT {
+                    self.admin_reply(reply);
+                } else if let Some(c) = (to.port() as usize).checked_sub(40000) {
                     self.client_reply(c, reply);
                 }
+                return true;
+            }
+            Event::AdminTimer(request_id) => {
+                self.admin_timeout(request_id);
                 return true;
             }
             Event::ClientTimer(c, request_id) => {
@@ -654,8 +757,14 @@ impl Sim {
                 return true;
             }
         };
+        self.leader_commit_check(touched);
         self.process_ready(touched);
         self.check(touched);
+        // A removed node takes no further part; its process stops (thesis §4.2.2).
+        if self.node(touched).is_some_and(|n| n.removed()) {
+            self.stats.removed_stopped += 1;
+            self.retire(touched);
+        }
         true
     }
 
@@ -699,6 +808,7 @@ impl Sim {
                     Act::Send(k) => self.send(rd.messages[k].clone()),
                     Act::Advance => {
                         self.nodes.get_mut(&id).unwrap().as_mut().unwrap().advance();
+                        self.leader_commit_check(id);
                     }
                     Act::Reply(k) => {
                         let (to, reply) = rd.replies[k].clone();
@@ -768,6 +878,11 @@ impl Sim {
                         "leader {id} of term {term} appends an entry of term {}",
                         e.term
                     ));
+                }
+                for (k, e) in rd.entries.iter().enumerate() {
+                    if let Payload::Config(m) = &e.payload {
+                        self.leader_appends_config(id, term, e.index, m, &rd.entries[..k]);
+                    }
                 }
             }
         }
@@ -862,14 +977,16 @@ impl Sim {
     /// A leader that a majority of live nodes follow in its term (a settled cluster).
     pub fn stable_leader(&self) -> Option<NodeId> {
         let leader = *self.leaders().first()?;
-        let term = self.node(leader)?.term();
-        let followers = self
-            .nodes
-            .values()
-            .flatten()
-            .filter(|n| n.term() == term && n.leader() == Some(leader))
+        let node = self.node(leader)?;
+        let (term, m) = (node.term(), node.membership());
+        let followers = m
+            .voter_ids()
+            .filter(|&v| {
+                self.node(v)
+                    .is_some_and(|n| n.term() == term && n.leader() == Some(leader))
+            })
             .count();
-        (followers > self.ids.len() / 2).then_some(leader)
+        (followers >= m.quorum()).then_some(leader)
     }
 
     pub fn wait_for_leader(&mut self, within: Time) -> NodeId {
@@ -958,8 +1075,101 @@ impl Sim {
 
     // ---- invariants --------------------------------------------------------------------------
 
-    fn quorum(&self) -> usize {
-        self.ids.len() / 2 + 1
+    /// The latest committed configuration.
+    pub fn committed_config(&self) -> Membership {
+        self.committed_configs.values().next_back().unwrap().clone()
+    }
+
+    fn bootstrap(&self, id: NodeId) -> Membership {
+        if self.joined.contains(&id) {
+            Membership::default()
+        } else {
+            Membership::voters(&self.initial)
+        }
+    }
+
+    /// Checks made when leader `id` of `term` writes a configuration entry at `index`
+    /// (`before`: the entries it writes with it, ahead of it): Ongaro's rule (an entry of its
+    /// term is committed), at most one uncommitted configuration, and one server changed.
+    fn leader_appends_config(
+        &self,
+        id: NodeId,
+        term: Term,
+        index: Index,
+        m: &Membership,
+        before: &[Entry],
+    ) {
+        let node = self.nodes[&id].as_ref().unwrap();
+        let commit = node.commit_index();
+        if node.log().term_at(commit) != Some(term) {
+            self.fail(&format!(
+                "leader {id} of term {term} appends configuration {index} before committing an \
+                 entry of its term (commit {commit}): Ongaro's rule"
+            ));
+        }
+        let disk = &self.disks[&id].entries;
+        let (prev_index, prev) = before
+            .iter()
+            .rev()
+            .chain(disk.iter().rev())
+            .find_map(|e| match &e.payload {
+                Payload::Config(m) => Some((e.index, m.clone())),
+                _ => None,
+            })
+            .unwrap_or_else(|| (0, self.bootstrap(id)));
+        if prev_index > commit {
+            self.fail(&format!(
+                "leader {id} of term {term} appends configuration {index} while {prev_index} is \
+                 uncommitted (commit {commit})"
+            ));
+        }
+        if member_changes(&prev, m) > 1 {
+            self.fail(&format!(
+                "leader {id} of term {term} changes more than one server at {index}: {} (at \
+                 {prev_index}) -> {} (in force: {} at {})",
+                prev.describe(),
+                m.describe(),
+                node.membership().describe(),
+                node.config_index()
+            ));
+        }
+    }
+
+    /// A leader's commit index moved: the entry there must be on the disks of a majority of
+    /// the voters of its configuration (learners count for nothing). Also for a leader that
+    /// has just stepped down on committing its own removal.
+    fn leader_commit_check(&mut self, id: NodeId) {
+        let Some(node) = self.nodes[&id].as_ref() else {
+            return;
+        };
+        let commit = node.commit_index();
+        if commit <= self.leader_commit_checked.get(&id).copied().unwrap_or(0) {
+            return;
+        }
+        self.leader_commit_checked.insert(id, commit);
+        let term = node.term();
+        let leading = node.role() == Role::Leader
+            || (node.removed() && self.was_leader.get(&id) == Some(&term));
+        if !leading {
+            return;
+        }
+        let m = node.membership();
+        let Some(&h) = self.prefix[&id].get(commit as usize - 1) else {
+            self.fail(&format!(
+                "leader {id} of term {term} committed {commit}, beyond its durable log"
+            ));
+        };
+        let holders: Vec<NodeId> = m
+            .voter_ids()
+            .filter(|v| self.prefix.get(v).and_then(|p| p.get(commit as usize - 1)) == Some(&h))
+            .collect();
+        if holders.len() < m.quorum() {
+            self.fail(&format!(
+                "leader {id} of term {term} committed {commit}, stored only on voters \
+                 {holders:?} of its configuration {}",
+                m.describe()
+            ));
+        }
     }
 
     /// Raft's safety properties (Figure 3), checked after every event that touched `id`:
@@ -1025,6 +1235,15 @@ impl Sim {
                 self.votes.insert((term, id), v);
             }
         }
+        // Learners, joining and removed servers never campaign (thesis §4.2.1).
+        if matches!(role, Role::Candidate | Role::PreCandidate)
+            && (!node.membership().is_voter(id) || node.removed())
+        {
+            self.fail(&format!(
+                "node {id} campaigns in term {term} but is no voter of {}",
+                node.membership().describe()
+            ));
+        }
         // Election Safety: at most one leader per term.
         if role == Role::Leader {
             if let Some(&other) = self.leader_of_term.get(&term) {
@@ -1067,20 +1286,23 @@ impl Sim {
         }
     }
 
-    /// A committed index seen for the first time: it must be durable on a majority (with the
-    /// same log up to it), or a crash of the others could lose it.
+    /// A committed index seen for the first time (that it is durable on a majority of the
+    /// committing leader's voters is checked in `leader_commit_check`). Committed
+    /// configurations form a chain of one-server changes (thesis §4.2), so the majorities of
+    /// any two consecutive ones overlap.
     fn newly_committed(&mut self, id: NodeId, term: Term, entry: Entry) {
         let index = entry.index;
-        let h = self.prefix[&id][index as usize - 1];
-        let stored = self
-            .prefix
-            .values()
-            .filter(|p| p.get(index as usize - 1) == Some(&h))
-            .count();
-        if stored < self.quorum() {
-            self.fail(&format!(
-                "node {id} committed index {index} in term {term}, but only {stored} disks hold it"
-            ));
+        if let Payload::Config(m) = &entry.payload {
+            let prev = self.committed_config();
+            if member_changes(&prev, m) > 1 {
+                self.fail(&format!(
+                    "node {id} committed configuration {index} {} after {}: more than one \
+                     server changed",
+                    m.describe(),
+                    prev.describe()
+                ));
+            }
+            self.committed_configs.insert(index, m.clone());
         }
         let top = self.committed_by_term.entry(term).or_default();
         *top = (*top).max(index);
@@ -1089,15 +1311,20 @@ impl Sim {
 
     /// Checks made once when `id` becomes leader of `term`.
     fn new_leader(&mut self, id: NodeId, term: Term) {
-        // A leader was granted votes by a majority of the cluster in its term, itself included.
+        // A leader was granted votes by a majority of the voters of its configuration in its
+        // term, itself included; a learner's grant counts for nothing.
         let node = self.nodes[&id].as_ref().unwrap();
-        let mut voters = self.grants.get(&(term, id)).cloned().unwrap_or_default();
+        let m = node.membership();
+        let mut granted = self.grants.get(&(term, id)).cloned().unwrap_or_default();
         if node.vote() == Some(id) {
-            voters.insert(id);
+            granted.insert(id);
         }
-        if voters.len() < self.quorum() {
+        let voters: BTreeSet<NodeId> = granted.into_iter().filter(|&v| m.is_voter(v)).collect();
+        if !m.is_voter(id) || voters.len() < m.quorum() {
             self.fail(&format!(
-                "node {id} became leader of term {term} with votes from only {voters:?}"
+                "node {id} became leader of term {term} with votes from only the voters \
+                 {voters:?} of {}",
+                m.describe()
             ));
         }
         // Leader Completeness: a leader has every entry committed in an earlier term. By Log
@@ -1224,6 +1451,207 @@ impl Sim {
                 }
             }
         }
+    }
+
+    // ---- membership -----------------------------------------------------------------------------
+
+    pub fn admin_busy(&self) -> bool {
+        self.admin.is_some()
+    }
+
+    /// The administrator gives up on the change in progress (its entry may still commit).
+    pub fn admin_abandon(&mut self) {
+        self.admin = None;
+    }
+
+    /// Asks for `change` and runs until it is answered; returns the answer.
+    pub fn change_members_and_wait(&mut self, change: ConfChange, within: Time) -> ClientResult {
+        self.change_members(change.clone());
+        if !self.run_until(within, |s| !s.admin_busy()) {
+            self.fail(&format!("{change:?} not answered in time"));
+        }
+        self.admin_done.last().unwrap().1.clone()
+    }
+
+    /// Asks for one membership change as `client` does: to the leader if one is known, retried
+    /// (Busy, NotLeader, timeouts) until it is committed or refused.
+    pub fn change_members(&mut self, change: ConfChange) {
+        assert!(self.admin.is_none(), "one membership change at a time");
+        self.stats.config_requests += 1;
+        let target = match self.leaders().first() {
+            Some(&l) => l,
+            None => self.rng.pick(&self.ids.clone()),
+        };
+        self.admin = Some(AdminOp {
+            change,
+            target,
+            request_id: 0,
+            since: self.now,
+            retry_same: false,
+        });
+        self.admin_send();
+    }
+
+    /// A random one-server change toward `cfg.nodes` voters, from the committed configuration:
+    /// a learner is promoted (or removed if its node is gone); above `cfg.nodes` voters a
+    /// member is removed (the leader as often as not); otherwise a fresh node joins as a
+    /// learner (or, now and then, a member is removed first). So over a run members are added,
+    /// promoted, removed and replaced, mostly between `cfg.nodes` and one more voter.
+    pub fn random_membership_change(&mut self) {
+        if self.admin.is_some() {
+            return;
+        }
+        let m = self.committed_config();
+        let voters: Vec<NodeId> = m.voter_ids().collect();
+        let learner = m
+            .members
+            .iter()
+            .find(|x| x.role == MemberRole::Learner)
+            .map(|x| x.id);
+        let n = self.cfg.nodes;
+        let change = if let Some(id) = learner {
+            if self.ids.contains(&id) && self.rng.chance(0.8) {
+                ConfChange::Promote { id }
+            } else {
+                ConfChange::Remove { id }
+            }
+        } else if voters.len() > n || (voters.len() == n && self.rng.chance(0.1)) {
+            let leader = self.leaders().first().copied().filter(|l| m.is_voter(*l));
+            let id = match leader {
+                Some(l) if self.rng.chance(0.5) => l,
+                _ => self.rng.pick(&voters),
+            };
+            ConfChange::Remove { id }
+        } else {
+            let id = self.spawn();
+            ConfChange::AddLearner {
+                id,
+                address: format!("10.0.{}.{}:7000", id / 256, id % 256),
+            }
+        };
+        self.change_members(change);
+    }
+
+    /// Stops the nodes whose removal committed and that have not stopped by themselves (they
+    /// missed the news, as an operator would stop them).
+    pub fn decommission(&mut self) {
+        let m = self.committed_config();
+        for id in self.decommission.clone() {
+            if !m.contains(id) {
+                self.retire(id);
+            }
+        }
+    }
+
+    /// Stops every node that is not a member of the committed configuration (with no change
+    /// in progress): what an operator does before declaring the cluster settled.
+    pub fn retire_non_members(&mut self) {
+        assert!(self.admin.is_none());
+        let m = self.committed_config();
+        for id in self.ids.clone() {
+            if !m.contains(id) {
+                self.retire(id);
+            }
+        }
+    }
+
+    fn admin_send(&mut self) {
+        let Some(op) = self.admin.as_mut() else {
+            return;
+        };
+        self.admin_request_id += 1;
+        op.request_id = self.admin_request_id;
+        op.retry_same = false;
+        let req = ClientRequest {
+            id: op.request_id,
+            op: ClientOp::ChangeMembers {
+                change: op.change.clone(),
+            },
+        };
+        let (target, request_id) = (op.target, op.request_id);
+        let to = SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT));
+        self.transmit(Event::Request(target, to, req));
+        self.schedule(self.cfg.client_retry, Event::AdminTimer(request_id));
+    }
+
+    fn admin_timeout(&mut self, request_id: u64) {
+        let Some(op) = self.admin.as_ref().filter(|op| op.request_id == request_id) else {
+            return;
+        };
+        if !op.retry_same || !self.ids.contains(&op.target) {
+            let ids = self.ids.clone();
+            let target = self.rng.pick(&ids);
+            self.admin.as_mut().unwrap().target = target;
+        }
+        self.admin_send();
+    }
+
+    fn admin_reply(&mut self, reply: ClientReply) {
+        let Some(op) = self.admin.clone() else {
+            return;
+        };
+        if reply.id != op.request_id {
+            return; // stale or duplicated answer
+        }
+        if self.paranoid || std::env::var("SIM_VERBOSE").is_ok() {
+            println!(
+                "t={}ms {:?} from node {}: {:?}",
+                self.now / MS,
+                op.change,
+                reply.from,
+                reply.result
+            );
+        }
+        match &reply.result {
+            ClientResult::Configured { members, .. } => {
+                let m = Membership::new(members.clone());
+                if !m.has_applied(&op.change) {
+                    self.fail(&format!(
+                        "{:?} answered as done with {}",
+                        op.change,
+                        m.describe()
+                    ));
+                }
+                self.stats.config_changes += 1;
+                if let ConfChange::Remove { id } = op.change {
+                    self.decommission.insert(id);
+                }
+            }
+            ClientResult::Refused { .. } => {
+                self.stats.config_refused += 1;
+                // A node that never joined stops, unless some log already has it.
+                if let ConfChange::AddLearner { id, .. } = op.change {
+                    let known = self
+                        .nodes
+                        .values()
+                        .flatten()
+                        .any(|n| n.id() != id && n.membership().contains(id));
+                    if !known && self.ids.contains(&id) {
+                        self.retire(id);
+                    }
+                }
+            }
+            // Not now: the retry timer asks again, of the same leader.
+            ClientResult::Busy { .. } => {
+                self.stats.config_busy += 1;
+                let op = self.admin.as_mut().unwrap();
+                op.target = reply.from;
+                op.retry_same = true;
+                let request_id = op.request_id;
+                self.schedule(20 * MS, Event::AdminTimer(request_id));
+                return;
+            }
+            ClientResult::NotLeader { leader } => {
+                if let Some(l) = leader.filter(|&l| l != reply.from && self.ids.contains(&l)) {
+                    self.admin.as_mut().unwrap().target = l;
+                    self.admin_send();
+                }
+                return;
+            }
+            other => self.fail(&format!("unexpected answer {other:?} to {:?}", op.change)),
+        }
+        self.admin = None;
+        self.admin_done.push((op.change, reply.result));
     }
 
     // ---- clients -------------------------------------------------------------------------------

@@ -54,6 +54,14 @@ impl Node {
                 return self.reply(waiter, refuse(format!("node {id} is not a member")));
             }
         }
+        // A removed server takes no further part (it ignores everything), so its ID never
+        // comes back; this also keeps a late duplicate of an old request from re-adding it.
+        if let ConfChange::AddLearner { id, .. } = change {
+            if !self.membership().contains(id) && self.configs.ever_member(id) {
+                let reason = format!("node {id} was removed from the cluster; join with a new ID");
+                return self.reply(waiter, refuse(reason));
+            }
+        }
         if self.membership().has_applied(&change) {
             if latest_index > self.log.commit {
                 self.waiters.insert(latest_index, waiter);
@@ -67,11 +75,14 @@ impl Node {
             }
             return;
         }
+        // At most one uncommitted configuration (thesis §4.2). Not a refusal: it may be
+        // committed already without this leader knowing yet (one it inherited), and the
+        // change can go ahead once it is.
         if latest_index > self.log.commit {
             let reason = format!(
                 "a configuration change is in progress (index {latest_index}, not yet committed)"
             );
-            return self.reply(waiter, refuse(reason));
+            return self.reply(waiter, busy(reason));
         }
         // Ongaro, raft-dev 2015: a leader may append a configuration only once an entry of its
         // own term is committed, or a change of a deposed leader could still commit beside it.

@@ -328,8 +328,9 @@ fn a_learner_is_promoted_only_once_it_has_caught_up() {
 }
 
 #[test]
-fn a_change_while_another_is_uncommitted_is_refused_and_a_retry_waits_for_its_entry() {
-    // Thesis §4.2 / Ongaro 2015: at most one uncommitted configuration.
+fn a_change_while_another_is_uncommitted_is_held_off_and_a_retry_waits_for_its_entry() {
+    // Thesis §4.2 / Ongaro 2015: at most one uncommitted configuration; another change is
+    // answered Busy (the one in progress may be committed already, unknown to a new leader).
     let mut c = Cluster::new(&[1, 2, 3]);
     c.elect(1);
     c.join(4);
@@ -340,10 +341,11 @@ fn a_change_while_another_is_uncommitted_is_refused_and_a_retry_waits_for_its_en
         c.node(1).membership().contains(4),
         "in force once in the log"
     );
+    let in_progress = |r: &Option<ClientResult>| matches!(r, Some(ClientResult::Busy { reason }) if reason.contains("in progress"));
     let r = c.change(1, add(5));
-    assert!(refused_for(&r, "in progress"), "{r:?}");
+    assert!(in_progress(&r), "{r:?}");
     let r = c.change(1, ConfChange::Remove { id: 3 });
-    assert!(refused_for(&r, "in progress"), "{r:?}");
+    assert!(in_progress(&r), "{r:?}");
     // A retry of the same change waits for the same entry and is the one answered.
     let retry = c.send(1, ClientOp::ChangeMembers { change: add(4) });
     c.down.clear();
@@ -647,4 +649,51 @@ fn a_late_append_entries_with_an_older_configuration_does_not_revert_a_follower(
     assert_eq!(f.log().last_index(), 2);
     assert_eq!(f.membership(), &voter_4, "an older configuration took over");
     assert_eq!(f.config_index(), 2);
+}
+
+#[test]
+fn a_removed_id_is_never_added_again() {
+    // A removed server ignores everything from then on; a late duplicate of the request that
+    // once added it must not add it back as a member that will never answer.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    c.join(4);
+    assert!(is_configured(&c.change(1, add(4))));
+    assert!(is_configured(&c.change(1, ConfChange::Remove { id: 4 })));
+    c.tick(2);
+    assert!(c.node(4).removed());
+    let r = c.change(1, add(4));
+    assert!(refused_for(&r, "was removed"), "{r:?}");
+    assert!(!c.node(1).membership().contains(4));
+}
+
+#[test]
+fn a_learner_that_no_longer_hears_a_leader_grants_pre_votes() {
+    // Node 4 is a learner in its log but a voter in a newer configuration it has not received
+    // yet; once the leader is silent for an election timeout, it must grant an up-to-date
+    // candidate's pre-vote (thesis §9.6), whose configuration counts it (found by the
+    // simulator: a cluster without a leader stayed so for good).
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    c.join(4);
+    assert!(is_configured(&c.change(1, add(4))));
+    c.tick(2);
+    assert_eq!(c.node(4).leader(), Some(1));
+    let n4 = c.node_mut(4);
+    for _ in 0..25 {
+        n4.tick();
+    }
+    let (term, last) = (n4.term(), n4.log().last_index());
+    n4.step(msg(
+        2,
+        4,
+        term + 1,
+        Body::PreVote {
+            last_log_index: last,
+            last_log_term: term,
+        },
+    ));
+    let rd = n4.ready();
+    n4.advance();
+    assert_eq!(rd.messages[0].body, Body::PreVoteResponse { granted: true });
 }
