@@ -76,6 +76,10 @@ struct AddLearnerArgs {
     /// where peers reach it, HOST:PORT
     #[argh(positional)]
     address: String,
+    /// add back the ID of a removed member (its peer started over with --join on an empty
+    /// data dir); without it, a removed ID is refused
+    #[argh(switch)]
+    rejoin: bool,
 }
 
 #[derive(FromArgs)]
@@ -252,6 +256,13 @@ fn main() -> ExitCode {
         Some(Command::TransferLeader(t)) => transfer_leader(&mut client, t.id),
         Some(Command::Watch(w)) => watch(&args.path, &w),
         Some(Command::Members(_)) => members(&mut client),
+        Some(Command::AddLearner(a)) if a.rejoin => change(
+            &mut client,
+            ConfChange::Rejoin {
+                id: a.id,
+                address: a.address,
+            },
+        ),
         Some(Command::AddLearner(a)) => change(
             &mut client,
             ConfChange::AddLearner {

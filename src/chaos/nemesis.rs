@@ -560,7 +560,7 @@ impl Nemesis {
                         cluster.rejoin(id, Duration::from_secs(5))?;
                         rejoined = true;
                     }
-                    let change = ConfChange::AddLearner {
+                    let change = ConfChange::Rejoin {
                         id,
                         address: address.to_string(),
                     };

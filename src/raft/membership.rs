@@ -49,6 +49,10 @@ pub struct Membership {
 pub enum ConfChange {
     /// Add `id` at `address` as a learner.
     AddLearner { id: NodeId, address: String },
+    /// Add a removed member's ID back as a learner: its peer starts over on an empty data
+    /// directory. Explicit, so that a late retry of an old `AddLearner` never re-adds a
+    /// removed member by accident (IDs are otherwise never reused, as in etcd).
+    Rejoin { id: NodeId, address: String },
     /// Make learner `id` a voter.
     Promote { id: NodeId },
     /// Remove voter or learner `id`.
@@ -60,6 +64,7 @@ impl ConfChange {
     pub fn id(&self) -> NodeId {
         match self {
             ConfChange::AddLearner { id, .. }
+            | ConfChange::Rejoin { id, .. }
             | ConfChange::Promote { id }
             | ConfChange::Remove { id } => *id,
         }
@@ -140,7 +145,7 @@ impl Membership {
     pub fn apply(&self, change: &ConfChange) -> Result<Membership, String> {
         let mut members = self.members.clone();
         match change {
-            ConfChange::AddLearner { id, address } => {
+            ConfChange::AddLearner { id, address } | ConfChange::Rejoin { id, address } => {
                 if *id == 0 {
                     return Err("node ID 0 is not valid".into());
                 }
@@ -187,7 +192,7 @@ impl Membership {
     /// Whether `change` is already in effect in this configuration.
     pub fn has_applied(&self, change: &ConfChange) -> bool {
         match change {
-            ConfChange::AddLearner { id, address } => self
+            ConfChange::AddLearner { id, address } | ConfChange::Rejoin { id, address } => self
                 .get(*id)
                 .is_some_and(|m| m.address == *address && m.role == MemberRole::Learner),
             ConfChange::Promote { id } => self.is_voter(*id),
@@ -273,6 +278,16 @@ impl Configurations {
             .rev()
             .find(|(i, _, _)| *i <= commit)
             .map_or(&self.base, |(_, _, m)| m)
+    }
+
+    /// Index of the configuration entry in force once the log is committed up to `commit`
+    /// (0: the bootstrap configuration).
+    pub fn committed_index(&self, commit: Index) -> Index {
+        self.entries
+            .iter()
+            .rev()
+            .find(|(i, _, _)| *i <= commit)
+            .map_or(0, |(i, _, _)| *i)
     }
 
     /// Whether `id` is or was a member of any configuration known here.

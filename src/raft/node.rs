@@ -137,8 +137,9 @@ pub struct Node {
     leaving: BTreeMap<NodeId, (Index, u64, u64)>,
     /// This node has been a member of a configuration it applied (or of the bootstrap one).
     was_member: bool,
-    /// A committed configuration no longer lists this node, which was a member: it takes no
-    /// further part, and the shell stops it.
+    /// A committed configuration no longer lists this node, which was a member, and our
+    /// commit index had caught up with the leader's when we saw it: it takes no further part,
+    /// and the shell stops it. See `note_removal`.
     removed: bool,
     /// Counters for operators: elections started, and leadership changes seen, with the last
     /// (term, leader) seen so that one change counts once.
@@ -868,6 +869,9 @@ impl Node {
                 if self.log.commit_to(leader_commit.min(match_index)) {
                     self.apply_committed();
                 }
+                if match_index >= leader_commit {
+                    self.note_removal();
+                }
                 AppendResult::Accepted { match_index }
             }
             None => {
@@ -1083,13 +1087,6 @@ impl Node {
             if let Payload::Config(m) = &entry.payload {
                 if m.contains(self.cfg.id) {
                     self.was_member = true;
-                } else if self.was_member && !self.removed {
-                    self.removed = true;
-                    info!(
-                        "node {}: removed from the cluster by the configuration at index {index} {}; taking no further part",
-                        self.cfg.id,
-                        m.describe()
-                    );
                 }
             }
             if let Some(waiter) = self.waiters.remove(&index) {

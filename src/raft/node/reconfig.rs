@@ -54,11 +54,14 @@ impl Node {
                 return self.reply(waiter, refuse(format!("node {id} is not a member")));
             }
         }
-        // A removed server takes no further part (it ignores everything), so its ID never
-        // comes back; this also keeps a late duplicate of an old request from re-adding it.
+        // A removed server takes no further part (it ignores everything), so its ID comes
+        // back only when asked for explicitly (`Rejoin`, with a peer started over on an empty
+        // data dir); this keeps a late duplicate of an old request from re-adding it.
         if let ConfChange::AddLearner { id, .. } = change {
             if !self.membership().contains(id) && self.configs.ever_member(id) {
-                let reason = format!("node {id} was removed from the cluster; join with a new ID");
+                let reason = format!(
+                    "node {id} was removed from the cluster; join with a new ID, or add it back explicitly (client add-learner --rejoin) with its peer started over on an empty data dir"
+                );
                 return self.reply(waiter, refuse(reason));
             }
         }
@@ -149,9 +152,31 @@ impl Node {
         }
     }
 
+    /// Decides whether this node has been removed: a committed configuration no longer lists
+    /// it, and it was a member. Called only when our commit index is as new as the leader's
+    /// (a leader's own, or a follower's that has every entry the leader says is committed):
+    /// a member added back after a removal (`Rejoin`) replays its earlier removal while it
+    /// catches up, and must not take that for its own.
+    pub(super) fn note_removal(&mut self) {
+        let me = self.cfg.id;
+        let committed = self.configs.committed(self.log.commit);
+        if self.removed || !self.was_member || committed.contains(me) {
+            return;
+        }
+        self.removed = true;
+        info!(
+            "node {me}: removed from the cluster by the configuration at index {} {}; taking no further part",
+            self.configs.committed_index(self.log.commit),
+            committed.describe()
+        );
+    }
+
     /// After the commit index moved: once a configuration without this leader commits, it
     /// steps down (thesis §4.2.2), first handing over with TimeoutNow to an up-to-date voter.
     pub(super) fn after_config_commit(&mut self) {
+        if self.role == Role::Leader {
+            self.note_removal();
+        }
         if self.role != Role::Leader || !self.removed {
             return;
         }

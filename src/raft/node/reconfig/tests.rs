@@ -652,7 +652,7 @@ fn a_late_append_entries_with_an_older_configuration_does_not_revert_a_follower(
 }
 
 #[test]
-fn a_removed_id_is_never_added_again() {
+fn a_removed_id_is_added_again_only_when_asked_for_explicitly() {
     // A removed server ignores everything from then on; a late duplicate of the request that
     // once added it must not add it back as a member that will never answer.
     let mut c = Cluster::new(&[1, 2, 3]);
@@ -665,6 +665,18 @@ fn a_removed_id_is_never_added_again() {
     let r = c.change(1, add(4));
     assert!(refused_for(&r, "was removed"), "{r:?}");
     assert!(!c.node(1).membership().contains(4));
+    // Asked for explicitly, with its peer started over on an empty data dir, it comes back.
+    c.join(4);
+    let rejoin = ConfChange::Rejoin {
+        id: 4,
+        address: address(4),
+    };
+    assert!(is_configured(&c.change(1, rejoin)));
+    c.tick(2);
+    assert!(!c.node(4).removed());
+    assert_eq!(c.node(4).log().last_index(), c.node(1).log().last_index());
+    assert!(is_configured(&c.change(1, ConfChange::Promote { id: 4 })));
+    assert!(c.node(1).membership().is_voter(4));
 }
 
 #[test]
