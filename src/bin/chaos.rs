@@ -24,8 +24,9 @@ struct Args {
     /// seconds of workload under faults (default 60)
     #[argh(option, default = "60")]
     duration: u64,
-    /// crash, killall, pause, partition, loss, dup, delay, mixed (all of them; with --netns
-    /// all but loss, dup and delay) or none; several may be given comma-separated (default
+    /// crash, killall, pause, partition, loss, dup, delay, membership (remove a member and
+    /// add it back, or transfer leadership), mixed (all of them; with --netns all but loss,
+    /// dup, delay and membership) or none; several may be given comma-separated (default
     /// mixed)
     #[argh(option, default = "String::from(\"mixed\")")]
     faults: String,
