@@ -46,7 +46,7 @@ use crate::raft::{
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -825,7 +825,7 @@ impl Client {
             if address.is_empty() {
                 continue;
             }
-            match resolve(address) {
+            match crate::config::resolve_address(address) {
                 Ok(addr) => {
                     if self.peers.insert(id, addr) != Some(addr) {
                         log::debug!("peer {id} is at {addr} ({address})");
@@ -1000,20 +1000,6 @@ fn fits(op: &ClientOp, result: &ClientResult) -> bool {
         ClientResult::Status(_) => matches!(op, ClientOp::Status),
         ClientResult::Transferred { .. } => matches!(op, ClientOp::TransferLeader { .. }),
     }
-}
-
-/// A member's `host:port` as a socket address, preferring IPv4 (as peer configs do).
-fn resolve(address: &str) -> Result<SocketAddr, String> {
-    let addrs: Vec<SocketAddr> = address
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {address:?}: {e}"))?
-        .collect();
-    addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or(addrs.first())
-        .copied()
-        .ok_or_else(|| format!("{address:?} resolves to no address"))
 }
 
 /// Sleeps for `pause`, but not past `deadline`.

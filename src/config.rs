@@ -223,17 +223,28 @@ impl PeerConfig {
 }
 
 fn resolve(host: &str, port: u16, field: &str) -> Result<SocketAddr, String> {
-    let addrs: Vec<SocketAddr> = (host, port)
+    prefer_ipv4((host, port), &format!("{host:?}")).map_err(|e| format!("field `{field}`: {e}"))
+}
+
+/// Resolves a member's `host:port` (from a configuration in the log, or a client's address
+/// book) to one socket address.
+pub fn resolve_address(address: &str) -> Result<SocketAddr, String> {
+    prefer_ipv4(address, &format!("{address:?}"))
+}
+
+/// The first IPv4 address `target` resolves to, else its first: so that "localhost" means the
+/// same socket for peers and clients. `what` names it in errors.
+fn prefer_ipv4(target: impl ToSocketAddrs, what: &str) -> Result<SocketAddr, String> {
+    let addrs: Vec<SocketAddr> = target
         .to_socket_addrs()
-        .map_err(|e| format!("field `{field}`: cannot resolve {host:?}: {e}"))?
+        .map_err(|e| format!("cannot resolve {what}: {e}"))?
         .collect();
-    // Prefer IPv4 so "localhost" means the same socket for peers and clients.
     addrs
         .iter()
         .find(|a| a.is_ipv4())
         .or(addrs.first())
         .copied()
-        .ok_or_else(|| format!("field `{field}`: {host:?} resolves to no address"))
+        .ok_or_else(|| format!("{what} resolves to no address"))
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use crate::raft::{
 use crossbeam_channel::{Sender, TrySendError};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -520,20 +520,7 @@ pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
     Ok((transport, listener))
 }
 
-/// Resolves `host:port` (preferring IPv4, so that "localhost" means the same socket for peers
-/// and clients).
-pub fn resolve_address(address: &str) -> Result<SocketAddr, String> {
-    let addrs: Vec<SocketAddr> = address
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {address:?}: {e}"))?
-        .collect();
-    addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or(addrs.first())
-        .copied()
-        .ok_or_else(|| format!("{address:?} resolves to no address"))
-}
+pub use crate::config::resolve_address;
 
 /// What the node thread and the receiver share about other peers: where each is, and whom to
 /// take messages from. The node thread rewrites it when the configuration changes.
