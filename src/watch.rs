@@ -4,7 +4,7 @@
 //! the same frame is drawn in a terminal or printed by `--once`.
 
 use crate::client::PeerStatus;
-use crate::raft::{NodeId, Role, StatusInfo};
+use crate::raft::{Index, MemberRole, NodeId, Role, StatusInfo};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,8 @@ pub struct Watch {
     pub events: VecDeque<String>,
     started: Option<Instant>,
     peers: Vec<PeerStatus>,
+    /// The newest configuration index any peer reported.
+    config_index: Option<Index>,
 }
 
 impl Watch {
@@ -59,6 +61,38 @@ impl Watch {
             if secs > 0.0 {
                 let grown = commit(&round).saturating_sub(commit(before));
                 self.commits_per_sec = grown as f64 / secs;
+            }
+        }
+        // Membership changes: the newest configuration any peer has, once it moves.
+        let newest = round
+            .values()
+            .flatten()
+            .filter(|i| !i.members.is_empty())
+            .max_by_key(|i| i.config_index);
+        if let Some(info) = newest {
+            if self
+                .config_index
+                .is_some_and(|seen| info.config_index > seen)
+            {
+                let members: Vec<String> = info
+                    .members
+                    .iter()
+                    .map(|m| match m.role {
+                        MemberRole::Voter => m.id.to_string(),
+                        MemberRole::Learner => format!("{} (learner)", m.id),
+                    })
+                    .collect();
+                events.push(format!(
+                    "configuration at index {}: {}",
+                    info.config_index,
+                    members.join(", ")
+                ));
+            }
+            if self
+                .config_index
+                .is_none_or(|seen| info.config_index > seen)
+            {
+                self.config_index = Some(info.config_index);
             }
         }
         if let Some(leader) = leader_of(&round) {
@@ -306,5 +340,40 @@ mod tests {
         };
         assert!(row("4 ").contains(" learner "), "{frame:?}");
         assert!(row("2 ").contains(" follower "), "{frame:?}");
+    }
+
+    #[test]
+    fn a_membership_change_becomes_an_event() {
+        use crate::raft::Member;
+        let member = |id, role| Member {
+            id,
+            address: format!("127.0.0.1:{}", 3000 + id),
+            role,
+        };
+        let with_config = |mut p: PeerStatus, index, members: Vec<Member>| {
+            let info = p.info.as_mut().unwrap();
+            info.config_index = index;
+            info.members = members;
+            p
+        };
+        let three = vec![
+            member(1, MemberRole::Voter),
+            member(2, MemberRole::Voter),
+            member(3, MemberRole::Voter),
+        ];
+        let mut four = three.clone();
+        four.push(member(4, MemberRole::Learner));
+        let t0 = Instant::now();
+        let mut w = Watch::default();
+        let leader = || peer(1, Some((Role::Leader, 1, Some(1), 1)));
+        w.update(t0, vec![with_config(leader(), 0, three.clone())]);
+        w.update(t0, vec![with_config(leader(), 0, three)]);
+        assert!(w.events.iter().all(|e| !e.contains("configuration")));
+        w.update(t0, vec![with_config(leader(), 12, four)]);
+        let last = w.events.back().unwrap();
+        assert!(
+            last.ends_with("configuration at index 12: 1, 2, 3, 4 (learner)"),
+            "{last}"
+        );
     }
 }
