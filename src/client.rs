@@ -365,11 +365,30 @@ impl Client {
     /// Reads the whole committed log, linearizably: the first page fixes a read index, later
     /// pages (from whichever peer is leader then) pass it back. One deadline covers all pages.
     pub fn query(&mut self) -> Result<Vec<LogRecord>, ClientError> {
+        self.query_from(1, None)
+    }
+
+    /// Reads committed entries `start, start + 1, …`, at most `limit` of them (`None`: all up to
+    /// the read index), linearizably: the first page is a ReadIndex read that fixes the read
+    /// index, later pages pass it back. The entries returned have consecutive indices from
+    /// `start`; none if `start` is past the read index. One deadline covers all pages.
+    /// `start` 0 is refused, and `limit` 0 answered empty, without sending anything.
+    pub fn query_from(
+        &mut self,
+        start: Index,
+        limit: Option<usize>,
+    ) -> Result<Vec<LogRecord>, ClientError> {
+        if start == 0 {
+            return Err(ClientError::Refused(
+                "query from index 0: log indices start at 1".into(),
+            ));
+        }
         let deadline = Instant::now() + self.timeout;
+        let limit = limit.unwrap_or(usize::MAX);
         let mut records: Vec<LogRecord> = Vec::new();
-        let mut start: Index = 1;
+        let mut start = start;
         let mut read_index: Option<Index> = None;
-        loop {
+        while records.len() < limit {
             let op = ClientOp::Query { start, read_index };
             let (peer, result) = self.call(&op, deadline)?;
             let ClientResult::Entries {
@@ -397,9 +416,10 @@ impl Client {
                 }
             }
             let page_end = start + entries.len() as Index;
-            records.extend(entries);
+            let room = limit - records.len();
+            records.extend(entries.into_iter().take(room));
             match next {
-                None => return Ok(records),
+                None => break,
                 Some(n) if n == page_end && n > start && n <= page_read_index => {
                     start = n;
                     read_index = Some(page_read_index);
@@ -411,6 +431,7 @@ impl Client {
                 }
             }
         }
+        Ok(records)
     }
 
     /// Hands leadership to `target`, or to the most up-to-date voter (Raft thesis §3.10), and
@@ -1549,6 +1570,72 @@ mod tests {
             })
             .collect();
         assert_eq!(starts, vec![(3, Some(5)), (5, Some(5))]);
+    }
+
+    /// A leader (ID 1) of a log of `last` entries whose read index is `last`, answering
+    /// pages of at most `page` entries.
+    fn paging_leader(last: Index, page: Index) -> FakePeer {
+        FakePeer::start(1, move |req| match req.op {
+            ClientOp::Query { start, read_index } => {
+                assert!(read_index.is_none_or(|r| r == last), "{req:?}");
+                let end = (start + page - 1).min(last);
+                vec![(
+                    req.id,
+                    ClientResult::Entries {
+                        entries: (start..=end).map(record).collect(),
+                        read_index: last,
+                        next: (end < last).then_some(end + 1),
+                    },
+                )]
+            }
+            _ => vec![(req.id, ClientResult::NotLeader { leader: None })],
+        })
+    }
+
+    /// The (start, read_index) of every query a peer saw.
+    fn queries(peer: &FakePeer) -> Vec<(Index, Option<Index>)> {
+        peer.requests()
+            .into_iter()
+            .map(|r| match r.op {
+                ClientOp::Query { start, read_index } => (start, read_index),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn query_from_pages_from_start_and_stops_at_the_limit() {
+        let p1 = paging_leader(10, 2);
+        let mut c = client_of(&[(1, &p1)], 2000);
+        let records = c.query_from(3, Some(5)).unwrap();
+        assert_eq!(records, (3..=7).map(record).collect::<Vec<_>>());
+        // The first page fixes the read index; no page is asked for past the limit.
+        assert_eq!(queries(&p1), [(3, None), (5, Some(10)), (7, Some(10))]);
+
+        // Without a limit: everything up to the read index.
+        let records = c.query_from(8, None).unwrap();
+        assert_eq!(records, (8..=10).map(record).collect::<Vec<_>>());
+        assert_eq!(queries(&p1)[3..], [(8, None), (10, Some(10))]);
+        // A limit that ends on a page boundary asks for no further page.
+        assert_eq!(c.query_from(1, Some(2)).unwrap(), [record(1), record(2)]);
+        assert_eq!(queries(&p1)[5..], [(1, None)]);
+    }
+
+    #[test]
+    fn query_from_past_the_read_index_is_empty() {
+        let p1 = paging_leader(10, 4);
+        let mut c = client_of(&[(1, &p1)], 2000);
+        assert_eq!(c.query_from(11, None).unwrap(), []);
+        assert_eq!(c.query_from(500, Some(3)).unwrap(), []);
+        assert_eq!(c.query_from(10, Some(3)).unwrap(), [record(10)]);
+        assert_eq!(queries(&p1), [(11, None), (500, None), (10, None)]);
+        // Index 0 and a limit of 0 are answered without asking.
+        assert!(matches!(
+            c.query_from(0, None),
+            Err(ClientError::Refused(_))
+        ));
+        assert_eq!(c.query_from(1, Some(0)).unwrap(), []);
+        assert_eq!(queries(&p1).len(), 3);
     }
 
     #[test]
