@@ -11,7 +11,9 @@
 # the configuration from the leader). Environment: RAFT_CLIENT_CONFIG, the config the client
 # uses to reach the cluster (default: the first peers/peer*.json that is not peerN's).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# RAFT_HOME: where peers/, run/ and data/ are (default: the repository).
+cd "${RAFT_HOME:-$repo}"
 
 usage() { echo "usage: scripts/add-peer.sh N [--host HOST] [--port PORT] [--learner]" >&2; exit 1; }
 (($# >= 1)) || usage
@@ -30,12 +32,12 @@ while (($#)); do
     esac
 done
 
-target="${CARGO_TARGET_DIR:-target}"
+target="${CARGO_TARGET_DIR:-$repo/target}"
 peer="$target/release/peer"
 client="$target/release/client"
 name="peer$n"
 config="peers/$name.json"
-cargo build --release --bins >&2
+[[ -n ${RAFT_NO_BUILD:-} ]] || cargo build --release --bins --manifest-path "$repo/Cargo.toml" >&2
 
 shopt -s nullglob
 client_config=${RAFT_CLIENT_CONFIG:-}

@@ -10,14 +10,17 @@
 # Environment: RAFT_CLIENT_CONFIG, the config the client uses (default: the first
 # peers/peer*.json that is not peerN's).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# RAFT_HOME: where peers/, run/ and data/ are (default: the repository).
+cd "${RAFT_HOME:-$repo}"
 
 (($# == 1)) && [[ $1 =~ ^[1-9][0-9]*$ ]] || { echo "usage: scripts/remove-peer.sh N" >&2; exit 1; }
 n=$1
 name="peer$n"
-target="${CARGO_TARGET_DIR:-target}"
+target="${CARGO_TARGET_DIR:-$repo/target}"
 client="$target/release/client"
-[[ -x $client ]] || cargo build --release --bins >&2
+build() { [[ -n ${RAFT_NO_BUILD:-} ]] || cargo build --release --bins --manifest-path "$repo/Cargo.toml" >&2; }
+[[ -x $client ]] || build
 
 shopt -s nullglob
 client_config=${RAFT_CLIENT_CONFIG:-}

@@ -9,17 +9,20 @@
 # Environment: RAFT_CLIENT_CONFIG, the config the client uses (default: the first
 # peers/peer*.json that is not peerN's).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# RAFT_HOME: where peers/, run/ and data/ are (default: the repository).
+cd "${RAFT_HOME:-$repo}"
 
 (($# == 1)) && [[ $1 =~ ^[1-9][0-9]*$ ]] || { echo "usage: scripts/restart-peer.sh N" >&2; exit 1; }
 n=$1
 name="peer$n"
 config="peers/$name.json"
-target="${CARGO_TARGET_DIR:-target}"
+target="${CARGO_TARGET_DIR:-$repo/target}"
 peer="$target/release/peer"
 client="$target/release/client"
 [[ -f $config ]] || { echo "no $config" >&2; exit 1; }
-[[ -x $peer && -x $client ]] || cargo build --release --bins >&2
+build() { [[ -n ${RAFT_NO_BUILD:-} ]] || cargo build --release --bins --manifest-path "$repo/Cargo.toml" >&2; }
+[[ -x $peer && -x $client ]] || build
 
 shopt -s nullglob
 client_config=${RAFT_CLIENT_CONFIG:-}

@@ -3,9 +3,11 @@
 # background, with logs and pid files in run/; then waits until the peers agree on one leader.
 # Stop it with scripts/stop-cluster.sh.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# RAFT_HOME: where peers/, run/ and data/ are (default: the repository).
+cd "${RAFT_HOME:-$repo}"
 
-target="${CARGO_TARGET_DIR:-target}"
+target="${CARGO_TARGET_DIR:-$repo/target}"
 peer="$target/release/peer"
 client="$target/release/client"
 wait_seconds=10
@@ -80,7 +82,7 @@ while IFS= read -r secret; do
     echo "made a new cluster secret in $secret (mode 0600); every peer and client of this cluster uses it"
 done <<<"$secrets"
 
-cargo build --release --bins
+[[ -n ${RAFT_NO_BUILD:-} ]] || cargo build --release --bins --manifest-path "$repo/Cargo.toml"
 
 for config in "${configs[@]}"; do
     name=$(basename "$config" .json)

@@ -3,7 +3,9 @@
 # SIGKILL. With --wipe, also deletes data/ (every peer's log and vote: a cluster from scratch)
 # and the configs of peers that scripts/add-peer.sh added.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# RAFT_HOME: where peers/, run/ and data/ are (default: the repository).
+cd "${RAFT_HOME:-$repo}"
 
 wipe=false
 for arg in "$@"; do
