@@ -203,6 +203,15 @@ impl Node {
         };
         node.reset_election_timer();
         node.apply_committed();
+        let me = node.cfg.id;
+        if node.was_member && !node.membership().contains(me) {
+            // Not decided here (a rejoining peer replays its earlier removal while it catches
+            // up, see `note_removal`), but an operator restarting a removed peer should know.
+            warn!(
+                "node {me}: the latest configuration in this log (index {}) does not list this node: it was removed, and takes part again only if added back",
+                node.config_index()
+            );
+        }
         node
     }
 
