@@ -1,6 +1,6 @@
-//! The command-line client: `append`, `query`, `status`, `transfer-leader`, and membership
-//! (`members`, `add-learner`, `promote`, `remove`) subcommands that print JSON lines, or, with
-//! no subcommand, the original project's interactive menu. It follows the cluster: the config
+//! The command-line client: `append`, `query`, `follow`, `status`, `transfer-leader`, and
+//! membership (`members`, `add-learner`, `promote`, `remove`) subcommands that print JSON
+//! lines, or, with no subcommand, the original project's interactive menu. It follows the cluster: the config
 //! needs to name only one current member.
 //!
 //! Exit codes: 0 done; 1 refused, usage or config error; 2 no answer in time (outcome unknown).
@@ -10,13 +10,13 @@ use raft::client::{Client, ClientError, Configured, PeerStatus};
 use raft::config::PeerConfig;
 use raft::raft::membership::check_address;
 use raft::raft::{
-    ConfChange, FollowerInfo, LogRecord, Member, MemberRole, NodeId, Role, StatusInfo,
+    ConfChange, FollowerInfo, Index, LogRecord, Member, MemberRole, NodeId, Role, StatusInfo,
 };
 use serde::Serialize;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Exit code: the operation is done.
 const EXIT_OK: u8 = 0;
@@ -28,6 +28,10 @@ const EXIT_NO_ANSWER: u8 = 2;
 const DEFAULT_TIMEOUT_MS: u64 = 5000;
 /// The time limit of `promote` without `--timeout-ms`: a learner may need a while to catch up.
 const DEFAULT_PROMOTE_TIMEOUT_MS: u64 = 10_000;
+/// How long `follow` pauses after a read that found nothing new (or failed).
+const FOLLOW_PAUSE: Duration = Duration::from_millis(30);
+/// The most entries one read of `follow` asks for, so that a long log is printed as it is read.
+const FOLLOW_BATCH: usize = 1000;
 
 #[derive(FromArgs)]
 /// Talk to a Raft cluster. With no subcommand, an interactive menu.
@@ -50,6 +54,7 @@ struct Args {
 enum Command {
     Append(AppendArgs),
     Query(QueryArgs),
+    Follow(FollowArgs),
     Status(StatusArgs),
     TransferLeader(TransferLeaderArgs),
     Watch(WatchArgs),
@@ -114,9 +119,26 @@ struct AppendArgs {
 }
 
 #[derive(FromArgs)]
-/// Print every committed entry, one JSON line each, in index order.
+/// Print the committed entries, one JSON line each, in index order (a linearizable read).
 #[argh(subcommand, name = "query")]
-struct QueryArgs {}
+struct QueryArgs {
+    /// the first index to print (default 1); past the last committed index prints nothing
+    #[argh(option, default = "1")]
+    from: Index,
+    /// print at most this many entries (default: all)
+    #[argh(option)]
+    limit: Option<usize>,
+}
+
+#[derive(FromArgs)]
+/// Print committed entries from an index on, one JSON line each, as they commit, until killed
+/// (like `tail -f`). With --timeout-ms, exit 2 once no peer has answered for that long.
+#[argh(subcommand, name = "follow")]
+struct FollowArgs {
+    /// the first index to print (default 1)
+    #[argh(option, default = "1")]
+    from: Index,
+}
 
 #[derive(FromArgs)]
 /// Print every peer's status, one JSON line each; exit 2 if none answers.
@@ -241,6 +263,19 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_REFUSED);
         }
     }
+    let from = match &args.command {
+        Some(Command::Query(q)) => Some(q.from),
+        Some(Command::Follow(f)) => Some(f.from),
+        _ => None,
+    };
+    if from == Some(0) {
+        eprintln!("error: --from must be at least 1 (log indices start at 1)");
+        return ExitCode::from(EXIT_REFUSED);
+    }
+    if let Some(Command::Query(QueryArgs { limit: Some(0), .. })) = &args.command {
+        eprintln!("error: --limit must be at least 1");
+        return ExitCode::from(EXIT_REFUSED);
+    }
     let timeout = Duration::from_millis(timeout_ms);
     let mut client = match connect(&args.path, timeout) {
         Ok(c) => c,
@@ -251,7 +286,12 @@ fn main() -> ExitCode {
     };
     let code = match args.command {
         Some(Command::Append(a)) => append(&mut client, &a.text),
-        Some(Command::Query(_)) => query(&mut client),
+        Some(Command::Query(q)) => query(&mut client, q.from, q.limit),
+        Some(Command::Follow(f)) => follow(
+            &mut client,
+            f.from,
+            args.timeout_ms.map(Duration::from_millis),
+        ),
         Some(Command::Status(_)) => status(&mut client, timeout_ms),
         Some(Command::TransferLeader(t)) => transfer_leader(&mut client, t.id),
         Some(Command::Watch(w)) => watch(&args.path, &w),
@@ -360,8 +400,9 @@ fn append(client: &mut Client, text: &str) -> u8 {
     }
 }
 
-fn query(client: &mut Client) -> u8 {
-    match client.query() {
+/// `query [--from N] [--limit K]`: prints nothing unless the whole read succeeded.
+fn query(client: &mut Client, from: Index, limit: Option<usize>) -> u8 {
+    match client.query_from(from, limit) {
         Ok(records) => {
             for r in &records {
                 print_or_exit(&json(r));
@@ -369,6 +410,57 @@ fn query(client: &mut Client) -> u8 {
             EXIT_OK
         }
         Err(e) => fail(&e),
+    }
+}
+
+/// `follow [--from N]`: repeated linearizable reads from the next index to print, so every
+/// entry from `from` on is printed once, in index order, with no gaps. A failed read (no
+/// answer, a leader change) is retried; only a refusal ends it (exit 1), or, given `silence`,
+/// that long without a successful read (exit 2). SIGINT, SIGTERM and a closed stdout end it
+/// with exit 0.
+fn follow(client: &mut Client, from: Index, silence: Option<Duration>) -> u8 {
+    if let Err(e) = ctrlc::set_handler(|| {
+        // Taking stdout's lock first keeps a line from being cut short.
+        let _out = std::io::stdout().lock();
+        std::process::exit(EXIT_OK.into());
+    }) {
+        log::warn!("cannot handle SIGINT/SIGTERM: {e}");
+    }
+    let mut next = from;
+    let mut last_answer = Instant::now();
+    loop {
+        match client.query_from(next, Some(FOLLOW_BATCH)) {
+            Ok(records) => {
+                last_answer = Instant::now();
+                if records.is_empty() {
+                    std::thread::sleep(FOLLOW_PAUSE);
+                }
+                for r in &records {
+                    if r.index != next {
+                        eprintln!(
+                            "error: read from index {next} returned entry {} out of order",
+                            r.index
+                        );
+                        return EXIT_REFUSED;
+                    }
+                    print_or_exit(&json(r));
+                    next += 1;
+                }
+            }
+            Err(e @ ClientError::Refused(_)) => return fail(&e),
+            Err(e) => {
+                let quiet = last_answer.elapsed();
+                if silence.is_some_and(|limit| quiet >= limit) {
+                    eprintln!(
+                        "error: no answer for {} ms, waiting for index {next}: {e}",
+                        quiet.as_millis()
+                    );
+                    return EXIT_NO_ANSWER;
+                }
+                log::warn!("reading from index {next}: {e}; retrying");
+                std::thread::sleep(FOLLOW_PAUSE);
+            }
+        }
     }
 }
 
