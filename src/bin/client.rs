@@ -420,8 +420,17 @@ fn query(client: &mut Client, from: Index, limit: Option<usize>) -> u8 {
 /// with exit 0.
 fn follow(client: &mut Client, from: Index, silence: Option<Duration>) -> u8 {
     if let Err(e) = ctrlc::set_handler(|| {
-        // Taking stdout's lock first keeps a line from being cut short.
-        let _out = std::io::stdout().lock();
+        // Waiting for stdout's lock keeps a line from being cut short, but not for long: a
+        // reader that stopped reading must not keep the process alive.
+        let (locked, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _out = std::io::stdout().lock();
+            let _ = locked.send(());
+            loop {
+                std::thread::park();
+            }
+        });
+        let _ = wait.recv_timeout(Duration::from_millis(200));
         std::process::exit(EXIT_OK.into());
     }) {
         log::warn!("cannot handle SIGINT/SIGTERM: {e}");
