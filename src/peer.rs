@@ -508,11 +508,15 @@ impl Routes {
                 Err(e) => log::warn!("{}: peer {id}: {e}; cannot send to it", self.name),
             }
         }
+        // Every node we have an address for may send to us, not only the members of the
+        // configuration in force here (thesis §4.1): a peer catching up through old
+        // configurations must hear a leader that those configurations do not list.
         let senders: BTreeSet<NodeId> = routing
             .latest
             .ids()
             .chain(routing.committed.ids())
             .chain(routing.contacts.iter().copied())
+            .chain(self.older.keys().copied())
             .filter(|&id| id != self.me)
             .collect();
         let index_moved = self.seen.as_ref().map(|r| r.config_index) != Some(routing.config_index);
