@@ -132,8 +132,18 @@ impl RaftLog {
     /// First index of the run of entries with the same term as `index` (fast backtracking
     /// hint); a binary search, since terms never decrease along the log.
     pub fn first_index_of_term_at(&self, index: Index) -> Index {
+        self.first_index_of_term_counting(index, &mut 0)
+    }
+
+    /// [`RaftLog::first_index_of_term_at`], adding the entries it looked at to `probes`, so a
+    /// test can hold it to O(log n): a follower answers every rejection with it.
+    fn first_index_of_term_counting(&self, index: Index, probes: &mut u64) -> Index {
         let term = self.term_at(index).expect("index in log");
-        self.entries[..index as usize].partition_point(|e| e.term < term) as Index + 1
+        self.entries[..index as usize].partition_point(|e| {
+            *probes += 1;
+            e.term < term
+        }) as Index
+            + 1
     }
 
     /// Last index whose term is `term`, if the log has that term (terms never decrease, so
@@ -222,6 +232,22 @@ mod tests {
         assert_eq!(log.try_append(2, 2, &[e(3, 2)]), None);
         assert_eq!(log.try_append(5, 1, &[]), None);
         assert_eq!(terms(&log), vec![1, 1]);
+    }
+
+    #[test]
+    fn the_backtracking_hint_looks_at_a_logarithmic_number_of_entries() {
+        // A follower a million entries into one term answers a rejection at its end: the
+        // hint must not walk the term back entry by entry.
+        let mut terms = vec![1; 10];
+        terms.extend(std::iter::repeat_n(2, 1_000_000));
+        let log = log_of(&terms);
+        let mut probes = 0;
+        let last = log.last_index();
+        assert_eq!(log.first_index_of_term_counting(last, &mut probes), 11);
+        assert!(
+            probes <= 2 * 20 + 2,
+            "{probes} entries looked at for 1,000,010"
+        );
     }
 
     #[test]
