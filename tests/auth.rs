@@ -262,8 +262,20 @@ fn a_forged_append_entries_has_no_effect() {
         attacker.recv_from(&mut buf).is_err(),
         "a peer answered a forged datagram"
     );
-    std::thread::sleep(Duration::from_millis(500));
-    let after = client.status();
+    // Every forged datagram has been dropped (counted) before we look for effects.
+    let after = poll_until(Duration::from_secs(5), "the forgeries counted", || {
+        let status = client.status();
+        let counted = followers.iter().all(|&f| {
+            status
+                .iter()
+                .any(|s| s.id == f && s.info.as_ref().is_some_and(|i| i.auth_failures >= 3))
+        });
+        if counted {
+            Ok(status)
+        } else {
+            Err(format!("{status:#?}"))
+        }
+    });
     for &f in &followers {
         let (b, a) = (info(&before, f), info(&after, f));
         assert_eq!(
@@ -585,10 +597,22 @@ fn a_peer_with_the_wrong_key_cannot_join() {
     for i in 0..20 {
         good.append(&format!("entry-{i}")).unwrap();
     }
-    // Peer 3 runs as long as the others, trying to be elected.
-    std::thread::sleep(Duration::from_secs(2));
+    // Peer 3 tries to be elected, again and again: wait until peers 1 and 2 have each dropped
+    // several of its datagrams (it campaigns every 150-300 ms).
+    let status = poll_until(Duration::from_secs(10), "peer 3 campaigned", || {
+        let status = good.status();
+        let dropped = [1, 2].iter().all(|&id| {
+            status
+                .iter()
+                .any(|s| s.id == id && s.info.as_ref().is_some_and(|i| i.auth_failures >= 6))
+        });
+        if dropped {
+            Ok(status)
+        } else {
+            Err(format!("{status:#?}"))
+        }
+    });
     cluster.check_alive();
-    let status = good.status();
     assert_eq!(
         leaders_of(&status),
         vec![(leader, term)],

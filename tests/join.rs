@@ -8,6 +8,7 @@ use common::{
     config_json, free_ports, one_at_a_time, poll_until, tail, wait_with_deadline, write_json,
     Cluster, TempDir, PEER,
 };
+use raft::client::Client;
 use raft::cluster::ClusterFile;
 use raft::config::PeerConfig;
 use raft::raft::{
@@ -63,43 +64,19 @@ fn status(addr: SocketAddr) -> Option<StatusInfo> {
     }
 }
 
-/// Asks for `change` until the leader says it is configured, following redirects and
-/// retrying `Busy` answers; panics on a refusal or at the deadline.
+/// Asks for `change` through the client library, which follows redirects and retries
+/// `Busy` answers until `within`; panics on a refusal or at the deadline.
 fn change_members(
     peers: &BTreeMap<NodeId, SocketAddr>,
     change: ConfChange,
     within: Duration,
 ) -> Vec<Member> {
-    let op = ClientOp::ChangeMembers { change };
-    let mut hint: Option<NodeId> = None;
-    let mut last = String::new();
-    let deadline = Instant::now() + within;
-    let order: Vec<NodeId> = peers.keys().copied().collect();
-    let mut next = 0;
-    while Instant::now() < deadline {
-        let target = hint.filter(|h| peers.contains_key(h)).unwrap_or_else(|| {
-            next += 1;
-            order[next % order.len()]
-        });
-        match ask(peers[&target], &op, Duration::from_secs(1)) {
-            Some(ClientResult::Configured { members, .. }) => return members,
-            Some(ClientResult::Refused { reason }) => panic!("{op:?} refused: {reason}"),
-            Some(ClientResult::NotLeader { leader }) => {
-                hint = leader;
-                last = format!("node {target}: not the leader (hint {leader:?})");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Some(other) => {
-                last = format!("node {target}: {other:?}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            None => {
-                hint = None;
-                last = format!("node {target}: no answer");
-            }
-        }
+    let mut client = Client::new(peers.clone(), within).unwrap();
+    client.follow_cluster(true);
+    match client.change_members(change.clone()) {
+        Ok(configured) => configured.members,
+        Err(e) => panic!("{change:?}: {e}"),
     }
-    panic!("{op:?} not done within {within:?}; last: {last}")
 }
 
 /// Starts `peer -p config --join`, its output appended to `log`.
@@ -228,7 +205,7 @@ fn a_joining_peer_is_added_caught_up_and_promoted_and_a_removed_peer_exits_0() {
 
     // The rest (three voters, peer 4 among them) keeps committing.
     peers.remove(&removed);
-    let mut rest = raft::client::Client::new(peers.clone(), Duration::from_secs(5)).unwrap();
+    let mut rest = Client::new(peers.clone(), Duration::from_secs(5)).unwrap();
     for i in 0..10 {
         rest.append(&format!("after removal {i}"))
             .expect("the remaining members commit");
