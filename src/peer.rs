@@ -334,6 +334,11 @@ trait Core {
     fn routing(&self) -> Option<Routing> {
         None
     }
+    /// Changes whenever [`Core::routing`] may have: checked every batch, so that the
+    /// configurations are copied only when they change.
+    fn routing_key(&self) -> Option<raft::node::RoutingKey> {
+        None
+    }
     /// A committed configuration removed this node: the peer stops.
     fn removed(&self) -> bool {
         false
@@ -366,6 +371,9 @@ impl Core for Node {
             committed: self.committed_membership().clone(),
             contacts: self.contacts(),
         })
+    }
+    fn routing_key(&self) -> Option<raft::node::RoutingKey> {
+        Some(Node::routing_key(self))
     }
     fn removed(&self) -> bool {
         Node::removed(self)
@@ -410,6 +418,8 @@ struct Routes {
     joining: Option<Joining>,
     /// The configurations the directory was last computed from; `None`: recompute.
     seen: Option<Routing>,
+    /// The core's routing key when `seen` was computed.
+    seen_key: Option<raft::node::RoutingKey>,
 }
 
 impl Routes {
@@ -444,6 +454,7 @@ impl Routes {
             older,
             joining,
             seen: None,
+            seen_key: None,
         }
     }
 
@@ -770,9 +781,17 @@ fn node_loop(
 
 /// Points the transport and receiver at the configuration in force, if it changed.
 fn follow_configuration(core: &impl Core, out: &mut impl Outbox, routes: &mut Option<Routes>) {
-    let (Some(routes), Some(routing)) = (routes.as_mut(), core.routing()) else {
+    let Some(routes) = routes.as_mut() else {
         return;
     };
+    let key = core.routing_key();
+    if routes.seen.is_some() && key.is_some() && routes.seen_key == key {
+        return;
+    }
+    let Some(routing) = core.routing() else {
+        return;
+    };
+    routes.seen_key = key;
     if let Some(directory) = routes.update(routing) {
         out.route(directory);
     }

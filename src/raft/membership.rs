@@ -271,6 +271,12 @@ impl Configurations {
         self.entries.last().map_or(0, |(i, _, _)| *i)
     }
 
+    /// Term of the latest configuration entry (0 for the bootstrap configuration): with its
+    /// index, it names the entry, even after a truncation put another at the same index.
+    pub fn latest_term(&self) -> Term {
+        self.entries.last().map_or(0, |(_, t, _)| *t)
+    }
+
     /// The configuration in force once the log is committed up to `commit`.
     pub fn committed(&self, commit: Index) -> &Membership {
         self.entries

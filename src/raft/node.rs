@@ -15,6 +15,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 mod reconfig;
 pub use reconfig::PROMOTE_MAX_LAG;
 
+/// See [`Node::routing_key`].
+pub type RoutingKey = (Index, Term, Index, usize);
+
 /// Static parameters of one core. Durations are in ticks; the shell decides how long a tick is.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -253,6 +256,17 @@ impl Node {
     /// The configuration in force once everything up to the commit index applies.
     pub fn committed_membership(&self) -> &Membership {
         self.configs.committed(self.log.commit)
+    }
+    /// Changes whenever [`Node::membership`], [`Node::committed_membership`] or
+    /// [`Node::contacts`] may have: the latest configuration entry (index and term), the
+    /// committed one's index, and how many removed members are still being told.
+    pub fn routing_key(&self) -> RoutingKey {
+        (
+            self.configs.latest_index(),
+            self.configs.latest_term(),
+            self.configs.committed_index(self.log.commit),
+            self.leaving.len(),
+        )
     }
     /// A committed configuration removed this node: it takes no further part.
     pub fn removed(&self) -> bool {
