@@ -18,7 +18,6 @@ use raft::raft::{
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::net::{SocketAddr, UdpSocket};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -79,26 +78,6 @@ fn change_members(
     }
 }
 
-/// Starts `peer -p config --join`, its output appended to `log`.
-fn start_joiner(dir: &Path, config: &Path, log: &Path) -> Child {
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(PEER)
-        .arg("-p")
-        .arg(config)
-        .arg("--join")
-        .current_dir(dir)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -120,9 +99,8 @@ fn a_joining_peer_is_added_caught_up_and_promoted_and_a_removed_peer_exits_0() {
     let json = config_json(&cluster.dir.0, &ports, 4);
     let config4 = cluster.dir.0.join("peer4.json");
     write_json(&config4, &json);
-    let joiner = start_joiner(&cluster.dir.0, &config4, &cluster.log_path(4));
-    cluster.peers.insert(4, joiner);
     cluster.configs.insert(4, config4.clone());
+    cluster.start_peer_with(4, &["--join"]);
 
     let members = change_members(
         &peers,

@@ -6,11 +6,9 @@
 
 mod common;
 
-use common::{describe, json_lines, poll_until, wait_with_deadline, Cluster, PEER};
+use common::{describe, json_lines, poll_until, wait_with_deadline, Cluster};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,24 +33,8 @@ fn start_joining(cluster: &mut Cluster, id: u64, port: u16, contacts: &BTreeMap<
     });
     let path = cluster.dir.0.join(format!("peer{id}.json"));
     common::write_json(&path, &config);
-    cluster.configs.insert(id, path.clone());
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(cluster.log_path(id))
-        .unwrap();
-    let child = Command::new(PEER)
-        .arg("-p")
-        .arg(&path)
-        .arg("--join")
-        .current_dir(&cluster.dir.0)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    cluster.peers.insert(id, child);
+    cluster.configs.insert(id, path);
+    cluster.start_peer_with(id, &["--join"]);
 }
 
 /// Runs `client ARGS` with the original peer 1 config and expects exit 0; returns its lines.

@@ -148,6 +148,11 @@ impl Cluster {
     /// Starts peer `id` on its config; its output is appended to its log file, so that the
     /// log of a restarted peer still shows what came before.
     pub fn start_peer(&mut self, id: u64) {
+        self.start_peer_with(id, &[]);
+    }
+
+    /// [`Cluster::start_peer`] with more arguments (e.g. `--join`).
+    pub fn start_peer_with(&mut self, id: u64, args: &[&str]) {
         assert!(
             !self.peers.contains_key(&id),
             "peer {id} is already running"
@@ -160,6 +165,7 @@ impl Cluster {
         let child = Command::new(PEER)
             .arg("-p")
             .arg(&self.configs[&id])
+            .args(args)
             .current_dir(&self.dir.0)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
