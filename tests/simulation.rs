@@ -364,8 +364,9 @@ const CHAOS_TIME: u64 = 30_000 * MS;
 const EPOCH: u64 = 2_000 * MS;
 /// Every randomized run must show at least this much, or it proved nothing. (Over 2,000 seeds
 /// at 3 and at 5 nodes, the fewest seen were 94 acknowledged appends, 18 elections and 17
-/// crashes.)
-const MIN_ACKED: usize = 40;
+/// crashes; over 20,000, one 3-node seed acknowledged only 37 appends, through harsh network
+/// epochs with 21 elections and 24 crashes, on the core before membership as well as after.)
+const MIN_ACKED: usize = 25;
 const MIN_ELECTIONS: usize = 8;
 const MIN_CRASHES: u64 = 8;
 /// The minima (acknowledged appends, elections, crashes, membership changes committed) of a
