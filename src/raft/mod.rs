@@ -13,6 +13,8 @@
 //! - Leadership transfer (thesis §3.10) in [`transfer`]: catch the target up, TimeoutNow.
 //! - Membership (thesis ch. 4) in [`membership`]: one server at a time, configurations in the
 //!   log, in force once appended; learners count in no quorum.
+//! - Snapshots (thesis ch. 5) in [`snapshot`]: the shell keeps the applied log on disk; the
+//!   core compacts its log once a snapshot is durable and streams snapshots in chunks.
 //! - Time enters as ticks; randomness from a seed in [`Config`].
 
 pub mod log;
@@ -21,7 +23,9 @@ pub mod message;
 pub mod node;
 pub mod progress;
 pub mod rng;
+pub mod snapshot;
 pub mod transfer;
 
 pub use message::*;
 pub use node::{Config, HardState, Node, Ready};
+pub use snapshot::{SessionRecord, SnapshotId, SnapshotMeta, SnapshotState, CHUNK_BYTES};
