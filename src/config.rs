@@ -13,6 +13,10 @@ use std::sync::Arc;
 pub const DEFAULT_ELECTION_TIMEOUT_MS: (u64, u64) = (150, 300);
 /// Default heartbeat interval, in milliseconds.
 pub const DEFAULT_HEARTBEAT_MS: u64 = 50;
+/// Default `snapshot_entries`: entries applied between two snapshots.
+pub const DEFAULT_SNAPSHOT_ENTRIES: u64 = 10_000;
+/// Default `snapshot_trailing`: entries kept in the log before a snapshot's index.
+pub const DEFAULT_SNAPSHOT_TRAILING: u64 = 1_000;
 /// Default cluster name, bound into every MAC.
 pub const DEFAULT_CLUSTER: &str = "raft";
 
@@ -36,6 +40,12 @@ pub struct PeerConfig {
     /// gives two clusters that cannot take each other's datagrams. Every peer and client of a
     /// cluster must use the same one.
     pub cluster: String,
+    /// A snapshot is taken once this many entries were applied since the last one
+    /// (`snapshot_entries`).
+    pub snapshot_entries: u64,
+    /// Entries kept in the log before a snapshot's index, so a follower slightly behind still
+    /// gets plain AppendEntries (`snapshot_trailing`).
+    pub snapshot_trailing: u64,
 }
 
 /// Another peer's identity and address.
@@ -63,6 +73,8 @@ struct RawConfig {
     metrics_addr: Option<String>,
     secret_file: Option<PathBuf>,
     cluster: Option<String>,
+    snapshot_entries: Option<u64>,
+    snapshot_trailing: Option<u64>,
 }
 
 impl PeerConfig {
@@ -156,7 +168,14 @@ impl PeerConfig {
                 "field `cluster`: {cluster:?} must be 1 to 128 bytes"
             ));
         }
+        let snapshot_entries = raw.snapshot_entries.unwrap_or(DEFAULT_SNAPSHOT_ENTRIES);
+        if snapshot_entries == 0 {
+            return Err("field `snapshot_entries`: must be at least 1".into());
+        }
+        let snapshot_trailing = raw.snapshot_trailing.unwrap_or(DEFAULT_SNAPSHOT_TRAILING);
         Ok(PeerConfig {
+            snapshot_entries,
+            snapshot_trailing,
             name: raw.name,
             node_id: raw.node_id,
             host: raw.host,

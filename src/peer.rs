@@ -867,6 +867,7 @@ fn carry_out(
         mut messages,
         send_before_persist,
         replies,
+        ..
     } = rd;
     if send_before_persist {
         for msg in messages.drain(..) {

@@ -4,6 +4,7 @@
 //! restart or a change of leader.
 
 use crate::raft::message::{ClientId, Entry, Index, Payload, Term};
+use crate::raft::snapshot::SessionRecord;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Most client sessions kept; the least recently used (by log index) is evicted beyond this,
@@ -122,6 +123,45 @@ impl StateMachine {
         self.duplicates.contains(&index)
     }
 
+    /// The session table for a snapshot, least recently used first.
+    pub fn sessions(&self) -> Vec<SessionRecord> {
+        self.by_index
+            .values()
+            .map(|client| {
+                let s = &self.sessions[client];
+                SessionRecord {
+                    client: *client,
+                    seq: s.seq,
+                    index: s.index,
+                    term: s.term,
+                    data_hash: s.data_hash,
+                }
+            })
+            .collect()
+    }
+
+    /// The state machine as a snapshot left it at `applied`. Which entries up to there took no
+    /// effect is in the snapshot's records, not here.
+    pub fn restore(applied: Index, sessions: &[SessionRecord]) -> StateMachine {
+        let mut sm = StateMachine {
+            applied,
+            ..StateMachine::default()
+        };
+        for r in sessions {
+            let session = Session {
+                seq: r.seq,
+                index: r.index,
+                term: r.term,
+                data_hash: r.data_hash,
+            };
+            if let Some(old) = sm.sessions.insert(r.client, session) {
+                sm.by_index.remove(&old.index);
+            }
+            sm.by_index.insert(r.index, r.client);
+        }
+        sm
+    }
+
     pub fn session_count(&self) -> usize {
         self.sessions.len()
     }
@@ -192,6 +232,22 @@ mod tests {
         assert_eq!(sm.duplicates.len(), MAX_DUPLICATES);
         assert!(sm.is_duplicate(n + 1));
         assert!(!sm.is_duplicate(2), "oldest marker dropped");
+    }
+
+    #[test]
+    fn a_restored_session_table_answers_retries_as_before() {
+        let mut sm = StateMachine::default();
+        for i in 1..=5 {
+            sm.apply(&data(i, i % 3, i));
+        }
+        let back = StateMachine::restore(sm.applied, &sm.sessions());
+        assert_eq!(back.sessions(), sm.sessions());
+        for client in 0..3 {
+            for seq in 0..7 {
+                let h = data_hash(&format!("{client}-{seq}"));
+                assert_eq!(back.lookup(client, seq, h), sm.lookup(client, seq, h));
+            }
+        }
     }
 
     #[test]

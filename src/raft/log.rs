@@ -3,11 +3,14 @@
 
 use super::message::{Entry, Index, Term};
 
-/// The whole log, index 1 at `entries[0]`. Invariant: `entries[i].index == i + 1`, terms never
-/// decrease along the log, and nothing at or below `commit` is ever truncated.
+/// The log after its base: the entries from `base + 1` on, the ones at or below the base
+/// being compacted into a snapshot (thesis ch. 5). Invariant: `entries[i].index == base + i + 1`,
+/// terms never decrease along the log, and nothing at or below `commit` is ever truncated.
 #[derive(Debug, Default)]
 pub struct RaftLog {
     entries: Vec<Entry>,
+    /// Last index and term compacted away (0, 0 when nothing is).
+    base: (Index, Term),
     /// Highest index known to be stored on a majority (§5.3). Never decreases.
     pub commit: Index,
     /// Entries up to here are durable on this node's disk.
@@ -19,50 +22,77 @@ pub struct RaftLog {
 impl RaftLog {
     /// A log restored from disk: everything in it is durable.
     pub fn restore(entries: Vec<Entry>, commit: Index) -> RaftLog {
+        RaftLog::restore_after((0, 0), entries, commit)
+    }
+
+    /// A log whose entries follow a compacted `base`; the base itself counts as committed.
+    pub fn restore_after(base: (Index, Term), entries: Vec<Entry>, commit: Index) -> RaftLog {
         for (i, e) in entries.iter().enumerate() {
-            assert_eq!(e.index, i as Index + 1, "restored log has a gap at {i}");
+            assert_eq!(
+                e.index,
+                base.0 + i as Index + 1,
+                "restored log has a gap at {i}"
+            );
         }
-        let last = entries.len() as Index;
+        let last = base.0 + entries.len() as Index;
         RaftLog {
             entries,
-            commit: commit.min(last),
+            base,
+            commit: commit.min(last).max(base.0),
             stable: last,
             unstable_from: None,
         }
     }
 
+    /// Position of `index` in `entries`; `index` must be above the base.
+    fn pos(&self, index: Index) -> usize {
+        (index - self.base.0 - 1) as usize
+    }
+
+    /// Last index and term compacted into a snapshot.
+    pub fn base(&self) -> (Index, Term) {
+        self.base
+    }
+
     pub fn last_index(&self) -> Index {
-        self.entries.len() as Index
+        self.base.0 + self.entries.len() as Index
     }
 
     pub fn last_term(&self) -> Term {
-        self.entries.last().map_or(0, |e| e.term)
+        self.entries.last().map_or(self.base.1, |e| e.term)
     }
 
-    /// The term of the entry at `index`; index 0 has term 0; None past the end.
+    /// The term of the entry at `index`; index 0 has term 0, the base its own term; None past
+    /// the end or below the base (compacted).
     pub fn term_at(&self, index: Index) -> Option<Term> {
-        if index == 0 {
-            return Some(0);
+        if index == self.base.0 {
+            return Some(self.base.1);
         }
-        self.entries.get(index as usize - 1).map(|e| e.term)
+        if index < self.base.0 {
+            return (index == 0).then_some(0);
+        }
+        self.entries.get(self.pos(index)).map(|e| e.term)
     }
 
     pub fn get(&self, index: Index) -> Option<&Entry> {
-        if index == 0 {
+        if index <= self.base.0 {
             return None;
         }
-        self.entries.get(index as usize - 1)
+        self.entries.get(self.pos(index))
     }
 
+    /// The entries after the base.
     pub fn entries(&self) -> &[Entry] {
         &self.entries
     }
 
-    /// Entries from `start`, as many as fit `budget` encoded bytes but at least one.
+    /// Entries from `start` (above the base), as many as fit `budget` encoded bytes but at
+    /// least one.
     pub fn entries_from(&self, start: Index, budget: usize) -> Vec<Entry> {
         let mut out = Vec::new();
         let mut used = 0;
-        for e in self.entries.iter().skip(start.max(1) as usize - 1) {
+        let from = self.pos(start.max(self.base.0 + 1));
+        for e in self.entries.iter().skip(from) {
             used += e.encoded_len();
             if used > budget && !out.is_empty() {
                 break;
@@ -70,6 +100,34 @@ impl RaftLog {
             out.push(e.clone());
         }
         out
+    }
+
+    /// Drops the entries up to `through` (which must be durable and committed): a snapshot
+    /// covers them. Returns whether anything was dropped.
+    pub fn compact(&mut self, through: Index) -> bool {
+        if through <= self.base.0 {
+            return false;
+        }
+        assert!(
+            through <= self.stable && through <= self.commit,
+            "compacting {through} beyond stable {} or commit {}",
+            self.stable,
+            self.commit
+        );
+        let term = self.term_at(through).expect("compacted index in log");
+        self.entries.drain(..self.pos(through) + 1);
+        self.base = (through, term);
+        true
+    }
+
+    /// Replaces the whole log with a snapshot's base (an installed snapshot, §7): durable and
+    /// committed, with nothing after it.
+    pub fn reset(&mut self, base: (Index, Term)) {
+        self.entries.clear();
+        self.base = base;
+        self.commit = self.commit.max(base.0);
+        self.stable = base.0;
+        self.unstable_from = None;
     }
 
     /// Durable last index: the leader counts itself toward a majority only up to here.
@@ -99,6 +157,19 @@ impl RaftLog {
         prev_term: Term,
         entries: &[Entry],
     ) -> Option<Index> {
+        let (base, base_term) = self.base;
+        if prev_index < base {
+            // The entries up to our base are committed, so they match the leader's; check the
+            // rest from the base on.
+            let skip = (base - prev_index) as usize;
+            if entries.len() < skip {
+                return Some(prev_index + entries.len() as Index);
+            }
+            if entries[skip - 1].term != base_term {
+                return None;
+            }
+            return self.try_append(base, base_term, &entries[skip..]);
+        }
         if self.term_at(prev_index) != Some(prev_term) {
             return None;
         }
@@ -117,7 +188,8 @@ impl RaftLog {
                         e.index,
                         self.commit
                     );
-                    self.entries.truncate(e.index as usize - 1);
+                    let keep = self.pos(e.index);
+                    self.entries.truncate(keep);
                     self.stable = self.stable.min(e.index - 1);
                 }
                 None => {}
@@ -139,10 +211,14 @@ impl RaftLog {
     /// test can hold it to O(log n): a follower answers every rejection with it.
     fn first_index_of_term_counting(&self, index: Index, probes: &mut u64) -> Index {
         let term = self.term_at(index).expect("index in log");
-        self.entries[..index as usize].partition_point(|e| {
+        if index <= self.base.0 {
+            return index;
+        }
+        self.entries[..=self.pos(index)].partition_point(|e| {
             *probes += 1;
             e.term < term
         }) as Index
+            + self.base.0
             + 1
     }
 
@@ -150,7 +226,10 @@ impl RaftLog {
     /// binary search works).
     pub fn last_index_of_term(&self, term: Term) -> Option<Index> {
         let n = self.entries.partition_point(|e| e.term <= term);
-        (n > 0 && self.entries[n - 1].term == term).then_some(n as Index)
+        if n == 0 {
+            return (self.base.0 > 0 && self.base.1 == term).then_some(self.base.0);
+        }
+        (self.entries[n - 1].term == term).then_some(self.base.0 + n as Index)
     }
 
     /// Raises the commit index (never lowers it) to at most the last index.
@@ -171,7 +250,7 @@ impl RaftLog {
     /// The entries that must still be written, from the lowest changed index on.
     pub fn take_unstable(&mut self) -> Vec<Entry> {
         match self.unstable_from.take() {
-            Some(from) if from <= self.last_index() => self.entries[from as usize - 1..].to_vec(),
+            Some(from) if from <= self.last_index() => self.entries[self.pos(from)..].to_vec(),
             _ => Vec::new(),
         }
     }
@@ -261,6 +340,49 @@ mod tests {
         assert_eq!(log.last_index_of_term(2), Some(5));
         assert_eq!(log.last_index_of_term(3), None);
         assert_eq!(log.last_index_of_term(4), Some(6));
+    }
+
+    #[test]
+    fn a_compacted_log_keeps_its_base_term_and_matches_above_it() {
+        let mut log = log_of(&[1, 1, 2, 2, 3]);
+        log.commit_to(4);
+        assert!(log.compact(3));
+        assert_eq!(log.base(), (3, 2));
+        assert_eq!(log.term_at(3), Some(2), "the base keeps its term");
+        assert_eq!(log.term_at(2), None, "compacted");
+        assert_eq!(log.get(3), None);
+        assert_eq!(log.get(4).map(|e| e.term), Some(2));
+        assert_eq!((log.last_index(), log.last_term()), (5, 3));
+        assert_eq!(log.last_index_of_term(2), Some(4));
+        assert_eq!(log.first_index_of_term_at(4), 4);
+        // An AppendEntries from below the base: the compacted part is committed, so it
+        // matches; only the rest is checked and stored.
+        assert_eq!(
+            log.try_append(1, 1, &[e(2, 1), e(3, 2), e(4, 2), e(5, 3), e(6, 3)]),
+            Some(6)
+        );
+        assert_eq!(log.last_index(), 6);
+        assert_eq!(
+            log.try_append(1, 1, &[e(2, 1)]),
+            Some(2),
+            "all below the base"
+        );
+        assert_eq!(
+            log.try_append(2, 1, &[e(3, 9)]),
+            None,
+            "disagrees at the base"
+        );
+        assert_eq!(log.take_unstable(), vec![e(6, 3)]);
+    }
+
+    #[test]
+    fn an_installed_snapshot_replaces_the_log() {
+        let mut log = log_of(&[1, 1]);
+        log.reset((10, 4));
+        assert_eq!((log.last_index(), log.last_term(), log.commit), (10, 4, 10));
+        assert_eq!(log.stable_index(), 10);
+        assert_eq!(log.try_append(10, 4, &[e(11, 4)]), Some(11));
+        assert_eq!(log.take_unstable(), vec![e(11, 4)]);
     }
 
     #[test]

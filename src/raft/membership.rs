@@ -246,6 +246,9 @@ pub fn check_address(address: &str) -> Result<(), String> {
 #[derive(Clone, Debug)]
 pub struct Configurations {
     base: Membership,
+    /// Index and term of the entry that made `base` (0, 0 for the bootstrap configuration);
+    /// after a compaction or an installed snapshot, the latest configuration at or below it.
+    base_at: (Index, Term),
     /// (index, term, configuration) of each configuration entry in the log, by index.
     entries: Vec<(Index, Term, Membership)>,
 }
@@ -253,12 +256,41 @@ pub struct Configurations {
 impl Configurations {
     /// From the bootstrap configuration and the log as restored.
     pub fn restore(base: Membership, log: &[Entry]) -> Configurations {
+        Configurations::restore_after(base, (0, 0), log)
+    }
+
+    /// From the configuration in force at a snapshot (made by the entry at `base_at`) and the
+    /// log after it.
+    pub fn restore_after(
+        base: Membership,
+        base_at: (Index, Term),
+        log: &[Entry],
+    ) -> Configurations {
         let mut c = Configurations {
             base,
+            base_at,
             entries: Vec::new(),
         };
         c.appended(log);
         c
+    }
+
+    /// The configuration in force at `index` and the (index, term) of the entry that made it.
+    pub fn at(&self, index: Index) -> (&Membership, (Index, Term)) {
+        self.entries
+            .iter()
+            .rev()
+            .find(|(i, _, _)| *i <= index)
+            .map_or((&self.base, self.base_at), |(i, t, m)| (m, (*i, *t)))
+    }
+
+    /// The log up to `through` is compacted: the configuration in force there becomes the base.
+    pub fn compact(&mut self, through: Index) {
+        let (m, at) = self.at(through);
+        let (m, at) = (m.clone(), at);
+        self.base = m;
+        self.base_at = at;
+        self.entries.retain(|(i, _, _)| *i > through);
     }
 
     /// The configuration in force: the latest in the log, committed or not.
@@ -268,32 +300,24 @@ impl Configurations {
 
     /// Index of the latest configuration entry; 0 for the bootstrap configuration.
     pub fn latest_index(&self) -> Index {
-        self.entries.last().map_or(0, |(i, _, _)| *i)
+        self.entries.last().map_or(self.base_at.0, |(i, _, _)| *i)
     }
 
     /// Term of the latest configuration entry (0 for the bootstrap configuration): with its
     /// index, it names the entry, even after a truncation put another at the same index.
     pub fn latest_term(&self) -> Term {
-        self.entries.last().map_or(0, |(_, t, _)| *t)
+        self.entries.last().map_or(self.base_at.1, |(_, t, _)| *t)
     }
 
     /// The configuration in force once the log is committed up to `commit`.
     pub fn committed(&self, commit: Index) -> &Membership {
-        self.entries
-            .iter()
-            .rev()
-            .find(|(i, _, _)| *i <= commit)
-            .map_or(&self.base, |(_, _, m)| m)
+        self.at(commit).0
     }
 
     /// Index of the configuration entry in force once the log is committed up to `commit`
     /// (0: the bootstrap configuration).
     pub fn committed_index(&self, commit: Index) -> Index {
-        self.entries
-            .iter()
-            .rev()
-            .find(|(i, _, _)| *i <= commit)
-            .map_or(0, |(i, _, _)| *i)
+        self.at(commit).1 .0
     }
 
     /// Whether `id` is or was a member of any configuration known here.
@@ -318,7 +342,9 @@ impl Configurations {
     /// Forgets configuration entries that are no longer in the log: `term_at` gives the log's
     /// term at an index, and an entry whose (index, term) is gone was truncated (§5.3).
     pub fn retain_in_log(&mut self, term_at: impl Fn(Index) -> Option<Term>) {
-        self.entries.retain(|(i, t, _)| term_at(*i) == Some(*t));
+        let base = self.base_at.0;
+        self.entries
+            .retain(|(i, t, _)| *i <= base || term_at(*i) == Some(*t));
     }
 }
 

@@ -2,6 +2,7 @@
 //! Every datagram is one JSON-encoded [`Datagram`] of at most [`MAX_DATAGRAM`] bytes.
 
 pub use super::membership::{ConfChange, Member, MemberRole, Membership};
+use super::snapshot::SnapshotId;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
@@ -142,6 +143,21 @@ pub enum Body {
         read_seq: u64,
         result: AppendResult,
     },
+    /// Thesis §5.3 InstallSnapshot, one chunk: `data` is the bytes `[offset, offset + n)` of
+    /// `snapshot`'s stream in base64, and `crc` their CRC-32.
+    InstallSnapshot {
+        snapshot: SnapshotId,
+        offset: u64,
+        data: String,
+        crc: u32,
+    },
+    /// The receiver holds `[0, have)` of the stream of the snapshot at `snapshot_index`, or,
+    /// with `done`, has installed it (or already had everything it covers).
+    InstallSnapshotResponse {
+        snapshot_index: Index,
+        have: u64,
+        done: bool,
+    },
     /// Thesis §3.10: the leader hands over leadership; the receiver campaigns at once, without
     /// pre-vote. Sent only once the receiver's log matches the leader's.
     TimeoutNow,
@@ -157,6 +173,8 @@ impl Body {
             Body::RequestVoteResponse { .. } => "RequestVoteResponse",
             Body::AppendEntries { .. } => "AppendEntries",
             Body::AppendEntriesResponse { .. } => "AppendEntriesResponse",
+            Body::InstallSnapshot { .. } => "InstallSnapshot",
+            Body::InstallSnapshotResponse { .. } => "InstallSnapshotResponse",
             Body::TimeoutNow => "TimeoutNow",
         }
     }

@@ -7,12 +7,15 @@ use super::membership::Configurations;
 use super::message::*;
 use super::progress::{Progress, ProgressState};
 use super::rng::Rng;
+use super::snapshot::{SnapshotId, SnapshotSend, SnapshotState, CHUNK_BYTES};
 use super::transfer::{self, HeldAppend, Transfer};
 use crate::state_machine::{data_hash, Applied, StateMachine};
 use log::{debug, info, warn};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 mod reconfig;
+#[cfg(test)]
+mod snapshot_tests;
 pub use reconfig::PROMOTE_MAX_LAG;
 
 /// See [`Node::routing_key`].
@@ -57,6 +60,18 @@ pub struct Ready {
     /// already durable may replicate its new entries while writing them itself.
     pub send_before_persist: bool,
     pub replies: Vec<(ReplyTo, ClientReply)>,
+    /// Entries applied since the last Ready, as records of the applied log: the shell appends
+    /// them to its store (after `advance`) before it serves `store_reads`.
+    pub applied: Vec<LogRecord>,
+    /// Pages of entries this core no longer holds in memory: the shell answers them from its
+    /// store, after appending `applied`.
+    pub store_reads: Vec<StoreRead>,
+    /// Leader: snapshot chunks for the shell to read from its store and send.
+    pub chunk_reads: Vec<ChunkRead>,
+    /// Follower: snapshot chunks received, for the shell to stage; it then calls
+    /// [`Node::snapshot_chunk_stored`] or, with the whole snapshot verified and durable,
+    /// [`Node::install_snapshot`].
+    pub chunk_writes: Vec<ChunkWrite>,
 }
 
 impl Ready {
@@ -65,7 +80,42 @@ impl Ready {
             && self.entries.is_empty()
             && self.messages.is_empty()
             && self.replies.is_empty()
+            && self.applied.is_empty()
+            && self.store_reads.is_empty()
+            && self.chunk_reads.is_empty()
+            && self.chunk_writes.is_empty()
     }
+}
+
+/// A linearizable read whose entries the shell serves from its store: records `start..` up to
+/// `read_index`, one page (see [`PAGE_BUDGET`]), answered as `ClientResult::Entries`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreRead {
+    pub reply_to: ReplyTo,
+    pub id: u64,
+    pub start: Index,
+    pub read_index: Index,
+}
+
+/// Bytes of `snapshot`'s stream `[offset, offset + len)`, to send to `to` as InstallSnapshot
+/// in `term`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkRead {
+    pub to: NodeId,
+    pub term: Term,
+    pub snapshot: SnapshotId,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// A received InstallSnapshot chunk, from the leader `from`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkWrite {
+    pub from: NodeId,
+    pub snapshot: SnapshotId,
+    pub offset: u64,
+    pub data: String,
+    pub crc: u32,
 }
 
 /// A client waiting for an answer: where to send it, and the request ID to echo.
@@ -88,6 +138,8 @@ struct PendingRead {
 
 /// Room in a datagram for entries, after the envelope.
 const ENTRY_BUDGET: usize = MAX_DATAGRAM - DATAGRAM_OVERHEAD;
+/// Encoded bytes of entries in one page of a query answer.
+pub const PAGE_BUDGET: usize = ENTRY_BUDGET;
 
 pub struct Node {
     cfg: Config,
@@ -149,19 +201,67 @@ pub struct Node {
     elections_started: u64,
     leader_changes: u64,
     last_leader_seen: Option<(Term, NodeId)>,
+    /// The latest snapshot durable on this node (taken or installed), sent to followers that
+    /// need compacted entries.
+    snapshot: Option<SnapshotId>,
+    /// Entries up to here were applied before this core was restored or installed a snapshot,
+    /// so which of them took no effect is known only to the store: reads at or below it go
+    /// to the shell.
+    mem_floor: Index,
+    applied_records: Vec<LogRecord>,
+    store_reads: Vec<StoreRead>,
+    chunk_reads: Vec<ChunkRead>,
+    chunk_writes: Vec<ChunkWrite>,
 }
 
 impl Node {
     /// A core restored from durable state (`entries` is the whole durable log, from index 1).
     pub fn new(cfg: Config, hard_state: HardState, entries: Vec<Entry>) -> Node {
+        Node::restore(cfg, hard_state, None, (0, 0), entries)
+    }
+
+    /// A core restored from a snapshot (if any) and the durable log: `entries` follow `base`,
+    /// which is at or below the snapshot's index. A log that does not reach the snapshot, or
+    /// disagrees with it, is replaced by the snapshot's base (§7: an installed snapshot whose
+    /// log reset was not yet durable).
+    pub fn restore(
+        cfg: Config,
+        hard_state: HardState,
+        snapshot: Option<(SnapshotState, SnapshotId)>,
+        base: (Index, Term),
+        entries: Vec<Entry>,
+    ) -> Node {
         assert!(
             cfg.election_ticks.0 > cfg.heartbeat_ticks
                 && cfg.election_ticks.0 <= cfg.election_ticks.1,
             "election timeout must exceed the heartbeat interval"
         );
-        let configs = Configurations::restore(cfg.membership.clone(), &entries);
-        let was_member = cfg.membership.contains(cfg.id);
-        let log = RaftLog::restore(entries, hard_state.commit);
+        let mut log = RaftLog::restore_after(base, entries, hard_state.commit);
+        let (configs, sm, mut was_member) = match &snapshot {
+            None => (
+                Configurations::restore(cfg.membership.clone(), log.entries()),
+                StateMachine::default(),
+                false,
+            ),
+            Some((state, _)) => {
+                if log.term_at(state.index) != Some(state.term) {
+                    log = RaftLog::restore_after((state.index, state.term), Vec::new(), 0);
+                }
+                log.commit_to(state.index);
+                let from = log.entries().partition_point(|e| e.index <= state.index);
+                (
+                    Configurations::restore_after(
+                        state.membership.clone(),
+                        state.config_at,
+                        &log.entries()[from..],
+                    ),
+                    StateMachine::restore(state.index, &state.sessions),
+                    state.membership.contains(cfg.id),
+                )
+            }
+        };
+        was_member |= cfg.membership.contains(cfg.id);
+        let mem_floor = sm.applied;
         // What is on disk, with the commit index clamped to the log as restored.
         let persisted_hard_state = HardState {
             commit: log.commit,
@@ -175,7 +275,7 @@ impl Node {
             role: Role::Follower,
             leader: None,
             log,
-            sm: StateMachine::default(),
+            sm,
             election_elapsed: 0,
             election_timeout: 0,
             heartbeat_elapsed: 0,
@@ -203,6 +303,12 @@ impl Node {
             elections_started: 0,
             leader_changes: 0,
             last_leader_seen: None,
+            snapshot: snapshot.map(|(_, id)| id),
+            mem_floor,
+            applied_records: Vec::new(),
+            store_reads: Vec::new(),
+            chunk_reads: Vec::new(),
+            chunk_writes: Vec::new(),
         };
         node.reset_election_timer();
         node.apply_committed();
@@ -353,10 +459,14 @@ impl Node {
         match self.role {
             Role::Leader => {
                 self.heartbeat_elapsed += 1;
+                let stall_limit = self.cfg.election_ticks.0;
                 for pr in self.progress.values_mut() {
                     pr.last_contact_ticks += 1;
                     if !pr.inflight.is_empty() {
                         pr.stall_ticks += 1;
+                    }
+                    if let Some(s) = pr.sending.as_mut() {
+                        s.tick(stall_limit);
                     }
                 }
                 if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
@@ -516,7 +626,8 @@ impl Node {
             .collect();
         self.leaving.clear();
         self.pending_appends.clear();
-        for e in &self.log.entries()[self.log.commit as usize..] {
+        let commit = self.log.commit;
+        for e in self.log.entries().iter().filter(|e| e.index > commit) {
             if let Payload::Data { client, seq, .. } = e.payload {
                 self.pending_appends.insert((client, seq), e.index);
             }
@@ -613,7 +724,7 @@ impl Node {
                 // Tell a stale leader or candidate about the newer term; drop stale answers.
                 // The answer says only that: should the sender be re-elected in our term before
                 // it arrives, it must not mistake it for a verdict on its log.
-                Body::AppendEntries { .. } => self.send(
+                Body::AppendEntries { .. } | Body::InstallSnapshot { .. } => self.send(
                     msg.from,
                     self.term,
                     Body::AppendEntriesResponse {
@@ -645,7 +756,9 @@ impl Node {
                 // A pre-vote changes no one's term; a granted pre-vote answer carries the
                 // term we would campaign in, not a newer term someone is in.
                 Body::PreVote { .. } | Body::PreVoteResponse { granted: true } => {}
-                Body::AppendEntries { .. } => self.become_follower(msg.term, Some(msg.from)),
+                Body::AppendEntries { .. } | Body::InstallSnapshot { .. } => {
+                    self.become_follower(msg.term, Some(msg.from))
+                }
                 _ => self.become_follower(msg.term, None),
             }
         }
@@ -700,6 +813,27 @@ impl Node {
                 }
                 Ok(())
             }
+            Body::InstallSnapshot {
+                snapshot,
+                offset,
+                data,
+                ..
+            } => {
+                if snapshot.term > msg.term || snapshot.index == 0 {
+                    return Err(format!(
+                        "snapshot at {} of term {}",
+                        snapshot.index, snapshot.term
+                    ));
+                }
+                if *offset >= snapshot.total_len() || data.len() as u64 > 2 * CHUNK_BYTES {
+                    return Err(format!(
+                        "chunk at {offset} of {} bytes, {} of data",
+                        snapshot.total_len(),
+                        data.len()
+                    ));
+                }
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -711,7 +845,10 @@ impl Node {
             Body::AppendEntries { entries, .. } => {
                 // Entries at or below our commit index must be the committed ones (Log
                 // Matching); a conflict there would mean the sender is broken, not us.
-                for e in entries.iter().take_while(|e| e.index <= self.log.commit) {
+                // Below our base, entries are compacted: nothing to compare.
+                let base = self.log.base().0;
+                let committed = entries.iter().take_while(|e| e.index <= self.log.commit);
+                for e in committed.filter(|e| e.index >= base) {
                     if self.log.term_at(e.index) != Some(e.term) {
                         return Err(format!("conflicts with committed entry {}", e.index));
                     }
@@ -757,11 +894,53 @@ impl Node {
                 self.election_elapsed = 0;
                 self.handle_append_entries(msg);
             }
+            Body::InstallSnapshot { .. } => {
+                if self.leader != Some(msg.from) {
+                    self.leader = Some(msg.from);
+                    self.settle_transfer();
+                    self.note_leader();
+                }
+                self.election_elapsed = 0;
+                self.handle_install_snapshot(msg);
+            }
             Body::RequestVote { .. } => self.handle_request_vote(msg),
             Body::PreVote { .. } => self.handle_pre_vote(msg),
             Body::TimeoutNow => self.timeout_now(msg.from),
             _ => {}
         }
+    }
+
+    /// §7 InstallSnapshot, one chunk. A snapshot we already have everything of is answered
+    /// as done (our committed log matches the leader's up to its index); any other chunk goes
+    /// to the shell, which stages it and tells us what it holds.
+    fn handle_install_snapshot(&mut self, msg: Message) {
+        let Body::InstallSnapshot {
+            snapshot,
+            offset,
+            data,
+            crc,
+        } = msg.body
+        else {
+            return;
+        };
+        if snapshot.index <= self.log.commit {
+            return self.send(
+                msg.from,
+                self.term,
+                Body::InstallSnapshotResponse {
+                    snapshot_index: snapshot.index,
+                    have: snapshot.total_len(),
+                    done: true,
+                },
+            );
+        }
+        self.chunk_writes.push(ChunkWrite {
+            from: msg.from,
+            snapshot,
+            offset,
+            data,
+            crc,
+        });
     }
 
     /// Thesis §3.10: our leader hands over; campaign at once, skipping pre-vote (the leader
@@ -783,6 +962,10 @@ impl Node {
                 // §5.2: a leader of our term exists; recognize it.
                 self.become_follower(msg.term, Some(msg.from));
                 self.handle_append_entries(msg);
+            }
+            Body::InstallSnapshot { .. } => {
+                self.become_follower(msg.term, Some(msg.from));
+                self.handle_install_snapshot(msg);
             }
             Body::RequestVote { .. } => self.handle_request_vote(msg),
             Body::PreVote { .. } => self.handle_pre_vote(msg),
@@ -817,6 +1000,11 @@ impl Node {
             Body::AppendEntriesResponse { read_seq, result } => {
                 self.handle_append_response(msg.from, read_seq, result)
             }
+            Body::InstallSnapshotResponse {
+                snapshot_index,
+                have,
+                done,
+            } => self.handle_snapshot_response(msg.from, snapshot_index, have, done),
             Body::RequestVote { .. } => self.handle_request_vote(msg),
             Body::PreVote { .. } => self.handle_pre_vote(msg),
             Body::AppendEntries { .. } => {
@@ -972,6 +1160,9 @@ impl Node {
                 } else if pr.state == ProgressState::Probe && prev_log_index + 1 != pr.next_index {
                     // In Probe state, only the answer to the probe we are waiting on counts.
                     return;
+                } else if pr.state == ProgressState::Snapshot {
+                    // Expected while a snapshot is on its way (heartbeats probe our base).
+                    return;
                 }
                 let next = if hint_term > 0 {
                     match self.log.last_index_of_term(hint_term) {
@@ -992,12 +1183,51 @@ impl Node {
         }
     }
 
+    fn handle_snapshot_response(
+        &mut self,
+        from: NodeId,
+        snapshot_index: Index,
+        have: u64,
+        done: bool,
+    ) {
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
+        pr.recent_active = true;
+        pr.last_contact_ticks = 0;
+        if done {
+            // The follower's log matches ours up to the snapshot's index.
+            if snapshot_index <= self.log.last_index() && pr.acknowledge(snapshot_index) {
+                info!(
+                    "node {}: follower {from} has the snapshot at {snapshot_index}",
+                    self.cfg.id
+                );
+                pr.matched_at_read_seq = self.read_seq;
+                self.maybe_commit();
+                if self.role != Role::Leader {
+                    return;
+                }
+                self.maybe_send_timeout_now();
+            }
+            return self.send_append(from);
+        }
+        match pr.sending.as_mut() {
+            Some(s) if s.id.index == snapshot_index => s.acknowledge(have),
+            _ => return,
+        }
+        self.send_snapshot(from);
+    }
+
     /// Sends what the follower is missing, as flow control allows.
     fn send_append(&mut self, to: NodeId) {
         loop {
             let pr = &self.progress[&to];
             let next = pr.next_index;
+            if pr.state == ProgressState::Snapshot || next <= self.log.base().0 {
+                return self.send_snapshot(to);
+            }
             match pr.state {
+                ProgressState::Snapshot => unreachable!("handled above"),
                 ProgressState::Probe if pr.probe_sent => return,
                 ProgressState::Replicate
                     if pr.inflight.len() >= self.cfg.max_inflight
@@ -1031,7 +1261,42 @@ impl Node {
                     pr.next_index = last + 1;
                     pr.inflight.push_back(last);
                 }
+                ProgressState::Snapshot => unreachable!("handled above"),
             }
+        }
+    }
+
+    /// Streams our latest snapshot to a follower that needs entries we compacted (§7): as
+    /// many chunks as its window allows, which the shell reads from its store.
+    fn send_snapshot(&mut self, to: NodeId) {
+        let Some(id) = self.snapshot else {
+            warn!(
+                "node {}: follower {to} needs compacted entries but there is no snapshot",
+                self.cfg.id
+            );
+            return;
+        };
+        let pr = self.progress.get_mut(&to).expect("progress exists");
+        if pr.state != ProgressState::Snapshot {
+            info!(
+                "node {}: sending snapshot at {} ({} bytes) to {to}, whose next index {} is compacted",
+                self.cfg.id,
+                id.index,
+                id.total_len(),
+                pr.next_index
+            );
+            pr.send_snapshot(SnapshotSend::new(id));
+        }
+        let sending = pr.sending.as_mut().expect("in Snapshot state");
+        let term = self.term;
+        for (offset, len) in sending.to_send() {
+            self.chunk_reads.push(ChunkRead {
+                to,
+                term,
+                snapshot: sending.id,
+                offset,
+                len,
+            });
         }
     }
 
@@ -1046,6 +1311,25 @@ impl Node {
             match pr.state {
                 ProgressState::Probe => {
                     pr.probe_sent = false;
+                    self.send_append(to);
+                }
+                ProgressState::Snapshot => {
+                    // Keeps the follower's election timer quiet and echoes read_seq; a follower
+                    // that does have our base answers Accepted and skips the snapshot.
+                    let (prev, prev_log_term) = self.log.base();
+                    let body = Body::AppendEntries {
+                        prev_log_index: prev,
+                        prev_log_term,
+                        entries: Vec::new(),
+                        leader_commit: self.log.commit,
+                        read_seq: self.read_seq,
+                    };
+                    self.send(to, self.term, body);
+                    self.send_snapshot(to);
+                }
+                ProgressState::Replicate if pr.match_index < self.log.base().0 => {
+                    let next = pr.match_index + 1;
+                    pr.probe_from(next);
                     self.send_append(to);
                 }
                 ProgressState::Replicate if pr.stall_ticks >= self.cfg.heartbeat_ticks => {
@@ -1104,6 +1388,8 @@ impl Node {
                 .expect("committed entry in log");
             let outcome = self.sm.apply(entry);
             let index = entry.index;
+            self.applied_records
+                .push(record_of(entry, self.sm.is_duplicate(index)));
             if let Payload::Data { client, seq, .. } = entry.payload {
                 self.pending_appends.remove(&(client, seq));
             }
@@ -1425,37 +1711,20 @@ impl Node {
             "read beyond the applied index"
         );
         let start = start.max(1);
+        if start <= self.mem_floor.max(self.log.base().0) && start <= read_index {
+            return self.store_reads.push(StoreRead {
+                reply_to: waiter.reply_to,
+                id: waiter.id,
+                start,
+                read_index,
+            });
+        }
         let mut entries = Vec::new();
         let mut used = 0;
         let mut next = None;
         for index in start..=read_index {
             let e = self.log.get(index).expect("applied entry in log");
-            let record = match &e.payload {
-                Payload::Noop => LogRecord {
-                    index,
-                    term: e.term,
-                    data: None,
-                    kind: Some("noop".into()),
-                },
-                Payload::Config(_) => LogRecord {
-                    index,
-                    term: e.term,
-                    data: None,
-                    kind: Some("config".into()),
-                },
-                Payload::Data { .. } if self.sm.is_duplicate(index) => LogRecord {
-                    index,
-                    term: e.term,
-                    data: None,
-                    kind: Some("duplicate".into()),
-                },
-                Payload::Data { data, .. } => LogRecord {
-                    index,
-                    term: e.term,
-                    data: Some(data.clone()),
-                    kind: None,
-                },
-            };
+            let record = record_of(e, self.sm.is_duplicate(index));
             used += e.encoded_len();
             if used > ENTRY_BUDGET && !entries.is_empty() {
                 next = Some(index);
@@ -1512,12 +1781,129 @@ impl Node {
             entries,
             messages: std::mem::take(&mut self.msgs),
             replies: std::mem::take(&mut self.replies),
+            applied: std::mem::take(&mut self.applied_records),
+            store_reads: std::mem::take(&mut self.store_reads),
+            chunk_reads: std::mem::take(&mut self.chunk_reads),
+            chunk_writes: std::mem::take(&mut self.chunk_writes),
         };
         if !rd.is_empty() {
             self.ready_outstanding = true;
             self.handed_hard_state = rd.hard_state;
         }
         rd
+    }
+
+    // ---- snapshots (thesis ch. 5) ---------------------------------------------------------------
+
+    /// What a snapshot at the applied index holds besides the records (which the shell's store
+    /// has): the shell makes it durable, then calls [`Node::snapshot_taken`].
+    pub fn snapshot_state(&self) -> SnapshotState {
+        let index = self.sm.applied;
+        let (membership, config_at) = self.configs.at(index);
+        SnapshotState {
+            index,
+            term: self
+                .log
+                .term_at(index)
+                .expect("applied index in log or its base"),
+            membership: membership.clone(),
+            config_at,
+            sessions: self.sm.sessions(),
+        }
+    }
+
+    /// A snapshot is durable: send it to followers that need what it covers, and drop the log
+    /// up to `trailing` entries before it (so a follower slightly behind still gets plain
+    /// AppendEntries). Returns the log's new base when the log was compacted; the shell then
+    /// drops its WAL up to there.
+    pub fn snapshot_taken(&mut self, id: SnapshotId, trailing: u64) -> Option<(Index, Term)> {
+        assert!(
+            !self.ready_outstanding,
+            "snapshot between ready and advance"
+        );
+        assert!(
+            id.index <= self.sm.applied,
+            "snapshot beyond the applied index"
+        );
+        self.snapshot = Some(id);
+        for pr in self.progress.values_mut() {
+            if let Some(s) = pr.sending.as_mut() {
+                s.switch_to(id);
+            }
+        }
+        let through = id
+            .index
+            .saturating_sub(trailing)
+            .min(self.log.stable_index());
+        if !self.log.compact(through) {
+            return None;
+        }
+        self.configs.compact(through);
+        Some(self.log.base())
+    }
+
+    /// The latest durable snapshot, if any.
+    pub fn snapshot_id(&self) -> Option<SnapshotId> {
+        self.snapshot
+    }
+
+    /// The shell staged a chunk of `leader`'s snapshot at `snapshot_index`: it holds `have`
+    /// bytes of its stream.
+    pub fn snapshot_chunk_stored(&mut self, leader: NodeId, snapshot_index: Index, have: u64) {
+        assert!(
+            !self.ready_outstanding,
+            "chunk stored between ready and advance"
+        );
+        self.send(
+            leader,
+            self.term,
+            Body::InstallSnapshotResponse {
+                snapshot_index,
+                have,
+                done: false,
+            },
+        );
+    }
+
+    /// The shell verified a snapshot streamed from `leader`, made it durable and swapped its
+    /// store for it, and reset its WAL to the snapshot's base: adopt it (§7: discard the whole
+    /// log) and tell the leader.
+    pub fn install_snapshot(&mut self, leader: NodeId, state: SnapshotState, id: SnapshotId) {
+        assert!(!self.ready_outstanding, "install between ready and advance");
+        let index = state.index;
+        if index > self.sm.applied {
+            info!(
+                "node {}: installed snapshot at {index} (term {}) from {leader}",
+                self.cfg.id, state.term
+            );
+            self.log.reset((index, state.term));
+            self.configs = Configurations::restore_after(state.membership, state.config_at, &[]);
+            self.sm = StateMachine::restore(index, &state.sessions);
+            self.mem_floor = index;
+            self.snapshot = Some(id);
+            if self.configs.latest().contains(self.cfg.id) {
+                self.was_member = true;
+            }
+            self.persisted_hard_state.commit = self.log.commit;
+        }
+        self.send(
+            leader,
+            self.term,
+            Body::InstallSnapshotResponse {
+                snapshot_index: index,
+                have: id.total_len(),
+                done: true,
+            },
+        );
+    }
+
+    /// The hard state as it stands (the shell writes it when it resets its WAL).
+    pub fn hard_state(&self) -> HardState {
+        HardState {
+            term: self.term,
+            vote: self.vote,
+            commit: self.log.commit,
+        }
     }
 
     /// The last non-empty `Ready`'s hard state and entries are durable; its messages are sent.
@@ -1533,6 +1919,22 @@ impl Node {
         if self.role == Role::Leader {
             self.maybe_commit();
         }
+    }
+}
+
+/// A committed entry as the applied log keeps it and a query prints it.
+pub fn record_of(e: &Entry, duplicate: bool) -> LogRecord {
+    let (data, kind) = match &e.payload {
+        Payload::Noop => (None, Some("noop")),
+        Payload::Config(_) => (None, Some("config")),
+        Payload::Data { .. } if duplicate => (None, Some("duplicate")),
+        Payload::Data { data, .. } => (Some(data.clone()), None),
+    };
+    LogRecord {
+        index: e.index,
+        term: e.term,
+        data,
+        kind: kind.map(String::from),
     }
 }
 

@@ -2,6 +2,7 @@
 //! lets it pipeline AppendEntries without buffering without limit for a slow follower.
 
 use super::message::Index;
+use super::snapshot::SnapshotSend;
 use std::collections::VecDeque;
 
 /// How the leader is currently sending to a follower.
@@ -12,6 +13,9 @@ pub enum ProgressState {
     Probe,
     /// The follower is in sync: send optimistically, up to `max_inflight` requests at once.
     Replicate,
+    /// The follower needs entries the leader has compacted: it is sent a snapshot, in chunks
+    /// (`Progress::sending`), then replication resumes after the snapshot's index.
+    Snapshot,
 }
 
 #[derive(Clone, Debug)]
@@ -36,6 +40,8 @@ pub struct Progress {
     pub matched_at_read_seq: u64,
     /// Ticks since the follower last answered, for operators (`client status`, metrics).
     pub last_contact_ticks: u64,
+    /// In Snapshot state: the snapshot being streamed.
+    pub sending: Option<SnapshotSend>,
 }
 
 impl Progress {
@@ -51,6 +57,7 @@ impl Progress {
             read_acked: 0,
             matched_at_read_seq: 0,
             last_contact_ticks: 0,
+            sending: None,
         }
     }
 
@@ -65,17 +72,28 @@ impl Progress {
         self.match_index = index;
         self.next_index = self.next_index.max(index + 1);
         self.stall_ticks = 0;
-        if self.state == ProgressState::Probe {
+        if self.state != ProgressState::Replicate {
             self.state = ProgressState::Replicate;
+            self.sending = None;
             self.probe_sent = false;
             self.next_index = index + 1;
         }
         true
     }
 
+    /// Streams `snapshot` to a follower that needs entries before the leader's log.
+    pub fn send_snapshot(&mut self, snapshot: SnapshotSend) {
+        self.state = ProgressState::Snapshot;
+        self.inflight.clear();
+        self.probe_sent = false;
+        self.stall_ticks = 0;
+        self.sending = Some(snapshot);
+    }
+
     /// Back to probing from `next_index` (after a rejection or a stalled pipeline).
     pub fn probe_from(&mut self, next_index: Index) {
         self.state = ProgressState::Probe;
+        self.sending = None;
         self.next_index = next_index.max(self.match_index + 1);
         self.inflight.clear();
         self.probe_sent = false;

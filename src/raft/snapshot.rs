@@ -53,8 +53,11 @@ pub struct SessionRecord {
 pub struct SnapshotState {
     pub index: Index,
     pub term: Term,
-    /// The configuration in force at `index` (the latest one at or before it).
+    /// The configuration in force at `index` (the latest one at or before it), and the index
+    /// and term of the entry that made it (0, 0: the bootstrap configuration).
     pub membership: Membership,
+    #[serde(default)]
+    pub config_at: (Index, Term),
     /// Client sessions, least recently used first.
     pub sessions: Vec<SessionRecord>,
 }
@@ -67,4 +70,152 @@ pub struct SnapshotMeta {
     /// back to exactly the snapshot and a receiver can check the records it was streamed.
     pub records_len: u64,
     pub records_crc: u32,
+}
+
+/// Chunks of one snapshot the leader has in flight to a follower at once.
+pub const CHUNK_WINDOW: u64 = 16;
+
+/// The leader's progress in streaming one snapshot to one follower (etcd's StateSnapshot).
+/// The follower takes chunks only in order and answers each with the bytes it holds, so a lost
+/// chunk shows as an answer that does not move: the leader goes back to it once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotSend {
+    pub id: SnapshotId,
+    /// The follower holds the stream's bytes `[0, acked)`. Never decreases for one snapshot.
+    pub acked: u64,
+    /// Offset of the next chunk to send.
+    pub next: u64,
+    /// Ticks since `acked` last moved.
+    pub stall_ticks: u64,
+    /// The offset last gone back to: the answers to chunks sent before that go-back say the
+    /// same thing again and must not cause another.
+    went_back_to: Option<u64>,
+}
+
+impl SnapshotSend {
+    pub fn new(id: SnapshotId) -> SnapshotSend {
+        SnapshotSend {
+            id,
+            acked: 0,
+            next: 0,
+            stall_ticks: 0,
+            went_back_to: None,
+        }
+    }
+
+    /// The chunks (offset, length) to send now, within the window past `acked`; marks them sent.
+    pub fn to_send(&mut self) -> Vec<(u64, u64)> {
+        let total = self.id.total_len();
+        let mut out = Vec::new();
+        while self.next < total && self.next < self.acked + CHUNK_WINDOW * CHUNK_BYTES {
+            let len = CHUNK_BYTES.min(total - self.next);
+            out.push((self.next, len));
+            self.next += len;
+        }
+        out
+    }
+
+    /// The follower holds `[0, have)`.
+    pub fn acknowledge(&mut self, have: u64) {
+        if have > self.acked {
+            self.acked = have;
+            self.next = self.next.max(have);
+            self.stall_ticks = 0;
+        } else if have == self.acked && have < self.next && self.went_back_to != Some(have) {
+            self.next = have;
+            self.went_back_to = Some(have);
+        }
+    }
+
+    /// One tick without news: after `limit` of them, send again from `acked`.
+    pub fn tick(&mut self, limit: u64) {
+        self.stall_ticks += 1;
+        if self.stall_ticks >= limit {
+            self.stall_ticks = 0;
+            self.next = self.acked;
+            self.went_back_to = None;
+        }
+    }
+
+    /// A newer snapshot replaces this one mid-stream. Records are a prefix-stable stream, so
+    /// the follower keeps the record bytes it holds; the meta part starts over.
+    pub fn switch_to(&mut self, id: SnapshotId) {
+        let keep = self.acked.min(self.id.records_len).min(id.records_len);
+        *self = SnapshotSend::new(id);
+        self.acked = keep;
+        self.next = keep;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(total: u64) -> SnapshotId {
+        SnapshotId {
+            index: 10,
+            term: 2,
+            records_len: total - 100,
+            meta_len: 100,
+            ..SnapshotId::default()
+        }
+    }
+
+    #[test]
+    fn a_window_of_chunks_then_one_per_acknowledged_chunk() {
+        let mut s = SnapshotSend::new(id(100 * CHUNK_BYTES + 7));
+        let first = s.to_send();
+        assert_eq!(first.len() as u64, CHUNK_WINDOW);
+        assert_eq!(first[1], (CHUNK_BYTES, CHUNK_BYTES));
+        assert!(s.to_send().is_empty(), "window full");
+        s.acknowledge(CHUNK_BYTES);
+        assert_eq!(s.to_send(), vec![(CHUNK_WINDOW * CHUNK_BYTES, CHUNK_BYTES)]);
+    }
+
+    #[test]
+    fn the_last_chunk_is_short_and_nothing_goes_past_the_end() {
+        let mut s = SnapshotSend::new(id(CHUNK_BYTES + 7));
+        assert_eq!(s.to_send(), vec![(0, CHUNK_BYTES), (CHUNK_BYTES, 7)]);
+        assert!(s.to_send().is_empty());
+    }
+
+    #[test]
+    fn a_lost_chunk_is_sent_again_once_not_once_per_later_answer() {
+        let mut s = SnapshotSend::new(id(100 * CHUNK_BYTES));
+        s.to_send();
+        s.acknowledge(CHUNK_BYTES);
+        // Chunk 1 is lost: the answers to chunks 2, 3, ... all say "I hold one chunk".
+        s.acknowledge(CHUNK_BYTES);
+        assert_eq!(s.next, CHUNK_BYTES, "gone back to the lost chunk");
+        let resent = s.to_send();
+        assert_eq!(resent[0], (CHUNK_BYTES, CHUNK_BYTES));
+        s.acknowledge(CHUNK_BYTES);
+        s.acknowledge(CHUNK_BYTES);
+        assert!(
+            s.to_send().is_empty(),
+            "no second go-back for the same loss"
+        );
+    }
+
+    #[test]
+    fn a_stalled_stream_starts_again_from_what_the_follower_holds() {
+        let mut s = SnapshotSend::new(id(100 * CHUNK_BYTES));
+        s.to_send();
+        s.acknowledge(3 * CHUNK_BYTES);
+        for _ in 0..5 {
+            s.tick(5);
+        }
+        assert_eq!(s.to_send()[0], (3 * CHUNK_BYTES, CHUNK_BYTES));
+    }
+
+    #[test]
+    fn a_newer_snapshot_keeps_the_records_the_follower_holds() {
+        let mut s = SnapshotSend::new(id(10 * CHUNK_BYTES));
+        s.to_send();
+        s.acknowledge(10 * CHUNK_BYTES - 50); // into the meta part
+        let newer = id(20 * CHUNK_BYTES);
+        s.switch_to(newer);
+        assert_eq!(s.acked, 10 * CHUNK_BYTES - 100, "meta bytes start over");
+        assert_eq!(s.id, newer);
+    }
 }
