@@ -426,40 +426,43 @@ impl Storage {
         Ok(())
     }
 
-    /// Deletes the oldest segments whose entries are all at or below `through` (a segment that
-    /// is not the newest, whose successor's base index is at most `through`), oldest first, then
+    /// Deletes the oldest segments, those whose entries are all at or below `through`, then
     /// syncs the directory; returns how many it deleted. The newest segment is never deleted.
-    /// The base becomes the first remaining segment's base (unless it is already higher).
     ///
-    /// It stops early at a segment after whose base record the log was cut back to or below
-    /// that base index (a conflicting entry or a lower base), as replay starting from there
-    /// would not give this log.
+    /// The segments before segment `k` go when `k`'s base record has an index at most `through`
+    /// (the log then held nothing above that index from older segments) and the log was never
+    /// cut back to or below that index after it (by a conflicting entry or a lower base), as
+    /// replay starting at `k` would then not give this log; the latest such `k` is taken. The
+    /// base then becomes `k`'s base, unless it is already higher. The segments are deleted
+    /// newest first, so that after a crash midway replay still starts with a prefix of the old
+    /// segments followed by `k` (which gives the same log above `k`'s base). On an error some
+    /// of them may remain; a later call deletes them.
     pub fn compact(&mut self, through: Index) -> Result<usize, String> {
         self.check_not_failed()?;
-        let mut deletable = 0;
-        for (i, next) in self.segments.iter().enumerate().skip(1) {
-            match next.base {
-                Some((index, _)) if index <= through && next.can_be_first() => deletable = i,
-                _ => break,
-            }
-        }
-        let mut deleted = 0;
+        let Some(first) = (1..self.segments.len()).rev().find(|&k| {
+            let segment = &self.segments[k];
+            segment.can_be_first() && segment.base.is_some_and(|(index, _)| index <= through)
+        }) else {
+            return Ok(0);
+        };
+        let first_base = self.segments[first].base.expect("checked above");
+        let mut remaining = first;
         let mut result = Ok(());
-        for segment in &self.segments[..deletable] {
-            let path = segment_path(&self.dir, segment.number);
+        while remaining > 0 {
+            let path = segment_path(&self.dir, self.segments[remaining - 1].number);
             if let Err(e) = fs::remove_file(&path) {
                 result = Err(format!("cannot delete {}: {e}", path.display()));
                 break;
             }
-            deleted += 1;
+            remaining -= 1;
+        }
+        let deleted = first - remaining;
+        self.segments.drain(remaining..first);
+        if remaining == 0 && self.base.0 < first_base.0 {
+            self.base = first_base;
+            self.drop_terms_through(first_base.0);
         }
         if deleted > 0 {
-            self.segments.drain(..deleted);
-            let first_base = self.segments[0].base.expect("a rotated segment has a base");
-            if self.base.0 < first_base.0 {
-                self.base = first_base;
-                self.drop_terms_through(first_base.0);
-            }
             result = result.and(sync_dir(&self.dir));
         }
         result.map(|()| deleted)
@@ -1818,5 +1821,353 @@ mod tests {
         s.persist(None, &[noop(2, 1)]).unwrap();
         drop(s);
         assert_eq!(open(&dir).2, vec![noop(1, 1), noop(2, 1)]);
+    }
+
+    fn segment(dir: &TempDir, number: u64) -> PathBuf {
+        segment_path(&dir.0, number)
+    }
+
+    fn log_of(range: std::ops::RangeInclusive<Index>, term: u64) -> Vec<Entry> {
+        range.map(|i| data(i, term, &format!("e{i}"))).collect()
+    }
+
+    #[test]
+    fn segment_names_are_numbered_numerically() {
+        assert_eq!(segment_number("wal"), Some(0));
+        assert_eq!(segment_number("wal.1"), Some(1));
+        assert_eq!(segment_number("wal.10"), Some(10));
+        for name in [
+            "wal.",
+            "wal.0",
+            "wal.01",
+            "wal.tmp",
+            "wal.1.tmp",
+            "wal.x",
+            "wal1",
+        ] {
+            assert_eq!(segment_number(name), None, "{name}");
+        }
+        let dir = TempDir::new("names");
+        fs::create_dir_all(&dir.0).unwrap();
+        for name in [
+            "wal",
+            "wal.10",
+            "wal.9",
+            "wal.2",
+            "wal.3.tmp",
+            "wal.tmp",
+            "node_id",
+        ] {
+            fs::write(dir.0.join(name), b"").unwrap();
+        }
+        let (numbers, mut leftovers) = list_segments(&dir.0).unwrap();
+        assert_eq!(numbers, vec![0, 2, 9, 10]);
+        leftovers.sort();
+        assert_eq!(
+            leftovers,
+            vec![dir.0.join("wal.3.tmp"), dir.0.join("wal.tmp")]
+        );
+    }
+
+    #[test]
+    fn rotate_at_the_last_entry_keeps_the_log() {
+        let dir = TempDir::new("rotate-keep");
+        let log = log_of(1..=5, 2);
+        {
+            let (mut s, _, _) = open(&dir);
+            s.persist(Some(&hs(2, Some(1), 3)), &log).unwrap();
+            s.rotate(&hs(2, Some(1), 4), (5, 2)).unwrap();
+            assert_eq!((s.base(), s.last_index()), ((0, 0), 5));
+            assert!(segment(&dir, 1).exists());
+            assert!(!dir.0.join("wal.1.tmp").exists());
+        }
+        let (mut s, state, got) = open(&dir);
+        assert_eq!(state, hs(2, Some(1), 4));
+        assert_eq!(got, log);
+        assert_eq!((s.base(), s.last_index()), ((0, 0), 5));
+        // Later writes go to the new segment, and a second rotation numbers the next one.
+        let wal_before = fs::read(dir.wal()).unwrap();
+        s.persist(None, &[data(6, 2, "six")]).unwrap();
+        assert_eq!(fs::read(dir.wal()).unwrap(), wal_before);
+        s.rotate(&hs(3, None, 6), (6, 2)).unwrap();
+        s.persist(None, &[data(7, 3, "seven")]).unwrap();
+        drop(s);
+        let (s, state, got) = open(&dir);
+        assert_eq!(state, hs(3, None, 6));
+        assert_eq!(got.len(), 7);
+        assert_eq!(got[6], data(7, 3, "seven"));
+        assert_eq!(
+            s.segments.iter().map(|s| s.number).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+    }
+
+    #[test]
+    fn rotate_to_an_earlier_entry_of_the_log_truncates_it() {
+        let dir = TempDir::new("rotate-truncate");
+        let (mut s, _, _) = open(&dir);
+        s.persist(None, &log_of(1..=3, 1)).unwrap();
+        s.persist(None, &log_of(4..=6, 2)).unwrap();
+        s.rotate(&hs(2, None, 0), (4, 2)).unwrap();
+        assert_eq!((s.base(), s.last_index()), ((0, 0), 4));
+        // A term the log does not hold there: a reset.
+        s.rotate(&hs(2, None, 0), (3, 2)).unwrap();
+        assert_eq!((s.base(), s.last_index()), ((3, 2), 3));
+        assert!(s.rotate(&hs(2, None, 0), (2, 1)).is_err(), "below the base");
+        drop(s);
+        let (s, _, got) = open(&dir);
+        assert!(got.is_empty());
+        assert_eq!((s.base(), s.last_index()), ((3, 2), 3));
+    }
+
+    #[test]
+    fn compact_deletes_the_segments_through_the_index_and_reopen_agrees() {
+        let dir = TempDir::new("compact");
+        let (mut s, _, _) = open(&dir);
+        s.persist(Some(&hs(1, None, 0)), &log_of(1..=10, 1))
+            .unwrap();
+        s.rotate(&hs(1, None, 8), (10, 1)).unwrap();
+        s.persist(None, &log_of(11..=20, 2)).unwrap();
+        s.rotate(&hs(2, None, 18), (20, 2)).unwrap();
+        s.persist(None, &log_of(21..=25, 2)).unwrap();
+
+        // Nothing is wholly at or below 9: the first successor's base is 10.
+        assert_eq!(s.compact(9).unwrap(), 0);
+        assert!(dir.wal().exists());
+        assert_eq!(s.compact(15).unwrap(), 1);
+        assert!(!dir.wal().exists());
+        assert_eq!((s.base(), s.last_index()), ((10, 1), 25));
+        drop(s);
+        let (mut s, state, got) = open(&dir);
+        assert_eq!(state, hs(2, None, 18));
+        assert_eq!(got, log_of(11..=25, 2));
+        assert_eq!((s.base(), s.last_index()), ((10, 1), 25));
+
+        // The newest segment is never deleted, however far `through` goes.
+        assert_eq!(s.compact(1000).unwrap(), 1);
+        assert!(!segment(&dir, 1).exists() && segment(&dir, 2).exists());
+        assert_eq!((s.base(), s.last_index()), ((20, 2), 25));
+        assert_eq!(s.compact(1000).unwrap(), 0);
+        s.persist(None, &[data(26, 3, "after")]).unwrap();
+        // A conflicting entry above the base still truncates.
+        s.persist(None, &[data(22, 3, "conflict")]).unwrap();
+        assert!(s.holds((22, 3)) && !s.holds((21, 3)) && s.holds((21, 2)));
+        drop(s);
+        let (s, _, got) = open(&dir);
+        let mut expected = log_of(21..=21, 2);
+        expected.push(data(22, 3, "conflict"));
+        assert_eq!(got, expected);
+        assert_eq!((s.base(), s.last_index()), ((20, 2), 22));
+        // A new segment after a gap in the numbers is numbered after the newest.
+        drop(s);
+        let (mut s, _, _) = open(&dir);
+        s.rotate(&hs(3, None, 22), (22, 3)).unwrap();
+        assert!(segment(&dir, 3).exists());
+    }
+
+    #[test]
+    fn installing_an_unrelated_base_empties_the_log() {
+        let dir = TempDir::new("install");
+        {
+            let (mut s, _, _) = open(&dir);
+            s.persist(Some(&hs(1, Some(2), 10)), &log_of(1..=10, 1))
+                .unwrap();
+            s.rotate(&hs(3, Some(2), 50), (50, 3)).unwrap();
+            assert_eq!((s.base(), s.last_index()), ((50, 3), 50));
+            assert_eq!(s.compact(50).unwrap(), 1);
+        }
+        assert!(!dir.wal().exists());
+        let (mut s, state, got) = open(&dir);
+        assert!(got.is_empty());
+        assert_eq!(state, hs(3, Some(2), 50));
+        assert_eq!((s.base(), s.last_index()), ((50, 3), 50));
+        let err = s.persist(None, &[noop(50, 3)]).unwrap_err();
+        assert!(
+            err.contains("entry 50") && err.contains("base index 50"),
+            "{err}"
+        );
+        let err = s.persist(None, &[noop(52, 3)]).unwrap_err();
+        assert!(err.contains("from 51 to 51"), "{err}");
+        s.persist(None, &[noop(51, 3)]).unwrap();
+        drop(s);
+        let (s, _, got) = open(&dir);
+        assert_eq!(got, vec![noop(51, 3)]);
+        assert_eq!((s.base(), s.last_index()), ((50, 3), 51));
+    }
+
+    #[test]
+    fn a_crash_between_rotate_and_compact_replays_both_segments() {
+        let dir = TempDir::new("crash-rotate");
+        {
+            let (mut s, _, _) = open(&dir);
+            s.persist(None, &log_of(1..=10, 1)).unwrap();
+            s.rotate(&hs(1, None, 10), (10, 1)).unwrap();
+            s.persist(None, &log_of(11..=12, 1)).unwrap();
+        }
+        let (s, _, got) = open(&dir);
+        assert_eq!(got, log_of(1..=12, 1));
+        assert_eq!((s.base(), s.last_index()), ((0, 0), 12));
+        drop(s);
+
+        // An install: the older segment's entries are replaced by the base.
+        let dir = TempDir::new("crash-install");
+        {
+            let (mut s, _, _) = open(&dir);
+            s.persist(None, &log_of(1..=10, 1)).unwrap();
+            s.rotate(&hs(3, None, 50), (50, 3)).unwrap();
+        }
+        let (s, state, got) = open(&dir);
+        assert!(got.is_empty());
+        assert_eq!(state, hs(3, None, 50));
+        assert_eq!((s.base(), s.last_index()), ((50, 3), 50));
+        drop(s);
+
+        // A crash before the rename leaves a temporary file, deleted at open.
+        fs::write(dir.0.join("wal.2.tmp"), b"raft-wal, half written").unwrap();
+        let (mut s, _, got) = open(&dir);
+        assert!(got.is_empty());
+        assert!(!dir.0.join("wal.2.tmp").exists());
+        s.rotate(&hs(3, None, 50), (50, 3)).unwrap();
+        assert!(segment(&dir, 2).exists());
+    }
+
+    #[test]
+    fn torn_tail_is_cut_only_in_the_newest_segment() {
+        let dir = TempDir::new("segment-torn");
+        let (old_len, new_len) = {
+            let (mut s, _, _) = open(&dir);
+            s.persist(None, &log_of(1..=3, 1)).unwrap();
+            s.persist(None, &log_of(4..=5, 1)).unwrap();
+            s.rotate(&hs(1, None, 0), (5, 1)).unwrap();
+            let new_len = fs::metadata(segment(&dir, 1)).unwrap().len();
+            s.persist(None, &log_of(6..=7, 1)).unwrap();
+            (wal_len(&dir), new_len)
+        };
+        let newest = fs::read(segment(&dir, 1)).unwrap();
+        let oldest = fs::read(dir.wal()).unwrap();
+
+        // The newest segment's last frame torn: cut off.
+        fs::write(segment(&dir, 1), &newest[..newest.len() - 3]).unwrap();
+        let (s, _, got) = open(&dir);
+        assert_eq!(got, log_of(1..=5, 1));
+        assert_eq!(fs::metadata(segment(&dir, 1)).unwrap().len(), new_len);
+        drop(s);
+
+        // The same damage in the older segment is an error naming it.
+        fs::write(segment(&dir, 1), &newest).unwrap();
+        let torn = &oldest[..oldest.len() - 3];
+        fs::write(dir.wal(), torn).unwrap();
+        let err = Storage::open(&dir.0, 1).err().unwrap();
+        let frame_at = old_len as usize - (FRAME_HEADER_LEN as usize + 2 * (1 + 17 + 20 + 2));
+        assert!(
+            err.contains(&format!(
+                "{}: frame at byte offset {frame_at}",
+                dir.wal().display()
+            )) && err.contains("not the newest"),
+            "{err}"
+        );
+        assert_eq!(fs::read(dir.wal()).unwrap(), torn, "open must not modify");
+
+        // A rotated segment's first frame is written whole, so it is never taken for torn.
+        fs::write(dir.wal(), &oldest).unwrap();
+        let cut = WAL_HEADER_LEN as usize + 10;
+        fs::write(segment(&dir, 1), &newest[..cut]).unwrap();
+        let err = Storage::open(&dir.0, 1).err().unwrap();
+        assert!(
+            err.contains(&segment(&dir, 1).display().to_string())
+                && err.contains(&format!("byte offset {WAL_HEADER_LEN}")),
+            "{err}"
+        );
+        fs::write(segment(&dir, 1), &newest[..WAL_HEADER_LEN as usize]).unwrap();
+        let err = Storage::open(&dir.0, 1).err().unwrap();
+        assert!(err.contains("no frames"), "{err}");
+    }
+
+    #[test]
+    fn an_entry_at_or_below_the_base_in_the_file_is_corruption() {
+        let dir = TempDir::new("below-base");
+        {
+            let (mut s, _, _) = open(&dir);
+            s.rotate(&hs(1, None, 5), (5, 1)).unwrap();
+        }
+        let path = segment(&dir, 1);
+        let mut bytes = fs::read(&path).unwrap();
+        let magic = u64::from_le_bytes(bytes[12..20].try_into().unwrap());
+        let mut payload = Vec::new();
+        encode_entry(&mut payload, &noop(5, 1)).unwrap();
+        let at = bytes.len() as u64;
+        bytes.extend(frame(magic, at, 2, &payload));
+        fs::write(&path, &bytes).unwrap();
+        let err = Storage::open(&dir.0, 1).err().unwrap();
+        assert!(
+            err.contains(&path.display().to_string())
+                && err.contains(&format!("frame at byte offset {at}"))
+                && err.contains("entry 5 is at or below the log's base index 5"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_legacy_single_wal_opens_with_base_zero() {
+        let dir = TempDir::new("legacy");
+        drop(open(&dir));
+        // A WAL as the build before segments wrote it, frame by frame.
+        let magic = wal_magic(&dir);
+        let mut bytes = wal_header(WAL_VERSION, magic);
+        let mut payload = Vec::new();
+        encode_hard_state(&mut payload, &hs(4, Some(1), 2));
+        for entry in log_of(1..=3, 4) {
+            encode_entry(&mut payload, &entry).unwrap();
+        }
+        bytes.extend(frame(magic, WAL_HEADER_LEN, 1, &payload));
+        fs::write(dir.wal(), &bytes).unwrap();
+        let (mut s, state, got) = open(&dir);
+        assert_eq!(state, hs(4, Some(1), 2));
+        assert_eq!(got, log_of(1..=3, 4));
+        assert_eq!((s.base(), s.last_index()), ((0, 0), 3));
+        s.persist(None, &[noop(4, 4)]).unwrap();
+        drop(s);
+        assert_eq!(list_segments(&dir.0).unwrap().0, vec![0]);
+        assert_eq!(open(&dir).2.len(), 4);
+    }
+
+    #[test]
+    fn compaction_skips_a_segment_whose_base_the_log_was_cut_back_below() {
+        let dir = TempDir::new("compact-cut");
+        let (mut s, _, _) = open(&dir);
+        s.persist(None, &log_of(1..=10, 1)).unwrap();
+        s.rotate(&hs(1, None, 5), (10, 1)).unwrap();
+        // A new leader replaces entries 8.. (uncommitted), below segment 1's base.
+        s.persist(None, &log_of(8..=9, 2)).unwrap();
+        s.rotate(&hs(2, None, 7), (9, 2)).unwrap();
+        s.persist(None, &log_of(10..=11, 2)).unwrap();
+        let mut expected = log_of(1..=7, 1);
+        expected.extend(log_of(8..=11, 2));
+        assert_eq!(s.compact(8).unwrap(), 0);
+        drop(s);
+        let (mut s, _, got) = open(&dir);
+        assert_eq!(got, expected);
+        assert_eq!(s.segments[1].floor, 7, "replay notes the cut too");
+        assert!(!s.segments[1].can_be_first() && s.segments[2].can_be_first());
+
+        // A crash midway through compact(9), which deletes segment 1 before segment 0.
+        let crashed = TempDir::new("compact-cut-crash");
+        fs::create_dir_all(&crashed.0).unwrap();
+        for name in [NODE_ID_FILE, "wal", "wal.2"] {
+            fs::copy(dir.0.join(name), crashed.0.join(name)).unwrap();
+        }
+        let (c, _, got) = open(&crashed);
+        assert_eq!(got, expected[9..]);
+        assert_eq!((c.base(), c.last_index()), ((9, 2), 11));
+
+        // Segment 1 alone could not come first; with segment 2 first, both go.
+        assert_eq!(s.compact(9).unwrap(), 2);
+        assert_eq!(list_segments(&dir.0).unwrap().0, vec![2]);
+        assert_eq!((s.base(), s.last_index()), ((9, 2), 11));
+        assert!(s.holds((10, 2)) && s.holds((9, 2)) && !s.holds((8, 2)));
+        drop(s);
+        let (s, _, got) = open(&dir);
+        assert_eq!(got, expected[9..]);
+        assert_eq!((s.base(), s.last_index()), ((9, 2), 11));
     }
 }
