@@ -1,14 +1,20 @@
 //! Durable hard state and Raft log for one peer: a CRC-framed, append-only write-ahead log in the
-//! style of etcd's WAL.
+//! style of etcd's WAL, split into segments so that a log prefix in a snapshot can be deleted.
 //!
 //! # Files in the data directory
 //! - `node_id`: the owning peer's ID as decimal text, written once when the directory is new.
 //!   A directory that belongs to another peer is refused.
 //! - `LOCK`: locked exclusively (`File::try_lock`) for the life of a [`Storage`], so that two
 //!   processes never append to the same log.
-//! - `wal`: the log, one frame per [`Storage::persist`] call.
+//! - `wal`, `wal.1`, `wal.2`, ...: the log's segments, numbered 0 (`wal`), 1, 2, ... and
+//!   replayed in that (numeric) order. Each is a complete WAL file of its own (its own header,
+//!   magic and frame sequence). [`Storage::persist`] appends one frame to the newest;
+//!   [`Storage::rotate`] starts the next; [`Storage::compact`] deletes the oldest ones, so the
+//!   numbers may start above 0 and need not be contiguous. A new directory starts with `wal`.
+//! - `wal.tmp`, `wal.N.tmp`: a segment being created; a leftover one (a crash before its rename)
+//!   is deleted at open.
 //!
-//! # WAL format, version 2 (all integers little-endian)
+//! # WAL format, version 2 (all integers little-endian); one segment
 //! ```text
 //! wal     = header frame*
 //! header  = "raft-wal": [u8; 8], version: u32, magic: u64, crc: u32       crc of the 20 bytes before it
@@ -17,6 +23,7 @@
 //! payload = record*
 //! record  = 1: u8, term: u64, vote: u64 (0 = none), commit: u64             a hard state
 //!         | 2: u8, index: u64, term: u64, kind                              an entry
+//!         | 3: u8, index: u64, term: u64                                    the log's base
 //! kind    = 0: u8                                                           Payload::Noop
 //!         | 1: u8, client: u64, seq: u64, n: u32, data: [u8; n] (UTF-8)     Payload::Data
 //!         | 2: u8, n: u32, json: [u8; n]                                    Payload::Config
@@ -31,32 +38,45 @@
 //! A batch is one frame written with one `write` and made durable with one `fdatasync`, so it is
 //! atomic: a crash mid-write leaves a torn last frame, which the next open drops as a whole.
 //!
+//! Every segment after `wal` is written whole (header, then one frame holding a base record and
+//! a hard state) under a temporary name, synced and renamed into place, so its first frame is
+//! always intact and starts with a base record. Record type 3 is the only change segments
+//! brought to the format; a WAL without base records is read as before, with base (0, 0).
+//!
 //! # Replay
-//! Frames are applied in order. An entry whose index is at most the current last index first
-//! truncates the log to `index - 1` (this is how Raft's conflict truncation becomes durable; there
-//! is no separate truncate record); after that its index must be exactly last + 1. The last
-//! hard-state record wins, and its commit index is clamped to the last index.
+//! Segments are replayed in order, and the frames of each in order. The log is a base
+//! `(index, term)`, (0, 0) at first, and the entries after it. An entry at or below the base
+//! index is corruption. An entry whose index is at most the current last index first truncates
+//! the log to `index - 1` (this is how Raft's conflict truncation becomes durable; there is no
+//! separate truncate record); after that its index must be exactly last + 1. A base record
+//! `(I, T)` says that the entries through `I` are compacted into a snapshot: if the log holds
+//! index `I` with term `T` (the base counts as holding its own index and term), the log is
+//! truncated to `I`; otherwise it becomes empty with base `(I, T)`. The last hard-state record
+//! wins, and its commit index is clamped to the last index.
 //!
 //! Replay stops at the first frame that is not intact: its header is incomplete or not ours, its
 //! payload runs past the end of the file, or its payload fails its CRC. Every frame is synced
-//! before the next one is written, so a torn write is always the last frame: if no header of
-//! ours starts anywhere after the bad frame's first byte, it is torn and cut off (with a
-//! warning), whatever its bytes are (zeros, garbage, or pages of it that did reach the disk).
-//! If one does, the bad frame was synced before a later write, so the file was damaged
-//! afterwards; open then fails, naming the file and byte offset, rather than silently
-//! forgetting entries this peer may have promised to keep. So does an intact frame that is out
-//! of sequence or does not decode.
+//! before the next one is written, so a torn write is always the last frame of the newest
+//! segment: if no header of ours starts anywhere after the bad frame's first byte, it is torn and
+//! cut off (with a warning), whatever its bytes are (zeros, garbage, or pages of it that did
+//! reach the disk). If one does, the bad frame was synced before a later write, so the file was
+//! damaged afterwards; open then fails, naming the file and byte offset, rather than silently
+//! forgetting entries this peer may have promised to keep. So does any damage in an older
+//! segment or in a rotated segment's first frame, and an intact frame that is out of sequence or
+//! does not decode.
 
-use crate::raft::{Entry, HardState, Index, NodeId, Payload};
+use crate::raft::{Entry, HardState, Index, NodeId, Payload, Term};
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 const NODE_ID_FILE: &str = "node_id";
 const LOCK_FILE: &str = "LOCK";
+/// Segment 0; segment `n > 0` is `wal.n`.
 const WAL_FILE: &str = "wal";
-/// Where a new WAL is written before it is renamed into place, so `wal` always has a header.
-const WAL_TMP_FILE: &str = "wal.tmp";
+/// Where a new segment is written before it is renamed into place (`wal.tmp` for `wal`), so a
+/// segment always has its header, and a rotated one its first frame.
+const TMP_SUFFIX: &str = ".tmp";
 
 /// The first bytes of every WAL (the per-file random magic comes after the version).
 const WAL_SIGNATURE: [u8; 8] = *b"raft-wal";
@@ -68,6 +88,7 @@ const WAL_HEADER_LEN: u64 = 24;
 const FRAME_HEADER_LEN: u64 = 36;
 const RECORD_HARD_STATE: u8 = 1;
 const RECORD_ENTRY: u8 = 2;
+const RECORD_BASE: u8 = 3;
 const KIND_NOOP: u8 = 0;
 const KIND_DATA: u8 = 1;
 const KIND_CONFIG: u8 = 2;
@@ -77,20 +98,102 @@ const READ_BUFFER: usize = 1 << 20;
 /// The frame buffer is reused between persists, but not kept above this size after a huge batch.
 const KEEP_BUFFER: usize = 1 << 20;
 
+/// One segment file, as far as compaction needs to know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Segment {
+    /// 0 for `wal`, `n` for `wal.n`.
+    number: u64,
+    /// The base record the segment starts with; every segment [`Storage::rotate`] writes has one.
+    base: Option<(Index, Term)>,
+    /// The lowest index the log was cut back to (by a conflicting entry or a base record) after
+    /// this segment's base record; `Index::MAX` if it never was.
+    floor: Index,
+}
+
+impl Segment {
+    /// Whether replay starting at this segment gives the same log as replay of every segment,
+    /// except for entries at or below this segment's base: true when nothing after its base
+    /// record reached back to or below the base index.
+    fn can_be_first(&self) -> bool {
+        matches!(self.base, Some((index, _)) if self.floor >= index)
+    }
+}
+
+/// Notes, for every segment with a base record, that the log was cut back to `to`.
+fn note_cut(segments: &mut [Segment], to: Index) {
+    for segment in segments.iter_mut().filter(|s| s.base.is_some()) {
+        segment.floor = segment.floor.min(to);
+    }
+}
+
+/// The path of segment `number` in `dir`.
+fn segment_path(dir: &Path, number: u64) -> PathBuf {
+    if number == 0 {
+        dir.join(WAL_FILE)
+    } else {
+        dir.join(format!("{WAL_FILE}.{number}"))
+    }
+}
+
+/// A file name's segment number, if it names a segment (`wal`, or `wal.n` with `n` written
+/// without leading zeros).
+fn segment_number(name: &str) -> Option<u64> {
+    if name == WAL_FILE {
+        return Some(0);
+    }
+    let digits = name.strip_prefix(WAL_FILE)?.strip_prefix('.')?;
+    if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The segment numbers in `dir`, ascending, and the leftover temporary files of segments.
+fn list_segments(dir: &Path) -> Result<(Vec<u64>, Vec<PathBuf>), String> {
+    let read_err = |e: io::Error| format!("cannot list data dir {}: {e}", dir.display());
+    let mut numbers = Vec::new();
+    let mut leftovers = Vec::new();
+    for item in fs::read_dir(dir).map_err(read_err)? {
+        let item = item.map_err(read_err)?;
+        let name = item.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(number) = segment_number(name) {
+            numbers.push(number);
+        } else if name
+            .strip_suffix(TMP_SUFFIX)
+            .and_then(segment_number)
+            .is_some()
+        {
+            leftovers.push(item.path());
+        }
+    }
+    numbers.sort_unstable();
+    Ok((numbers, leftovers))
+}
+
 /// The durable state of one peer. Dropping it closes the WAL and releases the directory lock.
 pub struct Storage {
+    dir: PathBuf,
+    /// The segments, oldest first; the last one is `wal`, the one written to.
+    segments: Vec<Segment>,
+    /// The newest segment's path.
     wal_path: PathBuf,
     wal: File,
     /// Holds the directory's exclusive lock for as long as it is open.
     _lock: File,
-    /// Length of the WAL: every byte before it belongs to the header or a complete, synced frame.
+    /// Length of the newest segment: every byte before it belongs to the header or a complete,
+    /// synced frame.
     wal_len: u64,
-    /// This WAL's random magic, repeated in every frame header.
+    /// The newest segment's random magic, repeated in every frame header.
     magic: u64,
-    /// The `seq` the next frame takes: one more than the frames in the file.
+    /// The `seq` the next frame takes: one more than the frames in the newest segment.
     next_seq: u64,
-    /// Index of the last entry in the durable log; 0 when the log is empty.
+    /// The log's base: entries through its index are compacted away.
+    base: (Index, Term),
+    /// Index of the last entry in the durable log; the base index when the log is empty.
     last_index: Index,
+    /// The terms of the entries after the base, as runs: `(first index, term)`, ascending.
+    terms: Vec<(Index, Term)>,
     /// Set once a write or fsync failed. The file's contents are then unknown (a failed fsync may
     /// have dropped dirty pages), so every later persist is refused.
     failed: Option<String>,
@@ -99,25 +202,60 @@ pub struct Storage {
 }
 
 impl Storage {
-    /// Opens (creating if missing) `dir`, takes an exclusive lock, checks it belongs to `node_id`, replays the WAL.
+    /// Opens (creating if missing) `dir`, takes an exclusive lock, checks it belongs to `node_id`,
+    /// replays the WAL's segments. The entries returned start at [`Storage::base`]'s index + 1.
     pub fn open(dir: &Path, node_id: NodeId) -> Result<(Storage, HardState, Vec<Entry>), String> {
         fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
         let lock = lock_dir(dir)?;
-        check_node_id(dir, node_id)?;
-
-        let wal_path = dir.join(WAL_FILE);
-        if !exists(&wal_path)? {
-            create_wal(dir, &wal_path)?;
+        let (mut numbers, leftovers) = list_segments(dir)?;
+        check_node_id(dir, node_id, !numbers.is_empty())?;
+        for leftover in &leftovers {
+            log::warn!(
+                "{}: deleting a segment left half-created by a crash",
+                leftover.display()
+            );
+            fs::remove_file(leftover)
+                .map_err(|e| format!("cannot delete {}: {e}", leftover.display()))?;
         }
-        let mut wal = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&wal_path)
-            .map_err(|e| format!("cannot open {}: {e}", wal_path.display()))?;
 
-        let replay = replay(&wal_path, &mut wal)?;
-        if let Some(reason) = &replay.torn {
+        if numbers.is_empty() {
+            let wal_path = segment_path(dir, 0);
+            let (bytes, _) = new_segment_bytes(&wal_path, None)?;
+            drop(write_segment(&wal_path, &bytes)?);
+            sync_dir(dir)?;
+            numbers.push(0);
+        }
+
+        let mut log = LogState {
+            hard_state: HardState::default(),
+            base: (0, 0),
+            entries: Vec::new(),
+            segments: Vec::with_capacity(numbers.len()),
+            at_segment_start: false,
+        };
+        let newest = *numbers.last().unwrap();
+        let mut wal = None;
+        for &number in &numbers {
+            let path = segment_path(dir, number);
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(number == newest)
+                .open(&path)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            log.segments.push(Segment {
+                number,
+                base: None,
+                floor: Index::MAX,
+            });
+            let end = replay_segment(&path, &mut file, &mut log, number == newest)?;
+            if number == newest {
+                wal = Some((path, file, end));
+            }
+        }
+        let (wal_path, mut wal, end) = wal.unwrap();
+
+        if let Some(reason) = &end.torn {
             let file_len = wal
                 .metadata()
                 .map_err(|e| format!("cannot stat {}: {e}", wal_path.display()))?
@@ -126,41 +264,52 @@ impl Storage {
                 "{}: torn write at byte offset {}: {reason}; discarding the last {} bytes \
                  (an unsynced batch)",
                 wal_path.display(),
-                replay.valid_len,
-                file_len - replay.valid_len
+                end.valid_len,
+                file_len - end.valid_len
             );
-            wal.set_len(replay.valid_len)
+            wal.set_len(end.valid_len)
                 .and_then(|()| wal.sync_all())
                 .map_err(|e| {
                     format!(
                         "cannot truncate {} to {} bytes: {e}",
                         wal_path.display(),
-                        replay.valid_len
+                        end.valid_len
                     )
                 })?;
         }
-        wal.seek(SeekFrom::Start(replay.valid_len))
+        wal.seek(SeekFrom::Start(end.valid_len))
             .map_err(|e| format!("cannot seek in {}: {e}", wal_path.display()))?;
 
+        let last_index = log.base.0 + log.entries.len() as Index;
+        log.hard_state.commit = log.hard_state.commit.min(last_index);
+        log.entries.shrink_to_fit();
+        let mut terms = Vec::new();
+        for entry in &log.entries {
+            push_term(&mut terms, entry.index, entry.term);
+        }
         let storage = Storage {
+            dir: dir.to_path_buf(),
+            segments: log.segments,
             wal_path,
             wal,
             _lock: lock,
-            wal_len: replay.valid_len,
-            magic: replay.magic,
-            next_seq: replay.next_seq,
-            last_index: replay.entries.len() as Index,
+            wal_len: end.valid_len,
+            magic: end.magic,
+            next_seq: end.next_seq,
+            base: log.base,
+            last_index,
+            terms,
             failed: None,
             buf: Vec::new(),
         };
-        Ok((storage, replay.hard_state, replay.entries))
+        Ok((storage, log.hard_state, log.entries))
     }
 
     /// Writes `hard_state` (if Some) and `entries` (which replace any log suffix from entries[0].index on) with ONE write and ONE fsync (fdatasync / File::sync_data).
     ///
-    /// `entries` must be consecutive and start at an index from 1 to the last index + 1. With
-    /// neither a hard state nor entries this does nothing. After an I/O error every later call
-    /// fails too: the process should stop and recover by reopening.
+    /// `entries` must be consecutive and start at an index from the base index + 1 to the last
+    /// index + 1. With neither a hard state nor entries this does nothing. After an I/O error
+    /// every later call fails too: the process should stop and recover by reopening.
     pub fn persist(
         &mut self,
         hard_state: Option<&HardState>,
@@ -169,12 +318,7 @@ impl Storage {
         if hard_state.is_none() && entries.is_empty() {
             return Ok(());
         }
-        if let Some(failure) = &self.failed {
-            return Err(format!(
-                "{}: refusing to write after an earlier failure: {failure}",
-                self.wal_path.display()
-            ));
-        }
+        self.check_not_failed()?;
         self.check_batch(hard_state, entries)?;
 
         let mut buf = std::mem::take(&mut self.buf);
@@ -212,15 +356,169 @@ impl Storage {
         result?;
 
         self.next_seq += 1;
-        if let Some(last) = entries.last() {
+        if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
+            if first.index <= self.last_index {
+                note_cut(&mut self.segments, first.index - 1);
+                self.truncate_terms(first.index - 1);
+            }
+            for entry in entries {
+                push_term(&mut self.terms, entry.index, entry.term);
+            }
             self.last_index = last.index;
         }
         Ok(())
     }
 
-    /// Index of the last entry in the durable log; 0 when it is empty.
+    /// Starts a new segment whose first frame holds the base record `base` and `hard_state`;
+    /// later persists go to it.
+    ///
+    /// With `base` = (last index, last term) the log stays as it is; with a `(index, term)` the
+    /// log holds, it is truncated to `index`; otherwise (say, a snapshot installed from the
+    /// leader) the log becomes empty with that base. A base index below the current one is
+    /// refused. The segment is written under a temporary name, synced, renamed into place and
+    /// the directory synced, so a crash leaves either the old segments or all of them with the
+    /// new one. It is the new segment's base record that later lets [`Storage::compact`] delete
+    /// the older segments.
+    pub fn rotate(&mut self, hard_state: &HardState, base: (Index, Term)) -> Result<(), String> {
+        self.check_not_failed()?;
+        self.check_batch(Some(hard_state), &[])?;
+        if base.0 < self.base.0 {
+            return Err(format!(
+                "{}: cannot rotate to base index {}, below the log's base index {}",
+                self.wal_path.display(),
+                base.0,
+                self.base.0
+            ));
+        }
+        let number = self.segments.last().map_or(0, |s| s.number) + 1;
+        let path = segment_path(&self.dir, number);
+        let mut payload = Vec::with_capacity(2 * 25);
+        encode_base(&mut payload, base);
+        encode_hard_state(&mut payload, hard_state);
+        let (bytes, magic) = new_segment_bytes(&path, Some(&payload))?;
+        let file = write_segment(&path, &bytes)?;
+        // The new segment is in place: from here on the log is the one with it, durable or not.
+        let synced = sync_dir(&self.dir);
+
+        note_cut(&mut self.segments, base.0);
+        self.segments.push(Segment {
+            number,
+            base: Some(base),
+            floor: Index::MAX,
+        });
+        if self.holds(base) {
+            self.truncate_terms(base.0);
+            self.last_index = base.0;
+        } else {
+            self.terms.clear();
+            self.base = base;
+            self.last_index = base.0;
+        }
+        self.wal_path = path;
+        self.wal = file;
+        self.wal_len = bytes.len() as u64;
+        self.magic = magic;
+        self.next_seq = 2;
+        if let Err(e) = synced {
+            self.failed = Some(e.clone());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Deletes the oldest segments, those whose entries are all at or below `through`, then
+    /// syncs the directory; returns how many it deleted. The newest segment is never deleted.
+    ///
+    /// The segments before segment `k` go when `k`'s base record has an index at most `through`
+    /// (the log then held nothing above that index from older segments) and the log was never
+    /// cut back to or below that index after it (by a conflicting entry or a lower base), as
+    /// replay starting at `k` would then not give this log; the latest such `k` is taken. The
+    /// base then becomes `k`'s base, unless it is already higher. The segments are deleted
+    /// newest first, so that after a crash midway replay still starts with a prefix of the old
+    /// segments followed by `k` (which gives the same log above `k`'s base). On an error some
+    /// of them may remain; a later call deletes them.
+    pub fn compact(&mut self, through: Index) -> Result<usize, String> {
+        self.check_not_failed()?;
+        let Some(first) = (1..self.segments.len()).rev().find(|&k| {
+            let segment = &self.segments[k];
+            segment.can_be_first() && segment.base.is_some_and(|(index, _)| index <= through)
+        }) else {
+            return Ok(0);
+        };
+        let first_base = self.segments[first].base.expect("checked above");
+        let mut remaining = first;
+        let mut result = Ok(());
+        while remaining > 0 {
+            let path = segment_path(&self.dir, self.segments[remaining - 1].number);
+            if let Err(e) = fs::remove_file(&path) {
+                result = Err(format!("cannot delete {}: {e}", path.display()));
+                break;
+            }
+            remaining -= 1;
+        }
+        let deleted = first - remaining;
+        self.segments.drain(remaining..first);
+        if remaining == 0 && self.base.0 < first_base.0 {
+            self.base = first_base;
+            self.drop_terms_through(first_base.0);
+        }
+        if deleted > 0 {
+            result = result.and(sync_dir(&self.dir));
+        }
+        result.map(|()| deleted)
+    }
+
+    /// Index of the last entry in the durable log; the base index when it is empty.
     pub fn last_index(&self) -> Index {
         self.last_index
+    }
+
+    /// The log's base `(index, term)`: entries through `index` are compacted away; (0, 0) for a
+    /// log that never was.
+    pub fn base(&self) -> (Index, Term) {
+        self.base
+    }
+
+    /// Whether the log holds `index` with `term`, the base counting as held.
+    fn holds(&self, (index, term): (Index, Term)) -> bool {
+        if (index, term) == self.base {
+            return true;
+        }
+        if index <= self.base.0 || index > self.last_index {
+            return false;
+        }
+        let run = self.terms.partition_point(|&(first, _)| first <= index);
+        run > 0 && self.terms[run - 1].1 == term
+    }
+
+    /// Forgets the terms of entries at or below `index`, now the base.
+    fn drop_terms_through(&mut self, index: Index) {
+        if index >= self.last_index {
+            self.terms.clear();
+            return;
+        }
+        // The runs that start at or before `index + 1`; the last of them covers it.
+        let covering = self.terms.partition_point(|&(first, _)| first <= index + 1);
+        if covering > 0 {
+            self.terms.drain(..covering - 1);
+            self.terms[0].0 = self.terms[0].0.max(index + 1);
+        }
+    }
+
+    /// Forgets the terms of entries after `index`.
+    fn truncate_terms(&mut self, index: Index) {
+        let keep = self.terms.partition_point(|&(first, _)| first <= index);
+        self.terms.truncate(keep);
+    }
+
+    fn check_not_failed(&self) -> Result<(), String> {
+        match &self.failed {
+            Some(failure) => Err(format!(
+                "{}: refusing to write after an earlier failure: {failure}",
+                self.wal_path.display()
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Refuses a batch that replay would reject, so a bug upstream never makes the WAL unreadable.
@@ -232,12 +530,20 @@ impl Storage {
             ));
         }
         if let Some(first) = entries.first() {
-            if first.index == 0 || first.index > self.last_index + 1 {
+            if first.index <= self.base.0 {
+                return Err(format!(
+                    "{wal}: cannot append entry {}: it is at or below the log's base index {} \
+                     (compacted into a snapshot)",
+                    first.index, self.base.0
+                ));
+            }
+            if first.index > self.last_index + 1 {
                 return Err(format!(
                     "{wal}: cannot append entry {} to a log whose last index is {}: a batch must \
-                     start at an index from 1 to {}",
+                     start at an index from {} to {}",
                     first.index,
                     self.last_index,
+                    self.base.0 + 1,
                     self.last_index + 1
                 ));
             }
@@ -308,8 +614,9 @@ fn lock_dir(dir: &Path) -> Result<File, String> {
     Ok(file)
 }
 
-/// Checks the directory's `node_id` file, writing it if the directory is new.
-fn check_node_id(dir: &Path, node_id: NodeId) -> Result<(), String> {
+/// Checks the directory's `node_id` file, writing it if the directory is new (`has_wal`: it
+/// holds a WAL segment).
+fn check_node_id(dir: &Path, node_id: NodeId, has_wal: bool) -> Result<(), String> {
     let path = dir.join(NODE_ID_FILE);
     match fs::read_to_string(&path) {
         Ok(text) => {
@@ -330,7 +637,7 @@ fn check_node_id(dir: &Path, node_id: NodeId) -> Result<(), String> {
             Ok(())
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            if exists(&dir.join(WAL_FILE))? {
+            if has_wal {
                 return Err(format!(
                     "data dir {} has a {WAL_FILE} but no {NODE_ID_FILE} file, so whose log it is \
                      is unknown; refusing to use it",
@@ -372,6 +679,19 @@ fn sync_dir(dir: &Path) -> Result<(), String> {
 
 fn put_u64(buf: &mut Vec<u8>, v: u64) {
     buf.extend_from_slice(&v.to_le_bytes());
+}
+
+/// Extends the term runs `terms` with entry `index` of `term`, the next after their last.
+fn push_term(terms: &mut Vec<(Index, Term)>, index: Index, term: Term) {
+    if terms.last().map(|&(_, t)| t) != Some(term) {
+        terms.push((index, term));
+    }
+}
+
+fn encode_base(buf: &mut Vec<u8>, (index, term): (Index, Term)) {
+    buf.push(RECORD_BASE);
+    put_u64(buf, index);
+    put_u64(buf, term);
 }
 
 fn encode_hard_state(buf: &mut Vec<u8>, hs: &HardState) {
@@ -453,31 +773,62 @@ impl FrameHeader {
     }
 }
 
-/// Creates an empty WAL, header only, under a temporary name first: a crash never leaves a
-/// `wal` without its header.
-fn create_wal(dir: &Path, wal_path: &Path) -> Result<(), String> {
+/// The bytes of a new segment at `path`: the file header with a fresh random magic, then, if
+/// `payload` is given, frame 1 holding it. Returns them and the magic.
+fn new_segment_bytes(path: &Path, payload: Option<&[u8]>) -> Result<(Vec<u8>, u64), String> {
     let magic = getrandom::u64().map_err(|e| {
         format!(
             "cannot draw a random magic for a new {}: {e}",
-            wal_path.display()
+            path.display()
         )
     })?;
-    let mut header = Vec::with_capacity(WAL_HEADER_LEN as usize);
-    header.extend_from_slice(&WAL_SIGNATURE);
-    header.extend_from_slice(&WAL_VERSION.to_le_bytes());
-    put_u64(&mut header, magic);
-    let crc = crc32fast::hash(&header);
-    header.extend_from_slice(&crc.to_le_bytes());
+    let mut bytes = Vec::with_capacity(WAL_HEADER_LEN as usize);
+    bytes.extend_from_slice(&WAL_SIGNATURE);
+    bytes.extend_from_slice(&WAL_VERSION.to_le_bytes());
+    put_u64(&mut bytes, magic);
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    if let Some(payload) = payload {
+        let len = u32::try_from(payload.len()).expect("a first frame is small");
+        let mut header = [0; FRAME_HEADER_LEN as usize];
+        FrameHeader {
+            magic,
+            offset: WAL_HEADER_LEN,
+            seq: 1,
+            len,
+            data_crc: crc32fast::hash(payload),
+        }
+        .encode(&mut header);
+        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(payload);
+    }
+    Ok((bytes, magic))
+}
 
-    let tmp = dir.join(WAL_TMP_FILE);
-    let write = || -> io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&header)?;
+/// Creates the segment `path` holding `bytes`, under a temporary name first (synced, then
+/// renamed into place), so a crash never leaves a segment without its header or first frame.
+/// Returns the file, open for reading and writing and positioned at its end. The caller syncs
+/// the directory.
+fn write_segment(path: &Path, bytes: &[u8]) -> Result<File, String> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(TMP_SUFFIX);
+    let tmp = PathBuf::from(tmp);
+    let write = || -> io::Result<File> {
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
-        fs::rename(&tmp, wal_path)
+        fs::rename(&tmp, path)?;
+        Ok(f)
     };
-    write().map_err(|e| format!("cannot create {}: {e}", wal_path.display()))?;
-    sync_dir(dir)
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        format!("cannot create {}: {e}", path.display())
+    })
 }
 
 /// Checks the WAL's file header; returns its magic.
@@ -516,12 +867,28 @@ fn read_wal_header(path: &Path, reader: &mut impl Read, file_len: u64) -> Result
     Ok(u64::from_le_bytes(header[12..20].try_into().unwrap()))
 }
 
-/// What replaying the WAL found.
-struct Replay {
+/// The log as replay rebuilds it, across segments.
+struct LogState {
     hard_state: HardState,
-    /// The whole log, `entries[i].index == i + 1`.
+    base: (Index, Term),
+    /// The entries after the base: `entries[i].index == base.0 + i + 1`.
     entries: Vec<Entry>,
-    /// The WAL's magic, from its header.
+    /// The segments replayed so far; the last one is being replayed.
+    segments: Vec<Segment>,
+    /// True while the next record is the first of a segment: a base record there is the
+    /// segment's own.
+    at_segment_start: bool,
+}
+
+impl LogState {
+    fn last_index(&self) -> Index {
+        self.base.0 + self.entries.len() as Index
+    }
+}
+
+/// Where replay of a segment ended.
+struct SegmentEnd {
+    /// The segment's magic, from its header.
     magic: u64,
     /// The `seq` of the next frame to write.
     next_seq: u64,
@@ -531,8 +898,16 @@ struct Replay {
     torn: Option<String>,
 }
 
-fn replay(path: &Path, file: &mut File) -> Result<Replay, String> {
+/// Replays the segment at `path` (the last of `log.segments`) into `log`. Only in the `newest`
+/// segment may the last frame be torn.
+fn replay_segment(
+    path: &Path,
+    file: &mut File,
+    log: &mut LogState,
+    newest: bool,
+) -> Result<SegmentEnd, String> {
     let wal = path.display();
+    let rotated = log.segments.last().is_some_and(|s| s.number > 0);
     let file_len = file
         .metadata()
         .map_err(|e| format!("cannot stat {wal}: {e}"))?
@@ -541,9 +916,8 @@ fn replay(path: &Path, file: &mut File) -> Result<Replay, String> {
         |off: u64, e: io::Error| format!("{wal}: read failed near byte offset {off}: {e}");
     let mut reader = BufReader::with_capacity(READ_BUFFER, &mut *file);
     let magic = read_wal_header(path, &mut reader, file_len)?;
-    let mut hard_state = HardState::default();
     // A guess at the entry count; the log grows past it if the entries are smaller.
-    let mut entries = Vec::with_capacity((file_len / 64) as usize);
+    log.entries.reserve((file_len / 64) as usize);
     let mut payload = Vec::new();
     let mut off = WAL_HEADER_LEN;
     let mut seq = 1;
@@ -588,19 +962,33 @@ fn replay(path: &Path, file: &mut File) -> Result<Replay, String> {
         if crc32fast::hash(&payload) != header.data_crc {
             break Some(format!("frame of {} bytes fails its CRC check", header.len));
         }
-        apply_frame(
-            &payload,
-            off + FRAME_HEADER_LEN,
-            &mut hard_state,
-            &mut entries,
-        )
-        .map_err(|e| format!("{wal}: frame at byte offset {off}: {e}; the WAL is corrupt"))?;
+        if rotated && seq == 1 && payload.first() != Some(&RECORD_BASE) {
+            return Err(format!(
+                "{wal}: frame at byte offset {off} does not start with a base record, as the \
+                 first frame of every segment after the first does; the WAL is corrupt"
+            ));
+        }
+        log.at_segment_start = seq == 1;
+        apply_frame(&payload, off + FRAME_HEADER_LEN, log)
+            .map_err(|e| format!("{wal}: frame at byte offset {off}: {e}; the WAL is corrupt"))?;
         off = end;
         seq += 1;
     };
 
     let torn = match damage {
         None => None,
+        Some(why) if !newest || (rotated && off == WAL_HEADER_LEN) => {
+            let which = if newest {
+                "the first frame of a rotated segment, which is written whole before the \
+                 segment is renamed into place"
+            } else {
+                "in a segment that is not the newest, so no torn write"
+            };
+            return Err(format!(
+                "{wal}: frame at byte offset {off} is damaged ({why}): {which}; the WAL is \
+                 corrupt, refusing to start"
+            ));
+        }
         Some(why) => match find_frame(file, off + 1, magic).map_err(|e| read_err(off, e))? {
             None => Some(why),
             Some(at) => {
@@ -612,12 +1000,14 @@ fn replay(path: &Path, file: &mut File) -> Result<Replay, String> {
             }
         },
     };
+    if rotated && seq == 1 {
+        return Err(format!(
+            "{wal}: the segment has no frames, so not the base record that every segment after \
+             the first starts with; the WAL is corrupt, refusing to start"
+        ));
+    }
 
-    hard_state.commit = hard_state.commit.min(entries.len() as Index);
-    entries.shrink_to_fit();
-    Ok(Replay {
-        hard_state,
-        entries,
+    Ok(SegmentEnd {
         magic,
         next_seq: seq,
         valid_len: off,
@@ -674,35 +1064,26 @@ fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Applies one frame's records; `base` is the file offset of the payload, for error messages.
-fn apply_frame(
-    payload: &[u8],
-    base: u64,
-    hard_state: &mut HardState,
-    entries: &mut Vec<Entry>,
-) -> Result<(), String> {
+fn apply_frame(payload: &[u8], base: u64, log: &mut LogState) -> Result<(), String> {
     let mut d = Decoder {
         buf: payload,
         pos: 0,
     };
     while d.pos < payload.len() {
         let at = base + d.pos as u64;
-        apply_record(&mut d, hard_state, entries)
-            .map_err(|e| format!("record at byte offset {at}: {e}"))?;
+        apply_record(&mut d, log).map_err(|e| format!("record at byte offset {at}: {e}"))?;
     }
     Ok(())
 }
 
-fn apply_record(
-    d: &mut Decoder,
-    hard_state: &mut HardState,
-    entries: &mut Vec<Entry>,
-) -> Result<(), String> {
+fn apply_record(d: &mut Decoder, log: &mut LogState) -> Result<(), String> {
+    let at_segment_start = std::mem::take(&mut log.at_segment_start);
     match d.u8()? {
         RECORD_HARD_STATE => {
             let term = d.u64()?;
             let vote = d.u64()?;
             let commit = d.u64()?;
-            *hard_state = HardState {
+            log.hard_state = HardState {
                 term,
                 vote: (vote != 0).then_some(vote),
                 commit,
@@ -731,22 +1112,45 @@ fn apply_record(
                 }
                 kind => return Err(format!("entry {index}: unknown payload kind {kind}")),
             };
-            let last = entries.len() as Index;
-            if index == 0 {
-                return Err("entry with index 0".into());
+            let base = log.base.0;
+            let last = log.last_index();
+            if index <= base {
+                return Err(format!(
+                    "entry {index} is at or below the log's base index {base}"
+                ));
             }
             if index <= last {
-                entries.truncate((index - 1) as usize);
+                log.entries.truncate((index - base - 1) as usize);
+                note_cut(&mut log.segments, index - 1);
             } else if index != last + 1 {
                 return Err(format!(
                     "entry {index} does not follow the last index {last}"
                 ));
             }
-            entries.push(Entry {
+            log.entries.push(Entry {
                 index,
                 term,
                 payload,
             });
+        }
+        RECORD_BASE => {
+            let index = d.u64()?;
+            let term = d.u64()?;
+            let (base, base_term) = log.base;
+            let holds = (index, term) == (base, base_term)
+                || (index > base
+                    && index <= log.last_index()
+                    && log.entries[(index - base - 1) as usize].term == term);
+            if holds {
+                log.entries.truncate((index - base) as usize);
+            } else {
+                log.entries.clear();
+                log.base = (index, term);
+            }
+            note_cut(&mut log.segments, index);
+            if at_segment_start {
+                log.segments.last_mut().expect("a segment").base = Some((index, term));
+            }
         }
         tag => return Err(format!("unknown record type {tag}")),
     }
@@ -885,7 +1289,7 @@ mod tests {
         assert_eq!(fs::read_to_string(dir.0.join(NODE_ID_FILE)).unwrap(), "1\n");
         let header = fs::read(dir.wal()).unwrap();
         assert_eq!(header, wal_header(WAL_VERSION, wal_magic(&dir)));
-        assert!(!dir.0.join(WAL_TMP_FILE).exists());
+        assert!(!dir.0.join("wal.tmp").exists());
         drop(s);
         let other = TempDir::new("new-other");
         drop(open(&other));
@@ -1417,5 +1821,353 @@ mod tests {
         s.persist(None, &[noop(2, 1)]).unwrap();
         drop(s);
         assert_eq!(open(&dir).2, vec![noop(1, 1), noop(2, 1)]);
+    }
+
+    fn segment(dir: &TempDir, number: u64) -> PathBuf {
+        segment_path(&dir.0, number)
+    }
+
+    fn log_of(range: std::ops::RangeInclusive<Index>, term: u64) -> Vec<Entry> {
+        range.map(|i| data(i, term, &format!("e{i}"))).collect()
+    }
+
+    #[test]
+    fn segment_names_are_numbered_numerically() {
+        assert_eq!(segment_number("wal"), Some(0));
+        assert_eq!(segment_number("wal.1"), Some(1));
+        assert_eq!(segment_number("wal.10"), Some(10));
+        for name in [
+            "wal.",
+            "wal.0",
+            "wal.01",
+            "wal.tmp",
+            "wal.1.tmp",
+            "wal.x",
+            "wal1",
+        ] {
+            assert_eq!(segment_number(name), None, "{name}");
+        }
+        let dir = TempDir::new("names");
+        fs::create_dir_all(&dir.0).unwrap();
+        for name in [
+            "wal",
+            "wal.10",
+            "wal.9",
+            "wal.2",
+            "wal.3.tmp",
+            "wal.tmp",
+            "node_id",
+        ] {
+            fs::write(dir.0.join(name), b"").unwrap();
+        }
+        let (numbers, mut leftovers) = list_segments(&dir.0).unwrap();
+        assert_eq!(numbers, vec![0, 2, 9, 10]);
+        leftovers.sort();
+        assert_eq!(
+            leftovers,
+            vec![dir.0.join("wal.3.tmp"), dir.0.join("wal.tmp")]
+        );
+    }
+
+    #[test]
+    fn rotate_at_the_last_entry_keeps_the_log() {
+        let dir = TempDir::new("rotate-keep");
+        let log = log_of(1..=5, 2);
+        {
+            let (mut s, _, _) = open(&dir);
+            s.persist(Some(&hs(2, Some(1), 3)), &log).unwrap();
+            s.rotate(&hs(2, Some(1), 4), (5, 2)).unwrap();
+            assert_eq!((s.base(), s.last_index()), ((0, 0), 5));
+            assert!(segment(&dir, 1).exists());
+            assert!(!dir.0.join("wal.1.tmp").exists());
+        }
+        let (mut s, state, got) = open(&dir);
+        assert_eq!(state, hs(2, Some(1), 4));
+        assert_eq!(got, log);
+        assert_eq!((s.base(), s.last_index()), ((0, 0), 5));
+        // Later writes go to the new segment, and a second rotation numbers the next one.
+        let wal_before = fs::read(dir.wal()).unwrap();
+        s.persist(None, &[data(6, 2, "six")]).unwrap();
+        assert_eq!(fs::read(dir.wal()).unwrap(), wal_before);
+        s.rotate(&hs(3, None, 6), (6, 2)).unwrap();
+        s.persist(None, &[data(7, 3, "seven")]).unwrap();
+        drop(s);
+        let (s, state, got) = open(&dir);
+        assert_eq!(state, hs(3, None, 6));
+        assert_eq!(got.len(), 7);
+        assert_eq!(got[6], data(7, 3, "seven"));
+        assert_eq!(
+            s.segments.iter().map(|s| s.number).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+    }
+
+    #[test]
+    fn rotate_to_an_earlier_entry_of_the_log_truncates_it() {
+        let dir = TempDir::new("rotate-truncate");
+        let (mut s, _, _) = open(&dir);
+        s.persist(None, &log_of(1..=3, 1)).unwrap();
+        s.persist(None, &log_of(4..=6, 2)).unwrap();
+        s.rotate(&hs(2, None, 0), (4, 2)).unwrap();
+        assert_eq!((s.base(), s.last_index()), ((0, 0), 4));
+        // A term the log does not hold there: a reset.
+        s.rotate(&hs(2, None, 0), (3, 2)).unwrap();
+        assert_eq!((s.base(), s.last_index()), ((3, 2), 3));
+        assert!(s.rotate(&hs(2, None, 0), (2, 1)).is_err(), "below the base");
+        drop(s);
+        let (s, _, got) = open(&dir);
+        assert!(got.is_empty());
+        assert_eq!((s.base(), s.last_index()), ((3, 2), 3));
+    }
+
+    #[test]
+    fn compact_deletes_the_segments_through_the_index_and_reopen_agrees() {
+        let dir = TempDir::new("compact");
+        let (mut s, _, _) = open(&dir);
+        s.persist(Some(&hs(1, None, 0)), &log_of(1..=10, 1))
+            .unwrap();
+        s.rotate(&hs(1, None, 8), (10, 1)).unwrap();
+        s.persist(None, &log_of(11..=20, 2)).unwrap();
+        s.rotate(&hs(2, None, 18), (20, 2)).unwrap();
+        s.persist(None, &log_of(21..=25, 2)).unwrap();
+
+        // Nothing is wholly at or below 9: the first successor's base is 10.
+        assert_eq!(s.compact(9).unwrap(), 0);
+        assert!(dir.wal().exists());
+        assert_eq!(s.compact(15).unwrap(), 1);
+        assert!(!dir.wal().exists());
+        assert_eq!((s.base(), s.last_index()), ((10, 1), 25));
+        drop(s);
+        let (mut s, state, got) = open(&dir);
+        assert_eq!(state, hs(2, None, 18));
+        assert_eq!(got, log_of(11..=25, 2));
+        assert_eq!((s.base(), s.last_index()), ((10, 1), 25));
+
+        // The newest segment is never deleted, however far `through` goes.
+        assert_eq!(s.compact(1000).unwrap(), 1);
+        assert!(!segment(&dir, 1).exists() && segment(&dir, 2).exists());
+        assert_eq!((s.base(), s.last_index()), ((20, 2), 25));
+        assert_eq!(s.compact(1000).unwrap(), 0);
+        s.persist(None, &[data(26, 3, "after")]).unwrap();
+        // A conflicting entry above the base still truncates.
+        s.persist(None, &[data(22, 3, "conflict")]).unwrap();
+        assert!(s.holds((22, 3)) && !s.holds((21, 3)) && s.holds((21, 2)));
+        drop(s);
+        let (s, _, got) = open(&dir);
+        let mut expected = log_of(21..=21, 2);
+        expected.push(data(22, 3, "conflict"));
+        assert_eq!(got, expected);
+        assert_eq!((s.base(), s.last_index()), ((20, 2), 22));
+        // A new segment after a gap in the numbers is numbered after the newest.
+        drop(s);
+        let (mut s, _, _) = open(&dir);
+        s.rotate(&hs(3, None, 22), (22, 3)).unwrap();
+        assert!(segment(&dir, 3).exists());
+    }
+
+    #[test]
+    fn installing_an_unrelated_base_empties_the_log() {
+        let dir = TempDir::new("install");
+        {
+            let (mut s, _, _) = open(&dir);
+            s.persist(Some(&hs(1, Some(2), 10)), &log_of(1..=10, 1))
+                .unwrap();
+            s.rotate(&hs(3, Some(2), 50), (50, 3)).unwrap();
+            assert_eq!((s.base(), s.last_index()), ((50, 3), 50));
+            assert_eq!(s.compact(50).unwrap(), 1);
+        }
+        assert!(!dir.wal().exists());
+        let (mut s, state, got) = open(&dir);
+        assert!(got.is_empty());
+        assert_eq!(state, hs(3, Some(2), 50));
+        assert_eq!((s.base(), s.last_index()), ((50, 3), 50));
+        let err = s.persist(None, &[noop(50, 3)]).unwrap_err();
+        assert!(
+            err.contains("entry 50") && err.contains("base index 50"),
+            "{err}"
+        );
+        let err = s.persist(None, &[noop(52, 3)]).unwrap_err();
+        assert!(err.contains("from 51 to 51"), "{err}");
+        s.persist(None, &[noop(51, 3)]).unwrap();
+        drop(s);
+        let (s, _, got) = open(&dir);
+        assert_eq!(got, vec![noop(51, 3)]);
+        assert_eq!((s.base(), s.last_index()), ((50, 3), 51));
+    }
+
+    #[test]
+    fn a_crash_between_rotate_and_compact_replays_both_segments() {
+        let dir = TempDir::new("crash-rotate");
+        {
+            let (mut s, _, _) = open(&dir);
+            s.persist(None, &log_of(1..=10, 1)).unwrap();
+            s.rotate(&hs(1, None, 10), (10, 1)).unwrap();
+            s.persist(None, &log_of(11..=12, 1)).unwrap();
+        }
+        let (s, _, got) = open(&dir);
+        assert_eq!(got, log_of(1..=12, 1));
+        assert_eq!((s.base(), s.last_index()), ((0, 0), 12));
+        drop(s);
+
+        // An install: the older segment's entries are replaced by the base.
+        let dir = TempDir::new("crash-install");
+        {
+            let (mut s, _, _) = open(&dir);
+            s.persist(None, &log_of(1..=10, 1)).unwrap();
+            s.rotate(&hs(3, None, 50), (50, 3)).unwrap();
+        }
+        let (s, state, got) = open(&dir);
+        assert!(got.is_empty());
+        assert_eq!(state, hs(3, None, 50));
+        assert_eq!((s.base(), s.last_index()), ((50, 3), 50));
+        drop(s);
+
+        // A crash before the rename leaves a temporary file, deleted at open.
+        fs::write(dir.0.join("wal.2.tmp"), b"raft-wal, half written").unwrap();
+        let (mut s, _, got) = open(&dir);
+        assert!(got.is_empty());
+        assert!(!dir.0.join("wal.2.tmp").exists());
+        s.rotate(&hs(3, None, 50), (50, 3)).unwrap();
+        assert!(segment(&dir, 2).exists());
+    }
+
+    #[test]
+    fn torn_tail_is_cut_only_in_the_newest_segment() {
+        let dir = TempDir::new("segment-torn");
+        let (old_len, new_len) = {
+            let (mut s, _, _) = open(&dir);
+            s.persist(None, &log_of(1..=3, 1)).unwrap();
+            s.persist(None, &log_of(4..=5, 1)).unwrap();
+            s.rotate(&hs(1, None, 0), (5, 1)).unwrap();
+            let new_len = fs::metadata(segment(&dir, 1)).unwrap().len();
+            s.persist(None, &log_of(6..=7, 1)).unwrap();
+            (wal_len(&dir), new_len)
+        };
+        let newest = fs::read(segment(&dir, 1)).unwrap();
+        let oldest = fs::read(dir.wal()).unwrap();
+
+        // The newest segment's last frame torn: cut off.
+        fs::write(segment(&dir, 1), &newest[..newest.len() - 3]).unwrap();
+        let (s, _, got) = open(&dir);
+        assert_eq!(got, log_of(1..=5, 1));
+        assert_eq!(fs::metadata(segment(&dir, 1)).unwrap().len(), new_len);
+        drop(s);
+
+        // The same damage in the older segment is an error naming it.
+        fs::write(segment(&dir, 1), &newest).unwrap();
+        let torn = &oldest[..oldest.len() - 3];
+        fs::write(dir.wal(), torn).unwrap();
+        let err = Storage::open(&dir.0, 1).err().unwrap();
+        let frame_at = old_len as usize - (FRAME_HEADER_LEN as usize + 2 * (1 + 17 + 20 + 2));
+        assert!(
+            err.contains(&format!(
+                "{}: frame at byte offset {frame_at}",
+                dir.wal().display()
+            )) && err.contains("not the newest"),
+            "{err}"
+        );
+        assert_eq!(fs::read(dir.wal()).unwrap(), torn, "open must not modify");
+
+        // A rotated segment's first frame is written whole, so it is never taken for torn.
+        fs::write(dir.wal(), &oldest).unwrap();
+        let cut = WAL_HEADER_LEN as usize + 10;
+        fs::write(segment(&dir, 1), &newest[..cut]).unwrap();
+        let err = Storage::open(&dir.0, 1).err().unwrap();
+        assert!(
+            err.contains(&segment(&dir, 1).display().to_string())
+                && err.contains(&format!("byte offset {WAL_HEADER_LEN}")),
+            "{err}"
+        );
+        fs::write(segment(&dir, 1), &newest[..WAL_HEADER_LEN as usize]).unwrap();
+        let err = Storage::open(&dir.0, 1).err().unwrap();
+        assert!(err.contains("no frames"), "{err}");
+    }
+
+    #[test]
+    fn an_entry_at_or_below_the_base_in_the_file_is_corruption() {
+        let dir = TempDir::new("below-base");
+        {
+            let (mut s, _, _) = open(&dir);
+            s.rotate(&hs(1, None, 5), (5, 1)).unwrap();
+        }
+        let path = segment(&dir, 1);
+        let mut bytes = fs::read(&path).unwrap();
+        let magic = u64::from_le_bytes(bytes[12..20].try_into().unwrap());
+        let mut payload = Vec::new();
+        encode_entry(&mut payload, &noop(5, 1)).unwrap();
+        let at = bytes.len() as u64;
+        bytes.extend(frame(magic, at, 2, &payload));
+        fs::write(&path, &bytes).unwrap();
+        let err = Storage::open(&dir.0, 1).err().unwrap();
+        assert!(
+            err.contains(&path.display().to_string())
+                && err.contains(&format!("frame at byte offset {at}"))
+                && err.contains("entry 5 is at or below the log's base index 5"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_legacy_single_wal_opens_with_base_zero() {
+        let dir = TempDir::new("legacy");
+        drop(open(&dir));
+        // A WAL as the build before segments wrote it, frame by frame.
+        let magic = wal_magic(&dir);
+        let mut bytes = wal_header(WAL_VERSION, magic);
+        let mut payload = Vec::new();
+        encode_hard_state(&mut payload, &hs(4, Some(1), 2));
+        for entry in log_of(1..=3, 4) {
+            encode_entry(&mut payload, &entry).unwrap();
+        }
+        bytes.extend(frame(magic, WAL_HEADER_LEN, 1, &payload));
+        fs::write(dir.wal(), &bytes).unwrap();
+        let (mut s, state, got) = open(&dir);
+        assert_eq!(state, hs(4, Some(1), 2));
+        assert_eq!(got, log_of(1..=3, 4));
+        assert_eq!((s.base(), s.last_index()), ((0, 0), 3));
+        s.persist(None, &[noop(4, 4)]).unwrap();
+        drop(s);
+        assert_eq!(list_segments(&dir.0).unwrap().0, vec![0]);
+        assert_eq!(open(&dir).2.len(), 4);
+    }
+
+    #[test]
+    fn compaction_skips_a_segment_whose_base_the_log_was_cut_back_below() {
+        let dir = TempDir::new("compact-cut");
+        let (mut s, _, _) = open(&dir);
+        s.persist(None, &log_of(1..=10, 1)).unwrap();
+        s.rotate(&hs(1, None, 5), (10, 1)).unwrap();
+        // A new leader replaces entries 8.. (uncommitted), below segment 1's base.
+        s.persist(None, &log_of(8..=9, 2)).unwrap();
+        s.rotate(&hs(2, None, 7), (9, 2)).unwrap();
+        s.persist(None, &log_of(10..=11, 2)).unwrap();
+        let mut expected = log_of(1..=7, 1);
+        expected.extend(log_of(8..=11, 2));
+        assert_eq!(s.compact(8).unwrap(), 0);
+        drop(s);
+        let (mut s, _, got) = open(&dir);
+        assert_eq!(got, expected);
+        assert_eq!(s.segments[1].floor, 7, "replay notes the cut too");
+        assert!(!s.segments[1].can_be_first() && s.segments[2].can_be_first());
+
+        // A crash midway through compact(9), which deletes segment 1 before segment 0.
+        let crashed = TempDir::new("compact-cut-crash");
+        fs::create_dir_all(&crashed.0).unwrap();
+        for name in [NODE_ID_FILE, "wal", "wal.2"] {
+            fs::copy(dir.0.join(name), crashed.0.join(name)).unwrap();
+        }
+        let (c, _, got) = open(&crashed);
+        assert_eq!(got, expected[9..]);
+        assert_eq!((c.base(), c.last_index()), ((9, 2), 11));
+
+        // Segment 1 alone could not come first; with segment 2 first, both go.
+        assert_eq!(s.compact(9).unwrap(), 2);
+        assert_eq!(list_segments(&dir.0).unwrap().0, vec![2]);
+        assert_eq!((s.base(), s.last_index()), ((9, 2), 11));
+        assert!(s.holds((10, 2)) && s.holds((9, 2)) && !s.holds((8, 2)));
+        drop(s);
+        let (s, _, got) = open(&dir);
+        assert_eq!(got, expected[9..]);
+        assert_eq!((s.base(), s.last_index()), ((9, 2), 11));
     }
 }
