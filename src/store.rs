@@ -21,6 +21,8 @@
 //! cut off on open (the core re-applies them from the WAL).
 
 use crate::raft::{Index, LogRecord, SnapshotId, SnapshotMeta, SnapshotState, Term};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use crc32fast::Hasher;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -31,6 +33,9 @@ const STORE_PREFIX: &str = "store.";
 const RECORDS_FILE: &str = "records";
 const INDEX_FILE: &str = "index";
 const SNAPSHOT_FILE: &str = "snapshot.json";
+const INSTALL_DIR: &str = "install";
+/// In `install/`: the [`SnapshotId`] being received, in the records' line format.
+const STAGED_ID_FILE: &str = "id.json";
 
 /// Records between two offsets in the sparse index.
 pub const INDEX_EVERY: u64 = 256;
@@ -43,12 +48,25 @@ const READ_BUFFER: usize = 64 << 10;
 /// No record line is longer than this: entries arrive in datagrams, so a longer "line" can only
 /// be damage (and a parser must not buffer without bound while looking for its end).
 const MAX_LINE: usize = 16 << 20;
+/// A receiver fdatasyncs staged records every this many bytes, so the final sync is short.
+const SYNC_EVERY: u64 = 16 << 20;
 
 /// The applied records of one peer, their sparse index and latest snapshot, and the staging
 /// area for a snapshot being received.
 pub struct Store {
     data_dir: PathBuf,
     cur: Current,
+    /// The snapshot being received, if any.
+    staging: Option<Staging>,
+}
+
+/// What [`Store::receive_chunk`] did with a chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// The staging area holds `[0, have)` of the stream: the next chunk must start there.
+    Partial { have: u64 },
+    /// Verified, durable, and now the current store: the caller hands `meta` to the core.
+    Installed { meta: SnapshotMeta },
 }
 
 /// The latest snapshot of the current store.
@@ -97,9 +115,11 @@ impl Store {
         remove_other_stores(data_dir, number)?;
         let cur = Current::open(data_dir, number)?;
         let snapshot = cur.snapshot.as_ref().map(|s| (s.meta.clone(), s.id));
+        let staging = Staging::resume(&data_dir.join(INSTALL_DIR))?;
         let store = Store {
             data_dir: data_dir.to_path_buf(),
             cur,
+            staging,
         };
         Ok((store, snapshot))
     }
@@ -150,6 +170,469 @@ impl Store {
     ) -> Result<Vec<u8>, String> {
         self.cur.read_chunk(id, offset, len)
     }
+    /// Takes the chunk of snapshot `id`'s stream at `offset`, staging it in `install/`. A chunk
+    /// that does not start where the staged bytes end is dropped (the sender goes back to
+    /// `have`). Bytes are verified as they arrive; bad ones reset the staging area to empty.
+    /// The last chunk installs the snapshot as the new current store.
+    pub fn receive_chunk(
+        &mut self,
+        id: &SnapshotId,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Received, String> {
+        let install = self.data_dir.join(INSTALL_DIR);
+        let total = id.records_len.checked_add(id.meta_len);
+        let Some(total) =
+            total.filter(|_| id.meta_len > 0 && (id.index == 0) == (id.records_len == 0))
+        else {
+            return Err(format!(
+                "{}: snapshot {} (term {}) has impossible lengths: {} bytes of records, {} of meta",
+                install.display(),
+                id.index,
+                id.term,
+                id.records_len,
+                id.meta_len
+            ));
+        };
+        let end = offset.checked_add(data.len() as u64);
+        if end.is_none_or(|end| end > total) {
+            return Err(format!(
+                "{}: a chunk of {} bytes at offset {offset} runs past the end of snapshot {}'s \
+                 {total} bytes",
+                install.display(),
+                data.len(),
+                id.index
+            ));
+        }
+        let result = self.receive(&install, id, offset, data);
+        if result.is_err() {
+            // The staged files are in an unknown state: the next chunk starts over.
+            self.staging = None;
+        }
+        result
+    }
+
+    fn receive(
+        &mut self,
+        install: &Path,
+        id: &SnapshotId,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Received, String> {
+        let staging = match self.staging.take() {
+            Some(staging) if staging.id == *id => staging,
+            Some(mut staging) => {
+                if staging.records_have <= id.records_len {
+                    // Committed records never change: the prefix received is the new stream's too.
+                    log::info!(
+                        "{}: now receiving snapshot {} (term {}); keeping the {} bytes of records \
+                         staged for snapshot {}",
+                        install.display(),
+                        id.index,
+                        id.term,
+                        staging.records_have,
+                        staging.id.index
+                    );
+                    staging.meta.clear();
+                } else {
+                    staging.reset()?;
+                }
+                staging.set_id(id)?;
+                staging
+            }
+            None => Staging::create(install, id)?,
+        };
+        let staging = self.staging.insert(staging);
+        let have = staging.have();
+        if offset != have || data.is_empty() {
+            return Ok(Received::Partial { have });
+        }
+        let verdict = match staging.take(data) {
+            Err(Fault::Io(e)) => return Err(e),
+            Err(Fault::Bad(reason)) => Err(reason),
+            Ok(()) if staging.meta.len() as u64 == id.meta_len => staging.check_meta().map(Some),
+            Ok(()) => Ok(None),
+        };
+        match verdict {
+            Ok(None) => Ok(Received::Partial {
+                have: staging.have(),
+            }),
+            Ok(Some(meta)) => self.install(meta).map(|meta| Received::Installed { meta }),
+            Err(reason) => {
+                log::warn!(
+                    "{}: snapshot {} (term {}) failed verification: {reason}; starting over",
+                    install.display(),
+                    id.index,
+                    id.term
+                );
+                staging.reset()?;
+                Ok(Received::Partial { have: 0 })
+            }
+        }
+    }
+
+    /// Makes the complete, verified staging area the current store: durable first, then
+    /// renamed to `store.<n+1>`, then named by `store.current`; the old store is deleted.
+    fn install(&mut self, meta: SnapshotMeta) -> Result<SnapshotMeta, String> {
+        let Some(staging) = self.staging.take() else {
+            return Err(format!("{}: nothing staged", self.data_dir.display()));
+        };
+        staging.finish()?;
+        let install = staging.dir.clone();
+        drop(staging);
+
+        let next = self.cur.number + 1;
+        let dir = self.data_dir.join(format!("{STORE_PREFIX}{next}"));
+        if exists(&dir)? {
+            fs::remove_dir_all(&dir)
+                .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+        }
+        fs::rename(&install, &dir).map_err(|e| {
+            format!(
+                "cannot rename {} to {}: {e}",
+                install.display(),
+                dir.display()
+            )
+        })?;
+        let switched = sync_dir(&self.data_dir)
+            .and_then(|()| {
+                write_atomic(
+                    &self.data_dir,
+                    CURRENT_FILE,
+                    format!("{STORE_PREFIX}{next}\n").as_bytes(),
+                )
+            })
+            .and_then(|()| Current::open(&self.data_dir, next));
+        let cur = match switched {
+            Ok(cur) => cur,
+            Err(e) => {
+                // Which store a restart finds current is unknown: write nothing more here.
+                self.cur.failed = Some(e.clone());
+                return Err(e);
+            }
+        };
+        let old = std::mem::replace(&mut self.cur, cur);
+        let old_dir = old.dir.clone();
+        drop(old);
+        if let Err(e) = fs::remove_dir_all(&old_dir) {
+            log::warn!(
+                "cannot remove the replaced store {}: {e}",
+                old_dir.display()
+            );
+        }
+        if let Err(e) = remove_if_exists(&dir.join(STAGED_ID_FILE)) {
+            log::warn!("{e}");
+        }
+        Ok(meta)
+    }
+
+    /// Bytes of `id`'s stream the staging area holds contiguously from 0 (0 if it holds
+    /// nothing for it): where a sender of `id` should start.
+    pub fn staged(&self, id: &SnapshotId) -> u64 {
+        match &self.staging {
+            Some(staging) if staging.id == *id => staging.have(),
+            Some(staging) if staging.records_have <= id.records_len => staging.records_have,
+            _ => 0,
+        }
+    }
+}
+
+/// Base64 (standard alphabet) text of a snapshot chunk, and the chunk's CRC-32.
+pub fn encode_chunk(bytes: &[u8]) -> (String, u32) {
+    (STANDARD.encode(bytes), crc32fast::hash(bytes))
+}
+
+/// The bytes of a chunk [`encode_chunk`] made, checked against its CRC-32.
+pub fn decode_chunk(text: &str, crc: u32) -> Result<Vec<u8>, String> {
+    let bytes = STANDARD
+        .decode(text)
+        .map_err(|e| format!("snapshot chunk: bad base64: {e}"))?;
+    let got = crc32fast::hash(&bytes);
+    if got != crc {
+        return Err(format!(
+            "snapshot chunk: CRC mismatch: sent {crc:08x}, its {} bytes have {got:08x}",
+            bytes.len()
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Why staged bytes were not taken.
+enum Fault {
+    /// They are not a valid stream: start over.
+    Bad(String),
+    /// Reading or writing the staging area failed.
+    Io(String),
+}
+
+/// A snapshot being received, in `install/`: its records so far (checked line by line, with
+/// their sparse index built as they arrive), and its meta bytes in memory (they are small).
+struct Staging {
+    dir: PathBuf,
+    records_path: PathBuf,
+    index_path: PathBuf,
+    id: SnapshotId,
+    /// Positioned at `records_have`.
+    records: File,
+    /// Positioned at its end.
+    index: File,
+    /// Records bytes staged: the parser's complete lines, then its partial line.
+    records_have: u64,
+    parser: LineParser,
+    meta: Vec<u8>,
+    /// Records bytes written since the last fdatasync.
+    unsynced: u64,
+}
+
+impl Staging {
+    fn have(&self) -> u64 {
+        self.records_have + self.meta.len() as u64
+    }
+
+    /// An empty staging area for `id`, replacing whatever `dir` held.
+    fn create(dir: &Path, id: &SnapshotId) -> Result<Staging, String> {
+        if exists(dir)? {
+            fs::remove_dir_all(dir).map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+        }
+        fs::create_dir(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let mut staging = Staging::open(dir, *id)?;
+        staging.set_id(id)?;
+        Ok(staging)
+    }
+
+    fn open(dir: &Path, id: SnapshotId) -> Result<Staging, String> {
+        let records_path = dir.join(RECORDS_FILE);
+        let index_path = dir.join(INDEX_FILE);
+        let records = open_rw(&records_path)?;
+        let index = open_rw(&index_path)?;
+        Ok(Staging {
+            dir: dir.to_path_buf(),
+            records_path,
+            index_path,
+            id,
+            records,
+            index,
+            records_have: 0,
+            parser: LineParser::new(1, 0),
+            meta: Vec::new(),
+            unsynced: 0,
+        })
+    }
+
+    /// Reopens `dir` after a restart: rescans its records once to rebuild the parser and the
+    /// index, cutting any tail that is not whole, valid lines. Deletes it if its ID is missing
+    /// or unreadable.
+    fn resume(dir: &Path) -> Result<Option<Staging>, String> {
+        if !exists(dir)? {
+            return Ok(None);
+        }
+        let id_path = dir.join(STAGED_ID_FILE);
+        let id = fs::read(&id_path)
+            .map_err(|e| format!("cannot read: {e}"))
+            .and_then(|bytes| decode_staged_id(&bytes));
+        let id = match id {
+            Ok(id) => id,
+            Err(e) => {
+                log::warn!("{}: {e}; discarding the staged snapshot", id_path.display());
+                fs::remove_dir_all(dir)
+                    .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+                return Ok(None);
+            }
+        };
+        remove_if_exists(&dir.join(tmp_name(STAGED_ID_FILE)))?;
+        remove_if_exists(&dir.join(tmp_name(SNAPSHOT_FILE)))?;
+        let mut staging = Staging::open(dir, id)?;
+        let path = &staging.records_path;
+        let file_len = staging
+            .records
+            .metadata()
+            .map_err(|e| format!("cannot stat {}: {e}", path.display()))?
+            .len();
+        let limit = file_len.min(id.records_len);
+        let mut offsets = Vec::new();
+        let mut buf = vec![0; READ_BUFFER];
+        let mut read = 0;
+        while read < limit {
+            let want = (limit - read).min(buf.len() as u64) as usize;
+            let n = staging
+                .records
+                .read(&mut buf[..want])
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            if let Err(e) = staging.parser.feed(&buf[..n], &mut offsets) {
+                log::warn!("{}: {e}; cutting the staged records there", path.display());
+                break;
+            }
+            read += n as u64;
+        }
+        staging.parser.drop_partial();
+        let valid = staging.parser.line_start;
+        if valid < file_len {
+            staging
+                .records
+                .set_len(valid)
+                .map_err(|e| format!("cannot truncate {}: {e}", path.display()))?;
+        }
+        staging
+            .records
+            .seek(SeekFrom::Start(valid))
+            .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
+        staging.records_have = valid;
+        let bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+        let index_path = &staging.index_path;
+        staging
+            .index
+            .set_len(0)
+            .and_then(|()| staging.index.seek(SeekFrom::Start(0)))
+            .and_then(|_| staging.index.write_all(&bytes))
+            .map_err(|e| format!("cannot rewrite {}: {e}", index_path.display()))?;
+        if valid == id.records_len {
+            if let Err(e) = staging.check_records() {
+                log::warn!("{}: {e}; starting over", staging.records_path.display());
+                staging.reset()?;
+            }
+        }
+        log::info!(
+            "{}: resuming snapshot {} (term {}) at byte {valid} of {}",
+            dir.display(),
+            id.index,
+            id.term,
+            id.total_len()
+        );
+        Ok(Some(staging))
+    }
+
+    /// Names the snapshot being staged, durably.
+    fn set_id(&mut self, id: &SnapshotId) -> Result<(), String> {
+        let mut bytes = Vec::new();
+        encode_line(&mut bytes, id)
+            .map_err(|e| format!("{}: {e}", self.dir.join(STAGED_ID_FILE).display()))?;
+        write_atomic(&self.dir, STAGED_ID_FILE, &bytes)?;
+        self.id = *id;
+        Ok(())
+    }
+
+    /// Empties the staging area (keeping its ID).
+    fn reset(&mut self) -> Result<(), String> {
+        for (file, path) in [
+            (&mut self.records, &self.records_path),
+            (&mut self.index, &self.index_path),
+        ] {
+            file.set_len(0)
+                .and_then(|()| file.seek(SeekFrom::Start(0)).map(drop))
+                .map_err(|e| format!("cannot truncate {}: {e}", path.display()))?;
+        }
+        self.records_have = 0;
+        self.parser = LineParser::new(1, 0);
+        self.meta.clear();
+        self.unsynced = 0;
+        Ok(())
+    }
+
+    /// Takes the next bytes of the stream (they start at `have()` and end inside it).
+    fn take(&mut self, mut data: &[u8]) -> Result<(), Fault> {
+        let id = self.id;
+        if self.records_have < id.records_len {
+            let n = (id.records_len - self.records_have).min(data.len() as u64) as usize;
+            let (records, rest) = data.split_at(n);
+            let mut offsets = Vec::new();
+            self.parser
+                .feed(records, &mut offsets)
+                .map_err(Fault::Bad)?;
+            let path = &self.records_path;
+            self.records
+                .write_all(records)
+                .map_err(|e| Fault::Io(write_error(path, e)))?;
+            if !offsets.is_empty() {
+                let bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+                let path = &self.index_path;
+                self.index
+                    .write_all(&bytes)
+                    .map_err(|e| Fault::Io(write_error(path, e)))?;
+            }
+            self.records_have += n as u64;
+            self.unsynced += n as u64;
+            if self.unsynced >= SYNC_EVERY {
+                self.records
+                    .sync_data()
+                    .map_err(|e| Fault::Io(format!("cannot fdatasync {}: {e}", path.display())))?;
+                self.unsynced = 0;
+            }
+            data = rest;
+        }
+        if self.records_have == id.records_len && self.meta.is_empty() {
+            self.check_records().map_err(Fault::Bad)?;
+        }
+        self.meta.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// Checks the complete records part against the ID.
+    fn check_records(&self) -> Result<(), String> {
+        let id = &self.id;
+        let parser = &self.parser;
+        if !parser.partial.is_empty() {
+            return Err("the records end inside a line".to_string());
+        }
+        let last = parser.next_index - 1;
+        if last != id.index || parser.last_term != id.term {
+            return Err(format!(
+                "the records end with record {last} (term {}), the snapshot says {} (term {})",
+                parser.last_term, id.index, id.term
+            ));
+        }
+        let crc = parser.crc.clone().finalize();
+        if crc != id.records_crc {
+            return Err(format!(
+                "the records have CRC {crc:08x}, the snapshot says {:08x}",
+                id.records_crc
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the complete meta bytes against the ID; returns the meta.
+    fn check_meta(&self) -> Result<SnapshotMeta, String> {
+        let id = &self.id;
+        let crc = crc32fast::hash(&self.meta);
+        if crc != id.meta_crc {
+            return Err(format!(
+                "the meta has CRC {crc:08x}, the snapshot says {:08x}",
+                id.meta_crc
+            ));
+        }
+        let meta = decode_meta(&self.meta).map_err(|e| format!("the meta: {e}"))?;
+        if snapshot_id(&meta, &self.meta) != *id {
+            return Err(format!(
+                "the meta describes snapshot {} (term {}, {} bytes of records, CRC {:08x}), not \
+                 the one being sent",
+                meta.state.index, meta.state.term, meta.records_len, meta.records_crc
+            ));
+        }
+        Ok(meta)
+    }
+
+    /// Makes the complete staging area durable, with its `snapshot.json`.
+    fn finish(&self) -> Result<(), String> {
+        self.records
+            .sync_data()
+            .map_err(|e| format!("cannot fdatasync {}: {e}", self.records_path.display()))?;
+        self.index
+            .sync_data()
+            .map_err(|e| format!("cannot fdatasync {}: {e}", self.index_path.display()))?;
+        write_atomic(&self.dir, SNAPSHOT_FILE, &self.meta)
+    }
+}
+
+/// The [`SnapshotId`] in `install/id.json`.
+fn decode_staged_id(bytes: &[u8]) -> Result<SnapshotId, String> {
+    let line = match bytes.split_last() {
+        Some((b'\n', line)) => line,
+        _ => return Err("torn".to_string()),
+    };
+    serde_json::from_slice(check_line(line)?).map_err(|e| format!("bad snapshot ID: {e}"))
 }
 
 impl Current {
@@ -245,9 +728,8 @@ impl Current {
 
     fn append(&mut self, records: &[LogRecord]) -> Result<(), String> {
         self.check_writable()?;
-        let mut expect = self.last_index + 1;
         let mut term = self.last_term;
-        for r in records {
+        for (expect, r) in (self.last_index + 1..).zip(records) {
             if r.index != expect || r.term < term {
                 return Err(format!(
                     "{}: cannot append record {} (term {}) after record {} (term {term})",
@@ -257,7 +739,6 @@ impl Current {
                     expect - 1
                 ));
             }
-            expect += 1;
             term = r.term;
         }
         let mut line = Vec::new();
@@ -265,7 +746,7 @@ impl Current {
             line.clear();
             encode_line(&mut line, r)
                 .map_err(|e| format!("{}: record {}: {e}", self.records_path.display(), r.index))?;
-            if (r.index - 1) % INDEX_EVERY == 0 {
+            if (r.index - 1).is_multiple_of(INDEX_EVERY) {
                 let offset = self.records_len;
                 let written = self.index.write_all(&offset.to_le_bytes());
                 let written = written.map_err(|e| write_error(&self.index_path, e));
@@ -646,7 +1127,7 @@ impl LineParser {
                     record.index, record.term, self.next_index, self.last_term
                 ));
             }
-            if (record.index - 1) % INDEX_EVERY == 0 {
+            if (record.index - 1).is_multiple_of(INDEX_EVERY) {
                 offsets.push(at);
             }
             self.crc.update(line);
@@ -852,7 +1333,7 @@ mod tests {
 
     fn record(index: Index) -> LogRecord {
         let term = 1 + index / 100;
-        if index % 7 == 0 {
+        if index.is_multiple_of(7) {
             LogRecord {
                 index,
                 term,
@@ -1112,5 +1593,336 @@ mod tests {
         store.append(&records(601, 601)).unwrap();
         snapshot_here(&mut store);
         assert!(store.read_chunk(&id, 0, 10).is_err());
+    }
+
+    /// A sender with records 1..=`last` and a snapshot of them.
+    fn sender(dir: &TempDir, last: Index) -> (Store, SnapshotId) {
+        let (mut store, _) = Store::open(&dir.0).unwrap();
+        store.append(&records(1, last)).unwrap();
+        let id = snapshot_here(&mut store);
+        (store, id)
+    }
+
+    /// Sends `id` from `offset` in chunks of `chunk` bytes (through base64 and back) until the
+    /// receiver installs it or asks for an offset it already asked for.
+    fn stream(
+        from: &mut Store,
+        to: &mut Store,
+        id: &SnapshotId,
+        mut offset: u64,
+        chunk: u64,
+    ) -> Received {
+        loop {
+            let bytes = from.read_chunk(id, offset, chunk).unwrap();
+            let (text, crc) = encode_chunk(&bytes);
+            let bytes = decode_chunk(&text, crc).unwrap();
+            match to.receive_chunk(id, offset, &bytes).unwrap() {
+                Received::Partial { have } => {
+                    assert_eq!(to.staged(id), have);
+                    assert!(have > offset || have == 0, "stuck at {offset}");
+                    offset = have;
+                }
+                installed => return installed,
+            }
+        }
+    }
+
+    fn check_installed(sender: &TempDir, from: &mut Store, receiver: &TempDir, id: &SnapshotId) {
+        assert_eq!(
+            receiver.records(),
+            sender.records()[..id.records_len as usize]
+        );
+        let (mut to, snapshot) = Store::open(&receiver.0).unwrap();
+        let (meta, reopened) = snapshot.unwrap();
+        assert_eq!(reopened, *id);
+        assert_eq!(meta.state.index, id.index);
+        assert_eq!(to.last_index(), id.index);
+        let got = read_all(&mut to);
+        let (want, _) = from.read_page(1, id.index, usize::MAX).unwrap();
+        assert_eq!(got, want);
+        assert!(!receiver.0.join(INSTALL_DIR).exists());
+        // Appending continues after the installed records.
+        to.append(&records(id.index + 1, id.index + 10)).unwrap();
+        assert_eq!(to.last_index(), id.index + 10);
+    }
+
+    #[test]
+    fn a_streamed_snapshot_installs() {
+        let a = TempDir::new("stream-from");
+        let b = TempDir::new("stream-to");
+        let (mut from, id) = sender(&a, 3000);
+        from.append(&records(3001, 3100)).unwrap(); // not part of the snapshot
+        let (mut to, _) = Store::open(&b.0).unwrap();
+        to.append(&records(1, 50)).unwrap();
+        to.write_snapshot(&state(50, record(50).term)).unwrap();
+        assert_eq!(to.staged(&id), 0);
+
+        let Received::Installed { meta } = stream(&mut from, &mut to, &id, 0, 10_000) else {
+            panic!("not installed");
+        };
+        assert_eq!(meta.state, state(3000, record(3000).term));
+        assert_eq!(to.last_index(), 3000);
+        assert_eq!(to.snapshot_id(), Some(id));
+        assert_eq!(read_all(&mut to), records(1, 3000));
+        assert_eq!(b.store(), b.0.join("store.2"));
+        assert!(!b.0.join("store.1").exists());
+        // The receiver can serve the snapshot onwards, byte for byte.
+        for offset in [0, 5000, id.records_len - 3, id.total_len() - 1] {
+            assert_eq!(
+                to.read_chunk(&id, offset, 4000).unwrap(),
+                from.read_chunk(&id, offset, 4000).unwrap()
+            );
+        }
+        drop(to);
+        check_installed(&a, &mut from, &b, &id);
+    }
+
+    #[test]
+    fn duplicates_disorder_and_corruption_are_survived() {
+        let a = TempDir::new("disorder-from");
+        let b = TempDir::new("disorder-to");
+        let (mut from, id) = sender(&a, 3000);
+        let (mut to, _) = Store::open(&b.0).unwrap();
+        let chunk = 7_000;
+        let send = |from: &mut Store, to: &mut Store, offset: u64| {
+            let bytes = from.read_chunk(&id, offset, chunk).unwrap();
+            to.receive_chunk(&id, offset, &bytes).unwrap()
+        };
+        assert_eq!(
+            send(&mut from, &mut to, 0),
+            Received::Partial { have: 7_000 }
+        );
+        // A duplicate and a chunk from the future are dropped.
+        assert_eq!(
+            send(&mut from, &mut to, 0),
+            Received::Partial { have: 7_000 }
+        );
+        assert_eq!(
+            send(&mut from, &mut to, 14_000),
+            Received::Partial { have: 7_000 }
+        );
+        assert_eq!(
+            send(&mut from, &mut to, 7_000),
+            Received::Partial { have: 14_000 }
+        );
+
+        // A corrupted chunk (its transport CRC made to match) resets staging to empty.
+        let mut bad = from.read_chunk(&id, 14_000, chunk).unwrap();
+        bad[100] ^= 0x04;
+        let (text, crc) = encode_chunk(&bad);
+        let bad = decode_chunk(&text, crc).unwrap();
+        assert_eq!(
+            to.receive_chunk(&id, 14_000, &bad).unwrap(),
+            Received::Partial { have: 0 }
+        );
+        assert_eq!(to.staged(&id), 0);
+        // The transport CRC catches a corruption in flight.
+        let (text, crc) = encode_chunk(&from.read_chunk(&id, 0, chunk).unwrap());
+        assert!(decode_chunk(&text, crc ^ 1).is_err());
+
+        // Damaged meta bytes are caught when the meta is complete.
+        let mut offset = 0;
+        loop {
+            let mut bytes = from.read_chunk(&id, offset, chunk).unwrap();
+            let last = offset + bytes.len() as u64 == id.total_len();
+            if last {
+                let n = bytes.len();
+                bytes[n - 15] ^= 0x01;
+            }
+            match to.receive_chunk(&id, offset, &bytes).unwrap() {
+                Received::Partial { have } if last => {
+                    assert_eq!(have, 0);
+                    break;
+                }
+                Received::Partial { have } => offset = have,
+                Received::Installed { .. } => panic!("installed damaged meta"),
+            }
+        }
+        // The sender goes back to `have`, and the transfer completes.
+        let have = to.staged(&id);
+        assert!(matches!(
+            stream(&mut from, &mut to, &id, have, chunk),
+            Received::Installed { .. }
+        ));
+        drop(to);
+        check_installed(&a, &mut from, &b, &id);
+    }
+
+    #[test]
+    fn a_transfer_resumes_after_the_receiver_restarts() {
+        let a = TempDir::new("resume-from");
+        let b = TempDir::new("resume-to");
+        let (mut from, id) = sender(&a, 3000);
+        let (mut to, _) = Store::open(&b.0).unwrap();
+        let mut have = 0;
+        while have < id.records_len / 2 {
+            let bytes = from.read_chunk(&id, have, 5_000).unwrap();
+            let Received::Partial { have: now } = to.receive_chunk(&id, have, &bytes).unwrap()
+            else {
+                panic!("installed early");
+            };
+            have = now;
+        }
+        drop(to);
+        // Chunks end mid-line: a restart keeps the whole lines.
+        let (to, _) = Store::open(&b.0).unwrap();
+        let staged = to.staged(&id);
+        assert!(staged <= have && staged + 200 > have, "{staged} vs {have}");
+        assert!(staged > 0);
+        assert_eq!(
+            &b.0.join(INSTALL_DIR)
+                .join(RECORDS_FILE)
+                .metadata()
+                .unwrap()
+                .len(),
+            &staged
+        );
+
+        // A garbage tail (an unsynced write) is cut on reopen.
+        drop(to);
+        let records_path = b.0.join(INSTALL_DIR).join(RECORDS_FILE);
+        let mut bytes = fs::read(&records_path).unwrap();
+        bytes.extend_from_slice(&[0; 3000]);
+        fs::write(&records_path, &bytes).unwrap();
+        let (mut to, _) = Store::open(&b.0).unwrap();
+        assert_eq!(to.staged(&id), staged);
+
+        assert!(matches!(
+            stream(&mut from, &mut to, &id, staged, 5_000),
+            Received::Installed { .. }
+        ));
+        drop(to);
+        check_installed(&a, &mut from, &b, &id);
+
+        // Staging without a readable ID is discarded.
+        let c = TempDir::new("resume-lost-id");
+        let (mut to, _) = Store::open(&c.0).unwrap();
+        let bytes = from.read_chunk(&id, 0, 5_000).unwrap();
+        to.receive_chunk(&id, 0, &bytes).unwrap();
+        drop(to);
+        fs::write(c.0.join(INSTALL_DIR).join(STAGED_ID_FILE), b"{\"index\":").unwrap();
+        let (to, _) = Store::open(&c.0).unwrap();
+        assert_eq!(to.staged(&id), 0);
+        assert!(!c.0.join(INSTALL_DIR).exists());
+    }
+
+    #[test]
+    fn a_new_snapshot_keeps_the_records_received() {
+        let a = TempDir::new("newer-from");
+        let b = TempDir::new("newer-to");
+        let c = TempDir::new("newer-to-2");
+        let (mut from, old) = sender(&a, 1500);
+        let (mut to, _) = Store::open(&b.0).unwrap();
+        let (mut to2, _) = Store::open(&c.0).unwrap();
+        // `to` holds part of the old records; `to2` all of them and part of the old meta.
+        let Received::Partial { have } = stream_until(&mut from, &mut to, &old, 20_000) else {
+            panic!()
+        };
+        let Received::Partial { have: have2 } =
+            stream_until(&mut from, &mut to2, &old, old.records_len + 10)
+        else {
+            panic!()
+        };
+        assert_eq!(have2, old.records_len + 10);
+
+        from.append(&records(1501, 3000)).unwrap();
+        let new = snapshot_here(&mut from);
+        assert!(from.read_chunk(&old, 0, 10).is_err());
+        assert_eq!(to.staged(&new), have);
+        assert_eq!(to2.staged(&new), old.records_len);
+        for (store, dir, start) in [(&mut to, &b, have), (&mut to2, &c, old.records_len)] {
+            assert!(matches!(
+                stream(&mut from, store, &new, start, 6_000),
+                Received::Installed { .. }
+            ));
+            check_installed(&a, &mut from, dir, &new);
+        }
+
+        // A snapshot with fewer records than staged starts over.
+        let d = TempDir::new("newer-shorter");
+        let (mut to3, _) = Store::open(&d.0).unwrap();
+        stream_until(&mut from, &mut to3, &new, old.records_len + 100);
+        let e = TempDir::new("newer-shorter-from");
+        let (mut short, short_id) = sender(&e, 1500);
+        assert_eq!(short_id.records_len, old.records_len);
+        assert_eq!(to3.staged(&short_id), 0);
+        assert!(matches!(
+            stream(&mut short, &mut to3, &short_id, 0, 6_000),
+            Received::Installed { .. }
+        ));
+        drop(to3);
+        check_installed(&e, &mut short, &d, &short_id);
+    }
+
+    /// Streams `id` in chunks of 5000 bytes until the receiver has at least `until` bytes.
+    fn stream_until(from: &mut Store, to: &mut Store, id: &SnapshotId, until: u64) -> Received {
+        let mut have = 0;
+        loop {
+            let len = (until - have).min(5_000);
+            let bytes = from.read_chunk(id, have, len).unwrap();
+            match to.receive_chunk(id, have, &bytes).unwrap() {
+                Received::Partial { have: now } if now < until => have = now,
+                received => return received,
+            }
+        }
+    }
+
+    #[test]
+    fn bad_input_never_panics() {
+        let a = TempDir::new("garbage-from");
+        let b = TempDir::new("garbage-to");
+        let (mut from, id) = sender(&a, 600);
+        let (mut to, _) = Store::open(&b.0).unwrap();
+        let good = from.read_chunk(&id, 0, id.total_len()).unwrap();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..300 {
+            let have = to.staged(&id);
+            let len = (next() % 3000) as usize + 1;
+            let end = (have as usize + len).min(good.len());
+            let mut bytes = good[have as usize..end].to_vec();
+            match round % 3 {
+                0 => {
+                    let i = next() as usize % bytes.len();
+                    bytes[i] = next() as u8;
+                }
+                1 => bytes.iter_mut().for_each(|b| *b = next() as u8),
+                _ => {}
+            }
+            let _ = to.receive_chunk(&id, have, &bytes);
+        }
+        // Impossible IDs and out-of-range chunks are errors, not panics.
+        let mut odd = id;
+        odd.records_len = u64::MAX;
+        assert!(to.receive_chunk(&odd, 0, b"x").is_err());
+        odd = id;
+        odd.meta_len = 0;
+        assert!(to.receive_chunk(&odd, 0, b"x").is_err());
+        assert!(to.receive_chunk(&id, id.total_len(), b"x").is_err());
+        assert!(to.receive_chunk(&id, u64::MAX, b"x").is_err());
+        assert!(decode_chunk("not base64!", 0).is_err());
+        // And a clean transfer still completes.
+        let have = to.staged(&id);
+        let received = stream(&mut from, &mut to, &id, have, 4_000);
+        if to.last_index() != 600 {
+            assert!(matches!(received, Received::Installed { .. }));
+        }
+        assert_eq!(to.last_index(), 600);
+    }
+
+    #[test]
+    fn chunks_round_trip_through_base64() {
+        for len in [0, 1, 2, 3, 4, 1000, 40_000] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
+            let (text, crc) = encode_chunk(&bytes);
+            assert!(text.is_ascii());
+            assert_eq!(decode_chunk(&text, crc).unwrap(), bytes);
+            assert!(decode_chunk(&text, crc.wrapping_add(1)).is_err());
+        }
     }
 }
