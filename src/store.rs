@@ -1916,6 +1916,31 @@ mod tests {
     }
 
     #[test]
+    fn open_removes_leftovers_of_an_interrupted_install() {
+        let dir = TempDir::new("leftovers");
+        let (mut store, _) = Store::open(&dir.0).unwrap();
+        store.append(&records(1, 20)).unwrap();
+        snapshot_here(&mut store);
+        drop(store);
+        // A crash after renaming install/ to store.2 but before repointing store.current.
+        fs::create_dir(dir.0.join("store.2")).unwrap();
+        fs::write(dir.0.join("store.2").join(RECORDS_FILE), b"junk").unwrap();
+        fs::write(dir.0.join(tmp_name(CURRENT_FILE)), b"store.2\n").unwrap();
+        fs::write(dir.0.join("wal"), b"not ours").unwrap();
+        let (store, snapshot) = Store::open(&dir.0).unwrap();
+        assert_eq!(store.last_index(), 20);
+        assert!(snapshot.is_some());
+        assert!(!dir.0.join("store.2").exists());
+        assert!(!dir.0.join(tmp_name(CURRENT_FILE)).exists());
+        assert_eq!(fs::read(dir.0.join("wal")).unwrap(), b"not ours");
+        assert_eq!(dir.store(), dir.0.join("store.1"));
+
+        fs::write(dir.0.join(CURRENT_FILE), b"store.x\n").unwrap();
+        let err = Store::open(&dir.0).err().unwrap();
+        assert!(err.contains(CURRENT_FILE), "{err}");
+    }
+
+    #[test]
     fn chunks_round_trip_through_base64() {
         for len in [0, 1, 2, 3, 4, 1000, 40_000] {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
