@@ -11,5 +11,6 @@ pub mod peer;
 pub mod raft;
 pub mod state_machine;
 pub mod storage;
+pub mod store;
 pub mod transport;
 pub mod watch;

@@ -1,0 +1,1953 @@
+//! The applied records on disk: the replicated state machine is the applied log itself, so the
+//! store is an append-only file of [`LogRecord`]s, one line each, plus its snapshots.
+//!
+//! # Files in the data directory
+//! - `store.current`: one line naming the current store directory (`store.<n>`). Replaced
+//!   atomically (temp file, fsync, rename, directory fsync); created pointing at an empty
+//!   `store.1` when missing.
+//! - `store.<n>/records`: record `i` is line `i`: its JSON, a TAB, the CRC-32 of the JSON as 8
+//!   lowercase hex digits, `\n`. serde_json escapes control characters, so client data cannot
+//!   forge a TAB or a newline; and the bytes are deterministic, so peers that applied the same
+//!   entries hold byte-identical files.
+//! - `store.<n>/index`: the byte offsets (u64 little-endian) of records 1, 1+K, 1+2K, ...
+//!   (K = [`INDEX_EVERY`]), also kept in memory, so a read seeks to near its first record.
+//! - `store.<n>/snapshot.json`: the latest [`SnapshotMeta`], in the records' line format so a
+//!   flipped bit is detected, replaced atomically. The records up to its `records_len` (and the
+//!   index covering them) were made durable before it was written.
+//! - `install/`: a snapshot being received, staged until it is complete and verified, then
+//!   renamed to `store.<n+1>` and made current.
+//!
+//! Appends are buffered and never synced on their own: records after the latest snapshot are
+//! cut off on open (the core re-applies them from the WAL).
+
+use crate::raft::{Index, LogRecord, SnapshotId, SnapshotMeta, SnapshotState, Term};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use crc32fast::Hasher;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+const CURRENT_FILE: &str = "store.current";
+const STORE_PREFIX: &str = "store.";
+const RECORDS_FILE: &str = "records";
+const INDEX_FILE: &str = "index";
+const SNAPSHOT_FILE: &str = "snapshot.json";
+const INSTALL_DIR: &str = "install";
+/// In `install/`: the [`SnapshotId`] being received, in the records' line format.
+const STAGED_ID_FILE: &str = "id.json";
+
+/// Records between two offsets in the sparse index.
+pub const INDEX_EVERY: u64 = 256;
+/// Bytes of framing after a line's JSON: TAB, 8 hex digits, newline.
+const LINE_SUFFIX: usize = 10;
+/// Write buffer for appends.
+const WRITE_BUFFER: usize = 1 << 20;
+/// Read buffer for pages, chunks and scans.
+const READ_BUFFER: usize = 64 << 10;
+/// No record line is longer than this: entries arrive in datagrams, so a longer "line" can only
+/// be damage (and a parser must not buffer without bound while looking for its end).
+const MAX_LINE: usize = 16 << 20;
+/// A receiver fdatasyncs staged records every this many bytes, so the final sync is short.
+const SYNC_EVERY: u64 = 16 << 20;
+
+/// The applied records of one peer, their sparse index and latest snapshot, and the staging
+/// area for a snapshot being received.
+pub struct Store {
+    data_dir: PathBuf,
+    cur: Current,
+    /// The snapshot being received, if any.
+    staging: Option<Staging>,
+}
+
+/// What [`Store::receive_chunk`] did with a chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// The staging area holds `[0, have)` of the stream: the next chunk must start there.
+    Partial { have: u64 },
+    /// Verified, durable, and now the current store: the caller hands `meta` to the core.
+    Installed { meta: SnapshotMeta },
+}
+
+/// The latest snapshot of the current store.
+struct Snapshot {
+    meta: SnapshotMeta,
+    id: SnapshotId,
+    /// The bytes of `snapshot.json`: the tail of the snapshot's stream.
+    bytes: Vec<u8>,
+}
+
+/// One open store directory.
+struct Current {
+    number: u64,
+    dir: PathBuf,
+    records_path: PathBuf,
+    index_path: PathBuf,
+    records: BufWriter<File>,
+    /// A second handle on `records` for reads.
+    reader: File,
+    index: BufWriter<File>,
+    /// Bytes of records appended (some possibly still in `records`' buffer).
+    records_len: u64,
+    /// Whether `records` holds bytes not yet handed to the OS.
+    unflushed: bool,
+    /// CRC-32 of the records bytes `[0, records_len)`.
+    crc: Hasher,
+    last_index: Index,
+    last_term: Term,
+    /// Byte offsets of records 1, 1+K, 1+2K, ...
+    sparse: Vec<u64>,
+    snapshot: Option<Snapshot>,
+    /// Set once a write failed: what reached the file is then unknown, so writes are refused.
+    failed: Option<String>,
+}
+
+impl Store {
+    /// Opens (creating) the data dir's current store. If it has a snapshot, the records file is
+    /// cut back to the snapshot's `records_len` (records after it were never synced; the core
+    /// re-applies them from the WAL) and the running CRC resumes from `meta.records_crc`;
+    /// without a snapshot, the store is cut back to empty. Returns the snapshot, if any, with
+    /// its [`SnapshotId`].
+    pub fn open(data_dir: &Path) -> Result<(Store, Option<(SnapshotMeta, SnapshotId)>), String> {
+        fs::create_dir_all(data_dir)
+            .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
+        let number = current_number(data_dir)?;
+        remove_other_stores(data_dir, number)?;
+        let cur = Current::open(data_dir, number)?;
+        let snapshot = cur.snapshot.as_ref().map(|s| (s.meta.clone(), s.id));
+        let staging = Staging::resume(&data_dir.join(INSTALL_DIR))?;
+        let store = Store {
+            data_dir: data_dir.to_path_buf(),
+            cur,
+            staging,
+        };
+        Ok((store, snapshot))
+    }
+
+    /// Index of the last record appended (0 if none).
+    pub fn last_index(&self) -> Index {
+        self.cur.last_index
+    }
+
+    /// Appends records (the first must be `last_index() + 1`, consecutive, terms never going
+    /// down). Buffered; not synced.
+    pub fn append(&mut self, records: &[LogRecord]) -> Result<(), String> {
+        self.cur.append(records)
+    }
+
+    /// A page of records from `start` (>= 1) up to `read_index` (<= `last_index()`), stopping
+    /// before the total JSON length of the records would exceed `budget` bytes (but with at
+    /// least one record); `next` is `Some(first index not returned)` when it stopped early.
+    pub fn read_page(
+        &mut self,
+        start: Index,
+        read_index: Index,
+        budget: usize,
+    ) -> Result<(Vec<LogRecord>, Option<Index>), String> {
+        self.cur.read_page(start, read_index, budget)
+    }
+
+    /// Makes everything up to `state.index` durable and records it as the latest snapshot
+    /// (requires `state.index == last_index()` and `state.term` the last record's term).
+    /// Returns its ID.
+    pub fn write_snapshot(&mut self, state: &SnapshotState) -> Result<SnapshotId, String> {
+        self.cur.write_snapshot(state)
+    }
+
+    /// The latest snapshot's ID, if any.
+    pub fn snapshot_id(&self) -> Option<SnapshotId> {
+        self.cur.snapshot.as_ref().map(|s| s.id)
+    }
+
+    /// Exactly the bytes `[offset, offset + len)` of snapshot `id`'s stream: the records
+    /// `[0, records_len)`, then the bytes of `snapshot.json`. `len` is clamped to the stream's
+    /// end. Fails if `id` is not the current snapshot (it was superseded).
+    pub fn read_chunk(
+        &mut self,
+        id: &SnapshotId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, String> {
+        self.cur.read_chunk(id, offset, len)
+    }
+    /// Takes the chunk of snapshot `id`'s stream at `offset`, staging it in `install/`. A chunk
+    /// that does not start where the staged bytes end is dropped (the sender goes back to
+    /// `have`). Bytes are verified as they arrive; bad ones reset the staging area to empty.
+    /// The last chunk installs the snapshot as the new current store.
+    pub fn receive_chunk(
+        &mut self,
+        id: &SnapshotId,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Received, String> {
+        let install = self.data_dir.join(INSTALL_DIR);
+        let total = id.records_len.checked_add(id.meta_len);
+        let Some(total) =
+            total.filter(|_| id.meta_len > 0 && (id.index == 0) == (id.records_len == 0))
+        else {
+            return Err(format!(
+                "{}: snapshot {} (term {}) has impossible lengths: {} bytes of records, {} of meta",
+                install.display(),
+                id.index,
+                id.term,
+                id.records_len,
+                id.meta_len
+            ));
+        };
+        let end = offset.checked_add(data.len() as u64);
+        if end.is_none_or(|end| end > total) {
+            return Err(format!(
+                "{}: a chunk of {} bytes at offset {offset} runs past the end of snapshot {}'s \
+                 {total} bytes",
+                install.display(),
+                data.len(),
+                id.index
+            ));
+        }
+        let result = self.receive(&install, id, offset, data);
+        if result.is_err() {
+            // The staged files are in an unknown state: the next chunk starts over.
+            self.staging = None;
+        }
+        result
+    }
+
+    fn receive(
+        &mut self,
+        install: &Path,
+        id: &SnapshotId,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Received, String> {
+        let staging = match self.staging.take() {
+            Some(staging) if staging.id == *id => staging,
+            Some(mut staging) => {
+                if staging.records_have <= id.records_len {
+                    // Committed records never change: the prefix received is the new stream's too.
+                    log::info!(
+                        "{}: now receiving snapshot {} (term {}); keeping the {} bytes of records \
+                         staged for snapshot {}",
+                        install.display(),
+                        id.index,
+                        id.term,
+                        staging.records_have,
+                        staging.id.index
+                    );
+                    staging.meta.clear();
+                } else {
+                    staging.reset()?;
+                }
+                staging.set_id(id)?;
+                staging
+            }
+            None => Staging::create(install, id)?,
+        };
+        let staging = self.staging.insert(staging);
+        let have = staging.have();
+        if offset != have || data.is_empty() {
+            return Ok(Received::Partial { have });
+        }
+        let verdict = match staging.take(data) {
+            Err(Fault::Io(e)) => return Err(e),
+            Err(Fault::Bad(reason)) => Err(reason),
+            Ok(()) if staging.meta.len() as u64 == id.meta_len => staging.check_meta().map(Some),
+            Ok(()) => Ok(None),
+        };
+        match verdict {
+            Ok(None) => Ok(Received::Partial {
+                have: staging.have(),
+            }),
+            Ok(Some(meta)) => self.install(meta).map(|meta| Received::Installed { meta }),
+            Err(reason) => {
+                log::warn!(
+                    "{}: snapshot {} (term {}) failed verification: {reason}; starting over",
+                    install.display(),
+                    id.index,
+                    id.term
+                );
+                staging.reset()?;
+                Ok(Received::Partial { have: 0 })
+            }
+        }
+    }
+
+    /// Makes the complete, verified staging area the current store: durable first, then
+    /// renamed to `store.<n+1>`, then named by `store.current`; the old store is deleted.
+    fn install(&mut self, meta: SnapshotMeta) -> Result<SnapshotMeta, String> {
+        let Some(staging) = self.staging.take() else {
+            return Err(format!("{}: nothing staged", self.data_dir.display()));
+        };
+        staging.finish()?;
+        let install = staging.dir.clone();
+        drop(staging);
+
+        let next = self.cur.number + 1;
+        let dir = self.data_dir.join(format!("{STORE_PREFIX}{next}"));
+        if exists(&dir)? {
+            fs::remove_dir_all(&dir)
+                .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+        }
+        fs::rename(&install, &dir).map_err(|e| {
+            format!(
+                "cannot rename {} to {}: {e}",
+                install.display(),
+                dir.display()
+            )
+        })?;
+        let switched = sync_dir(&self.data_dir)
+            .and_then(|()| {
+                write_atomic(
+                    &self.data_dir,
+                    CURRENT_FILE,
+                    format!("{STORE_PREFIX}{next}\n").as_bytes(),
+                )
+            })
+            .and_then(|()| Current::open(&self.data_dir, next));
+        let cur = match switched {
+            Ok(cur) => cur,
+            Err(e) => {
+                // Which store a restart finds current is unknown: write nothing more here.
+                self.cur.failed = Some(e.clone());
+                return Err(e);
+            }
+        };
+        let old = std::mem::replace(&mut self.cur, cur);
+        let old_dir = old.dir.clone();
+        drop(old);
+        if let Err(e) = fs::remove_dir_all(&old_dir) {
+            log::warn!(
+                "cannot remove the replaced store {}: {e}",
+                old_dir.display()
+            );
+        }
+        if let Err(e) = remove_if_exists(&dir.join(STAGED_ID_FILE)) {
+            log::warn!("{e}");
+        }
+        Ok(meta)
+    }
+
+    /// Bytes of `id`'s stream the staging area holds contiguously from 0 (0 if it holds
+    /// nothing for it): where a sender of `id` should start.
+    pub fn staged(&self, id: &SnapshotId) -> u64 {
+        match &self.staging {
+            Some(staging) if staging.id == *id => staging.have(),
+            Some(staging) if staging.records_have <= id.records_len => staging.records_have,
+            _ => 0,
+        }
+    }
+}
+
+/// Base64 (standard alphabet) text of a snapshot chunk, and the chunk's CRC-32.
+pub fn encode_chunk(bytes: &[u8]) -> (String, u32) {
+    (STANDARD.encode(bytes), crc32fast::hash(bytes))
+}
+
+/// The bytes of a chunk [`encode_chunk`] made, checked against its CRC-32.
+pub fn decode_chunk(text: &str, crc: u32) -> Result<Vec<u8>, String> {
+    let bytes = STANDARD
+        .decode(text)
+        .map_err(|e| format!("snapshot chunk: bad base64: {e}"))?;
+    let got = crc32fast::hash(&bytes);
+    if got != crc {
+        return Err(format!(
+            "snapshot chunk: CRC mismatch: sent {crc:08x}, its {} bytes have {got:08x}",
+            bytes.len()
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Why staged bytes were not taken.
+enum Fault {
+    /// They are not a valid stream: start over.
+    Bad(String),
+    /// Reading or writing the staging area failed.
+    Io(String),
+}
+
+/// A snapshot being received, in `install/`: its records so far (checked line by line, with
+/// their sparse index built as they arrive), and its meta bytes in memory (they are small).
+struct Staging {
+    dir: PathBuf,
+    records_path: PathBuf,
+    index_path: PathBuf,
+    id: SnapshotId,
+    /// Positioned at `records_have`.
+    records: File,
+    /// Positioned at its end.
+    index: File,
+    /// Records bytes staged: the parser's complete lines, then its partial line.
+    records_have: u64,
+    parser: LineParser,
+    meta: Vec<u8>,
+    /// Records bytes written since the last fdatasync.
+    unsynced: u64,
+}
+
+impl Staging {
+    fn have(&self) -> u64 {
+        self.records_have + self.meta.len() as u64
+    }
+
+    /// An empty staging area for `id`, replacing whatever `dir` held.
+    fn create(dir: &Path, id: &SnapshotId) -> Result<Staging, String> {
+        if exists(dir)? {
+            fs::remove_dir_all(dir).map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+        }
+        fs::create_dir(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let mut staging = Staging::open(dir, *id)?;
+        staging.set_id(id)?;
+        Ok(staging)
+    }
+
+    fn open(dir: &Path, id: SnapshotId) -> Result<Staging, String> {
+        let records_path = dir.join(RECORDS_FILE);
+        let index_path = dir.join(INDEX_FILE);
+        let records = open_rw(&records_path)?;
+        let index = open_rw(&index_path)?;
+        Ok(Staging {
+            dir: dir.to_path_buf(),
+            records_path,
+            index_path,
+            id,
+            records,
+            index,
+            records_have: 0,
+            parser: LineParser::new(1, 0),
+            meta: Vec::new(),
+            unsynced: 0,
+        })
+    }
+
+    /// Reopens `dir` after a restart: rescans its records once to rebuild the parser and the
+    /// index, cutting any tail that is not whole, valid lines. Deletes it if its ID is missing
+    /// or unreadable.
+    fn resume(dir: &Path) -> Result<Option<Staging>, String> {
+        if !exists(dir)? {
+            return Ok(None);
+        }
+        let id_path = dir.join(STAGED_ID_FILE);
+        let id = fs::read(&id_path)
+            .map_err(|e| format!("cannot read: {e}"))
+            .and_then(|bytes| decode_staged_id(&bytes));
+        let id = match id {
+            Ok(id) => id,
+            Err(e) => {
+                log::warn!("{}: {e}; discarding the staged snapshot", id_path.display());
+                fs::remove_dir_all(dir)
+                    .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+                return Ok(None);
+            }
+        };
+        remove_if_exists(&dir.join(tmp_name(STAGED_ID_FILE)))?;
+        remove_if_exists(&dir.join(tmp_name(SNAPSHOT_FILE)))?;
+        let mut staging = Staging::open(dir, id)?;
+        let path = &staging.records_path;
+        let file_len = staging
+            .records
+            .metadata()
+            .map_err(|e| format!("cannot stat {}: {e}", path.display()))?
+            .len();
+        let limit = file_len.min(id.records_len);
+        let mut offsets = Vec::new();
+        let mut buf = vec![0; READ_BUFFER];
+        let mut read = 0;
+        while read < limit {
+            let want = (limit - read).min(buf.len() as u64) as usize;
+            let n = staging
+                .records
+                .read(&mut buf[..want])
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            if let Err(e) = staging.parser.feed(&buf[..n], &mut offsets) {
+                log::warn!("{}: {e}; cutting the staged records there", path.display());
+                break;
+            }
+            read += n as u64;
+        }
+        staging.parser.drop_partial();
+        let valid = staging.parser.line_start;
+        if valid < file_len {
+            staging
+                .records
+                .set_len(valid)
+                .map_err(|e| format!("cannot truncate {}: {e}", path.display()))?;
+        }
+        staging
+            .records
+            .seek(SeekFrom::Start(valid))
+            .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
+        staging.records_have = valid;
+        let bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+        let index_path = &staging.index_path;
+        staging
+            .index
+            .set_len(0)
+            .and_then(|()| staging.index.seek(SeekFrom::Start(0)))
+            .and_then(|_| staging.index.write_all(&bytes))
+            .map_err(|e| format!("cannot rewrite {}: {e}", index_path.display()))?;
+        if valid == id.records_len {
+            if let Err(e) = staging.check_records() {
+                log::warn!("{}: {e}; starting over", staging.records_path.display());
+                staging.reset()?;
+            }
+        }
+        log::info!(
+            "{}: resuming snapshot {} (term {}) at byte {valid} of {}",
+            dir.display(),
+            id.index,
+            id.term,
+            id.total_len()
+        );
+        Ok(Some(staging))
+    }
+
+    /// Names the snapshot being staged, durably.
+    fn set_id(&mut self, id: &SnapshotId) -> Result<(), String> {
+        let mut bytes = Vec::new();
+        encode_line(&mut bytes, id)
+            .map_err(|e| format!("{}: {e}", self.dir.join(STAGED_ID_FILE).display()))?;
+        write_atomic(&self.dir, STAGED_ID_FILE, &bytes)?;
+        self.id = *id;
+        Ok(())
+    }
+
+    /// Empties the staging area (keeping its ID).
+    fn reset(&mut self) -> Result<(), String> {
+        for (file, path) in [
+            (&mut self.records, &self.records_path),
+            (&mut self.index, &self.index_path),
+        ] {
+            file.set_len(0)
+                .and_then(|()| file.seek(SeekFrom::Start(0)).map(drop))
+                .map_err(|e| format!("cannot truncate {}: {e}", path.display()))?;
+        }
+        self.records_have = 0;
+        self.parser = LineParser::new(1, 0);
+        self.meta.clear();
+        self.unsynced = 0;
+        Ok(())
+    }
+
+    /// Takes the next bytes of the stream (they start at `have()` and end inside it).
+    fn take(&mut self, mut data: &[u8]) -> Result<(), Fault> {
+        let id = self.id;
+        if self.records_have < id.records_len {
+            let n = (id.records_len - self.records_have).min(data.len() as u64) as usize;
+            let (records, rest) = data.split_at(n);
+            let mut offsets = Vec::new();
+            self.parser
+                .feed(records, &mut offsets)
+                .map_err(Fault::Bad)?;
+            let path = &self.records_path;
+            self.records
+                .write_all(records)
+                .map_err(|e| Fault::Io(write_error(path, e)))?;
+            if !offsets.is_empty() {
+                let bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+                let path = &self.index_path;
+                self.index
+                    .write_all(&bytes)
+                    .map_err(|e| Fault::Io(write_error(path, e)))?;
+            }
+            self.records_have += n as u64;
+            self.unsynced += n as u64;
+            if self.unsynced >= SYNC_EVERY {
+                self.records
+                    .sync_data()
+                    .map_err(|e| Fault::Io(format!("cannot fdatasync {}: {e}", path.display())))?;
+                self.unsynced = 0;
+            }
+            data = rest;
+        }
+        if self.records_have == id.records_len && self.meta.is_empty() {
+            self.check_records().map_err(Fault::Bad)?;
+        }
+        self.meta.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// Checks the complete records part against the ID.
+    fn check_records(&self) -> Result<(), String> {
+        let id = &self.id;
+        let parser = &self.parser;
+        if !parser.partial.is_empty() {
+            return Err("the records end inside a line".to_string());
+        }
+        let last = parser.next_index - 1;
+        if last != id.index || parser.last_term != id.term {
+            return Err(format!(
+                "the records end with record {last} (term {}), the snapshot says {} (term {})",
+                parser.last_term, id.index, id.term
+            ));
+        }
+        let crc = parser.crc.clone().finalize();
+        if crc != id.records_crc {
+            return Err(format!(
+                "the records have CRC {crc:08x}, the snapshot says {:08x}",
+                id.records_crc
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the complete meta bytes against the ID; returns the meta.
+    fn check_meta(&self) -> Result<SnapshotMeta, String> {
+        let id = &self.id;
+        let crc = crc32fast::hash(&self.meta);
+        if crc != id.meta_crc {
+            return Err(format!(
+                "the meta has CRC {crc:08x}, the snapshot says {:08x}",
+                id.meta_crc
+            ));
+        }
+        let meta = decode_meta(&self.meta).map_err(|e| format!("the meta: {e}"))?;
+        if snapshot_id(&meta, &self.meta) != *id {
+            return Err(format!(
+                "the meta describes snapshot {} (term {}, {} bytes of records, CRC {:08x}), not \
+                 the one being sent",
+                meta.state.index, meta.state.term, meta.records_len, meta.records_crc
+            ));
+        }
+        Ok(meta)
+    }
+
+    /// Makes the complete staging area durable, with its `snapshot.json`.
+    fn finish(&self) -> Result<(), String> {
+        self.records
+            .sync_data()
+            .map_err(|e| format!("cannot fdatasync {}: {e}", self.records_path.display()))?;
+        self.index
+            .sync_data()
+            .map_err(|e| format!("cannot fdatasync {}: {e}", self.index_path.display()))?;
+        write_atomic(&self.dir, SNAPSHOT_FILE, &self.meta)
+    }
+}
+
+/// The [`SnapshotId`] in `install/id.json`.
+fn decode_staged_id(bytes: &[u8]) -> Result<SnapshotId, String> {
+    let line = match bytes.split_last() {
+        Some((b'\n', line)) => line,
+        _ => return Err("torn".to_string()),
+    };
+    serde_json::from_slice(check_line(line)?).map_err(|e| format!("bad snapshot ID: {e}"))
+}
+
+impl Current {
+    /// Opens `store.<number>`, cutting it back to its snapshot (or to empty without one).
+    fn open(data_dir: &Path, number: u64) -> Result<Current, String> {
+        let dir = data_dir.join(format!("{STORE_PREFIX}{number}"));
+        if !exists(&dir)? {
+            return Err(format!(
+                "{} names {}, which does not exist",
+                data_dir.join(CURRENT_FILE).display(),
+                dir.display()
+            ));
+        }
+        remove_if_exists(&dir.join(tmp_name(SNAPSHOT_FILE)))?;
+        let snapshot = load_snapshot(&dir)?;
+        let (records_len, crc, last_index, last_term) = match &snapshot {
+            Some(s) => (
+                s.meta.records_len,
+                Hasher::new_with_initial_len(s.meta.records_crc, s.meta.records_len),
+                s.meta.state.index,
+                s.meta.state.term,
+            ),
+            None => (0, Hasher::new(), 0, 0),
+        };
+
+        let records_path = dir.join(RECORDS_FILE);
+        let mut records = open_rw(&records_path)?;
+        cut(&records_path, &mut records, records_len, "records")?;
+
+        let index_path = dir.join(INDEX_FILE);
+        let mut index = open_rw(&index_path)?;
+        let count = last_index.div_ceil(INDEX_EVERY);
+        cut(&index_path, &mut index, count * 8, "index")?;
+        let sparse = read_sparse(&index_path, &mut index, records_len)?;
+        if sparse.len() as u64 != count {
+            return Err(format!(
+                "{}: holds {} offsets where {count} were expected",
+                index_path.display(),
+                sparse.len()
+            ));
+        }
+
+        let mut reader = File::open(&records_path)
+            .map_err(|e| format!("cannot open {}: {e}", records_path.display()))?;
+        if let Some(&from) = sparse.last() {
+            let mut parser = LineParser::new((count - 1) * INDEX_EVERY + 1, from);
+            check_tail(
+                &records_path,
+                &mut reader,
+                &mut parser,
+                records_len,
+                last_index,
+                last_term,
+            )?;
+        }
+
+        Ok(Current {
+            number,
+            dir,
+            records_path,
+            index_path,
+            records: BufWriter::with_capacity(WRITE_BUFFER, records),
+            reader,
+            index: BufWriter::new(index),
+            records_len,
+            unflushed: false,
+            crc,
+            last_index,
+            last_term,
+            sparse,
+            snapshot,
+            failed: None,
+        })
+    }
+
+    fn check_writable(&self) -> Result<(), String> {
+        match &self.failed {
+            Some(failure) => Err(format!(
+                "{}: refusing to write after an earlier failure: {failure}",
+                self.dir.display()
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Records `result`'s error as a failure that stops all later writes.
+    fn note<T>(&mut self, result: Result<T, String>) -> Result<T, String> {
+        if let Err(e) = &result {
+            self.failed = Some(e.clone());
+        }
+        result
+    }
+
+    fn append(&mut self, records: &[LogRecord]) -> Result<(), String> {
+        self.check_writable()?;
+        let mut term = self.last_term;
+        for (expect, r) in (self.last_index + 1..).zip(records) {
+            if r.index != expect || r.term < term {
+                return Err(format!(
+                    "{}: cannot append record {} (term {}) after record {} (term {term})",
+                    self.records_path.display(),
+                    r.index,
+                    r.term,
+                    expect - 1
+                ));
+            }
+            term = r.term;
+        }
+        let mut line = Vec::new();
+        for r in records {
+            line.clear();
+            encode_line(&mut line, r)
+                .map_err(|e| format!("{}: record {}: {e}", self.records_path.display(), r.index))?;
+            if (r.index - 1).is_multiple_of(INDEX_EVERY) {
+                let offset = self.records_len;
+                let written = self.index.write_all(&offset.to_le_bytes());
+                let written = written.map_err(|e| write_error(&self.index_path, e));
+                self.note(written)?;
+                self.sparse.push(offset);
+            }
+            let written = self.records.write_all(&line);
+            let written = written.map_err(|e| write_error(&self.records_path, e));
+            self.note(written)?;
+            self.unflushed = true;
+            self.crc.update(&line);
+            self.records_len += line.len() as u64;
+            self.last_index = r.index;
+            self.last_term = r.term;
+        }
+        Ok(())
+    }
+
+    /// Hands buffered records to the OS, so the read handle sees them.
+    fn flush_records(&mut self) -> Result<(), String> {
+        if self.unflushed {
+            let flushed = self.records.flush();
+            let flushed = flushed.map_err(|e| write_error(&self.records_path, e));
+            self.note(flushed)?;
+            self.unflushed = false;
+        }
+        Ok(())
+    }
+
+    fn read_page(
+        &mut self,
+        start: Index,
+        read_index: Index,
+        budget: usize,
+    ) -> Result<(Vec<LogRecord>, Option<Index>), String> {
+        if start == 0 || read_index > self.last_index {
+            return Err(format!(
+                "{}: cannot read records {start} to {read_index}: the store holds 1 to {}",
+                self.records_path.display(),
+                self.last_index
+            ));
+        }
+        if start > read_index {
+            return Ok((Vec::new(), None));
+        }
+        self.flush_records()?;
+        let path = &self.records_path;
+        let slot = (start - 1) / INDEX_EVERY;
+        let mut offset = self.sparse[slot as usize];
+        let mut index = slot * INDEX_EVERY + 1;
+        let mut reader = BufReader::with_capacity(READ_BUFFER, &self.reader);
+        reader
+            .seek(SeekFrom::Start(offset))
+            .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
+        let mut page = Vec::new();
+        let mut used = 0usize;
+        let mut line = Vec::new();
+        while index <= read_index {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line).map_err(|e| {
+                format!(
+                    "cannot read {} at byte offset {offset}: {e}",
+                    path.display()
+                )
+            })?;
+            if n == 0 || line[n - 1] != b'\n' {
+                return Err(format!(
+                    "{}: record {index} at byte offset {offset} is cut short",
+                    path.display()
+                ));
+            }
+            if index >= start {
+                let record = decode_record(&line[..n - 1]).map_err(|e| {
+                    format!("{}: bad line at byte offset {offset}: {e}", path.display())
+                })?;
+                if record.index != index {
+                    return Err(format!(
+                        "{}: the line at byte offset {offset} holds record {} where record \
+                         {index} belongs",
+                        path.display(),
+                        record.index
+                    ));
+                }
+                let json_len = n - LINE_SUFFIX.min(n);
+                if !page.is_empty() && used + json_len > budget {
+                    return Ok((page, Some(index)));
+                }
+                used += json_len;
+                page.push(record);
+            }
+            offset += n as u64;
+            index += 1;
+        }
+        Ok((page, None))
+    }
+
+    fn write_snapshot(&mut self, state: &SnapshotState) -> Result<SnapshotId, String> {
+        self.check_writable()?;
+        if state.index != self.last_index || state.term != self.last_term {
+            return Err(format!(
+                "{}: a snapshot at index {} (term {}) must end at the last record, {} (term {})",
+                self.dir.display(),
+                state.index,
+                state.term,
+                self.last_index,
+                self.last_term
+            ));
+        }
+        self.flush_records()?;
+        let synced = self
+            .records
+            .get_ref()
+            .sync_data()
+            .map_err(|e| format!("cannot fdatasync {}: {e}", self.records_path.display()));
+        self.note(synced)?;
+        let synced = self
+            .index
+            .flush()
+            .and_then(|()| self.index.get_ref().sync_data())
+            .map_err(|e| format!("cannot fdatasync {}: {e}", self.index_path.display()));
+        self.note(synced)?;
+
+        let meta = SnapshotMeta {
+            state: state.clone(),
+            records_len: self.records_len,
+            records_crc: self.crc.clone().finalize(),
+        };
+        let mut bytes = Vec::new();
+        encode_line(&mut bytes, &meta)
+            .map_err(|e| format!("{}: {e}", self.dir.join(SNAPSHOT_FILE).display()))?;
+        let written = write_atomic(&self.dir, SNAPSHOT_FILE, &bytes);
+        self.note(written)?;
+        let id = snapshot_id(&meta, &bytes);
+        self.snapshot = Some(Snapshot { meta, id, bytes });
+        Ok(id)
+    }
+
+    fn read_chunk(&mut self, id: &SnapshotId, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+        let Some(snapshot) = self.snapshot.as_ref().filter(|s| s.id == *id) else {
+            return Err(format!(
+                "{}: snapshot {} (term {}) is not the current one",
+                self.dir.display(),
+                id.index,
+                id.term
+            ));
+        };
+        let total = id.total_len();
+        if offset > total {
+            return Err(format!(
+                "{}: offset {offset} is past the end of snapshot {}'s {total} bytes",
+                self.dir.display(),
+                id.index
+            ));
+        }
+        let end = offset.saturating_add(len).min(total);
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let records_end = end.min(id.records_len);
+        if offset < records_end {
+            out.resize((records_end - offset) as usize, 0);
+            let path = &self.records_path;
+            let mut reader = &self.reader;
+            reader
+                .seek(SeekFrom::Start(offset))
+                .and_then(|_| reader.read_exact(&mut out))
+                .map_err(|e| {
+                    format!(
+                        "cannot read {} at byte offset {offset}: {e}",
+                        path.display()
+                    )
+                })?;
+        }
+        if end > id.records_len {
+            let from = offset.max(id.records_len) - id.records_len;
+            let to = end - id.records_len;
+            out.extend_from_slice(&snapshot.bytes[from as usize..to as usize]);
+        }
+        Ok(out)
+    }
+}
+
+/// The ID naming a snapshot with `meta` whose `snapshot.json` is `bytes`.
+fn snapshot_id(meta: &SnapshotMeta, bytes: &[u8]) -> SnapshotId {
+    SnapshotId {
+        index: meta.state.index,
+        term: meta.state.term,
+        records_len: meta.records_len,
+        records_crc: meta.records_crc,
+        meta_len: bytes.len() as u64,
+        meta_crc: crc32fast::hash(bytes),
+    }
+}
+
+/// Reads `store.current`, creating it (pointing at a new, empty `store.1`) when missing.
+fn current_number(data_dir: &Path) -> Result<u64, String> {
+    let path = data_dir.join(CURRENT_FILE);
+    remove_if_exists(&data_dir.join(tmp_name(CURRENT_FILE)))?;
+    if !exists(&path)? {
+        // No store was ever made current here: anything named store.<n> is a leftover.
+        remove_other_stores(data_dir, 0)?;
+        let dir = data_dir.join(format!("{STORE_PREFIX}1"));
+        fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        sync_dir(data_dir)?;
+        write_atomic(
+            data_dir,
+            CURRENT_FILE,
+            format!("{STORE_PREFIX}1\n").as_bytes(),
+        )?;
+        return Ok(1);
+    }
+    let text =
+        fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    text.strip_suffix('\n')
+        .and_then(store_number)
+        .ok_or_else(|| {
+            format!(
+                "{}: expected one line naming a store directory, found {text:?}",
+                path.display()
+            )
+        })
+}
+
+/// `n` for a name `store.<n>` (n >= 1, decimal).
+fn store_number(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix(STORE_PREFIX)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|&n| n >= 1)
+}
+
+/// Deletes every `store.<n>` directory but `store.<keep>`: leftovers of a crash mid-install.
+fn remove_other_stores(data_dir: &Path, keep: u64) -> Result<(), String> {
+    let entries = fs::read_dir(data_dir)
+        .map_err(|e| format!("cannot list data dir {}: {e}", data_dir.display()))?;
+    for entry in entries {
+        let entry =
+            entry.map_err(|e| format!("cannot list data dir {}: {e}", data_dir.display()))?;
+        let name = entry.file_name();
+        let Some(n) = name.to_str().and_then(store_number) else {
+            continue;
+        };
+        if n != keep {
+            let path = entry.path();
+            log::warn!(
+                "{}: removing a store left over from an interrupted install",
+                path.display()
+            );
+            fs::remove_dir_all(&path)
+                .map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads and checks `dir/snapshot.json`, if there is one.
+fn load_snapshot(dir: &Path) -> Result<Option<Snapshot>, String> {
+    let path = dir.join(SNAPSHOT_FILE);
+    if !exists(&path)? {
+        return Ok(None);
+    }
+    let bytes = fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let meta = decode_meta(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let id = snapshot_id(&meta, &bytes);
+    Ok(Some(Snapshot { meta, id, bytes }))
+}
+
+/// The [`SnapshotMeta`] in `bytes`, which must be exactly one line.
+fn decode_meta(bytes: &[u8]) -> Result<SnapshotMeta, String> {
+    let line = match bytes.split_last() {
+        Some((b'\n', line)) if !line.contains(&b'\n') => line,
+        _ => return Err("expected exactly one line (torn or damaged)".to_string()),
+    };
+    let json = check_line(line)?;
+    let meta: SnapshotMeta =
+        serde_json::from_slice(json).map_err(|e| format!("bad snapshot meta: {e}"))?;
+    if (meta.state.index == 0) != (meta.records_len == 0) {
+        return Err(format!(
+            "snapshot at index {} cannot cover {} bytes of records",
+            meta.state.index, meta.records_len
+        ));
+    }
+    Ok(meta)
+}
+
+/// Appends `value` as a line: its JSON, a TAB, the JSON's CRC-32 in 8 lowercase hex digits, `\n`.
+fn encode_line<T: serde::Serialize>(out: &mut Vec<u8>, value: &T) -> Result<(), String> {
+    let start = out.len();
+    serde_json::to_writer(&mut *out, value).map_err(|e| format!("cannot encode: {e}"))?;
+    let crc = crc32fast::hash(&out[start..]);
+    out.push(b'\t');
+    out.extend_from_slice(format!("{crc:08x}").as_bytes());
+    out.push(b'\n');
+    Ok(())
+}
+
+/// Checks the framing and CRC of one line (without its `\n`); returns its JSON.
+fn check_line(line: &[u8]) -> Result<&[u8], String> {
+    if line.len() < LINE_SUFFIX - 1 || line[line.len() - 9] != b'\t' {
+        return Err("no TAB and CRC at the end of the line".to_string());
+    }
+    let (json, tail) = line.split_at(line.len() - 9);
+    let hex = &tail[1..];
+    let mut want = 0u32;
+    for &b in hex {
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => return Err("the CRC is not 8 lowercase hex digits".to_string()),
+        };
+        want = want << 4 | u32::from(digit);
+    }
+    let got = crc32fast::hash(json);
+    if got != want {
+        return Err(format!(
+            "CRC mismatch: the line says {want:08x}, its bytes have {got:08x}"
+        ));
+    }
+    Ok(json)
+}
+
+/// The record on one line (without its `\n`).
+fn decode_record(line: &[u8]) -> Result<LogRecord, String> {
+    let json = check_line(line)?;
+    serde_json::from_slice(json).map_err(|e| format!("bad record: {e}"))
+}
+
+/// Checks records lines as their bytes arrive in pieces: each line's CRC, indices running on by
+/// one, terms never going down. It carries a partial line from one piece to the next.
+struct LineParser {
+    partial: Vec<u8>,
+    /// Byte offset of the line being assembled (= bytes of complete lines seen).
+    line_start: u64,
+    next_index: Index,
+    last_term: Term,
+    /// CRC-32 of the complete lines seen (when started at offset 0, of the whole prefix).
+    crc: Hasher,
+}
+
+impl LineParser {
+    fn new(next_index: Index, line_start: u64) -> LineParser {
+        LineParser {
+            partial: Vec::new(),
+            line_start,
+            next_index,
+            last_term: 0,
+            crc: Hasher::new(),
+        }
+    }
+
+    /// Takes the next bytes; pushes onto `offsets` the start of each record line that belongs
+    /// in the sparse index. On error the parser's complete-line state is unchanged, but its
+    /// partial line is not: drop it (see [`LineParser::drop_partial`]) or the parser.
+    fn feed(&mut self, mut data: &[u8], offsets: &mut Vec<u64>) -> Result<(), String> {
+        while !data.is_empty() {
+            let Some(end) = data.iter().position(|&b| b == b'\n') else {
+                if self.partial.len() + data.len() > MAX_LINE {
+                    return Err(format!(
+                        "the line at byte offset {} runs over {MAX_LINE} bytes",
+                        self.line_start
+                    ));
+                }
+                self.partial.extend_from_slice(data);
+                return Ok(());
+            };
+            let line: &[u8] = if self.partial.is_empty() {
+                &data[..end]
+            } else {
+                self.partial.extend_from_slice(&data[..end]);
+                &self.partial
+            };
+            let at = self.line_start;
+            let record =
+                decode_record(line).map_err(|e| format!("bad line at byte offset {at}: {e}"))?;
+            if record.index != self.next_index || record.term < self.last_term {
+                return Err(format!(
+                    "the line at byte offset {at} holds record {} (term {}) where record {} \
+                     (term >= {}) belongs",
+                    record.index, record.term, self.next_index, self.last_term
+                ));
+            }
+            if (record.index - 1).is_multiple_of(INDEX_EVERY) {
+                offsets.push(at);
+            }
+            self.crc.update(line);
+            self.crc.update(b"\n");
+            self.line_start += line.len() as u64 + 1;
+            self.next_index += 1;
+            self.last_term = record.term;
+            self.partial.clear();
+            data = &data[end + 1..];
+        }
+        Ok(())
+    }
+
+    fn drop_partial(&mut self) {
+        self.partial.clear();
+    }
+}
+
+/// Checks the records from the parser's start to `records_len`: whole lines ending with record
+/// `last_index` of `last_term`.
+fn check_tail(
+    path: &Path,
+    reader: &mut File,
+    parser: &mut LineParser,
+    records_len: u64,
+    last_index: Index,
+    last_term: Term,
+) -> Result<(), String> {
+    let from = parser.line_start;
+    reader
+        .seek(SeekFrom::Start(from))
+        .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
+    let mut buf = vec![0; READ_BUFFER];
+    let mut left = records_len - from;
+    let mut ignored = Vec::new();
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        let n = reader
+            .read(&mut buf[..want])
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if n == 0 {
+            return Err(format!(
+                "{}: ends before byte {records_len}",
+                path.display()
+            ));
+        }
+        parser
+            .feed(&buf[..n], &mut ignored)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        left -= n as u64;
+    }
+    if !parser.partial.is_empty() || parser.next_index != last_index + 1 {
+        return Err(format!(
+            "{}: the snapshot's {records_len} bytes do not end with record {last_index}",
+            path.display()
+        ));
+    }
+    if parser.last_term != last_term {
+        return Err(format!(
+            "{}: record {last_index} has term {}, the snapshot says {last_term}",
+            path.display(),
+            parser.last_term
+        ));
+    }
+    Ok(())
+}
+
+/// Reads the sparse index: offsets starting at 0, increasing, inside the records.
+fn read_sparse(path: &Path, file: &mut File, records_len: u64) -> Result<Vec<u64>, String> {
+    let mut bytes = Vec::new();
+    file.seek(SeekFrom::Start(0))
+        .and_then(|_| file.read_to_end(&mut bytes))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let sparse: Vec<u64> = bytes
+        .chunks_exact(8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .collect();
+    for (i, &offset) in sparse.iter().enumerate() {
+        let ok = if i == 0 {
+            offset == 0
+        } else {
+            offset > sparse[i - 1]
+        };
+        if !ok || offset >= records_len {
+            return Err(format!(
+                "{}: bad offset {offset} at byte offset {}",
+                path.display(),
+                i * 8
+            ));
+        }
+    }
+    Ok(sparse)
+}
+
+/// Cuts `file` back to `len` bytes (it must hold at least that many) and seeks to its end.
+fn cut(path: &Path, file: &mut File, len: u64, what: &str) -> Result<(), String> {
+    let have = file
+        .metadata()
+        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?
+        .len();
+    if have < len {
+        return Err(format!(
+            "{}: holds {have} bytes, but the snapshot covers {len} bytes of {what}",
+            path.display()
+        ));
+    }
+    if have > len {
+        file.set_len(len)
+            .map_err(|e| format!("cannot truncate {} to {len} bytes: {e}", path.display()))?;
+    }
+    file.seek(SeekFrom::Start(len))
+        .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
+    Ok(())
+}
+
+fn open_rw(path: &Path) -> Result<File, String> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))
+}
+
+fn write_error(path: &Path, e: io::Error) -> String {
+    format!("cannot write {}: {e}", path.display())
+}
+
+fn tmp_name(name: &str) -> String {
+    format!("{name}.tmp")
+}
+
+fn exists(path: &Path) -> Result<bool, String> {
+    path.try_exists()
+        .map_err(|e| format!("cannot stat {}: {e}", path.display()))
+}
+
+fn remove_if_exists(path: &Path) -> Result<(), String> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(format!("cannot remove {}: {e}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Makes the directory's entries (new or renamed files) durable.
+fn sync_dir(dir: &Path) -> Result<(), String> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("cannot fsync directory {}: {e}", dir.display()))
+}
+
+/// Replaces `dir/name` with `bytes` atomically: a temp file, fsync, rename, directory fsync.
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), String> {
+    let path = dir.join(name);
+    let tmp = dir.join(tmp_name(name));
+    let write = || -> io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::{Membership, SessionRecord};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "raft-store-test-{}-{name}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&path);
+            TempDir(path)
+        }
+        fn store(&self) -> PathBuf {
+            let current = fs::read_to_string(self.0.join(CURRENT_FILE)).unwrap();
+            self.0.join(current.trim_end())
+        }
+        fn records(&self) -> Vec<u8> {
+            fs::read(self.store().join(RECORDS_FILE)).unwrap()
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn record(index: Index) -> LogRecord {
+        let term = 1 + index / 100;
+        if index.is_multiple_of(7) {
+            LogRecord {
+                index,
+                term,
+                data: None,
+                kind: Some("noop".to_string()),
+            }
+        } else {
+            LogRecord {
+                index,
+                term,
+                data: Some(format!(
+                    "value {index} {}",
+                    "x".repeat((index % 50) as usize)
+                )),
+                kind: None,
+            }
+        }
+    }
+
+    fn records(from: Index, to: Index) -> Vec<LogRecord> {
+        (from..=to).map(record).collect()
+    }
+
+    fn state(index: Index, term: Term) -> SnapshotState {
+        SnapshotState {
+            index,
+            term,
+            membership: Membership::voters(&[1, 2, 3]),
+            sessions: vec![SessionRecord {
+                client: 7,
+                seq: 3,
+                index,
+                term,
+                data_hash: 99,
+            }],
+        }
+    }
+
+    fn snapshot_here(store: &mut Store) -> SnapshotId {
+        let last = store.last_index();
+        let term = if last == 0 { 0 } else { record(last).term };
+        store.write_snapshot(&state(last, term)).unwrap()
+    }
+
+    fn read_all(store: &mut Store) -> Vec<LogRecord> {
+        let last = store.last_index();
+        let mut out = Vec::new();
+        let mut start = 1;
+        loop {
+            let (page, next) = store.read_page(start, last, 10_000).unwrap();
+            out.extend(page);
+            match next {
+                Some(n) => start = n,
+                None => return out,
+            }
+        }
+    }
+
+    #[test]
+    fn append_and_read_across_index_boundaries() {
+        let dir = TempDir::new("read");
+        let (mut store, snapshot) = Store::open(&dir.0).unwrap();
+        assert!(snapshot.is_none());
+        assert_eq!(store.last_index(), 0);
+        let all = records(1, 1000);
+        store.append(&all[..300]).unwrap();
+        store.append(&all[300..]).unwrap();
+        assert_eq!(store.last_index(), 1000);
+        assert_eq!(read_all(&mut store), all);
+
+        for (start, read_index) in [(1, 1), (256, 258), (257, 257), (513, 1000), (700, 900)] {
+            let (page, next) = store.read_page(start, read_index, usize::MAX).unwrap();
+            assert_eq!(
+                page,
+                all[start as usize - 1..read_index as usize],
+                "{start}"
+            );
+            assert_eq!(next, None);
+        }
+
+        // A budget stops the page early, before the record that would exceed it.
+        let json_len = |r: &LogRecord| serde_json::to_vec(r).unwrap().len();
+        let budget = json_len(&all[299]) + json_len(&all[300]) + json_len(&all[301]) - 1;
+        let (page, next) = store.read_page(300, 1000, budget).unwrap();
+        assert_eq!(page, all[299..301]);
+        assert_eq!(next, Some(302));
+        // At least one record, however small the budget.
+        let (page, next) = store.read_page(511, 1000, 1).unwrap();
+        assert_eq!(page, all[510..511]);
+        assert_eq!(next, Some(512));
+        let (page, next) = store.read_page(1000, 1000, 1).unwrap();
+        assert_eq!(page, all[999..]);
+        assert_eq!(next, None);
+
+        assert!(store.read_page(0, 5, 100).is_err());
+        assert!(store.read_page(1, 1001, 100).is_err());
+        assert!(store.append(&records(1002, 1002)).is_err());
+        assert!(store.append(&records(1000, 1000)).is_err());
+    }
+
+    #[test]
+    fn reopen_cuts_back_to_the_snapshot() {
+        let dir = TempDir::new("reopen");
+        let other = TempDir::new("reopen-other");
+        let (mut never, _) = Store::open(&other.0).unwrap();
+        never.append(&records(1, 1000)).unwrap();
+
+        let (mut store, _) = Store::open(&dir.0).unwrap();
+        store.append(&records(1, 700)).unwrap();
+        let id = snapshot_here(&mut store);
+        assert_eq!(store.snapshot_id(), Some(id));
+        store.append(&records(701, 900)).unwrap();
+        drop(store);
+
+        let (mut store, snapshot) = Store::open(&dir.0).unwrap();
+        let (meta, reopened_id) = snapshot.unwrap();
+        assert_eq!(reopened_id, id);
+        assert_eq!(meta.state, state(700, record(700).term));
+        assert_eq!(meta.records_len, id.records_len);
+        assert_eq!(store.last_index(), 700);
+        assert_eq!(
+            fs::metadata(dir.store().join(RECORDS_FILE)).unwrap().len(),
+            id.records_len
+        );
+        store.append(&records(701, 1000)).unwrap();
+        assert_eq!(read_all(&mut store), records(1, 1000));
+        // The running CRC resumed: a second snapshot matches the never-reopened store's.
+        let id2 = snapshot_here(&mut store);
+        let id_never = snapshot_here(&mut never);
+        assert_eq!(id2, id_never);
+        assert_eq!(dir.records(), other.records());
+
+        // Without a snapshot, the store is cut back to empty.
+        let empty = TempDir::new("reopen-empty");
+        let (mut store, _) = Store::open(&empty.0).unwrap();
+        store.append(&records(1, 10)).unwrap();
+        drop(store);
+        let (mut store, snapshot) = Store::open(&empty.0).unwrap();
+        assert!(snapshot.is_none());
+        assert_eq!(store.last_index(), 0);
+        store.append(&records(1, 3)).unwrap();
+        assert_eq!(read_all(&mut store), records(1, 3));
+    }
+
+    #[test]
+    fn hostile_client_data_round_trips() {
+        let dir = TempDir::new("hostile");
+        let (mut store, _) = Store::open(&dir.0).unwrap();
+        let texts = [
+            "a\tb",
+            "line\nbreak",
+            "\t0000abcd",
+            "x\t0000abcd\n",
+            r#"{"index":9,"term":9,"data":"forged"}"#,
+            "\u{0}\r\u{1b}é∑",
+        ];
+        let all: Vec<LogRecord> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| LogRecord {
+                index: i as Index + 1,
+                term: 1,
+                data: Some(t.to_string()),
+                kind: None,
+            })
+            .collect();
+        store.append(&all).unwrap();
+        assert_eq!(read_all(&mut store), all);
+        snapshot_here(&mut store);
+        drop(store);
+        let (mut store, _) = Store::open(&dir.0).unwrap();
+        assert_eq!(read_all(&mut store), all);
+        assert_eq!(
+            dir.records().iter().filter(|&&b| b == b'\n').count(),
+            all.len()
+        );
+    }
+
+    #[test]
+    fn a_flipped_bit_in_records_is_an_error() {
+        let dir = TempDir::new("flip-records");
+        let (mut store, _) = Store::open(&dir.0).unwrap();
+        store.append(&records(1, 600)).unwrap();
+        snapshot_here(&mut store);
+        let path = dir.store().join(RECORDS_FILE);
+        let mut bytes = fs::read(&path).unwrap();
+        let (_, _) = store.read_page(300, 300, 1).unwrap();
+        // Flip a bit inside record 300's data.
+        let offset = bytes.windows(9).position(|w| w == b"value 300").unwrap();
+        bytes[offset + 7] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        let err = store.read_page(299, 301, usize::MAX).unwrap_err();
+        assert!(
+            err.contains("records") && err.contains("byte offset"),
+            "{err}"
+        );
+        assert!(store.read_page(1, 299, usize::MAX).is_ok());
+    }
+
+    #[test]
+    fn a_damaged_snapshot_file_is_an_error() {
+        let dir = TempDir::new("flip-meta");
+        let (mut store, _) = Store::open(&dir.0).unwrap();
+        store.append(&records(1, 300)).unwrap();
+        snapshot_here(&mut store);
+        drop(store);
+        let path = dir.store().join(SNAPSHOT_FILE);
+        let good = fs::read(&path).unwrap();
+
+        for bit in [0, 8 * 5 + 3, 8 * (good.len() / 2), 8 * (good.len() - 5) + 1] {
+            let mut bytes = good.clone();
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            fs::write(&path, &bytes).unwrap();
+            let err = Store::open(&dir.0)
+                .err()
+                .expect("a flipped bit must fail open");
+            assert!(err.contains(SNAPSHOT_FILE), "{err}");
+        }
+        for len in 0..good.len() {
+            fs::write(&path, &good[..len]).unwrap();
+            let err = Store::open(&dir.0)
+                .err()
+                .expect("a torn snapshot must fail open");
+            assert!(err.contains(SNAPSHOT_FILE), "{len}: {err}");
+        }
+        fs::write(&path, &good).unwrap();
+        let (store, snapshot) = Store::open(&dir.0).unwrap();
+        assert_eq!(store.last_index(), 300);
+        assert!(snapshot.is_some());
+    }
+
+    #[test]
+    fn read_chunk_streams_records_then_meta() {
+        let dir = TempDir::new("chunks");
+        let (mut store, _) = Store::open(&dir.0).unwrap();
+        store.append(&records(1, 500)).unwrap();
+        let id = snapshot_here(&mut store);
+        store.append(&records(501, 600)).unwrap();
+        let meta = fs::read(dir.store().join(SNAPSHOT_FILE)).unwrap();
+        let mut want = dir.records()[..id.records_len as usize].to_vec();
+        want.extend_from_slice(&meta);
+        assert_eq!(want.len() as u64, id.total_len());
+        let mut got = Vec::new();
+        let mut offset = 0;
+        while offset < id.total_len() {
+            let chunk = store.read_chunk(&id, offset, 777).unwrap();
+            assert!(!chunk.is_empty());
+            offset += chunk.len() as u64;
+            got.extend(chunk);
+        }
+        assert_eq!(got, want);
+        assert!(store
+            .read_chunk(&id, id.total_len(), 10)
+            .unwrap()
+            .is_empty());
+        assert!(store.read_chunk(&id, id.total_len() + 1, 10).is_err());
+        store.append(&records(601, 601)).unwrap();
+        snapshot_here(&mut store);
+        assert!(store.read_chunk(&id, 0, 10).is_err());
+    }
+
+    /// A sender with records 1..=`last` and a snapshot of them.
+    fn sender(dir: &TempDir, last: Index) -> (Store, SnapshotId) {
+        let (mut store, _) = Store::open(&dir.0).unwrap();
+        store.append(&records(1, last)).unwrap();
+        let id = snapshot_here(&mut store);
+        (store, id)
+    }
+
+    /// Sends `id` from `offset` in chunks of `chunk` bytes (through base64 and back) until the
+    /// receiver installs it or asks for an offset it already asked for.
+    fn stream(
+        from: &mut Store,
+        to: &mut Store,
+        id: &SnapshotId,
+        mut offset: u64,
+        chunk: u64,
+    ) -> Received {
+        loop {
+            let bytes = from.read_chunk(id, offset, chunk).unwrap();
+            let (text, crc) = encode_chunk(&bytes);
+            let bytes = decode_chunk(&text, crc).unwrap();
+            match to.receive_chunk(id, offset, &bytes).unwrap() {
+                Received::Partial { have } => {
+                    assert_eq!(to.staged(id), have);
+                    assert!(have > offset || have == 0, "stuck at {offset}");
+                    offset = have;
+                }
+                installed => return installed,
+            }
+        }
+    }
+
+    fn check_installed(sender: &TempDir, from: &mut Store, receiver: &TempDir, id: &SnapshotId) {
+        assert_eq!(
+            receiver.records(),
+            sender.records()[..id.records_len as usize]
+        );
+        let (mut to, snapshot) = Store::open(&receiver.0).unwrap();
+        let (meta, reopened) = snapshot.unwrap();
+        assert_eq!(reopened, *id);
+        assert_eq!(meta.state.index, id.index);
+        assert_eq!(to.last_index(), id.index);
+        let got = read_all(&mut to);
+        let (want, _) = from.read_page(1, id.index, usize::MAX).unwrap();
+        assert_eq!(got, want);
+        assert!(!receiver.0.join(INSTALL_DIR).exists());
+        // Appending continues after the installed records.
+        to.append(&records(id.index + 1, id.index + 10)).unwrap();
+        assert_eq!(to.last_index(), id.index + 10);
+    }
+
+    #[test]
+    fn a_streamed_snapshot_installs() {
+        let a = TempDir::new("stream-from");
+        let b = TempDir::new("stream-to");
+        let (mut from, id) = sender(&a, 3000);
+        from.append(&records(3001, 3100)).unwrap(); // not part of the snapshot
+        let (mut to, _) = Store::open(&b.0).unwrap();
+        to.append(&records(1, 50)).unwrap();
+        to.write_snapshot(&state(50, record(50).term)).unwrap();
+        assert_eq!(to.staged(&id), 0);
+
+        let Received::Installed { meta } = stream(&mut from, &mut to, &id, 0, 10_000) else {
+            panic!("not installed");
+        };
+        assert_eq!(meta.state, state(3000, record(3000).term));
+        assert_eq!(to.last_index(), 3000);
+        assert_eq!(to.snapshot_id(), Some(id));
+        assert_eq!(read_all(&mut to), records(1, 3000));
+        assert_eq!(b.store(), b.0.join("store.2"));
+        assert!(!b.0.join("store.1").exists());
+        // The receiver can serve the snapshot onwards, byte for byte.
+        for offset in [0, 5000, id.records_len - 3, id.total_len() - 1] {
+            assert_eq!(
+                to.read_chunk(&id, offset, 4000).unwrap(),
+                from.read_chunk(&id, offset, 4000).unwrap()
+            );
+        }
+        drop(to);
+        check_installed(&a, &mut from, &b, &id);
+    }
+
+    #[test]
+    fn duplicates_disorder_and_corruption_are_survived() {
+        let a = TempDir::new("disorder-from");
+        let b = TempDir::new("disorder-to");
+        let (mut from, id) = sender(&a, 3000);
+        let (mut to, _) = Store::open(&b.0).unwrap();
+        let chunk = 7_000;
+        let send = |from: &mut Store, to: &mut Store, offset: u64| {
+            let bytes = from.read_chunk(&id, offset, chunk).unwrap();
+            to.receive_chunk(&id, offset, &bytes).unwrap()
+        };
+        assert_eq!(
+            send(&mut from, &mut to, 0),
+            Received::Partial { have: 7_000 }
+        );
+        // A duplicate and a chunk from the future are dropped.
+        assert_eq!(
+            send(&mut from, &mut to, 0),
+            Received::Partial { have: 7_000 }
+        );
+        assert_eq!(
+            send(&mut from, &mut to, 14_000),
+            Received::Partial { have: 7_000 }
+        );
+        assert_eq!(
+            send(&mut from, &mut to, 7_000),
+            Received::Partial { have: 14_000 }
+        );
+
+        // A corrupted chunk (its transport CRC made to match) resets staging to empty.
+        let mut bad = from.read_chunk(&id, 14_000, chunk).unwrap();
+        bad[100] ^= 0x04;
+        let (text, crc) = encode_chunk(&bad);
+        let bad = decode_chunk(&text, crc).unwrap();
+        assert_eq!(
+            to.receive_chunk(&id, 14_000, &bad).unwrap(),
+            Received::Partial { have: 0 }
+        );
+        assert_eq!(to.staged(&id), 0);
+        // The transport CRC catches a corruption in flight.
+        let (text, crc) = encode_chunk(&from.read_chunk(&id, 0, chunk).unwrap());
+        assert!(decode_chunk(&text, crc ^ 1).is_err());
+
+        // Damaged meta bytes are caught when the meta is complete.
+        let mut offset = 0;
+        loop {
+            let mut bytes = from.read_chunk(&id, offset, chunk).unwrap();
+            let last = offset + bytes.len() as u64 == id.total_len();
+            if last {
+                let n = bytes.len();
+                bytes[n - 15] ^= 0x01;
+            }
+            match to.receive_chunk(&id, offset, &bytes).unwrap() {
+                Received::Partial { have } if last => {
+                    assert_eq!(have, 0);
+                    break;
+                }
+                Received::Partial { have } => offset = have,
+                Received::Installed { .. } => panic!("installed damaged meta"),
+            }
+        }
+        // The sender goes back to `have`, and the transfer completes.
+        let have = to.staged(&id);
+        assert!(matches!(
+            stream(&mut from, &mut to, &id, have, chunk),
+            Received::Installed { .. }
+        ));
+        drop(to);
+        check_installed(&a, &mut from, &b, &id);
+    }
+
+    #[test]
+    fn a_transfer_resumes_after_the_receiver_restarts() {
+        let a = TempDir::new("resume-from");
+        let b = TempDir::new("resume-to");
+        let (mut from, id) = sender(&a, 3000);
+        let (mut to, _) = Store::open(&b.0).unwrap();
+        let mut have = 0;
+        while have < id.records_len / 2 {
+            let bytes = from.read_chunk(&id, have, 5_000).unwrap();
+            let Received::Partial { have: now } = to.receive_chunk(&id, have, &bytes).unwrap()
+            else {
+                panic!("installed early");
+            };
+            have = now;
+        }
+        drop(to);
+        // Chunks end mid-line: a restart keeps the whole lines.
+        let (to, _) = Store::open(&b.0).unwrap();
+        let staged = to.staged(&id);
+        assert!(staged <= have && staged + 200 > have, "{staged} vs {have}");
+        assert!(staged > 0);
+        assert_eq!(
+            &b.0.join(INSTALL_DIR)
+                .join(RECORDS_FILE)
+                .metadata()
+                .unwrap()
+                .len(),
+            &staged
+        );
+
+        // A garbage tail (an unsynced write) is cut on reopen.
+        drop(to);
+        let records_path = b.0.join(INSTALL_DIR).join(RECORDS_FILE);
+        let mut bytes = fs::read(&records_path).unwrap();
+        bytes.extend_from_slice(&[0; 3000]);
+        fs::write(&records_path, &bytes).unwrap();
+        let (mut to, _) = Store::open(&b.0).unwrap();
+        assert_eq!(to.staged(&id), staged);
+
+        assert!(matches!(
+            stream(&mut from, &mut to, &id, staged, 5_000),
+            Received::Installed { .. }
+        ));
+        drop(to);
+        check_installed(&a, &mut from, &b, &id);
+
+        // Staging without a readable ID is discarded.
+        let c = TempDir::new("resume-lost-id");
+        let (mut to, _) = Store::open(&c.0).unwrap();
+        let bytes = from.read_chunk(&id, 0, 5_000).unwrap();
+        to.receive_chunk(&id, 0, &bytes).unwrap();
+        drop(to);
+        fs::write(c.0.join(INSTALL_DIR).join(STAGED_ID_FILE), b"{\"index\":").unwrap();
+        let (to, _) = Store::open(&c.0).unwrap();
+        assert_eq!(to.staged(&id), 0);
+        assert!(!c.0.join(INSTALL_DIR).exists());
+    }
+
+    #[test]
+    fn a_new_snapshot_keeps_the_records_received() {
+        let a = TempDir::new("newer-from");
+        let b = TempDir::new("newer-to");
+        let c = TempDir::new("newer-to-2");
+        let (mut from, old) = sender(&a, 1500);
+        let (mut to, _) = Store::open(&b.0).unwrap();
+        let (mut to2, _) = Store::open(&c.0).unwrap();
+        // `to` holds part of the old records; `to2` all of them and part of the old meta.
+        let Received::Partial { have } = stream_until(&mut from, &mut to, &old, 20_000) else {
+            panic!()
+        };
+        let Received::Partial { have: have2 } =
+            stream_until(&mut from, &mut to2, &old, old.records_len + 10)
+        else {
+            panic!()
+        };
+        assert_eq!(have2, old.records_len + 10);
+
+        from.append(&records(1501, 3000)).unwrap();
+        let new = snapshot_here(&mut from);
+        assert!(from.read_chunk(&old, 0, 10).is_err());
+        assert_eq!(to.staged(&new), have);
+        assert_eq!(to2.staged(&new), old.records_len);
+        for (store, dir, start) in [(&mut to, &b, have), (&mut to2, &c, old.records_len)] {
+            assert!(matches!(
+                stream(&mut from, store, &new, start, 6_000),
+                Received::Installed { .. }
+            ));
+            check_installed(&a, &mut from, dir, &new);
+        }
+
+        // A snapshot with fewer records than staged starts over.
+        let d = TempDir::new("newer-shorter");
+        let (mut to3, _) = Store::open(&d.0).unwrap();
+        stream_until(&mut from, &mut to3, &new, old.records_len + 100);
+        let e = TempDir::new("newer-shorter-from");
+        let (mut short, short_id) = sender(&e, 1500);
+        assert_eq!(short_id.records_len, old.records_len);
+        assert_eq!(to3.staged(&short_id), 0);
+        assert!(matches!(
+            stream(&mut short, &mut to3, &short_id, 0, 6_000),
+            Received::Installed { .. }
+        ));
+        drop(to3);
+        check_installed(&e, &mut short, &d, &short_id);
+    }
+
+    /// Streams `id` in chunks of 5000 bytes until the receiver has at least `until` bytes.
+    fn stream_until(from: &mut Store, to: &mut Store, id: &SnapshotId, until: u64) -> Received {
+        let mut have = 0;
+        loop {
+            let len = (until - have).min(5_000);
+            let bytes = from.read_chunk(id, have, len).unwrap();
+            match to.receive_chunk(id, have, &bytes).unwrap() {
+                Received::Partial { have: now } if now < until => have = now,
+                received => return received,
+            }
+        }
+    }
+
+    #[test]
+    fn bad_input_never_panics() {
+        let a = TempDir::new("garbage-from");
+        let b = TempDir::new("garbage-to");
+        let (mut from, id) = sender(&a, 600);
+        let (mut to, _) = Store::open(&b.0).unwrap();
+        let good = from.read_chunk(&id, 0, id.total_len()).unwrap();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..300 {
+            let have = to.staged(&id);
+            let len = (next() % 3000) as usize + 1;
+            let end = (have as usize + len).min(good.len());
+            let mut bytes = good[have as usize..end].to_vec();
+            match round % 3 {
+                0 => {
+                    let i = next() as usize % bytes.len();
+                    bytes[i] = next() as u8;
+                }
+                1 => bytes.iter_mut().for_each(|b| *b = next() as u8),
+                _ => {}
+            }
+            let _ = to.receive_chunk(&id, have, &bytes);
+        }
+        // Impossible IDs and out-of-range chunks are errors, not panics.
+        let mut odd = id;
+        odd.records_len = u64::MAX;
+        assert!(to.receive_chunk(&odd, 0, b"x").is_err());
+        odd = id;
+        odd.meta_len = 0;
+        assert!(to.receive_chunk(&odd, 0, b"x").is_err());
+        assert!(to.receive_chunk(&id, id.total_len(), b"x").is_err());
+        assert!(to.receive_chunk(&id, u64::MAX, b"x").is_err());
+        assert!(decode_chunk("not base64!", 0).is_err());
+        // And a clean transfer still completes.
+        let have = to.staged(&id);
+        let received = stream(&mut from, &mut to, &id, have, 4_000);
+        if to.last_index() != 600 {
+            assert!(matches!(received, Received::Installed { .. }));
+        }
+        assert_eq!(to.last_index(), 600);
+    }
+
+    #[test]
+    fn open_removes_leftovers_of_an_interrupted_install() {
+        let dir = TempDir::new("leftovers");
+        let (mut store, _) = Store::open(&dir.0).unwrap();
+        store.append(&records(1, 20)).unwrap();
+        snapshot_here(&mut store);
+        drop(store);
+        // A crash after renaming install/ to store.2 but before repointing store.current.
+        fs::create_dir(dir.0.join("store.2")).unwrap();
+        fs::write(dir.0.join("store.2").join(RECORDS_FILE), b"junk").unwrap();
+        fs::write(dir.0.join(tmp_name(CURRENT_FILE)), b"store.2\n").unwrap();
+        fs::write(dir.0.join("wal"), b"not ours").unwrap();
+        let (store, snapshot) = Store::open(&dir.0).unwrap();
+        assert_eq!(store.last_index(), 20);
+        assert!(snapshot.is_some());
+        assert!(!dir.0.join("store.2").exists());
+        assert!(!dir.0.join(tmp_name(CURRENT_FILE)).exists());
+        assert_eq!(fs::read(dir.0.join("wal")).unwrap(), b"not ours");
+        assert_eq!(dir.store(), dir.0.join("store.1"));
+
+        fs::write(dir.0.join(CURRENT_FILE), b"store.x\n").unwrap();
+        let err = Store::open(&dir.0).err().unwrap();
+        assert!(err.contains(CURRENT_FILE), "{err}");
+    }
+
+    #[test]
+    fn chunks_round_trip_through_base64() {
+        for len in [0, 1, 2, 3, 4, 1000, 40_000] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
+            let (text, crc) = encode_chunk(&bytes);
+            assert!(text.is_ascii());
+            assert_eq!(decode_chunk(&text, crc).unwrap(), bytes);
+            assert!(decode_chunk(&text, crc.wrapping_add(1)).is_err());
+        }
+    }
+}
