@@ -1693,6 +1693,8 @@ mod tests {
         StatusInfo {
             members: Vec::new(),
             config_index: 0,
+            snapshot_index: 0,
+            first_index: 1,
             id,
             role,
             term: 3,

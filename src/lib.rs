@@ -6,6 +6,7 @@ pub mod chaos;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod disk;
 pub mod metrics;
 pub mod peer;
 pub mod raft;

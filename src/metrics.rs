@@ -355,6 +355,8 @@ mod tests {
             })
             .collect(),
             config_index: 6,
+            snapshot_index: 0,
+            first_index: 1,
             id: 1,
             role,
             term: 4,

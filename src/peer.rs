@@ -20,12 +20,14 @@
 
 use crate::cluster::{self, ClusterFile, Start};
 use crate::config::PeerConfig;
+use crate::disk::{Disk, Restored, Staged};
 use crate::metrics::{Metrics, MetricsServer};
+use crate::raft::node::{ChunkRead, ChunkWrite, StoreRead};
 use crate::raft::{
     self, Body, ClientOp, ClientReply, ClientRequest, ClientResult, Entry, HardState, Index,
     Membership, Message, Node, NodeId, Ready, ReplyTo, StatusInfo,
 };
-use crate::storage::Storage;
+use crate::raft::{LogRecord, SnapshotId, SnapshotState, Term};
 use crate::transport::{self, Accept, Directory, Inbound, Queues, RateLimiter, Transport};
 use crossbeam_channel::{never, select, Receiver, Sender};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -179,41 +181,57 @@ pub fn run_with(
     let timing = Timing::from_ms(config.heartbeat_ms, config.election_timeout_ms);
     let (transport, listener) = transport::bind(&config)?;
     let started = std::time::Instant::now();
-    let (storage, hard_state, entries) =
-        Storage::open(&config.data_dir, config.node_id).map_err(|e| {
-            format!(
-                "{}: cannot open storage in {}: {e}",
-                config.name,
-                config.data_dir.display()
-            )
-        })?;
+    let (storage, restored) = Disk::open(
+        &config.data_dir,
+        config.node_id,
+        config.snapshot_entries,
+        config.snapshot_trailing,
+    )
+    .map_err(|e| {
+        format!(
+            "{}: cannot open storage in {}: {e}",
+            config.name,
+            config.data_dir.display()
+        )
+    })?;
+    let Restored {
+        hard_state,
+        snapshot,
+        base,
+        entries,
+    } = restored;
     let address = transport.local_addr().map_or_else(
         |_| format!("{}:{}", config.host, config.port),
         |a| a.to_string(),
     );
     log::info!(
-        "{} (node {}) on {address}, data in {}: restored term {}, vote {:?}, commit {}, last index {}; tick {:?}, heartbeat {} ticks, election {:?} ticks",
+        "{} (node {}) on {address}, data in {}: restored term {}, vote {:?}, commit {}, snapshot at {}, log {}..={}; tick {:?}, heartbeat {} ticks, election {:?} ticks",
         config.name,
         config.node_id,
         config.data_dir.display(),
         hard_state.term,
         hard_state.vote,
         hard_state.commit,
-        entries.last().map_or(0, |e| e.index),
+        snapshot.as_ref().map_or(0, |(s, _)| s.index),
+        base.0 + 1,
+        entries.last().map_or(base.0, |e| e.index),
         timing.tick,
         timing.heartbeat_ticks,
         timing.election_ticks,
     );
-    let log_is_empty = entries.is_empty() && hard_state == HardState::default();
+    let log_is_empty =
+        entries.is_empty() && hard_state == HardState::default() && snapshot.is_none();
     let start = cluster::prepare(&config, options.join, log_is_empty)?;
     let routes = Routes::new(&config, &start);
     let bootstrap = match start {
         Start::Member(file) => file.bootstrap,
         Start::Joining => Membership::default(),
     };
-    let node = Node::new(
+    let node = Node::restore(
         core_config(&config, bootstrap, &timing, seed(config.node_id)),
         hard_state,
+        snapshot,
+        base,
         entries,
     );
     log::info!(
@@ -343,6 +361,27 @@ trait Core {
     fn removed(&self) -> bool {
         false
     }
+    fn id(&self) -> NodeId {
+        0
+    }
+    fn applied_index(&self) -> Index {
+        0
+    }
+    fn hard_state(&self) -> HardState {
+        HardState::default()
+    }
+    /// The log's last index and term.
+    fn last(&self) -> (Index, Term) {
+        (0, 0)
+    }
+    fn snapshot_state(&self) -> Option<SnapshotState> {
+        None
+    }
+    fn snapshot_taken(&mut self, _id: SnapshotId, _trailing: u64) -> Option<(Index, Term)> {
+        None
+    }
+    fn snapshot_chunk_stored(&mut self, _leader: NodeId, _index: Index, _have: u64) {}
+    fn install_snapshot(&mut self, _leader: NodeId, _state: SnapshotState, _id: SnapshotId) {}
 }
 
 impl Core for Node {
@@ -377,6 +416,30 @@ impl Core for Node {
     }
     fn removed(&self) -> bool {
         Node::removed(self)
+    }
+    fn id(&self) -> NodeId {
+        Node::id(self)
+    }
+    fn applied_index(&self) -> Index {
+        Node::applied_index(self)
+    }
+    fn hard_state(&self) -> HardState {
+        Node::hard_state(self)
+    }
+    fn last(&self) -> (Index, Term) {
+        (self.log().last_index(), self.log().last_term())
+    }
+    fn snapshot_state(&self) -> Option<SnapshotState> {
+        Some(Node::snapshot_state(self))
+    }
+    fn snapshot_taken(&mut self, id: SnapshotId, trailing: u64) -> Option<(Index, Term)> {
+        Node::snapshot_taken(self, id, trailing)
+    }
+    fn snapshot_chunk_stored(&mut self, leader: NodeId, index: Index, have: u64) {
+        Node::snapshot_chunk_stored(self, leader, index, have)
+    }
+    fn install_snapshot(&mut self, leader: NodeId, state: SnapshotState, id: SnapshotId) {
+        Node::install_snapshot(self, leader, state, id)
     }
 }
 
@@ -622,14 +685,88 @@ impl Instruments {
     }
 }
 
+/// The parts of a `Ready` carried out after `advance`: the applied log and snapshots.
+struct AfterAdvance {
+    applied: Vec<LogRecord>,
+    store_reads: Vec<StoreRead>,
+    chunk_reads: Vec<ChunkRead>,
+    chunk_writes: Vec<ChunkWrite>,
+}
+
 /// What the node loop needs from storage.
 trait Durable {
     fn persist(&mut self, hard_state: Option<&HardState>, entries: &[Entry]) -> Result<(), String>;
+    /// Appends applied records to the store, serves reads from it, sends and stages snapshot
+    /// chunks, and takes a snapshot when one is due. Nothing in fakes.
+    fn after_advance(
+        &mut self,
+        _rd: AfterAdvance,
+        _core: &mut impl Core,
+        _out: &mut impl Outbox,
+    ) -> Result<(), String> {
+        Ok(())
+    }
 }
 
-impl Durable for Storage {
+impl Durable for Disk {
     fn persist(&mut self, hard_state: Option<&HardState>, entries: &[Entry]) -> Result<(), String> {
-        Storage::persist(self, hard_state, entries)
+        self.wal.persist(hard_state, entries)
+    }
+
+    fn after_advance(
+        &mut self,
+        rd: AfterAdvance,
+        core: &mut impl Core,
+        out: &mut impl Outbox,
+    ) -> Result<(), String> {
+        let me = core.id();
+        self.apply(&rd.applied)?;
+        for read in &rd.store_reads {
+            let result = self.page(read);
+            let reply = ClientReply {
+                id: read.id,
+                from: me,
+                result,
+            };
+            out.send_reply(read.reply_to, reply);
+        }
+        for c in &rd.chunk_reads {
+            if let Some(msg) = self.chunk(c, me) {
+                out.send_peer(msg);
+            }
+        }
+        for w in &rd.chunk_writes {
+            // Entries applied since the chunk arrived may have overtaken its snapshot.
+            if w.snapshot.index <= core.applied_index() {
+                continue;
+            }
+            match self.stage(w, core.hard_state())? {
+                Staged::Partial { have } => {
+                    core.snapshot_chunk_stored(w.from, w.snapshot.index, have)
+                }
+                Staged::Installed { state, id } => core.install_snapshot(w.from, state, id),
+            }
+        }
+        if self.snapshot_due(core.applied_index()) {
+            if let Some(state) = core.snapshot_state() {
+                let started = Instant::now();
+                let id = self.take_snapshot(&state)?;
+                let taken = started.elapsed();
+                if let Some((base, _)) = core.snapshot_taken(id, self.snapshot_trailing()) {
+                    self.compact_wal(&core.hard_state(), core.last(), base)?;
+                }
+                log::info!(
+                    "snapshot at {} (term {}): {} bytes of records, {} sessions; written in {} ms, WAL compacted in {} ms",
+                    id.index,
+                    id.term,
+                    id.records_len,
+                    state.sessions.len(),
+                    taken.as_millis(),
+                    started.elapsed().saturating_sub(taken).as_millis()
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -867,7 +1004,10 @@ fn carry_out(
         mut messages,
         send_before_persist,
         replies,
-        ..
+        applied,
+        store_reads,
+        chunk_reads,
+        chunk_writes,
     } = rd;
     if send_before_persist {
         for msg in messages.drain(..) {
@@ -893,6 +1033,15 @@ fn carry_out(
         inst.answering(to, &mut reply);
         out.send_reply(to, reply);
     }
+    let after = AfterAdvance {
+        applied,
+        store_reads,
+        chunk_reads,
+        chunk_writes,
+    };
+    storage
+        .after_advance(after, core, out)
+        .map_err(|e| format!("storage failed: {e}"))?;
     Ok(persisting)
 }
 

@@ -1362,6 +1362,7 @@ mod tests {
             index,
             term,
             membership: Membership::voters(&[1, 2, 3]),
+            config_at: (0, 0),
             sessions: vec![SessionRecord {
                 client: 7,
                 seq: 3,

@@ -239,6 +239,8 @@ mod tests {
             info: info.map(|(role, term, leader, elections)| StatusInfo {
                 members: Vec::new(),
                 config_index: 0,
+                snapshot_index: 0,
+                first_index: 1,
                 id,
                 role,
                 term,

@@ -339,6 +339,12 @@ pub struct StatusInfo {
     pub members: Vec<Member>,
     #[serde(default)]
     pub config_index: Index,
+    /// Index of the latest snapshot on this peer (0: none), and the first index its log
+    /// still holds (entries before it are compacted).
+    #[serde(default)]
+    pub snapshot_index: Index,
+    #[serde(default)]
+    pub first_index: Index,
     /// On a leader: its view of every other member, by ID.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub followers: Vec<FollowerInfo>,

@@ -426,6 +426,8 @@ impl Node {
             auth_failures: 0,
             members: self.membership().members.clone(),
             config_index: self.config_index(),
+            snapshot_index: self.snapshot.map_or(0, |s| s.index),
+            first_index: self.log.base().0 + 1,
             followers: self
                 .progress
                 .iter()

@@ -1,0 +1,239 @@
+//! A peer's durable state as the node loop sees it: the WAL ([`Storage`]: hard state and the
+//! log after its base) and the store ([`Store`]: the applied log and its snapshots), and the
+//! policy for taking snapshots (`snapshot_entries`, `snapshot_trailing`).
+//!
+//! Invariant kept across crashes: the WAL continues from the store's latest snapshot (its base
+//! is at or below the snapshot's index, and it holds the snapshot's (index, term)), so the core
+//! restores from the snapshot plus the WAL after it.
+
+use crate::raft::node::{ChunkRead, ChunkWrite, StoreRead, PAGE_BUDGET};
+use crate::raft::{
+    Body, ClientResult, Entry, HardState, Index, LogRecord, Message, NodeId, SnapshotId,
+    SnapshotState, Term,
+};
+use crate::storage::Storage;
+use crate::store::{self, Received, Store};
+use std::path::Path;
+
+/// The store counts a page in bytes of record JSON; the reply adds a comma per record (at
+/// least 47 bytes each) and its envelope.
+const STORE_PAGE_BUDGET: usize = PAGE_BUDGET - 4096;
+
+/// What a peer restores from: the hard state, the latest snapshot, and the log after `base`.
+pub struct Restored {
+    pub hard_state: HardState,
+    pub snapshot: Option<(SnapshotState, SnapshotId)>,
+    pub base: (Index, Term),
+    pub entries: Vec<Entry>,
+}
+
+/// What became of a received snapshot chunk.
+pub enum Staged {
+    /// The staging area holds `[0, have)` of the stream.
+    Partial { have: u64 },
+    /// Verified, durable, swapped in, and the WAL reset to its base: tell the core.
+    Installed {
+        state: SnapshotState,
+        id: SnapshotId,
+    },
+}
+
+pub struct Disk {
+    pub wal: Storage,
+    pub store: Store,
+    /// Entries applied between two snapshots, and entries kept before a snapshot's index.
+    snapshot_entries: u64,
+    snapshot_trailing: u64,
+    /// Index of the latest snapshot (0: none).
+    snapshot_index: Index,
+}
+
+impl Disk {
+    /// Opens the WAL (which locks the directory) and the store, and makes the WAL continue
+    /// from the store's snapshot if a crash came between installing one and resetting the WAL.
+    pub fn open(
+        dir: &Path,
+        node_id: NodeId,
+        snapshot_entries: u64,
+        snapshot_trailing: u64,
+    ) -> Result<(Disk, Restored), String> {
+        let (mut wal, mut hard_state, mut entries) = Storage::open(dir, node_id)?;
+        let (store, snapshot) = Store::open(dir)?;
+        let mut base = wal.base();
+        let snapshot = snapshot.map(|(meta, id)| (meta.state, id));
+        match &snapshot {
+            Some((state, _)) => {
+                let term_at = |i: Index| {
+                    if i == base.0 {
+                        Some(base.1)
+                    } else if i > base.0 {
+                        entries.get((i - base.0 - 1) as usize).map(|e| e.term)
+                    } else {
+                        None
+                    }
+                };
+                if term_at(state.index) != Some(state.term) {
+                    log::warn!(
+                        "{}: the WAL does not reach the snapshot at {} (term {}): an install was cut short; starting the log from the snapshot",
+                        dir.display(),
+                        state.index,
+                        state.term
+                    );
+                    hard_state.commit = hard_state.commit.max(state.index);
+                    wal.rotate(&hard_state, (state.index, state.term))?;
+                    wal.compact(state.index)?;
+                    base = (state.index, state.term);
+                    entries.clear();
+                }
+            }
+            None if base.0 > 0 => {
+                return Err(format!(
+                    "{}: the WAL starts after index {} but the store has no snapshot covering it",
+                    dir.display(),
+                    base.0
+                ))
+            }
+            None => {}
+        }
+        let disk = Disk {
+            wal,
+            store,
+            snapshot_entries,
+            snapshot_trailing,
+            snapshot_index: snapshot.as_ref().map_or(0, |(s, _)| s.index),
+        };
+        let restored = Restored {
+            hard_state,
+            snapshot,
+            base,
+            entries,
+        };
+        Ok((disk, restored))
+    }
+
+    /// Appends applied records to the store; records it already has (the core re-applies
+    /// from its snapshot after a restart) are skipped.
+    pub fn apply(&mut self, records: &[LogRecord]) -> Result<(), String> {
+        let have = self.store.last_index();
+        let from = records.partition_point(|r| r.index <= have);
+        self.store.append(&records[from..])
+    }
+
+    /// One page of a read the core left to the store.
+    pub fn page(&mut self, read: &StoreRead) -> ClientResult {
+        match self
+            .store
+            .read_page(read.start, read.read_index, STORE_PAGE_BUDGET)
+        {
+            Ok((entries, next)) => ClientResult::Entries {
+                entries,
+                read_index: read.read_index,
+                next,
+            },
+            Err(e) => {
+                log::error!("cannot serve a read from the store: {e}");
+                ClientResult::Refused {
+                    reason: format!("this peer cannot read its store: {e}"),
+                }
+            }
+        }
+    }
+
+    /// The InstallSnapshot message for a chunk the core wants sent, or None if its snapshot
+    /// was superseded meanwhile (the core moves on to the newer one).
+    pub fn chunk(&mut self, c: &ChunkRead, from: NodeId) -> Option<Message> {
+        match self.store.read_chunk(&c.snapshot, c.offset, c.len) {
+            Ok(bytes) => {
+                let (data, crc) = store::encode_chunk(&bytes);
+                Some(Message {
+                    cluster: 0,
+                    from,
+                    to: c.to,
+                    term: c.term,
+                    body: Body::InstallSnapshot {
+                        snapshot: c.snapshot,
+                        offset: c.offset,
+                        data,
+                        crc,
+                    },
+                })
+            }
+            Err(e) => {
+                log::debug!("not sending a snapshot chunk to {}: {e}", c.to);
+                None
+            }
+        }
+    }
+
+    /// Stages a received chunk; the last one installs the snapshot and resets the WAL to its
+    /// base, durably, before the core is told (and acknowledges it). A chunk that fails its
+    /// checksum is dropped: the answer says what is held, and the leader sends it again.
+    pub fn stage(&mut self, w: &ChunkWrite, hard_state: HardState) -> Result<Staged, String> {
+        let id = w.snapshot;
+        let bytes = match store::decode_chunk(&w.data, w.crc) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                log::warn!(
+                    "dropping chunk at {} of snapshot {} from {}: {e}",
+                    w.offset,
+                    id.index,
+                    w.from
+                );
+                let have = self.store.staged(&id);
+                return Ok(Staged::Partial { have });
+            }
+        };
+        let meta = match self.store.receive_chunk(&id, w.offset, &bytes) {
+            Ok(Received::Partial { have }) => return Ok(Staged::Partial { have }),
+            Ok(Received::Installed { meta }) => meta,
+            Err(e) => {
+                log::warn!(
+                    "dropping chunk at {} of snapshot {} from {}: {e}",
+                    w.offset,
+                    id.index,
+                    w.from
+                );
+                let have = self.store.staged(&id);
+                return Ok(Staged::Partial { have });
+            }
+        };
+        let state = meta.state;
+        let hs = HardState {
+            commit: hard_state.commit.max(state.index),
+            ..hard_state
+        };
+        self.wal.rotate(&hs, (state.index, state.term))?;
+        self.wal.compact(state.index)?;
+        self.snapshot_index = state.index;
+        Ok(Staged::Installed { state, id })
+    }
+
+    /// Whether enough entries were applied since the latest snapshot to take another.
+    pub fn snapshot_due(&self, applied: Index) -> bool {
+        applied >= self.snapshot_index + self.snapshot_entries && self.store.last_index() == applied
+    }
+
+    /// Makes a snapshot of the store up to `state.index` durable.
+    pub fn take_snapshot(&mut self, state: &SnapshotState) -> Result<SnapshotId, String> {
+        let id = self.store.write_snapshot(state)?;
+        self.snapshot_index = state.index;
+        Ok(id)
+    }
+
+    pub fn snapshot_trailing(&self) -> u64 {
+        self.snapshot_trailing
+    }
+
+    /// After the core compacted its log to `base`: start a new WAL segment after the log's
+    /// `last` entry, and delete the segments wholly at or below `base`.
+    pub fn compact_wal(
+        &mut self,
+        hard_state: &HardState,
+        last: (Index, Term),
+        base: Index,
+    ) -> Result<(), String> {
+        self.wal.rotate(hard_state, last)?;
+        self.wal.compact(base)?;
+        Ok(())
+    }
+}
