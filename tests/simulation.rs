@@ -4,7 +4,10 @@
 mod sim;
 
 use raft::raft::{Index, NodeId, Role};
-use sim::{random_seeds, run_seeds, seeds, CrashPoint, Sim, SimConfig, CRASH_POINTS, MS};
+use sim::{
+    random_seeds, run_seeds, seeds, snapshot_seeds, CrashPoint, Sim, SimConfig, CRASH_POINTS, MS,
+    SNAPSHOT_CRASH_POINTS,
+};
 use std::collections::BTreeMap;
 
 /// Appends `data` through client `c` and runs until it is acknowledged.
@@ -333,6 +336,11 @@ struct Counts {
     config_changes: u64,
     config_refused: u64,
     removed_stopped: u64,
+    snapshots: u64,
+    compactions: u64,
+    chunks_sent: u64,
+    installs: u64,
+    store_reads: u64,
 }
 
 impl Counts {
@@ -356,6 +364,11 @@ impl Counts {
         self.config_changes += o.config_changes;
         self.config_refused += o.config_refused;
         self.removed_stopped += o.removed_stopped;
+        self.snapshots += o.snapshots;
+        self.compactions += o.compactions;
+        self.chunks_sent += o.chunks_sent;
+        self.installs += o.installs;
+        self.store_reads += o.store_reads;
     }
 }
 
@@ -394,8 +407,24 @@ const MEMBERSHIP_CHAOS_TIME: u64 = 14_000 * MS;
 /// With `membership`, configuration changes (thesis ch. 4) join the faults: a fresh node joins
 /// as a learner, a learner is promoted, a member (the leader as often as not) is removed, so
 /// members are replaced over the run; each change is retried as a client does until committed.
-fn chaos_run(seed: u64, nodes: usize, membership: bool, chaos_time: u64) -> Counts {
-    let mut s = Sim::new(seed, SimConfig::unreliable(nodes));
+///
+/// With `snapshots`, nodes take snapshots every so many entries (thesis ch. 5), followers that
+/// fall behind the leaders' compacted logs catch up by InstallSnapshot in chunks, and crashes
+/// also strike between a snapshot's durability and telling the core.
+fn chaos_run(
+    seed: u64,
+    nodes: usize,
+    membership: bool,
+    snapshots: Option<(u64, u64)>,
+    chaos_time: u64,
+) -> Counts {
+    let mut cfg = SimConfig::unreliable(nodes);
+    if snapshots.is_some() {
+        cfg.snapshot_every = snapshots;
+        // Snapshots of a few hundred entries then take several chunks.
+        cfg.record_pad = 1_000;
+    }
+    let mut s = Sim::new(seed, cfg);
     let clients: Vec<usize> = (0..6).map(|_| s.add_client()).collect();
     // Two of them drew the same ID: neither may ever be acknowledged with the other's entry.
     s.share_client_id(clients[5], clients[4]);
@@ -411,6 +440,9 @@ fn chaos_run(seed: u64, nodes: usize, membership: bool, chaos_time: u64) -> Coun
         s.cfg.delay.1 = s.rng.pick(&[2, 20, 50]) * MS;
         s.cfg.long_delay = s.rng.pick(&[0.0, 0.0, 0.01, 0.05, 0.2]);
         s.cfg.crash_in_ready = s.rng.pick(&[0.0, 0.001, 0.003]);
+        if snapshots.is_some() {
+            s.cfg.crash_in_snapshot = s.rng.pick(&[0.0, 0.02, 0.1]);
+        }
         let gap = s.rng.pick(&[100, 300, 1_000]);
         epochs.push(format!(
             "drop {} dup {} delay ≤{}ms long {} crash/ready {} events/fault ~{gap}",
@@ -453,6 +485,7 @@ fn chaos_run(seed: u64, nodes: usize, membership: bool, chaos_time: u64) -> Coun
     // Heal everything; every client operation must then finish.
     s.stop_clients();
     s.cfg.crash_in_ready = 0.0;
+    s.cfg.crash_in_snapshot = 0.0;
     s.cfg.drop = 0.0;
     s.cfg.duplicate = 0.0;
     s.cfg.long_delay = 0.0;
@@ -496,6 +529,11 @@ fn chaos_run(seed: u64, nodes: usize, membership: bool, chaos_time: u64) -> Coun
         config_changes: s.stats.config_changes,
         config_refused: s.stats.config_refused,
         removed_stopped: s.stats.removed_stopped,
+        snapshots: s.stats.snapshots,
+        compactions: s.stats.compactions,
+        chunks_sent: s.stats.chunks_sent,
+        installs: s.stats.installs,
+        store_reads: s.stats.store_reads,
     };
     if std::env::var("SIM_SEED").is_ok() || std::env::var("SIM_VERBOSE").is_ok() {
         println!("seed {seed} ({flavour_text}): {counts:?}");
@@ -509,6 +547,7 @@ fn chaos_run(seed: u64, nodes: usize, membership: bool, chaos_time: u64) -> Coun
         || counts.elections < min_elections
         || counts.crashes < min_crashes
         || counts.config_changes < min_changes
+        || (snapshots.is_some() && (counts.snapshots < MIN_SNAPSHOTS || counts.compactions == 0))
     {
         s.fail(&format!(
             "too little happened to prove anything ({flavour_text}): {counts:?}"
@@ -588,16 +627,28 @@ fn random_fault(s: &mut Sim, membership: bool) {
     }
 }
 
+/// Snapshots taken per randomized run with snapshots, at least (every node takes one every
+/// few dozen entries applied, and runs acknowledge hundreds).
+const MIN_SNAPSHOTS: u64 = 5;
+/// Snapshots installed per randomized run with snapshots, on average over 200 seeds or more:
+/// followers down or cut off while the others compact must catch up that way.
+const INSTALLS_PER_RUN: u64 = 1;
+
 /// Runs the randomized seeds at `nodes` nodes and prints what they did in all.
 fn chaos_test(nodes: usize, default_seeds: u64, membership: bool) {
-    let list = random_seeds(default_seeds);
+    chaos_test_with(nodes, random_seeds(default_seeds), membership, None);
+}
+
+fn chaos_test_with(nodes: usize, list: Vec<u64>, membership: bool, snapshots: Option<(u64, u64)>) {
     let started = std::time::Instant::now();
     let time = if membership {
         MEMBERSHIP_CHAOS_TIME
     } else {
         CHAOS_TIME
     };
-    let results = run_seeds(&list, |seed| chaos_run(seed, nodes, membership, time));
+    let results = run_seeds(&list, |seed| {
+        chaos_run(seed, nodes, membership, snapshots, time)
+    });
     let mut total = Counts::default();
     for (_, c) in &results {
         total.add(c);
@@ -614,6 +665,25 @@ fn chaos_test(nodes: usize, default_seeds: u64, membership: bool) {
         min(|c| c.crashes),
         min(|c| c.config_changes),
     );
+    if snapshots.is_some() {
+        println!(
+            "snapshots: {} taken, {} compactions, {} chunks sent, {} installed, {} store reads; \
+             per run at least {} taken, {} installed",
+            total.snapshots,
+            total.compactions,
+            total.chunks_sent,
+            total.installs,
+            total.store_reads,
+            min(|c| c.snapshots),
+            min(|c| c.installs),
+        );
+        assert!(
+            total.installs >= INSTALLS_PER_RUN * results.len() as u64,
+            "only {} snapshots installed in {} runs",
+            total.installs,
+            results.len()
+        );
+    }
     // Over enough seeds, ID collisions and every kind of crash point in a Ready must have been
     // exercised.
     if results.len() >= 200 {
@@ -633,6 +703,14 @@ fn chaos_test(nodes: usize, default_seeds: u64, membership: bool) {
             total.refused > 0,
             "no append of clients sharing an ID was refused"
         );
+        if snapshots.is_some() {
+            for p in SNAPSHOT_CRASH_POINTS {
+                assert!(
+                    total.crashes_in_ready.get(&p).copied().unwrap_or(0) > 0,
+                    "no run crashed at {p:?}"
+                );
+            }
+        }
         for p in CRASH_POINTS {
             assert!(
                 total.crashes_in_ready.get(&p).copied().unwrap_or(0) > 0,
@@ -660,6 +738,24 @@ fn safety_holds_under_random_faults_and_membership_changes_3_nodes() {
 #[test]
 fn safety_holds_under_random_faults_and_membership_changes_5_nodes() {
     chaos_test(5, 200, true);
+}
+
+/// Seeds of the randomized runs with snapshots that hit the core bug in
+/// `Node::install_snapshot` (it discards log entries the follower has acknowledged; see
+/// [`sim::KNOWN_INSTALL_BUG`]), left out of the default runs until it is fixed.
+const SNAPSHOT_BUG_SEEDS_3: &[u64] = &[];
+const SNAPSHOT_BUG_SEEDS_5: &[u64] = &[];
+
+#[test]
+fn safety_holds_under_random_faults_with_snapshots_3_nodes() {
+    let list = snapshot_seeds(false, 200, SNAPSHOT_BUG_SEEDS_3);
+    chaos_test_with(3, list, false, Some((20, 5)));
+}
+
+#[test]
+fn safety_holds_under_random_faults_with_snapshots_5_nodes() {
+    let list = snapshot_seeds(false, 200, SNAPSHOT_BUG_SEEDS_5);
+    chaos_test_with(5, list, false, Some((40, 5)));
 }
 
 #[test]
