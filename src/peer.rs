@@ -205,16 +205,16 @@ pub fn run_with(
         |a| a.to_string(),
     );
     log::info!(
-        "{} (node {}) on {address}, data in {}: restored term {}, vote {:?}, commit {}, snapshot at {}, log {}..={}; tick {:?}, heartbeat {} ticks, election {:?} ticks",
+        "{} (node {}) on {address}, data in {}: restored term {}, vote {:?}, commit {}, last index {}, snapshot at {}, log from {}; tick {:?}, heartbeat {} ticks, election {:?} ticks",
         config.name,
         config.node_id,
         config.data_dir.display(),
         hard_state.term,
         hard_state.vote,
         hard_state.commit,
+        entries.last().map_or(base.0, |e| e.index),
         snapshot.as_ref().map_or(0, |(s, _)| s.index),
         base.0 + 1,
-        entries.last().map_or(base.0, |e| e.index),
         timing.tick,
         timing.heartbeat_ticks,
         timing.election_ticks,
@@ -382,6 +382,9 @@ trait Core {
     }
     fn snapshot_chunk_stored(&mut self, _leader: NodeId, _index: Index, _have: u64) {}
     fn install_snapshot(&mut self, _leader: NodeId, _state: SnapshotState, _id: SnapshotId) {}
+    fn log_has(&self, _index: Index, _term: Term) -> bool {
+        false
+    }
 }
 
 impl Core for Node {
@@ -440,6 +443,9 @@ impl Core for Node {
     }
     fn install_snapshot(&mut self, leader: NodeId, state: SnapshotState, id: SnapshotId) {
         Node::install_snapshot(self, leader, state, id)
+    }
+    fn log_has(&self, index: Index, term: Term) -> bool {
+        Node::log_has(self, index, term)
     }
 }
 
@@ -736,8 +742,10 @@ impl Durable for Disk {
             }
         }
         for w in &rd.chunk_writes {
-            // Entries applied since the chunk arrived may have overtaken its snapshot.
-            if w.snapshot.index <= core.applied_index() {
+            // Entries that arrived since the chunk may have overtaken its snapshot: installing
+            // it would then drop them.
+            let (index, term) = (w.snapshot.index, w.snapshot.term);
+            if index <= core.applied_index() || core.log_has(index, term) {
                 continue;
             }
             match self.stage(w, core.hard_state())? {

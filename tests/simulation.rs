@@ -5,7 +5,7 @@ mod sim;
 
 use raft::raft::{Index, NodeId, Role};
 use sim::{
-    random_seeds, run_seeds, seeds, snapshot_seeds, CrashPoint, Sim, SimConfig, CRASH_POINTS, MS,
+    random_seeds, run_seeds, seeds, CrashPoint, Sim, SimConfig, CRASH_POINTS, MS,
     SNAPSHOT_CRASH_POINTS,
 };
 use std::collections::BTreeMap;
@@ -740,21 +740,15 @@ fn safety_holds_under_random_faults_and_membership_changes_5_nodes() {
     chaos_test(5, 200, true);
 }
 
-/// Seeds of the randomized runs with snapshots that hit the core bug in
-/// `Node::install_snapshot` (it discards log entries the follower has acknowledged; see
-/// [`sim::KNOWN_INSTALL_BUG`]), left out of the default runs until it is fixed.
-const SNAPSHOT_BUG_SEEDS_3: &[u64] = &[];
-const SNAPSHOT_BUG_SEEDS_5: &[u64] = &[];
-
 #[test]
 fn safety_holds_under_random_faults_with_snapshots_3_nodes() {
-    let list = snapshot_seeds(false, 200, SNAPSHOT_BUG_SEEDS_3);
+    let list = random_seeds(200);
     chaos_test_with(3, list, false, Some((20, 5)));
 }
 
 #[test]
 fn safety_holds_under_random_faults_with_snapshots_5_nodes() {
-    let list = snapshot_seeds(false, 200, SNAPSHOT_BUG_SEEDS_5);
+    let list = random_seeds(200);
     chaos_test_with(5, list, false, Some((40, 5)));
 }
 

@@ -913,8 +913,10 @@ impl Node {
     }
 
     /// §7 InstallSnapshot, one chunk. A snapshot we already have everything of is answered
-    /// as done (our committed log matches the leader's up to its index); any other chunk goes
-    /// to the shell, which stages it and tells us what it holds.
+    /// as done: our committed log matches the leader's up to its index, or our log holds its
+    /// last entry (then everything up to it is the leader's, and committed, so we commit it and
+    /// keep what follows, §7 step 6: entries we acknowledged must not be dropped). Any other
+    /// chunk goes to the shell, which stages it and tells us what it holds.
     fn handle_install_snapshot(&mut self, msg: Message) {
         let Body::InstallSnapshot {
             snapshot,
@@ -925,6 +927,9 @@ impl Node {
         else {
             return;
         };
+        if self.log_has(snapshot.index, snapshot.term) && self.log.commit_to(snapshot.index) {
+            self.apply_committed();
+        }
         if snapshot.index <= self.log.commit {
             return self.send(
                 msg.from,
@@ -1897,6 +1902,12 @@ impl Node {
                 done: true,
             },
         );
+    }
+
+    /// Whether our log holds the entry at `index` with `term` (the shell stages no snapshot
+    /// whose last entry we have: installing it would discard the entries after it).
+    pub fn log_has(&self, index: Index, term: Term) -> bool {
+        self.log.term_at(index) == Some(term)
     }
 
     /// The hard state as it stands (the shell writes it when it resets its WAL).

@@ -1172,7 +1172,9 @@ impl Sim {
     fn stage_chunk(&mut self, id: NodeId, w: ChunkWrite) -> bool {
         let node = self.nodes[&id].as_ref().unwrap();
         let applied = node.applied_index();
-        if w.snapshot.index <= applied {
+        // As the peer: a snapshot whose last entry the log already holds is never installed
+        // (that would drop the entries after it).
+        if w.snapshot.index <= applied || node.log_has(w.snapshot.index, w.snapshot.term) {
             return true;
         }
         let Ok(len) = w.data.parse::<u64>() else {
@@ -2655,39 +2657,6 @@ pub fn seeds(default_count: u64) -> Vec<u64> {
 /// (default given; CI sets thousands), starting after [`seed_offset`].
 pub fn random_seeds(default_count: u64) -> Vec<u64> {
     seed_list(env_count("SIM_SEEDS").unwrap_or(default_count))
-}
-
-/// A core bug the simulator finds with snapshots: `Node::install_snapshot` resets the whole
-/// log (`RaftLog::reset`) even when the follower's log already holds the snapshot's last entry
-/// (same index and term) and entries after it that it has acknowledged to the leader; the
-/// leader's match index for it stays above the snapshot (it never falls), so the leader counts
-/// the follower for entries it no longer holds. Raft §7 keeps the entries following a
-/// matching last included entry. Seeds known to hit it are left out of the default runs.
-pub const KNOWN_INSTALL_BUG: &str = "install_snapshot discards acknowledged entries";
-
-/// Seeds for a test with snapshots: as [`seeds`] (`scenario`) or [`random_seeds`] when
-/// `SIM_SEED` or `SIM_SEED_OFFSET` is set; otherwise fixed seeds from 1, without `known_bad`
-/// (seeds that hit [`KNOWN_INSTALL_BUG`]), as many as those would run.
-pub fn snapshot_seeds(scenario: bool, default_count: u64, known_bad: &[u64]) -> Vec<u64> {
-    let var = if scenario {
-        "SIM_SCENARIO_SEEDS"
-    } else {
-        "SIM_SEEDS"
-    };
-    if std::env::var("SIM_SEED").is_ok() || std::env::var("SIM_SEED_OFFSET").is_ok() {
-        return seed_list(env_count(var).unwrap_or(default_count));
-    }
-    let count = env_count(var).unwrap_or(default_count) as usize;
-    let list: Vec<u64> = (1..)
-        .filter(|s| !known_bad.contains(s))
-        .take(count)
-        .collect();
-    println!(
-        "seeds 1..={} without {known_bad:?} (they hit a known core bug: {KNOWN_INSTALL_BUG}); \
-         SIM_SEED_OFFSET explores others",
-        list.last().copied().unwrap_or(0)
-    );
-    list
 }
 
 /// Runs `run` for every seed on `SIM_THREADS` threads (default: one per CPU) and returns what
