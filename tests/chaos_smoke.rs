@@ -1,5 +1,6 @@
-//! A short chaos run on real peer processes must come out linearizable; and the same run's
-//! files, tampered with, must be caught by the checker (`chaos --check`).
+//! A short chaos run on real peer processes, snapshotting every 50 entries, must come out
+//! linearizable; and the same run's files, tampered with, must be caught by the checker
+//! (`chaos --check`).
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -52,6 +53,8 @@ fn a_short_mixed_run_is_linearizable_and_tampering_with_it_is_caught() {
         "mixed",
         "--seed",
         "1",
+        "--snapshot-entries",
+        "50",
         "--out",
         d,
     ]);

@@ -60,6 +60,11 @@ struct Args {
     /// every datagram; --netns runs are never authenticated)
     #[argh(switch)]
     no_auth: bool,
+    /// the peers' snapshot_entries (default: the peers' default, 10,000); small values make
+    /// snapshots, compaction and InstallSnapshot happen under every fault (not with --netns,
+    /// whose script writes the configs)
+    #[argh(option)]
+    snapshot_entries: Option<u64>,
     /// the peer binary (default: `peer` next to this binary)
     #[argh(option)]
     peer_bin: Option<PathBuf>,
@@ -184,6 +189,7 @@ fn options(args: &Args) -> Result<Options, String> {
         keep_data: args.keep_data,
         peer_exe,
         auth: !args.no_auth && netns.is_none(),
+        snapshot_entries: args.snapshot_entries.filter(|_| netns.is_none()),
         netns,
     })
 }

@@ -160,14 +160,15 @@ pub struct Cluster {
 
 impl Cluster {
     /// Writes a config per peer into `dir/nI/` whose `other_peers` are this peer's proxies,
-    /// and starts nothing yet. `ports` are the peers' own ports; every peer uses `secret_file`,
-    /// if given.
+    /// and starts nothing yet. `ports` are the peers' own ports; every peer uses `secret_file`
+    /// and `snapshot_entries`, if given.
     pub fn configure(
         dir: &Path,
         exe: &Path,
         ports: &BTreeMap<NodeId, u16>,
         network: &Network,
         secret_file: Option<&Path>,
+        snapshot_entries: Option<u64>,
     ) -> Result<Cluster, String> {
         let mut peers = BTreeMap::new();
         for (&id, &port) in ports {
@@ -191,6 +192,10 @@ impl Cluster {
             });
             if let Some(secret) = secret_file {
                 config["secret_file"] = secret.to_string_lossy().into_owned().into();
+            }
+            if let Some(n) = snapshot_entries {
+                config["snapshot_entries"] = n.into();
+                config["snapshot_trailing"] = (n / 10).into();
             }
             let path = home.join("config.json");
             std::fs::write(&path, format!("{config:#}\n"))

@@ -82,13 +82,15 @@ pub struct Options {
     /// Authenticate datagrams: a fresh secret file in the run's folder that every peer and
     /// client uses. Not with `netns`, whose script writes the peers' configs.
     pub auth: bool,
+    /// The peers' `snapshot_entries` (their `snapshot_trailing` is a tenth of it), if set.
+    pub snapshot_entries: Option<u64>,
 }
 
 impl Options {
     /// The command line that repeats this run's schedule (thread timing aside).
     pub fn reproduce(&self) -> String {
         format!(
-            "cargo run --release --bin chaos -- --nodes {} --duration {} --faults {} --seed {} --clients {} --client-timeout-ms {} --think-ms {} --query-percent {} --pinned-percent {}{}{}",
+            "cargo run --release --bin chaos -- --nodes {} --duration {} --faults {} --seed {} --clients {} --client-timeout-ms {} --think-ms {} --query-percent {} --pinned-percent {}{}{}{}",
             self.nodes,
             self.duration.as_secs(),
             self.faults_arg,
@@ -104,6 +106,8 @@ impl Options {
             } else {
                 " --no-auth"
             },
+            self.snapshot_entries
+                .map_or(String::new(), |n| format!(" --snapshot-entries {n}")),
         )
     }
 
@@ -704,6 +708,7 @@ fn drive(
                 &ports,
                 &network,
                 opts.auth.then_some(secret_file.as_path()),
+                opts.snapshot_entries,
             )?;
             cluster.start_all()?;
             (cluster, Links::Proxies(network))
