@@ -11,9 +11,11 @@ use crate::raft::{
     Body, ClientResult, Entry, HardState, Index, LogRecord, Message, NodeId, SnapshotId,
     SnapshotState, Term,
 };
-use crate::storage::Storage;
-use crate::store::{self, Received, Store};
-use std::path::Path;
+use crate::storage::{self, Storage};
+use crate::store::{self, Received, SnapshotJob, Store};
+use crossbeam_channel::{Receiver, Sender};
+use std::path::{Path, PathBuf};
+use std::thread;
 
 /// The store counts a page in bytes of record JSON; the reply adds a comma per record (at
 /// least 47 bytes each) and its envelope.
@@ -38,14 +40,27 @@ pub enum Staged {
     },
 }
 
+/// File work for the snapshot thread, so that taking a snapshot costs the node thread only
+/// what must happen in order with its writes.
+enum Job {
+    /// Make a snapshot durable (fsyncs of the store and its meta file); answered on `done`.
+    Snapshot(SnapshotJob),
+    /// Delete compacted WAL segments and sync the directory.
+    DeleteSegments(PathBuf, Vec<PathBuf>),
+}
+
 pub struct Disk {
     pub wal: Storage,
     pub store: Store,
     /// Entries applied between two snapshots, and entries kept before a snapshot's index.
     snapshot_entries: u64,
     snapshot_trailing: u64,
-    /// Index of the latest snapshot (0: none).
+    /// Index of the latest snapshot, or of the one being written (0: none).
     snapshot_index: Index,
+    /// A snapshot handed to the snapshot thread and not yet back.
+    writing: bool,
+    jobs: Sender<Job>,
+    done: Receiver<Result<SnapshotJob, String>>,
 }
 
 impl Disk {
@@ -95,12 +110,21 @@ impl Disk {
             }
             None => {}
         }
+        let (jobs, jobs_rx) = crossbeam_channel::unbounded::<Job>();
+        let (done_tx, done) = crossbeam_channel::unbounded();
+        thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || snapshot_thread(jobs_rx, done_tx))
+            .map_err(|e| format!("cannot start the snapshot thread: {e}"))?;
         let disk = Disk {
             wal,
             store,
             snapshot_entries,
             snapshot_trailing,
             snapshot_index: snapshot.as_ref().map_or(0, |(s, _)| s.index),
+            writing: false,
+            jobs,
+            done,
         };
         let restored = Restored {
             hard_state,
@@ -170,6 +194,11 @@ impl Disk {
     /// checksum is dropped: the answer says what is held, and the leader sends it again.
     pub fn stage(&mut self, w: &ChunkWrite, hard_state: HardState) -> Result<Staged, String> {
         let id = w.snapshot;
+        // An install replaces the store directory a snapshot may still be written into.
+        if self.writing {
+            let written = self.wait_for_snapshot()?;
+            let _ = self.store.finish_snapshot(written);
+        }
         let bytes = match store::decode_chunk(&w.data, w.crc) {
             Ok(bytes) => bytes,
             Err(e) => {
@@ -208,16 +237,46 @@ impl Disk {
         Ok(Staged::Installed { state, id })
     }
 
-    /// Whether enough entries were applied since the latest snapshot to take another.
+    /// Whether enough entries were applied since the latest snapshot to take another (and
+    /// none is being written).
     pub fn snapshot_due(&self, applied: Index) -> bool {
-        applied >= self.snapshot_index + self.snapshot_entries && self.store.last_index() == applied
+        !self.writing
+            && applied >= self.snapshot_index + self.snapshot_entries
+            && self.store.last_index() == applied
     }
 
-    /// Makes a snapshot of the store up to `state.index` durable.
-    pub fn take_snapshot(&mut self, state: &SnapshotState) -> Result<SnapshotId, String> {
-        let id = self.store.write_snapshot(state)?;
+    /// Starts a snapshot of the store up to `state.index`: what must happen in order with
+    /// appends happens here; the fsyncs happen on the snapshot thread (see
+    /// [`Disk::snapshot_written`]).
+    pub fn start_snapshot(&mut self, state: &SnapshotState) -> Result<(), String> {
+        let job = self.store.begin_snapshot(state)?;
         self.snapshot_index = state.index;
-        Ok(id)
+        self.writing = true;
+        self.jobs
+            .send(Job::Snapshot(job))
+            .map_err(|_| "the snapshot thread is gone".to_string())
+    }
+
+    /// The snapshot the snapshot thread made durable, if one is back: it is now the one this
+    /// peer sends. None also when the store was replaced by an install meanwhile.
+    pub fn snapshot_written(&mut self) -> Result<Option<SnapshotId>, String> {
+        if !self.writing {
+            return Ok(None);
+        }
+        match self.done.try_recv() {
+            Ok(result) => {
+                self.writing = false;
+                Ok(self.store.finish_snapshot(result?))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    fn wait_for_snapshot(&mut self) -> Result<SnapshotJob, String> {
+        self.writing = false;
+        self.done
+            .recv()
+            .map_err(|_| "the snapshot thread is gone".to_string())?
     }
 
     pub fn snapshot_trailing(&self) -> u64 {
@@ -225,7 +284,8 @@ impl Disk {
     }
 
     /// After the core compacted its log to `base`: start a new WAL segment after the log's
-    /// `last` entry, and delete the segments wholly at or below `base`.
+    /// `last` entry, and have the snapshot thread delete the segments wholly at or below
+    /// `base`.
     pub fn compact_wal(
         &mut self,
         hard_state: &HardState,
@@ -233,7 +293,32 @@ impl Disk {
         base: Index,
     ) -> Result<(), String> {
         self.wal.rotate(hard_state, last)?;
-        self.wal.compact(base)?;
+        let doomed = self.wal.compact_later(base)?;
+        if !doomed.is_empty() {
+            let dir = self.wal.dir().to_path_buf();
+            self.jobs
+                .send(Job::DeleteSegments(dir, doomed))
+                .map_err(|_| "the snapshot thread is gone".to_string())?;
+        }
         Ok(())
+    }
+}
+
+/// The snapshot thread: runs jobs in order until the disk is dropped.
+fn snapshot_thread(jobs: Receiver<Job>, done: Sender<Result<SnapshotJob, String>>) {
+    for job in jobs {
+        match job {
+            Job::Snapshot(job) => {
+                if done.send(job.write()).is_err() {
+                    return;
+                }
+            }
+            Job::DeleteSegments(dir, doomed) => {
+                if let Err(e) = storage::delete_segments(&dir, &doomed) {
+                    // A segment left behind is replayed first and gives the same log.
+                    log::warn!("compacting the WAL: {e}");
+                }
+            }
+        }
     }
 }

@@ -758,21 +758,28 @@ impl Durable for Disk {
         if self.snapshot_due(core.applied_index()) {
             if let Some(state) = core.snapshot_state() {
                 let started = Instant::now();
-                let id = self.take_snapshot(&state)?;
-                let taken = started.elapsed();
-                if let Some((base, _)) = core.snapshot_taken(id, self.snapshot_trailing()) {
-                    self.compact_wal(&core.hard_state(), core.last(), base)?;
-                }
-                log::info!(
-                    "snapshot at {} (term {}): {} bytes of records, {} sessions; written in {} ms, WAL compacted in {} ms",
-                    id.index,
-                    id.term,
-                    id.records_len,
-                    state.sessions.len(),
-                    taken.as_millis(),
-                    started.elapsed().saturating_sub(taken).as_millis()
+                self.start_snapshot(&state)?;
+                log::debug!(
+                    "snapshot at {} started in {} µs",
+                    state.index,
+                    started.elapsed().as_micros()
                 );
             }
+        }
+        if let Some(id) = self.snapshot_written()? {
+            let started = Instant::now();
+            let base = core.snapshot_taken(id, self.snapshot_trailing());
+            if let Some((base, _)) = base {
+                self.compact_wal(&core.hard_state(), core.last(), base)?;
+            }
+            log::info!(
+                "snapshot at {} (term {}): {} bytes of records; log from {}; node thread busy {} ms for it",
+                id.index,
+                id.term,
+                id.records_len,
+                base.map_or(0, |(b, _)| b) + 1,
+                started.elapsed().as_millis()
+            );
         }
         Ok(())
     }

@@ -438,34 +438,39 @@ impl Storage {
     /// segments followed by `k` (which gives the same log above `k`'s base). On an error some
     /// of them may remain; a later call deletes them.
     pub fn compact(&mut self, through: Index) -> Result<usize, String> {
+        let doomed = self.compact_later(through)?;
+        delete_segments(&self.dir, &doomed)
+    }
+
+    /// [`Storage::compact`] without the file work, which may then happen on another thread
+    /// ([`delete_segments`]): forgets the segments wholly at or below `through` and returns
+    /// their files, newest first. Until they are deleted, a restart replays them before the
+    /// rest, which gives the same log.
+    pub fn compact_later(&mut self, through: Index) -> Result<Vec<PathBuf>, String> {
         self.check_not_failed()?;
         let Some(first) = (1..self.segments.len()).rev().find(|&k| {
             let segment = &self.segments[k];
             segment.can_be_first() && segment.base.is_some_and(|(index, _)| index <= through)
         }) else {
-            return Ok(0);
+            return Ok(Vec::new());
         };
         let first_base = self.segments[first].base.expect("checked above");
-        let mut remaining = first;
-        let mut result = Ok(());
-        while remaining > 0 {
-            let path = segment_path(&self.dir, self.segments[remaining - 1].number);
-            if let Err(e) = fs::remove_file(&path) {
-                result = Err(format!("cannot delete {}: {e}", path.display()));
-                break;
-            }
-            remaining -= 1;
-        }
-        let deleted = first - remaining;
-        self.segments.drain(remaining..first);
-        if remaining == 0 && self.base.0 < first_base.0 {
+        let doomed = self.segments[..first]
+            .iter()
+            .rev()
+            .map(|s| segment_path(&self.dir, s.number))
+            .collect();
+        self.segments.drain(..first);
+        if self.base.0 < first_base.0 {
             self.base = first_base;
             self.drop_terms_through(first_base.0);
         }
-        if deleted > 0 {
-            result = result.and(sync_dir(&self.dir));
-        }
-        result.map(|()| deleted)
+        Ok(doomed)
+    }
+
+    /// The data directory the WAL is in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Index of the last entry in the durable log; the base index when it is empty.
@@ -671,6 +676,24 @@ fn exists(path: &Path) -> Result<bool, String> {
 }
 
 /// Makes the directory's entries (newly created or renamed files) durable.
+/// Deletes WAL segment files (newest first, as [`Storage::compact_later`] lists them, so that
+/// a crash midway leaves a prefix of the old segments, which replays to the same log) and
+/// syncs the directory; a file already gone is fine. Returns how many it deleted.
+pub fn delete_segments(dir: &Path, doomed: &[PathBuf]) -> Result<usize, String> {
+    let mut deleted = 0;
+    for path in doomed {
+        match fs::remove_file(path) {
+            Ok(()) => deleted += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot delete {}: {e}", path.display())),
+        }
+    }
+    if deleted > 0 {
+        sync_dir(dir)?;
+    }
+    Ok(deleted)
+}
+
 fn sync_dir(dir: &Path) -> Result<(), String> {
     File::open(dir)
         .and_then(|d| d.sync_all())

@@ -69,6 +69,40 @@ pub enum Received {
     Installed { meta: SnapshotMeta },
 }
 
+/// A snapshot whose records are handed to the OS and whose meta file is built, to be made
+/// durable by [`SnapshotJob::write`] (away from the node thread: it is a few fsyncs).
+pub struct SnapshotJob {
+    store_dir: PathBuf,
+    records: File,
+    index: File,
+    records_path: PathBuf,
+    meta: SnapshotMeta,
+    id: SnapshotId,
+    bytes: Vec<u8>,
+}
+
+impl SnapshotJob {
+    pub fn id(&self) -> SnapshotId {
+        self.id
+    }
+
+    /// Syncs the records and the sparse index up to the snapshot (later appends may be synced
+    /// too; a restart cuts them back), then writes `snapshot.json` atomically.
+    pub fn write(self) -> Result<SnapshotJob, String> {
+        self.records
+            .sync_data()
+            .map_err(|e| format!("cannot fdatasync {}: {e}", self.records_path.display()))?;
+        self.index.sync_data().map_err(|e| {
+            format!(
+                "cannot fdatasync {}: {e}",
+                self.store_dir.join(INDEX_FILE).display()
+            )
+        })?;
+        write_atomic(&self.store_dir, SNAPSHOT_FILE, &self.bytes)?;
+        Ok(self)
+    }
+}
+
 /// The latest snapshot of the current store.
 struct Snapshot {
     meta: SnapshotMeta,
@@ -151,7 +185,31 @@ impl Store {
     /// (requires `state.index == last_index()` and `state.term` the last record's term).
     /// Returns its ID.
     pub fn write_snapshot(&mut self, state: &SnapshotState) -> Result<SnapshotId, String> {
-        self.cur.write_snapshot(state)
+        let job = self.begin_snapshot(state)?.write()?;
+        Ok(self.finish_snapshot(job).expect("same store"))
+    }
+
+    /// The part of [`Store::write_snapshot`] that must happen in order with appends: hands the
+    /// buffered records to the OS and builds the meta file. The returned job's
+    /// [`SnapshotJob::write`] (the fsyncs, on any thread) makes it durable, and
+    /// [`Store::finish_snapshot`] then makes it the snapshot this store serves.
+    pub fn begin_snapshot(&mut self, state: &SnapshotState) -> Result<SnapshotJob, String> {
+        self.cur.begin_snapshot(state)
+    }
+
+    /// Records a written snapshot as the latest; None if the store it was taken of has been
+    /// replaced by an installed snapshot meanwhile.
+    pub fn finish_snapshot(&mut self, job: SnapshotJob) -> Option<SnapshotId> {
+        if job.store_dir != self.cur.dir {
+            return None;
+        }
+        let id = job.id;
+        self.cur.snapshot = Some(Snapshot {
+            meta: job.meta,
+            id,
+            bytes: job.bytes,
+        });
+        Some(id)
     }
 
     /// The latest snapshot's ID, if any.
@@ -843,7 +901,7 @@ impl Current {
         Ok((page, None))
     }
 
-    fn write_snapshot(&mut self, state: &SnapshotState) -> Result<SnapshotId, String> {
+    fn begin_snapshot(&mut self, state: &SnapshotState) -> Result<SnapshotJob, String> {
         self.check_writable()?;
         if state.index != self.last_index || state.term != self.last_term {
             return Err(format!(
@@ -856,18 +914,18 @@ impl Current {
             ));
         }
         self.flush_records()?;
-        let synced = self
-            .records
-            .get_ref()
-            .sync_data()
-            .map_err(|e| format!("cannot fdatasync {}: {e}", self.records_path.display()));
-        self.note(synced)?;
-        let synced = self
+        let flushed = self
             .index
             .flush()
-            .and_then(|()| self.index.get_ref().sync_data())
-            .map_err(|e| format!("cannot fdatasync {}: {e}", self.index_path.display()));
-        self.note(synced)?;
+            .map_err(|e| write_error(&self.index_path, e));
+        self.note(flushed)?;
+        let handles = self
+            .records
+            .get_ref()
+            .try_clone()
+            .and_then(|r| Ok((r, self.index.get_ref().try_clone()?)))
+            .map_err(|e| format!("cannot reopen {}: {e}", self.records_path.display()));
+        let (records, index) = self.note(handles)?;
 
         let meta = SnapshotMeta {
             state: state.clone(),
@@ -877,11 +935,16 @@ impl Current {
         let mut bytes = Vec::new();
         encode_line(&mut bytes, &meta)
             .map_err(|e| format!("{}: {e}", self.dir.join(SNAPSHOT_FILE).display()))?;
-        let written = write_atomic(&self.dir, SNAPSHOT_FILE, &bytes);
-        self.note(written)?;
         let id = snapshot_id(&meta, &bytes);
-        self.snapshot = Some(Snapshot { meta, id, bytes });
-        Ok(id)
+        Ok(SnapshotJob {
+            store_dir: self.dir.clone(),
+            records,
+            index,
+            records_path: self.records_path.clone(),
+            meta,
+            id,
+            bytes,
+        })
     }
 
     fn read_chunk(&mut self, id: &SnapshotId, offset: u64, len: u64) -> Result<Vec<u8>, String> {
