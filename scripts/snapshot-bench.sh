@@ -22,7 +22,9 @@ export RAFT_HOME=$home RAFT_NO_BUILD=1
 cleanup() { "$repo/scripts/stop-cluster.sh" --wipe >/dev/null 2>&1 || true; rm -rf "$home"; }
 trap cleanup EXIT
 "$repo/scripts/start-cluster.sh" >/dev/null
-client() { "$target/release/client" -p "$home/peers/peer1.json" "$@"; }
+# The configs name their secret and data relative to RAFT_HOME.
+cd "$home"
+client() { "$target/release/client" -p peers/peer1.json "$@"; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 declare -A max_rss
@@ -30,10 +32,10 @@ sample() {
     for n in 1 2 3; do
         pid=$(cat "$home/run/peer$n.pid")
         r=$(rss_kib "$pid")
-        ((r > ${max_rss[$n]:-0})) && max_rss[$n]=$r
+        if ((r > ${max_rss[$n]:-0})); then max_rss[$n]=$r; fi
     done
 }
-"$target/release/bench" -p "$home/peers/peer1.json" --clients "$clients" --duration "$seconds" \
+"$target/release/bench" -p peers/peer1.json --clients "$clients" --duration "$seconds" \
     >"$home/bench.out" &
 bench_pid=$!
 while kill -0 "$bench_pid" 2>/dev/null; do sample; sleep 1; done
@@ -47,7 +49,7 @@ for n in 1 2 3; do
 done
 
 status_of() { # node id -> "applied commit snapshot"
-    client --timeout-ms 1000 status 2>/dev/null | python3 -c "
+    client --timeout-ms 100 status 2>/dev/null | python3 -c "
 import json, sys
 for line in sys.stdin:
     s = json.loads(line)
@@ -61,13 +63,14 @@ print(max(json.loads(l).get('commit_index') or 0 for l in sys.stdin))"
 }
 now_ms() { date +%s%3N; }
 
-# A follower restarted after SIGKILL.
+# A follower restarted after SIGKILL (the bench is over: the commit index stays put).
+target_commit=$(leader_commit)
 pid2=$(cat "$home/run/peer2.pid")
 kill -9 "$pid2"
 start=$(now_ms)
 (cd "$home" && { nohup "$target/release/peer" -p peers/peer2.json >>run/peer2.log 2>&1 & echo $! >run/peer2.pid; })
-target_commit=$(leader_commit)
 until read -r applied commit snap < <(status_of 2) && ((applied >= target_commit)); do sleep 0.02; done
+grep 'restored term' "$home/run/peer2.log" | tail -n 1 | sed 's/.*restored/restored/; s/; tick.*//'
 echo "restart: peer2 serving (applied $applied >= $target_commit, snapshot at $snap) $(($(now_ms) - start)) ms after the restart began; $(grep 'log replayed' "$home/run/peer2.log" | tail -n 1 | sed 's/.*rebuilt in/replay took/')"
 
 # A learner on an empty data dir.

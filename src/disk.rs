@@ -17,6 +17,9 @@ use crossbeam_channel::{Receiver, Sender};
 use std::path::{Path, PathBuf};
 use std::thread;
 
+/// A WAL segment this long is closed at the next snapshot (see [`Disk::compact_wal`]).
+const SEGMENT_BYTES: u64 = 2 << 20;
+
 /// The store counts a page in bytes of record JSON; the reply adds a comma per record (at
 /// least 47 bytes each) and its envelope.
 const STORE_PAGE_BUDGET: usize = PAGE_BUDGET - 4096;
@@ -284,15 +287,19 @@ impl Disk {
     }
 
     /// After the core compacted its log to `base`: start a new WAL segment after the log's
-    /// `last` entry, and have the snapshot thread delete the segments wholly at or below
-    /// `base`.
+    /// `last` entry once the current one holds [`SEGMENT_BYTES`], and have the snapshot
+    /// thread delete the segments wholly at or below `base`. Starting a segment costs three
+    /// syncs on the node thread, so not every snapshot starts one; the WAL then holds up to
+    /// two segments and what the log has since.
     pub fn compact_wal(
         &mut self,
         hard_state: &HardState,
         last: (Index, Term),
         base: Index,
     ) -> Result<(), String> {
-        self.wal.rotate(hard_state, last)?;
+        if self.wal.segment_len() >= SEGMENT_BYTES {
+            self.wal.rotate(hard_state, last)?;
+        }
         let doomed = self.wal.compact_later(base)?;
         if !doomed.is_empty() {
             let dir = self.wal.dir().to_path_buf();

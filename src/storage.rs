@@ -468,6 +468,11 @@ impl Storage {
         Ok(doomed)
     }
 
+    /// Bytes in the newest segment (the one being written).
+    pub fn segment_len(&self) -> u64 {
+        self.wal_len
+    }
+
     /// The data directory the WAL is in.
     pub fn dir(&self) -> &Path {
         &self.dir

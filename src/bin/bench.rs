@@ -63,6 +63,10 @@ struct Args {
     /// measure what authentication costs
     #[argh(switch)]
     no_auth: bool,
+    /// with --spawn: the peers' snapshot_entries (default: the peers' default, 10,000), to
+    /// measure what snapshots cost
+    #[argh(option)]
+    snapshot_entries: Option<u64>,
 }
 
 /// One in-flight append.
@@ -115,7 +119,7 @@ fn main() {
         std::process::exit(1);
     }
     let (spawned, peers, keys) = if args.spawn {
-        match spawn_cluster(args.keep_logs, !args.no_auth) {
+        match spawn_cluster(args.keep_logs, !args.no_auth, args.snapshot_entries) {
             Ok((s, p, k)) => (Some(s), p, k),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -871,7 +875,11 @@ type SpawnedCluster = (Spawned, BTreeMap<NodeId, SocketAddr>, Option<Arc<Keys>>)
 
 /// Starts three peers on free loopback ports with data in a fresh temporary folder, and with
 /// `auth`, a fresh secret file there that they all use.
-fn spawn_cluster(keep: bool, auth: bool) -> Result<SpawnedCluster, String> {
+fn spawn_cluster(
+    keep: bool,
+    auth: bool,
+    snapshot_entries: Option<u64>,
+) -> Result<SpawnedCluster, String> {
     let dir = std::env::temp_dir().join(format!("raft-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let secret_file = dir.join("cluster.key");
@@ -921,6 +929,9 @@ fn spawn_cluster(keep: bool, auth: bool) -> Result<SpawnedCluster, String> {
         });
         if keys.is_some() {
             config["secret_file"] = secret_file.to_string_lossy().into_owned().into();
+        }
+        if let Some(n) = snapshot_entries {
+            config["snapshot_entries"] = n.into();
         }
         let path = dir.join(format!("peer{}.json", i + 1));
         std::fs::write(&path, config.to_string())

@@ -215,6 +215,10 @@ struct StatusFields {
     /// That configuration's members.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     members: Vec<Member>,
+    /// The index of this peer's latest snapshot (0: none) and the first index its log still
+    /// holds (entries before it are compacted into the snapshot).
+    snapshot_index: u64,
+    first_index: u64,
 }
 
 impl From<&StatusInfo> for StatusFields {
@@ -231,6 +235,8 @@ impl From<&StatusInfo> for StatusFields {
             member_role: member_role(i),
             config_index: i.config_index,
             members: i.members.clone(),
+            snapshot_index: i.snapshot_index,
+            first_index: i.first_index,
         }
     }
 }
