@@ -8,8 +8,8 @@
 
 use crate::raft::node::{ChunkRead, ChunkWrite, StoreRead, PAGE_BUDGET};
 use crate::raft::{
-    Body, ClientResult, Entry, HardState, Index, LogRecord, Message, NodeId, SnapshotId,
-    SnapshotState, Term,
+    ClientResult, Entry, HardState, Index, LogRecord, Message, NodeId, SnapshotId, SnapshotState,
+    Term,
 };
 use crate::storage::{self, Storage};
 use crate::store::{self, Received, SnapshotJob, Store};
@@ -62,6 +62,8 @@ pub struct Disk {
     snapshot_index: Index,
     /// A snapshot handed to the snapshot thread and not yet back.
     writing: bool,
+    /// A snapshot back from the snapshot thread, not yet announced to the core.
+    written: Option<SnapshotId>,
     jobs: Sender<Job>,
     done: Receiver<Result<SnapshotJob, String>>,
 }
@@ -126,6 +128,7 @@ impl Disk {
             snapshot_trailing,
             snapshot_index: snapshot.as_ref().map_or(0, |(s, _)| s.index),
             writing: false,
+            written: None,
             jobs,
             done,
         };
@@ -172,18 +175,7 @@ impl Disk {
         match self.store.read_chunk(&c.snapshot, c.offset, c.len) {
             Ok(bytes) => {
                 let (data, crc) = store::encode_chunk(&bytes);
-                Some(Message {
-                    cluster: 0,
-                    from,
-                    to: c.to,
-                    term: c.term,
-                    body: Body::InstallSnapshot {
-                        snapshot: c.snapshot,
-                        offset: c.offset,
-                        data,
-                        crc,
-                    },
-                })
+                Some(c.message(from, data, crc))
             }
             Err(e) => {
                 log::debug!("not sending a snapshot chunk to {}: {e}", c.to);
@@ -200,22 +192,11 @@ impl Disk {
         // An install replaces the store directory a snapshot may still be written into.
         if self.writing {
             let written = self.wait_for_snapshot()?;
-            let _ = self.store.finish_snapshot(written);
+            self.written = self.store.finish_snapshot(written);
         }
-        let bytes = match store::decode_chunk(&w.data, w.crc) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                log::warn!(
-                    "dropping chunk at {} of snapshot {} from {}: {e}",
-                    w.offset,
-                    id.index,
-                    w.from
-                );
-                let have = self.store.staged(&id);
-                return Ok(Staged::Partial { have });
-            }
-        };
-        let meta = match self.store.receive_chunk(&id, w.offset, &bytes) {
+        let received = store::decode_chunk(&w.data, w.crc)
+            .and_then(|bytes| self.store.receive_chunk(&id, w.offset, &bytes));
+        let meta = match received {
             Ok(Received::Partial { have }) => return Ok(Staged::Partial { have }),
             Ok(Received::Installed { meta }) => meta,
             Err(e) => {
@@ -229,6 +210,8 @@ impl Disk {
                 return Ok(Staged::Partial { have });
             }
         };
+        // A snapshot of the store just replaced is no longer ours to announce.
+        self.written = None;
         let state = meta.state;
         let hs = HardState {
             commit: hard_state.commit.max(state.index),
@@ -263,6 +246,9 @@ impl Disk {
     /// The snapshot the snapshot thread made durable, if one is back: it is now the one this
     /// peer sends. None also when the store was replaced by an install meanwhile.
     pub fn snapshot_written(&mut self) -> Result<Option<SnapshotId>, String> {
+        if let Some(id) = self.written.take() {
+            return Ok(Some(id));
+        }
         if !self.writing {
             return Ok(None);
         }

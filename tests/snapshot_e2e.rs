@@ -6,38 +6,18 @@
 
 mod common;
 
-use common::{describe, poll_until, write_configs, Cluster, TempDir};
+use common::{describe, poll_until, Cluster};
 use raft::raft::StatusInfo;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
 use std::time::Duration;
 
 const BENCH: &str = env!("CARGO_BIN_EXE_bench");
 const SNAPSHOT_ENTRIES: u64 = 2_000;
 
-/// A cluster of `n` peers whose configs ask for snapshots every [`SNAPSHOT_ENTRIES`].
-fn start(name: &str, n: usize) -> Cluster {
-    let dir = TempDir::new(name);
-    let configs = write_configs(&dir.0, n);
-    for path in configs.values() {
-        set_snapshot_fields(path);
-    }
-    let mut cluster = Cluster {
-        peers: BTreeMap::new(),
-        configs,
-        dir,
-        acked: Arc::new(AtomicUsize::new(0)),
-    };
-    for id in 1..=n as u64 {
-        cluster.start_peer(id);
-    }
-    cluster
-}
-
+/// Asks for snapshots every [`SNAPSHOT_ENTRIES`] in the config at `path`.
 fn set_snapshot_fields(path: &Path) {
     let mut config: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     config["snapshot_entries"] = SNAPSHOT_ENTRIES.into();
@@ -91,7 +71,7 @@ fn bench(cluster: &Cluster, seconds: u64) -> u64 {
 #[test]
 fn a_learner_catches_up_by_snapshot_and_a_restarted_peer_resumes_from_one() {
     let _serial = common::one_at_a_time();
-    let mut cluster = start("snapshot-e2e", 3);
+    let mut cluster = Cluster::start_configured("snapshot-e2e", 3, set_snapshot_fields);
     cluster.wait_for_one_leader(Duration::from_secs(10));
     let ops = bench(&cluster, 3);
     assert!(

@@ -108,6 +108,25 @@ pub struct ChunkRead {
     pub len: u64,
 }
 
+impl ChunkRead {
+    /// The InstallSnapshot message from `from` carrying this chunk, read as `data` (base64)
+    /// with CRC-32 `crc`.
+    pub fn message(&self, from: NodeId, data: String, crc: u32) -> Message {
+        Message {
+            cluster: 0,
+            from,
+            to: self.to,
+            term: self.term,
+            body: Body::InstallSnapshot {
+                snapshot: self.snapshot,
+                offset: self.offset,
+                data,
+                crc,
+            },
+        }
+    }
+}
+
 /// A received InstallSnapshot chunk, from the leader `from`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChunkWrite {

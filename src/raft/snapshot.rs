@@ -87,6 +87,9 @@ pub struct SnapshotSend {
     pub next: u64,
     /// Ticks since `acked` last moved.
     pub stall_ticks: u64,
+    /// What the latest answer said the follower holds: below `acked` when a restart cost it
+    /// staged bytes it had not synced (or when the answer is a late one).
+    last_have: u64,
     /// The offset last gone back to: the answers to chunks sent before that go-back say the
     /// same thing again and must not cause another.
     went_back_to: Option<u64>,
@@ -99,6 +102,7 @@ impl SnapshotSend {
             acked: 0,
             next: 0,
             stall_ticks: 0,
+            last_have: 0,
             went_back_to: None,
         }
     }
@@ -117,6 +121,7 @@ impl SnapshotSend {
 
     /// The follower holds `[0, have)`.
     pub fn acknowledge(&mut self, have: u64) {
+        self.last_have = have;
         if have > self.acked {
             self.acked = have;
             self.next = self.next.max(have);
@@ -127,11 +132,13 @@ impl SnapshotSend {
         }
     }
 
-    /// One tick without news: after `limit` of them, send again from `acked`.
+    /// One tick without news: after `limit` of them, send again from what the follower last
+    /// said it holds (which a restart may have set back).
     pub fn tick(&mut self, limit: u64) {
         self.stall_ticks += 1;
         if self.stall_ticks >= limit {
             self.stall_ticks = 0;
+            self.acked = self.last_have;
             self.next = self.acked;
             self.went_back_to = None;
         }
@@ -143,6 +150,7 @@ impl SnapshotSend {
         let keep = self.acked.min(self.id.records_len).min(id.records_len);
         *self = SnapshotSend::new(id);
         self.acked = keep;
+        self.last_have = keep;
         self.next = keep;
     }
 }
@@ -202,6 +210,23 @@ mod tests {
         let mut s = SnapshotSend::new(id(100 * CHUNK_BYTES));
         s.to_send();
         s.acknowledge(3 * CHUNK_BYTES);
+        for _ in 0..5 {
+            s.tick(5);
+        }
+        assert_eq!(s.to_send()[0], (3 * CHUNK_BYTES, CHUNK_BYTES));
+    }
+
+    #[test]
+    fn a_follower_that_lost_staged_bytes_in_a_restart_is_sent_them_again() {
+        // It held 5 chunks, restarted, and kept only 3 (the rest was never synced): it drops
+        // every chunk after that and keeps saying so.
+        let mut s = SnapshotSend::new(id(100 * CHUNK_BYTES));
+        s.to_send();
+        s.acknowledge(5 * CHUNK_BYTES);
+        s.to_send();
+        for _ in 0..3 {
+            s.acknowledge(3 * CHUNK_BYTES);
+        }
         for _ in 0..5 {
             s.tick(5);
         }

@@ -131,8 +131,16 @@ pub fn poll_until<T>(
 
 impl Cluster {
     pub fn start(name: &str, n: usize) -> Cluster {
+        Cluster::start_configured(name, n, |_| {})
+    }
+
+    /// [`Cluster::start`], with `configure` called on each config file before any peer starts.
+    pub fn start_configured(name: &str, n: usize, configure: impl Fn(&Path)) -> Cluster {
         let dir = TempDir::new(name);
         let configs = write_configs(&dir.0, n);
+        for path in configs.values() {
+            configure(path);
+        }
         let mut cluster = Cluster {
             peers: BTreeMap::new(),
             configs,

@@ -90,18 +90,7 @@ impl Cluster {
                 self.store_reads.extend(rd.store_reads);
                 for c in rd.chunk_reads {
                     self.chunks_sent += 1;
-                    queue.push(Message {
-                        cluster: 0,
-                        from: id,
-                        to: c.to,
-                        term: c.term,
-                        body: Body::InstallSnapshot {
-                            snapshot: c.snapshot,
-                            offset: c.offset,
-                            data: String::new(),
-                            crc: c.len as u32,
-                        },
-                    });
+                    queue.push(c.message(id, String::new(), c.len as u32));
                 }
                 for w in rd.chunk_writes {
                     self.stage(id, w);
