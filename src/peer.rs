@@ -382,9 +382,6 @@ trait Core {
     }
     fn snapshot_chunk_stored(&mut self, _leader: NodeId, _index: Index, _have: u64) {}
     fn install_snapshot(&mut self, _leader: NodeId, _state: SnapshotState, _id: SnapshotId) {}
-    fn log_has(&self, _index: Index, _term: Term) -> bool {
-        false
-    }
 }
 
 impl Core for Node {
@@ -443,9 +440,6 @@ impl Core for Node {
     }
     fn install_snapshot(&mut self, leader: NodeId, state: SnapshotState, id: SnapshotId) {
         Node::install_snapshot(self, leader, state, id)
-    }
-    fn log_has(&self, index: Index, term: Term) -> bool {
-        Node::log_has(self, index, term)
     }
 }
 
@@ -742,10 +736,8 @@ impl Durable for Disk {
             }
         }
         for w in &rd.chunk_writes {
-            // Entries that arrived since the chunk may have overtaken its snapshot: installing
-            // it would then drop them.
-            let (index, term) = (w.snapshot.index, w.snapshot.term);
-            if index <= core.applied_index() || core.log_has(index, term) {
+            // An earlier chunk of this batch may have installed this snapshot already.
+            if w.snapshot.index <= core.applied_index() {
                 continue;
             }
             match self.stage(w, core.hard_state())? {

@@ -82,10 +82,6 @@ pub struct SnapshotJob {
 }
 
 impl SnapshotJob {
-    pub fn id(&self) -> SnapshotId {
-        self.id
-    }
-
     /// Syncs the records and the sparse index up to the snapshot (later appends may be synced
     /// too; a restart cuts them back), then writes `snapshot.json` atomically.
     pub fn write(self) -> Result<SnapshotJob, String> {

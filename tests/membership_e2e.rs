@@ -13,30 +13,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Writes the config of a new peer `id` on `port` whose contact points are `contacts`
-/// (id → port), and starts it with `--join`.
-fn start_joining(cluster: &mut Cluster, id: u64, port: u16, contacts: &BTreeMap<u64, u16>) {
-    let others: Vec<Value> = contacts
-        .iter()
-        .filter(|&(&c, _)| c != id)
-        .map(|(&c, &p)| serde_json::json!({"node_ID": c, "host": "127.0.0.1", "port": p}))
-        .collect();
-    let config = serde_json::json!({
-        "name": format!("peer{id}"),
-        "node_ID": id,
-        "host": "127.0.0.1",
-        "port": port,
-        "other_peers": others,
-        "data_dir": cluster.dir.0.join(format!("data-peer{id}")),
-        "election_timeout_ms": [150, 300],
-        "heartbeat_ms": 50,
-    });
-    let path = cluster.dir.0.join(format!("peer{id}.json"));
-    common::write_json(&path, &config);
-    cluster.configs.insert(id, path);
-    cluster.start_peer_with(id, &["--join"]);
-}
-
 /// Runs `client ARGS` with the original peer 1 config and expects exit 0; returns its lines.
 fn ok(cluster: &Cluster, args: &[&str]) -> Vec<Value> {
     let out = cluster.client(args);
@@ -64,7 +40,7 @@ fn members(cluster: &Cluster) -> BTreeMap<u64, String> {
 
 /// Adds peer `id` as a learner, then promotes it once it has caught up.
 fn grow(cluster: &mut Cluster, id: u64, port: u16, contacts: &mut BTreeMap<u64, u16>) {
-    start_joining(cluster, id, port, contacts);
+    cluster.start_joining(id, port, contacts, |_| {});
     contacts.insert(id, port);
     let address = format!("127.0.0.1:{port}");
     ok(cluster, &["add-learner", &id.to_string(), &address]);
@@ -116,11 +92,7 @@ fn leader(cluster: &Cluster) -> u64 {
 fn grow_replace_remove_the_leader_transfer_and_shrink_under_appends_without_losing_one() {
     let mut cluster = Cluster::start("membership", 3);
     cluster.wait_for_one_leader(Duration::from_secs(10));
-    let mut contacts: BTreeMap<u64, u16> = cluster
-        .addresses()
-        .into_iter()
-        .map(|(id, a)| (id, a.port()))
-        .collect();
+    let mut contacts = cluster.ports();
     let new_ports = common::free_ports(4);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -218,11 +190,7 @@ fn a_member_added_back_catches_up_through_configurations_that_do_not_list_the_le
     // datagram, so the configurations reach it one at a time.
     let mut cluster = Cluster::start("rejoin", 3);
     cluster.wait_for_one_leader(Duration::from_secs(10));
-    let mut contacts: BTreeMap<u64, u16> = cluster
-        .addresses()
-        .into_iter()
-        .map(|(id, a)| (id, a.port()))
-        .collect();
+    let mut contacts = cluster.ports();
     let fill = |cluster: &Cluster, tag: &str| {
         let mut client = cluster.lib_client(Duration::from_secs(10));
         client.follow_cluster(true);
@@ -251,7 +219,7 @@ fn a_member_added_back_catches_up_through_configurations_that_do_not_list_the_le
 
 /// Adds removed peer `id` back with `add-learner --rejoin` on an empty data dir, then promotes it.
 fn rejoin(cluster: &mut Cluster, id: u64, port: u16, contacts: &mut BTreeMap<u64, u16>) {
-    start_joining(cluster, id, port, contacts);
+    cluster.start_joining(id, port, contacts, |_| {});
     contacts.insert(id, port);
     let address = format!("127.0.0.1:{port}");
     ok(

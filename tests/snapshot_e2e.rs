@@ -95,6 +95,17 @@ fn a_learner_catches_up_by_snapshot_and_a_restarted_peer_resumes_from_one() {
             Err(format!("{s:#?}"))
         }
     });
+    // `client status` shows them too.
+    let out = cluster.client(&["status"]);
+    let lines = common::json_lines(&out.stdout);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["snapshot_index"].as_u64() >= Some(SNAPSHOT_ENTRIES)
+                && l["first_index"].as_u64() > Some(1)),
+        "client status: {}",
+        describe(&out)
+    );
     for (id, s) in &converged {
         let kept = s.last_index - s.first_index + 1;
         assert!(
@@ -104,28 +115,9 @@ fn a_learner_catches_up_by_snapshot_and_a_restarted_peer_resumes_from_one() {
     }
 
     // A learner joins on an empty data dir: the leader's log no longer reaches back to 1.
-    let ports = common::free_ports(1);
-    let port = ports[0];
-    let mut contacts = BTreeMap::new();
-    for id in 1..=3u64 {
-        contacts.insert(id, cluster.addresses()[&id].port());
-    }
-    let others: Vec<Value> = contacts
-        .iter()
-        .map(|(&c, &p)| serde_json::json!({"node_ID": c, "host": "127.0.0.1", "port": p}))
-        .collect();
-    let path = cluster.dir.0.join("peer4.json");
-    common::write_json(
-        &path,
-        &serde_json::json!({
-            "name": "peer4", "node_ID": 4, "host": "127.0.0.1", "port": port,
-            "other_peers": others, "data_dir": cluster.dir.0.join("data-peer4"),
-            "election_timeout_ms": [150, 300], "heartbeat_ms": 50,
-        }),
-    );
-    set_snapshot_fields(&path);
-    cluster.configs.insert(4, path);
-    cluster.start_peer_with(4, &["--join"]);
+    let port = common::free_ports(1)[0];
+    let contacts = cluster.ports();
+    cluster.start_joining(4, port, &contacts, set_snapshot_fields);
     let out = cluster.client(&["add-learner", "4", &format!("127.0.0.1:{port}")]);
     assert_eq!(
         out.status.code(),

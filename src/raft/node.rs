@@ -1810,7 +1810,7 @@ impl Node {
             applied: std::mem::take(&mut self.applied_records),
             store_reads: std::mem::take(&mut self.store_reads),
             chunk_reads: std::mem::take(&mut self.chunk_reads),
-            chunk_writes: std::mem::take(&mut self.chunk_writes),
+            chunk_writes: self.chunk_writes_to_stage(),
         };
         if !rd.is_empty() {
             self.ready_outstanding = true;
@@ -1820,6 +1820,17 @@ impl Node {
     }
 
     // ---- snapshots (thesis ch. 5) ---------------------------------------------------------------
+
+    /// The chunks received since the last Ready whose snapshot we still need: entries that
+    /// arrived after a chunk may have brought its last entry, and installing a snapshot whose
+    /// last entry the log holds would drop the entries after it (§7 keeps them).
+    fn chunk_writes_to_stage(&mut self) -> Vec<ChunkWrite> {
+        let mut writes = std::mem::take(&mut self.chunk_writes);
+        writes.retain(|w| {
+            w.snapshot.index > self.sm.applied && !self.log_has(w.snapshot.index, w.snapshot.term)
+        });
+        writes
+    }
 
     /// What a snapshot at the applied index holds besides the records (which the shell's store
     /// has): the shell makes it durable, then calls [`Node::snapshot_taken`].
@@ -1923,9 +1934,8 @@ impl Node {
         );
     }
 
-    /// Whether our log holds the entry at `index` with `term` (the shell stages no snapshot
-    /// whose last entry we have: installing it would discard the entries after it).
-    pub fn log_has(&self, index: Index, term: Term) -> bool {
+    /// Whether our log holds the entry at `index` with `term`.
+    fn log_has(&self, index: Index, term: Term) -> bool {
         self.log.term_at(index) == Some(term)
     }
 

@@ -240,6 +240,45 @@ impl Cluster {
             .unwrap()
     }
 
+    /// Every peer's port by ID, from the first config.
+    pub fn ports(&self) -> BTreeMap<NodeId, u16> {
+        self.addresses()
+            .into_iter()
+            .map(|(id, a)| (id, a.port()))
+            .collect()
+    }
+
+    /// Writes the config of a new peer `id` on `port` whose contact points are `contacts`
+    /// (id → port), lets `configure` edit it, and starts the peer with `--join`.
+    pub fn start_joining(
+        &mut self,
+        id: u64,
+        port: u16,
+        contacts: &BTreeMap<u64, u16>,
+        configure: impl Fn(&Path),
+    ) {
+        let others: Vec<Value> = contacts
+            .iter()
+            .filter(|&(&c, _)| c != id)
+            .map(|(&c, &p)| serde_json::json!({"node_ID": c, "host": "127.0.0.1", "port": p}))
+            .collect();
+        let config = serde_json::json!({
+            "name": format!("peer{id}"),
+            "node_ID": id,
+            "host": "127.0.0.1",
+            "port": port,
+            "other_peers": others,
+            "data_dir": self.dir.0.join(format!("data-peer{id}")),
+            "election_timeout_ms": [150, 300],
+            "heartbeat_ms": 50,
+        });
+        let path = self.dir.0.join(format!("peer{id}.json"));
+        write_json(&path, &config);
+        configure(&path);
+        self.configs.insert(id, path);
+        self.start_peer_with(id, &["--join"]);
+    }
+
     /// A client library handle on this cluster with the given per-operation deadline.
     pub fn lib_client(&self, timeout: Duration) -> Client {
         Client::new(self.addresses(), timeout).unwrap()

@@ -335,3 +335,51 @@ fn a_snapshot_taken_during_a_transfer_is_sent_from_what_the_follower_holds() {
     assert_eq!(c.node(3).applied_index(), c.node(1).applied_index());
     assert_eq!(c.shells[&3].store, c.shells[&1].store);
 }
+
+#[test]
+fn a_chunk_overtaken_by_entries_in_the_same_batch_is_not_staged() {
+    // §7: a snapshot whose last entry the log holds must not be installed (it would drop the
+    // entries after it). A chunk that arrived first is withdrawn once AppendEntries in the
+    // same batch brought that entry.
+    let mut n = Node::new(config(3, &[1, 2, 3]), HardState::default(), vec![]);
+    let msg = |body| Message {
+        cluster: 0,
+        from: 1,
+        to: 3,
+        term: 1,
+        body,
+    };
+    let entry = |index| Entry {
+        index,
+        term: 1,
+        payload: Payload::Noop,
+    };
+    let append = |prev: Index, entries: Vec<Entry>| Body::AppendEntries {
+        prev_log_index: prev,
+        prev_log_term: if prev == 0 { 0 } else { 1 },
+        entries,
+        leader_commit: 1,
+        read_seq: 0,
+    };
+    n.step(msg(append(0, vec![entry(1), entry(2)])));
+    let chunk = Body::InstallSnapshot {
+        snapshot: SnapshotId {
+            index: 4,
+            term: 1,
+            records_len: 400,
+            meta_len: 10,
+            ..SnapshotId::default()
+        },
+        offset: 0,
+        data: String::new(),
+        crc: 0,
+    };
+    n.step(msg(chunk.clone()));
+    assert_eq!(n.ready().chunk_writes.len(), 1, "needed: staged");
+    n.advance();
+    n.step(msg(chunk));
+    n.step(msg(append(2, vec![entry(3), entry(4), entry(5)])));
+    let rd = n.ready();
+    assert!(rd.chunk_writes.is_empty(), "the log now holds entry 4");
+    assert_eq!(n.log().last_index(), 5, "and keeps what follows it");
+}
