@@ -15,6 +15,8 @@ use crate::storage::{self, Storage};
 use crate::store::{self, Received, SnapshotJob, Store};
 use crossbeam_channel::{Receiver, Sender};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 
 /// A WAL segment this long is closed at the next snapshot (see [`Disk::compact_wal`]).
@@ -50,6 +52,8 @@ enum Job {
     Snapshot(SnapshotJob),
     /// Delete compacted WAL segments and sync the directory.
     DeleteSegments(PathBuf, Vec<PathBuf>),
+    /// Preallocate the next WAL segment in this directory, then raise the flag.
+    PrepareSpare(PathBuf, Arc<AtomicBool>),
 }
 
 pub struct Disk {
@@ -66,6 +70,9 @@ pub struct Disk {
     written: Option<SnapshotId>,
     jobs: Sender<Job>,
     done: Receiver<Result<SnapshotJob, String>>,
+    /// Raised by the snapshot thread once the spare WAL segment is ready; lowered when a
+    /// rotation takes it (a new one is then prepared).
+    spare_ready: Arc<AtomicBool>,
 }
 
 impl Disk {
@@ -121,6 +128,9 @@ impl Disk {
             .name("snapshot".into())
             .spawn(move || snapshot_thread(jobs_rx, done_tx))
             .map_err(|e| format!("cannot start the snapshot thread: {e}"))?;
+        let spare_ready = Arc::new(AtomicBool::new(false));
+        jobs.send(Job::PrepareSpare(dir.to_path_buf(), spare_ready.clone()))
+            .map_err(|_| "the snapshot thread is gone".to_string())?;
         let disk = Disk {
             wal,
             store,
@@ -131,6 +141,7 @@ impl Disk {
             written: None,
             jobs,
             done,
+            spare_ready,
         };
         let restored = Restored {
             hard_state,
@@ -274,9 +285,10 @@ impl Disk {
 
     /// After the core compacted its log to `base`: start a new WAL segment after the log's
     /// `last` entry once the current one holds [`SEGMENT_BYTES`], and have the snapshot
-    /// thread delete the segments wholly at or below `base`. Starting a segment costs three
-    /// syncs on the node thread, so not every snapshot starts one; the WAL then holds up to
-    /// two segments and what the log has since.
+    /// thread delete the segments wholly at or below `base`. Starting a segment costs syncs on
+    /// the node thread (of its first frame, taken from a spare the snapshot thread
+    /// preallocated, and of the directory), so not every snapshot starts one; the WAL then
+    /// holds up to two segments and what the log has since.
     pub fn compact_wal(
         &mut self,
         hard_state: &HardState,
@@ -284,7 +296,14 @@ impl Disk {
         base: Index,
     ) -> Result<(), String> {
         if self.wal.segment_len() >= SEGMENT_BYTES {
-            self.wal.rotate(hard_state, last)?;
+            let spare = self.spare_ready.swap(false, Ordering::AcqRel);
+            self.wal.rotate_using(hard_state, last, spare)?;
+            if spare {
+                let job = Job::PrepareSpare(self.wal.dir().to_path_buf(), self.spare_ready.clone());
+                self.jobs
+                    .send(job)
+                    .map_err(|_| "the snapshot thread is gone".to_string())?;
+            }
         }
         let doomed = self.wal.compact_later(base)?;
         if !doomed.is_empty() {
@@ -306,6 +325,11 @@ fn snapshot_thread(jobs: Receiver<Job>, done: Sender<Result<SnapshotJob, String>
                     return;
                 }
             }
+            Job::PrepareSpare(dir, ready) => match storage::prepare_spare(&dir) {
+                Ok(()) => ready.store(true, Ordering::Release),
+                // Rotations then create their segments on the node thread, as before.
+                Err(e) => log::warn!("{e}"),
+            },
             Job::DeleteSegments(dir, doomed) => {
                 if let Err(e) = storage::delete_segments(&dir, &doomed) {
                     // A segment left behind is replayed first and gives the same log.

@@ -54,7 +54,11 @@
 //! truncated to `I`; otherwise it becomes empty with base `(I, T)`. The last hard-state record
 //! wins, and its commit index is clamped to the last index.
 //!
-//! Replay stops at the first frame that is not intact: its header is incomplete or not ours, its
+//! Every segment is created [`SEGMENT_PREALLOC`] bytes long, zeros after its header (and first
+//! frame), and frames overwrite the zeros; replay ends where a frame header would start if
+//! only zeros follow, in any segment.
+//!
+//! Otherwise replay stops at the first frame that is not intact: its header is incomplete or not ours, its
 //! payload runs past the end of the file, or its payload fails its CRC. Every frame is synced
 //! before the next one is written, so a torn write is always the last frame of the newest
 //! segment: if no header of ours starts anywhere after the bad frame's first byte, it is torn and
@@ -67,7 +71,7 @@
 
 use crate::raft::{Entry, HardState, Index, NodeId, Payload, Term};
 use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 const NODE_ID_FILE: &str = "node_id";
@@ -92,6 +96,18 @@ const RECORD_BASE: u8 = 3;
 const KIND_NOOP: u8 = 0;
 const KIND_DATA: u8 = 1;
 const KIND_CONFIG: u8 = 2;
+
+/// Every segment is created this long, zeros after its first frame, so that the frames written
+/// into it overwrite blocks the file system has already allocated: an fdatasync then changes
+/// no metadata and needs no journal commit of its own (on ext4 that commit would also wait for
+/// whatever else the journal holds, such as a snapshot's fsyncs). A segment that outgrows it is
+/// appended to as before.
+pub const SEGMENT_PREALLOC: u64 = 3 << 20;
+/// A preallocated file (zeros, synced) waiting to become the next segment, so that starting
+/// one costs the node thread only its header and first frame; deleted at open as a leftover.
+const SPARE_FILE: &str = "wal.spare.tmp";
+/// Zeros written per call while preallocating a segment.
+const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 /// Read buffer for replay: big enough that start-up is a few large reads.
 const READ_BUFFER: usize = 1 << 20;
@@ -159,10 +175,11 @@ fn list_segments(dir: &Path) -> Result<(Vec<u64>, Vec<PathBuf>), String> {
         let Some(name) = name.to_str() else { continue };
         if let Some(number) = segment_number(name) {
             numbers.push(number);
-        } else if name
-            .strip_suffix(TMP_SUFFIX)
-            .and_then(segment_number)
-            .is_some()
+        } else if name == SPARE_FILE
+            || name
+                .strip_suffix(TMP_SUFFIX)
+                .and_then(segment_number)
+                .is_some()
         {
             leftovers.push(item.path());
         }
@@ -380,6 +397,17 @@ impl Storage {
     /// new one. It is the new segment's base record that later lets [`Storage::compact`] delete
     /// the older segments.
     pub fn rotate(&mut self, hard_state: &HardState, base: (Index, Term)) -> Result<(), String> {
+        self.rotate_using(hard_state, base, false)
+    }
+
+    /// [`Storage::rotate`], turning the spare file [`prepare_spare`] made into the new segment
+    /// if `spare` (or, if that fails, creating one as `rotate` does).
+    pub fn rotate_using(
+        &mut self,
+        hard_state: &HardState,
+        base: (Index, Term),
+        spare: bool,
+    ) -> Result<(), String> {
         self.check_not_failed()?;
         self.check_batch(Some(hard_state), &[])?;
         if base.0 < self.base.0 {
@@ -396,7 +424,15 @@ impl Storage {
         encode_base(&mut payload, base);
         encode_hard_state(&mut payload, hard_state);
         let (bytes, magic) = new_segment_bytes(&path, Some(&payload))?;
-        let file = write_segment(&path, &bytes)?;
+        let from_spare = spare.then(|| {
+            fill_spare(&self.dir.join(SPARE_FILE), &path, &bytes).inspect_err(|e| {
+                log::warn!("{e}; creating {} instead", path.display());
+            })
+        });
+        let file = match from_spare {
+            Some(Ok(file)) => file,
+            _ => write_segment(&path, &bytes)?,
+        };
         // The new segment is in place: from here on the log is the one with it, durable or not.
         let synced = sync_dir(&self.dir);
 
@@ -835,7 +871,8 @@ fn new_segment_bytes(path: &Path, payload: Option<&[u8]>) -> Result<(Vec<u8>, u6
 
 /// Creates the segment `path` holding `bytes`, under a temporary name first (synced, then
 /// renamed into place), so a crash never leaves a segment without its header or first frame.
-/// Returns the file, open for reading and writing and positioned at its end. The caller syncs
+/// The file is [`SEGMENT_PREALLOC`] bytes long, zeros after `bytes`. Returns it open for
+/// reading and writing, positioned after `bytes`. The caller syncs
 /// the directory.
 fn write_segment(path: &Path, bytes: &[u8]) -> Result<File, String> {
     let mut tmp = path.as_os_str().to_owned();
@@ -849,14 +886,60 @@ fn write_segment(path: &Path, bytes: &[u8]) -> Result<File, String> {
             .truncate(true)
             .open(&tmp)?;
         f.write_all(bytes)?;
+        let mut len = bytes.len() as u64;
+        while len < SEGMENT_PREALLOC {
+            let n = (SEGMENT_PREALLOC - len).min(ZEROS.len() as u64) as usize;
+            f.write_all(&ZEROS[..n])?;
+            len += n as u64;
+        }
         f.sync_all()?;
         fs::rename(&tmp, path)?;
+        f.seek(SeekFrom::Start(bytes.len() as u64))?;
         Ok(f)
     };
     write().map_err(|e| {
         let _ = fs::remove_file(&tmp);
         format!("cannot create {}: {e}", path.display())
     })
+}
+
+/// Makes the spare segment file in `dir`: [`SEGMENT_PREALLOC`] zeros, synced. Meant for a
+/// thread other than the one persisting; [`Storage::rotate_using`] takes it.
+pub fn prepare_spare(dir: &Path) -> Result<(), String> {
+    let path = dir.join(SPARE_FILE);
+    let write = || -> io::Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        let mut len = 0;
+        while len < SEGMENT_PREALLOC {
+            let n = (SEGMENT_PREALLOC - len).min(ZEROS.len() as u64) as usize;
+            f.write_all(&ZEROS[..n])?;
+            len += n as u64;
+        }
+        f.sync_all()
+    };
+    write().map_err(|e| format!("cannot prepare {}: {e}", path.display()))
+}
+
+/// Writes `bytes` (a header and first frame) over the start of the spare file and syncs it,
+/// then renames it to the segment `path`: as [`write_segment`] does, but the blocks are
+/// already allocated and zeroed, so the sync writes only `bytes`. The caller syncs the
+/// directory.
+fn fill_spare(spare: &Path, path: &Path, bytes: &[u8]) -> Result<File, String> {
+    let fill = || -> io::Result<File> {
+        let mut f = OpenOptions::new().read(true).write(true).open(spare)?;
+        if f.metadata()?.len() < SEGMENT_PREALLOC {
+            return Err(io::Error::other("shorter than a preallocated segment"));
+        }
+        f.write_all(bytes)?;
+        f.sync_data()?;
+        fs::rename(spare, path)?;
+        Ok(f)
+    };
+    fill().map_err(|e| format!("cannot use the spare segment {}: {e}", spare.display()))
 }
 
 /// Checks the WAL's file header; returns its magic.
@@ -1003,6 +1086,11 @@ fn replay_segment(
         seq += 1;
     };
 
+    // A preallocated segment ends in zeros where its next frame would go.
+    let damage = match damage {
+        Some(_) if zeros_from(file, off).map_err(|e| read_err(off, e))? => None,
+        damage => damage,
+    };
     let torn = match damage {
         None => None,
         Some(why) if !newest || (rotated && off == WAL_HEADER_LEN) => {
@@ -1041,6 +1129,24 @@ fn replay_segment(
         valid_len: off,
         torn,
     })
+}
+
+/// Whether every byte from offset `from` to the end of the file is zero (a segment's
+/// preallocated tail, or one that no write reached).
+fn zeros_from(file: &mut File, from: u64) -> io::Result<bool> {
+    file.seek(SeekFrom::Start(from))?;
+    let mut reader = BufReader::with_capacity(READ_BUFFER, file);
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(true);
+        }
+        if buf.iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        let n = buf.len();
+        reader.consume(n);
+    }
 }
 
 /// The offset of the first frame header of ours at or after byte offset `from`, if any.
@@ -1272,13 +1378,28 @@ mod tests {
         Storage::open(&dir.0, 1).unwrap()
     }
 
+    /// The bytes of the segment at `path` up to where its frames end: the header, then every
+    /// frame whose header is not all zeros (a preallocated segment is zeros after that).
+    fn read_wal(path: &Path) -> Vec<u8> {
+        let mut bytes = fs::read(path).unwrap();
+        let mut off = (WAL_HEADER_LEN as usize).min(bytes.len());
+        let header = FRAME_HEADER_LEN as usize;
+        while off + header <= bytes.len() && bytes[off..off + header].iter().any(|&b| b != 0) {
+            let len = u32::from_le_bytes(bytes[off + 24..off + 28].try_into().unwrap());
+            off = (off + header + len as usize).min(bytes.len());
+        }
+        bytes.truncate(off);
+        bytes
+    }
+
+    /// The length of `wal` up to where its frames end (see [`read_wal`]).
     fn wal_len(dir: &TempDir) -> u64 {
-        fs::metadata(dir.wal()).unwrap().len()
+        read_wal(&dir.wal()).len() as u64
     }
 
     /// The magic a WAL's header holds.
     fn wal_magic(dir: &TempDir) -> u64 {
-        let bytes = fs::read(dir.wal()).unwrap();
+        let bytes = read_wal(&dir.wal());
         u64::from_le_bytes(bytes[12..20].try_into().unwrap())
     }
 
@@ -1315,7 +1436,7 @@ mod tests {
         assert!(log.is_empty());
         assert_eq!(s.last_index(), 0);
         assert_eq!(fs::read_to_string(dir.0.join(NODE_ID_FILE)).unwrap(), "1\n");
-        let header = fs::read(dir.wal()).unwrap();
+        let header = read_wal(&dir.wal());
         assert_eq!(header, wal_header(WAL_VERSION, wal_magic(&dir)));
         assert!(!dir.0.join("wal.tmp").exists());
         drop(s);
@@ -1417,7 +1538,7 @@ mod tests {
         let batch = [noop(1, 1), data(2, 1, "xyz")];
         s.persist(Some(&hs(1, None, 0)), &batch).unwrap();
         s.persist(None, &[noop(3, 1)]).unwrap();
-        let bytes = fs::read(dir.wal()).unwrap();
+        let bytes = read_wal(&dir.wal());
         let magic = wal_magic(&dir);
         let first = WAL_HEADER_LEN as usize;
         let len = u32::from_le_bytes(bytes[first + 24..first + 28].try_into().unwrap()) as usize;
@@ -1477,7 +1598,7 @@ mod tests {
                 &[data(2, 2, "lost"), data(3, 2, "also lost"), noop(4, 2)],
             )
             .unwrap();
-            (kept_len, fs::read(src.wal()).unwrap())
+            (kept_len, read_wal(&src.wal()))
         };
         for cut in kept_len..full.len() {
             let dir = TempDir::new("torn");
@@ -1497,7 +1618,81 @@ mod tests {
     }
 
     #[test]
-    fn zero_filled_tail_is_treated_as_torn() {
+    fn segments_are_preallocated_and_frames_overwrite_the_zeros() {
+        let dir = TempDir::new("prealloc");
+        let file_len = |path: &Path| fs::metadata(path).unwrap().len();
+        let log = vec![noop(1, 1), data(2, 1, "x"), data(3, 1, "y")];
+        {
+            let (mut s, _, _) = open(&dir);
+            assert_eq!(file_len(&dir.wal()), SEGMENT_PREALLOC);
+            s.persist(Some(&hs(1, Some(1), 0)), &log[..2]).unwrap();
+            assert_eq!(
+                file_len(&dir.wal()),
+                SEGMENT_PREALLOC,
+                "appended, not written in place"
+            );
+        }
+        // Reopening ends at the zeros without calling them torn or cutting them off, and
+        // writes continue in place.
+        let (mut s, hard_state, got) = open(&dir);
+        assert_eq!((hard_state.vote, got), (Some(1), log[..2].to_vec()));
+        assert_eq!(file_len(&dir.wal()), SEGMENT_PREALLOC);
+        s.persist(None, &log[2..]).unwrap();
+        s.rotate(&hs(1, Some(1), 3), (3, 1)).unwrap();
+        assert_eq!(file_len(&segment(&dir, 1)), SEGMENT_PREALLOC);
+        s.persist(None, &[data(4, 1, "z")]).unwrap();
+        drop(s);
+        // Both segments end in zeros; replay reads through the older one into the newer.
+        let (s, _, got) = open(&dir);
+        assert_eq!(got.last().map(|e| e.index), Some(4));
+        assert_eq!(s.last_index(), 4);
+        assert_eq!(file_len(&dir.wal()), SEGMENT_PREALLOC);
+        assert_eq!(file_len(&segment(&dir, 1)), SEGMENT_PREALLOC);
+    }
+
+    #[test]
+    fn a_rotation_takes_the_spare_segment_or_creates_one_without_it() {
+        let dir = TempDir::new("spare");
+        let spare = dir.0.join(SPARE_FILE);
+        let (mut s, _, _) = open(&dir);
+        s.persist(None, &[noop(1, 1)]).unwrap();
+        prepare_spare(&dir.0).unwrap();
+        assert_eq!(fs::metadata(&spare).unwrap().len(), SEGMENT_PREALLOC);
+        s.rotate_using(&hs(1, None, 1), (1, 1), true).unwrap();
+        assert!(!spare.exists(), "the spare became segment 1");
+        s.persist(None, &[noop(2, 1)]).unwrap();
+        // No spare this time: the segment is created as by `rotate`.
+        s.rotate_using(&hs(1, None, 2), (2, 1), true).unwrap();
+        s.persist(None, &[noop(3, 1)]).unwrap();
+        drop(s);
+        for n in [1, 2] {
+            assert_eq!(fs::metadata(segment(&dir, n)).unwrap().len(), SEGMENT_PREALLOC);
+        }
+        // A spare left by a crash is deleted at open; the log is whole.
+        prepare_spare(&dir.0).unwrap();
+        let (s, _, got) = open(&dir);
+        assert!(!spare.exists());
+        assert_eq!(got.iter().map(|e| e.index).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(s.last_index(), 3);
+    }
+
+    #[test]
+    fn a_segment_outgrowing_its_preallocation_is_appended_to() {
+        let dir = TempDir::new("outgrow");
+        let big = "b".repeat(1 << 20);
+        let entries: Vec<Entry> = (1..=4).map(|i| data(i, 1, &big)).collect();
+        {
+            let (mut s, _, _) = open(&dir);
+            for e in &entries {
+                s.persist(None, std::slice::from_ref(e)).unwrap();
+            }
+        }
+        assert!(fs::metadata(dir.wal()).unwrap().len() > SEGMENT_PREALLOC);
+        assert_eq!(open(&dir).2, entries);
+    }
+
+    #[test]
+    fn zero_filled_tail_is_the_end_and_zeros_after_a_header_are_torn() {
         let dir = TempDir::new("zeros");
         let log = vec![noop(1, 1), data(2, 1, "x")];
         let (good_len, last_frame_start) = {
@@ -1507,15 +1702,17 @@ mod tests {
             s.persist(None, &log[1..]).unwrap();
             (wal_len(&dir), start)
         };
-        let good = fs::read(dir.wal()).unwrap();
+        let good = read_wal(&dir.wal());
 
-        // Zeros after the last good frame, as a preallocating file system may leave.
+        // Zeros after the last good frame (a preallocated segment, or one a file system
+        // extended): the end, kept as it is.
         let mut bytes = good.clone();
         bytes.extend_from_slice(&[0; 4096]);
         fs::write(dir.wal(), &bytes).unwrap();
         let (mut s, _, got) = open(&dir);
         assert_eq!(got, log);
         assert_eq!(wal_len(&dir), good_len);
+        assert_eq!(fs::read(dir.wal()).unwrap(), bytes, "open must not modify");
         s.persist(None, &[noop(3, 1)]).unwrap();
         drop(s);
         assert_eq!(open(&dir).2.len(), 3);
@@ -1543,7 +1740,7 @@ mod tests {
             s.persist(None, &[data(3, 1, "last")]).unwrap();
             (start, end)
         };
-        let good = fs::read(dir.wal()).unwrap();
+        let good = read_wal(&dir.wal());
         // Every bit of the middle frame: header (length and CRC) and payload alike.
         for bit in start * 8..end * 8 {
             let mut bytes = good.clone();
@@ -1565,7 +1762,7 @@ mod tests {
     fn undecodable_payload_with_a_valid_crc_is_an_error() {
         let dir = TempDir::new("undecodable");
         drop(open(&dir));
-        let mut bytes = fs::read(dir.wal()).unwrap();
+        let mut bytes = read_wal(&dir.wal());
         bytes.extend(frame(
             wal_magic(&dir),
             WAL_HEADER_LEN,
@@ -1599,7 +1796,7 @@ mod tests {
         let magic = wal_magic(&dir);
         let mut one = Vec::new();
         encode_entry(&mut one, &noop(1, 1)).unwrap();
-        let mut bytes = fs::read(dir.wal()).unwrap();
+        let mut bytes = read_wal(&dir.wal());
         bytes.extend(frame(magic, WAL_HEADER_LEN, 1, &one));
         let second = bytes.len() as u64;
         bytes.extend(frame(magic, second, 3, &one));
@@ -1636,7 +1833,7 @@ mod tests {
         let text = String::from_utf8(text).expect("the forgery is UTF-8");
         s.persist(None, &[data(3, 1, &text)]).unwrap();
         drop(s);
-        (fs::read(dir.wal()).unwrap(), start as usize)
+        (read_wal(&dir.wal()), start as usize)
     }
 
     /// A frame from `frame`, its payload varied until all its bytes are UTF-8 (its other
@@ -1702,7 +1899,7 @@ mod tests {
             s.persist(None, &[data(3, 1, "torn")]).unwrap();
             (second, third)
         };
-        let mut bytes = fs::read(dir.wal()).unwrap();
+        let mut bytes = read_wal(&dir.wal());
         bytes[third - 1] ^= 1;
         bytes.truncate(bytes.len() - 2);
         fs::write(dir.wal(), &bytes).unwrap();
@@ -1740,7 +1937,7 @@ mod tests {
                 s.persist(None, &[noop(3, 1)]).unwrap();
                 (second, third)
             };
-            let mut bytes = fs::read(dir.wal()).unwrap();
+            let mut bytes = read_wal(&dir.wal());
             bytes[second + 100] ^= 1;
             fs::write(dir.wal(), &bytes).unwrap();
             let err = Storage::open(&dir.0, 1).err().unwrap();
@@ -1914,9 +2111,9 @@ mod tests {
         assert_eq!(got, log);
         assert_eq!((s.base(), s.last_index()), ((0, 0), 5));
         // Later writes go to the new segment, and a second rotation numbers the next one.
-        let wal_before = fs::read(dir.wal()).unwrap();
+        let wal_before = read_wal(&dir.wal());
         s.persist(None, &[data(6, 2, "six")]).unwrap();
-        assert_eq!(fs::read(dir.wal()).unwrap(), wal_before);
+        assert_eq!(read_wal(&dir.wal()), wal_before);
         s.rotate(&hs(3, None, 6), (6, 2)).unwrap();
         s.persist(None, &[data(7, 3, "seven")]).unwrap();
         drop(s);
@@ -2067,18 +2264,18 @@ mod tests {
             s.persist(None, &log_of(1..=3, 1)).unwrap();
             s.persist(None, &log_of(4..=5, 1)).unwrap();
             s.rotate(&hs(1, None, 0), (5, 1)).unwrap();
-            let new_len = fs::metadata(segment(&dir, 1)).unwrap().len();
+            let new_len = read_wal(&segment(&dir, 1)).len() as u64;
             s.persist(None, &log_of(6..=7, 1)).unwrap();
             (wal_len(&dir), new_len)
         };
-        let newest = fs::read(segment(&dir, 1)).unwrap();
-        let oldest = fs::read(dir.wal()).unwrap();
+        let newest = read_wal(&segment(&dir, 1));
+        let oldest = read_wal(&dir.wal());
 
         // The newest segment's last frame torn: cut off.
         fs::write(segment(&dir, 1), &newest[..newest.len() - 3]).unwrap();
         let (s, _, got) = open(&dir);
         assert_eq!(got, log_of(1..=5, 1));
-        assert_eq!(fs::metadata(segment(&dir, 1)).unwrap().len(), new_len);
+        assert_eq!(read_wal(&segment(&dir, 1)).len() as u64, new_len);
         drop(s);
 
         // The same damage in the older segment is an error naming it.
@@ -2119,7 +2316,7 @@ mod tests {
             s.rotate(&hs(1, None, 5), (5, 1)).unwrap();
         }
         let path = segment(&dir, 1);
-        let mut bytes = fs::read(&path).unwrap();
+        let mut bytes = read_wal(&path);
         let magic = u64::from_le_bytes(bytes[12..20].try_into().unwrap());
         let mut payload = Vec::new();
         encode_entry(&mut payload, &noop(5, 1)).unwrap();
