@@ -107,7 +107,7 @@ pub const SEGMENT_PREALLOC: u64 = 3 << 20;
 /// one costs the node thread only its header and first frame; deleted at open as a leftover.
 const SPARE_FILE: &str = "wal.spare.tmp";
 /// Zeros written per call while preallocating a segment.
-const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 /// Read buffer for replay: big enough that start-up is a few large reads.
 const READ_BUFFER: usize = 1 << 20;
@@ -1621,7 +1621,7 @@ mod tests {
     fn segments_are_preallocated_and_frames_overwrite_the_zeros() {
         let dir = TempDir::new("prealloc");
         let file_len = |path: &Path| fs::metadata(path).unwrap().len();
-        let log = vec![noop(1, 1), data(2, 1, "x"), data(3, 1, "y")];
+        let log = [noop(1, 1), data(2, 1, "x"), data(3, 1, "y")];
         {
             let (mut s, _, _) = open(&dir);
             assert_eq!(file_len(&dir.wal()), SEGMENT_PREALLOC);
@@ -1666,7 +1666,10 @@ mod tests {
         s.persist(None, &[noop(3, 1)]).unwrap();
         drop(s);
         for n in [1, 2] {
-            assert_eq!(fs::metadata(segment(&dir, n)).unwrap().len(), SEGMENT_PREALLOC);
+            assert_eq!(
+                fs::metadata(segment(&dir, n)).unwrap().len(),
+                SEGMENT_PREALLOC
+            );
         }
         // A spare left by a crash is deleted at open; the log is whole.
         prepare_spare(&dir.0).unwrap();
