@@ -228,10 +228,24 @@ impl Disk {
             commit: hard_state.commit.max(state.index),
             ..hard_state
         };
-        self.wal.rotate(&hs, (state.index, state.term))?;
+        self.rotate_wal(&hs, (state.index, state.term))?;
         self.wal.compact(state.index)?;
         self.snapshot_index = state.index;
         Ok(Staged::Installed { state, id })
+    }
+
+    /// Starts a new WAL segment with base `base`, from the spare the snapshot thread
+    /// preallocated if it is ready (and then has it prepare the next).
+    fn rotate_wal(&mut self, hard_state: &HardState, base: (Index, Term)) -> Result<(), String> {
+        let spare = self.spare_ready.swap(false, Ordering::AcqRel);
+        self.wal.rotate_using(hard_state, base, spare)?;
+        if spare {
+            let job = Job::PrepareSpare(self.wal.dir().to_path_buf(), self.spare_ready.clone());
+            self.jobs
+                .send(job)
+                .map_err(|_| "the snapshot thread is gone".to_string())?;
+        }
+        Ok(())
     }
 
     /// Whether enough entries were applied since the latest snapshot to take another (and
@@ -296,14 +310,7 @@ impl Disk {
         base: Index,
     ) -> Result<(), String> {
         if self.wal.segment_len() >= SEGMENT_BYTES {
-            let spare = self.spare_ready.swap(false, Ordering::AcqRel);
-            self.wal.rotate_using(hard_state, last, spare)?;
-            if spare {
-                let job = Job::PrepareSpare(self.wal.dir().to_path_buf(), self.spare_ready.clone());
-                self.jobs
-                    .send(job)
-                    .map_err(|_| "the snapshot thread is gone".to_string())?;
-            }
+            self.rotate_wal(hard_state, last)?;
         }
         let doomed = self.wal.compact_later(base)?;
         if !doomed.is_empty() {
