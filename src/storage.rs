@@ -102,7 +102,7 @@ const KIND_CONFIG: u8 = 2;
 /// no metadata and needs no journal commit of its own (on ext4 that commit would also wait for
 /// whatever else the journal holds, such as a snapshot's fsyncs). A segment that outgrows it is
 /// appended to as before.
-pub const SEGMENT_PREALLOC: u64 = 3 << 20;
+pub const SEGMENT_PREALLOC: u64 = 2 << 20;
 /// A preallocated file (zeros, synced) waiting to become the next segment, so that starting
 /// one costs the node thread only its header and first frame; deleted at open as a leftover.
 const SPARE_FILE: &str = "wal.spare.tmp";
