@@ -886,12 +886,7 @@ fn write_segment(path: &Path, bytes: &[u8]) -> Result<File, String> {
             .truncate(true)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        let mut len = bytes.len() as u64;
-        while len < SEGMENT_PREALLOC {
-            let n = (SEGMENT_PREALLOC - len).min(ZEROS.len() as u64) as usize;
-            f.write_all(&ZEROS[..n])?;
-            len += n as u64;
-        }
+        write_zeros_to_prealloc(&mut f, bytes.len() as u64)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
         f.seek(SeekFrom::Start(bytes.len() as u64))?;
@@ -901,6 +896,16 @@ fn write_segment(path: &Path, bytes: &[u8]) -> Result<File, String> {
         let _ = fs::remove_file(&tmp);
         format!("cannot create {}: {e}", path.display())
     })
+}
+
+/// Writes zeros from `len`, where `f`'s write position is, up to [`SEGMENT_PREALLOC`].
+fn write_zeros_to_prealloc(f: &mut File, mut len: u64) -> io::Result<()> {
+    while len < SEGMENT_PREALLOC {
+        let n = (SEGMENT_PREALLOC - len).min(ZEROS.len() as u64) as usize;
+        f.write_all(&ZEROS[..n])?;
+        len += n as u64;
+    }
+    Ok(())
 }
 
 /// Makes the spare segment file in `dir`: [`SEGMENT_PREALLOC`] zeros, synced. Meant for a
@@ -913,12 +918,7 @@ pub fn prepare_spare(dir: &Path) -> Result<(), String> {
             .create(true)
             .truncate(true)
             .open(&path)?;
-        let mut len = 0;
-        while len < SEGMENT_PREALLOC {
-            let n = (SEGMENT_PREALLOC - len).min(ZEROS.len() as u64) as usize;
-            f.write_all(&ZEROS[..n])?;
-            len += n as u64;
-        }
+        write_zeros_to_prealloc(&mut f, 0)?;
         f.sync_all()
     };
     write().map_err(|e| format!("cannot prepare {}: {e}", path.display()))
