@@ -87,15 +87,19 @@ fn hard_state(commit: Index) -> HardState {
     }
 }
 
-/// Writes `kept` as one batch and `lost` as the next; returns the WAL's bytes and where the
-/// second batch's frame starts.
+/// Writes `kept` as one batch and `lost` as the next; returns the WAL's bytes up to the end of
+/// its frames and where the second batch's frame starts.
 fn two_batches(dir: &Path, kept: &[Entry], lost: &[Entry]) -> (Vec<u8>, usize) {
     let (mut s, _, _) = Storage::open(dir, 1).unwrap();
     s.persist(Some(&hard_state(1)), kept).unwrap();
-    let start = fs::metadata(dir.join("wal")).unwrap().len() as usize;
+    // Where the frames end; the segment is preallocated, zeros after that.
+    let start = s.segment_len() as usize;
     s.persist(Some(&hard_state(2)), lost).unwrap();
+    let end = s.segment_len() as usize;
     drop(s);
-    (fs::read(dir.join("wal")).unwrap(), start)
+    let mut bytes = fs::read(dir.join("wal")).unwrap();
+    bytes.truncate(end);
+    (bytes, start)
 }
 
 /// Opens a WAL whose last frame is torn; checks that exactly that frame is cut off and that

@@ -702,3 +702,16 @@ pub fn check_log(records: &[LogRecord], appends: &Appends) -> usize {
     }
     duplicates
 }
+
+/// Where the frames of a WAL segment's bytes end: after its 24-byte header, each frame is a
+/// 36-byte header (its payload length at bytes 24..28) and the payload; a preallocated
+/// segment has zeros where the next header would be.
+pub fn wal_frames_end(bytes: &[u8]) -> usize {
+    const HEADER: usize = 36;
+    let mut off = 24.min(bytes.len());
+    while off + HEADER <= bytes.len() && bytes[off..off + HEADER].iter().any(|&b| b != 0) {
+        let len = u32::from_le_bytes(bytes[off + 24..off + 28].try_into().unwrap());
+        off = (off + HEADER + len as usize).min(bytes.len());
+    }
+    off
+}
