@@ -761,16 +761,20 @@ impl Durable for Disk {
         if let Some(id) = self.snapshot_written()? {
             let started = Instant::now();
             let base = core.snapshot_taken(id, self.snapshot_trailing());
+            let compacted = started.elapsed();
             if let Some((base, _)) = base {
                 self.compact_wal(&core.hard_state(), core.last(), base)?;
             }
+            let took = started.elapsed();
             log::info!(
-                "snapshot at {} (term {}): {} bytes of records; log from {}; node thread busy {} ms for it",
+                "snapshot at {} (term {}): {} bytes of records; log from {}; node thread busy {} µs for it (log {} µs, WAL {} µs)",
                 id.index,
                 id.term,
                 id.records_len,
                 base.map_or(0, |(b, _)| b) + 1,
-                started.elapsed().as_millis()
+                took.as_micros(),
+                compacted.as_micros(),
+                (took - compacted).as_micros()
             );
         }
         Ok(())
