@@ -16,7 +16,8 @@
 # Environment: RAFT_NETNS_PREFIX (default "raft": namespaces raft1.., bridge raftbr, links
 # raftv1..), RAFT_NETNS_SUBNET (default 10.213.7: peers at .1 .. .N, the host at .254) and
 # RAFT_NETNS_DIR (default run/netns: configs, data, logs, pid files), so that tests can run a
-# cluster of their own beside yours.
+# cluster of their own beside yours; RAFT_NETNS_SNAPSHOT_ENTRIES, if set, is written into the
+# configs as snapshot_entries (snapshot_trailing a tenth of it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -70,7 +71,11 @@ filter_tool() {
 }
 
 write_config() {
-    local i=$1 n=$2 others="" j
+    local i=$1 n=$2 others="" j snapshot_fields=""
+    if [[ -n ${RAFT_NETNS_SNAPSHOT_ENTRIES:-} ]]; then
+        snapshot_fields=$(printf '\n  "snapshot_entries": %d,\n  "snapshot_trailing": %d,' \
+            "$RAFT_NETNS_SNAPSHOT_ENTRIES" "$((RAFT_NETNS_SNAPSHOT_ENTRIES / 10))")
+    fi
     for ((j = 1; j <= n; j++)); do
         ((j == i)) && continue
         [[ -n $others ]] && others+=","
@@ -85,7 +90,7 @@ write_config() {
   "other_peers": [$others
   ],
   "data_dir": "$(realpath -m "$dir")/data/peer$i",
-  "election_timeout_ms": [150, 300],
+  "election_timeout_ms": [150, 300],${snapshot_fields}
   "heartbeat_ms": 50
 }
 JSON

@@ -1,6 +1,6 @@
 //! `chaos --netns`: a short mixed run with every peer in a network namespace of its own, and
-//! partitions made on their links, must come out linearizable with some acknowledged
-//! operations and some faults, and leave no namespace behind. Where namespaces cannot be made
+//! partitions made on their links, snapshots every 50 entries, must come out linearizable with
+//! some acknowledged operations, faults and snapshots, and leave no namespace behind. Where namespaces cannot be made
 //! (not root, no iproute2), it says why and passes.
 
 use std::process::Command;
@@ -8,6 +8,21 @@ use std::process::Command;
 /// Names and addresses of this test's own, apart from a `chaos --netns` run by hand.
 const PREFIX: &str = "rctst";
 const SUBNET: &str = "10.213.12";
+
+/// The text of every `peer*.log` under `dir`, at any depth.
+fn peer_logs(dir: &std::path::Path) -> Vec<String> {
+    let mut logs = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if path.is_dir() {
+            logs.extend(peer_logs(&path));
+        } else if name.starts_with("peer") && name.ends_with(".log") {
+            logs.push(std::fs::read_to_string(&path).unwrap_or_default());
+        }
+    }
+    logs
+}
 
 #[test]
 fn a_short_mixed_run_in_network_namespaces_is_linearizable() {
@@ -30,6 +45,8 @@ fn a_short_mixed_run_in_network_namespaces_is_linearizable() {
             "mixed",
             "--seed",
             "2",
+            "--snapshot-entries",
+            "50",
         ])
         .arg("--out")
         .arg(&dir)
@@ -78,6 +95,13 @@ fn a_short_mixed_run_in_network_namespaces_is_linearizable() {
             "{kind} in a --netns run: {summary}"
         );
     }
+
+    // The peers took snapshots (every 50 entries) under those faults.
+    let snapshots = peer_logs(&dir)
+        .iter()
+        .map(|log| log.matches("snapshot at").count())
+        .sum::<usize>();
+    assert!(snapshots >= 3, "{snapshots} snapshots in the peers' logs");
 
     let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let left: Vec<String> = String::from_utf8_lossy(&namespaces.stdout)

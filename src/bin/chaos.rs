@@ -61,8 +61,7 @@ struct Args {
     #[argh(switch)]
     no_auth: bool,
     /// the peers' snapshot_entries (default: the peers' default, 10,000); small values make
-    /// snapshots, compaction and InstallSnapshot happen under every fault (not with --netns,
-    /// whose script writes the configs)
+    /// snapshots, compaction and InstallSnapshot happen under every fault
     #[argh(option)]
     snapshot_entries: Option<u64>,
     /// the peer binary (default: `peer` next to this binary)
@@ -160,7 +159,9 @@ fn options(args: &Args) -> Result<Options, String> {
         return Err("--client-timeout-ms must be at least 100".into());
     }
     let netns = if args.netns {
-        Some(NetnsConfig::new(&args.netns_prefix, &args.netns_subnet)?)
+        let mut cfg = NetnsConfig::new(&args.netns_prefix, &args.netns_subnet)?;
+        cfg.snapshot_entries = args.snapshot_entries;
+        Some(cfg)
     } else if args.netns_prefix != netns::DEFAULT_PREFIX
         || args.netns_subnet != netns::DEFAULT_SUBNET
     {
@@ -189,7 +190,7 @@ fn options(args: &Args) -> Result<Options, String> {
         keep_data: args.keep_data,
         peer_exe,
         auth: !args.no_auth && netns.is_none(),
-        snapshot_entries: args.snapshot_entries.filter(|_| netns.is_none()),
+        snapshot_entries: args.snapshot_entries,
         netns,
     })
 }

@@ -33,6 +33,8 @@ pub struct NetnsConfig {
     pub prefix: String,
     /// The first three octets of a private /24: peer `I` is `.I`, the host `.254`.
     pub subnet: String,
+    /// The peers' `snapshot_entries` (their `snapshot_trailing` a tenth of it), if set.
+    pub snapshot_entries: Option<u64>,
 }
 
 impl NetnsConfig {
@@ -68,6 +70,7 @@ impl NetnsConfig {
         Ok(NetnsConfig {
             prefix: prefix.to_string(),
             subnet: subnet.to_string(),
+            snapshot_entries: None,
         })
     }
 
@@ -170,6 +173,12 @@ impl Netns {
             .env("RAFT_NETNS_PREFIX", &self.cfg.prefix)
             .env("RAFT_NETNS_SUBNET", &self.cfg.subnet)
             .env("RAFT_NETNS_DIR", &self.peers_dir)
+            .env(
+                "RAFT_NETNS_SNAPSHOT_ENTRIES",
+                self.cfg
+                    .snapshot_entries
+                    .map_or_else(String::new, |n| n.to_string()),
+            )
             .env("CARGO_TARGET_DIR", &self.bin_dir)
             .env(
                 "RUST_LOG",
