@@ -62,8 +62,9 @@
 //! payload runs past the end of the file, or its payload fails its CRC. Every frame is synced
 //! before the next one is written, so a torn write is always the last frame of the newest
 //! segment: if no header of ours starts anywhere after the bad frame's first byte, it is torn and
-//! cut off (with a warning), whatever its bytes are (zeros, garbage, or pages of it that did
-//! reach the disk). If one does, the bad frame was synced before a later write, so the file was
+//! cut off (with a warning), whatever its bytes are (garbage, or pages of it that did reach the
+//! disk, with zeros between; a frame of which nothing reached the disk is all zeros and simply
+//! the end). If one does, the bad frame was synced before a later write, so the file was
 //! damaged afterwards; open then fails, naming the file and byte offset, rather than silently
 //! forgetting entries this peer may have promised to keep. So does any damage in an older
 //! segment or in a rotated segment's first frame, and an intact frame that is out of sequence or
