@@ -423,7 +423,7 @@ fn query(client: &mut Client, from: Index, limit: Option<usize>) -> u8 {
 /// entry from `from` on is printed once, in index order, with no gaps. A failed read (no
 /// answer, a leader change) is retried; only a refusal ends it (exit 1), or, given `silence`,
 /// that long without a successful read (exit 2). SIGINT, SIGTERM and a closed stdout end it
-/// with exit 0.
+/// with exit 0 (a closed stdout also while there is nothing new to print).
 fn follow(client: &mut Client, from: Index, silence: Option<Duration>) -> u8 {
     if let Err(e) = ctrlc::set_handler(|| {
         // Waiting for stdout's lock keeps a line from being cut short, but not for long: a
@@ -448,6 +448,9 @@ fn follow(client: &mut Client, from: Index, silence: Option<Duration>) -> u8 {
             Ok(records) => {
                 last_answer = Instant::now();
                 if records.is_empty() {
+                    if stdout_closed() {
+                        return EXIT_OK;
+                    }
                     std::thread::sleep(FOLLOW_PAUSE);
                 }
                 for r in &records {
@@ -477,6 +480,25 @@ fn follow(client: &mut Client, from: Index, silence: Option<Duration>) -> u8 {
             }
         }
     }
+}
+
+/// Whether stdout is a pipe or socket whose reader has gone, so that `follow` ends while it
+/// has nothing to print rather than at its next line. False where that cannot be told.
+fn stdout_closed() -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let mut fd = libc::pollfd {
+            fd: std::io::stdout().as_raw_fd(),
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: one pollfd that lives across the call, and no waiting.
+        let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+        ready > 0 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0
+    }
+    #[cfg(not(unix))]
+    false
 }
 
 /// `client watch`: status rounds with a short deadline, so a dead peer slows no redraw.
