@@ -130,9 +130,6 @@ impl Disk {
             .name("snapshot".into())
             .spawn(move || snapshot_thread(jobs_rx, done_tx))
             .map_err(|e| format!("cannot start the snapshot thread: {e}"))?;
-        let spare_ready = Arc::new(AtomicBool::new(false));
-        jobs.send(Job::PrepareSpare(dir.to_path_buf(), spare_ready.clone()))
-            .map_err(|_| "the snapshot thread is gone".to_string())?;
         let disk = Disk {
             wal,
             store,
@@ -143,8 +140,9 @@ impl Disk {
             written: None,
             jobs,
             done,
-            spare_ready,
+            spare_ready: Arc::new(AtomicBool::new(false)),
         };
+        disk.prepare_spare()?;
         let restored = Restored {
             hard_state,
             snapshot,
@@ -242,12 +240,23 @@ impl Disk {
         let spare = self.spare_ready.swap(false, Ordering::AcqRel);
         self.wal.rotate_using(hard_state, base, spare)?;
         if spare {
-            let job = Job::PrepareSpare(self.wal.dir().to_path_buf(), self.spare_ready.clone());
-            self.jobs
-                .send(job)
-                .map_err(|_| "the snapshot thread is gone".to_string())?;
+            self.prepare_spare()?;
         }
         Ok(())
+    }
+
+    /// Has the snapshot thread preallocate the next WAL segment and raise `spare_ready`.
+    fn prepare_spare(&self) -> Result<(), String> {
+        self.send(Job::PrepareSpare(
+            self.wal.dir().to_path_buf(),
+            self.spare_ready.clone(),
+        ))
+    }
+
+    fn send(&self, job: Job) -> Result<(), String> {
+        self.jobs
+            .send(job)
+            .map_err(|_| "the snapshot thread is gone".to_string())
     }
 
     /// Whether enough entries were applied since the latest snapshot to take another (and
@@ -265,9 +274,7 @@ impl Disk {
         let job = self.store.begin_snapshot(state)?;
         self.snapshot_index = state.index;
         self.writing = true;
-        self.jobs
-            .send(Job::Snapshot(job))
-            .map_err(|_| "the snapshot thread is gone".to_string())
+        self.send(Job::Snapshot(job))
     }
 
     /// The snapshot the snapshot thread made durable, if one is back: it is now the one this
@@ -316,10 +323,7 @@ impl Disk {
         }
         let doomed = self.wal.compact_later(base)?;
         if !doomed.is_empty() {
-            let dir = self.wal.dir().to_path_buf();
-            self.jobs
-                .send(Job::DeleteSegments(dir, doomed))
-                .map_err(|_| "the snapshot thread is gone".to_string())?;
+            self.send(Job::DeleteSegments(self.wal.dir().to_path_buf(), doomed))?;
         }
         Ok(())
     }

@@ -13,6 +13,8 @@
 //!   numbers may start above 0 and need not be contiguous. A new directory starts with `wal`.
 //! - `wal.tmp`, `wal.N.tmp`: a segment being created; a leftover one (a crash before its rename)
 //!   is deleted at open.
+//! - `wal.spare.tmp`: the next segment, preallocated ahead of time ([`prepare_spare`]) and
+//!   renamed into place by [`Storage::rotate_using`]; a leftover one is deleted at open.
 //!
 //! # WAL format, version 2 (all integers little-endian); one segment
 //! ```text
