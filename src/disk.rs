@@ -15,9 +15,10 @@ use crate::storage::{self, Storage};
 use crate::store::{self, Received, SnapshotJob, Store};
 use crossbeam_channel::{Receiver, Sender};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 /// A WAL segment this long is closed at the next snapshot (see [`Disk::compact_wal`]). A
 /// snapshot interval of 10,000 64-byte entries adds about 1 MB, so a segment usually stays
@@ -54,8 +55,8 @@ enum Job {
     Snapshot(SnapshotJob),
     /// Delete compacted WAL segments and sync the directory.
     DeleteSegments(PathBuf, Vec<PathBuf>),
-    /// Preallocate the next WAL segment in this directory, then raise the flag.
-    PrepareSpare(PathBuf, Arc<AtomicBool>),
+    /// Prepare WAL segment `number` in this directory, then publish its number.
+    PrepareSegment(PathBuf, u64, Arc<AtomicU64>),
 }
 
 pub struct Disk {
@@ -70,11 +71,13 @@ pub struct Disk {
     writing: bool,
     /// A snapshot back from the snapshot thread, not yet announced to the core.
     written: Option<SnapshotId>,
+    /// How long the node thread took to start the latest snapshot ([`Disk::start_snapshot`]).
+    pub started_in: Duration,
     jobs: Sender<Job>,
     done: Receiver<Result<SnapshotJob, String>>,
-    /// Raised by the snapshot thread once the spare WAL segment is ready; lowered when a
-    /// rotation takes it (a new one is then prepared).
-    spare_ready: Arc<AtomicBool>,
+    /// The number of the WAL segment the snapshot thread last prepared (0: none yet); a
+    /// rotation takes it if it is the next number.
+    prepared: Arc<AtomicU64>,
 }
 
 impl Disk {
@@ -138,11 +141,12 @@ impl Disk {
             snapshot_index: snapshot.as_ref().map_or(0, |(s, _)| s.index),
             writing: false,
             written: None,
+            started_in: Duration::ZERO,
             jobs,
             done,
-            spare_ready: Arc::new(AtomicBool::new(false)),
+            prepared: Arc::new(AtomicU64::new(0)),
         };
-        disk.prepare_spare()?;
+        disk.prepare_segment()?;
         let restored = Restored {
             hard_state,
             snapshot,
@@ -229,27 +233,27 @@ impl Disk {
             ..hard_state
         };
         self.rotate_wal(&hs, (state.index, state.term))?;
+        self.wal.write_first_frame()?;
         self.wal.compact(state.index)?;
         self.snapshot_index = state.index;
         Ok(Staged::Installed { state, id })
     }
 
-    /// Starts a new WAL segment with base `base`, from the spare the snapshot thread
-    /// preallocated if it is ready (and then has it prepare the next).
+    /// Starts a new WAL segment with base `base`, the one the snapshot thread prepared if it
+    /// is ready, and has it prepare the next.
     fn rotate_wal(&mut self, hard_state: &HardState, base: (Index, Term)) -> Result<(), String> {
-        let spare = self.spare_ready.swap(false, Ordering::AcqRel);
-        self.wal.rotate_using(hard_state, base, spare)?;
-        if spare {
-            self.prepare_spare()?;
-        }
-        Ok(())
+        let prepared = self.prepared.load(Ordering::Acquire) == self.wal.next_segment_number();
+        self.wal.rotate_using(hard_state, base, prepared)?;
+        self.prepare_segment()
     }
 
-    /// Has the snapshot thread preallocate the next WAL segment and raise `spare_ready`.
-    fn prepare_spare(&self) -> Result<(), String> {
-        self.send(Job::PrepareSpare(
+    /// Has the snapshot thread prepare the WAL segment after the newest and publish it in
+    /// `prepared`.
+    fn prepare_segment(&self) -> Result<(), String> {
+        self.send(Job::PrepareSegment(
             self.wal.dir().to_path_buf(),
-            self.spare_ready.clone(),
+            self.wal.next_segment_number(),
+            self.prepared.clone(),
         ))
     }
 
@@ -271,7 +275,9 @@ impl Disk {
     /// appends happens here; the fsyncs happen on the snapshot thread (see
     /// [`Disk::snapshot_written`]).
     pub fn start_snapshot(&mut self, state: &SnapshotState) -> Result<(), String> {
+        let started = Instant::now();
         let job = self.store.begin_snapshot(state)?;
+        self.started_in = started.elapsed();
         self.snapshot_index = state.index;
         self.writing = true;
         self.send(Job::Snapshot(job))
@@ -308,10 +314,9 @@ impl Disk {
 
     /// After the core compacted its log to `base`: start a new WAL segment after the log's
     /// `last` entry once the current one holds [`SEGMENT_BYTES`], and have the snapshot
-    /// thread delete the segments wholly at or below `base`. Starting a segment costs syncs on
-    /// the node thread (of its first frame, taken from a spare the snapshot thread
-    /// preallocated, and of the directory), so not every snapshot starts one; the WAL then
-    /// holds up to two segments and what the log has since.
+    /// thread delete the segments wholly at or below `base`. A segment is started only that
+    /// often (so the WAL holds two or three segments and what the log has since) because one
+    /// the snapshot thread did not prepare in time costs the node thread syncs.
     pub fn compact_wal(
         &mut self,
         hard_state: &HardState,
@@ -338,11 +343,15 @@ fn snapshot_thread(jobs: Receiver<Job>, done: Sender<Result<SnapshotJob, String>
                     return;
                 }
             }
-            Job::PrepareSpare(dir, ready) => match storage::prepare_spare(&dir) {
-                Ok(()) => ready.store(true, Ordering::Release),
-                // Rotations then create their segments on the node thread, as before.
-                Err(e) => log::warn!("{e}"),
-            },
+            Job::PrepareSegment(dir, number, prepared) => {
+                match storage::prepare_segment(&dir, number) {
+                    Ok(true) => prepared.store(number, Ordering::Release),
+                    // The node thread created that segment itself meanwhile.
+                    Ok(false) => {}
+                    // Rotations then create their segments on the node thread.
+                    Err(e) => log::warn!("{e}"),
+                }
+            }
             Job::DeleteSegments(dir, doomed) => {
                 if let Err(e) = storage::delete_segments(&dir, &doomed) {
                     // A segment left behind is replayed first and gives the same log.

@@ -749,13 +749,7 @@ impl Durable for Disk {
         }
         if self.snapshot_due(core.applied_index()) {
             if let Some(state) = core.snapshot_state() {
-                let started = Instant::now();
                 self.start_snapshot(&state)?;
-                log::debug!(
-                    "snapshot at {} started in {} µs",
-                    state.index,
-                    started.elapsed().as_micros()
-                );
             }
         }
         if let Some(id) = self.snapshot_written()? {
@@ -767,12 +761,13 @@ impl Durable for Disk {
             }
             let took = started.elapsed();
             log::info!(
-                "snapshot at {} (term {}): {} bytes of records; log from {}; node thread busy {} µs for it (log {} µs, WAL {} µs)",
+                "snapshot at {} (term {}): {} bytes of records; log from {}; node thread busy {} µs for it (start {} µs, log {} µs, WAL {} µs)",
                 id.index,
                 id.term,
                 id.records_len,
                 base.map_or(0, |(b, _)| b) + 1,
-                took.as_micros(),
+                (took + self.started_in).as_micros(),
+                self.started_in.as_micros(),
                 compacted.as_micros(),
                 (took - compacted).as_micros()
             );

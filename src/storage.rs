@@ -11,10 +11,12 @@
 //!   magic and frame sequence). [`Storage::persist`] appends one frame to the newest;
 //!   [`Storage::rotate`] starts the next; [`Storage::compact`] deletes the oldest ones, so the
 //!   numbers may start above 0 and need not be contiguous. A new directory starts with `wal`.
+//!   The next segment is usually made ahead of time by another thread ([`prepare_segment`]):
+//!   header, zeros, synced, under its final name.
 //! - `wal.tmp`, `wal.N.tmp`: a segment being created; a leftover one (a crash before its rename)
 //!   is deleted at open.
-//! - `wal.spare.tmp`: the next segment, preallocated ahead of time ([`prepare_spare`]) and
-//!   renamed into place by [`Storage::rotate_using`]; a leftover one is deleted at open.
+//! - `wal.spare.tmp`: a segment being prepared, linked to its final name when synced; a
+//!   leftover one is deleted at open.
 //!
 //! # WAL format, version 2 (all integers little-endian); one segment
 //! ```text
@@ -40,12 +42,23 @@
 //! A batch is one frame written with one `write` and made durable with one `fdatasync`, so it is
 //! atomic: a crash mid-write leaves a torn last frame, which the next open drops as a whole.
 //!
-//! Every segment after `wal` is written whole (header, then one frame holding a base record and
-//! a hard state) under a temporary name, synced and renamed into place, so its first frame is
-//! always intact and starts with a base record. Record type 3 is the only change segments
-//! brought to the format; a WAL without base records is read as before, with base (0, 0).
+//! Every segment after `wal` has a first frame that starts with a base record and a hard state.
+//! A segment the node thread creates itself is written whole (header and that frame) under a
+//! temporary name, synced and renamed into place. A prepared segment gets its first frame with
+//! the next persist, in one write and one fdatasync with that persist's records, so it costs
+//! the rotation no sync; until then the segment is a header and zeros. Every segment but the
+//! newest is synced whole before the next is written, and older segments are deleted only once
+//! the first frame of a segment after them is durable. Record type 3 is the only change
+//! segments brought to the format; a WAL without base records is read as before, with base
+//! (0, 0).
 //!
 //! # Replay
+//! First, segments numbered above 0 that were never written to are deleted: the newest while
+//! another remains before it, if after its header there are only zeros or a torn first frame
+//! with no frame of ours after it (a prepared segment not yet taken, or a crash before its
+//! first frame was synced); any other holding only zeros after its header (a preparation that
+//! came too late for its number). None of them holds anything that was synced.
+//!
 //! Segments are replayed in order, and the frames of each in order. The log is a base
 //! `(index, term)`, (0, 0) at first, and the entries after it. An entry at or below the base
 //! index is corruption. An entry whose index is at most the current last index first truncates
@@ -69,8 +82,8 @@
 //! the end). If one does, the bad frame was synced before a later write, so the file was
 //! damaged afterwards; open then fails, naming the file and byte offset, rather than silently
 //! forgetting entries this peer may have promised to keep. So does any damage in an older
-//! segment or in a rotated segment's first frame, and an intact frame that is out of sequence or
-//! does not decode.
+//! segment, in the first frame of the only segment (above 0) left, and an intact frame that is
+//! out of sequence or does not decode.
 
 use crate::raft::{Entry, HardState, Index, NodeId, Payload, Term};
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -106,8 +119,8 @@ const KIND_CONFIG: u8 = 2;
 /// whatever else the journal holds, such as a snapshot's fsyncs). A segment that outgrows it is
 /// appended to as before.
 pub const SEGMENT_PREALLOC: u64 = 2 << 20;
-/// A preallocated file (zeros, synced) waiting to become the next segment, so that starting
-/// one costs the node thread only its header and first frame; deleted at open as a leftover.
+/// A segment being prepared ([`prepare_segment`]) before it is linked under its final name;
+/// deleted at open as a leftover.
 const SPARE_FILE: &str = "wal.spare.tmp";
 /// Zeros written per call while preallocating a segment.
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
@@ -219,6 +232,10 @@ pub struct Storage {
     failed: Option<String>,
     /// The frame being built, reused between calls.
     buf: Vec<u8>,
+    /// Records (a base record and a hard state) that the newest segment's first frame starts
+    /// with, not yet written: a rotation into a prepared segment leaves them to the next
+    /// persist, whose one write and fdatasync make them durable with its own records.
+    pending_first: Option<Vec<u8>>,
 }
 
 impl Storage {
@@ -238,6 +255,8 @@ impl Storage {
             fs::remove_file(leftover)
                 .map_err(|e| format!("cannot delete {}: {e}", leftover.display()))?;
         }
+
+        drop_never_written(dir, &mut numbers)?;
 
         if numbers.is_empty() {
             let wal_path = segment_path(dir, 0);
@@ -321,6 +340,7 @@ impl Storage {
             terms,
             failed: None,
             buf: Vec::new(),
+            pending_first: None,
         };
         Ok((storage, log.hard_state, log.entries))
     }
@@ -338,12 +358,25 @@ impl Storage {
         if hard_state.is_none() && entries.is_empty() {
             return Ok(());
         }
+        self.write_batch(hard_state, entries)
+    }
+
+    /// [`Storage::persist`]'s frame: the pending first frame's records (if any), `hard_state`
+    /// and `entries`, written and synced.
+    fn write_batch(
+        &mut self,
+        hard_state: Option<&HardState>,
+        entries: &[Entry],
+    ) -> Result<(), String> {
         self.check_not_failed()?;
         self.check_batch(hard_state, entries)?;
 
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         buf.extend_from_slice(&[0; FRAME_HEADER_LEN as usize]);
+        if let Some(first) = &self.pending_first {
+            buf.extend_from_slice(first);
+        }
         if let Some(hs) = hard_state {
             encode_hard_state(&mut buf, hs);
         }
@@ -375,6 +408,7 @@ impl Storage {
         self.buf = buf;
         result?;
 
+        self.pending_first = None;
         self.next_seq += 1;
         if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
             if first.index <= self.last_index {
@@ -403,13 +437,20 @@ impl Storage {
         self.rotate_using(hard_state, base, false)
     }
 
-    /// [`Storage::rotate`], turning the spare file [`prepare_spare`] made into the new segment
-    /// if `spare` (or, if that fails, creating one as `rotate` does).
+    /// [`Storage::rotate`], into the segment [`prepare_segment`] made for
+    /// [`Storage::next_segment_number`] if `prepared` (or, if that fails, creating one as
+    /// `rotate` does).
+    ///
+    /// A prepared segment costs no sync here: its name is already durable, and its first frame
+    /// is left to the next persist (or [`Storage::write_first_frame`]), whose fdatasync makes
+    /// it durable with that persist's records. Until then a crash leaves the segment holding
+    /// only zeros after its header, which the next open deletes; the older segments still
+    /// hold the whole log, as [`Storage::compact_later`] keeps them until then.
     pub fn rotate_using(
         &mut self,
         hard_state: &HardState,
         base: (Index, Term),
-        spare: bool,
+        prepared: bool,
     ) -> Result<(), String> {
         self.check_not_failed()?;
         self.check_batch(Some(hard_state), &[])?;
@@ -421,23 +462,32 @@ impl Storage {
                 self.base.0
             ));
         }
-        let number = self.segments.last().map_or(0, |s| s.number) + 1;
+        // Every segment but the newest is durable whole (replay relies on it).
+        self.write_first_frame()?;
+        let number = self.next_segment_number();
         let path = segment_path(&self.dir, number);
         let mut payload = Vec::with_capacity(2 * 25);
         encode_base(&mut payload, base);
         encode_hard_state(&mut payload, hard_state);
-        let (bytes, magic) = new_segment_bytes(&path, Some(&payload))?;
-        let from_spare = spare.then(|| {
-            fill_spare(&self.dir.join(SPARE_FILE), &path, &bytes).inspect_err(|e| {
+        let taken = prepared.then(|| {
+            open_prepared(&path).inspect_err(|e| {
                 log::warn!("{e}; creating {} instead", path.display());
             })
         });
-        let file = match from_spare {
-            Some(Ok(file)) => file,
-            _ => write_segment(&path, &bytes)?,
+        let (file, magic, len, pending) = match taken {
+            Some(Ok((file, magic))) => (file, magic, WAL_HEADER_LEN, Some(payload)),
+            _ => {
+                let (bytes, magic) = new_segment_bytes(&path, Some(&payload))?;
+                let file = write_segment(&path, &bytes)?;
+                // The new segment is in place: from here on the log is the one with it,
+                // durable or not.
+                if let Err(e) = sync_dir(&self.dir) {
+                    self.failed = Some(e.clone());
+                    return Err(e);
+                }
+                (file, magic, bytes.len() as u64, None)
+            }
         };
-        // The new segment is in place: from here on the log is the one with it, durable or not.
-        let synced = sync_dir(&self.dir);
 
         note_cut(&mut self.segments, base.0);
         self.segments.push(Segment {
@@ -455,14 +505,26 @@ impl Storage {
         }
         self.wal_path = path;
         self.wal = file;
-        self.wal_len = bytes.len() as u64;
+        self.wal_len = len;
         self.magic = magic;
-        self.next_seq = 2;
-        if let Err(e) = synced {
-            self.failed = Some(e.clone());
-            return Err(e);
-        }
+        self.next_seq = if pending.is_some() { 1 } else { 2 };
+        self.pending_first = pending;
         Ok(())
+    }
+
+    /// Writes and syncs the newest segment's first frame now if a rotation into a prepared
+    /// segment left it to the next persist: for a rotation that must be durable before it is
+    /// acknowledged (a snapshot install).
+    pub fn write_first_frame(&mut self) -> Result<(), String> {
+        if self.pending_first.is_none() {
+            return Ok(());
+        }
+        self.write_batch(None, &[])
+    }
+
+    /// The number the next segment takes: one more than the newest's.
+    pub fn next_segment_number(&self) -> u64 {
+        self.segments.last().map_or(0, |s| s.number) + 1
     }
 
     /// Deletes the oldest segments, those whose entries are all at or below `through`, then
@@ -487,7 +549,9 @@ impl Storage {
     /// rest, which gives the same log.
     pub fn compact_later(&mut self, through: Index) -> Result<Vec<PathBuf>, String> {
         self.check_not_failed()?;
-        let Some(first) = (1..self.segments.len()).rev().find(|&k| {
+        // A segment whose first frame is not yet written holds no base record on disk.
+        let written = self.segments.len() - usize::from(self.pending_first.is_some());
+        let Some(first) = (1..written).rev().find(|&k| {
             let segment = &self.segments[k];
             segment.can_be_first() && segment.base.is_some_and(|(index, _)| index <= through)
         }) else {
@@ -634,6 +698,46 @@ impl Storage {
             }
         }
     }
+}
+
+/// Deletes the segments (numbered above 0, with an older one left) that were never written to
+/// (see [`never_written`]) and takes them out of `numbers`: the newest ones, which may be
+/// prepared but not yet taken or torn in their first frame, and any other holding only zeros (a
+/// segment prepared while the node thread created that number itself, then compacted away).
+/// Every segment but the newest is synced whole before the next is written, so only the
+/// newest can be torn.
+fn drop_never_written(dir: &Path, numbers: &mut Vec<u64>) -> Result<(), String> {
+    let mut doomed = Vec::new();
+    while numbers.len() > 1 {
+        let path = segment_path(dir, numbers[numbers.len() - 1]);
+        if !never_written(&path, true)? {
+            break;
+        }
+        doomed.push(path);
+        numbers.pop();
+    }
+    let mut k = 0;
+    while k + 1 < numbers.len() {
+        let path = segment_path(dir, numbers[k]);
+        if numbers[k] > 0 && never_written(&path, false)? {
+            doomed.push(path);
+            numbers.remove(k);
+        } else {
+            k += 1;
+        }
+    }
+    for path in &doomed {
+        log::warn!(
+            "{}: deleting a segment never written to (prepared, or its first write cut short \
+             by a crash)",
+            path.display()
+        );
+        fs::remove_file(path).map_err(|e| format!("cannot delete {}: {e}", path.display()))?;
+    }
+    if !doomed.is_empty() {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// Creates (if needed) and locks the directory's LOCK file.
@@ -911,38 +1015,95 @@ fn write_zeros_to_prealloc(f: &mut File, mut len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Makes the spare segment file in `dir`: [`SEGMENT_PREALLOC`] zeros, synced. Meant for a
-/// thread other than the one persisting; [`Storage::rotate_using`] takes it.
-pub fn prepare_spare(dir: &Path) -> Result<(), String> {
-    let path = dir.join(SPARE_FILE);
+/// Prepares segment `number` in `dir` for [`Storage::rotate_using`]: a header with a fresh
+/// magic, then zeros to [`SEGMENT_PREALLOC`], synced, given its final name (never replacing a
+/// file already there) and the directory synced. Returns false if segment `number` exists
+/// already (the node thread created it meanwhile). Meant for a thread other than the one
+/// persisting.
+pub fn prepare_segment(dir: &Path, number: u64) -> Result<bool, String> {
+    let spare = dir.join(SPARE_FILE);
+    let path = segment_path(dir, number);
+    let (header, _) = new_segment_bytes(&path, None)?;
     let write = || -> io::Result<()> {
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&path)?;
-        write_zeros_to_prealloc(&mut f, 0)?;
+            .open(&spare)?;
+        f.write_all(&header)?;
+        write_zeros_to_prealloc(&mut f, header.len() as u64)?;
         f.sync_all()
     };
-    write().map_err(|e| format!("cannot prepare {}: {e}", path.display()))
+    write().map_err(|e| format!("cannot prepare {}: {e}", spare.display()))?;
+    // A link, unlike a rename, fails rather than replace a segment in use.
+    let linked = match fs::hard_link(&spare, &path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
+    };
+    fs::remove_file(&spare).map_err(|e| format!("cannot delete {}: {e}", spare.display()))?;
+    if linked {
+        sync_dir(dir)?;
+    }
+    Ok(linked)
 }
 
-/// Writes `bytes` (a header and first frame) over the start of the spare file and syncs it,
-/// then renames it to the segment `path`: as [`write_segment`] does, but the blocks are
-/// already allocated and zeroed, so the sync writes only `bytes`. The caller syncs the
-/// directory.
-fn fill_spare(spare: &Path, path: &Path, bytes: &[u8]) -> Result<File, String> {
-    let fill = || -> io::Result<File> {
-        let mut f = OpenOptions::new().read(true).write(true).open(spare)?;
-        if f.metadata()?.len() < SEGMENT_PREALLOC {
-            return Err(io::Error::other("shorter than a preallocated segment"));
-        }
-        f.write_all(bytes)?;
-        f.sync_data()?;
-        fs::rename(spare, path)?;
-        Ok(f)
+/// Opens a segment [`prepare_segment`] made, for writing after its header; returns it and its
+/// magic.
+fn open_prepared(path: &Path) -> Result<(File, u64), String> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("cannot open the prepared segment {}: {e}", path.display()))?;
+    let len = f
+        .metadata()
+        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?
+        .len();
+    if len < SEGMENT_PREALLOC {
+        return Err(format!(
+            "the prepared segment {} is {len} bytes, short of {SEGMENT_PREALLOC}",
+            path.display()
+        ));
+    }
+    let magic = read_wal_header(path, &mut f, len)?;
+    Ok((f, magic))
+}
+
+/// Whether segment `path` was never written to: it holds only zeros after its header (a
+/// prepared segment no rotation took, or whose first frame never reached the disk), or, if
+/// `torn_allowed`, a first frame that is torn with nothing of ours after it (a crash in the
+/// middle of writing it). Such a segment holds nothing that was synced. A segment whose
+/// header is damaged is not judged here; replay reports it.
+fn never_written(path: &Path, torn_allowed: bool) -> Result<bool, String> {
+    let wal = path.display();
+    let mut file = File::open(path).map_err(|e| format!("cannot open {wal}: {e}"))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| format!("cannot stat {wal}: {e}"))?
+        .len();
+    let Ok(magic) = read_wal_header(path, &mut file, file_len) else {
+        return Ok(false);
     };
-    fill().map_err(|e| format!("cannot use the spare segment {}: {e}", spare.display()))
+    let read_err = |e: io::Error| format!("{wal}: read failed near byte offset 24: {e}");
+    let mut raw = [0; FRAME_HEADER_LEN as usize];
+    let n = read_up_to(&mut file, &mut raw).map_err(read_err)?;
+    if n == raw.len() {
+        if let Ok(h) = FrameHeader::ours(&raw, magic, WAL_HEADER_LEN) {
+            let mut payload = vec![0; h.len as usize];
+            let n = read_up_to(&mut file, &mut payload).map_err(read_err)?;
+            if n == payload.len() && crc32fast::hash(&payload) == h.data_crc {
+                return Ok(false);
+            }
+        }
+    }
+    if zeros_from(&mut file, WAL_HEADER_LEN).map_err(read_err)? {
+        return Ok(true);
+    }
+    Ok(torn_allowed
+        && find_frame(&mut file, WAL_HEADER_LEN + 1, magic)
+            .map_err(read_err)?
+            .is_none())
 }
 
 /// Checks the WAL's file header; returns its magic.
@@ -1098,8 +1259,8 @@ fn replay_segment(
         None => None,
         Some(why) if !newest || (rotated && off == WAL_HEADER_LEN) => {
             let which = if newest {
-                "the first frame of a rotated segment, which is written whole before the \
-                 segment is renamed into place"
+                "the first frame of the only segment left, so it was synced before older \
+                 ones were deleted"
             } else {
                 "in a segment that is not the newest, so no torn write"
             };
@@ -1653,19 +1814,36 @@ mod tests {
         assert_eq!(file_len(&segment(&dir, 1)), SEGMENT_PREALLOC);
     }
 
+    fn indices(log: &[Entry]) -> Vec<Index> {
+        log.iter().map(|e| e.index).collect()
+    }
+
     #[test]
-    fn a_rotation_takes_the_spare_segment_or_creates_one_without_it() {
-        let dir = TempDir::new("spare");
-        let spare = dir.0.join(SPARE_FILE);
+    fn a_rotation_takes_the_prepared_segment_or_creates_one_without_it() {
+        let dir = TempDir::new("prepared");
         let (mut s, _, _) = open(&dir);
         s.persist(None, &[noop(1, 1)]).unwrap();
-        prepare_spare(&dir.0).unwrap();
-        assert_eq!(fs::metadata(&spare).unwrap().len(), SEGMENT_PREALLOC);
+        assert_eq!(s.next_segment_number(), 1);
+        assert!(prepare_segment(&dir.0, 1).unwrap());
+        assert!(!dir.0.join(SPARE_FILE).exists());
+        let prepared = fs::read(segment(&dir, 1)).unwrap();
+        assert_eq!(prepared.len() as u64, SEGMENT_PREALLOC);
         s.rotate_using(&hs(1, None, 1), (1, 1), true).unwrap();
-        assert!(!spare.exists(), "the spare became segment 1");
+        assert_eq!(
+            fs::read(segment(&dir, 1)).unwrap(),
+            prepared,
+            "the first frame waits for the next persist"
+        );
         s.persist(None, &[noop(2, 1)]).unwrap();
-        // No spare this time: the segment is created as by `rotate`.
+        assert_eq!(
+            s.segment_len(),
+            read_wal(&segment(&dir, 1)).len() as u64,
+            "the persist wrote the first frame"
+        );
+        // Not prepared this time: the segment is created as by `rotate`, and a segment in use
+        // is never replaced by a late preparation.
         s.rotate_using(&hs(1, None, 2), (2, 1), true).unwrap();
+        assert!(!prepare_segment(&dir.0, 2).unwrap());
         s.persist(None, &[noop(3, 1)]).unwrap();
         drop(s);
         for n in [1, 2] {
@@ -1674,12 +1852,126 @@ mod tests {
                 SEGMENT_PREALLOC
             );
         }
-        // A spare left by a crash is deleted at open; the log is whole.
-        prepare_spare(&dir.0).unwrap();
+        // A spare file left by a crash is deleted at open; the log is whole.
+        fs::write(dir.0.join(SPARE_FILE), b"half made").unwrap();
         let (s, _, got) = open(&dir);
-        assert!(!spare.exists());
-        assert_eq!(got.iter().map(|e| e.index).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(!dir.0.join(SPARE_FILE).exists());
+        assert_eq!(indices(&got), [1, 2, 3]);
         assert_eq!(s.last_index(), 3);
+    }
+
+    #[test]
+    fn a_prepared_segment_never_written_to_is_deleted_at_open() {
+        let dir = TempDir::new("unused");
+        let (mut s, _, _) = open(&dir);
+        s.persist(Some(&hs(1, Some(1), 0)), &log_of(1..=3, 1))
+            .unwrap();
+        // Prepared and not taken: a crash while the node still writes segment 0.
+        assert!(prepare_segment(&dir.0, 1).unwrap());
+        drop(s);
+        let (mut s, state, got) = open(&dir);
+        assert!(!segment(&dir, 1).exists());
+        assert_eq!((state.vote, indices(&got)), (Some(1), vec![1, 2, 3]));
+        // Taken, but a crash came before the next persist wrote its first frame; the one
+        // after it was prepared too. Compaction kept the segment before them.
+        assert!(prepare_segment(&dir.0, 1).unwrap());
+        s.rotate_using(&hs(1, Some(1), 3), (3, 1), true).unwrap();
+        assert!(prepare_segment(&dir.0, 2).unwrap());
+        assert!(s.compact_later(3).unwrap().is_empty());
+        drop(s);
+        let (mut s, state, got) = open(&dir);
+        assert!(!segment(&dir, 1).exists() && !segment(&dir, 2).exists());
+        assert_eq!((state.vote, indices(&got)), (Some(1), vec![1, 2, 3]));
+        // Once the first frame is written, the segment replaces the ones before it.
+        assert!(prepare_segment(&dir.0, 1).unwrap());
+        s.rotate_using(&hs(1, Some(1), 3), (3, 1), true).unwrap();
+        s.persist(None, &[data(4, 1, "four")]).unwrap();
+        assert_eq!(s.compact(3).unwrap(), 1);
+        drop(s);
+        let (s, _, got) = open(&dir);
+        assert_eq!((s.base(), indices(&got)), ((3, 1), vec![4]));
+    }
+
+    #[test]
+    fn a_torn_first_frame_in_a_prepared_segment_is_dropped_only_if_nothing_follows() {
+        let src = TempDir::new("torn-first-src");
+        let (before, after) = {
+            let (mut s, _, _) = open(&src);
+            s.persist(None, &log_of(1..=2, 1)).unwrap();
+            assert!(prepare_segment(&src.0, 1).unwrap());
+            s.rotate_using(&hs(1, None, 2), (2, 1), true).unwrap();
+            s.persist(None, &log_of(3..=3, 1)).unwrap();
+            let before = fs::read(segment(&src, 1)).unwrap();
+            s.persist(None, &log_of(4..=4, 1)).unwrap();
+            (before, fs::read(segment(&src, 1)).unwrap())
+        };
+        let first_end = before.iter().rposition(|&b| b != 0).unwrap() + 1;
+        let frame1 = WAL_HEADER_LEN as usize..first_end;
+        let setup = |name: &str, bytes: &[u8]| {
+            let dir = TempDir::new(name);
+            fs::create_dir_all(&dir.0).unwrap();
+            fs::copy(src.wal(), dir.wal()).unwrap();
+            fs::copy(src.0.join(NODE_ID_FILE), dir.0.join(NODE_ID_FILE)).unwrap();
+            fs::write(segment(&dir, 1), bytes).unwrap();
+            dir
+        };
+        // Half the first frame reached the disk: the segment holds nothing synced.
+        let mut torn = before.clone();
+        torn[frame1.start + frame1.len() / 2..].fill(0);
+        let dir = setup("torn-first", &torn);
+        let (_, _, got) = open(&dir);
+        assert_eq!(indices(&got), [1, 2]);
+        assert!(!segment(&dir, 1).exists());
+        // Damage in the first frame with the second frame intact after it: it was synced, so
+        // this is corruption, never silently dropped.
+        let mut damaged = after.clone();
+        damaged[frame1.start + 40] ^= 1;
+        let dir = setup("damaged-first", &damaged);
+        let err = Storage::open(&dir.0, 1).err().expect("corruption refused");
+        assert!(err.contains("wal.1"), "{err}");
+        // As the only segment left there is nothing older it could replace: corruption too.
+        let dir = TempDir::new("torn-alone");
+        fs::create_dir_all(&dir.0).unwrap();
+        fs::copy(src.0.join(NODE_ID_FILE), dir.0.join(NODE_ID_FILE)).unwrap();
+        fs::write(segment(&dir, 1), &torn).unwrap();
+        let err = Storage::open(&dir.0, 1).err().expect("corruption refused");
+        assert!(err.contains("wal.1"), "{err}");
+    }
+
+    #[test]
+    fn a_zero_segment_between_others_is_deleted_at_open() {
+        let dir = TempDir::new("zero-middle");
+        let (mut s, _, _) = open(&dir);
+        s.persist(None, &log_of(1..=2, 1)).unwrap();
+        // A preparation of segment 1 that came after the node thread made and then compacted
+        // its own segment 1 leaves only zeros between segments.
+        s.rotate(&hs(1, None, 2), (2, 1)).unwrap();
+        s.persist(None, &log_of(3..=3, 1)).unwrap();
+        s.rotate(&hs(1, None, 3), (3, 1)).unwrap();
+        s.persist(None, &log_of(4..=4, 1)).unwrap();
+        assert_eq!(s.compact(3).unwrap(), 2);
+        assert!(prepare_segment(&dir.0, 1).unwrap());
+        drop(s);
+        let (_, _, got) = open(&dir);
+        assert!(!segment(&dir, 1).exists());
+        assert_eq!(indices(&got), [4]);
+    }
+
+    #[test]
+    fn an_install_writes_the_first_frame_at_once() {
+        let dir = TempDir::new("install-first");
+        let (mut s, _, _) = open(&dir);
+        s.persist(None, &log_of(1..=2, 1)).unwrap();
+        assert!(prepare_segment(&dir.0, 1).unwrap());
+        s.rotate_using(&hs(2, None, 10), (10, 2), true).unwrap();
+        s.write_first_frame().unwrap();
+        let len = s.segment_len();
+        s.write_first_frame().unwrap();
+        assert_eq!(s.segment_len(), len, "written once");
+        assert_eq!(s.compact(10).unwrap(), 1);
+        drop(s);
+        let (s, state, got) = open(&dir);
+        assert_eq!((s.base(), state.commit, got.len()), ((10, 2), 10, 0));
     }
 
     #[test]
@@ -2299,19 +2591,15 @@ mod tests {
         );
         assert_eq!(fs::read(dir.wal()).unwrap(), torn, "open must not modify");
 
-        // A rotated segment's first frame is written whole, so it is never taken for torn.
-        fs::write(dir.wal(), &oldest).unwrap();
-        let cut = WAL_HEADER_LEN as usize + 10;
-        fs::write(segment(&dir, 1), &newest[..cut]).unwrap();
-        let err = Storage::open(&dir.0, 1).err().unwrap();
-        assert!(
-            err.contains(&segment(&dir, 1).display().to_string())
-                && err.contains(&format!("byte offset {WAL_HEADER_LEN}")),
-            "{err}"
-        );
-        fs::write(segment(&dir, 1), &newest[..WAL_HEADER_LEN as usize]).unwrap();
-        let err = Storage::open(&dir.0, 1).err().unwrap();
-        assert!(err.contains("no frames"), "{err}");
+        // The newest segment's first frame torn, or never written, with nothing after it:
+        // the segment holds nothing synced and is deleted; the older one still has the log.
+        for cut in [WAL_HEADER_LEN as usize + 10, WAL_HEADER_LEN as usize] {
+            fs::write(dir.wal(), &oldest).unwrap();
+            fs::write(segment(&dir, 1), &newest[..cut]).unwrap();
+            let (_, _, got) = open(&dir);
+            assert_eq!(got, log_of(1..=5, 1), "cut at {cut}");
+            assert!(!segment(&dir, 1).exists(), "cut at {cut}");
+        }
     }
 
     #[test]
