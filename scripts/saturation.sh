@@ -17,6 +17,9 @@ echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 failed=0
 
 run() {
+  # Let the file system finish writing back what came before (a previous run deletes a
+  # gigabyte of data dirs), so that this run's first seconds do not pay for it in fsyncs.
+  sync
   echo "\$ $bench $*"
   local err out dir
   err=$(mktemp)
