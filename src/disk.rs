@@ -57,6 +57,8 @@ enum Job {
     DeleteSegments(PathBuf, Vec<PathBuf>),
     /// Prepare WAL segment `number` in this directory, then publish its number.
     PrepareSegment(PathBuf, u64, Arc<AtomicU64>),
+    /// Free log entries a snapshot compacted away.
+    Free(Vec<Entry>),
 }
 
 pub struct Disk {
@@ -263,6 +265,15 @@ impl Disk {
             .map_err(|_| "the snapshot thread is gone".to_string())
     }
 
+    /// Has the snapshot thread free `entries` (those a snapshot compacted away), which would
+    /// take the node thread a millisecond or more for a snapshot interval's worth.
+    pub fn free_later(&self, entries: Vec<Entry>) -> Result<(), String> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.send(Job::Free(entries))
+    }
+
     /// Whether enough entries were applied since the latest snapshot to take another (and
     /// none is being written).
     pub fn snapshot_due(&self, applied: Index) -> bool {
@@ -352,6 +363,7 @@ fn snapshot_thread(jobs: Receiver<Job>, done: Sender<Result<SnapshotJob, String>
                     Err(e) => log::warn!("{e}"),
                 }
             }
+            Job::Free(entries) => drop(entries),
             Job::DeleteSegments(dir, doomed) => {
                 if let Err(e) = storage::delete_segments(&dir, &doomed) {
                     // A segment left behind is replayed first and gives the same log.

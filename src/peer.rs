@@ -380,6 +380,10 @@ trait Core {
     fn snapshot_taken(&mut self, _id: SnapshotId, _trailing: u64) -> Option<(Index, Term)> {
         None
     }
+    /// The entries the latest `snapshot_taken` dropped, to be freed elsewhere.
+    fn take_compacted(&mut self) -> Vec<Entry> {
+        Vec::new()
+    }
     fn snapshot_chunk_stored(&mut self, _leader: NodeId, _index: Index, _have: u64) {}
     fn install_snapshot(&mut self, _leader: NodeId, _state: SnapshotState, _id: SnapshotId) {}
 }
@@ -434,6 +438,9 @@ impl Core for Node {
     }
     fn snapshot_taken(&mut self, id: SnapshotId, trailing: u64) -> Option<(Index, Term)> {
         Node::snapshot_taken(self, id, trailing)
+    }
+    fn take_compacted(&mut self) -> Vec<Entry> {
+        Node::take_compacted(self)
     }
     fn snapshot_chunk_stored(&mut self, leader: NodeId, index: Index, have: u64) {
         Node::snapshot_chunk_stored(self, leader, index, have)
@@ -755,6 +762,7 @@ impl Durable for Disk {
         if let Some(id) = self.snapshot_written()? {
             let started = Instant::now();
             let base = core.snapshot_taken(id, self.snapshot_trailing());
+            self.free_later(core.take_compacted())?;
             let compacted = started.elapsed();
             if let Some((base, _)) = base {
                 self.compact_wal(&core.hard_state(), core.last(), base)?;

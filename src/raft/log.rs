@@ -103,10 +103,11 @@ impl RaftLog {
     }
 
     /// Drops the entries up to `through` (which must be durable and committed): a snapshot
-    /// covers them. Returns whether anything was dropped.
-    pub fn compact(&mut self, through: Index) -> bool {
+    /// covers them. Returns them, None if there were none: freeing thousands of entries takes
+    /// time the caller may rather spend on another thread.
+    pub fn compact(&mut self, through: Index) -> Option<Vec<Entry>> {
         if through <= self.base.0 {
-            return false;
+            return None;
         }
         assert!(
             through <= self.stable && through <= self.commit,
@@ -115,9 +116,10 @@ impl RaftLog {
             self.commit
         );
         let term = self.term_at(through).expect("compacted index in log");
-        self.entries.drain(..self.pos(through) + 1);
+        let kept = self.entries.split_off(self.pos(through) + 1);
+        let dropped = std::mem::replace(&mut self.entries, kept);
         self.base = (through, term);
-        true
+        Some(dropped)
     }
 
     /// Replaces the whole log with a snapshot's base (an installed snapshot, §7): durable and
@@ -346,7 +348,12 @@ mod tests {
     fn a_compacted_log_keeps_its_base_term_and_matches_above_it() {
         let mut log = log_of(&[1, 1, 2, 2, 3]);
         log.commit_to(4);
-        assert!(log.compact(3));
+        let dropped = log.compact(3).expect("entries 1-3 dropped");
+        assert_eq!(
+            dropped.iter().map(|e| e.index).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert_eq!(log.compact(3), None, "nothing left to drop");
         assert_eq!(log.base(), (3, 2));
         assert_eq!(log.term_at(3), Some(2), "the base keeps its term");
         assert_eq!(log.term_at(2), None, "compacted");

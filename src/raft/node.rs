@@ -192,6 +192,8 @@ pub struct Node {
     persisted_hard_state: HardState,
     handed_hard_state: Option<HardState>,
     ready_outstanding: bool,
+    /// Entries the latest snapshot compacted away, until the shell takes them to free.
+    compacted: Vec<Entry>,
     replicate_now: bool,
     heartbeat_now: bool,
     msgs: Vec<Message>,
@@ -308,6 +310,7 @@ impl Node {
             persisted_hard_state,
             handed_hard_state: None,
             ready_outstanding: false,
+            compacted: Vec::new(),
             replicate_now: false,
             heartbeat_now: false,
             msgs: Vec::new(),
@@ -1872,11 +1875,15 @@ impl Node {
             .index
             .saturating_sub(trailing)
             .min(self.log.stable_index());
-        if !self.log.compact(through) {
-            return None;
-        }
+        self.compacted = self.log.compact(through)?;
         self.configs.compact(through);
         Some(self.log.base())
+    }
+
+    /// The entries the latest [`Node::snapshot_taken`] dropped from the log, for the shell to
+    /// free off the node thread (thousands of entries take a millisecond or more to free).
+    pub fn take_compacted(&mut self) -> Vec<Entry> {
+        std::mem::take(&mut self.compacted)
     }
 
     /// The latest durable snapshot, if any.
