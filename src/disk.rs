@@ -265,8 +265,8 @@ impl Disk {
             .map_err(|_| "the snapshot thread is gone".to_string())
     }
 
-    /// Has the snapshot thread free `entries` (those a snapshot compacted away), which would
-    /// take the node thread a millisecond or more for a snapshot interval's worth.
+    /// Has the snapshot thread free `entries` (those a snapshot compacted away): for a
+    /// snapshot interval's worth that took the node thread 0.6-0.7 ms at p50 in the bench.
     pub fn free_later(&self, entries: Vec<Entry>) -> Result<(), String> {
         if entries.is_empty() {
             return Ok(());

@@ -296,10 +296,7 @@ impl Storage {
         let (wal_path, mut wal, end) = wal.unwrap();
 
         if let Some(reason) = &end.torn {
-            let file_len = wal
-                .metadata()
-                .map_err(|e| format!("cannot stat {}: {e}", wal_path.display()))?
-                .len();
+            let file_len = len_of(&wal_path, &wal)?;
             log::warn!(
                 "{}: torn write at byte offset {}: {reason}; discarding the last {} bytes \
                  (an unsynced batch)",
@@ -717,21 +714,21 @@ fn drop_never_written(dir: &Path, numbers: &mut Vec<u64>) -> Result<(), String> 
         doomed.push((path, how));
         numbers.pop();
     }
-    let mut k = 0;
-    while k + 1 < numbers.len() {
-        let path = segment_path(dir, numbers[k]);
-        let how = match numbers[k] {
-            0 => None,
-            _ => never_written(&path, false)?,
+    let newest = numbers.len().saturating_sub(1);
+    let mut kept = Vec::with_capacity(numbers.len());
+    for (i, &number) in numbers.iter().enumerate() {
+        let path = segment_path(dir, number);
+        let unwritten = if i < newest && number > 0 {
+            never_written(&path, false)?
+        } else {
+            None
         };
-        match how {
-            Some(how) => {
-                doomed.push((path, how));
-                numbers.remove(k);
-            }
-            None => k += 1,
+        match unwritten {
+            Some(how) => doomed.push((path, how)),
+            None => kept.push(number),
         }
     }
+    *numbers = kept;
     for (path, how) in &doomed {
         match how {
             // The usual case after a clean stop: the next segment was ready.
@@ -1072,10 +1069,7 @@ fn open_prepared(path: &Path) -> Result<(File, u64), String> {
         .write(true)
         .open(path)
         .map_err(|e| format!("cannot open the prepared segment {}: {e}", path.display()))?;
-    let len = f
-        .metadata()
-        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?
-        .len();
+    let len = len_of(path, &f)?;
     if len < SEGMENT_PREALLOC {
         return Err(format!(
             "the prepared segment {} is {len} bytes, short of {SEGMENT_PREALLOC}",
@@ -1102,10 +1096,7 @@ enum Unwritten {
 fn never_written(path: &Path, torn_allowed: bool) -> Result<Option<Unwritten>, String> {
     let wal = path.display();
     let mut file = File::open(path).map_err(|e| format!("cannot open {wal}: {e}"))?;
-    let file_len = file
-        .metadata()
-        .map_err(|e| format!("cannot stat {wal}: {e}"))?
-        .len();
+    let file_len = len_of(path, &file)?;
     let Ok(magic) = read_wal_header(path, &mut file, file_len) else {
         return Ok(None);
     };
@@ -1129,6 +1120,13 @@ fn never_written(path: &Path, torn_allowed: bool) -> Result<Option<Unwritten>, S
             .map_err(read_err)?
             .is_none();
     Ok(torn.then_some(Unwritten::Torn))
+}
+
+/// The length of `file`, opened from `path`.
+fn len_of(path: &Path, file: &File) -> Result<u64, String> {
+    file.metadata()
+        .map(|m| m.len())
+        .map_err(|e| format!("cannot stat {}: {e}", path.display()))
 }
 
 /// Checks the WAL's file header; returns its magic.
@@ -1209,10 +1207,7 @@ fn replay_segment(
 ) -> Result<SegmentEnd, String> {
     let wal = path.display();
     let rotated = log.segments.last().is_some_and(|s| s.number > 0);
-    let file_len = file
-        .metadata()
-        .map_err(|e| format!("cannot stat {wal}: {e}"))?
-        .len();
+    let file_len = len_of(path, file)?;
     let read_err =
         |off: u64, e: io::Error| format!("{wal}: read failed near byte offset {off}: {e}");
     let mut reader = BufReader::with_capacity(READ_BUFFER, &mut *file);

@@ -1,7 +1,7 @@
 //! `chaos --netns`: a short mixed run with every peer in a network namespace of its own, and
 //! partitions made on their links, snapshots every 50 entries, must come out linearizable with
-//! some acknowledged operations, faults and snapshots, and leave no namespace behind. Where namespaces cannot be made
-//! (not root, no iproute2), it says why and passes.
+//! some acknowledged operations, faults and snapshots, and leave no namespace behind. Where
+//! namespaces cannot be made (not root, no iproute2), it says why and passes.
 
 use std::process::Command;
 
