@@ -896,6 +896,10 @@ impl Node {
                     AppendResult::Rejected { prev_log_index, .. } if prev_log_index > last => Err(
                         format!("rejected index {prev_log_index} beyond our last {last}"),
                     ),
+                    // Every log matches at index 0 (§5.3): no follower rejects there.
+                    AppendResult::Rejected {
+                        prev_log_index: 0, ..
+                    } => Err("rejected at index 0".into()),
                     _ => Ok(()),
                 }
             }
@@ -1105,7 +1109,11 @@ impl Node {
             Some(match_index) => {
                 let log = &self.log;
                 self.configs.retain_in_log(|i| log.term_at(i));
-                self.configs.appended(&entries);
+                // Entries at or below our base are compacted, their configurations folded
+                // into the base: a late copy of one must not become the latest again.
+                let base = log.base().0;
+                let kept = entries.partition_point(|e| e.index <= base);
+                self.configs.appended(&entries[kept..]);
                 if self.log.commit_to(leader_commit.min(match_index)) {
                     self.apply_committed();
                 }
@@ -2373,6 +2381,38 @@ mod tests {
         leader.step(msg(2, 1, 1, genuine));
         let replies = flush(&mut leader).replies;
         assert!(matches!(replies[0].1.result, ClientResult::Entries { .. }));
+    }
+
+    #[test]
+    fn a_rejection_at_index_0_is_dropped_not_taken_as_a_match() {
+        // Every log matches at index 0, so no follower rejects there. Taken as "the follower
+        // lost its log", index 0 used to underflow into a match index the follower never
+        // acknowledged, committing entries held by no majority.
+        let mut leader = Node::new(cfg(1, &[2, 3]), HardState::default(), vec![]);
+        elect(&mut leader);
+        leader.step(msg(2, 1, 1, accepted(1)));
+        flush(&mut leader);
+        for seq in 1..=3 {
+            leader.request(client_addr(), append_req(seq, 9, seq, "x"));
+            flush(&mut leader);
+        }
+        for _ in 0..3 {
+            leader.tick();
+            flush(&mut leader);
+        }
+        assert_eq!(leader.log().last_index(), 4);
+        let forged = Body::AppendEntriesResponse {
+            read_seq: leader.read_seq,
+            result: AppendResult::Rejected {
+                prev_log_index: 0,
+                hint_index: 5,
+                hint_term: 0,
+            },
+        };
+        leader.step(msg(2, 1, 1, forged));
+        flush(&mut leader);
+        assert_eq!(leader.commit_index(), 1, "nothing new was acknowledged");
+        assert_eq!(leader.status().followers[0].match_index, 1);
     }
 
     #[test]

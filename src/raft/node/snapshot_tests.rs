@@ -383,3 +383,63 @@ fn a_chunk_overtaken_by_entries_in_the_same_batch_is_not_staged() {
     assert!(rd.chunk_writes.is_empty(), "the log now holds entry 4");
     assert_eq!(n.log().last_index(), 5, "and keeps what follows it");
 }
+
+#[test]
+fn a_late_copy_of_an_old_configuration_entry_does_not_bring_it_back() {
+    // Node 2 receives the entry adding learner 4, later the one removing it, then compacts
+    // past both. A late duplicate of the first AppendEntries (same term, all below 2's base)
+    // must not make "4 is a learner" its configuration again: quorums and the next snapshot
+    // would be counted over it.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    let copies = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let seen = copies.clone();
+    c.lose = Box::new(move |m| {
+        if let Body::AppendEntries { entries, .. } = &m.body {
+            if m.to == 2
+                && entries
+                    .iter()
+                    .any(|e| matches!(e.payload, Payload::Config(_)))
+            {
+                seen.borrow_mut().push(m.clone());
+            }
+        }
+        false
+    });
+    let change = |id, change| ClientRequest {
+        id,
+        op: ClientOp::ChangeMembers { change },
+    };
+    let to: ReplyTo = "127.0.0.1:9".parse().unwrap();
+    let add = ConfChange::AddLearner {
+        id: 4,
+        address: "127.0.0.1:9004".into(),
+    };
+    c.shells
+        .get_mut(&1)
+        .unwrap()
+        .node
+        .request(to, change(1, add));
+    c.settle();
+    assert!(c.node(2).membership().contains(4));
+    let old = copies.borrow()[0].clone();
+    c.shells
+        .get_mut(&1)
+        .unwrap()
+        .node
+        .request(to, change(2, ConfChange::Remove { id: 4 }));
+    c.settle();
+    for seq in 1..=10 {
+        c.append(1, seq);
+    }
+    c.tick(2);
+    c.snapshot(2, 0);
+    assert!(c.node(2).log().base().0 > 3, "compacted past both changes");
+    assert!(!c.node(2).membership().contains(4));
+    c.shells.get_mut(&2).unwrap().node.step(old);
+    assert!(
+        !c.node(2).membership().contains(4),
+        "{:?}",
+        c.node(2).membership()
+    );
+}
