@@ -142,8 +142,10 @@ impl Store {
         fs::create_dir_all(data_dir)
             .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
         let number = current_number(data_dir)?;
-        remove_other_stores(data_dir, number)?;
+        // Opened first: a `store.current` naming a directory that is not there is damage,
+        // and the other stores may then hold the data; they are left alone.
         let cur = Current::open(data_dir, number)?;
+        remove_other_stores(data_dir, number)?;
         let snapshot = cur.snapshot.as_ref().map(|s| (s.meta.clone(), s.id));
         let staging = Staging::resume(&data_dir.join(INSTALL_DIR))?;
         let store = Store {
@@ -1003,7 +1005,17 @@ fn current_number(data_dir: &Path) -> Result<u64, String> {
     let path = data_dir.join(CURRENT_FILE);
     remove_if_exists(&data_dir.join(tmp_name(CURRENT_FILE)))?;
     if !exists(&path)? {
-        // No store was ever made current here: anything named store.<n> is a leftover.
+        // No store was ever made current here: anything named store.<n> is a leftover of a
+        // crash before the first `store.current` was written, and holds nothing. One with
+        // records or a snapshot means `store.current` was lost: refuse, never delete them.
+        if let Some(dir) = store_with_data(data_dir)? {
+            return Err(format!(
+                "{} is missing but {} holds records or a snapshot; restore {} (one line naming the store to use, such as store.1) or move the data dir aside",
+                path.display(),
+                dir.display(),
+                CURRENT_FILE
+            ));
+        }
         remove_other_stores(data_dir, 0)?;
         let dir = data_dir.join(format!("{STORE_PREFIX}1"));
         fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -1034,6 +1046,30 @@ fn store_number(name: &str) -> Option<u64> {
         return None;
     }
     digits.parse().ok().filter(|&n| n >= 1)
+}
+
+/// A `store.<n>` directory with a non-empty records file or a snapshot, if there is one.
+fn store_with_data(data_dir: &Path) -> Result<Option<PathBuf>, String> {
+    let entries = fs::read_dir(data_dir)
+        .map_err(|e| format!("cannot list data dir {}: {e}", data_dir.display()))?;
+    for entry in entries {
+        let entry =
+            entry.map_err(|e| format!("cannot list data dir {}: {e}", data_dir.display()))?;
+        if entry.file_name().to_str().and_then(store_number).is_none() {
+            continue;
+        }
+        let dir = entry.path();
+        let records = dir.join(RECORDS_FILE);
+        let has_records = exists(&records)?
+            && fs::metadata(&records)
+                .map_err(|e| format!("cannot stat {}: {e}", records.display()))?
+                .len()
+                > 0;
+        if has_records || exists(&dir.join(SNAPSHOT_FILE))? {
+            return Ok(Some(dir));
+        }
+    }
+    Ok(None)
 }
 
 /// Deletes every `store.<n>` directory but `store.<keep>`: leftovers of a crash mid-install.
@@ -1998,6 +2034,30 @@ mod tests {
         fs::write(dir.0.join(CURRENT_FILE), b"store.x\n").unwrap();
         let err = Store::open(&dir.0).err().unwrap();
         assert!(err.contains(CURRENT_FILE), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_or_lost_store_current_never_deletes_the_store() {
+        let dir = TempDir::new("lost-current");
+        let (mut store, _) = Store::open(&dir.0).unwrap();
+        store.append(&records(1, 20)).unwrap();
+        snapshot_here(&mut store);
+        drop(store);
+        // A bit flip that names another store: a clear error, and store.1 stays.
+        fs::write(dir.0.join(CURRENT_FILE), b"store.3\n").unwrap();
+        let err = Store::open(&dir.0).err().unwrap();
+        assert!(err.contains("store.3"), "{err}");
+        assert!(dir.0.join("store.1").join(SNAPSHOT_FILE).exists());
+        // Lost altogether: refused, naming the store that holds data.
+        fs::remove_file(dir.0.join(CURRENT_FILE)).unwrap();
+        let err = Store::open(&dir.0).err().unwrap();
+        assert!(err.contains("store.1") && err.contains("missing"), "{err}");
+        assert!(dir.0.join("store.1").join(SNAPSHOT_FILE).exists());
+        // Put back, everything is there.
+        fs::write(dir.0.join(CURRENT_FILE), b"store.1\n").unwrap();
+        let (store, snapshot) = Store::open(&dir.0).unwrap();
+        assert_eq!(store.last_index(), 20);
+        assert!(snapshot.is_some());
     }
 
     #[test]
