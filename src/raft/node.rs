@@ -849,6 +849,13 @@ impl Node {
                         snapshot.index, snapshot.term
                     ));
                 }
+                if snapshot
+                    .records_len
+                    .checked_add(snapshot.meta_len)
+                    .is_none()
+                {
+                    return Err("snapshot lengths overflow".into());
+                }
                 if *offset >= snapshot.total_len() || data.len() as u64 > 2 * CHUNK_BYTES {
                     return Err(format!(
                         "chunk at {offset} of {} bytes, {} of data",
@@ -933,7 +940,9 @@ impl Node {
             }
             Body::RequestVote { .. } => self.handle_request_vote(msg),
             Body::PreVote { .. } => self.handle_pre_vote(msg),
-            Body::TimeoutNow => self.timeout_now(msg.from),
+            // Only our leader hands leadership over (thesis §3.10): from anyone else it would
+            // depose a healthy leader.
+            Body::TimeoutNow if self.leader == Some(msg.from) => self.timeout_now(msg.from),
             _ => {}
         }
     }
@@ -2175,6 +2184,24 @@ mod tests {
             msg(1, 2, 2, append(0, vec![entry(1, 2)])),  // rewrites a committed entry
             msg(1, 2, 1, append(1, vec![entry(2, 50)])), // entry from a future term
             msg(1, 2, u64::MAX, append(1, vec![])),      // absurd term
+            // lengths whose sum overflows (a debug-build panic once)
+            msg(
+                1,
+                2,
+                1,
+                Body::InstallSnapshot {
+                    snapshot: SnapshotId {
+                        index: 5,
+                        term: 1,
+                        records_len: u64::MAX,
+                        meta_len: 10,
+                        ..SnapshotId::default()
+                    },
+                    offset: 20,
+                    data: String::new(),
+                    crc: 0,
+                },
+            ),
         ];
         for m in forged {
             follower.step(m);
@@ -2554,6 +2581,19 @@ mod tests {
             .find(|r| r.id == 7)
             .expect("the transfer is answered");
         assert_eq!(answer.result, ClientResult::Transferred { leader: 2, term });
+    }
+
+    #[test]
+    fn timeout_now_from_anyone_but_the_leader_is_ignored() {
+        let mut nodes = three_nodes_led_by_1();
+        let term = nodes[0].term();
+        nodes[1].step(msg(3, 2, term, Body::TimeoutNow));
+        flush(&mut nodes[1]);
+        assert_eq!(nodes[1].role(), Role::Follower);
+        assert_eq!(nodes[1].term(), term, "no election");
+        nodes[1].step(msg(1, 2, term, Body::TimeoutNow));
+        flush(&mut nodes[1]);
+        assert_eq!(nodes[1].role(), Role::Candidate, "the leader's is obeyed");
     }
 
     #[test]

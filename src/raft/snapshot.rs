@@ -34,7 +34,8 @@ pub struct SnapshotId {
 impl SnapshotId {
     /// Bytes in the whole stream: records, then meta.
     pub fn total_len(&self) -> u64 {
-        self.records_len + self.meta_len
+        // Saturating: an ID off the wire may claim any lengths (receivers check them).
+        self.records_len.saturating_add(self.meta_len)
     }
 }
 
@@ -119,8 +120,13 @@ impl SnapshotSend {
         out
     }
 
-    /// The follower holds `[0, have)`.
+    /// The follower holds `[0, have)`, short of the whole stream: a follower holding all of it
+    /// answers that it is done, so a larger `have` is not a follower's and is ignored (it would
+    /// stop the stream for good).
     pub fn acknowledge(&mut self, have: u64) {
+        if have >= self.id.total_len() {
+            return;
+        }
         self.last_have = have;
         if have > self.acked {
             self.acked = have;
@@ -166,6 +172,20 @@ mod tests {
             records_len: total - 100,
             meta_len: 100,
             ..SnapshotId::default()
+        }
+    }
+
+    #[test]
+    fn an_answer_claiming_the_whole_stream_without_done_is_ignored() {
+        let mut s = SnapshotSend::new(id(100 * CHUNK_BYTES));
+        s.to_send();
+        for have in [100 * CHUNK_BYTES, u64::MAX] {
+            s.acknowledge(have);
+            for _ in 0..10 {
+                s.tick(10);
+            }
+            assert_eq!((s.acked, s.next), (0, 0));
+            assert!(!s.to_send().is_empty(), "still streaming");
         }
     }
 
