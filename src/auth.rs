@@ -753,7 +753,7 @@ fn admit_known(s: &mut SenderState, epoch: u64, counter: u64, slot: usize) -> Ad
     } else if epoch < s.epoch {
         Admission::Refused {
             why: Replay::OldEpoch,
-            min_epoch: s.epoch + 1,
+            min_epoch: s.epoch.saturating_add(1),
         }
     } else {
         *s = SenderState::new(epoch, counter, slot);
@@ -1915,6 +1915,20 @@ mod tests {
             Admission::Fresh { new_epoch: true }
         );
         assert_eq!(fresh.unwrap().slot, 1);
+    }
+
+    #[test]
+    fn the_largest_epoch_is_refused_without_overflow() {
+        let mut state = None;
+        let fresh = Admission::Fresh { new_epoch: true };
+        assert_eq!(admit(&mut state, 0, u64::MAX, 1, 0), fresh);
+        assert_eq!(
+            admit(&mut state, 0, 7, 1, 0),
+            Admission::Refused {
+                why: Replay::OldEpoch,
+                min_epoch: u64::MAX
+            }
+        );
     }
 
     #[test]

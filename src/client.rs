@@ -496,7 +496,10 @@ impl Client {
                 members.iter().map(|m| (m.id, m.address.as_str())),
             );
             if from_leader {
-                self.leader = Some(peer);
+                // Only a peer we have an address for (a reply may name any ID).
+                if self.peers.contains_key(&peer) {
+                    self.leader = Some(peer);
+                }
                 return Ok(Members {
                     leader: peer,
                     config_index,
@@ -882,7 +885,7 @@ impl Client {
 
     /// The known leader, or else the next peer in round-robin order.
     fn pick_target(&mut self) -> NodeId {
-        if let Some(l) = self.leader {
+        if let Some(l) = self.leader.filter(|l| self.peers.contains_key(l)) {
             return l;
         }
         let id = self.order[self.cursor % self.order.len()];
@@ -1327,6 +1330,20 @@ mod tests {
             1,
             "the removed peer was asked only once"
         );
+    }
+
+    #[test]
+    fn a_members_answer_from_an_unknown_id_naming_itself_leader_does_not_crash_the_client() {
+        // The address we know as peer 1 answers as peer 99 (a config mapping an ID to the
+        // wrong address, or a forged reply) and names itself leader.
+        let p = FakePeer::start(99, |req| match req.op {
+            ClientOp::Members => vec![(req.id, members_answer(Some(99), Vec::new()))],
+            _ => vec![(req.id, appended(5, 1))],
+        });
+        let mut c = client_of(&[(1, &p)], 2000);
+        assert_eq!(c.members().unwrap().leader, 99);
+        assert_eq!(c.leader_hint(), None, "no address for 99");
+        c.append("x").unwrap();
     }
 
     #[test]
