@@ -13,6 +13,12 @@ use std::sync::Arc;
 pub const DEFAULT_ELECTION_TIMEOUT_MS: (u64, u64) = (150, 300);
 /// Default heartbeat interval, in milliseconds.
 pub const DEFAULT_HEARTBEAT_MS: u64 = 50;
+/// Largest `election_timeout_ms` maximum accepted (an hour): anything near it is a typo, and
+/// far larger values overflow tick arithmetic.
+const MAX_ELECTION_TIMEOUT_MS: u64 = 3_600_000;
+/// Largest `snapshot_entries` and `snapshot_trailing` accepted: far more than any log holds,
+/// and far from overflowing index arithmetic.
+const MAX_SNAPSHOT_ENTRIES: u64 = 1 << 40;
 /// Default `snapshot_entries`: entries applied between two snapshots.
 pub const DEFAULT_SNAPSHOT_ENTRIES: u64 = 10_000;
 /// Default `snapshot_trailing`: entries kept in the log before a snapshot's index.
@@ -134,9 +140,9 @@ impl PeerConfig {
             }
         }
         let (min, max) = election_timeout_ms;
-        if min == 0 || min > max {
+        if min == 0 || min > max || max > MAX_ELECTION_TIMEOUT_MS {
             return Err(format!(
-                "field `election_timeout_ms`: [{min},{max}] must be [min,max] with 0 < min <= max"
+                "field `election_timeout_ms`: [{min},{max}] must be [min,max] with 0 < min <= max <= {MAX_ELECTION_TIMEOUT_MS}"
             ));
         }
         if heartbeat_ms == 0 || heartbeat_ms >= min {
@@ -169,10 +175,17 @@ impl PeerConfig {
             ));
         }
         let snapshot_entries = raw.snapshot_entries.unwrap_or(DEFAULT_SNAPSHOT_ENTRIES);
-        if snapshot_entries == 0 {
-            return Err("field `snapshot_entries`: must be at least 1".into());
+        if snapshot_entries == 0 || snapshot_entries > MAX_SNAPSHOT_ENTRIES {
+            return Err(format!(
+                "field `snapshot_entries`: {snapshot_entries} must be 1 to {MAX_SNAPSHOT_ENTRIES}"
+            ));
         }
         let snapshot_trailing = raw.snapshot_trailing.unwrap_or(DEFAULT_SNAPSHOT_TRAILING);
+        if snapshot_trailing > MAX_SNAPSHOT_ENTRIES {
+            return Err(format!(
+                "field `snapshot_trailing`: {snapshot_trailing} must be at most {MAX_SNAPSHOT_ENTRIES}"
+            ));
+        }
         Ok(PeerConfig {
             snapshot_entries,
             snapshot_trailing,
@@ -347,6 +360,16 @@ mod tests {
         assert!(e.contains("election_timeout_ms"), "{e}");
         let e = err_of(r#""port": 3000,"#, r#""port": 3000, "heartbeat_ms": 150,"#);
         assert!(e.contains("heartbeat_ms"), "{e}");
+        // Absurdly large values, which overflowed timing and snapshot arithmetic.
+        for field in [
+            r#""election_timeout_ms": [18446744073709551613, 18446744073709551615],"#,
+            r#""snapshot_entries": 18446744073709551615,"#,
+            r#""snapshot_trailing": 18446744073709551615,"#,
+        ] {
+            let name = field.split('"').nth(1).unwrap();
+            let e = err_of(r#""port": 3000,"#, &format!(r#""port": 3000, {field}"#));
+            assert!(e.contains(name), "{e}");
+        }
         let e = err_of(r#""port": 3000,"#, r#""port": "x","#);
         assert!(e.contains("port") || e.contains("invalid type"), "{e}");
         let e = err_of(r#""name": "peer01","#, "");

@@ -278,7 +278,7 @@ impl Disk {
     /// none is being written).
     pub fn snapshot_due(&self, applied: Index) -> bool {
         !self.writing
-            && applied >= self.snapshot_index + self.snapshot_entries
+            && applied >= self.snapshot_index.saturating_add(self.snapshot_entries)
             && self.store.last_index() == applied
     }
 
