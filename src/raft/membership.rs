@@ -8,7 +8,7 @@
 //! remembers every configuration entry in the log so that truncating an uncommitted one
 //! reverts to the one before it.
 
-use super::message::{Entry, Index, NodeId, Payload, Term};
+use super::message::{Entry, Index, NodeId, Payload, Term, MAX_ENTRY_ESCAPED};
 use serde::{Deserialize, Serialize};
 
 /// Whether a member counts toward quorums.
@@ -171,6 +171,19 @@ impl Membership {
                     address: address.clone(),
                     role: MemberRole::Learner,
                 });
+                // The configuration entry must fit one AppendEntries datagram, as a client's
+                // entry must: one that does not could never be replicated.
+                let entry = Entry {
+                    index: 0,
+                    term: 0,
+                    payload: Payload::Config(Membership::new(members.clone())),
+                };
+                if entry.encoded_len() > MAX_ENTRY_ESCAPED {
+                    return Err(format!(
+                        "a configuration of {} members would not fit one datagram",
+                        members.len()
+                    ));
+                }
             }
             ConfChange::Promote { id } => match members.iter_mut().find(|m| m.id == *id) {
                 None => return Err(format!("node {id} is not a member")),
@@ -227,8 +240,18 @@ impl Membership {
     }
 }
 
-/// A `host:port` with a non-empty host and a port from 1 to 65535.
+/// The longest address accepted: a DNS name (253 bytes at most), a colon and a port.
+pub const MAX_ADDRESS_LEN: usize = 253 + 6;
+
+/// A `host:port` with a non-empty host and a port from 1 to 65535, at most
+/// [`MAX_ADDRESS_LEN`] bytes.
 pub fn check_address(address: &str) -> Result<(), String> {
+    if address.len() > MAX_ADDRESS_LEN {
+        return Err(format!(
+            "{} bytes long; the limit is {MAX_ADDRESS_LEN}",
+            address.len()
+        ));
+    }
     let (host, port) = address
         .rsplit_once(':')
         .ok_or_else(|| "expected HOST:PORT".to_string())?;
@@ -450,6 +473,52 @@ mod tests {
             .unwrap_err()
             .contains("not a member"));
         assert!(!m.apply(&ConfChange::Remove { id: 2 }).unwrap().contains(2));
+    }
+
+    #[test]
+    fn a_configuration_always_fits_one_datagram() {
+        let add = |id: NodeId, address: String| ConfChange::AddLearner { id, address };
+        let m = Membership::voters(&[1]);
+        let long = format!("{}:1", "h".repeat(60_000));
+        assert!(m.apply(&add(2, long)).unwrap_err().contains("limit"));
+        // Learners with the longest addresses, until refused: every configuration accepted
+        // still fits.
+        let mut m = m;
+        for id in 2.. {
+            let address = format!("{}{id}:1", "h".repeat(MAX_ADDRESS_LEN - 8));
+            match m.apply(&add(id, address)) {
+                Ok(next) => m = next,
+                Err(e) => {
+                    assert!(e.contains("datagram"), "{e}");
+                    break;
+                }
+            }
+        }
+        let entry = Entry {
+            index: u64::MAX,
+            term: u64::MAX,
+            payload: Payload::Config(m.clone()),
+        };
+        let datagram = crate::raft::message::Message {
+            cluster: u64::MAX,
+            from: u64::MAX,
+            to: u64::MAX,
+            term: u64::MAX,
+            body: crate::raft::message::Body::AppendEntries {
+                prev_log_index: u64::MAX,
+                prev_log_term: u64::MAX,
+                entries: vec![entry],
+                leader_commit: u64::MAX,
+                read_seq: u64::MAX,
+            },
+        };
+        let bytes = serde_json::to_vec(&datagram).unwrap();
+        assert!(m.members.len() > 50, "{} members", m.members.len());
+        assert!(
+            bytes.len() <= crate::raft::message::MAX_DATAGRAM,
+            "{} bytes",
+            bytes.len()
+        );
     }
 
     #[test]
