@@ -1458,6 +1458,7 @@ mod tests {
             term,
             membership: Membership::voters(&[1, 2, 3]),
             config_at: (0, 0),
+            removed: vec![4],
             sessions: vec![SessionRecord {
                 client: 7,
                 seq: 3,

@@ -10,6 +10,7 @@
 
 use super::message::{Entry, Index, NodeId, Payload, Term, MAX_ENTRY_ESCAPED};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 
 /// Whether a member counts toward quorums.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -274,25 +275,31 @@ pub struct Configurations {
     base_at: (Index, Term),
     /// (index, term, configuration) of each configuration entry in the log, by index.
     entries: Vec<(Index, Term, Membership)>,
+    /// IDs of members of configurations compacted away that `base` no longer has: removed
+    /// servers, remembered so that a late retry of an old `AddLearner` never re-adds one
+    /// (and a retried `Remove` is answered as done) after their entries are gone.
+    removed: BTreeSet<NodeId>,
 }
 
 impl Configurations {
     /// From the bootstrap configuration and the log as restored.
     pub fn restore(base: Membership, log: &[Entry]) -> Configurations {
-        Configurations::restore_after(base, (0, 0), log)
+        Configurations::restore_after(base, (0, 0), &[], log)
     }
 
-    /// From the configuration in force at a snapshot (made by the entry at `base_at`) and the
-    /// log after it.
+    /// From the configuration in force at a snapshot (made by the entry at `base_at`), the
+    /// servers removed before it, and the log after it.
     pub fn restore_after(
         base: Membership,
         base_at: (Index, Term),
+        removed: &[NodeId],
         log: &[Entry],
     ) -> Configurations {
         let mut c = Configurations {
             base,
             base_at,
             entries: Vec::new(),
+            removed: removed.iter().copied().collect(),
         };
         c.appended(log);
         c
@@ -309,11 +316,32 @@ impl Configurations {
 
     /// The log up to `through` is compacted: the configuration in force there becomes the base.
     pub fn compact(&mut self, through: Index) {
+        self.removed = self.removed_at(through).into_iter().collect();
         let (m, at) = self.at(through);
         let (m, at) = (m.clone(), at);
         self.base = m;
         self.base_at = at;
         self.entries.retain(|(i, _, _)| *i > through);
+    }
+
+    /// Servers that were members of a configuration up to `index` but are not in the one in
+    /// force there: what a snapshot at `index` must remember (see `removed`).
+    pub fn removed_at(&self, index: Index) -> Vec<NodeId> {
+        let in_force = self.at(index).0;
+        let earlier = self
+            .entries
+            .iter()
+            .take_while(|(i, _, _)| *i <= index)
+            .flat_map(|(_, _, m)| m.members.iter().map(|x| x.id));
+        let ids: BTreeSet<NodeId> = self
+            .removed
+            .iter()
+            .copied()
+            .chain(self.base.members.iter().map(|x| x.id))
+            .chain(earlier)
+            .filter(|&id| !in_force.contains(id))
+            .collect();
+        ids.into_iter().collect()
     }
 
     /// The configuration in force: the latest in the log, committed or not.
@@ -345,7 +373,9 @@ impl Configurations {
 
     /// Whether `id` is or was a member of any configuration known here.
     pub fn ever_member(&self, id: NodeId) -> bool {
-        self.base.contains(id) || self.entries.iter().any(|(_, _, m)| m.contains(id))
+        self.removed.contains(&id)
+            || self.base.contains(id)
+            || self.entries.iter().any(|(_, _, m)| m.contains(id))
     }
 
     /// Records configuration entries among `entries`, just stored in the log. Entries that
@@ -570,6 +600,37 @@ mod tests {
         c.appended(&log[..1]);
         assert_eq!(c.latest(), &Membership::voters(&[1, 2, 3]));
         assert_eq!(c.latest_index(), 2);
+    }
+
+    #[test]
+    fn removed_servers_are_remembered_across_compaction_and_snapshots() {
+        let config = |index, ids: &[NodeId]| Entry {
+            index,
+            term: 1,
+            payload: Payload::Config(Membership::voters(ids)),
+        };
+        // 4 joins and leaves, 5 joins; then the log is compacted past all of it.
+        let log = vec![
+            config(1, &[1, 2, 3, 4]),
+            config(2, &[1, 2, 3]),
+            config(3, &[1, 2, 3, 5]),
+        ];
+        let mut c = Configurations::restore(Membership::voters(&[1, 2, 3]), &log);
+        assert_eq!(c.removed_at(1), Vec::<NodeId>::new());
+        assert_eq!(c.removed_at(2), vec![4]);
+        c.compact(3);
+        assert!(c.ever_member(4) && c.ever_member(5) && !c.ever_member(6));
+        assert_eq!(c.removed_at(3), vec![4]);
+        // A snapshot at 3 carries it to a server that restores from it.
+        let restored =
+            Configurations::restore_after(c.latest().clone(), (3, 1), &c.removed_at(3), &[]);
+        assert!(restored.ever_member(4));
+        // Added back (an explicit rejoin), 4 is a member, not a removed one.
+        c.appended(&[config(4, &[1, 2, 3, 4, 5])]);
+        assert_eq!(c.removed_at(4), Vec::<NodeId>::new());
+        c.compact(4);
+        assert_eq!(c.removed_at(4), Vec::<NodeId>::new());
+        assert!(c.ever_member(4));
     }
 
     #[test]

@@ -274,6 +274,7 @@ impl Node {
                     Configurations::restore_after(
                         state.membership.clone(),
                         state.config_at,
+                        &state.removed,
                         &log.entries()[from..],
                     ),
                     StateMachine::restore(state.index, &state.sessions),
@@ -1865,6 +1866,7 @@ impl Node {
                 .expect("applied index in log or its base"),
             membership: membership.clone(),
             config_at,
+            removed: self.configs.removed_at(index),
             sessions: self.sm.sessions(),
         }
     }
@@ -1938,7 +1940,12 @@ impl Node {
                 self.cfg.id, state.term
             );
             self.log.reset((index, state.term));
-            self.configs = Configurations::restore_after(state.membership, state.config_at, &[]);
+            self.configs = Configurations::restore_after(
+                state.membership,
+                state.config_at,
+                &state.removed,
+                &[],
+            );
             self.sm = StateMachine::restore(index, &state.sessions);
             self.mem_floor = index;
             self.snapshot = Some(id);

@@ -8,7 +8,7 @@
 //! `[0, meta_len)`. The core only counts offsets; the shell reads and writes the bytes.
 
 use super::membership::Membership;
-use super::message::{ClientId, Index, Term};
+use super::message::{ClientId, Index, NodeId, Term};
 use serde::{Deserialize, Serialize};
 
 /// Bytes of snapshot stream per InstallSnapshot chunk: base64 makes them 4/3 as many, which
@@ -59,6 +59,10 @@ pub struct SnapshotState {
     pub membership: Membership,
     #[serde(default)]
     pub config_at: (Index, Term),
+    /// Servers removed from the cluster up to `index` (members of an earlier configuration,
+    /// not of `membership`): their IDs come back only by an explicit rejoin.
+    #[serde(default)]
+    pub removed: Vec<NodeId>,
     /// Client sessions, least recently used first.
     pub sessions: Vec<SessionRecord>,
 }

@@ -443,3 +443,53 @@ fn a_late_copy_of_an_old_configuration_entry_does_not_bring_it_back() {
         c.node(2).membership()
     );
 }
+
+#[test]
+fn a_late_retry_of_adding_a_removed_server_is_refused_after_compaction() {
+    // Thesis §4.2.3 / etcd: a removed server's ID does not come back by accident. Its
+    // configuration entries are compacted away, but the snapshot remembers the removal.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    let to: ReplyTo = "127.0.0.1:9".parse().unwrap();
+    let add = ConfChange::AddLearner {
+        id: 4,
+        address: "127.0.0.1:9004".into(),
+    };
+    let change = |c: &mut Cluster, id, change| {
+        let req = ClientRequest {
+            id,
+            op: ClientOp::ChangeMembers { change },
+        };
+        c.shells.get_mut(&1).unwrap().node.request(to, req);
+        c.settle();
+    };
+    change(&mut c, 1, add.clone());
+    change(&mut c, 2, ConfChange::Remove { id: 4 });
+    for seq in 1..=10 {
+        c.append(1, seq);
+    }
+    c.snapshot(1, 0);
+    c.snapshot(2, 0);
+    assert!(c.node(1).log().base().0 > 3, "compacted past both changes");
+    let removed = |c: &Cluster, id| {
+        c.replies.iter().any(|r| {
+            r.id == id
+                && matches!(&r.result, ClientResult::Refused { reason } if reason.contains("was removed"))
+        })
+    };
+    change(&mut c, 3, add.clone());
+    assert!(removed(&c, 3), "{:?}", c.replies.last());
+    // A retried removal is answered as done, not as "not a member".
+    change(&mut c, 4, ConfChange::Remove { id: 4 });
+    assert!(
+        matches!(
+            c.replies.last().unwrap().result,
+            ClientResult::Configured { .. }
+        ),
+        "{:?}",
+        c.replies.last()
+    );
+    // Snapshots carry the removal to servers that restore or install them.
+    let state = c.node(2).snapshot_state();
+    assert_eq!(state.removed, vec![4]);
+}
