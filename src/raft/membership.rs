@@ -279,19 +279,24 @@ pub struct Configurations {
     /// servers, remembered so that a late retry of an old `AddLearner` never re-adds one
     /// (and a retried `Remove` is answered as done) after their entries are gone.
     removed: BTreeSet<NodeId>,
+    /// Configuration entries up to here are folded into `base` and `removed` (a compaction or
+    /// a snapshot); a late copy of one must not count again (the log may still hold some of
+    /// them: it keeps trailing entries before a snapshot).
+    folded: Index,
 }
 
 impl Configurations {
     /// From the bootstrap configuration and the log as restored.
     pub fn restore(base: Membership, log: &[Entry]) -> Configurations {
-        Configurations::restore_after(base, (0, 0), &[], log)
+        Configurations::restore_after(base, (0, 0), 0, &[], log)
     }
 
-    /// From the configuration in force at a snapshot (made by the entry at `base_at`), the
-    /// servers removed before it, and the log after it.
+    /// From the configuration in force at a snapshot at index `through` (made by the entry at
+    /// `base_at`), the servers removed before it, and the log after it.
     pub fn restore_after(
         base: Membership,
         base_at: (Index, Term),
+        through: Index,
         removed: &[NodeId],
         log: &[Entry],
     ) -> Configurations {
@@ -300,6 +305,7 @@ impl Configurations {
             base_at,
             entries: Vec::new(),
             removed: removed.iter().copied().collect(),
+            folded: through,
         };
         c.appended(log);
         c
@@ -322,6 +328,7 @@ impl Configurations {
         self.base = m;
         self.base_at = at;
         self.entries.retain(|(i, _, _)| *i > through);
+        self.folded = self.folded.max(through);
     }
 
     /// Servers that were members of a configuration up to `index` but are not in the one in
@@ -381,9 +388,10 @@ impl Configurations {
     /// Records configuration entries among `entries`, just stored in the log. Entries that
     /// were already there (a duplicated or late AppendEntries) change nothing; a truncated
     /// suffix is dropped by [`Configurations::retain_in_log`] first, not here, so that a stale
-    /// prefix of the log never hides a later configuration.
+    /// prefix of the log never hides a later configuration. Entries already folded by a
+    /// compaction or snapshot are skipped.
     pub fn appended(&mut self, entries: &[Entry]) {
-        for e in entries {
+        for e in entries.iter().filter(|e| e.index > self.folded) {
             if let Payload::Config(m) = &e.payload {
                 self.entries.retain(|(i, _, _)| *i != e.index);
                 let at = self.entries.partition_point(|(i, _, _)| *i < e.index);
@@ -623,7 +631,7 @@ mod tests {
         assert_eq!(c.removed_at(3), vec![4]);
         // A snapshot at 3 carries it to a server that restores from it.
         let restored =
-            Configurations::restore_after(c.latest().clone(), (3, 1), &c.removed_at(3), &[]);
+            Configurations::restore_after(c.latest().clone(), (3, 1), 3, &c.removed_at(3), &[]);
         assert!(restored.ever_member(4));
         // Added back (an explicit rejoin), 4 is a member, not a removed one.
         c.appended(&[config(4, &[1, 2, 3, 4, 5])]);

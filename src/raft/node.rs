@@ -274,6 +274,7 @@ impl Node {
                     Configurations::restore_after(
                         state.membership.clone(),
                         state.config_at,
+                        state.index,
                         &state.removed,
                         &log.entries()[from..],
                     ),
@@ -942,8 +943,11 @@ impl Node {
             Body::RequestVote { .. } => self.handle_request_vote(msg),
             Body::PreVote { .. } => self.handle_pre_vote(msg),
             // Only our leader hands leadership over (thesis §3.10): from anyone else it would
-            // depose a healthy leader.
-            Body::TimeoutNow if self.leader == Some(msg.from) => self.timeout_now(msg.from),
+            // depose a healthy leader. Without a leader (restarted, or back from a lost
+            // election) we would campaign soon anyway, and the leader sends it only once.
+            Body::TimeoutNow if self.leader.is_none_or(|l| l == msg.from) => {
+                self.timeout_now(msg.from)
+            }
             _ => {}
         }
     }
@@ -1119,11 +1123,7 @@ impl Node {
             Some(match_index) => {
                 let log = &self.log;
                 self.configs.retain_in_log(|i| log.term_at(i));
-                // Entries at or below our base are compacted, their configurations folded
-                // into the base: a late copy of one must not become the latest again.
-                let base = log.base().0;
-                let kept = entries.partition_point(|e| e.index <= base);
-                self.configs.appended(&entries[kept..]);
+                self.configs.appended(&entries);
                 if self.log.commit_to(leader_commit.min(match_index)) {
                     self.apply_committed();
                 }
@@ -1943,6 +1943,7 @@ impl Node {
             self.configs = Configurations::restore_after(
                 state.membership,
                 state.config_at,
+                index,
                 &state.removed,
                 &[],
             );
@@ -2601,6 +2602,11 @@ mod tests {
         nodes[1].step(msg(1, 2, term, Body::TimeoutNow));
         flush(&mut nodes[1]);
         assert_eq!(nodes[1].role(), Role::Candidate, "the leader's is obeyed");
+        // A follower that knows no leader (restarted) takes it from whoever sends it.
+        let (hs, log) = (nodes[2].hard_state(), nodes[2].log().entries().to_vec());
+        let mut restarted = Node::new(cfg(3, &[1, 2]), hs, log);
+        restarted.step(msg(1, 3, term, Body::TimeoutNow));
+        assert_eq!(restarted.role(), Role::Candidate);
     }
 
     #[test]

@@ -433,15 +433,32 @@ fn a_late_copy_of_an_old_configuration_entry_does_not_bring_it_back() {
         c.append(1, seq);
     }
     c.tick(2);
-    c.snapshot(2, 0);
-    assert!(c.node(2).log().base().0 > 3, "compacted past both changes");
-    assert!(!c.node(2).membership().contains(4));
-    c.shells.get_mut(&2).unwrap().node.step(old);
+    // Compacted with trailing entries that still hold both changes, then restarted from the
+    // snapshot and that log (as from disk), and compacted without them: the late copy must
+    // change nothing either way.
+    let snap = c.snapshot(2, 100);
     assert!(
-        !c.node(2).membership().contains(4),
-        "{:?}",
-        c.node(2).membership()
+        c.node(2).log().base().0 < 3,
+        "both changes still in the log"
     );
+    let n = &c.shells[&2].node;
+    let (hs, base, entries) = (n.hard_state(), n.log().base(), n.log().entries().to_vec());
+    let state = c.snapshots[&snap].0.clone();
+    let restarted = Node::restore(
+        config(2, &[1, 2, 3]),
+        hs,
+        Some((state, snap)),
+        base,
+        entries,
+    );
+    let mut compacted = c.shells.remove(&2).unwrap().node;
+    compacted.snapshot_taken(snap, 0);
+    assert!(compacted.log().base().0 > 3, "compacted past both changes");
+    for mut node in [restarted, compacted] {
+        assert!(!node.membership().contains(4));
+        node.step(old.clone());
+        assert!(!node.membership().contains(4), "{:?}", node.membership());
+    }
 }
 
 #[test]
