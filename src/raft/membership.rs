@@ -8,7 +8,9 @@
 //! remembers every configuration entry in the log so that truncating an uncommitted one
 //! reverts to the one before it.
 
-use super::message::{Entry, Index, NodeId, Payload, Term, MAX_ENTRY_ESCAPED};
+use super::message::{
+    escaped_len, Entry, Index, NodeId, Payload, Term, ENTRY_OVERHEAD, MAX_ENTRY_ESCAPED,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -172,19 +174,6 @@ impl Membership {
                     address: address.clone(),
                     role: MemberRole::Learner,
                 });
-                // The configuration entry must fit one AppendEntries datagram, as a client's
-                // entry must: one that does not could never be replicated.
-                let entry = Entry {
-                    index: 0,
-                    term: 0,
-                    payload: Payload::Config(Membership::new(members.clone())),
-                };
-                if entry.encoded_len() > MAX_ENTRY_ESCAPED {
-                    return Err(format!(
-                        "a configuration of {} members would not fit one datagram",
-                        members.len()
-                    ));
-                }
             }
             ConfChange::Promote { id } => match members.iter_mut().find(|m| m.id == *id) {
                 None => return Err(format!("node {id} is not a member")),
@@ -200,7 +189,24 @@ impl Membership {
                 }
             }
         }
-        Ok(Membership::new(members))
+        // The configuration entry must fit one AppendEntries datagram, as a client's entry
+        // must: one that does not could never be replicated.
+        let next = Membership::new(members);
+        if ENTRY_OVERHEAD + next.encoded_len() > MAX_ENTRY_ESCAPED {
+            return Err(format!(
+                "a configuration of {} members would not fit one datagram",
+                next.members.len()
+            ));
+        }
+        Ok(next)
+    }
+
+    /// An upper bound on this configuration's size inside a JSON datagram.
+    pub fn encoded_len(&self) -> usize {
+        self.members
+            .iter()
+            .map(|m| ENTRY_OVERHEAD + escaped_len(&m.address))
+            .sum()
     }
 
     /// Whether `change` is already in effect in this configuration.

@@ -59,11 +59,7 @@ impl Entry {
             + match &self.payload {
                 Payload::Noop => 0,
                 Payload::Data { data, .. } => escaped_len(data),
-                Payload::Config(m) => m
-                    .members
-                    .iter()
-                    .map(|m| ENTRY_OVERHEAD + escaped_len(&m.address))
-                    .sum(),
+                Payload::Config(m) => m.encoded_len(),
             }
     }
 }

@@ -2046,7 +2046,8 @@ mod tests {
         }
     }
 
-    fn msg(from: NodeId, to: NodeId, term: Term, body: Body) -> Message {
+    /// A peer message as the tests of this module and its children build them.
+    pub(super) fn msg(from: NodeId, to: NodeId, term: Term, body: Body) -> Message {
         Message {
             cluster: 0,
             from,

@@ -625,13 +625,7 @@ fn forged(rng: &mut Rng, node: &Node, to: NodeId) -> Message {
         2 => value(rng),
         _ => term,
     };
-    Message {
-        cluster: 0,
-        from,
-        to,
-        term,
-        body,
-    }
+    super::tests::msg(from, to, term, body)
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! promotion, removal (of the leader too), Ongaro's rule, truncation and idempotent retries.
 
 use super::*;
+use crate::raft::node::tests::msg;
 use std::collections::BTreeSet;
 
 fn config(id: NodeId, membership: Membership) -> Config {
@@ -193,16 +194,6 @@ impl Cluster {
             data: format!("x{seq}"),
         };
         self.send(id, op)
-    }
-}
-
-fn msg(from: NodeId, to: NodeId, term: Term, body: Body) -> Message {
-    Message {
-        cluster: 0,
-        from,
-        to,
-        term,
-        body,
     }
 }
 
