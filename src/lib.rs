@@ -2,7 +2,6 @@
 //! threads (`peer`), with durable storage (`storage`) and a client library (`client`).
 
 pub mod auth;
-pub mod chaos;
 pub mod client;
 pub mod cluster;
 pub mod config;
@@ -14,4 +13,3 @@ pub mod state_machine;
 pub mod storage;
 pub mod store;
 pub mod transport;
-pub mod watch;

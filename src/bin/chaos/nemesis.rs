@@ -2,13 +2,13 @@
 //! starts a fault (in `mixed` mode sometimes with bad network weather on top), holds it, then
 //! heals what it did and records the fault with its start and end times.
 
-use super::cluster::{leader_of, Cluster};
-use super::history::FaultEvent;
-use super::netns::Netns;
-use super::proxy::Network;
-use super::{Rng, Shared};
-use crate::client::{Client, ClientError};
-use crate::raft::{ConfChange, MemberRole, NodeId};
+use crate::cluster::{leader_of, Cluster};
+use crate::history::FaultEvent;
+use crate::netns::Netns;
+use crate::proxy::Network;
+use crate::run::{Rng, Shared};
+use raft::client::{Client, ClientError};
+use raft::raft::{ConfChange, MemberRole, NodeId};
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};

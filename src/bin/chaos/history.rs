@@ -13,9 +13,8 @@
 //! - `observed.jsonl`: `{"variant":v,"index":k,"term":t,"data":...,"kind":...}`;
 //! - `final.jsonl`: the final log, one record per line, as the client prints it.
 
-use crate::raft::{Index, LogRecord, NodeId, Term};
+use raft::raft::{Index, LogRecord, NodeId, Term};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::Path;
 
@@ -175,10 +174,6 @@ impl Observed {
         self.variants.len() as Index
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.variants.is_empty()
-    }
-
     /// Indexes where queries disagreed, with how many variants each.
     pub fn disagreements(&self) -> Vec<(Index, usize)> {
         self.variants
@@ -190,8 +185,9 @@ impl Observed {
     }
 
     /// Expands a compact query result back into records.
+    #[cfg(test)]
     pub fn expand(&self, len: Index, alt: &[(Index, u32)]) -> Result<Vec<LogRecord>, String> {
-        let alt: BTreeMap<Index, u32> = alt.iter().copied().collect();
+        let alt: std::collections::BTreeMap<Index, u32> = alt.iter().copied().collect();
         (1..=len)
             .map(|k| {
                 let v = alt.get(&k).copied().unwrap_or(0);

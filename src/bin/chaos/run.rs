@@ -1,42 +1,35 @@
 //! A Jepsen-style fault-injection run against real peer processes.
 //!
-//! [`run`] starts N `peer` processes on loopback, each with its own config and data directory
-//! in the run's folder, and a [`proxy`] on every directed peer-to-peer link. Client threads
+//! [`run()`] starts N `peer` processes on loopback, each with its own config and data directory
+//! in the run's folder, and a [`proxy`](crate::proxy) on every directed peer-to-peer link. Client threads
 //! (through the client library, straight to the peers) append unique values and read the whole
-//! log, while the [`nemesis`] crashes, kills, pauses, partitions, and drops, duplicates and
-//! delays datagrams on a seeded schedule. Every operation goes into a [`history`] with its
+//! log, while the [`nemesis`](crate::nemesis) crashes, kills, pauses, partitions, and drops, duplicates and
+//! delays datagrams on a seeded schedule. Every operation goes into a [`history`](crate::history) with its
 //! invoke and return times and outcome (ok, failed = refused, unknown = timed out).
 //!
-//! With `--netns` ([`netns`]) the peers run in network namespaces of their own and talk to
+//! With `--netns` ([`netns`](crate::netns)) the peers run in network namespaces of their own and talk to
 //! each other directly; partitions take links down or filter packets, and the faults that act
 //! on single datagrams (loss, dup, delay), which need the proxies, are not available.
 //!
 //! At the end everything is healed, the cluster must elect a leader, the final log is read once
 //! per peer (each read is answered by whoever leads, and is itself checked as an operation of
 //! the history), and every peer's status must converge to the same commit index. The
-//! [`checker`] then decides whether the history is linearizable against that final log.
+//! [`checker`](crate::checker) then decides whether the history is linearizable against that final log.
 //!
 //! Outcomes: [`RunOutcome::Valid`], [`RunOutcome::Violation`] (with the first violating
 //! operation), or [`RunOutcome::Aborted`] when the run itself could not be done.
 
-pub mod checker;
-pub mod cluster;
-pub mod history;
-pub mod nemesis;
-pub mod netns;
-pub mod proxy;
-
-use crate::auth::{self, ClientAuth, FromPeer, Keys, Secret};
-use crate::client::{Client, ClientError};
-use crate::raft::{
+use crate::checker::{self, Verdict};
+use crate::cluster::{free_ports, wait_for_leader, Cluster};
+use crate::history::{self, secs, Call, FaultEvent, Micros, Observed, Op, Outcome};
+use crate::nemesis::{self, FaultKind, Links, Nemesis};
+use crate::netns::{NetnsConfig, NetnsGuard};
+use crate::proxy::Network;
+use raft::auth::{self, ClientAuth, FromPeer, Keys, Secret};
+use raft::client::{Client, ClientError};
+use raft::raft::{
     ClientOp, ClientRequest, ClientResult, Datagram, LogRecord, NodeId, MAX_DATAGRAM,
 };
-use checker::Verdict;
-use cluster::{free_ports, wait_for_leader, Cluster};
-use history::{secs, Call, FaultEvent, Micros, Observed, Op, Outcome};
-use nemesis::{FaultKind, Links, Nemesis};
-use netns::{NetnsConfig, NetnsGuard};
-use proxy::Network;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write as _};
@@ -148,7 +141,7 @@ impl RunOutcome {
     }
 }
 
-pub use crate::raft::rng::Rng;
+pub use raft::raft::rng::Rng;
 
 /// State shared by the clients, the nemesis and the progress line.
 pub struct Shared {
@@ -691,10 +684,7 @@ fn drive(
             if opts.auth {
                 let secret = Secret::generate()?;
                 secret.write(&secret_file)?;
-                keys = Some(Arc::new(Keys::new(
-                    &secret,
-                    crate::config::DEFAULT_CLUSTER,
-                )?));
+                keys = Some(Arc::new(Keys::new(&secret, raft::config::DEFAULT_CLUSTER)?));
                 notes.push(format!(
                     "datagrams authenticated (keyed BLAKE3; secret in {})",
                     secret_file.display()

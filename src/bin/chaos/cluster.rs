@@ -2,10 +2,10 @@
 //! the peers of a `--netns` run, which the namespace script configures and starts), and
 //! start / kill -9 / SIGSTOP / SIGCONT / restart on the same data directory.
 
-use super::netns::{alive, wait_gone, Netns};
-use super::proxy::Network;
-use crate::client::{Client, PeerStatus};
-use crate::raft::{NodeId, Role};
+use crate::netns::{alive, wait_gone, Netns};
+use crate::proxy::Network;
+use raft::client::{Client, PeerStatus};
+use raft::raft::{NodeId, Role};
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -49,8 +49,6 @@ pub struct PeerProc {
     paused: bool,
     /// How many times it was started.
     pub starts: u32,
-    /// How many times it exited without being killed.
-    pub self_exits: u32,
     /// It was removed from the cluster: its exit (status 0) is expected, not a failure.
     removed: bool,
     /// Start the next process with `--join` (its data was wiped to be added anew).
@@ -64,10 +62,6 @@ impl PeerProc {
             Some(Proc::Child(c)) => matches!(c.try_wait(), Ok(None)),
             Some(Proc::Detached(pid)) => alive(*pid),
         }
-    }
-
-    pub fn is_paused(&self) -> bool {
-        self.paused
     }
 
     fn start(&mut self, launcher: &Launcher) -> Result<(), String> {
@@ -210,7 +204,6 @@ impl Cluster {
                     child: None,
                     paused: false,
                     starts: 0,
-                    self_exits: 0,
                     removed: false,
                     join: false,
                 },
@@ -239,7 +232,6 @@ impl Cluster {
                     child: Some(Proc::Detached(pid)),
                     paused: false,
                     starts: 1,
-                    self_exits: 0,
                     removed: false,
                     join: false,
                 },
@@ -330,7 +322,6 @@ impl Cluster {
                 log::info!("node {} exited after its removal from the cluster", p.id);
                 continue;
             }
-            p.self_exits += 1;
             let panic = last_panic(&p.log).map_or(String::new(), |m| format!(": {m}"));
             out.push((p.id, format!("{status}{panic}")));
         }
@@ -373,11 +364,6 @@ impl Cluster {
         let launcher = &self.launcher;
         let p = self.peers.get_mut(&id).expect("checked");
         p.start(launcher)
-    }
-
-    /// How many times peers exited on their own.
-    pub fn self_exits(&self) -> u32 {
-        self.peers.values().map(|p| p.self_exits).sum()
     }
 
     pub fn total_starts(&self) -> u32 {

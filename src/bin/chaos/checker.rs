@@ -27,8 +27,8 @@
 //! fixed by `F`, the whole check is `O(n log n)` in the number of operations, plus the size of
 //! the distinct records the queries observed.
 
-use super::history::{secs, Micros, Observed, Op, Outcome};
-use crate::raft::{Index, LogRecord};
+use crate::history::{secs, Micros, Observed, Op, Outcome};
+use raft::raft::{Index, LogRecord};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
@@ -411,7 +411,7 @@ fn finish(mut v: Verdict, mut out: Vec<Violation>) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chaos::history::Call;
+    use crate::history::Call;
 
     /// A history under construction; times are in milliseconds for readability.
     #[derive(Default)]

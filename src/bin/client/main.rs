@@ -5,6 +5,8 @@
 //!
 //! Exit codes: 0 done; 1 refused, usage or config error; 2 no answer in time (outcome unknown).
 
+mod watch;
+
 use argh::FromArgs;
 use raft::client::{Client, ClientError, Configured, PeerStatus};
 use raft::config::PeerConfig;
@@ -514,7 +516,7 @@ fn watch(path: &Path, args: &WatchArgs) -> u8 {
         }
     };
     let title = format!("raft watch: {}", path.display());
-    let mut view = raft::watch::Watch::default();
+    let mut view = watch::Watch::default();
     if args.once {
         view.update(std::time::Instant::now(), client.status());
         for line in view.render(&title, usize::MAX) {

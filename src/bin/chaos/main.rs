@@ -1,5 +1,5 @@
 //! `chaos`: a Jepsen-style fault-injection run against real peer processes, with a
-//! linearizability check of the history. See `raft::chaos`.
+//! linearizability check of the history. See [`run`] for how a run goes.
 //!
 //! Exit status: 0 the history is linearizable, 1 a violation (the first violating operation
 //! and the command that repeats the run are printed), 2 bad arguments, 3 the run could not be
@@ -7,8 +7,17 @@
 //! for `--netns`, ...).
 
 use argh::FromArgs;
-use raft::chaos::netns::{self, NetnsConfig};
-use raft::chaos::{self, nemesis::FaultKind, Options, RunOutcome};
+mod checker;
+mod cluster;
+mod history;
+mod nemesis;
+mod netns;
+mod proxy;
+mod run;
+
+use nemesis::FaultKind;
+use netns::NetnsConfig;
+use run::{Options, RunOutcome};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -106,7 +115,7 @@ fn main() -> ExitCode {
             return ExitCode::from(3);
         }
     }
-    let dir = match chaos::run_folder(&opts) {
+    let dir = match run::run_folder(&opts) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("error: {e}");
@@ -120,7 +129,7 @@ fn main() -> ExitCode {
         // Ctrl-C ends the workload early; the cluster is still healed, read and checked.
         let _ = ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed));
     }
-    let outcome = chaos::run(&opts, &dir, interrupted);
+    let outcome = run::run(&opts, &dir, interrupted);
     ExitCode::from(outcome.exit_code() as u8)
 }
 
@@ -196,7 +205,7 @@ fn options(args: &Args) -> Result<Options, String> {
 }
 
 fn recheck(dir: &std::path::Path) -> ExitCode {
-    match chaos::recheck(dir) {
+    match run::recheck(dir) {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(3)
@@ -210,7 +219,7 @@ fn recheck(dir: &std::path::Path) -> ExitCode {
             for v in verdict.violations.iter().take(20) {
                 println!("[{}] {}", v.kind, v.message);
             }
-            println!("{}", chaos::summary_line(&record, Some(&verdict), &outcome));
+            println!("{}", run::summary_line(&record, Some(&verdict), &outcome));
             ExitCode::from(outcome.exit_code() as u8)
         }
     }

@@ -7,7 +7,7 @@
 //! on bridge `PREFIXbr`, which is how the clients in this process reach the peers. A run holds
 //! a lock on its prefix and tears everything down when its [`NetnsGuard`] is dropped.
 
-use crate::raft::NodeId;
+use raft::raft::NodeId;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -24,7 +24,7 @@ pub const DEFAULT_SUBNET: &str = "10.213.11";
 /// The port every peer listens on inside its namespace (fixed by the script).
 pub const PORT: u16 = 3000;
 
-const SCRIPT: &str = include_str!("../../scripts/netns-cluster.sh");
+const SCRIPT: &str = include_str!("../../../scripts/netns-cluster.sh");
 
 /// Which namespaces and addresses a run uses.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -10,8 +10,8 @@
 //! datagram as it arrives: a cut or a loss drops it; a duplication sends it twice; a delay holds
 //! it in a queue until it is due, so delays drawn at random reorder datagrams.
 
-use super::Rng;
-use crate::raft::{NodeId, MAX_DATAGRAM};
+use crate::run::Rng;
+use raft::raft::{NodeId, MAX_DATAGRAM};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::io::ErrorKind;
@@ -154,6 +154,7 @@ impl Network {
     }
 
     /// The cut links, as `from->to`.
+    #[cfg(test)]
     pub fn cut_links(&self) -> Vec<(NodeId, NodeId)> {
         self.links
             .iter()

@@ -3,8 +3,8 @@
 //! (elections, leader changes, peers going silent and coming back). Plain data and text, so
 //! the same frame is drawn in a terminal or printed by `--once`.
 
-use crate::client::PeerStatus;
-use crate::raft::{Index, MemberRole, NodeId, Role, StatusInfo};
+use raft::client::PeerStatus;
+use raft::raft::{Index, MemberRole, NodeId, Role, StatusInfo};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -198,7 +198,7 @@ fn role_name(i: &StatusInfo) -> &'static str {
     let learner = i
         .members
         .iter()
-        .any(|m| m.id == i.id && m.role == crate::raft::MemberRole::Learner);
+        .any(|m| m.id == i.id && m.role == raft::raft::MemberRole::Learner);
     if learner {
         "learner"
     } else {
@@ -229,7 +229,7 @@ fn format_elapsed(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raft::FollowerInfo;
+    use raft::raft::FollowerInfo;
 
     fn peer(id: NodeId, info: Option<(Role, u64, Option<NodeId>, u64)>) -> PeerStatus {
         PeerStatus {
@@ -313,7 +313,7 @@ mod tests {
 
     #[test]
     fn a_learner_is_shown_as_one() {
-        use crate::raft::{Member, MemberRole};
+        use raft::raft::{Member, MemberRole};
         let mut learner = peer(4, Some((Role::Follower, 1, Some(1), 0)));
         let mut voter = peer(2, Some((Role::Follower, 1, Some(1), 0)));
         let members = vec![
@@ -346,7 +346,7 @@ mod tests {
 
     #[test]
     fn a_membership_change_becomes_an_event() {
-        use crate::raft::Member;
+        use raft::raft::Member;
         let member = |id, role| Member {
             id,
             address: format!("127.0.0.1:{}", 3000 + id),
