@@ -10,7 +10,7 @@
 
 use crate::config::PeerConfig;
 use crate::raft::Membership;
-use crate::storage::write_atomically;
+use crate::storage::fs::write_atomically;
 use serde::{Deserialize, Serialize};
 use std::io;
 use std::path::Path;
@@ -136,7 +136,7 @@ impl ClusterFile {
 
 /// Decides how the peer of `config` starts, given whether its log is empty and `--join`:
 /// bootstraps an empty directory (writing the `cluster` file) unless joining, and otherwise
-/// reads the file. Call it with the data directory locked (after `Storage::open`).
+/// reads the file. Call it with the data directory locked (after `Wal::open`).
 pub fn prepare(config: &PeerConfig, join: bool, log_is_empty: bool) -> Result<Start, String> {
     let dir = &config.data_dir;
     match ClusterFile::load(dir)? {

@@ -6,7 +6,7 @@
 //!   when it is full); with a cluster secret it verifies each datagram first ([`crate::auth`]);
 //! - the **timer** puts a [`Inbox::Tick`] in the peer queue every tick, and forwards shutdown;
 //! - the **node thread** (the thread that calls [`run`]) is the sole owner of the core [`Node`],
-//!   the [`Storage`] and the send side of the socket.
+//!   the [`Wal`] and the send side of the socket.
 //!
 //! The node thread blocks for one item, then drains whatever else is already queued, stepping
 //! the core for each, and only then takes the core's [`Ready`]. Many requests that arrive together
@@ -20,7 +20,6 @@
 
 use crate::cluster::{self, ClusterFile, Start};
 use crate::config::PeerConfig;
-use crate::disk::{Disk, Restored, Staged};
 use crate::metrics::{Metrics, MetricsServer};
 use crate::raft::node::{ChunkRead, ChunkWrite, StoreRead};
 use crate::raft::{
@@ -28,6 +27,7 @@ use crate::raft::{
     Membership, Message, Node, NodeId, Ready, ReplyTo, StatusInfo,
 };
 use crate::raft::{LogRecord, SnapshotId, SnapshotState, Term};
+use crate::storage::{Disk, Restored, Staged};
 use crate::transport::{self, Accept, Directory, Inbound, Queues, RateLimiter, Transport};
 use crossbeam_channel::{never, select, Receiver, Sender};
 use std::collections::{BTreeMap, BTreeSet, HashMap};

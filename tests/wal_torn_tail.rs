@@ -1,9 +1,9 @@
-//! A crash mid-write leaves a torn last WAL frame, which `Storage::open` must cut off however
+//! A crash mid-write leaves a torn last WAL frame, which `Wal::open` must cut off however
 //! the lost bytes look: neither what clients write nor which pages reached the disk may turn a
 //! torn tail into a refusal to start. Only the public API and the bytes of the file are used.
 
 use raft::raft::{Entry, HardState, Index, Payload};
-use raft::storage::Storage;
+use raft::storage::wal::Wal;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,7 +90,7 @@ fn hard_state(commit: Index) -> HardState {
 /// Writes `kept` as one batch and `lost` as the next; returns the WAL's bytes up to the end of
 /// its frames and where the second batch's frame starts.
 fn two_batches(dir: &Path, kept: &[Entry], lost: &[Entry]) -> (Vec<u8>, usize) {
-    let (mut s, _, _) = Storage::open(dir, 1).unwrap();
+    let (mut s, _, _) = Wal::open(dir, 1).unwrap();
     s.persist(Some(&hard_state(1)), kept).unwrap();
     // Where the frames end; the segment is preallocated, zeros after that.
     let start = s.segment_len() as usize;
@@ -106,11 +106,11 @@ fn two_batches(dir: &Path, kept: &[Entry], lost: &[Entry]) -> (Vec<u8>, usize) {
 /// the log goes on from there.
 fn assert_torn_tail_is_cut(bytes: &[u8], start: usize, kept: &[Entry], what: &str) {
     let dir = TempDir::new("torn");
-    drop(Storage::open(&dir.0, 1).unwrap());
+    drop(Wal::open(&dir.0, 1).unwrap());
     fs::write(dir.wal(), bytes).unwrap();
     take_warnings();
     let (mut s, state, log) =
-        Storage::open(&dir.0, 1).unwrap_or_else(|e| panic!("{what}: refused to open: {e}"));
+        Wal::open(&dir.0, 1).unwrap_or_else(|e| panic!("{what}: refused to open: {e}"));
     let warnings = take_warnings();
     let warned = warnings
         .iter()
@@ -131,7 +131,7 @@ fn assert_torn_tail_is_cut(bytes: &[u8], start: usize, kept: &[Entry], what: &st
     let next = kept.len() as Index + 1;
     s.persist(None, &[data(next, "after")]).unwrap();
     drop(s);
-    let (_, _, log) = Storage::open(&dir.0, 1).unwrap();
+    let (_, _, log) = Wal::open(&dir.0, 1).unwrap();
     assert_eq!(log.len(), kept.len() + 1, "{what}");
 }
 

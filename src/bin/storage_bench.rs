@@ -1,5 +1,5 @@
 //! Measures the storage layer: append + fsync throughput at several batch sizes, how long
-//! `Storage::open` takes to replay a large WAL, the store's cost per applied entry, and what
+//! `Wal::open` takes to replay a large WAL, the store's cost per applied entry, and what
 //! preallocating a file saves an `fdatasync`.
 //!
 //! `cargo run --release --bin storage_bench [-- --entries N --size BYTES --dir DIR]`
@@ -7,12 +7,12 @@
 use argh::FromArgs;
 use raft::raft::node::record_of;
 use raft::raft::{Entry, HardState, Index, Payload};
-use raft::storage::Storage;
-use raft::store::Store;
+use raft::storage::store::Store;
+use raft::storage::wal::Wal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Storage benchmark: append+fsync throughput and WAL replay time.
+/// WAL benchmark: append+fsync throughput and WAL replay time.
 #[derive(FromArgs)]
 struct Args {
     /// directory to work in; must be missing or empty (default: a fresh temp dir). The bench
@@ -77,7 +77,7 @@ fn measure(args: &Args, root: &Path) -> Result<(), String> {
     let mut appends = Vec::new();
     for batch in BATCH_SIZES {
         let dir = root.join(format!("append-{batch}"));
-        let (mut storage, _, _) = Storage::open(&dir, 1)?;
+        let (mut storage, _, _) = Wal::open(&dir, 1)?;
         let mut next: Index = 1;
         let mut latencies = Vec::new();
         let start = Instant::now();
@@ -117,7 +117,7 @@ fn measure(args: &Args, root: &Path) -> Result<(), String> {
     let dir = root.join("open");
     let write_start = Instant::now();
     {
-        let (mut storage, _, _) = Storage::open(&dir, 1)?;
+        let (mut storage, _, _) = Wal::open(&dir, 1)?;
         let mut next: Index = 1;
         while next <= args.entries {
             let count = OPEN_BATCH.min(args.entries - next + 1);
@@ -135,7 +135,7 @@ fn measure(args: &Args, root: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot stat the wal: {e}"))?
         .len();
     let open_start = Instant::now();
-    let (storage, hard_state, log) = Storage::open(&dir, 1)?;
+    let (storage, hard_state, log) = Wal::open(&dir, 1)?;
     let open_s = open_start.elapsed().as_secs_f64();
     if log.len() as u64 != args.entries || storage.last_index() != args.entries {
         return Err(format!(

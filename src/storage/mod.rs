@@ -1,4 +1,4 @@
-//! A peer's durable state as the node loop sees it: the WAL ([`Storage`]: hard state and the
+//! A peer's durable state as the node loop sees it: the WAL ([`Wal`]: hard state and the
 //! log after its base) and the store ([`Store`]: the applied log and its snapshots), and the
 //! policy for taking snapshots (`snapshot_entries`, `snapshot_trailing`).
 //!
@@ -6,13 +6,18 @@
 //! is at or below the snapshot's index, and it holds the snapshot's (index, term)), so the core
 //! restores from the snapshot plus the WAL after it.
 
+pub mod fs;
+pub mod store;
+pub mod wal;
+
+use store::{Received, SnapshotJob, Store};
+use wal::Wal;
+
 use crate::raft::node::{ChunkRead, ChunkWrite, StoreRead, PAGE_BUDGET};
 use crate::raft::{
     ClientResult, Entry, HardState, Index, LogRecord, Message, NodeId, SnapshotId, SnapshotState,
     Term,
 };
-use crate::storage::{self, Storage};
-use crate::store::{self, Received, SnapshotJob, Store};
 use crossbeam_channel::{Receiver, Sender};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +27,7 @@ use std::time::{Duration, Instant};
 
 /// A WAL segment this long is closed at the next snapshot (see [`Disk::compact_wal`]). A
 /// snapshot interval of 10,000 64-byte entries adds about 1 MB, so a segment usually stays
-/// within the [`storage::SEGMENT_PREALLOC`] bytes written ahead for it.
+/// within the [`wal::SEGMENT_PREALLOC`] bytes written ahead for it.
 const SEGMENT_BYTES: u64 = 1 << 20;
 
 /// The store counts a page in bytes of record JSON; the reply adds a comma per record (at
@@ -62,7 +67,7 @@ enum Job {
 }
 
 pub struct Disk {
-    pub wal: Storage,
+    pub wal: Wal,
     pub store: Store,
     /// Entries applied between two snapshots, and entries kept before a snapshot's index.
     snapshot_entries: u64,
@@ -91,7 +96,7 @@ impl Disk {
         snapshot_entries: u64,
         snapshot_trailing: u64,
     ) -> Result<(Disk, Restored), String> {
-        let (mut wal, mut hard_state, mut entries) = Storage::open(dir, node_id)?;
+        let (mut wal, mut hard_state, mut entries) = Wal::open(dir, node_id)?;
         let (store, snapshot) = Store::open(dir)?;
         let mut base = wal.base();
         let snapshot = snapshot.map(|(meta, id)| (meta.state, id));
@@ -355,7 +360,7 @@ fn snapshot_thread(jobs: Receiver<Job>, done: Sender<Result<SnapshotJob, String>
                 }
             }
             Job::PrepareSegment(dir, number, prepared) => {
-                match storage::prepare_segment(&dir, number) {
+                match wal::prepare_segment(&dir, number) {
                     Ok(true) => prepared.store(number, Ordering::Release),
                     // The node thread created that segment itself meanwhile.
                     Ok(false) => {}
@@ -365,7 +370,7 @@ fn snapshot_thread(jobs: Receiver<Job>, done: Sender<Result<SnapshotJob, String>
             }
             Job::Free(entries) => drop(entries),
             Job::DeleteSegments(dir, doomed) => {
-                if let Err(e) = storage::delete_segments(&dir, &doomed) {
+                if let Err(e) = wal::delete_segments(&dir, &doomed) {
                     // A segment left behind is replayed first and gives the same log.
                     log::warn!("compacting the WAL: {e}");
                 }
