@@ -1,0 +1,426 @@
+//! The node thread's loop: take a batch from the inboxes, step the core, and carry out each
+//! `Ready` in the order that keeps Raft safe (persist, send, advance, reply, then the store).
+
+use super::after_advance::AfterAdvance;
+use super::instruments::Instruments;
+use super::routes::{Routes, Routing};
+use super::{
+    Inbox, MAX_BATCH, MAX_CLIENT_BATCH, MAX_TICKS_PER_BATCH, SKIPPED_TICKS_TO_LOG, SLOW_BATCH,
+};
+use crate::raft::{
+    self, ClientReply, ClientRequest, Entry, HardState, Index, Message, Node, NodeId, Ready,
+    ReplyTo, StatusInfo,
+};
+use crate::raft::{SnapshotId, SnapshotState, Term};
+use crate::transport::{self, Directory, RateLimiter, Transport};
+use crossbeam_channel::{never, select, Receiver};
+use std::time::{Duration, Instant};
+
+/// What the node loop needs from the core; [`Node`] in production, fakes in the tests.
+pub(super) trait Core {
+    fn tick(&mut self);
+    fn step(&mut self, msg: Message);
+    fn request(&mut self, reply_to: ReplyTo, req: ClientRequest);
+    fn ready(&mut self) -> Ready;
+    fn advance(&mut self);
+    /// The core's view, for metrics.
+    fn status(&self) -> Option<StatusInfo> {
+        None
+    }
+    /// What routing needs to know of the configurations; `None` in fakes.
+    fn routing(&self) -> Option<Routing> {
+        None
+    }
+    /// Changes whenever [`Core::routing`] may have: checked every batch, so that the
+    /// configurations are copied only when they change.
+    fn routing_key(&self) -> Option<raft::node::RoutingKey> {
+        None
+    }
+    /// A committed configuration removed this node: the peer stops.
+    fn removed(&self) -> bool {
+        false
+    }
+    fn id(&self) -> NodeId {
+        0
+    }
+    fn applied_index(&self) -> Index {
+        0
+    }
+    fn hard_state(&self) -> HardState {
+        HardState::default()
+    }
+    /// The log's last index and term.
+    fn last(&self) -> (Index, Term) {
+        (0, 0)
+    }
+    fn snapshot_state(&self) -> Option<SnapshotState> {
+        None
+    }
+    fn snapshot_taken(&mut self, _id: SnapshotId, _trailing: u64) -> Option<(Index, Term)> {
+        None
+    }
+    /// The entries the latest `snapshot_taken` dropped, to be freed elsewhere.
+    fn take_compacted(&mut self) -> Vec<Entry> {
+        Vec::new()
+    }
+    fn snapshot_chunk_stored(&mut self, _leader: NodeId, _index: Index, _have: u64) {}
+    fn install_snapshot(&mut self, _leader: NodeId, _state: SnapshotState, _id: SnapshotId) {}
+}
+
+impl Core for Node {
+    fn tick(&mut self) {
+        Node::tick(self)
+    }
+    fn step(&mut self, msg: Message) {
+        Node::step(self, msg)
+    }
+    fn request(&mut self, reply_to: ReplyTo, req: ClientRequest) {
+        Node::request(self, reply_to, req)
+    }
+    fn ready(&mut self) -> Ready {
+        Node::ready(self)
+    }
+    fn advance(&mut self) {
+        Node::advance(self)
+    }
+    fn status(&self) -> Option<StatusInfo> {
+        Some(Node::status(self))
+    }
+    fn routing(&self) -> Option<Routing> {
+        Some(Routing {
+            config_index: self.config_index(),
+            latest: self.membership().clone(),
+            committed: self.committed_membership().clone(),
+            contacts: self.contacts(),
+        })
+    }
+    fn routing_key(&self) -> Option<raft::node::RoutingKey> {
+        Some(Node::routing_key(self))
+    }
+    fn removed(&self) -> bool {
+        Node::removed(self)
+    }
+    fn id(&self) -> NodeId {
+        Node::id(self)
+    }
+    fn applied_index(&self) -> Index {
+        Node::applied_index(self)
+    }
+    fn hard_state(&self) -> HardState {
+        Node::hard_state(self)
+    }
+    fn last(&self) -> (Index, Term) {
+        (self.log().last_index(), self.log().last_term())
+    }
+    fn snapshot_state(&self) -> Option<SnapshotState> {
+        Some(Node::snapshot_state(self))
+    }
+    fn snapshot_taken(&mut self, id: SnapshotId, trailing: u64) -> Option<(Index, Term)> {
+        Node::snapshot_taken(self, id, trailing)
+    }
+    fn take_compacted(&mut self) -> Vec<Entry> {
+        Node::take_compacted(self)
+    }
+    fn snapshot_chunk_stored(&mut self, leader: NodeId, index: Index, have: u64) {
+        Node::snapshot_chunk_stored(self, leader, index, have)
+    }
+    fn install_snapshot(&mut self, leader: NodeId, state: SnapshotState, id: SnapshotId) {
+        Node::install_snapshot(self, leader, state, id)
+    }
+}
+
+/// The core's configurations as routing sees them; routing is recomputed when this changes.
+/// What the node loop needs from storage.
+pub(super) trait Durable {
+    fn persist(&mut self, hard_state: Option<&HardState>, entries: &[Entry]) -> Result<(), String>;
+    /// Appends applied records to the store, serves reads from it, sends and stages snapshot
+    /// chunks, and takes a snapshot when one is due. Nothing in fakes.
+    fn after_advance(
+        &mut self,
+        _rd: AfterAdvance,
+        _core: &mut impl Core,
+        _out: &mut impl Outbox,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+}
+/// What the node loop needs from the network.
+pub(super) trait Outbox {
+    fn send_peer(&mut self, msg: Message);
+    fn send_reply(&mut self, to: ReplyTo, reply: ClientReply);
+    /// Routes by `directory` from now on (it is shared with the receiver).
+    fn route(&mut self, _directory: Directory) {}
+}
+
+impl Outbox for Transport {
+    fn send_peer(&mut self, msg: Message) {
+        Transport::send_peer(self, msg)
+    }
+    fn send_reply(&mut self, to: ReplyTo, reply: ClientReply) {
+        Transport::send_reply(self, to, reply)
+    }
+    fn route(&mut self, directory: Directory) {
+        self.set_directory(directory)
+    }
+}
+
+/// The node thread's two queues: peer messages, ticks and shutdown in one, client requests in
+/// the other. The peer queue is always looked at first.
+pub(super) struct Inboxes {
+    peers: Receiver<Inbox>,
+    clients: Receiver<Inbox>,
+}
+
+impl Inboxes {
+    pub(super) fn new(peers: Receiver<Inbox>, clients: Receiver<Inbox>) -> Inboxes {
+        Inboxes { peers, clients }
+    }
+
+    /// Blocks for the next item, from the peer queue if both have one. `None` once the peer
+    /// queue is closed (the receiver and timer threads are both gone).
+    fn next(&mut self) -> Option<Inbox> {
+        if let Ok(item) = self.peers.try_recv() {
+            return Some(item);
+        }
+        if let Ok(item) = self.clients.try_recv() {
+            return Some(item);
+        }
+        select! {
+            recv(self.peers) -> item => item.ok(),
+            recv(self.clients) -> item => match item {
+                Ok(item) => Some(item),
+                Err(_) => {
+                    // No more clients; the ticks go on. Stop selecting a closed channel.
+                    self.clients = never();
+                    self.peers.recv().ok()
+                }
+            },
+        }
+    }
+}
+
+/// The node thread: step a batch (the peer queue first, then at most [`MAX_CLIENT_BATCH`]
+/// client requests, taking any peer item that arrives meanwhile first), carry out the core's
+/// `Ready`s, repeat. Returns `Ok` on shutdown, `Err` on a storage failure (after which nothing
+/// more is sent).
+pub(super) fn node_loop(
+    mut core: impl Core,
+    mut storage: impl Durable,
+    mut out: impl Outbox,
+    mut inbox: Inboxes,
+    inst: &mut Instruments,
+    routes: &mut Option<Routes>,
+) -> Result<(), String> {
+    let mut slow = RateLimiter::new(transport::WARN_INTERVAL);
+    follow_configuration(&core, &mut out, routes);
+    loop {
+        let Some(first) = inbox.next() else {
+            return Err("the receiver and timer threads stopped unexpectedly".into());
+        };
+        let mut batch = Batch::default();
+        let started = Instant::now();
+        let mut shutdown = batch.feed(&mut core, first, inst, routes)?;
+        while !shutdown {
+            if batch.peers < MAX_BATCH {
+                if let Ok(item) = inbox.peers.try_recv() {
+                    shutdown = batch.feed(&mut core, item, inst, routes)?;
+                    continue;
+                }
+            }
+            if batch.clients >= MAX_CLIENT_BATCH {
+                break;
+            }
+            let Ok(item) = inbox.clients.try_recv() else {
+                break;
+            };
+            shutdown = batch.feed(&mut core, item, inst, routes)?;
+        }
+        if routes.as_ref().is_some_and(|r| r.seen.is_none()) {
+            // A joining peer just adopted its cluster: its answers must carry the ID.
+            follow_configuration(&core, &mut out, routes);
+        }
+        let stepped = started.elapsed();
+        let mut persisting = Duration::ZERO;
+        loop {
+            let rd = core.ready();
+            let empty = rd.is_empty();
+            persisting += carry_out(rd, &mut core, &mut storage, &mut out, inst)?;
+            if empty {
+                break;
+            }
+        }
+        if let Some(status) = core.status() {
+            inst.metrics.observe_status(&status);
+        }
+        follow_configuration(&core, &mut out, routes);
+        if core.removed() {
+            let routing = core.routing();
+            log::info!(
+                "removed from the cluster by the configuration at index {} ({}); exiting",
+                routing.as_ref().map_or(0, |r| r.config_index),
+                routing.map_or_else(String::new, |r| r.committed.describe())
+            );
+            return Ok(());
+        }
+        let took = started.elapsed();
+        let behind = batch.skipped_ticks >= SKIPPED_TICKS_TO_LOG;
+        if took >= SLOW_BATCH || behind {
+            if let Some(suppressed) = slow.allow(Instant::now()) {
+                let more = if suppressed > 0 {
+                    format!(" ({suppressed} more since the last report)")
+                } else {
+                    String::new()
+                };
+                log::warn!(
+                    "batch of {} peer items ({} ticks stepped, {} skipped) and {} client requests took {} ms: stepping {} ms, persisting {} ms, sending {} ms{more}",
+                    batch.peers,
+                    batch.ticks,
+                    batch.skipped_ticks,
+                    batch.clients,
+                    took.as_millis(),
+                    stepped.as_millis(),
+                    persisting.as_millis(),
+                    took.saturating_sub(stepped + persisting).as_millis(),
+                );
+            }
+        }
+        if shutdown {
+            return Ok(());
+        }
+    }
+}
+
+/// Points the transport and receiver at the configuration in force, if it changed.
+pub(super) fn follow_configuration(
+    core: &impl Core,
+    out: &mut impl Outbox,
+    routes: &mut Option<Routes>,
+) {
+    let Some(routes) = routes.as_mut() else {
+        return;
+    };
+    let key = core.routing_key();
+    if routes.seen.is_some() && key.is_some() && routes.seen_key == key {
+        return;
+    }
+    let Some(routing) = core.routing() else {
+        return;
+    };
+    routes.seen_key = key;
+    if let Some(directory) = routes.update(routing) {
+        out.route(directory);
+    }
+}
+
+/// What one turn of the node loop stepped.
+#[derive(Debug, Default)]
+pub(super) struct Batch {
+    /// Items from the peer queue: messages, ticks (stepped or skipped), shutdown.
+    peers: usize,
+    clients: usize,
+    ticks: usize,
+    skipped_ticks: usize,
+}
+
+impl Batch {
+    /// Feeds one inbox item to the core (a tick only if fewer than [`MAX_TICKS_PER_BATCH`]
+    /// were; a peer message only if `routes` admits it); true if it asks the loop to stop. An
+    /// error (the `cluster` file could not be written) stops the loop.
+    fn feed(
+        &mut self,
+        core: &mut impl Core,
+        item: Inbox,
+        inst: &mut Instruments,
+        routes: &mut Option<Routes>,
+    ) -> Result<bool, String> {
+        match item {
+            Inbox::Client(reply_to, req) => {
+                self.clients += 1;
+                inst.arrived(reply_to, &req);
+                core.request(reply_to, req);
+                return Ok(false);
+            }
+            Inbox::Peer(msg) => {
+                let admitted = match routes {
+                    Some(r) => r.admit(&msg)?,
+                    None => true,
+                };
+                if admitted {
+                    core.step(msg);
+                }
+            }
+            Inbox::Tick if self.ticks < MAX_TICKS_PER_BATCH => {
+                self.ticks += 1;
+                core.tick();
+            }
+            Inbox::Tick => self.skipped_ticks += 1,
+            Inbox::Shutdown => {
+                self.peers += 1;
+                return Ok(true);
+            }
+        }
+        self.peers += 1;
+        Ok(false)
+    }
+}
+
+/// Carries out one `Ready` in the order that keeps Raft safe: nothing that depends on the new
+/// hard state or entries leaves the process before they are durable, except messages the core
+/// marks safe to send first (a leader's AppendEntries, Raft §10.2.1). Replies go last, so a
+/// client never hears of a state that a crash could still take back. A storage error returns
+/// at once: nothing of this `Ready` is sent after it, and the core is not advanced.
+pub(super) fn carry_out(
+    rd: Ready,
+    core: &mut impl Core,
+    storage: &mut impl Durable,
+    out: &mut impl Outbox,
+    inst: &mut Instruments,
+) -> Result<Duration, String> {
+    let Ready {
+        hard_state,
+        entries,
+        mut messages,
+        send_before_persist,
+        replies,
+        applied,
+        store_reads,
+        chunk_reads,
+        chunk_writes,
+    } = rd;
+    if send_before_persist {
+        for msg in messages.drain(..) {
+            out.send_peer(msg);
+        }
+    }
+    let persisting = Instant::now();
+    if hard_state.is_some() || !entries.is_empty() {
+        storage
+            .persist(hard_state.as_ref(), &entries)
+            .map_err(|e| format!("storage failed: {e}"))?;
+    }
+    let persisting = persisting.elapsed();
+    if hard_state.is_some() || !entries.is_empty() {
+        inst.persisted(persisting, entries.len());
+    }
+    // Empty here if they were sent before persisting.
+    for msg in messages {
+        out.send_peer(msg);
+    }
+    core.advance();
+    for (to, mut reply) in replies {
+        inst.answering(to, &mut reply);
+        out.send_reply(to, reply);
+    }
+    let after = AfterAdvance {
+        applied,
+        store_reads,
+        chunk_reads,
+        chunk_writes,
+    };
+    storage
+        .after_advance(after, core, out)
+        .map_err(|e| format!("storage failed: {e}"))?;
+    Ok(persisting)
+}
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,194 @@
+//! Whom the node thread hears and where it sends: the cluster ID, a joining peer's adoption
+//! of its cluster, and the addresses of the configurations in force.
+
+use crate::cluster::{self, ClusterFile, Start};
+use crate::config::PeerConfig;
+use crate::raft::{self, Body, Index, Membership, Message, NodeId};
+use crate::transport::{self, Accept, Directory};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Routing {
+    pub(super) config_index: Index,
+    /// The configuration in force (the latest in the log).
+    pub(super) latest: Membership,
+    /// The one in force once the log is committed up to the commit index.
+    pub(super) committed: Membership,
+    /// Everyone the core may send to.
+    pub(super) contacts: Vec<NodeId>,
+}
+
+/// A joining peer's state until the first AppendEntries tells it the cluster.
+#[derive(Clone, Debug)]
+pub(super) struct Joining {
+    config: PeerConfig,
+}
+
+/// The shell's side of membership: which cluster this peer is in, where peers are, and whom to
+/// hear. Addresses come from the newest knowledge that has one: the configuration in force,
+/// the committed one, the `cluster` file's bootstrap membership, then the JSON's `other_peers`
+/// (for a joining peer, its contact points).
+#[derive(Debug)]
+pub(super) struct Routes {
+    me: NodeId,
+    name: String,
+    data_dir: PathBuf,
+    /// Our cluster ID; 0 while joining.
+    cluster: u64,
+    /// The bootstrap membership and cluster name, for the wrong-cluster warning.
+    bootstrap: String,
+    /// Every address known: the JSON's, then the `cluster` file's, then each configuration's
+    /// as it comes into force (later ones win); never forgotten, so a removed member can still
+    /// be told of its removal.
+    older: BTreeMap<NodeId, String>,
+    joining: Option<Joining>,
+    /// The configurations the directory was last computed from; `None`: recompute.
+    pub(super) seen: Option<Routing>,
+    /// The core's routing key when `seen` was computed.
+    pub(super) seen_key: Option<raft::node::RoutingKey>,
+}
+
+impl Routes {
+    pub(super) fn new(config: &PeerConfig, start: &Start) -> Routes {
+        let mut older: BTreeMap<NodeId, String> = config
+            .other_peers
+            .iter()
+            .map(|p| (p.node_id, format!("{}:{}", p.host, p.port)))
+            .collect();
+        let (cluster, bootstrap, joining) = match start {
+            Start::Member(file) => {
+                for m in &file.bootstrap.members {
+                    older.insert(m.id, m.address.clone());
+                }
+                (file.id, describe(file), None)
+            }
+            Start::Joining => (
+                0,
+                "none yet: joining".to_string(),
+                Some(Joining {
+                    config: config.clone(),
+                }),
+            ),
+        };
+        older.remove(&config.node_id);
+        Routes {
+            me: config.node_id,
+            name: config.name.clone(),
+            data_dir: config.data_dir.clone(),
+            cluster,
+            bootstrap,
+            older,
+            joining,
+            seen: None,
+            seen_key: None,
+        }
+    }
+
+    /// What to do with a peer message before the core sees it. A joining peer adopts the
+    /// cluster ID of the first AppendEntries, writing the `cluster` file (fsynced) before the
+    /// core handles it, and ignores anything else until then; a message of another cluster
+    /// that the receiver let through before it knew ours is ignored. `Ok(false)`: ignore it.
+    pub(super) fn admit(&mut self, msg: &Message) -> Result<bool, String> {
+        if let Some(joining) = &self.joining {
+            if !matches!(msg.body, Body::AppendEntries { .. }) || msg.cluster == 0 {
+                log::debug!(
+                    "{}: joining: ignoring {} from node {} until an AppendEntries names the cluster",
+                    self.name,
+                    msg.body.name(),
+                    msg.from
+                );
+                return Ok(false);
+            }
+            let file = ClusterFile::joined(&joining.config, msg.cluster);
+            file.write(&self.data_dir)?;
+            log::info!(
+                "{}: joined cluster {:016x} (from node {}'s AppendEntries in term {}); recorded in {}",
+                self.name,
+                msg.cluster,
+                msg.from,
+                msg.term,
+                self.data_dir.join(cluster::CLUSTER_FILE).display()
+            );
+            self.cluster = msg.cluster;
+            self.bootstrap = describe(&file);
+            self.joining = None;
+            self.seen = None;
+            return Ok(true);
+        }
+        Ok(self.cluster == 0 || msg.cluster == self.cluster)
+    }
+
+    /// The directory for `routing`, if it (or our cluster) changed since the last one.
+    pub(super) fn update(&mut self, routing: Routing) -> Option<Directory> {
+        if self.seen.as_ref() == Some(&routing) {
+            return None;
+        }
+        // Addresses from configurations are kept after their member leaves them: a removed
+        // member is still sent the log until it has learned of its removal (`contacts`).
+        for m in routing
+            .committed
+            .members
+            .iter()
+            .chain(&routing.latest.members)
+        {
+            self.older.insert(m.id, m.address.clone());
+        }
+        let mut wheres = self.older.clone();
+        wheres.remove(&self.me);
+        let mut addresses = BTreeMap::new();
+        for (id, address) in wheres {
+            // Resolving may wait for DNS; it happens only when the configuration changes.
+            match transport::resolve_address(&address) {
+                Ok(a) => {
+                    addresses.insert(id, a);
+                }
+                Err(e) => log::warn!("{}: peer {id}: {e}; cannot send to it", self.name),
+            }
+        }
+        // Every node we have an address for may send to us, not only the members of the
+        // configuration in force here (thesis §4.1): a peer catching up through old
+        // configurations must hear a leader that those configurations do not list.
+        let senders: BTreeSet<NodeId> = routing
+            .latest
+            .ids()
+            .chain(routing.committed.ids())
+            .chain(routing.contacts.iter().copied())
+            .chain(self.older.keys().copied())
+            .filter(|&id| id != self.me)
+            .collect();
+        let index_moved = self.seen.as_ref().map(|r| r.config_index) != Some(routing.config_index);
+        if routing.config_index > 0 && index_moved {
+            log::info!(
+                "{}: configuration at index {} in force: {}",
+                self.name,
+                routing.config_index,
+                routing.latest.describe()
+            );
+        }
+        let directory = Directory {
+            accept: Accept {
+                senders,
+                any_sender: routing.latest.members.is_empty(),
+                cluster: self.cluster,
+                bootstrap: self.bootstrap.clone(),
+            },
+            addresses,
+        };
+        self.seen = Some(routing);
+        Some(directory)
+    }
+}
+
+/// A cluster file's bootstrap membership and name, for logs.
+pub(super) fn describe(file: &ClusterFile) -> String {
+    if file.joined {
+        format!("joined, cluster name {:?}", file.name)
+    } else {
+        format!(
+            "bootstrapped with {}, cluster name {:?}",
+            file.bootstrap.describe(),
+            file.name
+        )
+    }
+}
