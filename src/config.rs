@@ -444,6 +444,7 @@ fn prefer_ipv4(target: impl ToSocketAddrs) -> Result<SocketAddr, Option<io::Erro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::error::Error as _;
 
     const GOOD: &str = r#"{ "name": "peer01", "node_ID": 1, "host": "127.0.0.1", "port": 3000,
         "other_peers": [ {"node_ID": 2, "host": "127.0.0.1", "port": 3001},
@@ -620,5 +621,73 @@ mod tests {
         let with = r#""port": 3000, "metrics_addr": "127.0.0.1:9300","#;
         let c = PeerConfig::parse(&GOOD.replace(r#""port": 3000,"#, with)).unwrap();
         assert_eq!(c.metrics_addr, Some("127.0.0.1:9300".parse().unwrap()));
+    }
+
+    /// The binaries print these sentences, and tests outside the library match them.
+    #[test]
+    fn errors_print_todays_sentences() {
+        let text = |e: ConfigError| String::from(e);
+        assert_eq!(
+            text(err_of(r#""port": 3000,"#, r#""port": 0,"#)),
+            "field `port`: must be 1-65535"
+        );
+        assert_eq!(
+            text(err_of(r#""node_ID": 2, "host""#, r#""node_ID": 1, "host""#)),
+            "field `other_peers[0].node_ID`: 1 is this peer's own node_ID"
+        );
+        assert_eq!(
+            text(err_of(r#""node_ID": 3,"#, r#""node_ID": 2,"#)),
+            "field `other_peers[1].node_ID`: duplicate node_ID 2"
+        );
+        assert_eq!(
+            text(err_with(r#""heartbeat_ms": 150,"#)),
+            "field `heartbeat_ms`: 150 must be at least 1 and below the election minimum 150"
+        );
+        assert_eq!(
+            text(err_of(r#""port": 3000,"#, r#""port": "x","#)),
+            "invalid type: string \"x\", expected u16 at line 1 column 66"
+        );
+        assert_eq!(
+            text(ConfigError::ResolveHost {
+                peer: Some(1),
+                host: "nowhere".into(),
+                source: None
+            }),
+            "field `other_peers[1].host`: \"nowhere\" resolves to no address"
+        );
+        // No port: refused before any lookup.
+        let e = resolve_address("nohost").unwrap_err();
+        let ConfigError::ResolveAddress {
+            source: Some(io), ..
+        } = &e
+        else {
+            panic!("{e}");
+        };
+        assert_eq!(e.to_string(), format!("cannot resolve \"nohost\": {io}"));
+
+        let dir = temp_dir("load");
+        let path = dir.join("peer.json");
+        let e = PeerConfig::load(&path).unwrap_err();
+        let ConfigError::Read { source, .. } = &e else {
+            panic!("{e}");
+        };
+        assert_eq!(source.kind(), io::ErrorKind::NotFound);
+        assert_eq!(
+            e.to_string(),
+            format!("config {}: cannot read: {source}", path.display())
+        );
+        std::fs::write(&path, GOOD.replace(r#""port": 3000,"#, r#""port": 0,"#)).unwrap();
+        let e = PeerConfig::load(&path).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::File { path: p, error } if *p == path
+                && is_field(error, "port", None)),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!("config {}: field `port`: must be 1-65535", path.display())
+        );
+        assert!(e.source().is_some_and(|s| s.is::<ConfigError>()));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
