@@ -8,6 +8,5 @@ pub mod config;
 pub mod metrics;
 pub mod peer;
 pub mod raft;
-pub mod state_machine;
 pub mod storage;
 pub mod transport;

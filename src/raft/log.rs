@@ -1,7 +1,8 @@
 //! The in-memory Raft log: append, the AppendEntries consistency check with conflict
 //! truncation (§5.3), term lookup, and which suffix still has to be made durable.
 
-use super::message::{Entry, Index, Term};
+use super::message::Entry;
+use super::types::{Index, Term};
 
 /// The log after its base: the entries from `base + 1` on, the ones at or below the base
 /// being compacted into a snapshot (thesis ch. 5). Invariant: `entries[i].index == base + i + 1`,

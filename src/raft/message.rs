@@ -1,33 +1,10 @@
 //! Wire types: what peers say to each other, and what clients and peers say to each other.
 //! Every datagram is one JSON-encoded [`Datagram`] of at most [`MAX_DATAGRAM`] bytes.
 
-pub use super::membership::{ConfChange, Member, MemberRole, Membership};
+use super::membership::{ConfChange, Member, MemberRole, Membership};
 use super::snapshot::SnapshotId;
+use super::types::*;
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
-
-/// A peer's identity, the `node_ID` of its config.
-pub type NodeId = u64;
-/// A Raft term (§5.1). 0 is the term before any election.
-pub type Term = u64;
-/// A log index (§5.3). The first entry has index 1; 0 means "none".
-pub type Index = u64;
-/// A client's identity for exactly-once appends: random, chosen by the client.
-pub type ClientId = u64;
-/// Where a client reply goes: the source address of the client's datagram.
-pub type ReplyTo = SocketAddr;
-
-/// The largest datagram we send or accept, kept under UDP's 65,507-byte payload limit.
-pub const MAX_DATAGRAM: usize = 64 * 1000;
-/// The largest client entry, in bytes of UTF-8.
-pub const MAX_ENTRY_DATA: usize = 16 * 1024;
-/// The largest client entry once JSON-escaped; control characters escape to six bytes each,
-/// so this bound (not only [`MAX_ENTRY_DATA`]) is what guarantees an entry fits a datagram.
-pub const MAX_ENTRY_ESCAPED: usize = 40 * 1024;
-/// Bytes of a datagram reserved for everything in it but the entries' data.
-pub const DATAGRAM_OVERHEAD: usize = 512;
-/// Per-entry JSON framing (keys, numbers, client id), an upper bound.
-pub const ENTRY_OVERHEAD: usize = 128;
 
 /// One slot of the replicated log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,17 +39,6 @@ impl Entry {
                 Payload::Config(m) => m.encoded_len(),
             }
     }
-}
-
-/// The length of `s` once escaped as a JSON string body.
-pub fn escaped_len(s: &str) -> usize {
-    s.bytes()
-        .map(|b| match b {
-            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
-            0..=0x1f => 6,
-            _ => 1,
-        })
-        .sum()
 }
 
 /// Checks a client entry against the size limits; the error is shown to the client as is.

@@ -17,15 +17,23 @@
 //!   core compacts its log once a snapshot is durable and streams snapshots in chunks.
 //! - Time enters as ticks; randomness from a seed in [`Config`].
 
+pub mod configurations;
 pub mod log;
 pub mod membership;
 pub mod message;
 pub mod node;
 pub mod progress;
+pub mod ready;
 pub mod rng;
 pub mod snapshot;
+pub mod state_machine;
 pub mod transfer;
+pub mod types;
 
+pub use membership::{ConfChange, Member, MemberRole, Membership};
 pub use message::*;
-pub use node::{Config, HardState, Node, Ready};
+pub use node::{Config, Node};
+pub use ready::{ChunkRead, ChunkWrite, HardState, Ready, StoreRead, PAGE_BUDGET};
 pub use snapshot::{SessionRecord, SnapshotId, SnapshotMeta, SnapshotState, CHUNK_BYTES};
+pub use state_machine::record_of;
+pub use types::*;

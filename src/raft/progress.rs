@@ -1,8 +1,8 @@
 //! The leader's view of one follower (§5.3 nextIndex/matchIndex), plus the flow control that
 //! lets it pipeline AppendEntries without buffering without limit for a slow follower.
 
-use super::message::Index;
 use super::snapshot::SnapshotSend;
+use super::types::Index;
 use std::collections::VecDeque;
 
 /// How the leader is currently sending to a follower.

@@ -8,7 +8,7 @@
 //! `[0, meta_len)`. The core only counts offsets; the shell reads and writes the bytes.
 
 use super::membership::Membership;
-use super::message::{ClientId, Index, NodeId, Term};
+use super::types::{ClientId, Index, NodeId, Term};
 use serde::{Deserialize, Serialize};
 
 /// Bytes of snapshot stream per InstallSnapshot chunk: base64 makes them 4/3 as many, which

@@ -4,9 +4,9 @@
 //! transfer is abandoned if no new leader appears within an election timeout.
 
 use super::membership::Membership;
-use super::message::{ClientId, NodeId, Term};
-use super::node::Waiter;
 use super::progress::Progress;
+use super::ready::Waiter;
+use super::types::{ClientId, NodeId, Term};
 use std::collections::BTreeMap;
 
 /// One transfer, from the moment the leader accepts it until a leader of a later term is

@@ -2,6 +2,7 @@
 //! promotion, removal (of the leader too), Ongaro's rule, truncation and idempotent retries.
 
 use super::*;
+use crate::raft::membership::MemberRole;
 use crate::raft::node::tests::msg;
 use std::collections::BTreeSet;
 

@@ -3,8 +3,9 @@
 //! It is derived from the log alone, so every peer computes the same table, including after a
 //! restart or a change of leader.
 
-use crate::raft::message::{ClientId, Entry, Index, Payload, Term};
-use crate::raft::snapshot::SessionRecord;
+use super::message::{Entry, LogRecord, Payload};
+use super::snapshot::SessionRecord;
+use super::types::{data_hash, ClientId, Index, Term};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Most client sessions kept; the least recently used (by log index) is evicted beyond this,
@@ -42,13 +43,6 @@ pub enum Applied {
     /// Same `(client, seq)` as an applied append but other data: two clients share an ID.
     /// Never answered as the other client's entry, which would acknowledge a lost write.
     Collision,
-}
-
-/// FNV-1a, 64-bit: a deterministic fingerprint (the same on every peer and every run).
-pub fn data_hash(data: &str) -> u64 {
-    data.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 #[derive(Debug, Default)]
@@ -164,6 +158,22 @@ impl StateMachine {
 
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+}
+
+/// A committed entry as the applied log keeps it and a query prints it.
+pub fn record_of(e: &Entry, duplicate: bool) -> LogRecord {
+    let (data, kind) = match &e.payload {
+        Payload::Noop => (None, Some("noop")),
+        Payload::Config(_) => (None, Some("config")),
+        Payload::Data { .. } if duplicate => (None, Some("duplicate")),
+        Payload::Data { data, .. } => (Some(data.clone()), None),
+    };
+    LogRecord {
+        index: e.index,
+        term: e.term,
+        data,
+        kind: kind.map(String::from),
     }
 }
 
