@@ -5,7 +5,7 @@
 //! `cargo run --release --bin storage_bench [-- --entries N --size BYTES --dir DIR]`
 
 use argh::FromArgs;
-use raft::raft::node::record_of;
+use raft::raft::record_of;
 use raft::raft::{Entry, HardState, Index, Payload};
 use raft::storage::store::Store;
 use raft::storage::wal::Wal;

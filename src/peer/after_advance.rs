@@ -2,20 +2,10 @@
 //! store, store reads and snapshot chunks are served, staged chunks become an install, and a
 //! written snapshot lets the core and the WAL compact.
 
-use super::node_loop::{Core, Durable, Outbox};
-use crate::raft::node::{ChunkRead, ChunkWrite, StoreRead};
-use crate::raft::LogRecord;
+use super::node_loop::{AfterAdvance, Core, Durable, Outbox};
 use crate::raft::{ClientReply, Entry, HardState};
 use crate::storage::{Disk, Staged};
 use std::time::Instant;
-
-/// The parts of a `Ready` carried out after `advance`: the applied log and snapshots.
-pub(super) struct AfterAdvance {
-    pub(super) applied: Vec<LogRecord>,
-    pub(super) store_reads: Vec<StoreRead>,
-    pub(super) chunk_reads: Vec<ChunkRead>,
-    pub(super) chunk_writes: Vec<ChunkWrite>,
-}
 
 impl Durable for Disk {
     fn persist(&mut self, hard_state: Option<&HardState>, entries: &[Entry]) -> Result<(), String> {

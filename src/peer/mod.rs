@@ -37,6 +37,7 @@ use crate::transport::{self, Inbound, Queues};
 use crossbeam_channel::{select, Receiver, Sender};
 use instruments::Instruments;
 use node_loop::{node_loop, Inboxes};
+pub use node_loop::{MAX_BATCH, MAX_CLIENT_BATCH, MAX_TICKS_PER_BATCH, SLOW_BATCH};
 use routes::Routes;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -49,23 +50,6 @@ pub const PEER_QUEUE_CAPACITY: usize = 16 * 1024;
 /// Client requests queued beyond which the receiver sheds them. A few batches' worth: a request
 /// queued behind more would wait longer than clients wait before retrying.
 pub const CLIENT_QUEUE_CAPACITY: usize = 4 * MAX_CLIENT_BATCH;
-/// Peer-queue items stepped into the core before its `Ready` is carried out.
-pub const MAX_BATCH: usize = 4096;
-/// Client requests stepped into the core before its `Ready` is carried out. Large enough that
-/// an fsync is shared by hundreds of appends, small enough that one batch (stepping, sending,
-/// one fsync, and the replies) takes a few milliseconds, far below an election timeout.
-pub const MAX_CLIENT_BATCH: usize = 512;
-/// Ticks stepped into the core per batch; more that are queued are skipped. After the node
-/// thread stalls (a slow fsync, descheduled), the ticks queued meanwhile would otherwise reach
-/// the core all at once: a leader would conclude it had lost its followers (check quorum) and
-/// followers that their leader was gone, before either had a chance to send or hear anything.
-/// Skipping them makes time in the core run slow during the stall, as Go's tickers do for
-/// etcd: elections are delayed, never made unsafe.
-pub const MAX_TICKS_PER_BATCH: usize = 2;
-/// A batch (stepping, fsync, sending) that takes this long is logged with where the time went,
-/// as is one that skips this many ticks (the one after a stall).
-pub const SLOW_BATCH: Duration = Duration::from_millis(50);
-const SKIPPED_TICKS_TO_LOG: usize = 5;
 /// AppendEntries in flight to one follower.
 pub const MAX_INFLIGHT: usize = 32;
 

@@ -1,20 +1,35 @@
 //! The node thread's loop: take a batch from the inboxes, step the core, and carry out each
 //! `Ready` in the order that keeps Raft safe (persist, send, advance, reply, then the store).
 
-use super::after_advance::AfterAdvance;
 use super::instruments::Instruments;
 use super::routes::{Routes, Routing};
-use super::{
-    Inbox, MAX_BATCH, MAX_CLIENT_BATCH, MAX_TICKS_PER_BATCH, SKIPPED_TICKS_TO_LOG, SLOW_BATCH,
-};
+use super::Inbox;
 use crate::raft::{
     self, ClientReply, ClientRequest, Entry, HardState, Index, Message, Node, NodeId, Ready,
     ReplyTo, StatusInfo,
 };
-use crate::raft::{SnapshotId, SnapshotState, Term};
+use crate::raft::{ChunkRead, ChunkWrite, LogRecord, SnapshotId, SnapshotState, StoreRead, Term};
 use crate::transport::{self, Directory, RateLimiter, Transport};
 use crossbeam_channel::{never, select, Receiver};
 use std::time::{Duration, Instant};
+
+/// Peer-queue items stepped into the core before its `Ready` is carried out.
+pub const MAX_BATCH: usize = 4096;
+/// Client requests stepped into the core before its `Ready` is carried out. Large enough that
+/// an fsync is shared by hundreds of appends, small enough that one batch (stepping, sending,
+/// one fsync, and the replies) takes a few milliseconds, far below an election timeout.
+pub const MAX_CLIENT_BATCH: usize = 512;
+/// Ticks stepped into the core per batch; more that are queued are skipped. After the node
+/// thread stalls (a slow fsync, descheduled), the ticks queued meanwhile would otherwise reach
+/// the core all at once: a leader would conclude it had lost its followers (check quorum) and
+/// followers that their leader was gone, before either had a chance to send or hear anything.
+/// Skipping them makes time in the core run slow during the stall, as Go's tickers do for
+/// etcd: elections are delayed, never made unsafe.
+pub const MAX_TICKS_PER_BATCH: usize = 2;
+/// A batch (stepping, fsync, sending) that takes this long is logged with where the time went,
+/// as is one that skips this many ticks (the one after a stall).
+pub const SLOW_BATCH: Duration = Duration::from_millis(50);
+const SKIPPED_TICKS_TO_LOG: usize = 5;
 
 /// What the node loop needs from the core; [`Node`] in production, fakes in the tests.
 pub(super) trait Core {
@@ -130,6 +145,14 @@ impl Core for Node {
 }
 
 /// The core's configurations as routing sees them; routing is recomputed when this changes.
+/// The parts of a `Ready` carried out after `advance`: the applied log and snapshots.
+pub(super) struct AfterAdvance {
+    pub(super) applied: Vec<LogRecord>,
+    pub(super) store_reads: Vec<StoreRead>,
+    pub(super) chunk_reads: Vec<ChunkRead>,
+    pub(super) chunk_writes: Vec<ChunkWrite>,
+}
+
 /// What the node loop needs from storage.
 pub(super) trait Durable {
     fn persist(&mut self, hard_state: Option<&HardState>, entries: &[Entry]) -> Result<(), String>;

@@ -19,10 +19,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 mod reconfig;
 #[cfg(test)]
 mod snapshot_tests;
+use super::ready::{ChunkRead, ChunkWrite, HardState, Ready, StoreRead};
+use super::state_machine::record_of;
 pub use reconfig::PROMOTE_MAX_LAG;
-// The shell's and the simulator's older paths.
-pub use super::ready::{ChunkRead, ChunkWrite, HardState, Ready, StoreRead, PAGE_BUDGET};
-pub use super::state_machine::record_of;
 
 /// See [`Node::routing_key`].
 pub type RoutingKey = (Index, Term, Index, usize);

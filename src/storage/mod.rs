@@ -13,7 +13,7 @@ pub mod wal;
 use store::{Received, SnapshotJob, Store};
 use wal::Wal;
 
-use crate::raft::node::{ChunkRead, ChunkWrite, StoreRead, PAGE_BUDGET};
+use crate::raft::{ChunkRead, ChunkWrite, StoreRead, PAGE_BUDGET};
 use crate::raft::{
     ClientResult, Entry, HardState, Index, LogRecord, Message, NodeId, SnapshotId, SnapshotState,
     Term,

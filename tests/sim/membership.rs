@@ -1,0 +1,207 @@
+//! The administrator: one-server membership changes, retried as a client retries them, and
+//! the node slots that start and stop with them.
+
+use super::*;
+
+impl Sim {
+    // ---- membership -----------------------------------------------------------------------------
+
+    pub fn admin_busy(&self) -> bool {
+        self.admin.is_some()
+    }
+
+    /// The administrator gives up on the change in progress (its entry may still commit).
+    pub fn admin_abandon(&mut self) {
+        self.admin = None;
+    }
+
+    /// Asks for `change` and runs until it is answered; returns the answer.
+    pub fn change_members_and_wait(&mut self, change: ConfChange, within: Time) -> ClientResult {
+        self.change_members(change.clone());
+        if !self.run_until(within, |s| !s.admin_busy()) {
+            self.fail(&format!("{change:?} not answered in time"));
+        }
+        self.admin_done.last().unwrap().1.clone()
+    }
+
+    /// Asks for one membership change as `client` does: to the leader if one is known, retried
+    /// (Busy, NotLeader, timeouts) until it is committed or refused.
+    pub fn change_members(&mut self, change: ConfChange) {
+        assert!(self.admin.is_none(), "one membership change at a time");
+        self.stats.config_requests += 1;
+        let target = match self.leaders().first() {
+            Some(&l) => l,
+            None => self.rng.pick(&self.ids.clone()),
+        };
+        self.admin = Some(AdminOp {
+            change,
+            target,
+            request_id: 0,
+            since: self.now,
+            retry_same: false,
+        });
+        self.admin_send();
+    }
+
+    /// A random one-server change toward `cfg.nodes` voters, from the committed configuration:
+    /// a learner is promoted (or removed if its node is gone); above `cfg.nodes` voters a
+    /// member is removed (the leader as often as not); otherwise a fresh node joins as a
+    /// learner (or, now and then, a member is removed first). So over a run members are added,
+    /// promoted, removed and replaced, mostly between `cfg.nodes` and one more voter.
+    pub fn random_membership_change(&mut self) {
+        if self.admin.is_some() {
+            return;
+        }
+        let m = self.committed_config();
+        let voters: Vec<NodeId> = m.voter_ids().collect();
+        let learner = m
+            .members
+            .iter()
+            .find(|x| x.role == MemberRole::Learner)
+            .map(|x| x.id);
+        let n = self.cfg.nodes;
+        let change = if let Some(id) = learner {
+            if self.ids.contains(&id) && self.rng.chance(0.8) {
+                ConfChange::Promote { id }
+            } else {
+                ConfChange::Remove { id }
+            }
+        } else if voters.len() > n || (voters.len() == n && self.rng.chance(0.1)) {
+            let leader = self.leaders().first().copied().filter(|l| m.is_voter(*l));
+            let id = match leader {
+                Some(l) if self.rng.chance(0.5) => l,
+                _ => self.rng.pick(&voters),
+            };
+            ConfChange::Remove { id }
+        } else {
+            let id = self.spawn();
+            ConfChange::AddLearner {
+                id,
+                address: format!("10.0.{}.{}:7000", id / 256, id % 256),
+            }
+        };
+        self.change_members(change);
+    }
+
+    /// Stops the nodes whose removal committed and that have not stopped by themselves (they
+    /// missed the news, as an operator would stop them).
+    pub fn decommission(&mut self) {
+        let m = self.committed_config();
+        for id in self.decommission.clone() {
+            if !m.contains(id) {
+                self.retire(id);
+            }
+        }
+    }
+
+    /// Stops every node that is not a member of the committed configuration (with no change
+    /// in progress): what an operator does before declaring the cluster settled.
+    pub fn retire_non_members(&mut self) {
+        assert!(self.admin.is_none());
+        let m = self.committed_config();
+        for id in self.ids.clone() {
+            if !m.contains(id) {
+                self.retire(id);
+            }
+        }
+    }
+
+    pub(super) fn admin_send(&mut self) {
+        let Some(op) = self.admin.as_mut() else {
+            return;
+        };
+        self.admin_request_id += 1;
+        op.request_id = self.admin_request_id;
+        op.retry_same = false;
+        let req = ClientRequest {
+            id: op.request_id,
+            op: ClientOp::ChangeMembers {
+                change: op.change.clone(),
+            },
+        };
+        let (target, request_id) = (op.target, op.request_id);
+        let to = SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT));
+        self.transmit(Event::Request(target, to, req));
+        self.schedule(self.cfg.client_retry, Event::AdminTimer(request_id));
+    }
+
+    pub(super) fn admin_timeout(&mut self, request_id: u64) {
+        let Some(op) = self.admin.as_ref().filter(|op| op.request_id == request_id) else {
+            return;
+        };
+        if !op.retry_same || !self.ids.contains(&op.target) {
+            let ids = self.ids.clone();
+            let target = self.rng.pick(&ids);
+            self.admin.as_mut().unwrap().target = target;
+        }
+        self.admin_send();
+    }
+
+    pub(super) fn admin_reply(&mut self, reply: ClientReply) {
+        let Some(op) = self.admin.clone() else {
+            return;
+        };
+        if reply.id != op.request_id {
+            return; // stale or duplicated answer
+        }
+        if self.paranoid || std::env::var("SIM_VERBOSE").is_ok() {
+            println!(
+                "t={}ms {:?} from node {}: {:?}",
+                self.now / MS,
+                op.change,
+                reply.from,
+                reply.result
+            );
+        }
+        match &reply.result {
+            ClientResult::Configured { members, .. } => {
+                let m = Membership::new(members.clone());
+                if !m.has_applied(&op.change) {
+                    self.fail(&format!(
+                        "{:?} answered as done with {}",
+                        op.change,
+                        m.describe()
+                    ));
+                }
+                self.stats.config_changes += 1;
+                if let ConfChange::Remove { id } = op.change {
+                    self.decommission.insert(id);
+                }
+            }
+            ClientResult::Refused { .. } => {
+                self.stats.config_refused += 1;
+                // A node that never joined stops, unless some log already has it.
+                if let ConfChange::AddLearner { id, .. } = op.change {
+                    let known = self
+                        .nodes
+                        .values()
+                        .flatten()
+                        .any(|n| n.id() != id && n.membership().contains(id));
+                    if !known && self.ids.contains(&id) {
+                        self.retire(id);
+                    }
+                }
+            }
+            // Not now: the retry timer asks again, of the same leader.
+            ClientResult::Busy { .. } => {
+                self.stats.config_busy += 1;
+                let op = self.admin.as_mut().unwrap();
+                op.target = reply.from;
+                op.retry_same = true;
+                let request_id = op.request_id;
+                self.schedule(20 * MS, Event::AdminTimer(request_id));
+                return;
+            }
+            ClientResult::NotLeader { leader } => {
+                if let Some(l) = leader.filter(|&l| l != reply.from && self.ids.contains(&l)) {
+                    self.admin.as_mut().unwrap().target = l;
+                    self.admin_send();
+                }
+                return;
+            }
+            other => self.fail(&format!("unexpected answer {other:?} to {:?}", op.change)),
+        }
+        self.admin = None;
+        self.admin_done.push((op.change, reply.result));
+    }
+}
