@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{describe, write_configs, Cluster, TempDir};
+use common::{describe, missing_tool, write_configs, Cluster, TempDir};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -35,15 +35,23 @@ fn sample(body: &str, name: &str) -> Option<f64> {
 }
 
 fn promtool(body: &str) {
-    let Ok(mut child) = Command::new("promtool")
+    let mut child = match Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-    else {
-        println!("promtool not installed (Debian's prometheus package): exposition not linted");
-        return;
+    {
+        Ok(child) => child,
+        Err(e) => {
+            missing_tool(
+                "promtool",
+                &format!(
+                    "cannot run promtool ({e}; Debian's prometheus package): exposition not linted"
+                ),
+            );
+            return;
+        }
     };
     child
         .stdin

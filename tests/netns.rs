@@ -1,8 +1,11 @@
 //! Peers on hosts of their own: each peer in its own Linux network namespace with its own
 //! address on a bridge, driven by `scripts/netns-cluster.sh`, with faults made by taking a
 //! peer's link down rather than by proxies. Needs root and iproute2; where network namespaces
-//! cannot be made, the test says why on stdout and does nothing else.
+//! cannot be made, the test says why on stdout and does nothing else; under CI it fails instead.
 
+mod common;
+
+use common::missing_tool;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -237,7 +240,10 @@ fn leader_cut_off_is_replaced_and_rejoins(n: usize) {
 #[test]
 fn netns_cluster_survives_its_leader_being_cut_off_at_3_and_5_peers() {
     if let Some(why) = unavailable() {
-        println!("SKIPPED: network namespaces cannot be used here: {why}");
+        missing_tool(
+            "`ip netns` (root, iproute2)",
+            &format!("network namespaces cannot be used here: {why}"),
+        );
         return;
     }
     leader_cut_off_is_replaced_and_rejoins(3);

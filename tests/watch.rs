@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{describe, poll_until, Cluster, CLIENT};
+use common::{describe, missing_tool, poll_until, Cluster, CLIENT};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -34,8 +34,11 @@ fn watch_once_prints_every_peer_and_the_leader_as_plain_text() {
 
 #[test]
 fn watch_in_a_terminal_shows_a_new_leader_within_two_seconds_and_quits_on_q() {
-    if Command::new("tmux").arg("-V").output().is_err() {
-        println!("SKIPPED: tmux is not installed (apt-get install tmux)");
+    if let Err(e) = Command::new("tmux").arg("-V").output() {
+        missing_tool(
+            "tmux",
+            &format!("cannot run tmux ({e}): apt-get install tmux"),
+        );
         return;
     }
     let mut cluster = Cluster::start("watch-tmux", 3);

@@ -29,6 +29,21 @@ pub fn one_at_a_time() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A tool or privilege a test needs (`what`) is missing here, for the reason `why`. Under CI
+/// (the environment variable `CI` set and non-empty, as `.ci/run` and CI services set it) this
+/// fails the test: `.ci/run` installs every such tool and runs as root, so a missing one means
+/// the test did not run, which CI must not pass over. Elsewhere it prints `SKIPPED: <why>` and
+/// returns, and the caller leaves out what needs the tool.
+pub fn missing_tool(what: &str, why: &str) {
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        panic!(
+            "CI is set and {what} is missing: {why}; .ci/run installs what the tests need \
+             (and runs as root). Unset CI to skip instead."
+        );
+    }
+    println!("SKIPPED: {why}");
+}
+
 /// A fresh directory, removed when the test passes and kept (and printed) when it fails.
 pub struct TempDir(pub PathBuf);
 
