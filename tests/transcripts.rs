@@ -100,7 +100,12 @@ macro_rules! transcripts {
     };
 }
 
-transcripts!(election_prevote,);
+transcripts!(
+    conflict_truncation,
+    election_prevote,
+    figure8_commit,
+    figure8_overwrite,
+);
 
 #[test]
 fn every_transcript_file_is_listed() {
