@@ -105,6 +105,9 @@ transcripts!(
     election_prevote,
     figure8_commit,
     figure8_overwrite,
+    leadership_transfer,
+    membership_change,
+    read_index,
 );
 
 #[test]
