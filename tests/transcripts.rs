@@ -102,12 +102,14 @@ macro_rules! transcripts {
 
 transcripts!(
     conflict_truncation,
+    crash_restart,
     election_prevote,
     figure8_commit,
     figure8_overwrite,
     leadership_transfer,
     membership_change,
     read_index,
+    snapshot_install,
 );
 
 #[test]
