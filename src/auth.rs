@@ -120,6 +120,9 @@ const WINDOW_WORDS: usize = 32;
 pub const WINDOW: u64 = (WINDOW_WORDS as u64 - 1) * 64;
 /// Client sessions whose windows a peer keeps; older ones are forgotten (see [`Sessions`]).
 pub const CLIENT_SESSIONS: usize = 4096;
+/// Peers a node keeps a link to, at most: far more than any cluster, and a bound on what
+/// sender IDs made up by a holder of the secret can make it keep.
+const MAX_LINKS: usize = 1024;
 /// The least time between two notices to the same sender.
 pub const NOTICE_INTERVAL: Duration = Duration::from_millis(10);
 /// Notices a peer sends per second at most, to all senders together.
@@ -1005,6 +1008,11 @@ pub struct PeerAuth {
 pub enum Dest {
     /// A peer, at the address its config gives (never a datagram's source address).
     Peer(NodeId),
+    /// A peer at the address its config gives or, while this peer has none for it (a member
+    /// added while we were away), at the source of its authentic datagram: the notice that
+    /// completes its handshake must reach it before its messages, which carry its address,
+    /// can be read.
+    PeerOr(NodeId, SocketAddr),
     /// A client, at the source address of its request.
     Addr(SocketAddr),
 }
@@ -1044,6 +1052,11 @@ impl PeerAuth {
     /// Whether datagrams sealed by node `id` are taken: a known peer, or any node while open.
     pub fn knows(&self, id: NodeId) -> bool {
         id != self.me && (self.open.load(Ordering::Relaxed) || self.link(id).is_some())
+    }
+
+    /// How many peers this one has a link to.
+    pub fn link_count(&self) -> usize {
+        self.links.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Starts talking to peer `id` (a member a configuration added); no-op if known.
@@ -1258,8 +1271,10 @@ impl Gate {
             Kind::Peer | Kind::NoticeToPeer | Kind::Request => {}
             Kind::Reply | Kind::NoticeToClient => return Err(Refused::NotTaken(h.kind)),
         }
-        if !client && self.auth.knows(h.sender) && self.auth.link(h.sender).is_none() {
-            // Open (joining): any holder of the secret is a member of some cluster.
+        if !client && self.auth.link(h.sender).is_none() && self.auth.link_count() < MAX_LINKS {
+            // Any holder of the secret is a member of some cluster: a joining peer takes it
+            // (open), and so does a member, for a peer of its own cluster that joined while
+            // it was away. The cluster ID in the message decides whether it is heard.
             self.auth.add_peer(h.sender);
         }
         if !client && self.auth.link(h.sender).is_none() {
@@ -1405,7 +1420,7 @@ impl Gate {
             };
             (
                 Kind::NoticeToPeer,
-                Dest::Peer(h.sender),
+                Dest::PeerOr(h.sender, src),
                 next_counter(&link.counter),
             )
         };
@@ -2047,16 +2062,13 @@ mod tests {
             p.a.seal_to_peer(4, &mut buf, |_| {}).is_err(),
             "not yet a peer"
         );
-        // Not yet open: a sender it has no link to is refused.
+        // A sender it has no link to gets one (any holder of the secret is a peer of some
+        // cluster; the message's cluster ID decides whether it is heard), open or not.
         p.a.add_peer(4);
-        let first = Pair::seal(&p.a, 4, b"append");
-        assert!(matches!(
-            p.gate_b.admit(&first[0], src(), Instant::now()),
-            Err(Refused::Misdirected(_))
-        ));
-        // Open (no configuration yet): the leader's datagrams get in, and node 4 can answer.
+        assert!(!p.b.knows(1));
         p.b.set_open(true);
         assert!(p.b.knows(1) && !p.b.knows(4));
+        p.b.set_open(false);
         let (_, at_b) = p.exchange(Pair::seal(&p.a, 4, b"append"));
         assert_eq!(at_b, [b"append".to_vec()]);
         let answer = Pair::seal(&p.b, 1, b"ok");
@@ -2134,10 +2146,11 @@ mod tests {
             })
         ));
         assert_eq!(gate_b2.auth().stats.replays.load(Ordering::Relaxed), 1);
-        // It was authentic, so B2 tells A its new epoch (to A's configured address).
+        // It was authentic, so B2 tells A its new epoch (at A's configured address, or at the
+        // datagram's source while B2 has none for A).
         let out = gate_b2.take_outgoing();
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].0, Dest::Peer(1));
+        assert_eq!(out[0].0, Dest::PeerOr(1, src()));
     }
 
     #[test]
@@ -2207,7 +2220,9 @@ mod tests {
         let k = keys(K1);
         let b = Arc::new(PeerAuth::new(Arc::clone(&k), 2, [1, 3]));
         let mut gate = Gate::new(Arc::clone(&b));
-        // Sealed by a key holder claiming node 9, which node 2 does not know.
+        // Sealed by a key holder claiming node 9, which node 2 does not know: it gets a link
+        // (a member that joined while node 2 was away looks just like this), and the
+        // transport then hears it only if its message names node 2's cluster.
         let h = Header {
             sender: 9,
             recipient: 2,
@@ -2215,8 +2230,27 @@ mod tests {
             ..header(1)
         };
         let d = sealed(&k, &h, b"{}");
+        assert!(gate.admit(&d, src(), Instant::now()).is_ok());
+        assert!(b.link(9).is_some());
+        // Made-up sender IDs cannot grow the links without bound.
+        for id in 100..100 + MAX_LINKS as u64 {
+            let h = Header {
+                sender: id,
+                recipient: 2,
+                recipient_epoch: b.epoch(),
+                ..header(1)
+            };
+            let _ = gate.admit(&sealed(&k, &h, b"{}"), src(), Instant::now());
+        }
+        assert_eq!(b.link_count(), MAX_LINKS);
+        let h = Header {
+            sender: 50_000,
+            recipient: 2,
+            recipient_epoch: b.epoch(),
+            ..header(1)
+        };
         assert!(matches!(
-            gate.admit(&d, src(), Instant::now()),
+            gate.admit(&sealed(&k, &h, b"{}"), src(), Instant::now()),
             Err(Refused::Misdirected(_))
         ));
         // The sender ID is under the MAC: changing it breaks the MAC.

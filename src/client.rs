@@ -1217,7 +1217,7 @@ mod tests {
                 address: book[&id].clone(),
                 role: crate::raft::MemberRole::Voter,
                 match_index: progress.then_some(10 + id),
-                lag: progress.then_some(3 - id),
+                lag: progress.then(|| 3u64.saturating_sub(id)),
             })
             .collect()
     }

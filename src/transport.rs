@@ -26,6 +26,7 @@
 use crate::auth::{self, Admitted, Dest, Gate, PeerAuth, Refused};
 use crate::config::PeerConfig;
 use crate::metrics::Metrics;
+use crate::raft::membership::check_address;
 use crate::raft::{
     ClientReply, ClientRequest, ClientResult, Datagram, Message, NodeId, ReplyTo, MAX_DATAGRAM,
 };
@@ -174,6 +175,14 @@ impl Accept {
     fn knows(&self, id: NodeId) -> bool {
         self.any_sender || self.senders.contains(&id)
     }
+
+    /// A peer of our own cluster we have no configuration for yet (it joined while we were
+    /// away, or we are joining through other members): taken when the message carries its
+    /// address, which the node thread then learns. With a cluster secret, only an authentic
+    /// datagram gets this far.
+    fn introduces(&self, msg: &Message) -> bool {
+        self.cluster != 0 && msg.cluster == self.cluster && msg.reply_at.is_some()
+    }
 }
 
 /// The checks every decoded peer message passes: its cluster, its sender, its recipient.
@@ -186,7 +195,7 @@ fn check_peer(msg: Message, me: NodeId, accept: &Accept) -> Result<Inbound, Drop
                 msg.from, msg.cluster, accept.cluster, accept.bootstrap
             ),
         ))
-    } else if msg.from == me || !accept.knows(msg.from) {
+    } else if msg.from == me || !(accept.knows(msg.from) || accept.introduces(&msg)) {
         Err(dropped(
             DropReason::UnknownSender,
             format!("node {} is not a configured peer", msg.from),
@@ -506,6 +515,7 @@ pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
         metrics: Arc::clone(&metrics),
         auth: auth.clone(),
         buf: Vec::new(),
+        reply_at: reply_address(config),
     };
     let listener = Listener {
         socket,
@@ -521,6 +531,26 @@ pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
 }
 
 pub use crate::config::resolve_address;
+
+/// The address this peer stamps on its messages: `host:port` of its config, unless the host is
+/// a wildcard (other hosts cannot reach `0.0.0.0`) or the address is not one a configuration
+/// could hold.
+fn reply_address(config: &PeerConfig) -> Option<String> {
+    let address = format!("{}:{}", config.host, config.port);
+    let wildcard = config
+        .host
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified());
+    if wildcard || check_address(&address).is_err() {
+        log::warn!(
+            "{}: peers that have no address for this peer cannot learn it: {address} is not an address they could reach",
+            config.name
+        );
+        return None;
+    }
+    Some(address)
+}
 
 /// What the node thread and the receiver share about other peers: where each is, and whom to
 /// take messages from. The node thread rewrites it when the configuration changes.
@@ -591,6 +621,9 @@ pub struct Transport {
     auth: Option<Arc<PeerAuth>>,
     /// Reused for every datagram sent: room for the envelope's header, then the JSON.
     buf: Vec<u8>,
+    /// Our own address as other peers reach it (`host:port` of our config), stamped on every
+    /// peer message so that a peer without an address for us can answer.
+    reply_at: Option<String>,
 }
 
 impl Transport {
@@ -640,11 +673,14 @@ impl Transport {
             (d.addresses.get(&to).copied(), d.accept.cluster)
         };
         msg.cluster = cluster;
+        msg.reply_at.clone_from(&self.reply_at);
         let addr = match addr {
             Some(addr) if to != self.me => addr,
             _ => {
                 let me = self.me;
-                self.unknown_destination.log(log::Level::Error, || {
+                // A member whose address we have not learned yet (it will be, from its own
+                // next message): a warning, not an error, since it heals by itself.
+                self.unknown_destination.log(log::Level::Warn, || {
                     format!(
                         "not sending a message to node {to}: no known address for it (node {me})"
                     )
@@ -918,6 +954,11 @@ impl Listener {
                     Some(&addr) => addr,
                     None => continue,
                 },
+                Dest::PeerOr(id, src) => read(&self.directory)
+                    .addresses
+                    .get(&id)
+                    .copied()
+                    .unwrap_or(src),
             };
             send_datagram(
                 &self.socket,
@@ -970,6 +1011,7 @@ mod tests {
                 read_seq: 7,
                 result: AppendResult::Accepted { match_index: 5 },
             },
+            reply_at: None,
         }
     }
 
@@ -999,6 +1041,49 @@ mod tests {
             reason(&encoded(Datagram::Peer(message(1, 1)))),
             DropReason::UnknownSender
         );
+    }
+
+    #[test]
+    fn an_unknown_peer_of_our_cluster_is_heard_when_it_says_where_it_is() {
+        let accept = Accept {
+            cluster: 7,
+            ..peers()
+        };
+        let introduced = Message {
+            cluster: 7,
+            reply_at: Some("127.0.0.1:3003".into()),
+            ..message(4, 1)
+        };
+        let got = classify(
+            &encoded(Datagram::Peer(introduced.clone())),
+            src(),
+            1,
+            &accept,
+        );
+        assert_eq!(got, Ok(Inbound::Peer(introduced.clone())));
+        // Without its address it could not be answered; of another cluster, or while this
+        // peer has no cluster ID to compare with, it is not ours to hear.
+        let cases = [
+            (
+                Message {
+                    reply_at: None,
+                    ..introduced.clone()
+                },
+                &accept,
+            ),
+            (
+                Message {
+                    cluster: 8,
+                    ..introduced.clone()
+                },
+                &accept,
+            ),
+            (introduced.clone(), &peers()),
+        ];
+        for (m, accept) in cases {
+            let got = classify(&encoded(Datagram::Peer(m.clone())), src(), 1, accept);
+            assert!(got.is_err(), "{m:?} was taken");
+        }
     }
 
     #[test]

@@ -159,6 +159,7 @@ fn forged_append_entries(
             leader_commit: last.index + 1,
             read_seq: 0,
         },
+        reply_at: None,
     })
     .encode()
     .unwrap()

@@ -3,10 +3,15 @@
 
 use crate::cluster::{self, ClusterFile, Start};
 use crate::config::PeerConfig;
+use crate::raft::membership::check_address;
 use crate::raft::{self, Body, Index, Membership, Message, NodeId};
 use crate::transport::{self, Accept, Directory};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+
+/// Addresses learned from messages, at most: enough for any cluster, and a bound on what
+/// forged sender IDs can make this peer keep when datagrams are not authenticated.
+const MAX_LEARNED: usize = 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Routing {
@@ -42,6 +47,10 @@ pub(super) struct Routes {
     /// as it comes into force (later ones win); never forgotten, so a removed member can still
     /// be told of its removal.
     older: BTreeMap<NodeId, String>,
+    /// Addresses learned from peer messages (their `reply_at`) for nodes none of the above
+    /// gives one for: a member added while we were away, or, for a joining peer, a leader its
+    /// contact points did not include. At most [`MAX_LEARNED`].
+    learned: BTreeMap<NodeId, String>,
     joining: Option<Joining>,
     /// The configurations the directory was last computed from; `None`: recompute.
     pub(super) seen: Option<Routing>,
@@ -79,6 +88,7 @@ impl Routes {
             cluster,
             bootstrap,
             older,
+            learned: BTreeMap::new(),
             joining,
             seen: None,
             seen_key: None,
@@ -114,9 +124,49 @@ impl Routes {
             self.bootstrap = describe(&file);
             self.joining = None;
             self.seen = None;
+            self.learn(msg);
             return Ok(true);
         }
-        Ok(self.cluster == 0 || msg.cluster == self.cluster)
+        let admitted = self.cluster == 0 || msg.cluster == self.cluster;
+        if admitted {
+            self.learn(msg);
+        }
+        Ok(admitted)
+    }
+
+    /// Learns the sender's address from a message of our cluster, if nothing else gives one
+    /// (or it moved since we learned it); the directory is recomputed before anything is sent,
+    /// so the answer to this very message reaches it.
+    fn learn(&mut self, msg: &Message) {
+        let Some(address) = &msg.reply_at else {
+            return;
+        };
+        if msg.from == self.me
+            || self.older.contains_key(&msg.from)
+            || self.learned.get(&msg.from) == Some(address)
+        {
+            return;
+        }
+        if let Err(e) = check_address(address) {
+            log::debug!("{}: node {} sent a bad address: {e}", self.name, msg.from);
+            return;
+        }
+        if self.learned.len() >= MAX_LEARNED && !self.learned.contains_key(&msg.from) {
+            log::debug!(
+                "{}: not learning node {}'s address: {MAX_LEARNED} learned already",
+                self.name,
+                msg.from
+            );
+            return;
+        }
+        log::info!(
+            "{}: learned node {}'s address {address} from its {} (no configuration here lists it)",
+            self.name,
+            msg.from,
+            msg.body.name()
+        );
+        self.learned.insert(msg.from, address.clone());
+        self.seen = None;
     }
 
     /// The directory for `routing`, if it (or our cluster) changed since the last one.
@@ -134,7 +184,10 @@ impl Routes {
         {
             self.older.insert(m.id, m.address.clone());
         }
+        // Learned addresses only fill gaps: a configuration's address, once we have one, wins.
+        self.learned.retain(|id, _| !self.older.contains_key(id));
         let mut wheres = self.older.clone();
+        wheres.extend(self.learned.iter().map(|(&id, a)| (id, a.clone())));
         wheres.remove(&self.me);
         let mut addresses = BTreeMap::new();
         for (id, address) in wheres {
@@ -155,6 +208,7 @@ impl Routes {
             .chain(routing.committed.ids())
             .chain(routing.contacts.iter().copied())
             .chain(self.older.keys().copied())
+            .chain(self.learned.keys().copied())
             .filter(|&id| id != self.me)
             .collect();
         let index_moved = self.seen.as_ref().map(|r| r.config_index) != Some(routing.config_index);

@@ -193,6 +193,7 @@ mod tests {
                 leader_commit: u64::MAX,
                 read_seq: u64::MAX,
             },
+            reply_at: Some("h".repeat(MAX_ADDRESS_LEN)),
         };
         let bytes = serde_json::to_vec(&datagram).unwrap();
         assert!(m.members.len() > 50, "{} members", m.members.len());

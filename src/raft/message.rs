@@ -72,6 +72,12 @@ pub struct Message {
     /// The sender's current term (for PreVote: the term it would campaign in).
     pub term: Term,
     pub body: Body,
+    /// The sender's own address (`host:port`), stamped by the shell like `cluster`: a peer
+    /// that has no address for the sender (it missed the configuration that added it, or it
+    /// is joining through other members) learns it here, so it can answer. The core leaves
+    /// it empty and never reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_at: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -374,5 +380,37 @@ impl Datagram {
             return Err(format!("oversized datagram of {} bytes", bytes.len()));
         }
         serde_json::from_slice(bytes).map_err(|e| format!("malformed datagram: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::membership::MAX_ADDRESS_LEN;
+
+    #[test]
+    fn the_widest_append_envelope_fits_the_datagram_overhead() {
+        // Every number at its widest, and the longest address a sender stamps: what is left
+        // of a datagram after DATAGRAM_OVERHEAD is all the entries may use.
+        let msg = Message {
+            cluster: u64::MAX,
+            from: u64::MAX,
+            to: u64::MAX,
+            term: u64::MAX,
+            body: Body::AppendEntries {
+                prev_log_index: u64::MAX,
+                prev_log_term: u64::MAX,
+                entries: vec![],
+                leader_commit: u64::MAX,
+                read_seq: u64::MAX,
+            },
+            reply_at: Some("h".repeat(MAX_ADDRESS_LEN)),
+        };
+        let bytes = Datagram::Peer(msg).encode().unwrap();
+        assert!(
+            bytes.len() <= DATAGRAM_OVERHEAD,
+            "{} bytes of envelope",
+            bytes.len()
+        );
     }
 }

@@ -613,6 +613,7 @@ impl Node {
             to,
             term,
             body,
+            reply_at: None,
         });
     }
 

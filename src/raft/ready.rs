@@ -93,6 +93,7 @@ impl ChunkRead {
                 data,
                 crc,
             },
+            reply_at: None,
         }
     }
 }

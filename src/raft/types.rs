@@ -22,7 +22,7 @@ pub const MAX_ENTRY_DATA: usize = 16 * 1024;
 /// so this bound (not only [`MAX_ENTRY_DATA`]) is what guarantees an entry fits a datagram.
 pub const MAX_ENTRY_ESCAPED: usize = 40 * 1024;
 /// Bytes of a datagram reserved for everything in it but the entries' data.
-pub const DATAGRAM_OVERHEAD: usize = 512;
+pub const DATAGRAM_OVERHEAD: usize = 1024;
 /// Per-entry JSON framing (keys, numbers, client id), an upper bound.
 pub const ENTRY_OVERHEAD: usize = 128;
 

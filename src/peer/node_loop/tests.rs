@@ -107,6 +107,7 @@ fn message(from: NodeId, to: NodeId) -> Message {
         to,
         term: 1,
         body: Body::PreVoteResponse { granted: true },
+        reply_at: None,
     }
 }
 

@@ -352,6 +352,7 @@ fn a_chunk_overtaken_by_entries_in_the_same_batch_is_not_staged() {
         to: 3,
         term: 1,
         body,
+        reply_at: None,
     };
     let entry = |index| Entry {
         index,

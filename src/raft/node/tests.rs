@@ -27,6 +27,7 @@ pub(super) fn msg(from: NodeId, to: NodeId, term: Term, body: Body) -> Message {
         to,
         term,
         body,
+        reply_at: None,
     }
 }
 
