@@ -6,11 +6,32 @@
 mod common;
 
 use common::{free_ports, one_at_a_time, poll_until, tail, wait_with_deadline, Cluster};
+use raft::auth::{Keys, Secret};
 use raft::client::Client;
 use raft::raft::{ConfChange, NodeId, Role, StatusInfo};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// The running test's cluster secret: the file every config names, and its keys for clients.
+/// None: no authentication. Tests run one at a time, each setting it first.
+static KEYS: Mutex<Option<(PathBuf, Arc<Keys>)>> = Mutex::new(None);
+
+fn keys() -> Option<Arc<Keys>> {
+    KEYS.lock().unwrap().as_ref().map(|(_, k)| Arc::clone(k))
+}
+
+/// Points the config at `path` at the secret, if there is one.
+fn with_secret(path: &Path) {
+    if let Some((key, _)) = KEYS.lock().unwrap().as_ref() {
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        json["secret_file"] = key.to_str().unwrap().into();
+        common::write_json(path, &json);
+    }
+}
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -18,13 +39,13 @@ fn addr(port: u16) -> SocketAddr {
 
 fn status(peers: &BTreeMap<NodeId, SocketAddr>, id: NodeId) -> Option<StatusInfo> {
     let one: BTreeMap<NodeId, SocketAddr> = [(id, peers[&id])].into();
-    let mut client = Client::new(one, Duration::from_millis(300)).ok()?;
+    let mut client = Client::with_keys(one, Duration::from_millis(300), keys()).ok()?;
     client.status().pop()?.info
 }
 
 /// A client on `peers` that follows redirects to members it learns of.
 fn client(peers: &BTreeMap<NodeId, SocketAddr>, timeout: Duration) -> Client {
-    let mut c = Client::new(peers.clone(), timeout).unwrap();
+    let mut c = Client::with_keys(peers.clone(), timeout, keys()).unwrap();
     c.follow_cluster(true);
     c
 }
@@ -59,9 +80,34 @@ fn caught_up(
 #[test]
 fn a_member_that_missed_the_new_leaders_arrival_hears_it_and_the_cluster_survives() {
     let _serial = one_at_a_time();
-    let mut cluster = Cluster::start("heal-missed", 3);
-    cluster.wait_for_leader(Duration::from_secs(10));
+    missed_arrival("heal-missed", None);
+}
+
+#[test]
+fn with_a_cluster_secret_too() {
+    let _serial = one_at_a_time();
+    let dir = common::TempDir::new("heal-secret");
+    let secret = Secret::generate().unwrap();
+    let key = dir.0.join("key");
+    secret.write(&key).unwrap();
+    missed_arrival("heal-missed-secret", Some((key, secret)));
+}
+
+/// Case 1 of issue #22, optionally with every peer and client holding `secret` (at `key`).
+fn missed_arrival(name: &str, secret: Option<(PathBuf, Secret)>) {
+    let keys = secret.map(|(key, s)| {
+        let k = Keys::new(&s, raft::config::DEFAULT_CLUSTER).unwrap();
+        (key, Arc::new(k))
+    });
+    let authenticated = keys.is_some();
+    *KEYS.lock().unwrap() = keys;
+    let mut cluster = Cluster::start_configured(name, 3, with_secret);
     let mut peers = cluster.addresses();
+    poll_until(Duration::from_secs(10), "no leader", || {
+        (1..=3)
+            .find(|&id| status(&peers, id).is_some_and(|s| s.role == Role::Leader))
+            .ok_or_else(|| "none yet".to_string())
+    });
     let mut c = client(&peers, Duration::from_secs(5));
     for i in 0..5 {
         c.append(&format!("before {i}")).expect("append");
@@ -71,7 +117,7 @@ fn a_member_that_missed_the_new_leaders_arrival_hears_it_and_the_cluster_survive
     cluster.kill_peer(3);
     let port = free_ports(1)[0];
     let contacts: BTreeMap<u64, u16> = [(1, peers[&1].port()), (2, peers[&2].port())].into();
-    cluster.start_joining(4, port, &contacts, |_| {});
+    cluster.start_joining(4, port, &contacts, with_secret);
     let up: BTreeMap<NodeId, SocketAddr> = [(1, peers[&1]), (2, peers[&2])].into();
     change(
         &up,
@@ -99,6 +145,13 @@ fn a_member_that_missed_the_new_leaders_arrival_hears_it_and_the_cluster_survive
     // Peer 3 comes back knowing only {1, 2, 3}: it must hear 4 and catch up.
     cluster.start_peer(3);
     caught_up(&mut cluster, &peers, 3, 4, Duration::from_secs(10));
+    if authenticated {
+        assert!(
+            cluster.log_text(1).contains("datagrams are authenticated"),
+            "{}",
+            tail(&cluster.log_path(1))
+        );
+    }
     assert!(
         cluster.log_text(3).contains("learned node 4's address"),
         "{}",
@@ -125,6 +178,7 @@ fn a_member_that_missed_the_new_leaders_arrival_hears_it_and_the_cluster_survive
 #[test]
 fn a_joining_peer_that_knows_only_followers_catches_up_through_the_leader() {
     let _serial = one_at_a_time();
+    *KEYS.lock().unwrap() = None;
     let mut cluster = Cluster::start("heal-join", 3);
     let (leader, _) = cluster.wait_for_leader(Duration::from_secs(10));
     let mut peers = cluster.addresses();
