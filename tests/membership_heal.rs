@@ -211,3 +211,25 @@ fn a_joining_peer_that_knows_only_followers_catches_up_through_the_leader() {
         None => panic!("peer 4 does not answer"),
     }
 }
+
+#[test]
+fn a_joining_peer_no_leader_reaches_says_what_to_do_and_keeps_waiting() {
+    let _serial = one_at_a_time();
+    *KEYS.lock().unwrap() = None;
+    let mut cluster = Cluster::start("heal-lonely", 1);
+    // Its only contact point is a port nobody listens on: no member will ever reach it until
+    // it is added.
+    let ports = free_ports(2);
+    let contacts: BTreeMap<u64, u16> = [(7, ports[0])].into();
+    cluster.start_joining(9, ports[1], &contacts, |_| {});
+    poll_until(Duration::from_secs(15), "no reminder", || {
+        cluster.check_alive();
+        let log = cluster.log_text(9);
+        if log.contains("still joining after") && log.contains("client add-learner 9 127.0.0.1:") {
+            Ok(())
+        } else {
+            Err(tail(&cluster.log_path(9)))
+        }
+    });
+    assert!(!cluster.data_dir(9).join("cluster").exists());
+}

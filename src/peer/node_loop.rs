@@ -375,6 +375,9 @@ impl Batch {
             Inbox::Tick if self.ticks < MAX_TICKS_PER_BATCH => {
                 self.ticks += 1;
                 core.tick();
+                if let Some(r) = routes {
+                    r.still_joining(Instant::now());
+                }
             }
             Inbox::Tick => self.skipped_ticks += 1,
             Inbox::Shutdown => {

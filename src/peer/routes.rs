@@ -8,6 +8,7 @@ use crate::raft::{self, Body, Index, Membership, Message, NodeId};
 use crate::transport::{self, Accept, Directory};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 /// Addresses learned from messages, at most: enough for any cluster, and a bound on what
 /// forged sender IDs can make this peer keep when datagrams are not authenticated.
@@ -28,7 +29,13 @@ pub struct Routing {
 #[derive(Clone, Debug)]
 pub(super) struct Joining {
     config: PeerConfig,
+    /// When it started waiting, and when it last said it still is.
+    since: Instant,
+    reminded: Instant,
 }
+
+/// How often a joining peer that no leader has reached says so.
+const JOINING_REMINDER: Duration = Duration::from_secs(5);
 
 /// The shell's side of membership: which cluster this peer is in, where peers are, and whom to
 /// hear. Addresses come from the newest knowledge that has one: the configuration in force,
@@ -77,6 +84,8 @@ impl Routes {
                 "none yet: joining".to_string(),
                 Some(Joining {
                     config: config.clone(),
+                    since: Instant::now(),
+                    reminded: Instant::now(),
                 }),
             ),
         };
@@ -132,6 +141,29 @@ impl Routes {
             self.learn(msg);
         }
         Ok(admitted)
+    }
+
+    /// A joining peer that no leader has reached yet says so now and then, with what to do:
+    /// its contact points need not be members any more (the leader reaches it at its own
+    /// address once it is added), but it must be added.
+    pub(super) fn still_joining(&mut self, now: Instant) {
+        let Some(joining) = &mut self.joining else {
+            return;
+        };
+        if now.duration_since(joining.reminded) < JOINING_REMINDER {
+            return;
+        }
+        joining.reminded = now;
+        let c = &joining.config;
+        log::warn!(
+            "{}: still joining after {} s: no leader has sent this peer its log. Add it from the cluster (client add-learner {} {}:{}); its contact points {:?} need not be members any more",
+            self.name,
+            now.duration_since(joining.since).as_secs(),
+            c.node_id,
+            c.host,
+            c.port,
+            c.other_peers.iter().map(|p| p.node_id).collect::<Vec<_>>()
+        );
     }
 
     /// Learns the sender's address from a message of our cluster, if nothing else gives one
