@@ -624,7 +624,7 @@ fn members(client: &mut Client) -> u8 {
 
 /// `add-learner`, `promote`, `remove`: one line once the change is committed.
 fn change(client: &mut Client, change: ConfChange) -> u8 {
-    match client.change_members(change) {
+    match client.change_members(change, false) {
         Ok(Configured {
             index,
             term,
@@ -802,7 +802,7 @@ fn menu_change(client: &mut Client, change: ConfChange) {
     if promote {
         client.set_timeout(normal.max(Duration::from_millis(DEFAULT_PROMOTE_TIMEOUT_MS)));
     }
-    let result = client.change_members(change);
+    let result = client.change_members(change, false);
     client.set_timeout(normal);
     match result {
         Ok(c) => println!(
