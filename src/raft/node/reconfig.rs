@@ -46,7 +46,8 @@ impl Node {
 
     /// Starts a membership change, or answers why not. A change already in effect is answered
     /// as done (or waits for its entry to commit), so a retried request is idempotent. Last of
-    /// all, unless `force`, the quorum guard ([`guard::check`]).
+    /// all, unless `force`, the quorum guard ([`guard::check`]): refused, or Busy while it
+    /// waits to hear from voters this leader has not heard from yet.
     pub(super) fn change_members(&mut self, waiter: Waiter, change: ConfChange, force: bool) {
         let refuse = |reason: String| ClientResult::Refused { reason };
         let busy = |reason: String| ClientResult::Busy { reason };
@@ -121,13 +122,23 @@ impl Node {
         }
         let (me, timeout) = (self.cfg.id, self.cfg.election_ticks.1);
         let progress = &self.progress;
-        let heard = |id| id == me || progress.get(&id).is_some_and(|p| p.heard_within(timeout));
-        if let Err(reason) = guard::check(&change, &next, heard) {
-            if !force {
+        let contact = |id| {
+            if id == me {
+                guard::Contact::Live
+            } else {
+                guard::contact(progress.get(&id), timeout)
+            }
+        };
+        match guard::check(&change, &next, contact) {
+            guard::Verdict::Allowed => {}
+            guard::Verdict::TooSoon(reason) if !force => return self.reply(waiter, busy(reason)),
+            guard::Verdict::Refused(reason) if !force => {
                 info!("node {me}: refusing {change:?}: {reason}");
                 return self.reply(waiter, refuse(reason));
             }
-            warn!("node {me}: {change:?} forced past the quorum guard: {reason}");
+            guard::Verdict::TooSoon(reason) | guard::Verdict::Refused(reason) => {
+                warn!("node {me}: {change:?} forced past the quorum guard: {reason}");
+            }
         }
         info!(
             "node {}: configuration change {change:?} in term {}: {}",

@@ -791,13 +791,21 @@ fn removing_a_live_voter_while_another_is_silent_is_refused_and_removing_the_sil
 }
 
 #[test]
-fn a_new_leader_counts_no_follower_it_has_not_heard_from() {
-    // A new leader's progress starts with no contact time; a follower that never answered it
-    // is not live, however recent the election.
+fn a_new_leader_waits_to_hear_from_a_follower_before_counting_it_live_or_silent() {
+    // A new leader has heard from no follower yet. One that has not answered it is not live,
+    // however recent the election; until an election timeout has passed without an answer it
+    // may be, so the change is answered Busy (the client retries), then refused.
     let mut c = Cluster::new(&[1, 2, 3]);
     c.down.insert(3);
     c.elect(1);
     assert_eq!(c.node(1).progress[&3].last_contact_ticks, 0);
+    let waits = |r: &Option<ClientResult>| matches!(r, Some(ClientResult::Busy { reason }) if reason.contains("waits to hear from node 3"));
+    let r = c.change(1, ConfChange::Remove { id: 2 });
+    assert!(waits(&r), "{r:?}");
+    c.tick(19);
+    let r = c.change(1, ConfChange::Remove { id: 2 });
+    assert!(waits(&r), "{r:?}");
+    c.tick(1);
     let r = c.change(1, ConfChange::Remove { id: 2 });
     assert!(refused_by_guard(&r, "node 3"), "{r:?}");
     assert!(is_configured(&c.change(1, ConfChange::Remove { id: 3 })));
