@@ -25,7 +25,8 @@
 //! enough: a redirect to a leader whose address it lacks makes it ask the redirecting peer for
 //! the members first. Peers outside the newest configuration it has seen (removed ones, which
 //! stop answering) leave its round robin but stay reachable by redirect. Membership changes
-//! answered `Busy` are retried until the deadline ([`Client::change_members`]).
+//! answered `Busy` are retried until the deadline ([`Client::change_members`]); one the leader
+//! refuses because too few of the new voters are live (the quorum guard) can be forced.
 //!
 //! With the cluster's keys ([`Client::from_config`] reads them from the config's
 //! `secret_file`), every request is sealed for the peer it goes to and every reply must be
@@ -38,6 +39,7 @@
 
 use crate::auth::{self, ClientAuth, FromPeer, Keys};
 use crate::config::PeerConfig;
+use crate::raft::guard;
 use crate::raft::rng::splitmix64;
 use crate::raft::{
     check_entry_data, ClientId, ClientOp, ClientReply, ClientRequest, ClientResult, ConfChange,
@@ -89,6 +91,14 @@ impl fmt::Display for ClientError {
 }
 
 impl std::error::Error for ClientError {}
+
+impl ClientError {
+    /// Whether this is the leader's quorum guard refusing a membership change (too few of the
+    /// new configuration's voters heard from lately): forcing it may be offered.
+    pub fn is_guard_refusal(&self) -> bool {
+        matches!(self, ClientError::Refused(reason) if guard::is_guard_refusal(reason))
+    }
+}
 
 /// A committed append: where it landed, and which peer said so.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -528,9 +538,17 @@ impl Client {
     /// its term) are retried until the deadline; if the last answer was still `Busy`, the
     /// result is `Refused` with its reason (nothing was changed). A change already in effect
     /// is answered as done, so retrying after a `Timeout` (outcome unknown) is safe.
-    pub fn change_members(&mut self, change: ConfChange) -> Result<Configured, ClientError> {
+    ///
+    /// The leader refuses a change after which fewer than a majority of the new
+    /// configuration's voters would be ones it has heard from lately (the quorum guard; such a
+    /// refusal is told apart by [`ClientError::is_guard_refusal`]); `force` skips that check, and only it.
+    pub fn change_members(
+        &mut self,
+        change: ConfChange,
+        force: bool,
+    ) -> Result<Configured, ClientError> {
         let deadline = Instant::now() + self.timeout;
-        let op = ClientOp::ChangeMembers { change };
+        let op = ClientOp::ChangeMembers { change, force };
         let mut pause = BUSY_PAUSE;
         loop {
             match self.call(&op, deadline) {
@@ -1403,13 +1421,16 @@ mod tests {
             vec![(req.id, result)]
         });
         let mut c = client_of(&[(1, &p1)], 3000);
-        let done = c.change_members(ConfChange::Promote { id: 4 }).unwrap();
+        let done = c
+            .change_members(ConfChange::Promote { id: 4 }, false)
+            .unwrap();
         assert_eq!((done.index, done.term, done.peer), (8, 2, 1));
         let sent = p1.requests();
         assert_eq!(sent.len(), 4);
         assert!(sent.iter().all(|r| r.op
             == ClientOp::ChangeMembers {
-                change: ConfChange::Promote { id: 4 }
+                change: ConfChange::Promote { id: 4 },
+                force: false,
             }));
     }
 
@@ -1424,7 +1445,9 @@ mod tests {
         let timeout = Duration::from_millis(800);
         let mut c = client_of(&[(1, &p1)], timeout.as_millis() as u64);
         let started = Instant::now();
-        let e = c.change_members(ConfChange::Promote { id: 4 }).unwrap_err();
+        let e = c
+            .change_members(ConfChange::Promote { id: 4 }, false)
+            .unwrap_err();
         let elapsed = started.elapsed();
         let ClientError::Refused(reason) = &e else {
             panic!("{e:?}");
@@ -1434,6 +1457,57 @@ mod tests {
         assert!(p1.requests().len() >= 3, "retried");
         assert!(elapsed >= timeout - BUSY_MARGIN, "{elapsed:?}");
         assert!(elapsed < timeout, "{elapsed:?}");
+    }
+
+    #[test]
+    fn a_guard_refusal_is_told_apart_and_force_is_sent_when_asked() {
+        let guard_reason = format!(
+            "removing node 2 would leave 1 of 2 voters heard from within the election timeout (not heard from: node 3); a majority of the new configuration must be live; {}",
+            guard::FORCE_HINT
+        );
+        let config = vec![Member {
+            id: 1,
+            address: String::new(),
+            role: crate::raft::MemberRole::Voter,
+        }];
+        let p1 = FakePeer::start(1, move |req| {
+            let result = match &req.op {
+                ClientOp::ChangeMembers { force: true, .. } => ClientResult::Configured {
+                    index: 9,
+                    term: 2,
+                    members: config.clone(),
+                },
+                ClientOp::ChangeMembers { change, .. } if change.id() == 2 => {
+                    ClientResult::Refused {
+                        reason: guard_reason.clone(),
+                    }
+                }
+                _ => ClientResult::Refused {
+                    reason: "node 9 is not a member".into(),
+                },
+            };
+            vec![(req.id, result)]
+        });
+        let mut c = client_of(&[(1, &p1)], 3000);
+        let remove_2 = ConfChange::Remove { id: 2 };
+        let e = c.change_members(remove_2.clone(), false).unwrap_err();
+        assert!(e.is_guard_refusal(), "{e:?}");
+        assert!(e.to_string().contains("not heard from: node 3"), "{e}");
+        assert_eq!(p1.requests().len(), 1, "a refusal is not retried");
+        let e = c
+            .change_members(ConfChange::Remove { id: 9 }, false)
+            .unwrap_err();
+        assert!(!e.is_guard_refusal(), "{e:?}");
+        assert!(!ClientError::Timeout("no answer".into()).is_guard_refusal());
+        let done = c.change_members(remove_2.clone(), true).unwrap();
+        assert_eq!(done.index, 9);
+        assert_eq!(
+            p1.requests().last().unwrap().op,
+            ClientOp::ChangeMembers {
+                change: remove_2,
+                force: true
+            }
+        );
     }
 
     #[test]

@@ -72,7 +72,7 @@ fn change_members(
 ) -> Vec<Member> {
     let mut client = Client::new(peers.clone(), within).unwrap();
     client.follow_cluster(true);
-    match client.change_members(change.clone()) {
+    match client.change_members(change.clone(), false) {
         Ok(configured) => configured.members,
         Err(e) => panic!("{change:?}: {e}"),
     }

@@ -52,7 +52,7 @@ fn client(peers: &BTreeMap<NodeId, SocketAddr>, timeout: Duration) -> Client {
 
 fn change(peers: &BTreeMap<NodeId, SocketAddr>, change: ConfChange) {
     client(peers, Duration::from_secs(15))
-        .change_members(change.clone())
+        .change_members(change.clone(), false)
         .unwrap_or_else(|e| panic!("{change:?}: {e}"));
 }
 

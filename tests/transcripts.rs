@@ -617,7 +617,13 @@ impl Harness {
                     // A server that joins: an empty disk and no configuration (thesis §4.1).
                     self.start_peer(member, Membership::default());
                 }
-                self.request(id, ClientOp::ChangeMembers { change })
+                self.request(
+                    id,
+                    ClientOp::ChangeMembers {
+                        change,
+                        force: false,
+                    },
+                )
             }
             "snapshot" => {
                 let keep = args.opt("keep")?.unwrap_or(0);

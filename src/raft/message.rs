@@ -198,7 +198,13 @@ pub enum ClientOp {
     /// The configuration as this peer sees it (any peer answers; the leader adds progress).
     Members,
     /// Change the membership by one server (thesis §4.2); answered once the change commits.
-    ChangeMembers { change: ConfChange },
+    /// `force` skips the quorum guard ([`crate::raft::guard`]); a request without the field
+    /// (an older client) is checked.
+    ChangeMembers {
+        change: ConfChange,
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 /// A peer's answer to a [`ClientRequest`].
@@ -412,5 +418,28 @@ mod tests {
             "{} bytes of envelope",
             bytes.len()
         );
+    }
+
+    #[test]
+    fn a_change_from_an_older_client_without_force_is_checked() {
+        let old = br#"{"Request":{"id":7,"op":{"ChangeMembers":{"change":{"Remove":{"id":2}}}}}}"#;
+        let Ok(Datagram::Request(req)) = Datagram::decode(old) else {
+            panic!("an older client's change no longer decodes");
+        };
+        assert_eq!(
+            req.op,
+            ClientOp::ChangeMembers {
+                change: ConfChange::Remove { id: 2 },
+                force: false
+            }
+        );
+        let forced = Datagram::Request(ClientRequest {
+            id: 8,
+            op: ClientOp::ChangeMembers {
+                change: ConfChange::Remove { id: 2 },
+                force: true,
+            },
+        });
+        assert_eq!(Datagram::decode(&forced.encode().unwrap()), Ok(forced));
     }
 }

@@ -12,12 +12,14 @@
 //! - Reads (thesis §6.4): ReadIndex, confirmed by a majority round of heartbeats.
 //! - Leadership transfer (thesis §3.10) in [`transfer`]: catch the target up, TimeoutNow.
 //! - Membership (thesis ch. 4) in [`membership`]: one server at a time, configurations in the
-//!   log, in force once appended; learners count in no quorum.
+//!   log, in force once appended; learners count in no quorum. The leader refuses a change
+//!   that would leave fewer than a majority of the new voters heard from ([`guard`]).
 //! - Snapshots (thesis ch. 5) in [`snapshot`]: the shell keeps the applied log on disk; the
 //!   core compacts its log once a snapshot is durable and streams snapshots in chunks.
 //! - Time enters as ticks; randomness from a seed in [`Config`].
 
 pub mod configurations;
+pub mod guard;
 pub mod log;
 pub mod membership;
 pub mod message;

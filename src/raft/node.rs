@@ -1053,8 +1053,7 @@ impl Node {
         let Some(pr) = self.progress.get_mut(&from) else {
             return;
         };
-        pr.recent_active = true;
-        pr.last_contact_ticks = 0;
+        pr.heard_from();
         if read_seq > pr.read_acked {
             pr.read_acked = read_seq;
             self.confirm_reads();
@@ -1134,8 +1133,7 @@ impl Node {
         let Some(pr) = self.progress.get_mut(&from) else {
             return;
         };
-        pr.recent_active = true;
-        pr.last_contact_ticks = 0;
+        pr.heard_from();
         if done {
             // The follower's log matches ours up to the snapshot's index.
             if snapshot_index <= self.log.last_index() && pr.acknowledge(snapshot_index) {
@@ -1407,7 +1405,7 @@ impl Node {
             ClientOp::TransferLeader { target, away_from } => {
                 self.start_transfer(waiter, target, away_from)
             }
-            ClientOp::ChangeMembers { change } => self.change_members(waiter, change),
+            ClientOp::ChangeMembers { change, force } => self.change_members(waiter, change, force),
             ClientOp::Status | ClientOp::Members => unreachable!("answered above"),
         }
     }

@@ -38,8 +38,12 @@ pub struct Progress {
     /// The leader's read sequence number when `match_index` last changed: only a rejection of
     /// a request sent after that can show the follower lost acknowledged entries.
     pub matched_at_read_seq: u64,
-    /// Ticks since the follower last answered, for operators (`client status`, metrics).
+    /// Ticks since the follower last answered, for operators (`client status`, metrics) and
+    /// the quorum guard. Until the first answer, counts from when this leader started
+    /// tracking the follower (its election, or the member's addition).
     pub last_contact_ticks: u64,
+    /// The follower has answered this leader at least once.
+    pub heard: bool,
     /// In Snapshot state: the snapshot being streamed.
     pub sending: Option<SnapshotSend>,
 }
@@ -57,8 +61,22 @@ impl Progress {
             read_acked: 0,
             matched_at_read_seq: 0,
             last_contact_ticks: 0,
+            heard: false,
             sending: None,
         }
+    }
+
+    /// The follower answered: heard from just now.
+    pub fn heard_from(&mut self) {
+        self.recent_active = true;
+        self.last_contact_ticks = 0;
+        self.heard = true;
+    }
+
+    /// Whether the follower has answered this leader within the last `ticks` ticks. One never
+    /// heard from has not, however recently the leader took over.
+    pub fn heard_within(&self, ticks: u64) -> bool {
+        self.heard && self.last_contact_ticks < ticks
     }
 
     /// The follower confirmed `index`; returns whether that was news.

@@ -117,6 +117,7 @@ impl Sim {
             id: op.request_id,
             op: ClientOp::ChangeMembers {
                 change: op.change.clone(),
+                force: false,
             },
         };
         let (target, request_id) = (op.target, op.request_id);

@@ -505,7 +505,7 @@ impl Nemesis {
             .lock()
             .expect("cluster lock")
             .mark_removed(id, true)?;
-        let outcome = match self.admin.change_members(ConfChange::Remove { id }) {
+        let outcome = match self.admin.change_members(ConfChange::Remove { id }, false) {
             Ok(_) => "committed".to_string(),
             Err(ClientError::Refused(reason)) => {
                 self.cluster
@@ -549,7 +549,7 @@ impl Nemesis {
                     return Ok(());
                 }
                 Some(MemberRole::Learner) => {
-                    if let Err(e) = self.admin.change_members(ConfChange::Promote { id }) {
+                    if let Err(e) = self.admin.change_members(ConfChange::Promote { id }, false) {
                         log::info!("nemesis: promoting {id} again: {e}");
                         std::thread::sleep(Duration::from_millis(200));
                     }
@@ -564,7 +564,7 @@ impl Nemesis {
                         id,
                         address: address.to_string(),
                     };
-                    if let Err(e) = self.admin.change_members(change) {
+                    if let Err(e) = self.admin.change_members(change, false) {
                         log::info!("nemesis: adding {id} again: {e}");
                         std::thread::sleep(Duration::from_millis(200));
                     }

@@ -4,6 +4,11 @@
 //! needs to name only one current member.
 //!
 //! Exit codes: 0 done; 1 refused, usage or config error; 2 no answer in time (outcome unknown).
+//!
+//! The leader refuses a membership change after which the voters it has heard from within an
+//! election timeout would not be a majority of the new configuration's voters (the quorum
+//! guard); `--force` on `add-learner`, `promote` and `remove` skips that check, and the menu
+//! asks before forcing.
 
 mod watch;
 
@@ -87,6 +92,10 @@ struct AddLearnerArgs {
     /// data dir); without it, a removed ID is refused
     #[argh(switch)]
     rejoin: bool,
+    /// skip the leader's check that a majority of the voters after the change are live (the
+    /// quorum guard); the cluster may then stop until enough of them are back
+    #[argh(switch)]
+    force: bool,
 }
 
 #[derive(FromArgs)]
@@ -100,6 +109,10 @@ struct PromoteArgs {
     /// how long to wait for the learner to catch up, in milliseconds (default 10000)
     #[argh(option)]
     timeout_ms: Option<u64>,
+    /// skip the leader's check that a majority of the voters after the change are live (the
+    /// quorum guard); the cluster may then stop until enough of them are back
+    #[argh(switch)]
+    force: bool,
 }
 
 #[derive(FromArgs)]
@@ -109,6 +122,10 @@ struct RemoveArgs {
     /// the member's node ID
     #[argh(positional)]
     id: NodeId,
+    /// skip the leader's check that a majority of the voters after the change are live (the
+    /// quorum guard); the cluster may then stop until enough of them are back
+    #[argh(switch)]
+    force: bool,
 }
 
 #[derive(FromArgs)]
@@ -310,6 +327,7 @@ fn main() -> ExitCode {
                 id: a.id,
                 address: a.address,
             },
+            a.force,
         ),
         Some(Command::AddLearner(a)) => change(
             &mut client,
@@ -317,9 +335,10 @@ fn main() -> ExitCode {
                 id: a.id,
                 address: a.address,
             },
+            a.force,
         ),
-        Some(Command::Promote(p)) => change(&mut client, ConfChange::Promote { id: p.id }),
-        Some(Command::Remove(r)) => change(&mut client, ConfChange::Remove { id: r.id }),
+        Some(Command::Promote(p)) => change(&mut client, ConfChange::Promote { id: p.id }, p.force),
+        Some(Command::Remove(r)) => change(&mut client, ConfChange::Remove { id: r.id }, r.force),
         None => menu(&mut client),
     };
     ExitCode::from(code)
@@ -622,9 +641,10 @@ fn members(client: &mut Client) -> u8 {
     }
 }
 
-/// `add-learner`, `promote`, `remove`: one line once the change is committed.
-fn change(client: &mut Client, change: ConfChange) -> u8 {
-    match client.change_members(change) {
+/// `add-learner`, `promote`, `remove`: one line once the change is committed. `force` skips
+/// the leader's quorum guard.
+fn change(client: &mut Client, change: ConfChange, force: bool) -> u8 {
+    match client.change_members(change, force) {
         Ok(Configured {
             index,
             term,
@@ -761,21 +781,28 @@ fn menu(client: &mut Client) -> u8 {
                     eprintln!("error: address {address:?}: {e}");
                     continue;
                 }
-                menu_change(client, ConfChange::AddLearner { id, address });
+                if menu_change(client, ConfChange::AddLearner { id, address }, &mut read).is_none()
+                {
+                    return EXIT_OK;
+                }
             }
             "8" | "promote" => {
                 let Some(id) = read("learner's ID:") else {
                     return EXIT_OK;
                 };
                 let Some(id) = parse_id(&id) else { continue };
-                menu_change(client, ConfChange::Promote { id });
+                if menu_change(client, ConfChange::Promote { id }, &mut read).is_none() {
+                    return EXIT_OK;
+                }
             }
             "9" | "remove" => {
                 let Some(id) = read("member's ID to remove:") else {
                     return EXIT_OK;
                 };
                 let Some(id) = parse_id(&id) else { continue };
-                menu_change(client, ConfChange::Remove { id });
+                if menu_change(client, ConfChange::Remove { id }, &mut read).is_none() {
+                    return EXIT_OK;
+                }
             }
             "" => {}
             other => eprintln!("error: unknown choice {other:?}; enter a number from 1 to 9"),
@@ -795,15 +822,40 @@ fn parse_id(text: &str) -> Option<NodeId> {
 }
 
 /// A membership change from the menu. Promotion gets the longer promote time limit, as on
-/// the command line, unless the client's own is longer.
-fn menu_change(client: &mut Client, change: ConfChange) {
-    let promote = matches!(change, ConfChange::Promote { .. });
+/// the command line, unless the client's own is longer. `None` once input has ended.
+fn menu_change(
+    client: &mut Client,
+    change: ConfChange,
+    read: &mut impl FnMut(&str) -> Option<String>,
+) -> Option<()> {
     let normal = client.timeout();
-    if promote {
+    if matches!(change, ConfChange::Promote { .. }) {
         client.set_timeout(normal.max(Duration::from_millis(DEFAULT_PROMOTE_TIMEOUT_MS)));
     }
-    let result = client.change_members(change);
+    let outcome = menu_change_or_force(client, change, read);
     client.set_timeout(normal);
+    outcome
+}
+
+/// Makes `change`; if the leader's quorum guard refuses it, asks whether to force it.
+fn menu_change_or_force(
+    client: &mut Client,
+    change: ConfChange,
+    read: &mut impl FnMut(&str) -> Option<String>,
+) -> Option<()> {
+    let result = match client.change_members(change.clone(), false) {
+        Err(e) if e.is_guard_refusal() => {
+            eprintln!("error: {e}");
+            let answer =
+                read("force it? the cluster then stops until enough of them are back [y/N]")?;
+            if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                println!("not forced; nothing changed");
+                return Some(());
+            }
+            client.change_members(change, true)
+        }
+        other => other,
+    };
     match result {
         Ok(c) => println!(
             "done at index {}, term {}: members {}",
@@ -813,6 +865,7 @@ fn menu_change(client: &mut Client, change: ConfChange) {
         ),
         Err(e) => eprintln!("error: {e}"),
     }
+    Some(())
 }
 
 /// Members as `1, 2, 4 (learner)`.

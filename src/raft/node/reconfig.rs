@@ -3,6 +3,7 @@
 //! what happens once it commits (a removed leader steps down, removed members are told).
 
 use super::*;
+use crate::raft::guard;
 
 /// A learner is promoted only once its match index is within this many entries of the
 /// leader's last index (as etcd judges a learner ready), and it answered within an election
@@ -44,8 +45,10 @@ impl Node {
     }
 
     /// Starts a membership change, or answers why not. A change already in effect is answered
-    /// as done (or waits for its entry to commit), so a retried request is idempotent.
-    pub(super) fn change_members(&mut self, waiter: Waiter, change: ConfChange) {
+    /// as done (or waits for its entry to commit), so a retried request is idempotent. Last of
+    /// all, unless `force`, the quorum guard ([`guard::check`]): refused, or Busy while it
+    /// waits to hear from voters this leader has not heard from yet.
+    pub(super) fn change_members(&mut self, waiter: Waiter, change: ConfChange, force: bool) {
         let refuse = |reason: String| ClientResult::Refused { reason };
         let busy = |reason: String| ClientResult::Busy { reason };
         let latest_index = self.config_index();
@@ -115,6 +118,26 @@ impl Node {
                     p.match_index, p.last_contact_ticks
                 );
                 return self.reply(waiter, busy(reason));
+            }
+        }
+        let (me, timeout) = (self.cfg.id, self.cfg.election_ticks.1);
+        let progress = &self.progress;
+        let contact = |id| {
+            if id == me {
+                guard::Contact::Live
+            } else {
+                guard::contact(progress.get(&id), timeout)
+            }
+        };
+        match guard::check(&change, &next, contact) {
+            guard::Verdict::Allowed => {}
+            guard::Verdict::TooSoon(reason) if !force => return self.reply(waiter, busy(reason)),
+            guard::Verdict::Refused(reason) if !force => {
+                info!("node {me}: refusing {change:?}: {reason}");
+                return self.reply(waiter, refuse(reason));
+            }
+            guard::Verdict::TooSoon(reason) | guard::Verdict::Refused(reason) => {
+                warn!("node {me}: {change:?} forced past the quorum guard: {reason}");
             }
         }
         info!(

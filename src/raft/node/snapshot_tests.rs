@@ -413,7 +413,10 @@ fn a_late_copy_of_an_old_configuration_entry_does_not_bring_it_back() {
     });
     let change = |id, change| ClientRequest {
         id,
-        op: ClientOp::ChangeMembers { change },
+        op: ClientOp::ChangeMembers {
+            change,
+            force: false,
+        },
     };
     let to: ReplyTo = "127.0.0.1:9".parse().unwrap();
     let add = ConfChange::AddLearner {
@@ -480,7 +483,10 @@ fn a_late_retry_of_adding_a_removed_server_is_refused_after_compaction() {
     let change = |c: &mut Cluster, id, change| {
         let req = ClientRequest {
             id,
-            op: ClientOp::ChangeMembers { change },
+            op: ClientOp::ChangeMembers {
+                change,
+                force: false,
+            },
         };
         c.shells.get_mut(&1).unwrap().node.request(to, req);
         c.settle();

@@ -2,6 +2,7 @@
 //! promotion, removal (of the leader too), Ongaro's rule, truncation and idempotent retries.
 
 use super::*;
+use crate::raft::guard;
 use crate::raft::membership::MemberRole;
 use crate::raft::node::tests::msg;
 use std::collections::BTreeSet;
@@ -184,7 +185,13 @@ impl Cluster {
     }
 
     fn change(&mut self, id: NodeId, change: ConfChange) -> Option<ClientResult> {
-        let rid = self.send(id, ClientOp::ChangeMembers { change });
+        let rid = self.send(
+            id,
+            ClientOp::ChangeMembers {
+                change,
+                force: false,
+            },
+        );
         self.answer(rid)
     }
 
@@ -302,6 +309,7 @@ fn a_learner_is_promoted_only_once_it_has_caught_up() {
             id: rid,
         },
         ConfChange::Promote { id: 4 },
+        false,
     );
     c.settle();
     assert!(is_busy(&c.answer(rid)), "promoted {lag} entries behind");
@@ -327,7 +335,13 @@ fn a_change_while_another_is_uncommitted_is_held_off_and_a_retry_waits_for_its_e
     c.elect(1);
     c.join(4);
     c.down.extend([2, 3]);
-    let first = c.send(1, ClientOp::ChangeMembers { change: add(4) });
+    let first = c.send(
+        1,
+        ClientOp::ChangeMembers {
+            change: add(4),
+            force: false,
+        },
+    );
     assert_eq!(c.answer(first), None, "answered before it committed");
     assert!(
         c.node(1).membership().contains(4),
@@ -339,7 +353,13 @@ fn a_change_while_another_is_uncommitted_is_held_off_and_a_retry_waits_for_its_e
     let r = c.change(1, ConfChange::Remove { id: 3 });
     assert!(in_progress(&r), "{r:?}");
     // A retry of the same change waits for the same entry and is the one answered.
-    let retry = c.send(1, ClientOp::ChangeMembers { change: add(4) });
+    let retry = c.send(
+        1,
+        ClientOp::ChangeMembers {
+            change: add(4),
+            force: false,
+        },
+    );
     c.down.clear();
     c.tick(2);
     assert!(is_configured(&c.answer(retry)));
@@ -427,6 +447,7 @@ fn a_removed_leader_steps_down_once_its_removal_commits_and_hands_over_with_time
         1,
         ClientOp::ChangeMembers {
             change: ConfChange::Remove { id: 1 },
+            force: false,
         },
     );
     // Configuration {2, 3}: node 3's acknowledgement alone is no majority, and the leader
@@ -700,4 +721,170 @@ fn a_learner_that_no_longer_hears_a_leader_grants_pre_votes() {
     let rd = n4.ready();
     n4.advance();
     assert_eq!(rd.messages[0].body, Body::PreVoteResponse { granted: true });
+}
+
+// ---- the quorum guard -------------------------------------------------------------------
+
+/// Refused by the quorum guard, naming `silent` as not heard from.
+fn refused_by_guard(r: &Option<ClientResult>, silent: &str) -> bool {
+    matches!(r, Some(ClientResult::Refused { reason })
+        if guard::is_guard_refusal(reason) && reason.contains(&format!("(not heard from: {silent})")))
+}
+
+impl Cluster {
+    /// [`Cluster::change`] with `force`: the quorum guard is skipped.
+    fn force(&mut self, id: NodeId, change: ConfChange) -> Option<ClientResult> {
+        let rid = self.send(
+            id,
+            ClientOp::ChangeMembers {
+                change,
+                force: true,
+            },
+        );
+        self.answer(rid)
+    }
+
+    /// The leader has not heard from `id` for `ticks` (without the ticks passing, so that its
+    /// check quorum does not run meanwhile).
+    fn silent_for(&mut self, leader: NodeId, id: NodeId, ticks: u64) {
+        self.node_mut(leader)
+            .progress
+            .get_mut(&id)
+            .unwrap()
+            .last_contact_ticks = ticks;
+    }
+}
+
+#[test]
+fn removing_a_live_voter_while_another_is_silent_is_refused_and_removing_the_silent_one_is_not() {
+    // The bug: with 3 of {1, 2, 3} down, removing 2 left {1, 3} with one live voter.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    c.down.insert(3);
+    // An election timeout (at most 20 ticks) without an answer from 3.
+    c.tick(19);
+    assert!(c.node(1).progress[&3].heard_within(20));
+    c.tick(1);
+    assert!(!c.node(1).progress[&3].heard_within(20));
+    let before = c.node(1).log().last_index();
+    assert_eq!(c.node(1).role(), Role::Leader, "2 keeps 1 leading");
+    let r = c.change(1, ConfChange::Remove { id: 2 });
+    assert!(refused_by_guard(&r, "node 3"), "{r:?}");
+    let Some(ClientResult::Refused { reason }) = &r else {
+        unreachable!()
+    };
+    assert_eq!(
+        reason,
+        "removing node 2 would leave 1 of 2 voters heard from within the election timeout (not heard from: node 3); a majority of the new configuration must be live; --force skips this check"
+    );
+    assert!(c.node(1).membership().contains(2), "nothing changed");
+    assert_eq!(c.node(1).log().last_index(), before, "nothing appended");
+    // A learner changes no voter: 2 of {1, 2, 3} are live.
+    c.join(4);
+    assert!(is_configured(&c.change(1, add(4))));
+    // Removing the dead voter leaves {1, 2}, both live.
+    assert!(is_configured(&c.change(1, ConfChange::Remove { id: 3 })));
+    assert_eq!(
+        c.node(1).membership().voter_ids().collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+}
+
+#[test]
+fn a_new_leader_waits_to_hear_from_a_follower_before_counting_it_live_or_silent() {
+    // A new leader has heard from no follower yet. One that has not answered it is not live,
+    // however recent the election; until an election timeout has passed without an answer it
+    // may be, so the change is answered Busy (the client retries), then refused.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.down.insert(3);
+    c.elect(1);
+    assert_eq!(c.node(1).progress[&3].last_contact_ticks, 0);
+    let waits = |r: &Option<ClientResult>| matches!(r, Some(ClientResult::Busy { reason }) if reason.contains("waits to hear from node 3"));
+    let r = c.change(1, ConfChange::Remove { id: 2 });
+    assert!(waits(&r), "{r:?}");
+    c.tick(19);
+    let r = c.change(1, ConfChange::Remove { id: 2 });
+    assert!(waits(&r), "{r:?}");
+    c.tick(1);
+    let r = c.change(1, ConfChange::Remove { id: 2 });
+    assert!(refused_by_guard(&r, "node 3"), "{r:?}");
+    assert!(is_configured(&c.change(1, ConfChange::Remove { id: 3 })));
+}
+
+#[test]
+fn a_promotion_is_refused_when_too_few_of_the_new_voters_are_live_and_force_skips_the_check() {
+    // Promoting learner 4 makes 4 voters, 3 needed. A leader that still hears a majority of
+    // its voters always has one of the new ones, but between the guard's election timeout
+    // and its next check quorum it may not: 2 and 3 silent for a timeout.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    c.join(4);
+    assert!(is_configured(&c.change(1, add(4))));
+    c.tick(2);
+    c.silent_for(1, 2, 20);
+    c.silent_for(1, 3, 20);
+    let promote = ConfChange::Promote { id: 4 };
+    let r = c.change(1, promote.clone());
+    assert!(refused_by_guard(&r, "nodes 2, 3"), "{r:?}");
+    assert!(!c.node(1).membership().is_voter(4));
+    // One of them answered within the timeout: 3 of 4.
+    c.silent_for(1, 2, 19);
+    assert!(is_configured(&c.change(1, promote.clone())));
+    // Already in effect: answered as done, whoever is silent now.
+    c.silent_for(1, 2, 20);
+    c.silent_for(1, 3, 20);
+    assert!(is_configured(&c.change(1, promote)));
+    // Forced: removing 1 would leave 2 silent voters of {2, 3, 4}. (They are up, so the
+    // removal commits.)
+    let remove = ConfChange::Remove { id: 1 };
+    let r = c.change(1, remove.clone());
+    assert!(refused_by_guard(&r, "nodes 2, 3"), "{r:?}");
+    assert!(is_configured(&c.force(1, remove)));
+    assert!(c.node(1).removed());
+}
+
+#[test]
+fn a_forced_removal_waits_for_the_silent_voter_and_a_retry_is_answered_as_done() {
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    c.down.insert(3);
+    c.tick(20);
+    let remove_2 = ConfChange::Remove { id: 2 };
+    assert!(refused_by_guard(&c.change(1, remove_2.clone()), "node 3"));
+    // Forced: appended, in force at once, and it cannot commit without 3.
+    let rid = c.send(
+        1,
+        ClientOp::ChangeMembers {
+            change: remove_2.clone(),
+            force: true,
+        },
+    );
+    assert_eq!(c.answer(rid), None);
+    assert!(!c.node(1).membership().contains(2));
+    // A retry without force is not refused: it waits for the same entry. Another change is
+    // held off as before, not refused.
+    let retry = c.send(
+        1,
+        ClientOp::ChangeMembers {
+            change: remove_2,
+            force: false,
+        },
+    );
+    assert_eq!(c.answer(retry), None);
+    let r = c.change(1, ConfChange::Remove { id: 3 });
+    assert!(
+        matches!(&r, Some(ClientResult::Busy { reason }) if reason.contains("in progress")),
+        "{r:?}"
+    );
+    // 3 comes back: the removal commits, and both requests are answered.
+    c.down.remove(&3);
+    c.tick(2);
+    assert!(is_configured(&c.answer(retry)), "{:?}", c.answer(retry));
+    assert_eq!(
+        c.node(1)
+            .committed_membership()
+            .voter_ids()
+            .collect::<Vec<_>>(),
+        vec![1, 3]
+    );
 }
