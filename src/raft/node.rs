@@ -9,7 +9,7 @@ use super::message::*;
 use super::progress::{Progress, ProgressState};
 use super::ready::{Waiter, ENTRY_BUDGET};
 use super::rng::Rng;
-use super::snapshot::{SnapshotId, SnapshotSend, SnapshotState, CHUNK_BYTES};
+use super::snapshot::{SnapshotId, SnapshotReceive, SnapshotSend, SnapshotState, CHUNK_BYTES};
 use super::state_machine::{Applied, StateMachine};
 use super::transfer::{self, HeldAppend, Transfer};
 use super::types::*;
@@ -126,6 +126,8 @@ pub struct Node {
     store_reads: Vec<StoreRead>,
     chunk_reads: Vec<ChunkRead>,
     chunk_writes: Vec<ChunkWrite>,
+    /// Follower: the snapshot streams sent to it this term, to drop stale chunks.
+    receiving: SnapshotReceive,
 }
 
 impl Node {
@@ -226,6 +228,7 @@ impl Node {
             store_reads: Vec::new(),
             chunk_reads: Vec::new(),
             chunk_writes: Vec::new(),
+            receiving: SnapshotReceive::default(),
         };
         node.reset_election_timer();
         node.apply_committed();
@@ -874,6 +877,13 @@ impl Node {
                     done: true,
                 },
             );
+        }
+        if !self.receiving.admits(self.term, &snapshot) {
+            debug!(
+                "node {}: ignoring a late chunk of snapshot {} from {}: a newer one is on its way",
+                self.cfg.id, snapshot.index, msg.from
+            );
+            return;
         }
         self.chunk_writes.push(ChunkWrite {
             from: msg.from,

@@ -165,6 +165,36 @@ impl SnapshotSend {
     }
 }
 
+/// A follower's view of the snapshot streams sent to it: the newest snapshot a leader of the
+/// current term has sent. A leader streams ever newer snapshots within its term, so a chunk of
+/// an older one in the same term is a late or duplicated datagram of a stream it gave up: it
+/// must not reach the staging, which would start over and throw away the newer stream's bytes.
+/// A leader of a later term may stream an older snapshot (it had taken fewer): that is taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotReceive {
+    term: Term,
+    newest: Option<SnapshotId>,
+}
+
+impl SnapshotReceive {
+    /// Whether a chunk of `id`, sent in `term` (our current term), is to be staged; notes it.
+    pub fn admits(&mut self, term: Term, id: &SnapshotId) -> bool {
+        if term != self.term {
+            if term < self.term {
+                return false;
+            }
+            *self = SnapshotReceive { term, newest: None };
+        }
+        match self.newest {
+            Some(newest) if id.index < newest.index => false,
+            _ => {
+                self.newest = Some(*id);
+                true
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,5 +296,26 @@ mod tests {
         s.switch_to(newer);
         assert_eq!(s.acked, 10 * CHUNK_BYTES - 100, "meta bytes start over");
         assert_eq!(s.id, newer);
+    }
+
+    #[test]
+    fn a_chunk_of_an_older_stream_in_the_same_term_is_not_staged() {
+        let id = |index| SnapshotId {
+            index,
+            term: 1,
+            records_len: index * 100,
+            meta_len: 10,
+            ..SnapshotId::default()
+        };
+        let mut r = SnapshotReceive::default();
+        assert!(r.admits(2, &id(10)));
+        assert!(r.admits(2, &id(20)), "a newer stream replaces it");
+        assert!(r.admits(2, &id(20)), "and goes on");
+        assert!(!r.admits(2, &id(10)), "a late chunk of the older one");
+        assert!(!r.admits(1, &id(30)), "an older term");
+        assert!(
+            r.admits(3, &id(10)),
+            "a new leader may send an older snapshot"
+        );
     }
 }

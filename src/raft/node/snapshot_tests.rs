@@ -390,6 +390,45 @@ fn a_chunk_overtaken_by_entries_in_the_same_batch_is_not_staged() {
 }
 
 #[test]
+fn a_late_chunk_of_an_older_snapshot_does_not_restart_a_newer_stream() {
+    // The leader moved from snapshot 10 to snapshot 20 in this term; a duplicated or delayed
+    // chunk of 10 arriving while 20 is being staged must not reach the staging (which would
+    // start over from byte 0 and throw away 20's bytes).
+    let mut n = Node::new(config(3, &[1, 2, 3]), HardState::default(), vec![]);
+    let id = |index| SnapshotId {
+        index,
+        term: 1,
+        records_len: index * 100,
+        meta_len: 10,
+        ..SnapshotId::default()
+    };
+    let chunk = |snapshot, offset| Message {
+        cluster: 0,
+        from: 1,
+        to: 3,
+        term: 1,
+        body: Body::InstallSnapshot {
+            snapshot,
+            offset,
+            data: String::new(),
+            crc: 0,
+        },
+        reply_at: None,
+    };
+    let staged = |n: &mut Node, m| {
+        n.step(m);
+        let got = n.ready().chunk_writes.len();
+        n.advance();
+        got
+    };
+    assert_eq!(staged(&mut n, chunk(id(10), 0)), 1);
+    assert_eq!(staged(&mut n, chunk(id(20), 0)), 1);
+    assert_eq!(staged(&mut n, chunk(id(20), 1000)), 1);
+    assert_eq!(staged(&mut n, chunk(id(10), 1000)), 0, "stale: ignored");
+    assert_eq!(staged(&mut n, chunk(id(20), 2000)), 1, "the newer stream goes on");
+}
+
+#[test]
 fn a_late_copy_of_an_old_configuration_entry_does_not_bring_it_back() {
     // Node 2 receives the entry adding learner 4, later the one removing it, then compacts
     // past both. A late duplicate of the first AppendEntries (same term, all below 2's base)
