@@ -62,6 +62,12 @@ fn a_short_mixed_run_is_linearizable_and_tampering_with_it_is_caught() {
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     assert!(summary.starts_with("valid=true "), "{}", explain(&out));
     assert_ne!(field(&summary, "faults"), "none", "{summary}");
+    // `mixed` includes membership changes (a member removed and added back, or leadership
+    // transferred): the run must have made some, as it must have acknowledged appends.
+    assert!(
+        field(&summary, "faults").contains("membership:"),
+        "no membership change in {summary}"
+    );
     assert_ne!(field(&summary, "ok"), "0", "{summary}");
     for f in [
         "history.jsonl",
