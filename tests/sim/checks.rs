@@ -597,8 +597,15 @@ impl Sim {
     /// follower's durable log agrees with the leader's up to it, unless a newer term has since
     /// reached the follower's disk.
     pub(super) fn match_indices_are_sound(&mut self, id: NodeId, term: Term) {
-        let info = self.nodes[&id].as_ref().unwrap().status();
+        let node = self.nodes[&id].as_ref().unwrap();
+        let info = node.status();
         for f in &info.followers {
+            // A member still being told of its removal, whose node was since started over on
+            // an empty disk: what it acknowledged in its earlier life is the leader's to forget
+            // once it is added back (a fresh start, so its match index may fall then).
+            if self.respawned.contains(&f.id) && !node.membership().contains(f.id) {
+                continue;
+            }
             let m = f.match_index;
             if let Some(&(t, before)) = self.match_seen.get(&(id, f.id)) {
                 if t == term && m < before {
