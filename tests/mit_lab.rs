@@ -75,22 +75,51 @@ fn re_election_3a() {
 
 #[test]
 fn many_elections_3a() {
+    // Ten rounds of three (not necessarily distinct) nodes of seven disconnected: the four or
+    // more still connected must have a leader. Every other round the leader is among the
+    // three, so a new one must be elected among the connected (the old one, cut off, still
+    // believes it leads until check quorum deposes it, and is not counted), in a later term.
+    const ROUNDS: usize = 10;
     for seed in seeds(50) {
         let mut s = Sim::new(seed, SimConfig::reliable(7));
-        s.wait_for_leader(2_000 * MS);
-        for _ in 0..10 {
+        let mut leader = s.wait_for_leader(2_000 * MS);
+        let (start, mut re_elections) = (s.now, 0);
+        for round in 0..ROUNDS {
             let ids = s.ids.clone();
-            let down: Vec<NodeId> = (0..3).map(|_| s.rng.pick(&ids)).collect();
+            let mut down: Vec<NodeId> = (0..3).map(|_| s.rng.pick(&ids)).collect();
+            if round % 2 == 0 {
+                down[0] = leader;
+            }
             for &d in &down {
                 s.disconnect(d);
             }
-            // At least four of seven remain connected: they must (re)elect a leader.
-            s.wait_for_leader(5_000 * MS);
+            let connected: Vec<NodeId> =
+                ids.iter().copied().filter(|i| !down.contains(i)).collect();
+            let term = s.node(leader).unwrap().term();
+            let new = s.wait_for_leader_among(&connected, 5_000 * MS);
+            if down.contains(&leader) {
+                assert_ne!(new, leader, "seed {seed}: round {round}");
+                let new_term = s.node(new).unwrap().term();
+                assert!(
+                    new_term > term,
+                    "seed {seed}: round {round}: new leader {new} in term {new_term}, the old one's was {term}"
+                );
+                re_elections += 1;
+            }
             for &d in &down {
                 s.connect(d);
             }
+            leader = s.wait_for_leader(5_000 * MS);
         }
-        s.wait_for_leader(5_000 * MS);
+        assert!(
+            re_elections >= ROUNDS / 2,
+            "seed {seed}: only {re_elections} re-elections"
+        );
+        println!(
+            "seed {seed}: {re_elections} re-elections in {} ms of virtual time, last term {}",
+            (s.now - start) / MS,
+            s.node(leader).unwrap().term()
+        );
     }
 }
 

@@ -66,19 +66,50 @@ impl Sim {
             .collect()
     }
 
-    /// A leader that a majority of live nodes follow in its term (a settled cluster).
+    /// A leader that a majority of live nodes follow in its term (a settled cluster), among
+    /// the nodes not cut off by [`Sim::disconnect`] (as the MIT lab's `checkOneLeader` looks
+    /// only at connected servers: a disconnected leader is not a leader the cluster has).
     pub fn stable_leader(&self) -> Option<NodeId> {
-        let leader = *self.leaders().first()?;
-        let node = self.node(leader)?;
-        let (term, m) = (node.term(), node.membership());
-        let followers = m
+        if self.disconnected.is_empty() {
+            let leader = *self.leaders().first()?;
+            let quorum = self.node(leader)?.membership().quorum();
+            return (self.followers_of(leader, &self.ids) >= quorum).then_some(leader);
+        }
+        let connected: Vec<NodeId> = self
+            .ids
+            .iter()
+            .copied()
+            .filter(|&i| self.is_connected(i))
+            .collect();
+        self.stable_leader_among(&connected)
+    }
+
+    /// A leader among `among` (of the highest term any of them leads in) that a majority of
+    /// the voters of its configuration follow in its term, counting only those of `among`.
+    pub fn stable_leader_among(&self, among: &[NodeId]) -> Option<NodeId> {
+        let leader = self
+            .leaders_among(among)
+            .into_iter()
+            .max_by_key(|&l| self.node(l).map(|n| n.term()))?;
+        let quorum = self.node(leader)?.membership().quorum();
+        (self.followers_of(leader, among) >= quorum).then_some(leader)
+    }
+
+    /// The voters of `leader`'s configuration among `among` that follow it in its term, itself
+    /// included.
+    fn followers_of(&self, leader: NodeId, among: &[NodeId]) -> usize {
+        let Some(node) = self.node(leader) else {
+            return 0;
+        };
+        let term = node.term();
+        node.membership()
             .voter_ids()
+            .filter(|v| among.contains(v))
             .filter(|&v| {
                 self.node(v)
                     .is_some_and(|n| n.term() == term && n.leader() == Some(leader))
             })
-            .count();
-        (followers >= m.quorum()).then_some(leader)
+            .count()
     }
 
     pub fn wait_for_leader(&mut self, within: Time) -> NodeId {
@@ -86,6 +117,15 @@ impl Sim {
             self.fail("no leader elected in time");
         }
         self.stable_leader().unwrap()
+    }
+
+    /// Runs until some node of `among` leads a majority of its configuration's voters from
+    /// within `among`; returns it.
+    pub fn wait_for_leader_among(&mut self, among: &[NodeId], within: Time) -> NodeId {
+        if !self.run_until(within, |s| s.stable_leader_among(among).is_some()) {
+            self.fail(&format!("no leader elected among {among:?} in time"));
+        }
+        self.stable_leader_among(among).unwrap()
     }
 
     /// Lets a minority settle for `settle` (a stale leader steps down by check quorum within
@@ -557,8 +597,15 @@ impl Sim {
     /// follower's durable log agrees with the leader's up to it, unless a newer term has since
     /// reached the follower's disk.
     pub(super) fn match_indices_are_sound(&mut self, id: NodeId, term: Term) {
-        let info = self.nodes[&id].as_ref().unwrap().status();
+        let node = self.nodes[&id].as_ref().unwrap();
+        let info = node.status();
         for f in &info.followers {
+            // A member still being told of its removal, whose node was since started over on
+            // an empty disk: what it acknowledged in its earlier life is the leader's to forget
+            // once it is added back (a fresh start, so its match index may fall then).
+            if self.respawned.contains(&f.id) && !node.membership().contains(f.id) {
+                continue;
+            }
             let m = f.match_index;
             if let Some(&(t, before)) = self.match_seen.get(&(id, f.id)) {
                 if t == term && m < before {

@@ -45,9 +45,11 @@ impl Sim {
 
     /// A random one-server change toward `cfg.nodes` voters, from the committed configuration:
     /// a learner is promoted (or removed if its node is gone); above `cfg.nodes` voters a
-    /// member is removed (the leader as often as not); otherwise a fresh node joins as a
-    /// learner (or, now and then, a member is removed first). So over a run members are added,
-    /// promoted, removed and replaced, mostly between `cfg.nodes` and one more voter.
+    /// member is removed (the leader as often as not); otherwise a node joins as a learner,
+    /// given some members as contact points: a fresh one, or now and then a removed one
+    /// started over on an empty disk and added back explicitly ([`ConfChange::Rejoin`]); or,
+    /// now and then, a member is removed first. So over a run members are added, promoted,
+    /// removed, replaced and re-added, mostly between `cfg.nodes` and one more voter.
     pub fn random_membership_change(&mut self) {
         if self.admin.is_some() {
             return;
@@ -74,13 +76,101 @@ impl Sim {
             };
             ConfChange::Remove { id }
         } else {
-            let id = self.spawn();
-            ConfChange::AddLearner {
-                id,
-                address: format!("10.0.{}.{}:7000", id / 256, id % 256),
+            let contacts = self.random_contacts();
+            let rejoinable: Vec<NodeId> = self
+                .retired
+                .iter()
+                .copied()
+                .filter(|&r| !m.contains(r) && self.now >= self.retired_at[&r] + self.quiet())
+                .collect();
+            if self.cfg.rejoins && !rejoinable.is_empty() && self.rng.chance(0.3) {
+                let id = self.rng.pick(&rejoinable);
+                self.respawn(id, &contacts);
+                ConfChange::Rejoin {
+                    id,
+                    address: address_of(id),
+                }
+            } else {
+                let id = self.spawn_with_contacts(&contacts);
+                ConfChange::AddLearner {
+                    id,
+                    address: address_of(id),
+                }
             }
         };
         self.change_members(change);
+    }
+
+    /// Longer than any datagram stays in the network (a long delay at most): a removed node
+    /// is started over only after this, so that no message of its earlier life reaches the
+    /// new one, nor one addressed to it then, as with a real operator's pace.
+    fn quiet(&self) -> Time {
+        self.cfg.long_delay_range.1 + self.cfg.delay.1
+    }
+
+    /// Starts removed node `id` (retired) over on an empty disk, as an operator does before
+    /// re-adding it with `add-learner --rejoin`: a joining node again, with `contacts` as its
+    /// contact points. What the invariants recorded of its earlier life stays, except what
+    /// its wiped disk takes back (its term and votes: it may vote again in a term it voted
+    /// in before, which is safe only because its removal committed first).
+    pub fn respawn(&mut self, id: NodeId, contacts: &[NodeId]) {
+        assert!(self.retired.contains(&id), "node {id} is not retired");
+        self.stats.respawns += 1;
+        self.retired.remove(&id);
+        self.retired_at.remove(&id);
+        self.respawned.insert(id);
+        self.ids.push(id);
+        self.joined.insert(id);
+        self.disks.insert(id, Disk::default());
+        self.prefix.insert(id, Vec::new());
+        self.store_checked.insert(id, 0);
+        self.last_term.remove(&id);
+        self.was_leader.remove(&id);
+        self.votes.retain(|&(_, voter), _| voter != id);
+        self.match_seen.retain(|&(_, follower), _| follower != id);
+        self.json_peers.insert(id, contacts.to_vec());
+        self.start(id);
+        // Its earlier life's tick may still be pending: it goes on ticking the new one.
+        let ticking = self
+            .events
+            .values()
+            .any(|e| matches!(e, Event::Tick(t) if *t == id));
+        if !ticking {
+            let phase = self.rng.range(0, self.cfg.tick - 1);
+            self.schedule(phase, Event::Tick(id));
+        }
+    }
+
+    /// [`Sim::respawn`]s removed node `id` and asks for it back as a learner
+    /// ([`ConfChange::Rejoin`]), answered later ([`Sim::admin_done`]).
+    pub fn rejoin(&mut self, id: NodeId, contacts: &[NodeId]) {
+        self.respawn(id, contacts);
+        self.change_members(ConfChange::Rejoin {
+            id,
+            address: address_of(id),
+        });
+    }
+
+    /// Restarts down node `id` with a JSON whose `other_peers` are `peers` (kept for later
+    /// restarts, as a file is): its address book starts from that list, its `cluster` file
+    /// and its log, whatever the cluster has become since.
+    pub fn restart_with_peers(&mut self, id: NodeId, peers: &[NodeId]) {
+        if self.is_up(id) || self.retired.contains(&id) {
+            return;
+        }
+        let peers = peers.iter().copied().filter(|&p| p != id).collect();
+        self.json_peers.insert(id, peers);
+        self.stats.old_config_restarts += 1;
+        self.restart(id);
+    }
+
+    /// [`Sim::restart_with_peers`] with the members of a configuration committed at some
+    /// point of the run (the bootstrap one included), at random: a JSON never updated.
+    pub fn restart_with_old_config(&mut self, id: NodeId) {
+        let at: Vec<Index> = self.committed_configs.keys().copied().collect();
+        let at = self.rng.pick(&at);
+        let peers: Vec<NodeId> = self.committed_configs[&at].ids().collect();
+        self.restart_with_peers(id, &peers);
     }
 
     /// Stops the nodes whose removal committed and that have not stopped by themselves (they
@@ -165,14 +255,19 @@ impl Sim {
                     ));
                 }
                 self.stats.config_changes += 1;
-                if let ConfChange::Remove { id } = op.change {
-                    self.decommission.insert(id);
+                match op.change {
+                    ConfChange::Remove { id } => {
+                        self.decommission.insert(id);
+                    }
+                    ConfChange::Rejoin { .. } => self.stats.rejoins += 1,
+                    _ => {}
                 }
             }
             ClientResult::Refused { .. } => {
                 self.stats.config_refused += 1;
                 // A node that never joined stops, unless some log already has it.
-                if let ConfChange::AddLearner { id, .. } = op.change {
+                if let ConfChange::AddLearner { id, .. } | ConfChange::Rejoin { id, .. } = op.change
+                {
                     let known = self
                         .nodes
                         .values()
@@ -205,4 +300,9 @@ impl Sim {
         self.admin = None;
         self.admin_done.push((op.change, reply.result));
     }
+}
+
+/// Where peers reach node `id`, in the configurations the administrator makes.
+pub fn address_of(id: NodeId) -> String {
+    format!("10.0.{}.{}:7000", id / 256, id % 256)
 }

@@ -9,7 +9,17 @@
 //! Membership (thesis ch. 4): an administrator issues one-server changes as a client does
 //! ([`Sim::change_members`]), node slots start and stop with them (a joining node starts with
 //! an empty disk and an empty bootstrap configuration; a node stops once `removed()`), and
-//! the invariants are computed against the configurations in force.
+//! the invariants are computed against the configurations in force. A removed node can be
+//! started over on an empty disk and added back ([`Sim::rejoin`]), and a node restarted with
+//! a JSON listing an old set of peers ([`Sim::restart_with_peers`]).
+//!
+//! Addresses: as the real shell, a node sends only to peers it has an address for, and takes
+//! messages only from them: those of its JSON (a joining node's contact points), of its
+//! `cluster` file's bootstrap membership and of every configuration in force in its life
+//! (never forgotten), plus, with [`SimConfig::learn_addresses`], every peer that sent it a
+//! message (the sender's address rides in it). Messages it has no address for are not sent
+//! ([`Stats::unaddressed`]); messages from a sender it cannot place are dropped
+//! ([`Stats::unknown_sender`]).
 //!
 //! Snapshots (thesis ch. 5), when [`SimConfig::snapshot_every`] is set: each node's shell keeps
 //! the applied log (its store) and takes snapshots as the real one does, compacting its WAL;
@@ -25,6 +35,7 @@ mod clients;
 mod disk;
 mod membership;
 
+use raft::raft::node::RoutingKey;
 use raft::raft::{
     escaped_len, Body, ClientId, ClientOp, ClientReply, ClientRequest, ClientResult, ConfChange,
     Config, Datagram, Entry, HardState, Index, LogRecord, MemberRole, Membership, Message, Node,
@@ -41,6 +52,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 pub type Time = u64;
 pub const MS: Time = 1_000;
 
+#[allow(unused_imports)]
+pub use membership::address_of;
 pub use raft::raft::rng::Rng;
 
 /// Knobs of the simulated world.
@@ -76,6 +89,14 @@ pub struct SimConfig {
     pub record_pad: u64,
     /// Probability of crashing at each snapshot crash point met (see [`SNAPSHOT_CRASH_POINTS`]).
     pub crash_in_snapshot: f64,
+    /// Whether a node learns the address of the sender of every peer message delivered to it
+    /// (the sender's address rides in the message), and so takes messages from, and answers,
+    /// any peer. Off: as a shell that knows only the addresses of its JSON, its `cluster`
+    /// file and its configurations, it drops what comes from anyone else (see [`Sim::admit`]).
+    pub learn_addresses: bool,
+    /// Whether [`Sim::random_membership_change`] now and then adds a removed node back
+    /// ([`ConfChange::Rejoin`], the node started over on an empty disk).
+    pub rejoins: bool,
 }
 
 impl SimConfig {
@@ -97,6 +118,8 @@ impl SimConfig {
             snapshot_every: None,
             record_pad: 0,
             crash_in_snapshot: 0.0,
+            learn_addresses: true,
+            rejoins: true,
         }
     }
     pub fn unreliable(nodes: usize) -> SimConfig {
@@ -388,6 +411,19 @@ pub struct Stats {
     pub store_reads: u64,
     /// WAL compactions (`snapshot_taken` returned a new base).
     pub compactions: u64,
+    /// Peer messages not sent: the sender knew no address for the receiver.
+    pub unaddressed: u64,
+    /// Peer messages the receiver dropped: from a sender whose address it did not know and
+    /// could not learn ([`SimConfig::learn_addresses`] off).
+    pub unknown_sender: u64,
+    /// Addresses learned from the messages that carried them.
+    pub learned: u64,
+    /// Removed nodes started over on an empty disk to rejoin ([`Sim::respawn`]), and rejoins
+    /// committed.
+    pub respawns: u64,
+    pub rejoins: u64,
+    /// Restarts whose JSON listed an old set of peers ([`Sim::restart_with_peers`]).
+    pub old_config_restarts: u64,
 }
 
 /// A paused node: its held datagrams, or None if what arrives is lost.
@@ -404,6 +440,10 @@ pub struct Sim {
     pub initial: Vec<NodeId>,
     joined: BTreeSet<NodeId>,
     pub retired: BTreeSet<NodeId>,
+    /// Removed nodes started over on an empty disk ([`Sim::respawn`]).
+    respawned: BTreeSet<NodeId>,
+    /// When each retired node stopped (a removed node rejoins only well after).
+    retired_at: BTreeMap<NodeId, Time>,
     next_id: NodeId,
     /// The membership change in progress, and every answer the administrator got.
     pub admin: Option<AdminOp>,
@@ -423,6 +463,17 @@ pub struct Sim {
     disconnected: BTreeSet<NodeId>,
     /// Nodes frozen in time: no ticks; what arrives meanwhile waits (SIGSTOP) or is lost.
     paused: BTreeMap<NodeId, Held>,
+    /// Each node's JSON `other_peers`, which survives restarts: every other bootstrap member
+    /// for a bootstrap node, the contact points it was given for a joining one (or an old
+    /// list, see [`Sim::restart_with_peers`]).
+    pub json_peers: BTreeMap<NodeId, Vec<NodeId>>,
+    /// Each live node's address book, as the real shell keeps it (`src/peer/routes.rs`): the
+    /// peers it has an address for, from its JSON, its `cluster` file's bootstrap membership,
+    /// every configuration in force in this life (never forgotten), and, with
+    /// [`SimConfig::learn_addresses`], every sender heard from. Lost on a crash.
+    pub books: BTreeMap<NodeId, BTreeSet<NodeId>>,
+    /// The routing key for which a node's book last took in its configurations.
+    book_key: BTreeMap<NodeId, RoutingKey>,
     pub clients: Vec<SimClient>,
     /// Peer messages handed to the network, by (from, to) and in all.
     pub sent: u64,
@@ -519,6 +570,8 @@ impl Sim {
             initial: ids.clone(),
             joined: BTreeSet::new(),
             retired: BTreeSet::new(),
+            retired_at: BTreeMap::new(),
+            respawned: BTreeSet::new(),
             next_id: cfg.nodes as NodeId + 1,
             admin: None,
             admin_request_id: 0,
@@ -530,6 +583,12 @@ impl Sim {
             slow: BTreeMap::new(),
             paused: BTreeMap::new(),
             disconnected: BTreeSet::new(),
+            json_peers: ids
+                .iter()
+                .map(|&id| (id, ids.iter().copied().filter(|&p| p != id).collect()))
+                .collect(),
+            books: BTreeMap::new(),
+            book_key: BTreeMap::new(),
             clients: Vec::new(),
             sent: 0,
             sent_by_link: BTreeMap::new(),
@@ -618,6 +677,7 @@ impl Sim {
         self.leader_tail.remove(&id);
         self.leader_log.remove(&id);
         self.nodes.insert(id, Some(node));
+        self.open_book(id);
     }
 
     pub fn fail(&self, what: &str) -> ! {
@@ -700,18 +760,40 @@ impl Sim {
         }
     }
     /// Starts a new node slot with an empty disk and an empty bootstrap configuration, as a
-    /// server that joins (thesis §4.1); returns its ID.
+    /// server that joins (thesis §4.1), given some current members as contact points
+    /// ([`Sim::random_contacts`]); returns its ID.
     pub fn spawn(&mut self) -> NodeId {
+        let contacts = self.random_contacts();
+        self.spawn_with_contacts(&contacts)
+    }
+
+    /// [`Sim::spawn`] with these contact points (its JSON's `other_peers`).
+    pub fn spawn_with_contacts(&mut self, contacts: &[NodeId]) -> NodeId {
         let id = self.next_id;
         self.next_id += 1;
         self.ids.push(id);
         self.joined.insert(id);
         self.disks.insert(id, Disk::default());
         self.prefix.insert(id, Vec::new());
+        self.json_peers.insert(id, contacts.to_vec());
         self.start(id);
         let phase = self.rng.range(0, self.cfg.tick - 1);
         self.schedule(phase, Event::Tick(id));
         id
+    }
+
+    /// Some members of the committed configuration that are running, at random (at least
+    /// one): what an operator gives a joining node as contact points.
+    pub fn random_contacts(&mut self) -> Vec<NodeId> {
+        let mut members: Vec<NodeId> = self
+            .committed_config()
+            .ids()
+            .filter(|i| self.ids.contains(i))
+            .collect();
+        self.rng.shuffle(&mut members);
+        let k = self.rng.range(1, members.len().max(1) as u64) as usize;
+        members.truncate(k);
+        members
     }
 
     /// Stops node `id` for good, as an operator does once it has left the cluster. Its disk is
@@ -721,7 +803,76 @@ impl Sim {
         self.paused.remove(&id);
         self.ids.retain(|&i| i != id);
         self.retired.insert(id);
+        self.retired_at.insert(id, self.now);
         self.decommission.remove(&id);
+    }
+
+    // ---- addresses ----------------------------------------------------------------------------
+
+    /// A new life's address book: its JSON's peers and, for a bootstrap node, its `cluster`
+    /// file's bootstrap membership; then the configurations its log puts in force.
+    fn open_book(&mut self, id: NodeId) {
+        let mut book: BTreeSet<NodeId> = self
+            .json_peers
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        if !self.joined.contains(&id) {
+            book.extend(self.initial.iter().copied());
+        }
+        book.remove(&id);
+        self.books.insert(id, book);
+        self.book_key.remove(&id);
+        self.follow_configuration(id);
+    }
+
+    /// What the shell does after each batch: once the configurations may have changed (the
+    /// core's routing key moved), the book takes in the members of the one in force, of the
+    /// committed one, and the removed members still being told. Never forgets one.
+    fn follow_configuration(&mut self, id: NodeId) {
+        let Some(node) = self.nodes[&id].as_ref() else {
+            return;
+        };
+        let key = node.routing_key();
+        if self.book_key.get(&id) == Some(&key) {
+            return;
+        }
+        self.book_key.insert(id, key);
+        let book = self.books.get_mut(&id).unwrap();
+        book.extend(node.membership().ids());
+        book.extend(node.committed_membership().ids());
+        book.extend(node.contacts());
+        book.remove(&id);
+    }
+
+    /// Whether live node `id` takes a peer message from `from`, as the real receiver decides:
+    /// from a peer it knows an address for; from anyone while it knows no configuration (a
+    /// joining node, which has yet to hear from its cluster); with
+    /// [`SimConfig::learn_addresses`], from any peer, whose address it learns from the message.
+    fn admit(&mut self, id: NodeId, from: NodeId) -> bool {
+        let book = self.books.get_mut(&id).unwrap();
+        if book.contains(&from) {
+            return true;
+        }
+        if self.cfg.learn_addresses {
+            book.insert(from);
+            self.stats.learned += 1;
+            return true;
+        }
+        let joining = self.nodes[&id]
+            .as_ref()
+            .is_some_and(|n| n.membership().members.is_empty());
+        if !joining {
+            self.stats.unknown_sender += 1;
+        }
+        joining
+    }
+
+    /// Whether live node `id` knows an address for `peer`.
+    pub fn knows(&self, id: NodeId, peer: NodeId) -> bool {
+        self.books.get(&id).is_some_and(|b| b.contains(&peer))
     }
 
     /// Cuts both directions between every node of `a` and every node of `b`.
@@ -848,6 +999,10 @@ impl Sim {
     }
 
     fn send(&mut self, msg: Message) {
+        if !self.knows(msg.from, msg.to) {
+            self.stats.unaddressed += 1;
+            return;
+        }
         self.sent += 1;
         *self.sent_by_link.entry((msg.from, msg.to)).or_default() += 1;
         if self.count_bytes {
@@ -903,7 +1058,7 @@ impl Sim {
             }
             Event::Deliver(msg) => {
                 let id = msg.to;
-                if self.nodes[&id].is_none() {
+                if self.nodes[&id].is_none() || !self.admit(id, msg.from) {
                     return true;
                 }
                 self.stats.delivered += 1;
@@ -957,8 +1112,20 @@ impl Sim {
         };
         self.leader_commit_check(touched);
         self.after_event(touched);
-        // A removed node takes no further part; its process stops (thesis §4.2.2).
-        if self.node(touched).is_some_and(|n| n.removed()) {
+        // A removed node takes no further part; its process stops (thesis §4.2.2). It must
+        // really have been removed: a node started over to rejoin must not take its earlier
+        // removal, replayed while it catches up, for its own.
+        if let Some(n) = self.node(touched).filter(|n| n.removed()) {
+            let (latest, committed) = (n.membership(), self.committed_config());
+            if latest.contains(touched) || committed.contains(touched) {
+                self.fail(&format!(
+                    "node {touched} stops as removed, but its latest configuration (at {}) {} or \
+                     the committed one {} lists it",
+                    n.config_index(),
+                    latest.describe(),
+                    committed.describe()
+                ));
+            }
             self.stats.removed_stopped += 1;
             self.retire(touched);
         }
@@ -975,6 +1142,7 @@ impl Sim {
             self.process_ready(id);
             self.check(id);
         }
+        self.follow_configuration(id);
     }
 
     /// Carries out a node's Ready the way the shell does, possibly crashing part-way.
