@@ -227,7 +227,10 @@ fn a_flipped_bit_in_records_is_an_error() {
     let offset = bytes.windows(9).position(|w| w == b"value 300").unwrap();
     bytes[offset + 7] ^= 1;
     fs::write(&path, &bytes).unwrap();
-    let err = store.read_page(299, 301, usize::MAX).unwrap_err();
+    let err = store
+        .read_page(299, 301, usize::MAX)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("records") && err.contains("byte offset"),
         "{err}"
@@ -251,14 +254,16 @@ fn a_damaged_snapshot_file_is_an_error() {
         fs::write(&path, &bytes).unwrap();
         let err = Store::open(&dir.0)
             .err()
-            .expect("a flipped bit must fail open");
+            .expect("a flipped bit must fail open")
+            .to_string();
         assert!(err.contains(SNAPSHOT_FILE), "{err}");
     }
     for len in 0..good.len() {
         fs::write(&path, &good[..len]).unwrap();
         let err = Store::open(&dir.0)
             .err()
-            .expect("a torn snapshot must fail open");
+            .expect("a torn snapshot must fail open")
+            .to_string();
         assert!(err.contains(SNAPSHOT_FILE), "{len}: {err}");
     }
     fs::write(&path, &good).unwrap();
@@ -637,7 +642,7 @@ fn open_removes_leftovers_of_an_interrupted_install() {
     assert_eq!(dir.store(), dir.0.join("store.1"));
 
     fs::write(dir.0.join(CURRENT_FILE), b"store.x\n").unwrap();
-    let err = Store::open(&dir.0).err().unwrap();
+    let err = Store::open(&dir.0).err().unwrap().to_string();
     assert!(err.contains(CURRENT_FILE), "{err}");
 }
 
@@ -650,12 +655,12 @@ fn a_damaged_or_lost_store_current_never_deletes_the_store() {
     drop(store);
     // A bit flip that names another store: a clear error, and store.1 stays.
     fs::write(dir.0.join(CURRENT_FILE), b"store.3\n").unwrap();
-    let err = Store::open(&dir.0).err().unwrap();
+    let err = Store::open(&dir.0).err().unwrap().to_string();
     assert!(err.contains("store.3"), "{err}");
     assert!(dir.0.join("store.1").join(SNAPSHOT_FILE).exists());
     // Lost altogether: refused, naming the store that holds data.
     fs::remove_file(dir.0.join(CURRENT_FILE)).unwrap();
-    let err = Store::open(&dir.0).err().unwrap();
+    let err = Store::open(&dir.0).err().unwrap().to_string();
     assert!(err.contains("store.1") && err.contains("missing"), "{err}");
     assert!(dir.0.join("store.1").join(SNAPSHOT_FILE).exists());
     // Put back, everything is there.

@@ -439,7 +439,10 @@ fn a_torn_first_frame_in_a_prepared_segment_is_dropped_only_if_nothing_follows()
     let mut damaged = after.clone();
     damaged[frame1.start + 40] ^= 1;
     let dir = setup("damaged-first", &damaged);
-    let err = Wal::open(&dir.0, 1).err().expect("corruption refused");
+    let err = Wal::open(&dir.0, 1)
+        .err()
+        .expect("corruption refused")
+        .to_string();
     assert!(
         err.contains("wal.1") && err.contains("a frame written after it"),
         "{err}"
@@ -449,7 +452,10 @@ fn a_torn_first_frame_in_a_prepared_segment_is_dropped_only_if_nothing_follows()
     fs::create_dir_all(&dir.0).unwrap();
     fs::copy(src.0.join(NODE_ID_FILE), dir.0.join(NODE_ID_FILE)).unwrap();
     fs::write(segment(&dir, 1), &torn).unwrap();
-    let err = Wal::open(&dir.0, 1).err().expect("corruption refused");
+    let err = Wal::open(&dir.0, 1)
+        .err()
+        .expect("corruption refused")
+        .to_string();
     assert!(err.contains("wal.1"), "{err}");
 }
 
@@ -561,7 +567,7 @@ fn flipped_bit_in_a_middle_frame_is_an_error_naming_its_offset() {
         fs::write(dir.wal(), &bytes).unwrap();
         let err = match Wal::open(&dir.0, 1) {
             Ok((_, _, log)) => panic!("bit {bit} flipped, yet open succeeded: {log:?}"),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         };
         assert!(
             err.contains(&format!("byte offset {start}")) && err.contains("wal"),
@@ -583,7 +589,7 @@ fn undecodable_payload_with_a_valid_crc_is_an_error() {
         &[RECORD_ENTRY, 1, 0, 0],
     ));
     fs::write(dir.wal(), &bytes).unwrap();
-    let err = Wal::open(&dir.0, 1).err().unwrap();
+    let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
     assert!(
         err.contains(&format!("byte offset {WAL_HEADER_LEN}")) && err.contains("truncated"),
         "{err}"
@@ -595,7 +601,7 @@ fn undecodable_payload_with_a_valid_crc_is_an_error() {
     bytes.truncate(WAL_HEADER_LEN as usize);
     bytes.extend(frame(wal_magic(&dir), WAL_HEADER_LEN, 1, &payload));
     fs::write(dir.wal(), &bytes).unwrap();
-    let err = Wal::open(&dir.0, 1).err().unwrap();
+    let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
     assert!(
         err.contains("entry 2 does not follow the last index 0"),
         "{err}"
@@ -614,7 +620,7 @@ fn intact_frame_out_of_sequence_is_an_error() {
     let second = bytes.len() as u64;
     bytes.extend(frame(magic, second, 3, &one));
     fs::write(dir.wal(), &bytes).unwrap();
-    let err = Wal::open(&dir.0, 1).err().unwrap();
+    let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
     assert!(
         err.contains(&format!(
             "byte offset {second} is frame 3 where frame 2 was due"
@@ -690,7 +696,7 @@ fn only_a_header_with_this_wals_magic_and_its_own_offset_is_taken_for_a_frame() 
         .rposition(|w| w == magic.to_le_bytes())
         .unwrap();
     fs::write(src.wal(), &full[..full.len() - 1]).unwrap();
-    let err = Wal::open(&src.0, 1).err().unwrap();
+    let err = Wal::open(&src.0, 1).err().unwrap().to_string();
     assert!(
         err.contains(&format!(
             "frame at byte offset {start} is damaged (frame of"
@@ -715,7 +721,7 @@ fn damage_before_a_torn_last_frame_is_an_error() {
     bytes[third - 1] ^= 1;
     bytes.truncate(bytes.len() - 2);
     fs::write(dir.wal(), &bytes).unwrap();
-    let err = Wal::open(&dir.0, 1).err().unwrap();
+    let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
     assert!(
         err.contains(&format!("frame at byte offset {second} is damaged"))
             && err.contains(&format!("starts at byte offset {third}")),
@@ -752,7 +758,7 @@ fn a_frame_after_damage_is_found_across_read_chunks() {
         let mut bytes = read_wal(&dir.wal());
         bytes[second + 100] ^= 1;
         fs::write(dir.wal(), &bytes).unwrap();
-        let err = Wal::open(&dir.0, 1).err().unwrap();
+        let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
         assert!(
             err.contains(&format!("frame at byte offset {second} is damaged"))
                 && err.contains(&format!("starts at byte offset {third}")),
@@ -796,7 +802,7 @@ fn wal_of_another_format_is_refused_naming_the_file() {
     ];
     for (what, bytes, expected) in cases {
         fs::write(dir.wal(), &bytes).unwrap();
-        let err = Wal::open(&dir.0, 1).err().unwrap();
+        let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
         assert!(
             err.contains(&wal) && err.contains(expected),
             "{what}: {err}"
@@ -813,7 +819,7 @@ fn wal_of_another_format_is_refused_naming_the_file() {
 fn wrong_node_id_is_refused() {
     let dir = TempDir::new("node-id");
     drop(open(&dir));
-    let err = Wal::open(&dir.0, 2).err().unwrap();
+    let err = Wal::open(&dir.0, 2).err().unwrap().to_string();
     assert!(err.contains("belongs to node 1, not to node 2"), "{err}");
     assert!(Wal::open(&dir.0, 1).is_ok());
 }
@@ -823,7 +829,7 @@ fn wal_without_node_id_is_refused() {
     let dir = TempDir::new("no-node-id");
     drop(open(&dir));
     fs::remove_file(dir.0.join(NODE_ID_FILE)).unwrap();
-    let err = Wal::open(&dir.0, 1).err().unwrap();
+    let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
     assert!(err.contains("no node_id"), "{err}");
 }
 
@@ -831,7 +837,7 @@ fn wal_without_node_id_is_refused() {
 fn second_open_of_a_locked_dir_is_refused() {
     let dir = TempDir::new("lock");
     let first = open(&dir);
-    let err = Wal::open(&dir.0, 1).err().unwrap();
+    let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
     assert!(err.contains("is in use by another process"), "{err}");
     drop(first);
     assert!(
@@ -845,13 +851,16 @@ fn batches_replay_would_reject_are_refused() {
     let dir = TempDir::new("refuse");
     let (mut s, _, _) = open(&dir);
     s.persist(None, &[noop(1, 1)]).unwrap();
-    let err = s.persist(None, &[noop(3, 1)]).unwrap_err();
+    let err = s.persist(None, &[noop(3, 1)]).unwrap_err().to_string();
     assert!(
         err.contains("entry 3") && err.contains("last index is 1"),
         "{err}"
     );
     assert!(s.persist(None, &[noop(0, 1)]).is_err());
-    let err = s.persist(None, &[noop(2, 1), noop(4, 1)]).unwrap_err();
+    let err = s
+        .persist(None, &[noop(2, 1), noop(4, 1)])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("consecutive"), "{err}");
     assert!(s.persist(Some(&hs(1, Some(0), 0)), &[]).is_err());
     // Nothing was written, and the storage still works.
@@ -1018,12 +1027,12 @@ fn installing_an_unrelated_base_empties_the_log() {
     assert!(got.is_empty());
     assert_eq!(state, hs(3, Some(2), 50));
     assert_eq!((s.base(), s.last_index()), ((50, 3), 50));
-    let err = s.persist(None, &[noop(50, 3)]).unwrap_err();
+    let err = s.persist(None, &[noop(50, 3)]).unwrap_err().to_string();
     assert!(
         err.contains("entry 50") && err.contains("base index 50"),
         "{err}"
     );
-    let err = s.persist(None, &[noop(52, 3)]).unwrap_err();
+    let err = s.persist(None, &[noop(52, 3)]).unwrap_err().to_string();
     assert!(err.contains("from 51 to 51"), "{err}");
     s.persist(None, &[noop(51, 3)]).unwrap();
     drop(s);
@@ -1094,7 +1103,7 @@ fn torn_tail_is_cut_only_in_the_newest_segment() {
     fs::write(segment(&dir, 1), &newest).unwrap();
     let torn = &oldest[..oldest.len() - 3];
     fs::write(dir.wal(), torn).unwrap();
-    let err = Wal::open(&dir.0, 1).err().unwrap();
+    let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
     let frame_at = old_len as usize - (FRAME_HEADER_LEN as usize + 2 * (1 + 17 + 20 + 2));
     assert!(
         err.contains(&format!(
@@ -1131,7 +1140,7 @@ fn an_entry_at_or_below_the_base_in_the_file_is_corruption() {
     let at = bytes.len() as u64;
     bytes.extend(frame(magic, at, 2, &payload));
     fs::write(&path, &bytes).unwrap();
-    let err = Wal::open(&dir.0, 1).err().unwrap();
+    let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
     assert!(
         err.contains(&path.display().to_string())
             && err.contains(&format!("frame at byte offset {at}"))
