@@ -54,6 +54,15 @@ fn open(dir: &TempDir) -> (Wal, HardState, Vec<Entry>) {
     Wal::open(&dir.0, 1).unwrap()
 }
 
+/// What `result` was refused for; panics unless it is a refusal.
+fn refusal<T>(result: Result<T, StorageError>) -> Refusal {
+    match result {
+        Err(StorageError::Refused { refusal, .. }) => refusal,
+        Err(e) => panic!("not a refusal: {e}"),
+        Ok(_) => panic!("not refused"),
+    }
+}
+
 /// The bytes of the segment at `path` up to where its frames end: the header, then every
 /// frame whose header is not all zeros (a preallocated segment is zeros after that).
 fn read_wal(path: &Path) -> Vec<u8> {
@@ -439,12 +448,12 @@ fn a_torn_first_frame_in_a_prepared_segment_is_dropped_only_if_nothing_follows()
     let mut damaged = after.clone();
     damaged[frame1.start + 40] ^= 1;
     let dir = setup("damaged-first", &damaged);
-    let err = Wal::open(&dir.0, 1)
-        .err()
-        .expect("corruption refused")
-        .to_string();
+    let err = Wal::open(&dir.0, 1).err().expect("corruption refused");
     assert!(
-        err.contains("wal.1") && err.contains("a frame written after it"),
+        matches!(&err, StorageError::Wal {
+            path,
+            problem: WalProblem::Damaged { offset: WAL_HEADER_LEN, not_torn: NotTorn::LaterFrame { .. }, .. },
+        } if *path == segment(&dir, 1)),
         "{err}"
     );
     // As the only segment left there is nothing older it could replace: corruption too.
@@ -452,11 +461,14 @@ fn a_torn_first_frame_in_a_prepared_segment_is_dropped_only_if_nothing_follows()
     fs::create_dir_all(&dir.0).unwrap();
     fs::copy(src.0.join(NODE_ID_FILE), dir.0.join(NODE_ID_FILE)).unwrap();
     fs::write(segment(&dir, 1), &torn).unwrap();
-    let err = Wal::open(&dir.0, 1)
-        .err()
-        .expect("corruption refused")
-        .to_string();
-    assert!(err.contains("wal.1"), "{err}");
+    let err = Wal::open(&dir.0, 1).err().expect("corruption refused");
+    assert!(
+        matches!(&err, StorageError::Wal {
+            path,
+            problem: WalProblem::Damaged { offset: WAL_HEADER_LEN, not_torn: NotTorn::OnlySegment, .. },
+        } if *path == segment(&dir, 1)),
+        "{err}"
+    );
 }
 
 #[test]
@@ -567,10 +579,13 @@ fn flipped_bit_in_a_middle_frame_is_an_error_naming_its_offset() {
         fs::write(dir.wal(), &bytes).unwrap();
         let err = match Wal::open(&dir.0, 1) {
             Ok((_, _, log)) => panic!("bit {bit} flipped, yet open succeeded: {log:?}"),
-            Err(e) => e.to_string(),
+            Err(e) => e,
         };
         assert!(
-            err.contains(&format!("byte offset {start}")) && err.contains("wal"),
+            matches!(&err, StorageError::Wal {
+                path,
+                problem: WalProblem::Damaged { offset, not_torn: NotTorn::LaterFrame { at }, .. },
+            } if *path == dir.wal() && *offset == start as u64 && *at == end as u64),
             "bit {bit}: {err}"
         );
         assert_eq!(fs::read(dir.wal()).unwrap(), bytes, "open must not modify");
@@ -589,9 +604,19 @@ fn undecodable_payload_with_a_valid_crc_is_an_error() {
         &[RECORD_ENTRY, 1, 0, 0],
     ));
     fs::write(dir.wal(), &bytes).unwrap();
-    let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
+    let err = Wal::open(&dir.0, 1).err().unwrap();
     assert!(
-        err.contains(&format!("byte offset {WAL_HEADER_LEN}")) && err.contains("truncated"),
+        matches!(
+            err,
+            StorageError::Wal {
+                problem: WalProblem::BadRecord {
+                    frame: WAL_HEADER_LEN,
+                    problem: RecordProblem::Truncated { .. },
+                    ..
+                },
+                ..
+            }
+        ),
         "{err}"
     );
 
@@ -601,9 +626,18 @@ fn undecodable_payload_with_a_valid_crc_is_an_error() {
     bytes.truncate(WAL_HEADER_LEN as usize);
     bytes.extend(frame(wal_magic(&dir), WAL_HEADER_LEN, 1, &payload));
     fs::write(dir.wal(), &bytes).unwrap();
-    let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
+    let err = Wal::open(&dir.0, 1).err().unwrap();
     assert!(
-        err.contains("entry 2 does not follow the last index 0"),
+        matches!(
+            err,
+            StorageError::Wal {
+                problem: WalProblem::BadRecord {
+                    problem: RecordProblem::NotNext { index: 2, last: 0 },
+                    ..
+                },
+                ..
+            }
+        ),
         "{err}"
     );
 }
@@ -620,11 +654,12 @@ fn intact_frame_out_of_sequence_is_an_error() {
     let second = bytes.len() as u64;
     bytes.extend(frame(magic, second, 3, &one));
     fs::write(dir.wal(), &bytes).unwrap();
-    let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
+    let err = Wal::open(&dir.0, 1).err().unwrap();
     assert!(
-        err.contains(&format!(
-            "byte offset {second} is frame 3 where frame 2 was due"
-        )),
+        matches!(err, StorageError::Wal {
+            problem: WalProblem::OutOfSequence { offset, found: 3, due: 2 },
+            ..
+        } if offset == second),
         "{err}"
     );
 }
@@ -696,11 +731,14 @@ fn only_a_header_with_this_wals_magic_and_its_own_offset_is_taken_for_a_frame() 
         .rposition(|w| w == magic.to_le_bytes())
         .unwrap();
     fs::write(src.wal(), &full[..full.len() - 1]).unwrap();
-    let err = Wal::open(&src.0, 1).err().unwrap().to_string();
+    let err = Wal::open(&src.0, 1).err().unwrap();
+    // The header is intact (the damage is to the payload), and the forgery is taken for a
+    // frame written after it.
     assert!(
-        err.contains(&format!(
-            "frame at byte offset {start} is damaged (frame of"
-        )) && err.contains(&format!("starts at byte offset {forged_at}")),
+        matches!(&err, StorageError::Wal {
+            problem: WalProblem::Damaged { offset, damage, not_torn: NotTorn::LaterFrame { at } },
+            ..
+        } if *offset == start as u64 && damage.starts_with("frame of") && *at == forged_at as u64),
         "{err}"
     );
 }
@@ -721,10 +759,12 @@ fn damage_before_a_torn_last_frame_is_an_error() {
     bytes[third - 1] ^= 1;
     bytes.truncate(bytes.len() - 2);
     fs::write(dir.wal(), &bytes).unwrap();
-    let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
+    let err = Wal::open(&dir.0, 1).err().unwrap();
     assert!(
-        err.contains(&format!("frame at byte offset {second} is damaged"))
-            && err.contains(&format!("starts at byte offset {third}")),
+        matches!(err, StorageError::Wal {
+            problem: WalProblem::Damaged { offset, not_torn: NotTorn::LaterFrame { at }, .. },
+            ..
+        } if offset == second as u64 && at == third as u64),
         "{err}"
     );
 }
@@ -758,10 +798,12 @@ fn a_frame_after_damage_is_found_across_read_chunks() {
         let mut bytes = read_wal(&dir.wal());
         bytes[second + 100] ^= 1;
         fs::write(dir.wal(), &bytes).unwrap();
-        let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
+        let err = Wal::open(&dir.0, 1).err().unwrap();
         assert!(
-            err.contains(&format!("frame at byte offset {second} is damaged"))
-                && err.contains(&format!("starts at byte offset {third}")),
+            matches!(err, StorageError::Wal {
+                problem: WalProblem::Damaged { offset, not_torn: NotTorn::LaterFrame { at }, .. },
+                ..
+            } if offset == second as u64 && at == third as u64),
             "{before_boundary}: {err}"
         );
     }
@@ -772,7 +814,6 @@ fn wal_of_another_format_is_refused_naming_the_file() {
     let dir = TempDir::new("format");
     drop(open(&dir));
     let magic = wal_magic(&dir);
-    let wal = dir.wal().display().to_string();
     // A version 1 WAL: frames of `len, crc, payload` from the first byte on.
     let mut payload = Vec::new();
     encode_entry(&mut payload, &noop(1, 1)).unwrap();
@@ -781,30 +822,28 @@ fn wal_of_another_format_is_refused_naming_the_file() {
     v1.extend_from_slice(&payload);
     let mut flipped = wal_header(WAL_VERSION, magic);
     flipped[15] ^= 4;
-    let cases: [(&str, Vec<u8>, &str); 5] = [
-        ("version 1", v1, "not a WAL of format version 2"),
-        ("empty", Vec::new(), "not a WAL of format version 2"),
+    let no_header: fn(&WalProblem) -> bool = |p| matches!(p, WalProblem::NoHeader);
+    let cases = [
+        ("version 1", v1, no_header),
+        ("empty", Vec::new(), no_header),
         (
             "short header",
             wal_header(WAL_VERSION, magic)[..20].to_vec(),
-            "not a WAL",
+            no_header,
         ),
-        (
-            "version 3",
-            wal_header(3, magic),
-            "WAL format version 3 (byte offset 8)",
-        ),
-        (
-            "damaged header",
-            flipped,
-            "byte offset 0 fails its CRC check",
-        ),
+        ("version 3", wal_header(3, magic), |p| {
+            matches!(p, WalProblem::Version(3))
+        }),
+        ("damaged header", flipped, |p| {
+            matches!(p, WalProblem::HeaderCrc)
+        }),
     ];
     for (what, bytes, expected) in cases {
         fs::write(dir.wal(), &bytes).unwrap();
-        let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
+        let err = Wal::open(&dir.0, 1).err().unwrap();
         assert!(
-            err.contains(&wal) && err.contains(expected),
+            matches!(&err, StorageError::Wal { path, problem } if *path == dir.wal()
+                && expected(problem)),
             "{what}: {err}"
         );
         assert_eq!(
@@ -819,8 +858,12 @@ fn wal_of_another_format_is_refused_naming_the_file() {
 fn wrong_node_id_is_refused() {
     let dir = TempDir::new("node-id");
     drop(open(&dir));
-    let err = Wal::open(&dir.0, 2).err().unwrap().to_string();
-    assert!(err.contains("belongs to node 1, not to node 2"), "{err}");
+    let err = Wal::open(&dir.0, 2).err().unwrap();
+    assert!(
+        matches!(&err, StorageError::WrongNode { dir: d, path, found: 1, expected: 2 }
+            if *d == dir.0 && *path == dir.0.join(NODE_ID_FILE)),
+        "{err}"
+    );
     assert!(Wal::open(&dir.0, 1).is_ok());
 }
 
@@ -829,16 +872,22 @@ fn wal_without_node_id_is_refused() {
     let dir = TempDir::new("no-node-id");
     drop(open(&dir));
     fs::remove_file(dir.0.join(NODE_ID_FILE)).unwrap();
-    let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
-    assert!(err.contains("no node_id"), "{err}");
+    let err = Wal::open(&dir.0, 1).err().unwrap();
+    assert!(
+        matches!(&err, StorageError::NoNodeId { dir: d } if *d == dir.0),
+        "{err}"
+    );
 }
 
 #[test]
 fn second_open_of_a_locked_dir_is_refused() {
     let dir = TempDir::new("lock");
     let first = open(&dir);
-    let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
-    assert!(err.contains("is in use by another process"), "{err}");
+    let err = Wal::open(&dir.0, 1).err().unwrap();
+    assert!(
+        matches!(&err, StorageError::Locked { dir: d } if *d == dir.0),
+        "{err}"
+    );
     drop(first);
     assert!(
         Wal::open(&dir.0, 1).is_ok(),
@@ -851,18 +900,21 @@ fn batches_replay_would_reject_are_refused() {
     let dir = TempDir::new("refuse");
     let (mut s, _, _) = open(&dir);
     s.persist(None, &[noop(1, 1)]).unwrap();
-    let err = s.persist(None, &[noop(3, 1)]).unwrap_err().to_string();
-    assert!(
-        err.contains("entry 3") && err.contains("last index is 1"),
-        "{err}"
+    let append = |index| Refusal::Append {
+        index,
+        base: 0,
+        last: 1,
+    };
+    assert_eq!(refusal(s.persist(None, &[noop(3, 1)])), append(3));
+    assert_eq!(refusal(s.persist(None, &[noop(0, 1)])), append(0));
+    assert_eq!(
+        refusal(s.persist(None, &[noop(2, 1), noop(4, 1)])),
+        Refusal::NotConsecutive { index: 4, after: 2 }
     );
-    assert!(s.persist(None, &[noop(0, 1)]).is_err());
-    let err = s
-        .persist(None, &[noop(2, 1), noop(4, 1)])
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("consecutive"), "{err}");
-    assert!(s.persist(Some(&hs(1, Some(0), 0)), &[]).is_err());
+    assert_eq!(
+        refusal(s.persist(Some(&hs(1, Some(0), 0)), &[])),
+        Refusal::VoteForNodeZero
+    );
     // Nothing was written, and the storage still works.
     s.persist(None, &[noop(2, 1)]).unwrap();
     drop(s);
@@ -959,7 +1011,10 @@ fn rotate_to_an_earlier_entry_of_the_log_truncates_it() {
     // A term the log does not hold there: a reset.
     s.rotate(&hs(2, None, 0), (3, 2)).unwrap();
     assert_eq!((s.base(), s.last_index()), ((3, 2), 3));
-    assert!(s.rotate(&hs(2, None, 0), (2, 1)).is_err(), "below the base");
+    assert_eq!(
+        refusal(s.rotate(&hs(2, None, 0), (2, 1))),
+        Refusal::RotateBelowBase { index: 2, base: 3 }
+    );
     drop(s);
     let (s, _, got) = open(&dir);
     assert!(got.is_empty());
@@ -1027,13 +1082,14 @@ fn installing_an_unrelated_base_empties_the_log() {
     assert!(got.is_empty());
     assert_eq!(state, hs(3, Some(2), 50));
     assert_eq!((s.base(), s.last_index()), ((50, 3), 50));
-    let err = s.persist(None, &[noop(50, 3)]).unwrap_err().to_string();
-    assert!(
-        err.contains("entry 50") && err.contains("base index 50"),
-        "{err}"
-    );
-    let err = s.persist(None, &[noop(52, 3)]).unwrap_err().to_string();
-    assert!(err.contains("from 51 to 51"), "{err}");
+    let append = |index| Refusal::Append {
+        index,
+        base: 50,
+        last: 50,
+    };
+    assert_eq!(refusal(s.persist(None, &[noop(50, 3)])), append(50));
+    // A batch must start at 51, the one index from the base + 1 to the last + 1.
+    assert_eq!(refusal(s.persist(None, &[noop(52, 3)])), append(52));
     s.persist(None, &[noop(51, 3)]).unwrap();
     drop(s);
     let (s, _, got) = open(&dir);
@@ -1103,13 +1159,13 @@ fn torn_tail_is_cut_only_in_the_newest_segment() {
     fs::write(segment(&dir, 1), &newest).unwrap();
     let torn = &oldest[..oldest.len() - 3];
     fs::write(dir.wal(), torn).unwrap();
-    let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
-    let frame_at = old_len as usize - (FRAME_HEADER_LEN as usize + 2 * (1 + 17 + 20 + 2));
+    let err = Wal::open(&dir.0, 1).err().unwrap();
+    let frame_at = old_len - (FRAME_HEADER_LEN + 2 * (1 + 17 + 20 + 2));
     assert!(
-        err.contains(&format!(
-            "{}: frame at byte offset {frame_at}",
-            dir.wal().display()
-        )) && err.contains("not the newest"),
+        matches!(&err, StorageError::Wal {
+            path,
+            problem: WalProblem::Damaged { offset, not_torn: NotTorn::NotNewest, .. },
+        } if *path == dir.wal() && *offset == frame_at),
         "{err}"
     );
     assert_eq!(fs::read(dir.wal()).unwrap(), torn, "open must not modify");
@@ -1140,11 +1196,16 @@ fn an_entry_at_or_below_the_base_in_the_file_is_corruption() {
     let at = bytes.len() as u64;
     bytes.extend(frame(magic, at, 2, &payload));
     fs::write(&path, &bytes).unwrap();
-    let err = Wal::open(&dir.0, 1).err().unwrap().to_string();
+    let err = Wal::open(&dir.0, 1).err().unwrap();
     assert!(
-        err.contains(&path.display().to_string())
-            && err.contains(&format!("frame at byte offset {at}"))
-            && err.contains("entry 5 is at or below the log's base index 5"),
+        matches!(&err, StorageError::Wal {
+            path: p,
+            problem: WalProblem::BadRecord {
+                frame,
+                problem: RecordProblem::AtOrBelowBase { index: 5, base: 5 },
+                ..
+            },
+        } if *p == path && *frame == at),
         "{err}"
     );
 }
