@@ -757,3 +757,57 @@ fn chunks_round_trip_through_base64() {
         ));
     }
 }
+
+/// The peer logs these sentences and sends some to clients, so they stay as they were before
+/// errors had types.
+#[test]
+fn errors_print_todays_sentences() {
+    let dir = TempDir::new("sentences");
+    let (mut store, _) = Store::open(&dir.0).unwrap();
+    store.append(&records(1, 20)).unwrap();
+    snapshot_here(&mut store);
+    let records_path = dir.store().join(RECORDS_FILE);
+    let r = records_path.display();
+    assert_eq!(
+        store.read_page(1, 21, 100).unwrap_err().to_string(),
+        format!("{r}: cannot read records 1 to 21: the store holds 1 to 20")
+    );
+    assert_eq!(
+        store.append(&records(22, 22)).unwrap_err().to_string(),
+        format!("{r}: cannot append record 22 (term 1) after record 20 (term 1)")
+    );
+    // Record 2's JSON with a bit flipped: its CRC no longer matches.
+    let mut bytes = fs::read(&records_path).unwrap();
+    let second = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+    bytes[second + 2] ^= 1;
+    fs::write(&records_path, &bytes).unwrap();
+    let end = second + bytes[second..].iter().position(|&b| b == b'\n').unwrap();
+    let said = std::str::from_utf8(&bytes[end - 8..end]).unwrap();
+    let got = crc32fast::hash(&bytes[second..end - 9]);
+    assert_eq!(
+        store.read_page(2, 2, 100).unwrap_err().to_string(),
+        format!(
+            "{r}: bad line at byte offset {second}: CRC mismatch: the line says {said}, its bytes \
+             have {got:08x}"
+        )
+    );
+    drop(store);
+    fs::remove_file(dir.0.join(CURRENT_FILE)).unwrap();
+    assert_eq!(
+        Store::open(&dir.0).err().unwrap().to_string(),
+        format!(
+            "{} is missing but {} holds records or a snapshot; restore {CURRENT_FILE} (one line \
+             naming the store to use, such as store.1) or move the data dir aside",
+            dir.0.join(CURRENT_FILE).display(),
+            dir.0.join("store.1").display()
+        )
+    );
+    let (text, crc) = encode_chunk(b"chunk");
+    assert_eq!(
+        decode_chunk(&text, crc ^ 1).unwrap_err().to_string(),
+        format!(
+            "snapshot chunk: CRC mismatch: sent {:08x}, its 5 bytes have {crc:08x}",
+            crc ^ 1
+        )
+    );
+}

@@ -1,4 +1,5 @@
 use super::*;
+use std::error::Error as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A fresh directory under the system temp dir, removed on drop.
@@ -1487,5 +1488,173 @@ fn every_crash_image_opens_to_what_was_synced() {
     assert!(
         total.iter().all(|&c| c > 0),
         "a run must exercise every operation: {total:?}"
+    );
+}
+
+/// The peer prints these sentences (tests/durability.rs matches parts of them), so they stay
+/// as they were before errors had types.
+#[test]
+fn errors_print_todays_sentences() {
+    let dir = TempDir::new("sentences");
+    let d = dir.0.display();
+    let first = open(&dir);
+    let e = Wal::open(&dir.0, 1).err().unwrap();
+    assert_eq!(
+        e.to_string(),
+        format!("data dir {d} is in use by another process (its {LOCK_FILE} file is locked)")
+    );
+    drop(first);
+    let e = Wal::open(&dir.0, 2).err().unwrap();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "data dir {d} belongs to node 1, not to node 2 (per {})",
+            dir.0.join(NODE_ID_FILE).display()
+        )
+    );
+    fs::remove_file(dir.0.join(NODE_ID_FILE)).unwrap();
+    let e = Wal::open(&dir.0, 1).err().unwrap();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "data dir {d} has a {WAL_FILE} but no {NODE_ID_FILE} file, so whose log it is is \
+             unknown; refusing to use it"
+        )
+    );
+    fs::create_dir(dir.0.join(NODE_ID_FILE)).unwrap();
+    let e = Wal::open(&dir.0, 1).err().unwrap();
+    let StorageError::Io { source, .. } = &e else {
+        panic!("{e}");
+    };
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "cannot read {}: {source}",
+            dir.0.join(NODE_ID_FILE).display()
+        )
+    );
+    assert!(e.source().is_some_and(|s| s.is::<io::Error>()));
+    fs::remove_dir(dir.0.join(NODE_ID_FILE)).unwrap();
+    fs::write(dir.0.join(NODE_ID_FILE), "1\n").unwrap();
+
+    let wal = dir.wal();
+    let w = wal.display();
+    let good = read_wal(&wal);
+    fs::write(&wal, b"raft").unwrap();
+    assert_eq!(
+        Wal::open(&dir.0, 1).err().unwrap().to_string(),
+        format!(
+            "{w}: not a WAL of format version {WAL_VERSION}: it does not start with a \
+             {WAL_HEADER_LEN}-byte header beginning \"raft-wal\" (WALs of earlier versions have \
+             none, and this build cannot read them); refusing to start"
+        )
+    );
+    fs::write(&wal, wal_header(7, 1)).unwrap();
+    assert_eq!(
+        Wal::open(&dir.0, 1).err().unwrap().to_string(),
+        format!(
+            "{w}: WAL format version 7 (byte offset 8); this build reads only version \
+             {WAL_VERSION}; refusing to start"
+        )
+    );
+    let magic = u64::from_le_bytes(good[12..20].try_into().unwrap());
+    let mut payload = Vec::new();
+    encode_entry(&mut payload, &noop(2, 1)).unwrap();
+    let mut bytes = good.clone();
+    bytes.extend(frame(magic, WAL_HEADER_LEN, 1, &payload));
+    fs::write(&wal, &bytes).unwrap();
+    let e = Wal::open(&dir.0, 1).err().unwrap();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{w}: frame at byte offset {WAL_HEADER_LEN}: record at byte offset {}: entry 2 does \
+             not follow the last index 0; the WAL is corrupt",
+            WAL_HEADER_LEN + FRAME_HEADER_LEN
+        )
+    );
+    // A damaged frame with one after it.
+    let mut one = Vec::new();
+    encode_entry(&mut one, &noop(1, 1)).unwrap();
+    let second = WAL_HEADER_LEN + FRAME_HEADER_LEN + one.len() as u64;
+    let mut bytes = good.clone();
+    bytes.extend(frame(magic, WAL_HEADER_LEN, 1, &one));
+    bytes.extend(frame(magic, second, 2, &payload));
+    bytes[WAL_HEADER_LEN as usize] ^= 1;
+    fs::write(&wal, &bytes).unwrap();
+    assert_eq!(
+        Wal::open(&dir.0, 1).err().unwrap().to_string(),
+        format!(
+            "{w}: frame at byte offset {WAL_HEADER_LEN} is damaged (frame header does not carry \
+             this WAL's magic), yet a frame written after it starts at byte offset {second}; the \
+             WAL is corrupt (this is not a torn write), refusing to start"
+        )
+    );
+    fs::write(&wal, &good).unwrap();
+
+    let (mut s, _, _) = open(&dir);
+    s.persist(None, &[noop(1, 1)]).unwrap();
+    assert_eq!(
+        s.persist(None, &[noop(3, 1)]).unwrap_err().to_string(),
+        format!(
+            "{w}: cannot append entry 3 to a log whose last index is 1: a batch must start at an \
+             index from 1 to 2"
+        )
+    );
+    assert_eq!(
+        s.persist(None, &[noop(0, 1)]).unwrap_err().to_string(),
+        format!(
+            "{w}: cannot append entry 0: it is at or below the log's base index 0 (compacted \
+             into a snapshot)"
+        )
+    );
+    fs::write(dir.0.join("short"), b"raft").unwrap();
+    assert_eq!(
+        open_prepared(&dir.0.join("short"))
+            .err()
+            .unwrap()
+            .to_string(),
+        format!(
+            "the prepared segment {} is 4 bytes, short of {SEGMENT_PREALLOC}",
+            dir.0.join("short").display()
+        )
+    );
+
+    // Failed writes and reads, which a test cannot provoke.
+    let failed = |at: At| StorageError::IoAt {
+        path: wal.clone(),
+        at,
+        source: io::Error::other("the disk is on fire"),
+    };
+    let cases = [
+        (
+            At::ReadNear(60),
+            format!("{w}: read failed near byte offset 60: the disk is on fire"),
+        ),
+        (
+            At::Write {
+                offset: 60,
+                len: 42,
+            },
+            format!("{w}: at byte offset 60: write of 42 bytes failed: the disk is on fire"),
+        ),
+        (
+            At::Sync(60),
+            format!("{w}: at byte offset 60: fdatasync failed: the disk is on fire"),
+        ),
+        (
+            At::TruncateTo(60),
+            format!("cannot truncate {w} to 60 bytes: the disk is on fire"),
+        ),
+    ];
+    for (at, sentence) in cases {
+        assert_eq!(failed(at).to_string(), sentence);
+    }
+    s.failed = Some(failed(At::Sync(60)).to_string());
+    assert_eq!(
+        s.persist(None, &[noop(2, 1)]).unwrap_err().to_string(),
+        format!(
+            "{w}: refusing to write after an earlier failure: {w}: at byte offset 60: fdatasync \
+             failed: the disk is on fire"
+        )
     );
 }
