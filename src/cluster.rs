@@ -130,7 +130,7 @@ impl ClusterFile {
         let mut text = serde_json::to_string_pretty(&raw)
             .map_err(|e| format!("cannot encode {CLUSTER_FILE}: {e}"))?;
         text.push('\n');
-        write_atomically(dir, CLUSTER_FILE, text.as_bytes())
+        Ok(write_atomically(dir, CLUSTER_FILE, text.as_bytes())?)
     }
 }
 

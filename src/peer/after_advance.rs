@@ -9,7 +9,7 @@ use std::time::Instant;
 
 impl Durable for Disk {
     fn persist(&mut self, hard_state: Option<&HardState>, entries: &[Entry]) -> Result<(), String> {
-        self.wal.persist(hard_state, entries)
+        Ok(self.wal.persist(hard_state, entries)?)
     }
 
     fn after_advance(

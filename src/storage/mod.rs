@@ -6,9 +6,12 @@
 //! is at or below the snapshot's index, and it holds the snapshot's (index, term)), so the core
 //! restores from the snapshot plus the WAL after it.
 
+mod error;
 pub mod fs;
 pub mod store;
 pub mod wal;
+
+pub use error::{At, Lost, NotTorn, RecordProblem, Refusal, StorageError, WalProblem};
 
 use store::{Received, SnapshotJob, Store};
 use wal::Wal;
@@ -81,7 +84,7 @@ pub struct Disk {
     /// How long the node thread took to start the latest snapshot ([`Disk::start_snapshot`]).
     pub started_in: Duration,
     jobs: Sender<Job>,
-    done: Receiver<Result<SnapshotJob, String>>,
+    done: Receiver<Result<SnapshotJob, StorageError>>,
     /// The number of the WAL segment the snapshot thread last prepared (0: none yet); a
     /// rotation takes it if it is the next number.
     prepared: Arc<AtomicU64>,
@@ -95,7 +98,7 @@ impl Disk {
         node_id: NodeId,
         snapshot_entries: u64,
         snapshot_trailing: u64,
-    ) -> Result<(Disk, Restored), String> {
+    ) -> Result<(Disk, Restored), StorageError> {
         let (mut wal, mut hard_state, mut entries) = Wal::open(dir, node_id)?;
         let (store, snapshot) = Store::open(dir)?;
         let mut base = wal.base();
@@ -126,11 +129,11 @@ impl Disk {
                 }
             }
             None if base.0 > 0 => {
-                return Err(format!(
-                    "{}: the WAL starts after index {} but the store has no snapshot covering it",
-                    dir.display(),
+                let problem = format!(
+                    "the WAL starts after index {} but the store has no snapshot covering it",
                     base.0
-                ))
+                );
+                return Err(StorageError::corrupt(dir, problem));
             }
             None => {}
         }
@@ -139,7 +142,7 @@ impl Disk {
         thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || snapshot_thread(jobs_rx, done_tx))
-            .map_err(|e| format!("cannot start the snapshot thread: {e}"))?;
+            .map_err(|e| StorageError::SnapshotThread { source: Some(e) })?;
         let disk = Disk {
             wal,
             store,
@@ -165,7 +168,7 @@ impl Disk {
 
     /// Appends applied records to the store; records it already has (the core re-applies
     /// from its snapshot after a restart) are skipped.
-    pub fn apply(&mut self, records: &[LogRecord]) -> Result<(), String> {
+    pub fn apply(&mut self, records: &[LogRecord]) -> Result<(), StorageError> {
         let have = self.store.last_index();
         let from = records.partition_point(|r| r.index <= have);
         self.store.append(&records[from..])
@@ -209,7 +212,7 @@ impl Disk {
     /// Stages a received chunk; the last one installs the snapshot and resets the WAL to its
     /// base, durably, before the core is told (and acknowledges it). A chunk that fails its
     /// checksum is dropped: the answer says what is held, and the leader sends it again.
-    pub fn stage(&mut self, w: &ChunkWrite, hard_state: HardState) -> Result<Staged, String> {
+    pub fn stage(&mut self, w: &ChunkWrite, hard_state: HardState) -> Result<Staged, StorageError> {
         let id = w.snapshot;
         // An install replaces the store directory a snapshot may still be written into.
         if self.writing {
@@ -248,7 +251,11 @@ impl Disk {
 
     /// Starts a new WAL segment with base `base`, the one the snapshot thread prepared if it
     /// is ready, and has it prepare the next.
-    fn rotate_wal(&mut self, hard_state: &HardState, base: (Index, Term)) -> Result<(), String> {
+    fn rotate_wal(
+        &mut self,
+        hard_state: &HardState,
+        base: (Index, Term),
+    ) -> Result<(), StorageError> {
         let prepared = self.prepared.load(Ordering::Acquire) == self.wal.next_segment_number();
         self.wal.rotate_using(hard_state, base, prepared)?;
         self.prepare_segment()
@@ -256,7 +263,7 @@ impl Disk {
 
     /// Has the snapshot thread prepare the WAL segment after the newest and publish it in
     /// `prepared`.
-    fn prepare_segment(&self) -> Result<(), String> {
+    fn prepare_segment(&self) -> Result<(), StorageError> {
         self.send(Job::PrepareSegment(
             self.wal.dir().to_path_buf(),
             self.wal.next_segment_number(),
@@ -264,15 +271,15 @@ impl Disk {
         ))
     }
 
-    fn send(&self, job: Job) -> Result<(), String> {
+    fn send(&self, job: Job) -> Result<(), StorageError> {
         self.jobs
             .send(job)
-            .map_err(|_| "the snapshot thread is gone".to_string())
+            .map_err(|_| StorageError::SnapshotThread { source: None })
     }
 
     /// Has the snapshot thread free `entries` (those a snapshot compacted away): for a
     /// snapshot interval's worth that took the node thread 0.6-0.7 ms at p50 in the bench.
-    pub fn free_later(&self, entries: Vec<Entry>) -> Result<(), String> {
+    pub fn free_later(&self, entries: Vec<Entry>) -> Result<(), StorageError> {
         if entries.is_empty() {
             return Ok(());
         }
@@ -290,7 +297,7 @@ impl Disk {
     /// Starts a snapshot of the store up to `state.index`: what must happen in order with
     /// appends happens here; the fsyncs happen on the snapshot thread (see
     /// [`Disk::snapshot_written`]).
-    pub fn start_snapshot(&mut self, state: &SnapshotState) -> Result<(), String> {
+    pub fn start_snapshot(&mut self, state: &SnapshotState) -> Result<(), StorageError> {
         let started = Instant::now();
         let job = self.store.begin_snapshot(state)?;
         self.started_in = started.elapsed();
@@ -301,7 +308,7 @@ impl Disk {
 
     /// The snapshot the snapshot thread made durable, if one is back: it is now the one this
     /// peer sends. None also when the store was replaced by an install meanwhile.
-    pub fn snapshot_written(&mut self) -> Result<Option<SnapshotId>, String> {
+    pub fn snapshot_written(&mut self) -> Result<Option<SnapshotId>, StorageError> {
         if let Some(id) = self.written.take() {
             return Ok(Some(id));
         }
@@ -317,11 +324,11 @@ impl Disk {
         }
     }
 
-    fn wait_for_snapshot(&mut self) -> Result<SnapshotJob, String> {
+    fn wait_for_snapshot(&mut self) -> Result<SnapshotJob, StorageError> {
         self.writing = false;
         self.done
             .recv()
-            .map_err(|_| "the snapshot thread is gone".to_string())?
+            .map_err(|_| StorageError::SnapshotThread { source: None })?
     }
 
     pub fn snapshot_trailing(&self) -> u64 {
@@ -338,7 +345,7 @@ impl Disk {
         hard_state: &HardState,
         last: (Index, Term),
         base: Index,
-    ) -> Result<(), String> {
+    ) -> Result<(), StorageError> {
         if self.wal.segment_len() >= SEGMENT_BYTES {
             self.rotate_wal(hard_state, last)?;
         }
@@ -351,7 +358,7 @@ impl Disk {
 }
 
 /// The snapshot thread: runs jobs in order until the disk is dropped.
-fn snapshot_thread(jobs: Receiver<Job>, done: Sender<Result<SnapshotJob, String>>) {
+fn snapshot_thread(jobs: Receiver<Job>, done: Sender<Result<SnapshotJob, StorageError>>) {
     for job in jobs {
         match job {
             Job::Snapshot(job) => {

@@ -20,6 +20,7 @@
 //! Appends are buffered and never synced on their own: records after the latest snapshot are
 //! cut off on open (the core re-applies them from the WAL).
 
+use super::error::{At, Lost, Refusal, StorageError};
 use super::fs::{
     exists, open_rw, remove_if_exists, sync_dir, tmp_name, write_atomically, write_error,
 };
@@ -27,6 +28,7 @@ use crate::raft::{Index, LogRecord, SnapshotId, SnapshotMeta, SnapshotState, Ter
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use crc32fast::Hasher;
+use std::fmt;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -87,16 +89,14 @@ pub struct SnapshotJob {
 impl SnapshotJob {
     /// Syncs the records and the sparse index up to the snapshot (later appends may be synced
     /// too; a restart cuts them back), then writes `snapshot.json` atomically.
-    pub fn write(self) -> Result<SnapshotJob, String> {
+    pub fn write(self) -> Result<SnapshotJob, StorageError> {
         self.records
             .sync_data()
-            .map_err(|e| format!("cannot fdatasync {}: {e}", self.records_path.display()))?;
-        self.index.sync_data().map_err(|e| {
-            format!(
-                "cannot fdatasync {}: {e}",
-                self.store_dir.join(INDEX_FILE).display()
-            )
-        })?;
+            .map_err(StorageError::io("fdatasync", &self.records_path))?;
+        self.index.sync_data().map_err(StorageError::io(
+            "fdatasync",
+            &self.store_dir.join(INDEX_FILE),
+        ))?;
         write_atomically(&self.store_dir, SNAPSHOT_FILE, &self.bytes)?;
         Ok(self)
     }
@@ -131,7 +131,8 @@ struct Current {
     /// Byte offsets of records 1, 1+K, 1+2K, ...
     sparse: Vec<u64>,
     snapshot: Option<Snapshot>,
-    /// Set once a write failed: what reached the file is then unknown, so writes are refused.
+    /// Set once a write failed, to its sentence: what reached the file is then unknown, so
+    /// writes are refused ([`Refusal::AfterFailure`]).
     failed: Option<String>,
 }
 
@@ -141,9 +142,10 @@ impl Store {
     /// re-applies them from the WAL) and the running CRC resumes from `meta.records_crc`;
     /// without a snapshot, the store is cut back to empty. Returns the snapshot, if any, with
     /// its [`SnapshotId`].
-    pub fn open(data_dir: &Path) -> Result<(Store, Option<(SnapshotMeta, SnapshotId)>), String> {
-        fs::create_dir_all(data_dir)
-            .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
+    pub fn open(
+        data_dir: &Path,
+    ) -> Result<(Store, Option<(SnapshotMeta, SnapshotId)>), StorageError> {
+        fs::create_dir_all(data_dir).map_err(StorageError::io("create data dir", data_dir))?;
         let number = current_number(data_dir)?;
         // Opened first: a `store.current` naming a directory that is not there is damage,
         // and the other stores may then hold the data; they are left alone.
@@ -166,7 +168,7 @@ impl Store {
 
     /// Appends records (the first must be `last_index() + 1`, consecutive, terms never going
     /// down). Buffered; not synced.
-    pub fn append(&mut self, records: &[LogRecord]) -> Result<(), String> {
+    pub fn append(&mut self, records: &[LogRecord]) -> Result<(), StorageError> {
         self.cur.append(records)
     }
 
@@ -178,14 +180,14 @@ impl Store {
         start: Index,
         read_index: Index,
         budget: usize,
-    ) -> Result<(Vec<LogRecord>, Option<Index>), String> {
+    ) -> Result<(Vec<LogRecord>, Option<Index>), StorageError> {
         self.cur.read_page(start, read_index, budget)
     }
 
     /// Makes everything up to `state.index` durable and records it as the latest snapshot
     /// (requires `state.index == last_index()` and `state.term` the last record's term).
     /// Returns its ID.
-    pub fn write_snapshot(&mut self, state: &SnapshotState) -> Result<SnapshotId, String> {
+    pub fn write_snapshot(&mut self, state: &SnapshotState) -> Result<SnapshotId, StorageError> {
         let job = self.begin_snapshot(state)?.write()?;
         Ok(self.finish_snapshot(job).expect("same store"))
     }
@@ -194,7 +196,7 @@ impl Store {
     /// buffered records to the OS and builds the meta file. The returned job's
     /// [`SnapshotJob::write`] (the fsyncs, on any thread) makes it durable, and
     /// [`Store::finish_snapshot`] then makes it the snapshot this store serves.
-    pub fn begin_snapshot(&mut self, state: &SnapshotState) -> Result<SnapshotJob, String> {
+    pub fn begin_snapshot(&mut self, state: &SnapshotState) -> Result<SnapshotJob, StorageError> {
         self.cur.begin_snapshot(state)
     }
 
@@ -226,7 +228,7 @@ impl Store {
         id: &SnapshotId,
         offset: u64,
         len: u64,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, StorageError> {
         self.cur.read_chunk(id, offset, len)
     }
     /// Takes the chunk of snapshot `id`'s stream at `offset`, staging it in `install/`. A chunk
@@ -238,30 +240,29 @@ impl Store {
         id: &SnapshotId,
         offset: u64,
         data: &[u8],
-    ) -> Result<Received, String> {
+    ) -> Result<Received, StorageError> {
         let install = self.data_dir.join(INSTALL_DIR);
         let total = id.records_len.checked_add(id.meta_len);
         let Some(total) =
             total.filter(|_| id.meta_len > 0 && (id.index == 0) == (id.records_len == 0))
         else {
-            return Err(format!(
-                "{}: snapshot {} (term {}) has impossible lengths: {} bytes of records, {} of meta",
-                install.display(),
-                id.index,
-                id.term,
-                id.records_len,
-                id.meta_len
-            ));
+            let refusal = Refusal::ImpossibleLengths {
+                index: id.index,
+                term: id.term,
+                records_len: id.records_len,
+                meta_len: id.meta_len,
+            };
+            return Err(StorageError::refused(&install, refusal));
         };
         let end = offset.checked_add(data.len() as u64);
         if end.is_none_or(|end| end > total) {
-            return Err(format!(
-                "{}: a chunk of {} bytes at offset {offset} runs past the end of snapshot {}'s \
-                 {total} bytes",
-                install.display(),
-                data.len(),
-                id.index
-            ));
+            let refusal = Refusal::ChunkPastEnd {
+                len: data.len(),
+                offset,
+                index: id.index,
+                total,
+            };
+            return Err(StorageError::refused(&install, refusal));
         }
         let result = self.receive(&install, id, offset, data);
         if result.is_err() {
@@ -277,7 +278,7 @@ impl Store {
         id: &SnapshotId,
         offset: u64,
         data: &[u8],
-    ) -> Result<Received, String> {
+    ) -> Result<Received, StorageError> {
         let staging = match self.staging.take() {
             Some(staging) if staging.id == *id => staging,
             Some(mut staging) => {
@@ -332,9 +333,12 @@ impl Store {
 
     /// Makes the complete, verified staging area the current store: durable first, then
     /// renamed to `store.<n+1>`, then named by `store.current`; the old store is deleted.
-    fn install(&mut self, meta: SnapshotMeta) -> Result<SnapshotMeta, String> {
+    fn install(&mut self, meta: SnapshotMeta) -> Result<SnapshotMeta, StorageError> {
         let Some(staging) = self.staging.take() else {
-            return Err(format!("{}: nothing staged", self.data_dir.display()));
+            return Err(StorageError::refused(
+                &self.data_dir,
+                Refusal::NothingStaged,
+            ));
         };
         staging.finish()?;
         let install = staging.dir.clone();
@@ -343,16 +347,10 @@ impl Store {
         let next = self.cur.number + 1;
         let dir = self.data_dir.join(format!("{STORE_PREFIX}{next}"));
         if exists(&dir)? {
-            fs::remove_dir_all(&dir)
-                .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+            fs::remove_dir_all(&dir).map_err(StorageError::io("remove", &dir))?;
         }
-        fs::rename(&install, &dir).map_err(|e| {
-            format!(
-                "cannot rename {} to {}: {e}",
-                install.display(),
-                dir.display()
-            )
-        })?;
+        fs::rename(&install, &dir)
+            .map_err(StorageError::io_at(&install, At::RenameTo(dir.clone())))?;
         let switched = sync_dir(&self.data_dir)
             .and_then(|()| {
                 write_atomically(
@@ -366,7 +364,7 @@ impl Store {
             Ok(cur) => cur,
             Err(e) => {
                 // Which store a restart finds current is unknown: write nothing more here.
-                self.cur.failed = Some(e.clone());
+                self.cur.failed = Some(e.to_string());
                 return Err(e);
             }
         };
@@ -402,16 +400,18 @@ pub fn encode_chunk(bytes: &[u8]) -> (String, u32) {
 }
 
 /// The bytes of a chunk [`encode_chunk`] made, checked against its CRC-32.
-pub fn decode_chunk(text: &str, crc: u32) -> Result<Vec<u8>, String> {
-    let bytes = STANDARD
-        .decode(text)
-        .map_err(|e| format!("snapshot chunk: bad base64: {e}"))?;
+pub fn decode_chunk(text: &str, crc: u32) -> Result<Vec<u8>, StorageError> {
+    let bytes = STANDARD.decode(text).map_err(|e| StorageError::BadChunk {
+        problem: format!("bad base64: {e}"),
+    })?;
     let got = crc32fast::hash(&bytes);
     if got != crc {
-        return Err(format!(
-            "snapshot chunk: CRC mismatch: sent {crc:08x}, its {} bytes have {got:08x}",
-            bytes.len()
-        ));
+        return Err(StorageError::BadChunk {
+            problem: format!(
+                "CRC mismatch: sent {crc:08x}, its {} bytes have {got:08x}",
+                bytes.len()
+            ),
+        });
     }
     Ok(bytes)
 }
@@ -419,9 +419,49 @@ pub fn decode_chunk(text: &str, crc: u32) -> Result<Vec<u8>, String> {
 /// Why staged bytes were not taken.
 enum Fault {
     /// They are not a valid stream: start over.
-    Bad(String),
+    Bad(Damage),
     /// Reading or writing the staging area failed.
-    Io(String),
+    Io(StorageError),
+}
+
+/// What is wrong with bytes that are not what was written (a line, a meta file, a staged
+/// stream), found where the file is not known or not named: `problem` is a phrase such as
+/// "CRC mismatch: ...", and `offset` the byte offset it names, if any. [`Damage::in_file`]
+/// makes it an error naming the file.
+#[derive(Debug)]
+struct Damage {
+    offset: Option<u64>,
+    problem: String,
+}
+
+impl Damage {
+    fn new(problem: impl Into<String>) -> Damage {
+        Damage {
+            offset: None,
+            problem: problem.into(),
+        }
+    }
+
+    fn at(offset: u64, problem: impl Into<String>) -> Damage {
+        Damage {
+            offset: Some(offset),
+            problem: problem.into(),
+        }
+    }
+
+    fn in_file(self, path: &Path) -> StorageError {
+        StorageError::Corrupt {
+            path: path.to_path_buf(),
+            offset: self.offset,
+            problem: self.problem,
+        }
+    }
+}
+
+impl fmt::Display for Damage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.problem)
+    }
 }
 
 /// A snapshot being received, in `install/`: its records so far (checked line by line, with
@@ -449,17 +489,17 @@ impl Staging {
     }
 
     /// An empty staging area for `id`, replacing whatever `dir` held.
-    fn create(dir: &Path, id: &SnapshotId) -> Result<Staging, String> {
+    fn create(dir: &Path, id: &SnapshotId) -> Result<Staging, StorageError> {
         if exists(dir)? {
-            fs::remove_dir_all(dir).map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+            fs::remove_dir_all(dir).map_err(StorageError::io("remove", dir))?;
         }
-        fs::create_dir(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        fs::create_dir(dir).map_err(StorageError::io("create", dir))?;
         let mut staging = Staging::open(dir, *id)?;
         staging.set_id(id)?;
         Ok(staging)
     }
 
-    fn open(dir: &Path, id: SnapshotId) -> Result<Staging, String> {
+    fn open(dir: &Path, id: SnapshotId) -> Result<Staging, StorageError> {
         let records_path = dir.join(RECORDS_FILE);
         let index_path = dir.join(INDEX_FILE);
         let records = open_rw(&records_path)?;
@@ -481,20 +521,19 @@ impl Staging {
     /// Reopens `dir` after a restart: rescans its records once to rebuild the parser and the
     /// index, cutting any tail that is not whole, valid lines. Deletes it if its ID is missing
     /// or unreadable.
-    fn resume(dir: &Path) -> Result<Option<Staging>, String> {
+    fn resume(dir: &Path) -> Result<Option<Staging>, StorageError> {
         if !exists(dir)? {
             return Ok(None);
         }
         let id_path = dir.join(STAGED_ID_FILE);
         let id = fs::read(&id_path)
-            .map_err(|e| format!("cannot read: {e}"))
+            .map_err(|e| Damage::new(format!("cannot read: {e}")))
             .and_then(|bytes| decode_staged_id(&bytes));
         let id = match id {
             Ok(id) => id,
             Err(e) => {
                 log::warn!("{}: {e}; discarding the staged snapshot", id_path.display());
-                fs::remove_dir_all(dir)
-                    .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+                fs::remove_dir_all(dir).map_err(StorageError::io("remove", dir))?;
                 return Ok(None);
             }
         };
@@ -505,7 +544,7 @@ impl Staging {
         let file_len = staging
             .records
             .metadata()
-            .map_err(|e| format!("cannot stat {}: {e}", path.display()))?
+            .map_err(StorageError::io("stat", path))?
             .len();
         let limit = file_len.min(id.records_len);
         let mut offsets = Vec::new();
@@ -516,7 +555,7 @@ impl Staging {
             let n = staging
                 .records
                 .read(&mut buf[..want])
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                .map_err(StorageError::io("read", path))?;
             if n == 0 {
                 break;
             }
@@ -532,12 +571,12 @@ impl Staging {
             staging
                 .records
                 .set_len(valid)
-                .map_err(|e| format!("cannot truncate {}: {e}", path.display()))?;
+                .map_err(StorageError::io("truncate", path))?;
         }
         staging
             .records
             .seek(SeekFrom::Start(valid))
-            .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
+            .map_err(StorageError::io("seek in", path))?;
         staging.records_have = valid;
         let bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
         let index_path = &staging.index_path;
@@ -546,7 +585,7 @@ impl Staging {
             .set_len(0)
             .and_then(|()| staging.index.seek(SeekFrom::Start(0)))
             .and_then(|_| staging.index.write_all(&bytes))
-            .map_err(|e| format!("cannot rewrite {}: {e}", index_path.display()))?;
+            .map_err(StorageError::io("rewrite", index_path))?;
         if valid == id.records_len {
             if let Err(e) = staging.check_records() {
                 log::warn!("{}: {e}; starting over", staging.records_path.display());
@@ -564,24 +603,26 @@ impl Staging {
     }
 
     /// Names the snapshot being staged, durably.
-    fn set_id(&mut self, id: &SnapshotId) -> Result<(), String> {
+    fn set_id(&mut self, id: &SnapshotId) -> Result<(), StorageError> {
         let mut bytes = Vec::new();
-        encode_line(&mut bytes, id)
-            .map_err(|e| format!("{}: {e}", self.dir.join(STAGED_ID_FILE).display()))?;
+        encode_line(&mut bytes, id).map_err(|e| {
+            let refusal = Refusal::Unencodable(format!("cannot encode: {e}"));
+            StorageError::refused(&self.dir.join(STAGED_ID_FILE), refusal)
+        })?;
         write_atomically(&self.dir, STAGED_ID_FILE, &bytes)?;
         self.id = *id;
         Ok(())
     }
 
     /// Empties the staging area (keeping its ID).
-    fn reset(&mut self) -> Result<(), String> {
+    fn reset(&mut self) -> Result<(), StorageError> {
         for (file, path) in [
             (&mut self.records, &self.records_path),
             (&mut self.index, &self.index_path),
         ] {
             file.set_len(0)
                 .and_then(|()| file.seek(SeekFrom::Start(0)).map(drop))
-                .map_err(|e| format!("cannot truncate {}: {e}", path.display()))?;
+                .map_err(StorageError::io("truncate", path))?;
         }
         self.records_have = 0;
         self.parser = LineParser::new(1, 0);
@@ -616,7 +657,7 @@ impl Staging {
             if self.unsynced >= SYNC_EVERY {
                 self.records
                     .sync_data()
-                    .map_err(|e| Fault::Io(format!("cannot fdatasync {}: {e}", path.display())))?;
+                    .map_err(|e| Fault::Io(StorageError::io("fdatasync", path)(e)))?;
                 self.unsynced = 0;
             }
             data = rest;
@@ -629,81 +670,82 @@ impl Staging {
     }
 
     /// Checks the complete records part against the ID.
-    fn check_records(&self) -> Result<(), String> {
+    fn check_records(&self) -> Result<(), Damage> {
         let id = &self.id;
         let parser = &self.parser;
         if !parser.partial.is_empty() {
-            return Err("the records end inside a line".to_string());
+            return Err(Damage::new("the records end inside a line"));
         }
         let last = parser.next_index - 1;
         if last != id.index || parser.last_term != id.term {
-            return Err(format!(
+            return Err(Damage::new(format!(
                 "the records end with record {last} (term {}), the snapshot says {} (term {})",
                 parser.last_term, id.index, id.term
-            ));
+            )));
         }
         let crc = parser.crc.clone().finalize();
         if crc != id.records_crc {
-            return Err(format!(
+            return Err(Damage::new(format!(
                 "the records have CRC {crc:08x}, the snapshot says {:08x}",
                 id.records_crc
-            ));
+            )));
         }
         Ok(())
     }
 
     /// Checks the complete meta bytes against the ID; returns the meta.
-    fn check_meta(&self) -> Result<SnapshotMeta, String> {
+    fn check_meta(&self) -> Result<SnapshotMeta, Damage> {
         let id = &self.id;
         let crc = crc32fast::hash(&self.meta);
         if crc != id.meta_crc {
-            return Err(format!(
+            return Err(Damage::new(format!(
                 "the meta has CRC {crc:08x}, the snapshot says {:08x}",
                 id.meta_crc
-            ));
+            )));
         }
-        let meta = decode_meta(&self.meta).map_err(|e| format!("the meta: {e}"))?;
+        let meta = decode_meta(&self.meta).map_err(|e| Damage::new(format!("the meta: {e}")))?;
         if snapshot_id(&meta, &self.meta) != *id {
-            return Err(format!(
+            return Err(Damage::new(format!(
                 "the meta describes snapshot {} (term {}, {} bytes of records, CRC {:08x}), not \
                  the one being sent",
                 meta.state.index, meta.state.term, meta.records_len, meta.records_crc
-            ));
+            )));
         }
         Ok(meta)
     }
 
     /// Makes the complete staging area durable, with its `snapshot.json`.
-    fn finish(&self) -> Result<(), String> {
+    fn finish(&self) -> Result<(), StorageError> {
         self.records
             .sync_data()
-            .map_err(|e| format!("cannot fdatasync {}: {e}", self.records_path.display()))?;
+            .map_err(StorageError::io("fdatasync", &self.records_path))?;
         self.index
             .sync_data()
-            .map_err(|e| format!("cannot fdatasync {}: {e}", self.index_path.display()))?;
+            .map_err(StorageError::io("fdatasync", &self.index_path))?;
         write_atomically(&self.dir, SNAPSHOT_FILE, &self.meta)
     }
 }
 
 /// The [`SnapshotId`] in `install/id.json`.
-fn decode_staged_id(bytes: &[u8]) -> Result<SnapshotId, String> {
+fn decode_staged_id(bytes: &[u8]) -> Result<SnapshotId, Damage> {
     let line = match bytes.split_last() {
         Some((b'\n', line)) => line,
-        _ => return Err("torn".to_string()),
+        _ => return Err(Damage::new("torn")),
     };
-    serde_json::from_slice(check_line(line)?).map_err(|e| format!("bad snapshot ID: {e}"))
+    serde_json::from_slice(check_line(line)?)
+        .map_err(|e| Damage::new(format!("bad snapshot ID: {e}")))
 }
 
 impl Current {
     /// Opens `store.<number>`, cutting it back to its snapshot (or to empty without one).
-    fn open(data_dir: &Path, number: u64) -> Result<Current, String> {
+    fn open(data_dir: &Path, number: u64) -> Result<Current, StorageError> {
         let dir = data_dir.join(format!("{STORE_PREFIX}{number}"));
         if !exists(&dir)? {
-            return Err(format!(
-                "{} names {}, which does not exist",
-                data_dir.join(CURRENT_FILE).display(),
-                dir.display()
-            ));
+            return Err(StorageError::LostStore {
+                current: data_dir.join(CURRENT_FILE),
+                store: dir,
+                lost: Lost::Store,
+            });
         }
         remove_if_exists(&dir.join(tmp_name(SNAPSHOT_FILE)))?;
         let snapshot = load_snapshot(&dir)?;
@@ -727,15 +769,12 @@ impl Current {
         cut(&index_path, &mut index, count * 8, "index")?;
         let sparse = read_sparse(&index_path, &mut index, records_len)?;
         if sparse.len() as u64 != count {
-            return Err(format!(
-                "{}: holds {} offsets where {count} were expected",
-                index_path.display(),
-                sparse.len()
-            ));
+            let problem = format!("holds {} offsets where {count} were expected", sparse.len());
+            return Err(StorageError::corrupt(&index_path, problem));
         }
 
-        let mut reader = File::open(&records_path)
-            .map_err(|e| format!("cannot open {}: {e}", records_path.display()))?;
+        let mut reader =
+            File::open(&records_path).map_err(StorageError::io("open", &records_path))?;
         if let Some(&from) = sparse.last() {
             let mut parser = LineParser::new((count - 1) * INDEX_EVERY + 1, from);
             check_tail(
@@ -767,44 +806,48 @@ impl Current {
         })
     }
 
-    fn check_writable(&self) -> Result<(), String> {
+    fn check_writable(&self) -> Result<(), StorageError> {
         match &self.failed {
-            Some(failure) => Err(format!(
-                "{}: refusing to write after an earlier failure: {failure}",
-                self.dir.display()
-            )),
+            Some(failure) => {
+                let earlier = failure.clone();
+                let refusal = Refusal::AfterFailure { earlier };
+                Err(StorageError::refused(&self.dir, refusal))
+            }
             None => Ok(()),
         }
     }
 
     /// Records `result`'s error as a failure that stops all later writes.
-    fn note<T>(&mut self, result: Result<T, String>) -> Result<T, String> {
+    fn note<T>(&mut self, result: Result<T, StorageError>) -> Result<T, StorageError> {
         if let Err(e) = &result {
-            self.failed = Some(e.clone());
+            self.failed = Some(e.to_string());
         }
         result
     }
 
-    fn append(&mut self, records: &[LogRecord]) -> Result<(), String> {
+    fn append(&mut self, records: &[LogRecord]) -> Result<(), StorageError> {
         self.check_writable()?;
         let mut term = self.last_term;
         for (expect, r) in (self.last_index + 1..).zip(records) {
             if r.index != expect || r.term < term {
-                return Err(format!(
-                    "{}: cannot append record {} (term {}) after record {} (term {term})",
-                    self.records_path.display(),
-                    r.index,
-                    r.term,
-                    expect - 1
-                ));
+                let refusal = Refusal::RecordOrder {
+                    index: r.index,
+                    term: r.term,
+                    after: expect - 1,
+                    after_term: term,
+                };
+                return Err(StorageError::refused(&self.records_path, refusal));
             }
             term = r.term;
         }
         let mut line = Vec::new();
         for r in records {
             line.clear();
-            encode_line(&mut line, r)
-                .map_err(|e| format!("{}: record {}: {e}", self.records_path.display(), r.index))?;
+            encode_line(&mut line, r).map_err(|e| {
+                let refusal =
+                    Refusal::Unencodable(format!("record {}: cannot encode: {e}", r.index));
+                StorageError::refused(&self.records_path, refusal)
+            })?;
             if (r.index - 1).is_multiple_of(INDEX_EVERY) {
                 let offset = self.records_len;
                 let written = self.index.write_all(&offset.to_le_bytes());
@@ -825,7 +868,7 @@ impl Current {
     }
 
     /// Hands buffered records to the OS, so the read handle sees them.
-    fn flush_records(&mut self) -> Result<(), String> {
+    fn flush_records(&mut self) -> Result<(), StorageError> {
         if self.unflushed {
             let flushed = self.records.flush();
             let flushed = flushed.map_err(|e| write_error(&self.records_path, e));
@@ -840,13 +883,14 @@ impl Current {
         start: Index,
         read_index: Index,
         budget: usize,
-    ) -> Result<(Vec<LogRecord>, Option<Index>), String> {
+    ) -> Result<(Vec<LogRecord>, Option<Index>), StorageError> {
         if start == 0 || read_index > self.last_index {
-            return Err(format!(
-                "{}: cannot read records {start} to {read_index}: the store holds 1 to {}",
-                self.records_path.display(),
-                self.last_index
-            ));
+            let refusal = Refusal::ReadRange {
+                start,
+                end: read_index,
+                last: self.last_index,
+            };
+            return Err(StorageError::refused(&self.records_path, refusal));
         }
         if start > read_index {
             return Ok((Vec::new(), None));
@@ -859,35 +903,31 @@ impl Current {
         let mut reader = BufReader::with_capacity(READ_BUFFER, &self.reader);
         reader
             .seek(SeekFrom::Start(offset))
-            .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
+            .map_err(StorageError::io("seek in", path))?;
         let mut page = Vec::new();
         let mut used = 0usize;
         let mut line = Vec::new();
         while index <= read_index {
             line.clear();
-            let n = reader.read_until(b'\n', &mut line).map_err(|e| {
-                format!(
-                    "cannot read {} at byte offset {offset}: {e}",
-                    path.display()
-                )
-            })?;
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .map_err(StorageError::io_at(path, At::Read(offset)))?;
             if n == 0 || line[n - 1] != b'\n' {
-                return Err(format!(
-                    "{}: record {index} at byte offset {offset} is cut short",
-                    path.display()
-                ));
+                let problem = format!("record {index} at byte offset {offset} is cut short");
+                return Err(StorageError::corrupt_at(path, offset, problem));
             }
             if index >= start {
                 let record = decode_record(&line[..n - 1]).map_err(|e| {
-                    format!("{}: bad line at byte offset {offset}: {e}", path.display())
+                    let problem = format!("bad line at byte offset {offset}: {e}");
+                    StorageError::corrupt_at(path, offset, problem)
                 })?;
                 if record.index != index {
-                    return Err(format!(
-                        "{}: the line at byte offset {offset} holds record {} where record \
-                         {index} belongs",
-                        path.display(),
+                    let problem = format!(
+                        "the line at byte offset {offset} holds record {} where record {index} \
+                         belongs",
                         record.index
-                    ));
+                    );
+                    return Err(StorageError::corrupt_at(path, offset, problem));
                 }
                 let json_len = n - LINE_SUFFIX.min(n);
                 if !page.is_empty() && used + json_len > budget {
@@ -902,17 +942,16 @@ impl Current {
         Ok((page, None))
     }
 
-    fn begin_snapshot(&mut self, state: &SnapshotState) -> Result<SnapshotJob, String> {
+    fn begin_snapshot(&mut self, state: &SnapshotState) -> Result<SnapshotJob, StorageError> {
         self.check_writable()?;
         if state.index != self.last_index || state.term != self.last_term {
-            return Err(format!(
-                "{}: a snapshot at index {} (term {}) must end at the last record, {} (term {})",
-                self.dir.display(),
-                state.index,
-                state.term,
-                self.last_index,
-                self.last_term
-            ));
+            let refusal = Refusal::SnapshotNotAtEnd {
+                index: state.index,
+                term: state.term,
+                last: self.last_index,
+                last_term: self.last_term,
+            };
+            return Err(StorageError::refused(&self.dir, refusal));
         }
         self.flush_records()?;
         let flushed = self
@@ -925,7 +964,7 @@ impl Current {
             .get_ref()
             .try_clone()
             .and_then(|r| Ok((r, self.index.get_ref().try_clone()?)))
-            .map_err(|e| format!("cannot reopen {}: {e}", self.records_path.display()));
+            .map_err(StorageError::io("reopen", &self.records_path));
         let (records, index) = self.note(handles)?;
 
         let meta = SnapshotMeta {
@@ -934,8 +973,10 @@ impl Current {
             records_crc: self.crc.clone().finalize(),
         };
         let mut bytes = Vec::new();
-        encode_line(&mut bytes, &meta)
-            .map_err(|e| format!("{}: {e}", self.dir.join(SNAPSHOT_FILE).display()))?;
+        encode_line(&mut bytes, &meta).map_err(|e| {
+            let refusal = Refusal::Unencodable(format!("cannot encode: {e}"));
+            StorageError::refused(&self.dir.join(SNAPSHOT_FILE), refusal)
+        })?;
         let id = snapshot_id(&meta, &bytes);
         Ok(SnapshotJob {
             store_dir: self.dir.clone(),
@@ -948,22 +989,27 @@ impl Current {
         })
     }
 
-    fn read_chunk(&mut self, id: &SnapshotId, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+    fn read_chunk(
+        &mut self,
+        id: &SnapshotId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, StorageError> {
         let Some(snapshot) = self.snapshot.as_ref().filter(|s| s.id == *id) else {
-            return Err(format!(
-                "{}: snapshot {} (term {}) is not the current one",
-                self.dir.display(),
-                id.index,
-                id.term
-            ));
+            let refusal = Refusal::NotCurrent {
+                index: id.index,
+                term: id.term,
+            };
+            return Err(StorageError::refused(&self.dir, refusal));
         };
         let total = id.total_len();
         if offset > total {
-            return Err(format!(
-                "{}: offset {offset} is past the end of snapshot {}'s {total} bytes",
-                self.dir.display(),
-                id.index
-            ));
+            let refusal = Refusal::ReadPastEnd {
+                offset,
+                index: id.index,
+                total,
+            };
+            return Err(StorageError::refused(&self.dir, refusal));
         }
         let end = offset.saturating_add(len).min(total);
         let mut out = Vec::with_capacity((end - offset) as usize);
@@ -975,12 +1021,7 @@ impl Current {
             reader
                 .seek(SeekFrom::Start(offset))
                 .and_then(|_| reader.read_exact(&mut out))
-                .map_err(|e| {
-                    format!(
-                        "cannot read {} at byte offset {offset}: {e}",
-                        path.display()
-                    )
-                })?;
+                .map_err(StorageError::io_at(path, At::Read(offset)))?;
         }
         if end > id.records_len {
             let from = offset.max(id.records_len) - id.records_len;
@@ -1004,7 +1045,7 @@ fn snapshot_id(meta: &SnapshotMeta, bytes: &[u8]) -> SnapshotId {
 }
 
 /// Reads `store.current`, creating it (pointing at a new, empty `store.1`) when missing.
-fn current_number(data_dir: &Path) -> Result<u64, String> {
+fn current_number(data_dir: &Path) -> Result<u64, StorageError> {
     let path = data_dir.join(CURRENT_FILE);
     remove_if_exists(&data_dir.join(tmp_name(CURRENT_FILE)))?;
     if !exists(&path)? {
@@ -1012,16 +1053,15 @@ fn current_number(data_dir: &Path) -> Result<u64, String> {
         // crash before the first `store.current` was written, and holds nothing. One with
         // records or a snapshot means `store.current` was lost: refuse, never delete them.
         if let Some(dir) = store_with_data(data_dir)? {
-            return Err(format!(
-                "{} is missing but {} holds records or a snapshot; restore {} (one line naming the store to use, such as store.1) or move the data dir aside",
-                path.display(),
-                dir.display(),
-                CURRENT_FILE
-            ));
+            return Err(StorageError::LostStore {
+                current: path,
+                store: dir,
+                lost: Lost::Current,
+            });
         }
         remove_other_stores(data_dir, 0)?;
         let dir = data_dir.join(format!("{STORE_PREFIX}1"));
-        fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        fs::create_dir(&dir).map_err(StorageError::io("create", &dir))?;
         sync_dir(data_dir)?;
         write_atomically(
             data_dir,
@@ -1030,15 +1070,12 @@ fn current_number(data_dir: &Path) -> Result<u64, String> {
         )?;
         return Ok(1);
     }
-    let text =
-        fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = fs::read_to_string(&path).map_err(StorageError::io("read", &path))?;
     text.strip_suffix('\n')
         .and_then(store_number)
         .ok_or_else(|| {
-            format!(
-                "{}: expected one line naming a store directory, found {text:?}",
-                path.display()
-            )
+            let problem = format!("expected one line naming a store directory, found {text:?}");
+            StorageError::corrupt(&path, problem)
         })
 }
 
@@ -1052,12 +1089,10 @@ fn store_number(name: &str) -> Option<u64> {
 }
 
 /// A `store.<n>` directory with a non-empty records file or a snapshot, if there is one.
-fn store_with_data(data_dir: &Path) -> Result<Option<PathBuf>, String> {
-    let entries = fs::read_dir(data_dir)
-        .map_err(|e| format!("cannot list data dir {}: {e}", data_dir.display()))?;
-    for entry in entries {
-        let entry =
-            entry.map_err(|e| format!("cannot list data dir {}: {e}", data_dir.display()))?;
+fn store_with_data(data_dir: &Path) -> Result<Option<PathBuf>, StorageError> {
+    let list_err = |e| StorageError::io("list data dir", data_dir)(e);
+    for entry in fs::read_dir(data_dir).map_err(list_err)? {
+        let entry = entry.map_err(list_err)?;
         if entry.file_name().to_str().and_then(store_number).is_none() {
             continue;
         }
@@ -1065,7 +1100,7 @@ fn store_with_data(data_dir: &Path) -> Result<Option<PathBuf>, String> {
         let records = dir.join(RECORDS_FILE);
         let has_records = exists(&records)?
             && fs::metadata(&records)
-                .map_err(|e| format!("cannot stat {}: {e}", records.display()))?
+                .map_err(StorageError::io("stat", &records))?
                 .len()
                 > 0;
         if has_records || exists(&dir.join(SNAPSHOT_FILE))? {
@@ -1076,12 +1111,10 @@ fn store_with_data(data_dir: &Path) -> Result<Option<PathBuf>, String> {
 }
 
 /// Deletes every `store.<n>` directory but `store.<keep>`: leftovers of a crash mid-install.
-fn remove_other_stores(data_dir: &Path, keep: u64) -> Result<(), String> {
-    let entries = fs::read_dir(data_dir)
-        .map_err(|e| format!("cannot list data dir {}: {e}", data_dir.display()))?;
-    for entry in entries {
-        let entry =
-            entry.map_err(|e| format!("cannot list data dir {}: {e}", data_dir.display()))?;
+fn remove_other_stores(data_dir: &Path, keep: u64) -> Result<(), StorageError> {
+    let list_err = |e| StorageError::io("list data dir", data_dir)(e);
+    for entry in fs::read_dir(data_dir).map_err(list_err)? {
+        let entry = entry.map_err(list_err)?;
         let name = entry.file_name();
         let Some(n) = name.to_str().and_then(store_number) else {
             continue;
@@ -1092,47 +1125,46 @@ fn remove_other_stores(data_dir: &Path, keep: u64) -> Result<(), String> {
                 "{}: removing a store left over from an interrupted install",
                 path.display()
             );
-            fs::remove_dir_all(&path)
-                .map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
+            fs::remove_dir_all(&path).map_err(StorageError::io("remove", &path))?;
         }
     }
     Ok(())
 }
 
 /// Reads and checks `dir/snapshot.json`, if there is one.
-fn load_snapshot(dir: &Path) -> Result<Option<Snapshot>, String> {
+fn load_snapshot(dir: &Path) -> Result<Option<Snapshot>, StorageError> {
     let path = dir.join(SNAPSHOT_FILE);
     if !exists(&path)? {
         return Ok(None);
     }
-    let bytes = fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let meta = decode_meta(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bytes = fs::read(&path).map_err(StorageError::io("read", &path))?;
+    let meta = decode_meta(&bytes).map_err(|e| e.in_file(&path))?;
     let id = snapshot_id(&meta, &bytes);
     Ok(Some(Snapshot { meta, id, bytes }))
 }
 
 /// The [`SnapshotMeta`] in `bytes`, which must be exactly one line.
-fn decode_meta(bytes: &[u8]) -> Result<SnapshotMeta, String> {
+fn decode_meta(bytes: &[u8]) -> Result<SnapshotMeta, Damage> {
     let line = match bytes.split_last() {
         Some((b'\n', line)) if !line.contains(&b'\n') => line,
-        _ => return Err("expected exactly one line (torn or damaged)".to_string()),
+        _ => return Err(Damage::new("expected exactly one line (torn or damaged)")),
     };
     let json = check_line(line)?;
     let meta: SnapshotMeta =
-        serde_json::from_slice(json).map_err(|e| format!("bad snapshot meta: {e}"))?;
+        serde_json::from_slice(json).map_err(|e| Damage::new(format!("bad snapshot meta: {e}")))?;
     if (meta.state.index == 0) != (meta.records_len == 0) {
-        return Err(format!(
+        return Err(Damage::new(format!(
             "snapshot at index {} cannot cover {} bytes of records",
             meta.state.index, meta.records_len
-        ));
+        )));
     }
     Ok(meta)
 }
 
 /// Appends `value` as a line: its JSON, a TAB, the JSON's CRC-32 in 8 lowercase hex digits, `\n`.
-fn encode_line<T: serde::Serialize>(out: &mut Vec<u8>, value: &T) -> Result<(), String> {
+fn encode_line<T: serde::Serialize>(out: &mut Vec<u8>, value: &T) -> Result<(), serde_json::Error> {
     let start = out.len();
-    serde_json::to_writer(&mut *out, value).map_err(|e| format!("cannot encode: {e}"))?;
+    serde_json::to_writer(&mut *out, value)?;
     let crc = crc32fast::hash(&out[start..]);
     out.push(b'\t');
     out.extend_from_slice(format!("{crc:08x}").as_bytes());
@@ -1141,9 +1173,9 @@ fn encode_line<T: serde::Serialize>(out: &mut Vec<u8>, value: &T) -> Result<(), 
 }
 
 /// Checks the framing and CRC of one line (without its `\n`); returns its JSON.
-fn check_line(line: &[u8]) -> Result<&[u8], String> {
+fn check_line(line: &[u8]) -> Result<&[u8], Damage> {
     if line.len() < LINE_SUFFIX - 1 || line[line.len() - 9] != b'\t' {
-        return Err("no TAB and CRC at the end of the line".to_string());
+        return Err(Damage::new("no TAB and CRC at the end of the line"));
     }
     let (json, tail) = line.split_at(line.len() - 9);
     let hex = &tail[1..];
@@ -1152,23 +1184,23 @@ fn check_line(line: &[u8]) -> Result<&[u8], String> {
         let digit = match b {
             b'0'..=b'9' => b - b'0',
             b'a'..=b'f' => b - b'a' + 10,
-            _ => return Err("the CRC is not 8 lowercase hex digits".to_string()),
+            _ => return Err(Damage::new("the CRC is not 8 lowercase hex digits")),
         };
         want = want << 4 | u32::from(digit);
     }
     let got = crc32fast::hash(json);
     if got != want {
-        return Err(format!(
+        return Err(Damage::new(format!(
             "CRC mismatch: the line says {want:08x}, its bytes have {got:08x}"
-        ));
+        )));
     }
     Ok(json)
 }
 
 /// The record on one line (without its `\n`).
-fn decode_record(line: &[u8]) -> Result<LogRecord, String> {
+fn decode_record(line: &[u8]) -> Result<LogRecord, Damage> {
     let json = check_line(line)?;
-    serde_json::from_slice(json).map_err(|e| format!("bad record: {e}"))
+    serde_json::from_slice(json).map_err(|e| Damage::new(format!("bad record: {e}")))
 }
 
 /// Checks records lines as their bytes arrive in pieces: each line's CRC, indices running on by
@@ -1197,14 +1229,14 @@ impl LineParser {
     /// Takes the next bytes; pushes onto `offsets` the start of each record line that belongs
     /// in the sparse index. On error the parser's complete-line state is unchanged, but its
     /// partial line is not: drop it (see [`LineParser::drop_partial`]) or the parser.
-    fn feed(&mut self, mut data: &[u8], offsets: &mut Vec<u64>) -> Result<(), String> {
+    fn feed(&mut self, mut data: &[u8], offsets: &mut Vec<u64>) -> Result<(), Damage> {
         while !data.is_empty() {
             let Some(end) = data.iter().position(|&b| b == b'\n') else {
                 if self.partial.len() + data.len() > MAX_LINE {
-                    return Err(format!(
-                        "the line at byte offset {} runs over {MAX_LINE} bytes",
-                        self.line_start
-                    ));
+                    let at = self.line_start;
+                    let problem =
+                        format!("the line at byte offset {at} runs over {MAX_LINE} bytes");
+                    return Err(Damage::at(at, problem));
                 }
                 self.partial.extend_from_slice(data);
                 return Ok(());
@@ -1216,14 +1248,15 @@ impl LineParser {
                 &self.partial
             };
             let at = self.line_start;
-            let record =
-                decode_record(line).map_err(|e| format!("bad line at byte offset {at}: {e}"))?;
+            let record = decode_record(line)
+                .map_err(|e| Damage::at(at, format!("bad line at byte offset {at}: {e}")))?;
             if record.index != self.next_index || record.term < self.last_term {
-                return Err(format!(
+                let problem = format!(
                     "the line at byte offset {at} holds record {} (term {}) where record {} \
                      (term >= {}) belongs",
                     record.index, record.term, self.next_index, self.last_term
-                ));
+                );
+                return Err(Damage::at(at, problem));
             }
             if (record.index - 1).is_multiple_of(INDEX_EVERY) {
                 offsets.push(at);
@@ -1253,11 +1286,11 @@ fn check_tail(
     records_len: u64,
     last_index: Index,
     last_term: Term,
-) -> Result<(), String> {
+) -> Result<(), StorageError> {
     let from = parser.line_start;
     reader
         .seek(SeekFrom::Start(from))
-        .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
+        .map_err(StorageError::io("seek in", path))?;
     let mut buf = vec![0; READ_BUFFER];
     let mut left = records_len - from;
     let mut ignored = Vec::new();
@@ -1265,40 +1298,37 @@ fn check_tail(
         let want = left.min(buf.len() as u64) as usize;
         let n = reader
             .read(&mut buf[..want])
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            .map_err(StorageError::io("read", path))?;
         if n == 0 {
-            return Err(format!(
-                "{}: ends before byte {records_len}",
-                path.display()
-            ));
+            let problem = format!("ends before byte {records_len}");
+            return Err(StorageError::corrupt(path, problem));
         }
         parser
             .feed(&buf[..n], &mut ignored)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| e.in_file(path))?;
         left -= n as u64;
     }
     if !parser.partial.is_empty() || parser.next_index != last_index + 1 {
-        return Err(format!(
-            "{}: the snapshot's {records_len} bytes do not end with record {last_index}",
-            path.display()
-        ));
+        let problem =
+            format!("the snapshot's {records_len} bytes do not end with record {last_index}");
+        return Err(StorageError::corrupt(path, problem));
     }
     if parser.last_term != last_term {
-        return Err(format!(
-            "{}: record {last_index} has term {}, the snapshot says {last_term}",
-            path.display(),
+        let problem = format!(
+            "record {last_index} has term {}, the snapshot says {last_term}",
             parser.last_term
-        ));
+        );
+        return Err(StorageError::corrupt(path, problem));
     }
     Ok(())
 }
 
 /// Reads the sparse index: offsets starting at 0, increasing, inside the records.
-fn read_sparse(path: &Path, file: &mut File, records_len: u64) -> Result<Vec<u64>, String> {
+fn read_sparse(path: &Path, file: &mut File, records_len: u64) -> Result<Vec<u64>, StorageError> {
     let mut bytes = Vec::new();
     file.seek(SeekFrom::Start(0))
         .and_then(|_| file.read_to_end(&mut bytes))
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        .map_err(StorageError::io("read", path))?;
     let sparse: Vec<u64> = bytes
         .chunks_exact(8)
         .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
@@ -1310,34 +1340,30 @@ fn read_sparse(path: &Path, file: &mut File, records_len: u64) -> Result<Vec<u64
             offset > sparse[i - 1]
         };
         if !ok || offset >= records_len {
-            return Err(format!(
-                "{}: bad offset {offset} at byte offset {}",
-                path.display(),
-                i * 8
-            ));
+            let at = i as u64 * 8;
+            let problem = format!("bad offset {offset} at byte offset {at}");
+            return Err(StorageError::corrupt_at(path, at, problem));
         }
     }
     Ok(sparse)
 }
 
 /// Cuts `file` back to `len` bytes (it must hold at least that many) and seeks to its end.
-fn cut(path: &Path, file: &mut File, len: u64, what: &str) -> Result<(), String> {
+fn cut(path: &Path, file: &mut File, len: u64, what: &str) -> Result<(), StorageError> {
     let have = file
         .metadata()
-        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?
+        .map_err(StorageError::io("stat", path))?
         .len();
     if have < len {
-        return Err(format!(
-            "{}: holds {have} bytes, but the snapshot covers {len} bytes of {what}",
-            path.display()
-        ));
+        let problem = format!("holds {have} bytes, but the snapshot covers {len} bytes of {what}");
+        return Err(StorageError::corrupt(path, problem));
     }
     if have > len {
         file.set_len(len)
-            .map_err(|e| format!("cannot truncate {} to {len} bytes: {e}", path.display()))?;
+            .map_err(StorageError::io_at(path, At::TruncateTo(len)))?;
     }
     file.seek(SeekFrom::Start(len))
-        .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
+        .map_err(StorageError::io("seek in", path))?;
     Ok(())
 }
 

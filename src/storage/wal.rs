@@ -85,6 +85,7 @@
 //! segment, in the first frame of the only segment (above 0) left, and an intact frame that is
 //! out of sequence or does not decode.
 
+use super::error::{At, NotTorn, RecordProblem, Refusal, StorageError, WalProblem};
 use super::fs::{exists, sync_dir, write_atomically};
 use crate::raft::{Entry, HardState, Index, NodeId, Payload, Term};
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -182,8 +183,8 @@ fn segment_number(name: &str) -> Option<u64> {
 }
 
 /// The segment numbers in `dir`, ascending, and the leftover temporary files of segments.
-fn list_segments(dir: &Path) -> Result<(Vec<u64>, Vec<PathBuf>), String> {
-    let read_err = |e: io::Error| format!("cannot list data dir {}: {e}", dir.display());
+fn list_segments(dir: &Path) -> Result<(Vec<u64>, Vec<PathBuf>), StorageError> {
+    let read_err = |e| StorageError::io("list data dir", dir)(e);
     let mut numbers = Vec::new();
     let mut leftovers = Vec::new();
     for item in fs::read_dir(dir).map_err(read_err)? {
@@ -228,8 +229,9 @@ pub struct Wal {
     last_index: Index,
     /// The terms of the entries after the base, as runs: `(first index, term)`, ascending.
     terms: Vec<(Index, Term)>,
-    /// Set once a write or fsync failed. The file's contents are then unknown (a failed fsync may
-    /// have dropped dirty pages), so every later persist is refused.
+    /// Set once a write or fsync failed, to its sentence. The file's contents are then unknown (a
+    /// failed fsync may have dropped dirty pages), so every later persist is refused
+    /// ([`Refusal::AfterFailure`]).
     failed: Option<String>,
     /// The frame being built, reused between calls.
     buf: Vec<u8>,
@@ -242,9 +244,8 @@ pub struct Wal {
 impl Wal {
     /// Opens (creating if missing) `dir`, takes an exclusive lock, checks it belongs to `node_id`,
     /// replays the WAL's segments. The entries returned start at [`Wal::base`]'s index + 1.
-    pub fn open(dir: &Path, node_id: NodeId) -> Result<(Wal, HardState, Vec<Entry>), String> {
-        fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create data dir {}: {e}", dir.display()))?;
+    pub fn open(dir: &Path, node_id: NodeId) -> Result<(Wal, HardState, Vec<Entry>), StorageError> {
+        fs::create_dir_all(dir).map_err(StorageError::io("create data dir", dir))?;
         let lock = lock_dir(dir)?;
         let (mut numbers, leftovers) = list_segments(dir)?;
         check_node_id(dir, node_id, !numbers.is_empty())?;
@@ -253,8 +254,7 @@ impl Wal {
                 "{}: deleting a segment left half-created by a crash",
                 leftover.display()
             );
-            fs::remove_file(leftover)
-                .map_err(|e| format!("cannot delete {}: {e}", leftover.display()))?;
+            fs::remove_file(leftover).map_err(StorageError::io("delete", leftover))?;
         }
 
         drop_never_written(dir, &mut numbers)?;
@@ -282,7 +282,7 @@ impl Wal {
                 .read(true)
                 .write(number == newest)
                 .open(&path)
-                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+                .map_err(StorageError::io("open", &path))?;
             log.segments.push(Segment {
                 number,
                 base: None,
@@ -307,16 +307,13 @@ impl Wal {
             );
             wal.set_len(end.valid_len)
                 .and_then(|()| wal.sync_all())
-                .map_err(|e| {
-                    format!(
-                        "cannot truncate {} to {} bytes: {e}",
-                        wal_path.display(),
-                        end.valid_len
-                    )
-                })?;
+                .map_err(StorageError::io_at(
+                    &wal_path,
+                    At::TruncateTo(end.valid_len),
+                ))?;
         }
         wal.seek(SeekFrom::Start(end.valid_len))
-            .map_err(|e| format!("cannot seek in {}: {e}", wal_path.display()))?;
+            .map_err(StorageError::io("seek in", &wal_path))?;
 
         let last_index = log.base.0 + log.entries.len() as Index;
         log.hard_state.commit = log.hard_state.commit.min(last_index);
@@ -353,7 +350,7 @@ impl Wal {
         &mut self,
         hard_state: Option<&HardState>,
         entries: &[Entry],
-    ) -> Result<(), String> {
+    ) -> Result<(), StorageError> {
         if hard_state.is_none() && entries.is_empty() {
             return Ok(());
         }
@@ -366,7 +363,7 @@ impl Wal {
         &mut self,
         hard_state: Option<&HardState>,
         entries: &[Entry],
-    ) -> Result<(), String> {
+    ) -> Result<(), StorageError> {
         self.check_not_failed()?;
         self.check_batch(hard_state, entries)?;
 
@@ -381,14 +378,11 @@ impl Wal {
         }
         for entry in entries {
             encode_entry(&mut buf, entry)
-                .map_err(|e| format!("{}: entry {}: {e}", self.wal_path.display(), entry.index))?;
+                .map_err(|refusal| StorageError::refused(&self.wal_path, refusal))?;
         }
         let payload_len = u32::try_from(buf.len() - FRAME_HEADER_LEN as usize).map_err(|_| {
-            format!(
-                "{}: a batch of {} bytes exceeds the 4 GiB frame limit",
-                self.wal_path.display(),
-                buf.len()
-            )
+            let refusal = Refusal::FrameTooBig { len: buf.len() };
+            StorageError::refused(&self.wal_path, refusal)
         })?;
         let (header, payload) = buf.split_at_mut(FRAME_HEADER_LEN as usize);
         FrameHeader {
@@ -432,7 +426,11 @@ impl Wal {
     /// the directory synced, so a crash leaves either the old segments or all of them with the
     /// new one. It is the new segment's base record that later lets [`Wal::compact`] delete
     /// the older segments.
-    pub fn rotate(&mut self, hard_state: &HardState, base: (Index, Term)) -> Result<(), String> {
+    pub fn rotate(
+        &mut self,
+        hard_state: &HardState,
+        base: (Index, Term),
+    ) -> Result<(), StorageError> {
         self.rotate_using(hard_state, base, false)
     }
 
@@ -450,16 +448,15 @@ impl Wal {
         hard_state: &HardState,
         base: (Index, Term),
         prepared: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), StorageError> {
         self.check_not_failed()?;
         self.check_batch(Some(hard_state), &[])?;
         if base.0 < self.base.0 {
-            return Err(format!(
-                "{}: cannot rotate to base index {}, below the log's base index {}",
-                self.wal_path.display(),
-                base.0,
-                self.base.0
-            ));
+            let refusal = Refusal::RotateBelowBase {
+                index: base.0,
+                base: self.base.0,
+            };
+            return Err(StorageError::refused(&self.wal_path, refusal));
         }
         // Every segment but the newest is durable whole (replay relies on it).
         self.write_first_frame()?;
@@ -481,7 +478,7 @@ impl Wal {
                 // The new segment is in place: from here on the log is the one with it,
                 // durable or not.
                 if let Err(e) = sync_dir(&self.dir) {
-                    self.failed = Some(e.clone());
+                    self.failed = Some(e.to_string());
                     return Err(e);
                 }
                 (file, magic, bytes.len() as u64, None)
@@ -514,7 +511,7 @@ impl Wal {
     /// Writes and syncs the newest segment's first frame now if a rotation into a prepared
     /// segment left it to the next persist: for a rotation that must be durable before it is
     /// acknowledged (a snapshot install).
-    pub fn write_first_frame(&mut self) -> Result<(), String> {
+    pub fn write_first_frame(&mut self) -> Result<(), StorageError> {
         if self.pending_first.is_none() {
             return Ok(());
         }
@@ -537,7 +534,7 @@ impl Wal {
     /// newest first, so that after a crash midway replay still starts with a prefix of the old
     /// segments followed by `k` (which gives the same log above `k`'s base). On an error some
     /// of them may remain; a later call deletes them.
-    pub fn compact(&mut self, through: Index) -> Result<usize, String> {
+    pub fn compact(&mut self, through: Index) -> Result<usize, StorageError> {
         let doomed = self.compact_later(through)?;
         delete_segments(&self.dir, &doomed)
     }
@@ -546,7 +543,7 @@ impl Wal {
     /// ([`delete_segments`]): forgets the segments wholly at or below `through` and returns
     /// their files, newest first. Until they are deleted, a restart replays them before the
     /// rest, which gives the same log.
-    pub fn compact_later(&mut self, through: Index) -> Result<Vec<PathBuf>, String> {
+    pub fn compact_later(&mut self, through: Index) -> Result<Vec<PathBuf>, StorageError> {
         self.check_not_failed()?;
         // A segment whose first frame is not yet written holds no base record on disk.
         let written = self.segments.len() - usize::from(self.pending_first.is_some());
@@ -623,74 +620,70 @@ impl Wal {
         self.terms.truncate(keep);
     }
 
-    fn check_not_failed(&self) -> Result<(), String> {
+    fn check_not_failed(&self) -> Result<(), StorageError> {
         match &self.failed {
-            Some(failure) => Err(format!(
-                "{}: refusing to write after an earlier failure: {failure}",
-                self.wal_path.display()
-            )),
+            Some(failure) => {
+                let earlier = failure.clone();
+                let refusal = Refusal::AfterFailure { earlier };
+                Err(StorageError::refused(&self.wal_path, refusal))
+            }
             None => Ok(()),
         }
     }
 
     /// Refuses a batch that replay would reject, so a bug upstream never makes the WAL unreadable.
-    fn check_batch(&self, hard_state: Option<&HardState>, entries: &[Entry]) -> Result<(), String> {
-        let wal = self.wal_path.display();
+    fn check_batch(
+        &self,
+        hard_state: Option<&HardState>,
+        entries: &[Entry],
+    ) -> Result<(), StorageError> {
+        let refuse = |refusal| Err(StorageError::refused(&self.wal_path, refusal));
         if let Some(HardState { vote: Some(0), .. }) = hard_state {
-            return Err(format!(
-                "{wal}: cannot persist a vote for node 0 (0 means no vote)"
-            ));
+            return refuse(Refusal::VoteForNodeZero);
         }
         if let Some(first) = entries.first() {
-            if first.index <= self.base.0 {
-                return Err(format!(
-                    "{wal}: cannot append entry {}: it is at or below the log's base index {} \
-                     (compacted into a snapshot)",
-                    first.index, self.base.0
-                ));
-            }
-            if first.index > self.last_index + 1 {
-                return Err(format!(
-                    "{wal}: cannot append entry {} to a log whose last index is {}: a batch must \
-                     start at an index from {} to {}",
-                    first.index,
-                    self.last_index,
-                    self.base.0 + 1,
-                    self.last_index + 1
-                ));
+            if first.index <= self.base.0 || first.index > self.last_index + 1 {
+                return refuse(Refusal::Append {
+                    index: first.index,
+                    base: self.base.0,
+                    last: self.last_index,
+                });
             }
         }
         for pair in entries.windows(2) {
             if pair[1].index != pair[0].index + 1 {
-                return Err(format!(
-                    "{wal}: entries of a batch must be consecutive, but entry {} follows entry {}",
-                    pair[1].index, pair[0].index
-                ));
+                return refuse(Refusal::NotConsecutive {
+                    index: pair[1].index,
+                    after: pair[0].index,
+                });
             }
         }
         Ok(())
     }
 
     /// Appends one complete frame and syncs it; on failure marks the storage failed.
-    fn write_frame(&mut self, frame: &[u8]) -> Result<(), String> {
+    fn write_frame(&mut self, frame: &[u8]) -> Result<(), StorageError> {
         let offset = self.wal_len;
+        let len = frame.len();
         let result = self
             .wal
             .write_all(frame)
-            .map_err(|e| format!("write of {} bytes failed: {e}", frame.len()))
+            .map_err(StorageError::io_at(
+                &self.wal_path,
+                At::Write { offset, len },
+            ))
             .and_then(|()| {
                 self.wal
                     .sync_data()
-                    .map_err(|e| format!("fdatasync failed: {e}"))
+                    .map_err(StorageError::io_at(&self.wal_path, At::Sync(offset)))
             });
         match result {
             Ok(()) => {
-                self.wal_len += frame.len() as u64;
+                self.wal_len += len as u64;
                 Ok(())
             }
             Err(e) => {
-                let e = format!("{}: at byte offset {offset}: {e}", self.wal_path.display());
-                self.failed = Some(e.clone());
+                self.failed = Some(e.to_string());
                 // Best effort: do not leave a partial frame in front of later frames.
                 let _ = self.wal.set_len(offset);
                 Err(e)
@@ -705,7 +698,7 @@ impl Wal {
 /// segment prepared while the node thread created that number itself, then compacted away).
 /// Every segment but the newest is synced whole before the next is written, so only the
 /// newest can be torn.
-fn drop_never_written(dir: &Path, numbers: &mut Vec<u64>) -> Result<(), String> {
+fn drop_never_written(dir: &Path, numbers: &mut Vec<u64>) -> Result<(), StorageError> {
     let mut doomed = Vec::new();
     while numbers.len() > 1 {
         let path = segment_path(dir, numbers[numbers.len() - 1]);
@@ -743,7 +736,7 @@ fn drop_never_written(dir: &Path, numbers: &mut Vec<u64>) -> Result<(), String> 
                 path.display()
             ),
         }
-        fs::remove_file(path).map_err(|e| format!("cannot delete {}: {e}", path.display()))?;
+        fs::remove_file(path).map_err(StorageError::io("delete", path))?;
     }
     if !doomed.is_empty() {
         sync_dir(dir)?;
@@ -752,7 +745,7 @@ fn drop_never_written(dir: &Path, numbers: &mut Vec<u64>) -> Result<(), String> 
 }
 
 /// Creates (if needed) and locks the directory's LOCK file.
-fn lock_dir(dir: &Path) -> Result<File, String> {
+fn lock_dir(dir: &Path) -> Result<File, StorageError> {
     let path = dir.join(LOCK_FILE);
     let existed = exists(&path)?;
     let file = OpenOptions::new()
@@ -761,16 +754,15 @@ fn lock_dir(dir: &Path) -> Result<File, String> {
         .create(true)
         .truncate(false)
         .open(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        .map_err(StorageError::io("open", &path))?;
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
-            return Err(format!(
-                "data dir {} is in use by another process (its {LOCK_FILE} file is locked)",
-                dir.display()
-            ))
+            return Err(StorageError::Locked {
+                dir: dir.to_path_buf(),
+            })
         }
-        Err(TryLockError::Error(e)) => return Err(format!("cannot lock {}: {e}", path.display())),
+        Err(TryLockError::Error(e)) => return Err(StorageError::io("lock", &path)(e)),
     }
     if !existed {
         sync_dir(dir)?;
@@ -780,50 +772,46 @@ fn lock_dir(dir: &Path) -> Result<File, String> {
 
 /// Checks the directory's `node_id` file, writing it if the directory is new (`has_wal`: it
 /// holds a WAL segment).
-fn check_node_id(dir: &Path, node_id: NodeId, has_wal: bool) -> Result<(), String> {
+fn check_node_id(dir: &Path, node_id: NodeId, has_wal: bool) -> Result<(), StorageError> {
     let path = dir.join(NODE_ID_FILE);
     match fs::read_to_string(&path) {
         Ok(text) => {
             let found: NodeId = text.trim().parse().map_err(|_| {
-                format!(
-                    "{}: expected a node ID, found {:?}",
-                    path.display(),
-                    text.trim()
-                )
+                let problem = format!("expected a node ID, found {:?}", text.trim());
+                StorageError::corrupt(&path, problem)
             })?;
             if found != node_id {
-                return Err(format!(
-                    "data dir {} belongs to node {found}, not to node {node_id} (per {})",
-                    dir.display(),
-                    path.display()
-                ));
+                return Err(StorageError::WrongNode {
+                    dir: dir.to_path_buf(),
+                    path,
+                    found,
+                    expected: node_id,
+                });
             }
             Ok(())
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if has_wal {
-                return Err(format!(
-                    "data dir {} has a {WAL_FILE} but no {NODE_ID_FILE} file, so whose log it is \
-                     is unknown; refusing to use it",
-                    dir.display()
-                ));
+                return Err(StorageError::NoNodeId {
+                    dir: dir.to_path_buf(),
+                });
             }
             write_atomically(dir, NODE_ID_FILE, format!("{node_id}\n").as_bytes())
         }
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        Err(e) => Err(StorageError::io("read", &path)(e)),
     }
 }
 
 /// Deletes WAL segment files (newest first, as [`Wal::compact_later`] lists them, so that
 /// a crash midway leaves a prefix of the old segments, which replays to the same log) and
 /// syncs the directory; a file already gone is fine. Returns how many it deleted.
-pub fn delete_segments(dir: &Path, doomed: &[PathBuf]) -> Result<usize, String> {
+pub fn delete_segments(dir: &Path, doomed: &[PathBuf]) -> Result<usize, StorageError> {
     let mut deleted = 0;
     for path in doomed {
         match fs::remove_file(path) {
             Ok(()) => deleted += 1,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("cannot delete {}: {e}", path.display())),
+            Err(e) => return Err(StorageError::io("delete", path)(e)),
         }
     }
     if deleted > 0 {
@@ -856,7 +844,9 @@ fn encode_hard_state(buf: &mut Vec<u8>, hs: &HardState) {
     put_u64(buf, hs.commit);
 }
 
-fn encode_entry(buf: &mut Vec<u8>, entry: &Entry) -> Result<(), String> {
+/// Appends `entry` as a record; a refusal if it cannot be encoded.
+fn encode_entry(buf: &mut Vec<u8>, entry: &Entry) -> Result<(), Refusal> {
+    let unencodable = |why: String| Refusal::Unencodable(format!("entry {}: {why}", entry.index));
     buf.push(RECORD_ENTRY);
     put_u64(buf, entry.index);
     put_u64(buf, entry.term);
@@ -864,7 +854,7 @@ fn encode_entry(buf: &mut Vec<u8>, entry: &Entry) -> Result<(), String> {
         Payload::Noop => buf.push(KIND_NOOP),
         Payload::Data { client, seq, data } => {
             let len = u32::try_from(data.len())
-                .map_err(|_| format!("data of {} bytes is too long", data.len()))?;
+                .map_err(|_| unencodable(format!("data of {} bytes is too long", data.len())))?;
             buf.push(KIND_DATA);
             put_u64(buf, *client);
             put_u64(buf, *seq);
@@ -872,9 +862,11 @@ fn encode_entry(buf: &mut Vec<u8>, entry: &Entry) -> Result<(), String> {
             buf.extend_from_slice(data.as_bytes());
         }
         Payload::Config(m) => {
-            let json = serde_json::to_vec(m).map_err(|e| format!("configuration: {e}"))?;
-            let len = u32::try_from(json.len())
-                .map_err(|_| format!("configuration of {} bytes is too long", json.len()))?;
+            let json =
+                serde_json::to_vec(m).map_err(|e| unencodable(format!("configuration: {e}")))?;
+            let len = u32::try_from(json.len()).map_err(|_| {
+                unencodable(format!("configuration of {} bytes is too long", json.len()))
+            })?;
             buf.push(KIND_CONFIG);
             buf.extend_from_slice(&len.to_le_bytes());
             buf.extend_from_slice(&json);
@@ -930,12 +922,9 @@ impl FrameHeader {
 
 /// The bytes of a new segment at `path`: the file header with a fresh random magic, then, if
 /// `payload` is given, frame 1 holding it. Returns them and the magic.
-fn new_segment_bytes(path: &Path, payload: Option<&[u8]>) -> Result<(Vec<u8>, u64), String> {
+fn new_segment_bytes(path: &Path, payload: Option<&[u8]>) -> Result<(Vec<u8>, u64), StorageError> {
     let magic = getrandom::u64().map_err(|e| {
-        format!(
-            "cannot draw a random magic for a new {}: {e}",
-            path.display()
-        )
+        StorageError::io("draw a random magic for a new", path)(io::Error::other(e))
     })?;
     let mut bytes = Vec::with_capacity(WAL_HEADER_LEN as usize);
     bytes.extend_from_slice(&WAL_SIGNATURE);
@@ -965,7 +954,7 @@ fn new_segment_bytes(path: &Path, payload: Option<&[u8]>) -> Result<(Vec<u8>, u6
 /// The file is [`SEGMENT_PREALLOC`] bytes long, zeros after `bytes`. Returns it open for
 /// reading and writing, positioned after `bytes`. The caller syncs
 /// the directory.
-fn write_segment(path: &Path, bytes: &[u8]) -> Result<File, String> {
+fn write_segment(path: &Path, bytes: &[u8]) -> Result<File, StorageError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(TMP_SUFFIX);
     let tmp = PathBuf::from(tmp);
@@ -985,7 +974,7 @@ fn write_segment(path: &Path, bytes: &[u8]) -> Result<File, String> {
     };
     write().map_err(|e| {
         let _ = fs::remove_file(&tmp);
-        format!("cannot create {}: {e}", path.display())
+        StorageError::io("create", path)(e)
     })
 }
 
@@ -1004,7 +993,7 @@ fn write_zeros_to_prealloc(f: &mut File, mut len: u64) -> io::Result<()> {
 /// file already there) and the directory synced. Returns false if segment `number` exists
 /// already (the node thread created it meanwhile). Meant for a thread other than the one
 /// persisting.
-pub fn prepare_segment(dir: &Path, number: u64) -> Result<bool, String> {
+pub fn prepare_segment(dir: &Path, number: u64) -> Result<bool, StorageError> {
     let spare = dir.join(SPARE_FILE);
     let path = segment_path(dir, number);
     let (header, _) = new_segment_bytes(&path, None)?;
@@ -1018,17 +1007,17 @@ pub fn prepare_segment(dir: &Path, number: u64) -> Result<bool, String> {
         write_zeros_to_prealloc(&mut f, header.len() as u64)?;
         f.sync_all()
     };
-    write().map_err(|e| format!("cannot prepare {}: {e}", spare.display()))?;
+    write().map_err(StorageError::io("prepare", &spare))?;
     // A link, unlike a rename, fails rather than replace a segment in use.
     let linked = match fs::hard_link(&spare, &path) {
         Ok(()) => true,
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
         Err(e) => {
             let _ = fs::remove_file(&spare);
-            return Err(format!("cannot create {}: {e}", path.display()));
+            return Err(StorageError::io("create", &path)(e));
         }
     };
-    fs::remove_file(&spare).map_err(|e| format!("cannot delete {}: {e}", spare.display()))?;
+    fs::remove_file(&spare).map_err(StorageError::io("delete", &spare))?;
     if linked {
         sync_dir(dir)?;
     }
@@ -1037,17 +1026,18 @@ pub fn prepare_segment(dir: &Path, number: u64) -> Result<bool, String> {
 
 /// Opens a segment [`prepare_segment`] made, for writing after its header; returns it and its
 /// magic.
-fn open_prepared(path: &Path) -> Result<(File, u64), String> {
+fn open_prepared(path: &Path) -> Result<(File, u64), StorageError> {
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
-        .map_err(|e| format!("cannot open the prepared segment {}: {e}", path.display()))?;
+        .map_err(StorageError::io("open the prepared segment", path))?;
     let len = len_of(path, &f)?;
     if len < SEGMENT_PREALLOC {
-        return Err(format!(
-            "the prepared segment {} is {len} bytes, short of {SEGMENT_PREALLOC}",
-            path.display()
+        let min = SEGMENT_PREALLOC;
+        return Err(StorageError::wal(
+            path,
+            WalProblem::ShortPrepared { len, min },
         ));
     }
     let magic = read_wal_header(path, &mut f, len)?;
@@ -1067,14 +1057,13 @@ enum Unwritten {
 /// Whether segment `path` was never written to: only zeros after its header or, if
 /// `torn_allowed`, a torn first frame with nothing of ours after it. A segment whose header
 /// is damaged is not judged here; replay reports it.
-fn never_written(path: &Path, torn_allowed: bool) -> Result<Option<Unwritten>, String> {
-    let wal = path.display();
-    let mut file = File::open(path).map_err(|e| format!("cannot open {wal}: {e}"))?;
+fn never_written(path: &Path, torn_allowed: bool) -> Result<Option<Unwritten>, StorageError> {
+    let mut file = File::open(path).map_err(StorageError::io("open", path))?;
     let file_len = len_of(path, &file)?;
     let Ok(magic) = read_wal_header(path, &mut file, file_len) else {
         return Ok(None);
     };
-    let read_err = |e: io::Error| format!("{wal}: read failed near byte offset 24: {e}");
+    let read_err = |e| StorageError::io_at(path, At::ReadNear(WAL_HEADER_LEN))(e);
     let mut raw = [0; FRAME_HEADER_LEN as usize];
     let n = read_up_to(&mut file, &mut raw).map_err(read_err)?;
     if n == raw.len() {
@@ -1097,44 +1086,34 @@ fn never_written(path: &Path, torn_allowed: bool) -> Result<Option<Unwritten>, S
 }
 
 /// The length of `file`, opened from `path`.
-fn len_of(path: &Path, file: &File) -> Result<u64, String> {
+fn len_of(path: &Path, file: &File) -> Result<u64, StorageError> {
     file.metadata()
         .map(|m| m.len())
-        .map_err(|e| format!("cannot stat {}: {e}", path.display()))
+        .map_err(StorageError::io("stat", path))
 }
 
 /// Checks the WAL's file header; returns its magic.
-fn read_wal_header(path: &Path, reader: &mut impl Read, file_len: u64) -> Result<u64, String> {
-    let wal = path.display();
-    let refuse_other_format = || {
-        format!(
-            "{wal}: not a WAL of format version {WAL_VERSION}: it does not start with a \
-             {WAL_HEADER_LEN}-byte header beginning \"raft-wal\" (WALs of earlier versions have \
-             none, and this build cannot read them); refusing to start"
-        )
-    };
+fn read_wal_header(
+    path: &Path,
+    reader: &mut impl Read,
+    file_len: u64,
+) -> Result<u64, StorageError> {
     if file_len < WAL_HEADER_LEN {
-        return Err(refuse_other_format());
+        return Err(StorageError::wal(path, WalProblem::NoHeader));
     }
     let mut header = [0; WAL_HEADER_LEN as usize];
     reader
         .read_exact(&mut header)
-        .map_err(|e| format!("{wal}: read failed near byte offset 0: {e}"))?;
+        .map_err(StorageError::io_at(path, At::ReadNear(0)))?;
     if header[0..8] != WAL_SIGNATURE {
-        return Err(refuse_other_format());
+        return Err(StorageError::wal(path, WalProblem::NoHeader));
     }
     if crc32fast::hash(&header[0..20]) != u32::from_le_bytes(header[20..24].try_into().unwrap()) {
-        return Err(format!(
-            "{wal}: the WAL header at byte offset 0 fails its CRC check; the WAL is corrupt, \
-             refusing to start"
-        ));
+        return Err(StorageError::wal(path, WalProblem::HeaderCrc));
     }
     let version = u32::from_le_bytes(header[8..12].try_into().unwrap());
     if version != WAL_VERSION {
-        return Err(format!(
-            "{wal}: WAL format version {version} (byte offset 8); this build reads only version \
-             {WAL_VERSION}; refusing to start"
-        ));
+        return Err(StorageError::wal(path, WalProblem::Version(version)));
     }
     Ok(u64::from_le_bytes(header[12..20].try_into().unwrap()))
 }
@@ -1178,12 +1157,11 @@ fn replay_segment(
     log: &mut LogState,
     newest: bool,
     only: bool,
-) -> Result<SegmentEnd, String> {
-    let wal = path.display();
+) -> Result<SegmentEnd, StorageError> {
     let rotated = log.segments.last().is_some_and(|s| s.number > 0);
     let file_len = len_of(path, file)?;
-    let read_err =
-        |off: u64, e: io::Error| format!("{wal}: read failed near byte offset {off}: {e}");
+    let read_err = |off: u64, e| StorageError::io_at(path, At::ReadNear(off))(e);
+    let corrupt = |problem| Err(StorageError::wal(path, problem));
     let mut reader = BufReader::with_capacity(READ_BUFFER, &mut *file);
     let magic = read_wal_header(path, &mut reader, file_len)?;
     // A guess at the entry count; the log grows past it if the entries are smaller.
@@ -1212,11 +1190,11 @@ fn replay_segment(
         if header.seq != seq {
             // An intact header is a whole write of ours; in the wrong place in the sequence it
             // is no torn write.
-            return Err(format!(
-                "{wal}: frame at byte offset {off} is frame {} where frame {seq} was due; the \
-                 WAL is corrupt",
-                header.seq
-            ));
+            return corrupt(WalProblem::OutOfSequence {
+                offset: off,
+                found: header.seq,
+                due: seq,
+            });
         }
         let end = off + FRAME_HEADER_LEN + u64::from(header.len);
         if end > file_len {
@@ -1233,14 +1211,16 @@ fn replay_segment(
             break Some(format!("frame of {} bytes fails its CRC check", header.len));
         }
         if rotated && seq == 1 && payload.first() != Some(&RECORD_BASE) {
-            return Err(format!(
-                "{wal}: frame at byte offset {off} does not start with a base record, as the \
-                 first frame of every segment after the first does; the WAL is corrupt"
-            ));
+            return corrupt(WalProblem::NoBaseRecord { offset: off });
         }
         log.at_segment_start = seq == 1;
-        apply_frame(&payload, off + FRAME_HEADER_LEN, log)
-            .map_err(|e| format!("{wal}: frame at byte offset {off}: {e}; the WAL is corrupt"))?;
+        if let Err((at, problem)) = apply_frame(&payload, off + FRAME_HEADER_LEN, log) {
+            return corrupt(WalProblem::BadRecord {
+                frame: off,
+                offset: at,
+                problem,
+            });
+        }
         off = end;
         seq += 1;
     };
@@ -1253,33 +1233,29 @@ fn replay_segment(
     let torn = match damage {
         None => None,
         Some(why) if !newest || (rotated && only && off == WAL_HEADER_LEN) => {
-            let which = if newest {
-                "the first frame of the only segment left, so it was synced before older \
-                 ones were deleted"
-            } else {
-                "in a segment that is not the newest, so no torn write"
-            };
-            return Err(format!(
-                "{wal}: frame at byte offset {off} is damaged ({why}): {which}; the WAL is \
-                 corrupt, refusing to start"
-            ));
+            return corrupt(WalProblem::Damaged {
+                offset: off,
+                damage: why,
+                not_torn: if newest {
+                    NotTorn::OnlySegment
+                } else {
+                    NotTorn::NotNewest
+                },
+            });
         }
         Some(why) => match find_frame(file, off + 1, magic).map_err(|e| read_err(off, e))? {
             None => Some(why),
             Some(at) => {
-                return Err(format!(
-                    "{wal}: frame at byte offset {off} is damaged ({why}), yet a frame written \
-                     after it starts at byte offset {at}; the WAL is corrupt (this is not a torn \
-                     write), refusing to start"
-                ))
+                return corrupt(WalProblem::Damaged {
+                    offset: off,
+                    damage: why,
+                    not_torn: NotTorn::LaterFrame { at },
+                })
             }
         },
     };
     if rotated && seq == 1 {
-        return Err(format!(
-            "{wal}: the segment has no frames, so not the base record that every segment after \
-             the first starts with; the WAL is corrupt, refusing to start"
-        ));
+        return corrupt(WalProblem::NoFrames);
     }
 
     Ok(SegmentEnd {
@@ -1356,20 +1332,21 @@ fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-/// Applies one frame's records; `base` is the file offset of the payload, for error messages.
-fn apply_frame(payload: &[u8], base: u64, log: &mut LogState) -> Result<(), String> {
+/// Applies one frame's records; `base` is the file offset of the payload. An error gives the
+/// file offset of the record at fault, and what is wrong with it.
+fn apply_frame(payload: &[u8], base: u64, log: &mut LogState) -> Result<(), (u64, RecordProblem)> {
     let mut d = Decoder {
         buf: payload,
         pos: 0,
     };
     while d.pos < payload.len() {
         let at = base + d.pos as u64;
-        apply_record(&mut d, log).map_err(|e| format!("record at byte offset {at}: {e}"))?;
+        apply_record(&mut d, log).map_err(|problem| (at, problem))?;
     }
     Ok(())
 }
 
-fn apply_record(d: &mut Decoder, log: &mut LogState) -> Result<(), String> {
+fn apply_record(d: &mut Decoder, log: &mut LogState) -> Result<(), RecordProblem> {
     let at_segment_start = std::mem::take(&mut log.at_segment_start);
     match d.u8()? {
         RECORD_HARD_STATE => {
@@ -1393,32 +1370,28 @@ fn apply_record(d: &mut Decoder, log: &mut LogState) -> Result<(), String> {
                     let len = d.u32()? as usize;
                     let bytes = d.bytes(len)?;
                     let data = std::str::from_utf8(bytes)
-                        .map_err(|e| format!("entry {index}: data is not UTF-8: {e}"))?
+                        .map_err(|source| RecordProblem::NotUtf8 { index, source })?
                         .to_owned();
                     Payload::Data { client, seq, data }
                 }
                 KIND_CONFIG => {
                     let len = d.u32()? as usize;
                     let membership = serde_json::from_slice(d.bytes(len)?)
-                        .map_err(|e| format!("entry {index}: bad configuration: {e}"))?;
+                        .map_err(|source| RecordProblem::BadConfig { index, source })?;
                     Payload::Config(membership)
                 }
-                kind => return Err(format!("entry {index}: unknown payload kind {kind}")),
+                kind => return Err(RecordProblem::UnknownKind { index, kind }),
             };
             let base = log.base.0;
             let last = log.last_index();
             if index <= base {
-                return Err(format!(
-                    "entry {index} is at or below the log's base index {base}"
-                ));
+                return Err(RecordProblem::AtOrBelowBase { index, base });
             }
             if index <= last {
                 log.entries.truncate((index - base - 1) as usize);
                 note_cut(&mut log.segments, index - 1);
             } else if index != last + 1 {
-                return Err(format!(
-                    "entry {index} does not follow the last index {last}"
-                ));
+                return Err(RecordProblem::NotNext { index, last });
             }
             log.entries.push(Entry {
                 index,
@@ -1445,7 +1418,7 @@ fn apply_record(d: &mut Decoder, log: &mut LogState) -> Result<(), String> {
                 log.segments.last_mut().expect("a segment").base = Some((index, term));
             }
         }
-        tag => return Err(format!("unknown record type {tag}")),
+        tag => return Err(RecordProblem::UnknownType(tag)),
     }
     Ok(())
 }
@@ -1457,24 +1430,25 @@ struct Decoder<'a> {
 }
 
 impl<'a> Decoder<'a> {
-    fn bytes(&mut self, n: usize) -> Result<&'a [u8], String> {
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], RecordProblem> {
         let rest = self.buf.len() - self.pos;
         if n > rest {
-            return Err(format!(
-                "record truncated: needs {n} more bytes, the frame has {rest}"
-            ));
+            return Err(RecordProblem::Truncated {
+                needs: n,
+                has: rest,
+            });
         }
         let bytes = &self.buf[self.pos..self.pos + n];
         self.pos += n;
         Ok(bytes)
     }
-    fn u8(&mut self) -> Result<u8, String> {
+    fn u8(&mut self) -> Result<u8, RecordProblem> {
         Ok(self.bytes(1)?[0])
     }
-    fn u32(&mut self) -> Result<u32, String> {
+    fn u32(&mut self) -> Result<u32, RecordProblem> {
         Ok(u32::from_le_bytes(self.bytes(4)?.try_into().unwrap()))
     }
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, RecordProblem> {
         Ok(u64::from_le_bytes(self.bytes(8)?.try_into().unwrap()))
     }
 }

@@ -74,6 +74,15 @@ fn state(index: Index, term: Term) -> SnapshotState {
     }
 }
 
+/// What `result` was refused for; panics unless it is a refusal.
+fn refusal<T>(result: Result<T, StorageError>) -> Refusal {
+    match result {
+        Err(StorageError::Refused { refusal, .. }) => refusal,
+        Err(e) => panic!("not a refusal: {e}"),
+        Ok(_) => panic!("not refused"),
+    }
+}
+
 fn snapshot_here(store: &mut Store) -> SnapshotId {
     let last = store.last_index();
     let term = if last == 0 { 0 } else { record(last).term };
@@ -130,10 +139,24 @@ fn append_and_read_across_index_boundaries() {
     assert_eq!(page, all[999..]);
     assert_eq!(next, None);
 
-    assert!(store.read_page(0, 5, 100).is_err());
-    assert!(store.read_page(1, 1001, 100).is_err());
-    assert!(store.append(&records(1002, 1002)).is_err());
-    assert!(store.append(&records(1000, 1000)).is_err());
+    let range = |start, end| Refusal::ReadRange {
+        start,
+        end,
+        last: 1000,
+    };
+    assert_eq!(refusal(store.read_page(0, 5, 100)), range(0, 5));
+    assert_eq!(refusal(store.read_page(1, 1001, 100)), range(1, 1001));
+    for index in [1002, 1000] {
+        assert_eq!(
+            refusal(store.append(&records(index, index))),
+            Refusal::RecordOrder {
+                index,
+                term: record(index).term,
+                after: 1000,
+                after_term: record(1000).term
+            }
+        );
+    }
 }
 
 #[test]
@@ -227,9 +250,11 @@ fn a_flipped_bit_in_records_is_an_error() {
     let offset = bytes.windows(9).position(|w| w == b"value 300").unwrap();
     bytes[offset + 7] ^= 1;
     fs::write(&path, &bytes).unwrap();
+    let line = bytes[..offset].iter().rposition(|&b| b == b'\n').unwrap() as u64 + 1;
     let err = store.read_page(299, 301, usize::MAX).unwrap_err();
     assert!(
-        err.contains("records") && err.contains("byte offset"),
+        matches!(&err, StorageError::Corrupt { path: p, offset: Some(at), .. }
+            if *p == path && *at == line),
         "{err}"
     );
     assert!(store.read_page(1, 299, usize::MAX).is_ok());
@@ -252,14 +277,20 @@ fn a_damaged_snapshot_file_is_an_error() {
         let err = Store::open(&dir.0)
             .err()
             .expect("a flipped bit must fail open");
-        assert!(err.contains(SNAPSHOT_FILE), "{err}");
+        assert!(
+            matches!(&err, StorageError::Corrupt { path: p, .. } if *p == path),
+            "{err}"
+        );
     }
     for len in 0..good.len() {
         fs::write(&path, &good[..len]).unwrap();
         let err = Store::open(&dir.0)
             .err()
             .expect("a torn snapshot must fail open");
-        assert!(err.contains(SNAPSHOT_FILE), "{len}: {err}");
+        assert!(
+            matches!(&err, StorageError::Corrupt { path: p, .. } if *p == path),
+            "{len}: {err}"
+        );
     }
     fs::write(&path, &good).unwrap();
     let (store, snapshot) = Store::open(&dir.0).unwrap();
@@ -291,10 +322,23 @@ fn read_chunk_streams_records_then_meta() {
         .read_chunk(&id, id.total_len(), 10)
         .unwrap()
         .is_empty());
-    assert!(store.read_chunk(&id, id.total_len() + 1, 10).is_err());
+    assert_eq!(
+        refusal(store.read_chunk(&id, id.total_len() + 1, 10)),
+        Refusal::ReadPastEnd {
+            offset: id.total_len() + 1,
+            index: id.index,
+            total: id.total_len()
+        }
+    );
     store.append(&records(601, 601)).unwrap();
     snapshot_here(&mut store);
-    assert!(store.read_chunk(&id, 0, 10).is_err());
+    assert_eq!(
+        refusal(store.read_chunk(&id, 0, 10)),
+        Refusal::NotCurrent {
+            index: id.index,
+            term: id.term
+        }
+    );
 }
 
 /// A sender with records 1..=`last` and a snapshot of them.
@@ -420,7 +464,10 @@ fn duplicates_disorder_and_corruption_are_survived() {
     assert_eq!(to.staged(&id), 0);
     // The transport CRC catches a corruption in flight.
     let (text, crc) = encode_chunk(&from.read_chunk(&id, 0, chunk).unwrap());
-    assert!(decode_chunk(&text, crc ^ 1).is_err());
+    assert!(matches!(
+        decode_chunk(&text, crc ^ 1),
+        Err(StorageError::BadChunk { .. })
+    ));
 
     // Damaged meta bytes are caught when the meta is complete.
     let mut offset = 0;
@@ -528,7 +575,10 @@ fn a_new_snapshot_keeps_the_records_received() {
 
     from.append(&records(1501, 3000)).unwrap();
     let new = snapshot_here(&mut from);
-    assert!(from.read_chunk(&old, 0, 10).is_err());
+    assert!(matches!(
+        refusal(from.read_chunk(&old, 0, 10)),
+        Refusal::NotCurrent { .. }
+    ));
     assert_eq!(to.staged(&new), have);
     assert_eq!(to2.staged(&new), old.records_len);
     for (store, dir, start) in [(&mut to, &b, have), (&mut to2, &c, old.records_len)] {
@@ -600,13 +650,31 @@ fn bad_input_never_panics() {
     // Impossible IDs and out-of-range chunks are errors, not panics.
     let mut odd = id;
     odd.records_len = u64::MAX;
-    assert!(to.receive_chunk(&odd, 0, b"x").is_err());
+    assert!(matches!(
+        refusal(to.receive_chunk(&odd, 0, b"x")),
+        Refusal::ImpossibleLengths { .. }
+    ));
     odd = id;
     odd.meta_len = 0;
-    assert!(to.receive_chunk(&odd, 0, b"x").is_err());
-    assert!(to.receive_chunk(&id, id.total_len(), b"x").is_err());
-    assert!(to.receive_chunk(&id, u64::MAX, b"x").is_err());
-    assert!(decode_chunk("not base64!", 0).is_err());
+    assert!(matches!(
+        refusal(to.receive_chunk(&odd, 0, b"x")),
+        Refusal::ImpossibleLengths { meta_len: 0, .. }
+    ));
+    for offset in [id.total_len(), u64::MAX] {
+        assert_eq!(
+            refusal(to.receive_chunk(&id, offset, b"x")),
+            Refusal::ChunkPastEnd {
+                len: 1,
+                offset,
+                index: id.index,
+                total: id.total_len()
+            }
+        );
+    }
+    assert!(matches!(
+        decode_chunk("not base64!", 0),
+        Err(StorageError::BadChunk { .. })
+    ));
     // And a clean transfer still completes.
     let have = to.staged(&id);
     let received = stream(&mut from, &mut to, &id, have, 4_000);
@@ -638,7 +706,10 @@ fn open_removes_leftovers_of_an_interrupted_install() {
 
     fs::write(dir.0.join(CURRENT_FILE), b"store.x\n").unwrap();
     let err = Store::open(&dir.0).err().unwrap();
-    assert!(err.contains(CURRENT_FILE), "{err}");
+    assert!(
+        matches!(&err, StorageError::Corrupt { path, .. } if *path == dir.0.join(CURRENT_FILE)),
+        "{err}"
+    );
 }
 
 #[test]
@@ -651,12 +722,20 @@ fn a_damaged_or_lost_store_current_never_deletes_the_store() {
     // A bit flip that names another store: a clear error, and store.1 stays.
     fs::write(dir.0.join(CURRENT_FILE), b"store.3\n").unwrap();
     let err = Store::open(&dir.0).err().unwrap();
-    assert!(err.contains("store.3"), "{err}");
+    assert!(
+        matches!(&err, StorageError::LostStore { store, lost: Lost::Store, .. }
+            if *store == dir.0.join("store.3")),
+        "{err}"
+    );
     assert!(dir.0.join("store.1").join(SNAPSHOT_FILE).exists());
     // Lost altogether: refused, naming the store that holds data.
     fs::remove_file(dir.0.join(CURRENT_FILE)).unwrap();
     let err = Store::open(&dir.0).err().unwrap();
-    assert!(err.contains("store.1") && err.contains("missing"), "{err}");
+    assert!(
+        matches!(&err, StorageError::LostStore { current, store, lost: Lost::Current }
+            if *current == dir.0.join(CURRENT_FILE) && *store == dir.0.join("store.1")),
+        "{err}"
+    );
     assert!(dir.0.join("store.1").join(SNAPSHOT_FILE).exists());
     // Put back, everything is there.
     fs::write(dir.0.join(CURRENT_FILE), b"store.1\n").unwrap();
@@ -672,6 +751,63 @@ fn chunks_round_trip_through_base64() {
         let (text, crc) = encode_chunk(&bytes);
         assert!(text.is_ascii());
         assert_eq!(decode_chunk(&text, crc).unwrap(), bytes);
-        assert!(decode_chunk(&text, crc.wrapping_add(1)).is_err());
+        assert!(matches!(
+            decode_chunk(&text, crc.wrapping_add(1)),
+            Err(StorageError::BadChunk { .. })
+        ));
     }
+}
+
+/// The peer logs these sentences and sends some to clients, so they stay as they were before
+/// errors had types.
+#[test]
+fn errors_print_todays_sentences() {
+    let dir = TempDir::new("sentences");
+    let (mut store, _) = Store::open(&dir.0).unwrap();
+    store.append(&records(1, 20)).unwrap();
+    snapshot_here(&mut store);
+    let records_path = dir.store().join(RECORDS_FILE);
+    let r = records_path.display();
+    assert_eq!(
+        store.read_page(1, 21, 100).unwrap_err().to_string(),
+        format!("{r}: cannot read records 1 to 21: the store holds 1 to 20")
+    );
+    assert_eq!(
+        store.append(&records(22, 22)).unwrap_err().to_string(),
+        format!("{r}: cannot append record 22 (term 1) after record 20 (term 1)")
+    );
+    // Record 2's JSON with a bit flipped: its CRC no longer matches.
+    let mut bytes = fs::read(&records_path).unwrap();
+    let second = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+    bytes[second + 2] ^= 1;
+    fs::write(&records_path, &bytes).unwrap();
+    let end = second + bytes[second..].iter().position(|&b| b == b'\n').unwrap();
+    let said = std::str::from_utf8(&bytes[end - 8..end]).unwrap();
+    let got = crc32fast::hash(&bytes[second..end - 9]);
+    assert_eq!(
+        store.read_page(2, 2, 100).unwrap_err().to_string(),
+        format!(
+            "{r}: bad line at byte offset {second}: CRC mismatch: the line says {said}, its bytes \
+             have {got:08x}"
+        )
+    );
+    drop(store);
+    fs::remove_file(dir.0.join(CURRENT_FILE)).unwrap();
+    assert_eq!(
+        Store::open(&dir.0).err().unwrap().to_string(),
+        format!(
+            "{} is missing but {} holds records or a snapshot; restore {CURRENT_FILE} (one line \
+             naming the store to use, such as store.1) or move the data dir aside",
+            dir.0.join(CURRENT_FILE).display(),
+            dir.0.join("store.1").display()
+        )
+    );
+    let (text, crc) = encode_chunk(b"chunk");
+    assert_eq!(
+        decode_chunk(&text, crc ^ 1).unwrap_err().to_string(),
+        format!(
+            "snapshot chunk: CRC mismatch: sent {:08x}, its 5 bytes have {crc:08x}",
+            crc ^ 1
+        )
+    );
 }
