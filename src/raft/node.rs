@@ -102,7 +102,8 @@ pub struct Node {
     configs: Configurations,
     /// Leader only: members removed by a configuration, still sent the log until they can
     /// have learned that their removal committed: (removal index, ticks since it committed,
-    /// ticks since they also acknowledged it). See `tick_leaving`.
+    /// ticks since they also acknowledged it). See `tick_leaving`; a new leader starts with
+    /// every removal still in its log (`tell_removed_members`).
     leaving: BTreeMap<NodeId, (Index, u64, u64)>,
     /// This node has been a member of a configuration it applied (or of the bootstrap one).
     was_member: bool,
@@ -548,7 +549,7 @@ impl Node {
             .filter(|&id| id != me)
             .map(|id| (id, Progress::new(next)))
             .collect();
-        self.leaving.clear();
+        self.tell_removed_members();
         self.pending_appends.clear();
         let commit = self.log.commit;
         for e in self.log.entries().iter().filter(|e| e.index > commit) {

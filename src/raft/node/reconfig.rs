@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::raft::guard;
+use crate::raft::membership::Member;
 
 /// A learner is promoted only once its match index is within this many entries of the
 /// leader's last index (as etcd judges a learner ready), and it answered within an election
@@ -234,6 +235,30 @@ impl Node {
     /// the snapshot covers, before the entry adding it back commits).
     pub(super) fn hold_snapshot(&self, to: NodeId, index: Index) -> bool {
         self.commit_for(to) < index
+    }
+
+    /// A new leader keeps telling removed members, as the leader that removed them did (see
+    /// `tick_leaving`): its predecessor may have lost leadership before they learned that
+    /// their removal committed. It knows nothing of what they acknowledged, so it tells every
+    /// server removed by a configuration still in its log (not yet folded into a snapshot).
+    pub(super) fn tell_removed_members(&mut self) {
+        self.leaving.clear();
+        let (me, next) = (self.cfg.id, self.log.last_index() + 1);
+        for (id, removal) in self.configs.removed_in_log() {
+            if id != me {
+                self.progress.insert(id, Progress::new(next));
+                self.leaving.insert(id, (removal, 0, 0));
+            }
+        }
+    }
+
+    /// The removed members still being told (see [`Node::contacts`]), as the last
+    /// configuration in the log that listed them has them: their address.
+    pub fn removed_contacts(&self) -> Vec<Member> {
+        self.leaving
+            .keys()
+            .filter_map(|&id| self.configs.last_listing(id).cloned())
+            .collect()
     }
 
     /// A removed member that answers with an empty log is not the server that was removed but

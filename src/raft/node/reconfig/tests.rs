@@ -1059,6 +1059,40 @@ fn a_member_added_back_does_not_take_its_old_removal_for_its_own_from_a_new_lead
 }
 
 #[test]
+fn a_member_added_back_whose_rejoin_is_lost_waits_to_be_added_again() {
+    // The rejoin reaches only 1 and 4; 1 goes down, and 2, which never had it, leads and
+    // tells 4 (a removed member to it) of the old removal, truncating the rejoin from 4's
+    // log. That removal is still not 4's own: it waits, as a peer started over does, and the
+    // operator's retry adds it back.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    c.remove_4_and_start_it_over();
+    c.down.extend([2, 3]);
+    let rid = c.start_change(1, rejoin(4));
+    c.tick(2);
+    assert!(c.node(4).membership().contains(4));
+    assert_eq!(c.answer(rid), None);
+    c.down = BTreeSet::from([1]);
+    c.elect(2);
+    c.tick(4);
+    assert!(
+        !c.node(4).membership().contains(4),
+        "the rejoin was truncated"
+    );
+    assert_eq!(c.node(4).log().entries(), c.node(2).log().entries());
+    assert!(
+        !c.node(4).removed(),
+        "4 took its old removal for its own once the rejoin was truncated"
+    );
+    // The retry, on the new leader.
+    assert!(is_configured(&c.change(2, rejoin(4))));
+    c.tick(2);
+    assert!(!c.node(4).removed());
+    assert_eq!(c.node(4).log().entries(), c.node(2).log().entries());
+    assert!(is_configured(&c.change(2, ConfChange::Promote { id: 4 })));
+}
+
+#[test]
 fn a_follower_decides_on_its_removal_from_its_whole_log_and_what_it_saw_truncated() {
     // By hand, as a leader that does not hold back its commit index (an older version)
     // would send it: a member added back (at 4) with its removal (at 3) committed and the
@@ -1126,6 +1160,39 @@ fn a_follower_decides_on_its_removal_from_its_whole_log_and_what_it_saw_truncate
     let mut n = fresh();
     step(&mut n, 1, append((0, 0), entries(1)[..3].to_vec(), 3));
     assert!(n.removed());
+}
+
+#[test]
+fn a_removed_member_that_missed_its_removal_learns_it_from_the_next_leader() {
+    // 1 removes 5 while 5 is cut off, and loses leadership before 5 hears of it: 2, the new
+    // leader, tells 5.
+    let mut c = Cluster::new(&[1, 2, 3, 4, 5]);
+    c.elect(1);
+    c.down.insert(5);
+    assert!(is_configured(&c.change(1, ConfChange::Remove { id: 5 })));
+    c.tick(2);
+    c.down = BTreeSet::from([1, 5]);
+    c.elect(2);
+    assert!(c.node(2).contacts().contains(&5), "2 does not tell 5");
+    c.down.remove(&5);
+    c.tick(4);
+    assert!(c.node(5).removed(), "5 never learned that it was removed");
+    // 2 stops telling it an election timeout after it acknowledged.
+    c.tick(20);
+    assert!(!c.node(2).contacts().contains(&5));
+    assert!(!c.node(2).progress.contains_key(&5));
+    // 1 too, once back.
+    c.down.clear();
+    c.tick(4);
+    assert!(!c.node(1).removed() && c.node(1).leader() == Some(2));
+    // A member that never answers is dropped after ten election timeouts.
+    c.down.insert(4);
+    assert!(is_configured(&c.change(2, ConfChange::Remove { id: 4 })));
+    c.campaign(3);
+    assert_eq!(c.node(3).role(), Role::Leader);
+    assert!(c.node(3).contacts().contains(&4));
+    c.tick(10 * 20 + 1);
+    assert!(!c.node(3).contacts().contains(&4));
 }
 
 #[test]
