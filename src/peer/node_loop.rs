@@ -107,6 +107,7 @@ impl Core for Node {
             latest: self.membership().clone(),
             committed: self.committed_membership().clone(),
             contacts: self.contacts(),
+            removed: self.removed_contacts(),
         })
     }
     fn routing_key(&self) -> Option<raft::node::RoutingKey> {

@@ -4,7 +4,7 @@
 use crate::cluster::{self, ClusterFile, Start};
 use crate::config::PeerConfig;
 use crate::raft::membership::check_address;
-use crate::raft::{self, Body, Index, Membership, Message, NodeId};
+use crate::raft::{self, Body, Index, Member, Membership, Message, NodeId};
 use crate::transport::{self, Accept, Directory};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -23,6 +23,10 @@ pub struct Routing {
     pub(super) committed: Membership,
     /// Everyone the core may send to.
     pub(super) contacts: Vec<NodeId>,
+    /// Removed members the core still tells of their removal, at their address in the last
+    /// configuration of its log that listed them: a peer that started after their removal
+    /// knows it from nowhere else.
+    pub(super) removed: Vec<Member>,
 }
 
 /// A joining peer's state until the first AppendEntries tells it the cluster.
@@ -209,9 +213,9 @@ impl Routes {
         // Addresses from configurations are kept after their member leaves them: a removed
         // member is still sent the log until it has learned of its removal (`contacts`).
         for m in routing
-            .committed
-            .members
+            .removed
             .iter()
+            .chain(&routing.committed.members)
             .chain(&routing.latest.members)
         {
             self.older.insert(m.id, m.address.clone());

@@ -2,7 +2,7 @@
 //! latest, committed or not), reverting when an uncommitted one is truncated, and what a
 //! compaction or snapshot folds into the base.
 
-use super::membership::Membership;
+use super::membership::{Member, Membership};
 use super::message::{Entry, Payload};
 use super::types::{Index, NodeId, Term};
 use std::collections::BTreeSet;
@@ -127,6 +127,72 @@ impl Configurations {
             || self.entries.iter().any(|(_, _, m)| m.contains(id))
     }
 
+    /// The configuration entry (index, term) that removed `id`, as of `index`: the first one
+    /// after the last configuration at or before `index` that lists it, when the one in force
+    /// at `index` does not; (0, 0) when that entry was folded into the base (a snapshot or
+    /// compaction remembers `id` as removed). None if the configuration in force at `index`
+    /// lists `id`, or if `id` was never a member as far as this server knows.
+    pub fn removal_at(&self, id: NodeId, index: Index) -> Option<(Index, Term)> {
+        let mut removal = None;
+        for (i, t, m) in self.entries.iter().rev().skip_while(|(i, _, _)| *i > index) {
+            if m.contains(id) {
+                return removal;
+            }
+            removal = Some((*i, *t));
+        }
+        if self.base.contains(id) {
+            removal
+        } else if self.removed.contains(&id) {
+            Some((0, 0))
+        } else {
+            None
+        }
+    }
+
+    /// `id` as the last configuration known here that lists it has it (address and role).
+    pub fn last_listing(&self, id: NodeId) -> Option<&Member> {
+        self.entries
+            .iter()
+            .rev()
+            .find_map(|(_, _, m)| m.get(id))
+            .or_else(|| self.base.get(id))
+    }
+
+    /// The removals of `id` in the log that a later configuration undid (it was added back,
+    /// `Rejoin`): the (index, term) of each entry that removed it and was followed by one that
+    /// lists it again.
+    pub fn undone_removals(&self, id: NodeId) -> Vec<(Index, Term)> {
+        let mut undone = Vec::new();
+        let mut listed = self.base.contains(id);
+        let mut removal = None;
+        for (i, t, m) in &self.entries {
+            match (listed, m.contains(id)) {
+                (true, false) => removal = Some((*i, *t)),
+                (false, true) => undone.extend(removal.take()),
+                _ => {}
+            }
+            listed = m.contains(id);
+        }
+        undone
+    }
+
+    /// Servers that the base or a configuration entry in the log lists and the latest
+    /// configuration does not, each with the index of the entry that removed it: removals
+    /// not yet folded into a snapshot.
+    pub fn removed_in_log(&self) -> Vec<(NodeId, Index)> {
+        let latest = self.latest();
+        let ids: BTreeSet<NodeId> = self
+            .base
+            .ids()
+            .chain(self.entries.iter().flat_map(|(_, _, m)| m.ids()))
+            .filter(|&id| !latest.contains(id))
+            .collect();
+        let at = self.latest_index();
+        ids.into_iter()
+            .filter_map(|id| self.removal_at(id, at).map(|(i, _)| (id, i)))
+            .collect()
+    }
+
     /// Records configuration entries among `entries`, just stored in the log. Entries that
     /// were already there (a duplicated or late AppendEntries) change nothing; a truncated
     /// suffix is dropped by [`Configurations::retain_in_log`] first, not here, so that a stale
@@ -249,6 +315,48 @@ mod tests {
         c.appended(&log[..1]);
         assert_eq!(c.latest(), &Membership::voters(&[1, 2, 3]));
         assert_eq!(c.latest_index(), 2);
+    }
+
+    #[test]
+    fn removals_are_found_with_the_entry_that_made_them_and_a_rejoin_undoes_one() {
+        let config = |index, ids: &[NodeId]| Entry {
+            index,
+            term: index,
+            payload: Payload::Config(Membership::voters(ids)),
+        };
+        // 4 joins (2), leaves (3), 5 joins (4), 4 is added back (5), 3 leaves (6).
+        let log = vec![
+            config(2, &[1, 2, 3, 4]),
+            config(3, &[1, 2, 3]),
+            config(4, &[1, 2, 3, 5]),
+            config(5, &[1, 2, 3, 4, 5]),
+            config(6, &[1, 2, 4, 5]),
+        ];
+        let c = Configurations::restore(Membership::voters(&[1, 2, 3]), &log);
+        assert_eq!(c.removal_at(4, 1), None, "not yet a member");
+        assert_eq!(c.removal_at(4, 2), None, "a member");
+        assert_eq!(c.removal_at(4, 3), Some((3, 3)));
+        assert_eq!(
+            c.removal_at(4, 4),
+            Some((3, 3)),
+            "from the first one without it"
+        );
+        assert_eq!(c.removal_at(4, 5), None, "added back");
+        assert_eq!(
+            c.removal_at(3, 6),
+            Some((6, 6)),
+            "3 was in the bootstrap one"
+        );
+        assert_eq!(c.removal_at(5, 6), None);
+        assert_eq!(c.undone_removals(4), vec![(3, 3)]);
+        assert_eq!(c.undone_removals(3), Vec::<(Index, Term)>::new());
+        assert_eq!(c.removed_in_log(), vec![(3, 6)]);
+        // Once folded into a snapshot, a removal is no longer "in the log".
+        let mut c = c;
+        c.compact(6);
+        assert_eq!(c.removed_in_log(), Vec::<(NodeId, Index)>::new());
+        assert_eq!(c.removal_at(3, 6), Some((0, 0)), "folded into the base");
+        assert_eq!(c.removal_at(4, 6), None);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::state_machine::{Applied, StateMachine};
 use super::transfer::{self, HeldAppend, Transfer};
 use super::types::*;
 use log::{debug, info, warn};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 mod reconfig;
 #[cfg(test)]
@@ -102,14 +102,19 @@ pub struct Node {
     configs: Configurations,
     /// Leader only: members removed by a configuration, still sent the log until they can
     /// have learned that their removal committed: (removal index, ticks since it committed,
-    /// ticks since they also acknowledged it). See `tick_leaving`.
+    /// ticks since they also acknowledged it). See `tick_leaving`; a new leader starts with
+    /// every removal still in its log (`tell_removed_members`).
     leaving: BTreeMap<NodeId, (Index, u64, u64)>,
     /// This node has been a member of a configuration it applied (or of the bootstrap one).
     was_member: bool,
-    /// A committed configuration no longer lists this node, which was a member, and our
-    /// commit index had caught up with the leader's when we saw it: it takes no further part,
-    /// and the shell stops it. See `note_removal`.
+    /// A committed configuration no longer lists this node, which was a member, no later one
+    /// added it back, and our commit index had caught up with the leader's when we saw it: it
+    /// takes no further part, and the shell stops it. See `note_removal`.
     removed: bool,
+    /// Entries (index, term) that removed this node and that a later configuration in its log
+    /// undid (it was added back, `Rejoin`), remembered even once a truncation took the later
+    /// one away: no removal of ours. See `note_removal`.
+    undone_removals: BTreeSet<(Index, Term)>,
     /// Counters for operators: elections started, and leadership changes seen, with the last
     /// (term, leader) seen so that one change counts once.
     elections_started: u64,
@@ -219,6 +224,7 @@ impl Node {
             leaving: BTreeMap::new(),
             was_member,
             removed: false,
+            undone_removals: BTreeSet::new(),
             elections_started: 0,
             leader_changes: 0,
             last_leader_seen: None,
@@ -546,7 +552,7 @@ impl Node {
             .filter(|&id| id != me)
             .map(|id| (id, Progress::new(next)))
             .collect();
-        self.leaving.clear();
+        self.tell_removed_members();
         self.pending_appends.clear();
         let commit = self.log.commit;
         for e in self.log.entries().iter().filter(|e| e.index > commit) {
@@ -1028,6 +1034,12 @@ impl Node {
                 let log = &self.log;
                 self.configs.retain_in_log(|i| log.term_at(i));
                 self.configs.appended(&entries);
+                if entries
+                    .iter()
+                    .any(|e| matches!(e.payload, Payload::Config(_)))
+                {
+                    self.note_undone_removals();
+                }
                 if self.log.commit_to(leader_commit.min(match_index)) {
                     self.apply_committed();
                 }
@@ -1090,6 +1102,10 @@ impl Node {
                 hint_index,
                 hint_term,
             } => {
+                if self.started_over(from, hint_index, hint_term) {
+                    return;
+                }
+                let pr = self.progress.get_mut(&from).expect("checked above");
                 if prev_log_index <= pr.match_index {
                     // The follower had everything up to its match index. Refusing a request
                     // sent after we learned that (every heartbeat raises `read_seq`) means it
@@ -1196,7 +1212,7 @@ impl Node {
                 prev_log_index: next - 1,
                 prev_log_term,
                 entries,
-                leader_commit: self.log.commit,
+                leader_commit: self.commit_for(to),
                 read_seq: self.read_seq,
             };
             self.send(to, self.term, body);
@@ -1225,6 +1241,9 @@ impl Node {
             );
             return;
         };
+        if self.hold_snapshot(to, id.index) {
+            return;
+        }
         let pr = self.progress.get_mut(&to).expect("progress exists");
         if pr.state != ProgressState::Snapshot {
             info!(
@@ -1270,7 +1289,7 @@ impl Node {
                         prev_log_index: prev,
                         prev_log_term,
                         entries: Vec::new(),
-                        leader_commit: self.log.commit,
+                        leader_commit: self.commit_for(to),
                         read_seq: self.read_seq,
                     };
                     self.send(to, self.term, body);
@@ -1293,7 +1312,7 @@ impl Node {
                         prev_log_index: prev,
                         prev_log_term: self.log.term_at(prev).expect("match within log"),
                         entries: Vec::new(),
-                        leader_commit: self.log.commit,
+                        leader_commit: self.commit_for(to),
                         read_seq: self.read_seq,
                     };
                     self.send(to, self.term, body);

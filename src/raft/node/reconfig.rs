@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::raft::guard;
+use crate::raft::membership::Member;
 
 /// A learner is promoted only once its match index is within this many entries of the
 /// leader's last index (as etcd judges a learner ready), and it answered within an election
@@ -176,22 +177,110 @@ impl Node {
     }
 
     /// Decides whether this node has been removed: a committed configuration no longer lists
-    /// it, and it was a member. Called only when our commit index is as new as the leader's
-    /// (a leader's own, or a follower's that has every entry the leader says is committed):
-    /// a member added back after a removal (`Rejoin`) replays its earlier removal while it
-    /// catches up, and must not take that for its own.
+    /// it, it was a member, and no later configuration added it back. Called only when our
+    /// commit index is as new as the leader's (a leader's own, or a follower's that has every
+    /// entry the leader says is committed). A member added back after a removal (`Rejoin`, on
+    /// an empty data dir) replays its earlier removal while it catches up, and must not take
+    /// that for its own: not while the entry adding it back follows in its log, uncommitted
+    /// (or committed, but a new leader's commit index lags), nor once a truncation took that
+    /// entry away (it is remembered, see `note_undone_removals`); and a leader never tells it
+    /// a commit index covering the removal before it can have that entry (see `commit_for`).
+    /// A server removed and not added back still stops.
     pub(super) fn note_removal(&mut self) {
-        let me = self.cfg.id;
-        let committed = self.configs.committed(self.log.commit);
-        if self.removed || !self.was_member || committed.contains(me) {
+        let (me, commit) = (self.cfg.id, self.log.commit);
+        if self.removed || !self.was_member || self.configs.committed(commit).contains(me) {
             return;
+        }
+        self.note_undone_removals();
+        if let Some(removal) = self.configs.removal_at(me, commit) {
+            if self.undone_removals.contains(&removal) {
+                return;
+            }
         }
         self.removed = true;
         info!(
             "node {me}: removed from the cluster by the configuration at index {} {}; taking no further part",
-            self.configs.committed_index(self.log.commit),
-            committed.describe()
+            self.configs.committed_index(commit),
+            self.configs.committed(commit).describe()
         );
+    }
+
+    /// Remembers the removals of this node that a later configuration in the log undid (it
+    /// was added back), before a truncation can take that configuration away: a new leader
+    /// that never had it tells this node of the old removal, which is still not its own (it
+    /// waits, as a joining peer does, to be added back again).
+    pub(super) fn note_undone_removals(&mut self) {
+        let undone = self.configs.undone_removals(self.cfg.id);
+        self.undone_removals.extend(undone);
+    }
+
+    /// The commit index to tell `to`. A member of our latest configuration is never told one
+    /// at which a configuration that removed it is in force, but the index before that
+    /// removal (0 if a snapshot folded it away), until the entry adding it back commits: a
+    /// member added back replays its removal first, and the entry adding it back may be
+    /// beyond what one AppendEntries carries, or not yet committed.
+    pub(super) fn commit_for(&self, to: NodeId) -> Index {
+        let commit = self.log.commit;
+        if !self.membership().contains(to) {
+            return commit;
+        }
+        match self.configs.removal_at(to, commit) {
+            Some((removal, _)) => commit.min(removal.saturating_sub(1)),
+            None => commit,
+        }
+    }
+
+    /// Whether to hold back our snapshot at `index` from `to` for now: it would tell `to` a
+    /// commit index that [`Node::commit_for`] does not (a member added back, whose removal
+    /// the snapshot covers, before the entry adding it back commits).
+    pub(super) fn hold_snapshot(&self, to: NodeId, index: Index) -> bool {
+        self.commit_for(to) < index
+    }
+
+    /// A new leader keeps telling removed members, as the leader that removed them did (see
+    /// `tick_leaving`): its predecessor may have lost leadership before they learned that
+    /// their removal committed. It knows nothing of what they acknowledged, so it tells every
+    /// server removed by a configuration still in its log (not yet folded into a snapshot).
+    pub(super) fn tell_removed_members(&mut self) {
+        self.leaving.clear();
+        let (me, next) = (self.cfg.id, self.log.last_index() + 1);
+        for (id, removal) in self.configs.removed_in_log() {
+            if id != me {
+                self.progress.insert(id, Progress::new(next));
+                self.leaving.insert(id, (removal, 0, 0));
+            }
+        }
+    }
+
+    /// The removed members still being told (see [`Node::contacts`]), as the last
+    /// configuration in the log that listed them has them: their address.
+    pub fn removed_contacts(&self) -> Vec<Member> {
+        self.leaving
+            .keys()
+            .filter_map(|&id| self.configs.last_listing(id).cloned())
+            .collect()
+    }
+
+    /// A removed member that answers with an empty log is not the server that was removed but
+    /// a peer started over on an empty data dir under its ID, to be added back (`Rejoin`):
+    /// replaying the log, it would take the old removal for its own and exit. It is no longer
+    /// told (true: `from` is forgotten).
+    pub(super) fn started_over(
+        &mut self,
+        from: NodeId,
+        hint_index: Index,
+        hint_term: Term,
+    ) -> bool {
+        if !self.leaving.contains_key(&from) || (hint_index, hint_term) != (1, 0) {
+            return false;
+        }
+        info!(
+            "node {}: removed node {from} answers with an empty log: started over, no longer told of its removal",
+            self.cfg.id
+        );
+        self.leaving.remove(&from);
+        self.progress.remove(&from);
+        true
     }
 
     /// After the commit index moved: once a configuration without this leader commits, it

@@ -425,7 +425,11 @@ fn a_late_chunk_of_an_older_snapshot_does_not_restart_a_newer_stream() {
     assert_eq!(staged(&mut n, chunk(id(20), 0)), 1);
     assert_eq!(staged(&mut n, chunk(id(20), 1000)), 1);
     assert_eq!(staged(&mut n, chunk(id(10), 1000)), 0, "stale: ignored");
-    assert_eq!(staged(&mut n, chunk(id(20), 2000)), 1, "the newer stream goes on");
+    assert_eq!(
+        staged(&mut n, chunk(id(20), 2000)),
+        1,
+        "the newer stream goes on"
+    );
 }
 
 #[test]
@@ -718,4 +722,91 @@ fn forged_messages_of_every_kind_never_panic_a_core() {
     }
     println!("{forged_sent} forged messages, {appends} appends");
     assert!(forged_sent >= seeds * 400 && appends > seeds * 10);
+}
+
+impl Cluster {
+    /// A joining server: empty disk, empty bootstrap configuration (§4.1).
+    fn join(&mut self, id: NodeId) {
+        let shell = Shell {
+            node: Node::new(config(id, &[]), HardState::default(), vec![]),
+            store: Vec::new(),
+            staged: None,
+        };
+        self.shells.insert(id, shell);
+    }
+
+    fn change(&mut self, id: NodeId, change: ConfChange) {
+        let req = ClientRequest {
+            id: 0,
+            op: ClientOp::ChangeMembers {
+                change,
+                force: false,
+            },
+        };
+        let to = "127.0.0.1:9".parse().unwrap();
+        self.shells.get_mut(&id).unwrap().node.request(to, req);
+        self.settle();
+    }
+}
+
+#[test]
+fn a_member_added_back_gets_no_snapshot_covering_its_removal_before_the_rejoin_commits() {
+    // Node 4 is removed, starts over and is added back while 2 and 3 are down, so the rejoin
+    // stays uncommitted. It has replayed the entry that first added it when the leader
+    // compacts its log past 4's removal: installing that snapshot, 4 would hold its removal
+    // committed with nothing after it, and exit.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    let address = "127.0.0.1:9004".to_string();
+    c.join(4);
+    let add = ConfChange::AddLearner {
+        id: 4,
+        address: address.clone(),
+    };
+    c.change(1, add);
+    c.tick(2);
+    c.change(1, ConfChange::Remove { id: 4 });
+    c.tick(2);
+    assert!(c.node(4).removed());
+    c.join(4);
+    c.down.extend([2, 3]);
+    c.lose = Box::new(|m| m.to == 4);
+    c.change(1, ConfChange::Rejoin { id: 4, address });
+    let rejoin_at = c.node(1).config_index();
+    let commit = c.node(1).commit_index();
+    assert_eq!(commit, rejoin_at - 1, "the rejoin is not committed");
+    // 4 gets the log up to the entry that first added it (as the leader sends it: with the
+    // commit index before the removal).
+    let first = c.node(1).log().entries()[..2].to_vec();
+    let body = Body::AppendEntries {
+        prev_log_index: 0,
+        prev_log_term: 0,
+        entries: first,
+        leader_commit: 2,
+        read_seq: 0,
+    };
+    let n4 = &mut c.shells.get_mut(&4).unwrap().node;
+    n4.step(crate::raft::node::tests::msg(1, 4, 1, body));
+    assert!(n4.membership().contains(4));
+    c.snapshot(1, 0);
+    assert_eq!(
+        c.node(1).log().base().0,
+        commit,
+        "compacted past the removal"
+    );
+    c.lose = Box::new(|_| false);
+    let sent = c.chunks_sent;
+    c.tick(4);
+    assert!(
+        !c.node(4).removed(),
+        "4 took the snapshot's removal for its own"
+    );
+    assert_eq!(c.chunks_sent, sent, "the snapshot went to 4");
+    // The rejoin commits: 4 gets the snapshot, then the rest.
+    c.down.clear();
+    c.tick(4);
+    assert!(!c.node(4).removed());
+    assert!(c.chunks_sent > sent);
+    assert_eq!(c.node(4).commit_index(), c.node(1).commit_index());
+    assert!(c.node(4).membership().contains(4));
 }

@@ -888,3 +888,342 @@ fn a_forced_removal_waits_for_the_silent_voter_and_a_retry_is_answered_as_done()
         vec![1, 3]
     );
 }
+
+// ---- removal and rejoining (issue #22) ---------------------------------------------------
+
+fn rejoin(id: NodeId) -> ConfChange {
+    ConfChange::Rejoin {
+        id,
+        address: address(id),
+    }
+}
+
+impl Cluster {
+    /// Node 4 is added as a learner, catches up, is removed and learns it; then its peer
+    /// starts over on an empty data dir (not yet added back). Returns the removal's index.
+    fn remove_4_and_start_it_over(&mut self) -> Index {
+        self.join(4);
+        assert!(is_configured(&self.change(1, add(4))));
+        self.tick(2);
+        assert!(is_configured(&self.change(1, ConfChange::Remove { id: 4 })));
+        let removal = self.node(1).config_index();
+        self.tick(2);
+        assert!(self.node(4).removed());
+        self.join(4);
+        removal
+    }
+
+    /// Sends `change` to `id` without waiting for its answer; returns the request ID.
+    fn start_change(&mut self, id: NodeId, change: ConfChange) -> u64 {
+        self.send(
+            id,
+            ClientOp::ChangeMembers {
+                change,
+                force: false,
+            },
+        )
+    }
+
+    /// Appends `seq` with 16,000 bytes of data: three fill most of an AppendEntries.
+    fn append_big(&mut self, id: NodeId, seq: u64) -> u64 {
+        let op = ClientOp::Append {
+            client: 7,
+            seq,
+            data: "y".repeat(16_000),
+        };
+        self.send(id, op)
+    }
+}
+
+#[test]
+fn a_member_added_back_does_not_take_its_old_removal_for_its_own_while_the_rejoin_is_uncommitted() {
+    // Node 4 replays the log from the leader, its removal included, committed, and then the
+    // entry adding it back, which only the leader and 4 have: 4 must not exit.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    c.remove_4_and_start_it_over();
+    c.down.extend([2, 3]);
+    let rid = c.start_change(1, rejoin(4));
+    let rejoin_at = c.node(1).config_index();
+    assert_eq!(c.answer(rid), None, "committed without 2 or 3");
+    c.tick(4);
+    assert_eq!(
+        c.node(4).log().last_index(),
+        rejoin_at,
+        "4 replayed the log"
+    );
+    assert!(
+        !c.node(4).removed(),
+        "4 took its old removal for its own while the rejoin was uncommitted"
+    );
+    c.down.clear();
+    c.tick(4);
+    assert!(is_configured(&c.answer(rid)));
+    assert!(!c.node(4).removed());
+    assert_eq!(c.node(4).log().entries(), c.node(1).log().entries());
+    assert_eq!(c.node(4).commit_index(), c.node(1).commit_index());
+    assert!(is_configured(&c.change(1, ConfChange::Promote { id: 4 })));
+}
+
+#[test]
+fn a_member_added_back_does_not_take_its_old_removal_for_its_own_before_it_has_the_rejoin() {
+    // The log after 4's removal fills more than one AppendEntries, and the entry adding it
+    // back is not yet committed: the first AppendEntries ends at the leader's commit index,
+    // which covers the removal, before the rejoin. Holding 4 to what its own log shows would
+    // not do: only the leader knows that the rejoin follows.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    let removal = c.remove_4_and_start_it_over();
+    for seq in 1..=3 {
+        c.append_big(1, seq);
+    }
+    let commit = c.node(1).commit_index();
+    c.down.extend([2, 3]);
+    c.append_big(1, 4);
+    let rid = c.start_change(1, rejoin(4));
+    let rejoin_at = c.node(1).config_index();
+    assert_eq!(rejoin_at, commit + 2);
+    c.tick(4);
+    // The scenario happened: an AppendEntries to 4 ended at the commit index, between the
+    // removal and the rejoin.
+    let ends = |m: &Message| match &m.body {
+        Body::AppendEntries { entries, .. } => entries.last().map(|e| e.index),
+        _ => None,
+    };
+    assert!(
+        c.delivered
+            .iter()
+            .any(|m| m.to == 4 && ends(m) == Some(commit)),
+        "no AppendEntries ended at {commit}"
+    );
+    assert!(removal < commit);
+    assert!(
+        !c.node(4).removed(),
+        "4 took its old removal for its own before it had the rejoin"
+    );
+    assert_eq!(c.node(4).log().last_index(), rejoin_at);
+    assert!(
+        c.node(4).commit_index() < removal,
+        "4 was told a commit index covering its removal"
+    );
+    c.down.clear();
+    c.tick(4);
+    assert!(is_configured(&c.answer(rid)));
+    assert!(!c.node(4).removed());
+    assert_eq!(c.node(4).commit_index(), c.node(1).commit_index());
+}
+
+#[test]
+fn a_member_added_back_does_not_take_its_old_removal_for_its_own_from_a_new_leader_whose_commit_lags(
+) {
+    // 1 commits the rejoin with 2's acknowledgement and goes down before anyone hears that it
+    // committed. 2 leads, and until an entry of its term commits, its commit index covers 4's
+    // removal but not the rejoin.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    c.remove_4_and_start_it_over();
+    let next = c.node(1).log().last_index() + 1;
+    c.down.insert(3);
+    c.lose = Some(Box::new(move |m| match &m.body {
+        Body::AppendEntries { leader_commit, .. } => {
+            m.from == 1 && (m.to == 4 || *leader_commit >= next)
+        }
+        _ => false,
+    }));
+    let rid = c.start_change(1, rejoin(4));
+    assert_eq!(c.node(1).config_index(), next);
+    assert!(is_configured(&c.answer(rid)), "1 committed it with 2");
+    assert!(c.node(2).commit_index() < next && c.node(2).log().last_index() == next);
+    assert_eq!(c.node(4).log().last_index(), 0, "4 heard nothing from 1");
+    // 2 wins with 3; 3's acknowledgements are lost, so 2's commit index stays behind.
+    c.down = BTreeSet::from([1]);
+    c.lose = Some(Box::new(|m| {
+        matches!(m.body, Body::AppendEntriesResponse { .. }) && m.from == 3 && m.to == 2
+    }));
+    c.elect(2);
+    c.tick(4);
+    assert!(
+        c.node(2).commit_index() < next,
+        "2's commit index caught up"
+    );
+    assert!(c.node(4).log().last_index() > next, "4 replayed 2's log");
+    assert!(
+        !c.node(4).removed(),
+        "4 took its old removal for its own from a leader whose commit index lags"
+    );
+    c.lose = None;
+    c.tick(4);
+    assert!(!c.node(4).removed());
+    assert_eq!(c.node(4).commit_index(), c.node(2).commit_index());
+    assert!(is_configured(&c.change(2, ConfChange::Promote { id: 4 })));
+}
+
+#[test]
+fn a_member_added_back_whose_rejoin_is_lost_waits_to_be_added_again() {
+    // The rejoin reaches only 1 and 4; 1 goes down, and 2, which never had it, leads and
+    // tells 4 (a removed member to it) of the old removal, truncating the rejoin from 4's
+    // log. That removal is still not 4's own: it waits, as a peer started over does, and the
+    // operator's retry adds it back.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    c.remove_4_and_start_it_over();
+    c.down.extend([2, 3]);
+    let rid = c.start_change(1, rejoin(4));
+    c.tick(2);
+    assert!(c.node(4).membership().contains(4));
+    assert_eq!(c.answer(rid), None);
+    c.down = BTreeSet::from([1]);
+    c.elect(2);
+    c.tick(4);
+    assert!(
+        !c.node(4).membership().contains(4),
+        "the rejoin was truncated"
+    );
+    assert_eq!(c.node(4).log().entries(), c.node(2).log().entries());
+    assert!(
+        !c.node(4).removed(),
+        "4 took its old removal for its own once the rejoin was truncated"
+    );
+    // The retry, on the new leader.
+    assert!(is_configured(&c.change(2, rejoin(4))));
+    c.tick(2);
+    assert!(!c.node(4).removed());
+    assert_eq!(c.node(4).log().entries(), c.node(2).log().entries());
+    assert!(is_configured(&c.change(2, ConfChange::Promote { id: 4 })));
+}
+
+#[test]
+fn a_follower_decides_on_its_removal_from_its_whole_log_and_what_it_saw_truncated() {
+    // By hand, as a leader that does not hold back its commit index (an older version)
+    // would send it: a member added back (at 4) with its removal (at 3) committed and the
+    // rejoin not is not removed; removed again later (at 6), it is; and a rejoin truncated
+    // away does not make the removal before it its own.
+    let voters = Membership::voters(&[1, 2, 3]);
+    let with_4 = voters.apply(&add(4)).unwrap();
+    let e = |index, term, payload| Entry {
+        index,
+        term,
+        payload,
+    };
+    let entries = |term| {
+        vec![
+            e(1, 1, Payload::Noop),
+            e(2, 1, Payload::Config(with_4.clone())),
+            e(3, 1, Payload::Config(voters.clone())),
+            e(4, term, Payload::Config(with_4.clone())),
+        ]
+    };
+    let append = |prev: (Index, Term), entries: Vec<Entry>, commit| Body::AppendEntries {
+        prev_log_index: prev.0,
+        prev_log_term: prev.1,
+        entries,
+        leader_commit: commit,
+        read_seq: 0,
+    };
+    let fresh = || {
+        Node::new(
+            config(4, Membership::default()),
+            HardState::default(),
+            vec![],
+        )
+    };
+    let step = |n: &mut Node, term, body| {
+        n.step(msg(1, 4, term, body));
+        n.ready();
+        n.advance();
+    };
+    let mut n = fresh();
+    step(&mut n, 1, append((0, 0), entries(1), 3));
+    assert_eq!(n.commit_index(), 3);
+    assert!(!n.removed(), "removed while the rejoin was uncommitted");
+    step(&mut n, 1, append((4, 1), vec![e(5, 1, Payload::Noop)], 5));
+    assert!(!n.removed());
+    step(
+        &mut n,
+        1,
+        append((5, 1), vec![e(6, 1, Payload::Config(voters.clone()))], 6),
+    );
+    assert!(
+        n.removed(),
+        "removed again and not added back, it must stop"
+    );
+    // The rejoin at 4 (term 1) is truncated by a leader of term 2 that never had it.
+    let mut n = fresh();
+    step(&mut n, 1, append((0, 0), entries(1), 3));
+    step(&mut n, 2, append((3, 1), vec![e(4, 2, Payload::Noop)], 4));
+    assert!(!n.membership().contains(4), "truncated");
+    assert!(
+        !n.removed(),
+        "a truncated rejoin made the removal before it ours"
+    );
+    // Never added back: the removal is its own.
+    let mut n = fresh();
+    step(&mut n, 1, append((0, 0), entries(1)[..3].to_vec(), 3));
+    assert!(n.removed());
+}
+
+#[test]
+fn a_removed_member_that_missed_its_removal_learns_it_from_the_next_leader() {
+    // 1 removes 5 while 5 is cut off, and loses leadership before 5 hears of it: 2, the new
+    // leader, tells 5.
+    let mut c = Cluster::new(&[1, 2, 3, 4, 5]);
+    c.elect(1);
+    c.down.insert(5);
+    assert!(is_configured(&c.change(1, ConfChange::Remove { id: 5 })));
+    c.tick(2);
+    c.down = BTreeSet::from([1, 5]);
+    c.elect(2);
+    assert!(c.node(2).contacts().contains(&5), "2 does not tell 5");
+    c.down.remove(&5);
+    c.tick(4);
+    assert!(c.node(5).removed(), "5 never learned that it was removed");
+    // 2 stops telling it an election timeout after it acknowledged.
+    c.tick(20);
+    assert!(!c.node(2).contacts().contains(&5));
+    assert!(!c.node(2).progress.contains_key(&5));
+    // 1 too, once back.
+    c.down.clear();
+    c.tick(4);
+    assert!(!c.node(1).removed() && c.node(1).leader() == Some(2));
+    // A member that never answers is dropped after ten election timeouts.
+    c.down.insert(4);
+    assert!(is_configured(&c.change(2, ConfChange::Remove { id: 4 })));
+    c.campaign(3);
+    assert_eq!(c.node(3).role(), Role::Leader);
+    assert!(c.node(3).contacts().contains(&4));
+    c.tick(10 * 20 + 1);
+    assert!(!c.node(3).contacts().contains(&4));
+}
+
+#[test]
+fn a_peer_started_over_under_a_removed_id_is_not_told_of_the_old_removal() {
+    // 4 is removed while down and never hears of it; its peer starts over on an empty data
+    // dir, to be added back. The leader, still telling the old 4, must not make the new one
+    // replay the removal and exit before the operator adds it back; nor must a new leader.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    c.join(4);
+    assert!(is_configured(&c.change(1, add(4))));
+    c.tick(2);
+    c.down.insert(4);
+    assert!(is_configured(&c.change(1, ConfChange::Remove { id: 4 })));
+    c.join(4);
+    c.down.clear();
+    c.tick(4);
+    assert!(
+        !c.node(4).removed(),
+        "the old leader's news killed the new 4"
+    );
+    assert!(!c.node(1).contacts().contains(&4));
+    c.campaign(2);
+    c.tick(4);
+    assert!(
+        !c.node(4).removed(),
+        "the new leader's news killed the new 4"
+    );
+    assert_eq!(c.node(4).log().last_index(), 0);
+    assert!(is_configured(&c.change(2, rejoin(4))));
+    c.tick(2);
+    assert!(!c.node(4).removed());
+    assert_eq!(c.node(4).log().entries(), c.node(2).log().entries());
+}
