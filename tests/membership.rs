@@ -453,8 +453,6 @@ fn a_removed_node_rejoins_on_an_empty_disk_and_counts_again() {
 }
 
 #[test]
-#[ignore = "core bug: note_removal takes a rejoining node's replayed removal for its own while \
-            its Rejoin entry is uncommitted; run with --ignored once src/ is fixed"]
 fn a_rejoining_node_does_not_take_its_rejoin_for_a_removal_before_it_commits() {
     // Found by the randomized runs with rejoins: a node started over to rejoin gets the log
     // up to and including its Rejoin entry, with a leader commit index just below it (the
