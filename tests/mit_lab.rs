@@ -412,8 +412,12 @@ fn count_3b() {
         let mut s = Sim::new(seed, SimConfig::reliable(3));
         s.wait_for_leader(2_000 * MS);
         let election = s.sent;
+        // The lab's bound is 30 RPCs, in datagrams (request and answer) 60. A first round that
+        // splits the vote costs a second pre-vote and vote round: 35 datagrams were seen once
+        // (seed 1796616490601371) against the 30 this test asked before, which only the
+        // quietest elections meet.
         assert!(
-            election <= 30,
+            election <= 2 * 30,
             "seed {seed}: {election} datagrams to elect a leader"
         );
         s.run_for(100 * MS);
