@@ -6,28 +6,17 @@
 
 mod common;
 
-use common::{describe, json_lines, poll_until, wait_with_deadline, Cluster};
+use common::{poll_until, wait_with_deadline, Cluster};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Runs `client ARGS` with the original peer 1 config and expects exit 0; returns its lines.
-fn ok(cluster: &Cluster, args: &[&str]) -> Vec<Value> {
-    let out = cluster.client(args);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "client {args:?}: {}",
-        describe(&out)
-    );
-    json_lines(&out.stdout)
-}
-
 /// The members as `client members` prints them: (id, role) by ID.
 fn members(cluster: &Cluster) -> BTreeMap<u64, String> {
-    ok(cluster, &["members"])
+    cluster
+        .client_ok(&["members"])
         .iter()
         .map(|m| {
             (
@@ -43,24 +32,18 @@ fn grow(cluster: &mut Cluster, id: u64, port: u16, contacts: &mut BTreeMap<u64, 
     cluster.start_joining(id, port, contacts, |_| {});
     contacts.insert(id, port);
     let address = format!("127.0.0.1:{port}");
-    ok(cluster, &["add-learner", &id.to_string(), &address]);
+    cluster.client_ok(&["add-learner", &id.to_string(), &address]);
     assert_eq!(
         members(cluster).get(&id).map(String::as_str),
         Some("learner")
     );
-    ok(
-        cluster,
-        &["--timeout-ms", "30000", "promote", &id.to_string()],
-    );
+    cluster.client_ok(&["--timeout-ms", "30000", "promote", &id.to_string()]);
     assert_eq!(members(cluster).get(&id).map(String::as_str), Some("voter"));
 }
 
 /// Removes peer `id` and waits for its process to exit 0 by itself.
 fn shrink(cluster: &mut Cluster, id: u64, contacts: &mut BTreeMap<u64, u16>) {
-    ok(
-        cluster,
-        &["--timeout-ms", "10000", "remove", &id.to_string()],
-    );
+    cluster.client_ok(&["--timeout-ms", "10000", "remove", &id.to_string()]);
     contacts.remove(&id);
     assert!(!members(cluster).contains_key(&id), "{id} still a member");
     let mut child = cluster.peers.remove(&id).expect("running");
@@ -128,7 +111,7 @@ fn grow_replace_remove_the_leader_transfer_and_shrink_under_appends_without_losi
     // Hand leadership to a new peer, then remove the leader: it steps down once the new
     // configuration commits. Peer 3 stays to the end: the original peer 1 config must still
     // name one current member for a client using it to find the rest.
-    let out = ok(&cluster, &["--timeout-ms", "5000", "transfer-leader", "4"]);
+    let out = cluster.client_ok(&["--timeout-ms", "5000", "transfer-leader", "4"]);
     assert_eq!(
         out[0]["leader"].as_u64(),
         Some(4),
@@ -157,9 +140,10 @@ fn grow_replace_remove_the_leader_transfer_and_shrink_under_appends_without_losi
     );
 
     // The client with the original peer 1 config still works, and the log is whole.
-    let appended = ok(&cluster, &["append", "after"]);
+    let appended = cluster.client_ok(&["append", "after"]);
     assert_eq!(appended[0]["data"], "after");
-    let log: BTreeMap<u64, Value> = ok(&cluster, &["query"])
+    let log: BTreeMap<u64, Value> = cluster
+        .client_ok(&["query"])
         .into_iter()
         .map(|r| (r["index"].as_u64().unwrap(), r))
         .collect();
@@ -203,14 +187,14 @@ fn a_member_added_back_catches_up_through_configurations_that_do_not_list_the_le
     };
     let port2 = contacts[&2];
     let port3 = contacts[&3];
-    ok(&cluster, &["transfer-leader", "1"]);
+    cluster.client_ok(&["transfer-leader", "1"]);
     shrink(&mut cluster, 2, &mut contacts);
     fill(&cluster, "a");
     // Node 2 comes back on an empty data dir.
     std::fs::remove_dir_all(cluster.data_dir(2)).unwrap();
     rejoin(&mut cluster, 2, port2, &mut contacts);
     fill(&cluster, "b");
-    ok(&cluster, &["--timeout-ms", "5000", "transfer-leader", "2"]);
+    cluster.client_ok(&["--timeout-ms", "5000", "transfer-leader", "2"]);
     shrink(&mut cluster, 3, &mut contacts);
     std::fs::remove_dir_all(cluster.data_dir(3)).unwrap();
     rejoin(&mut cluster, 3, port3, &mut contacts);
@@ -222,21 +206,15 @@ fn rejoin(cluster: &mut Cluster, id: u64, port: u16, contacts: &mut BTreeMap<u64
     cluster.start_joining(id, port, contacts, |_| {});
     contacts.insert(id, port);
     let address = format!("127.0.0.1:{port}");
-    ok(
-        cluster,
-        &["add-learner", &id.to_string(), &address, "--rejoin"],
-    );
-    ok(
-        cluster,
-        &["--timeout-ms", "30000", "promote", &id.to_string()],
-    );
+    cluster.client_ok(&["add-learner", &id.to_string(), &address, "--rejoin"]);
+    cluster.client_ok(&["--timeout-ms", "30000", "promote", &id.to_string()]);
     assert_eq!(members(cluster).get(&id).map(String::as_str), Some("voter"));
     // Promotion allows some lag; the peer must then catch up all the way.
     poll_until(
         Duration::from_secs(10),
         "the rejoined peer catches up",
         || {
-            let lines = ok(cluster, &["status"]);
+            let lines = cluster.client_ok(&["status"]);
             let leader_commit = lines
                 .iter()
                 .find(|l| l["role"] == "leader")

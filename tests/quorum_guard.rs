@@ -6,7 +6,6 @@
 mod common;
 
 use common::{describe, json_lines, poll_until, wait_with_deadline, Cluster, CLIENT};
-use serde_json::Value;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -15,21 +14,10 @@ use std::time::Duration;
 /// seeing it as silent: twice the longest election timeout in the test configs (300 ms).
 const SILENT_MS: u64 = 600;
 
-/// Runs `client ARGS` with the peer 1 config and expects exit 0; returns its lines.
-fn ok(cluster: &Cluster, args: &[&str]) -> Vec<Value> {
-    let out = cluster.client(args);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "client {args:?}: {}",
-        describe(&out)
-    );
-    json_lines(&out.stdout)
-}
-
 /// The member IDs as `client members` prints them.
 fn member_ids(cluster: &Cluster) -> Vec<u64> {
-    ok(cluster, &["members"])
+    cluster
+        .client_ok(&["members"])
         .iter()
         .map(|m| m["id"].as_u64().expect("id"))
         .collect()
@@ -125,7 +113,7 @@ fn removing_a_live_voter_while_another_is_down_is_refused_and_removing_the_dead_
     assert_eq!(member_ids(&cluster), vec![1, 2, 3], "nothing changed");
 
     // Removing the dead voter leaves {1, 2}, both live: allowed, and the cluster goes on.
-    let lines = ok(&cluster, &["remove", "3"]);
+    let lines = cluster.client_ok(&["remove", "3"]);
     let ids: Vec<u64> = lines[0]["members"]
         .as_array()
         .unwrap()
@@ -134,7 +122,7 @@ fn removing_a_live_voter_while_another_is_down_is_refused_and_removing_the_dead_
         .collect();
     assert_eq!(ids, vec![1, 2]);
     assert_eq!(member_ids(&cluster), vec![1, 2]);
-    ok(&cluster, &["append", "after"]);
+    cluster.client_ok(&["append", "after"]);
 }
 
 #[test]

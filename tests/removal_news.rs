@@ -7,24 +7,12 @@
 mod common;
 
 use common::{describe, json_lines, poll_until, wait_with_deadline, Cluster};
-use serde_json::Value;
 use std::time::Duration;
-
-/// Runs `client ARGS` with the peer 1 config and expects exit 0; returns its lines.
-fn ok(cluster: &Cluster, args: &[&str]) -> Vec<Value> {
-    let out = cluster.client(args);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "client {args:?}: {}",
-        describe(&out)
-    );
-    json_lines(&out.stdout)
-}
 
 /// The members as `client members` prints them: (id, role).
 fn members(cluster: &Cluster) -> Vec<(u64, String)> {
-    ok(cluster, &["members"])
+    cluster
+        .client_ok(&["members"])
         .iter()
         .map(|m| {
             (
@@ -53,7 +41,7 @@ fn remove_3_while_down_then_lead_with_2(name: &str) -> Cluster {
     cluster.wait_for_one_leader(Duration::from_secs(10));
     lead(&cluster, 1);
     cluster.kill_peer(3);
-    ok(&cluster, &["--timeout-ms", "10000", "remove", "3"]);
+    cluster.client_ok(&["--timeout-ms", "10000", "remove", "3"]);
     lead(&cluster, 2);
     assert_eq!(
         members(&cluster),
@@ -82,13 +70,13 @@ fn a_removed_peer_that_was_down_learns_it_from_the_next_leader_and_exits() {
         "peer 3 does not say it was removed:\n{}",
         common::tail(&cluster.log_path(3))
     );
-    ok(&cluster, &["append", "after"]);
+    cluster.client_ok(&["append", "after"]);
 }
 
 /// Waits until peer `id` has applied as much as peer 1.
 fn caught_up(cluster: &Cluster, id: u64) {
     poll_until(Duration::from_secs(10), "the peer catches up", || {
-        let lines = ok(cluster, &["status"]);
+        let lines = cluster.client_ok(&["status"]);
         let applied = |id: u64| {
             lines
                 .iter()
@@ -116,11 +104,11 @@ fn a_peer_started_over_under_a_removed_id_waits_to_be_added_back() {
     let port4 = common::free_ports(1)[0];
     let address4 = format!("127.0.0.1:{port4}");
     cluster.start_joining(4, port4, &contacts, |_| {});
-    ok(&cluster, &["add-learner", "4", &address4]);
-    ok(&cluster, &["append", "before"]);
+    cluster.client_ok(&["add-learner", "4", &address4]);
+    cluster.client_ok(&["append", "before"]);
     caught_up(&cluster, 4);
     cluster.kill_peer(4);
-    ok(&cluster, &["--timeout-ms", "10000", "remove", "4"]);
+    cluster.client_ok(&["--timeout-ms", "10000", "remove", "4"]);
     lead(&cluster, 2);
     std::fs::remove_dir_all(cluster.data_dir(4)).unwrap();
     cluster.start_joining(4, port4, &contacts, |_| {});
@@ -142,8 +130,8 @@ fn a_peer_started_over_under_a_removed_id_waits_to_be_added_back() {
     );
     std::thread::sleep(Duration::from_millis(500));
     cluster.check_alive();
-    ok(&cluster, &["add-learner", "4", &address4, "--rejoin"]);
-    ok(&cluster, &["append", "after"]);
+    cluster.client_ok(&["add-learner", "4", &address4, "--rejoin"]);
+    cluster.client_ok(&["append", "after"]);
     caught_up(&cluster, 4);
     cluster.check_alive();
     assert!(!cluster.log_text(4).contains("removed from the cluster"));

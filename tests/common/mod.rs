@@ -323,6 +323,18 @@ impl Cluster {
             .unwrap()
     }
 
+    /// Runs `client ARGS` with the peer 1 config and expects exit 0; returns its JSON lines.
+    pub fn client_ok(&self, args: &[&str]) -> Vec<Value> {
+        let out = self.client(args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "client {args:?}: {}",
+            describe(&out)
+        );
+        json_lines(&out.stdout)
+    }
+
     /// The peers that say they are leader, as (id, term), from one `client status`.
     pub fn leaders(&self) -> (Vec<(u64, u64)>, String) {
         let out = self.client(&["--timeout-ms", "500", "status"]);
