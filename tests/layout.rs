@@ -11,9 +11,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// Files allowed past the line limit, with why: the identities issue rewrites `auth.rs` as a
-/// module folder.
-const LONG_FILES_ALLOWED: &[&str] = &["src/auth.rs"];
 const MAX_LINES: usize = 2_000;
 
 type Module = Vec<String>;
@@ -313,10 +310,7 @@ fn no_source_file_is_longer_than_2000_lines() {
         let rel = f.strip_prefix(root()).unwrap().display().to_string();
         files.push((rel, fs::read_to_string(&f).unwrap().lines().count()));
     }
-    let long: Vec<_> = files
-        .iter()
-        .filter(|(f, n)| *n > MAX_LINES && !LONG_FILES_ALLOWED.contains(&f.as_str()))
-        .collect();
+    let long: Vec<_> = files.iter().filter(|(_, n)| *n > MAX_LINES).collect();
     assert!(long.is_empty(), "files over {MAX_LINES} lines: {long:?}");
 }
 
