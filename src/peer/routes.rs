@@ -282,3 +282,64 @@ pub(super) fn describe(file: &ClusterFile) -> String {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::AppendResult;
+    use std::net::SocketAddr;
+
+    fn from(id: NodeId, cluster: u64, reply_at: &str) -> Message {
+        Message {
+            cluster,
+            from: id,
+            to: 1,
+            term: 1,
+            body: Body::AppendEntriesResponse {
+                read_seq: 0,
+                result: AppendResult::Accepted { match_index: 0 },
+            },
+            reply_at: Some(reply_at.into()),
+        }
+    }
+
+    fn routing() -> Routing {
+        Routing {
+            config_index: 0,
+            latest: Membership::default(),
+            committed: Membership::default(),
+            contacts: Vec::new(),
+            removed: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_address_is_learned_only_where_nothing_else_gives_one_and_only_in_our_cluster() {
+        let config = PeerConfig::parse(
+            r#"{"name": "p1", "node_ID": 1, "host": "127.0.0.1", "port": 9001,
+                "other_peers": [{"node_ID": 2, "host": "127.0.0.1", "port": 9002}]}"#,
+        )
+        .unwrap();
+        let mut routes = Routes::new(&config, &Start::Member(ClusterFile::joined(&config, 7)));
+        routes.update(routing()).expect("a first directory");
+        for (msg, admitted) in [
+            (from(4, 7, "127.0.0.1:9004"), true),
+            (from(2, 7, "127.0.0.1:9999"), true),
+            (from(5, 8, "127.0.0.1:9005"), false),
+        ] {
+            assert_eq!(routes.admit(&msg).unwrap(), admitted, "{msg:?}");
+        }
+        let d = routes
+            .update(routing())
+            .expect("learning changed the directory");
+        let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        assert_eq!(d.addresses.get(&4), Some(&at(9004)), "learned");
+        assert_eq!(
+            d.addresses.get(&2),
+            Some(&at(9002)),
+            "the config's address wins"
+        );
+        assert!(!d.addresses.contains_key(&5), "another cluster's node");
+        assert!(d.accept.senders.contains(&4) && !d.accept.senders.contains(&5));
+    }
+}
