@@ -1519,6 +1519,7 @@ mod tests {
             recipient: 1,
             recipient_epoch: 1,
             counter: 1,
+            sent: auth::now_micros(),
         };
         auth::seal(&keys, 0, &header, &mut sealed);
         assert!(looks_like_request(&sealed));
@@ -1635,6 +1636,7 @@ mod tests {
             recipient: 1,
             recipient_epoch: 0,
             counter: 1,
+            sent: auth::now_micros(),
         };
         auth::seal(&keys, 0, &header, &mut sealed);
         assert_eq!(reason(&sealed), DropReason::Malformed);

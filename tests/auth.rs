@@ -248,6 +248,7 @@ fn a_forged_append_entries_has_no_effect() {
             recipient: f,
             recipient_epoch: spy.peer_epoch(f),
             counter: 1_000_000,
+            sent: auth::now_micros(),
         };
         let mut sealed_wrong = auth::with_room(&json);
         auth::seal(&wrong, 0, &header, &mut sealed_wrong);
@@ -471,6 +472,7 @@ fn forged_and_replayed_client_requests_and_replies_are_ignored() {
                 recipient: session,
                 recipient_epoch: epoch,
                 counter: 1,
+                sent: auth::now_micros(),
             };
             auth::seal(&wrong, 0, &header, &mut sealed);
             let mut out = vec![reply, sealed];
@@ -523,6 +525,7 @@ fn forged_and_replayed_client_requests_and_replies_are_ignored() {
         recipient: leader,
         recipient_epoch: 0,
         counter: 1,
+        sent: auth::now_micros(),
     };
     auth::seal(&wrong, 0, &header, &mut forged_sealed);
     for bytes in [&forged, &forged_sealed] {
@@ -1077,6 +1080,7 @@ fn fuzz_datagram(
                 spy.peer_epoch(to)
             },
             counter: 1 + rng.below(1 << 20),
+            sent: auth::now_micros(),
         }
     };
     match rng.below(10) {

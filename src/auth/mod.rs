@@ -8,7 +8,7 @@
 //! ```text
 //! offset size
 //!      0    1  magic 0xA7: never the `{` that starts an unauthenticated (JSON) datagram
-//!      1    1  version, 1
+//!      1    1  version, 2
 //!      2    1  kind: 1 peer message, 2 client request, 3 client reply,
 //!              4 notice to a peer, 5 notice to a client
 //!      3    1  reserved, 0
@@ -18,8 +18,10 @@
 //!     24    8  recipient: a peer's node ID, or a client's session ID
 //!     32    8  recipient epoch: the recipient's incarnation as the sender knows it, 0 if unknown
 //!     40    8  counter: per sender incarnation and recipient, from 1, never reused
-//!     48    n  body: the JSON datagram; in a notice, 8 bytes (the least sender epoch accepted)
-//!   48+n   32  MAC: keyed BLAKE3 of everything before it
+//!     48    8  sent: the sender's clock, microseconds since the Unix epoch (a request older
+//!              than [`REQUEST_TTL`] is refused, so a captured one cannot be aimed elsewhere later)
+//!     56    n  body: the JSON datagram; in a notice, 8 bytes (the least sender epoch accepted)
+//!   56+n   32  MAC: keyed BLAKE3 of everything before it
 //! ```
 //!
 //! Integers are little-endian. The MAC key is derived from the 32-byte secret *and* the
@@ -43,8 +45,12 @@
 //!   is a previous incarnation's datagram), and within that epoch its counter has not been seen
 //!   and is within [`WINDOW`] of the highest seen (a sliding window, as IPsec and WireGuard keep).
 //!
-//! The sender's epoch and counter are checked first, so the counter of an authentic datagram
-//! is spent even if the datagram is stale: replayed, it is a duplicate.
+//! - its sender epoch is at most [`EPOCH_SLACK`] ahead of the receiver's clock, and a client
+//!   request was sent (by its `sent` field) within [`REQUEST_TTL`] of the receiver's clock.
+//!
+//! The sender's state (epoch, window) changes only once a datagram has passed every check:
+//! a refused datagram, whatever the reason, leaves no trace, so no forged or stale datagram
+//! can move a sender's epoch out of reach of its genuine datagrams.
 //!
 //! A sender learns a recipient's epoch from the recipient's own authenticated datagrams. Until it
 //! has (its first datagram says 0, a *handshake*; or the recipient restarted since), its
@@ -106,9 +112,9 @@ pub const KEY_BYTES: usize = 32;
 /// The first byte of every sealed datagram; an unauthenticated datagram starts with `{`.
 pub const MAGIC: u8 = 0xA7;
 /// The envelope's version.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Bytes before the body.
-pub const HEADER_LEN: usize = 48;
+pub const HEADER_LEN: usize = 56;
 /// Bytes of the MAC after the body.
 pub const MAC_LEN: usize = 32;
 /// What sealing adds to a datagram.
@@ -127,6 +133,15 @@ const MAX_LINKS: usize = 1024;
 pub const NOTICE_INTERVAL: Duration = Duration::from_millis(10);
 /// Notices a peer sends per second at most, to all senders together.
 pub const NOTICES_PER_SECOND: u32 = 1000;
+/// How far ahead of the receiver's clock a sender epoch (or the least epoch a notice asks for)
+/// may be. Epochs are wall-clock times; one further ahead is forged (or the clocks disagree by
+/// more than this, which the refusal's log line says), and adopting it would let one datagram
+/// move a sender's state out of reach of its genuine datagrams.
+pub const EPOCH_SLACK: Duration = Duration::from_secs(10);
+/// How old (by its `sent` field, against the peer's clock) a client request may be. A reply
+/// goes to the request's source address; a request captured on the way and delivered later
+/// from another (spoofed) source would draw its reply there, so a request is good only briefly.
+pub const REQUEST_TTL: Duration = Duration::from_secs(10);
 /// How often a peer sealing to another peer with the previous key also sends a datagram under
 /// the current key, to find out whether that peer has it yet (during a rotation).
 pub const KEY_PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -451,6 +466,8 @@ pub struct Header {
     pub recipient: u64,
     pub recipient_epoch: u64,
     pub counter: u64,
+    /// The sender's clock when it sealed the datagram, microseconds since the Unix epoch.
+    pub sent: u64,
 }
 
 impl Header {
@@ -466,6 +483,7 @@ impl Header {
             (24, self.recipient),
             (32, self.recipient_epoch),
             (40, self.counter),
+            (48, self.sent),
         ] {
             out[at..at + 8].copy_from_slice(&v.to_le_bytes());
         }
@@ -495,6 +513,7 @@ impl Header {
             recipient: u64_at(24),
             recipient_epoch: u64_at(32),
             counter: u64_at(40),
+            sent: u64_at(48),
         })
     }
 }
@@ -593,15 +612,33 @@ pub fn open<'a>(bytes: &'a [u8], keys: &Keys) -> Result<Opened<'a>, AuthError> {
 // ---------------------------------------------------------------------------------------------
 // Epochs and counters
 
+/// The wall clock in microseconds since the Unix epoch (0 before it).
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// A new incarnation's epoch: microseconds since the Unix epoch with 10 random bits below them,
 /// so that a later start has a larger epoch (the clock permitting; see the module docs), and
 /// two starts in the same microsecond still differ. Never 0 (which means "unknown").
 pub fn fresh_epoch() -> u64 {
-    let micros = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64);
     let noise = getrandom::u64().unwrap_or(0) & 0x3ff;
-    ((micros << 10) | noise).max(1)
+    ((now_micros() << 10) | noise).max(1)
+}
+
+/// The largest epoch taken now: [`EPOCH_SLACK`] ahead of this clock. Anything above it is
+/// refused, so no datagram or notice can move an epoch out of reach of genuine ones.
+pub fn epoch_limit() -> u64 {
+    let ahead = now_micros().saturating_add(EPOCH_SLACK.as_micros() as u64);
+    ahead.saturating_mul(1 << 10) | 0x3ff
+}
+
+/// Whether a request sent at `sent` (the client's clock) is young enough to answer at `now`
+/// (this peer's clock), allowing [`REQUEST_TTL`] either way for clocks that disagree.
+pub fn request_is_fresh(sent: u64, now: u64) -> bool {
+    let ttl = REQUEST_TTL.as_micros() as u64;
+    sent.saturating_add(ttl) >= now && sent <= now.saturating_add(ttl)
 }
 
 /// Takes the next counter from `last` (the last one used): `None` once `u64::MAX` has been
@@ -627,6 +664,12 @@ pub enum Replay {
     StaleRecipient,
     /// Addressed to another peer or client.
     WrongRecipient,
+    /// Its sender epoch is more than [`EPOCH_SLACK`] ahead of this receiver's clock: forged,
+    /// or the two clocks disagree by that much.
+    Ahead,
+    /// A client request sent more than [`REQUEST_TTL`] ago (or ahead) by this peer's clock:
+    /// held back and delivered late, or the two clocks disagree by that much.
+    Expired,
 }
 
 impl fmt::Display for Replay {
@@ -639,6 +682,12 @@ impl fmt::Display for Replay {
                 "bound to an earlier incarnation of this peer (a replay, or its sender has not learned yet that we restarted; it has been told)"
             }
             Replay::WrongRecipient => "addressed to someone else",
+            Replay::Ahead => {
+                "its sender's epoch is far ahead of this clock (forged, or the clocks disagree)"
+            }
+            Replay::Expired => {
+                "a request sent too long ago by this clock (held back, or the clocks disagree)"
+            }
         })
     }
 }
@@ -670,10 +719,37 @@ impl ReplayWindow {
         }
     }
 
+    /// Whether `counter` would be accepted: new, and within the window. Changes nothing.
+    pub fn check(&self, counter: u64) -> Result<(), Replay> {
+        if !self.any || counter > self.top {
+            return Ok(());
+        }
+        if self.top - counter >= WINDOW {
+            return Err(Replay::TooOld);
+        }
+        if self.bits[Self::word(counter)] & Self::bit(counter) != 0 {
+            return Err(Replay::Duplicate);
+        }
+        Ok(())
+    }
+
     /// Accepts `counter` if it is new and within the window, and remembers it.
     pub fn accept(&mut self, counter: u64) -> Result<(), Replay> {
-        let word = |c: u64| ((c / 64) % WINDOW_WORDS as u64) as usize;
-        let bit = |c: u64| 1u64 << (c % 64);
+        self.check(counter)?;
+        self.mark(counter);
+        Ok(())
+    }
+
+    fn word(c: u64) -> usize {
+        ((c / 64) % WINDOW_WORDS as u64) as usize
+    }
+
+    fn bit(c: u64) -> u64 {
+        1u64 << (c % 64)
+    }
+
+    /// Remembers `counter`, which [`ReplayWindow::check`] has passed.
+    fn mark(&mut self, counter: u64) {
         if !self.any || counter > self.top {
             let (from, to) = (self.top / 64, counter / 64);
             let stale = if self.any { to - from } else { u64::MAX };
@@ -682,22 +758,13 @@ impl ReplayWindow {
             } else {
                 // The words of the blocks the window slides over now hold older counters.
                 for block in from + 1..=to {
-                    self.bits[word(block * 64)] = 0;
+                    self.bits[Self::word(block * 64)] = 0;
                 }
             }
             self.any = true;
             self.top = counter;
-            self.bits[word(counter)] |= bit(counter);
-            return Ok(());
         }
-        if self.top - counter >= WINDOW {
-            return Err(Replay::TooOld);
-        }
-        if self.bits[word(counter)] & bit(counter) != 0 {
-            return Err(Replay::Duplicate);
-        }
-        self.bits[word(counter)] |= bit(counter);
-        Ok(())
+        self.bits[Self::word(counter)] |= Self::bit(counter);
     }
 }
 
@@ -721,8 +788,38 @@ pub enum Admission {
 
 /// The freshness rule for one authentic datagram from a sender with state `state` (None: not
 /// heard from in this receiver's incarnation, or forgotten), `floor` being the newest epoch of
-/// any forgotten sender of its kind. Updates the state if the datagram is fresh; a datagram
-/// that is refused changes nothing.
+/// any forgotten sender of its kind. Changes nothing: the state moves only by [`record`], once
+/// the datagram is accepted whole (recipient and recipient epoch checked too), so a datagram
+/// that is refused for any reason leaves no trace. `Err` holds why and, if not 0, the least
+/// epoch the sender must move to.
+pub fn check(
+    state: Option<&SenderState>,
+    floor: u64,
+    epoch: u64,
+    counter: u64,
+) -> Result<(), (Replay, u64)> {
+    match state {
+        Some(s) if epoch == s.epoch => s.window.check(counter).map_err(|why| (why, 0)),
+        Some(s) if epoch < s.epoch => Err((Replay::OldEpoch, s.epoch.saturating_add(1))),
+        Some(_) => Ok(()),
+        None if epoch <= floor => Err((Replay::OldEpoch, floor.saturating_add(1))),
+        None => Ok(()),
+    }
+}
+
+/// Records an accepted datagram that [`check`] passed; true if it starts a new incarnation of
+/// its sender.
+pub fn record(state: &mut Option<SenderState>, epoch: u64, counter: u64, slot: usize) -> bool {
+    match state {
+        Some(s) => s.record(epoch, counter, slot),
+        None => {
+            *state = Some(SenderState::new(epoch, counter, slot));
+            true
+        }
+    }
+}
+
+/// [`check`], then [`record`] if it passed.
 pub fn admit(
     state: &mut Option<SenderState>,
     floor: u64,
@@ -730,37 +827,11 @@ pub fn admit(
     counter: u64,
     slot: usize,
 ) -> Admission {
-    match state {
-        Some(s) => admit_known(s, epoch, counter, slot),
-        None if epoch <= floor => Admission::Refused {
-            why: Replay::OldEpoch,
-            min_epoch: floor.saturating_add(1),
+    match check(state.as_ref(), floor, epoch, counter) {
+        Err((why, min_epoch)) => Admission::Refused { why, min_epoch },
+        Ok(()) => Admission::Fresh {
+            new_epoch: record(state, epoch, counter, slot),
         },
-        None => {
-            *state = Some(SenderState::new(epoch, counter, slot));
-            Admission::Fresh { new_epoch: true }
-        }
-    }
-}
-
-/// [`admit`] for a sender we know.
-fn admit_known(s: &mut SenderState, epoch: u64, counter: u64, slot: usize) -> Admission {
-    if epoch == s.epoch {
-        match s.window.accept(counter) {
-            Ok(()) => {
-                s.slot = s.slot.min(slot);
-                Admission::Fresh { new_epoch: false }
-            }
-            Err(why) => Admission::Refused { why, min_epoch: 0 },
-        }
-    } else if epoch < s.epoch {
-        Admission::Refused {
-            why: Replay::OldEpoch,
-            min_epoch: s.epoch.saturating_add(1),
-        }
-    } else {
-        *s = SenderState::new(epoch, counter, slot);
-        Admission::Fresh { new_epoch: true }
     }
 }
 
@@ -768,11 +839,23 @@ impl SenderState {
     /// A sender's first datagram in `epoch`.
     fn new(epoch: u64, counter: u64, slot: usize) -> SenderState {
         let mut window = ReplayWindow::new();
-        let _ = window.accept(counter);
+        window.mark(counter);
         SenderState {
             epoch,
             slot,
             window,
+        }
+    }
+
+    /// Records a checked datagram; true if it starts a newer incarnation.
+    fn record(&mut self, epoch: u64, counter: u64, slot: usize) -> bool {
+        if epoch == self.epoch {
+            self.window.mark(counter);
+            self.slot = self.slot.min(slot);
+            false
+        } else {
+            *self = SenderState::new(epoch, counter, slot);
+            true
         }
     }
 }
@@ -821,18 +904,42 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    /// [`admit`] for a datagram of client `session`; also says whether the session was known.
-    /// A known session is looked up in place (the common case: no map is changed).
-    fn admit(&mut self, session: u64, epoch: u64, counter: u64, slot: usize) -> (Admission, bool) {
+    /// [`check`] for a datagram of client `session`; also says whether the session is known.
+    fn check(&self, session: u64, epoch: u64, counter: u64) -> (Result<(), (Replay, u64)>, bool) {
+        let state = self.young.get(&session).or_else(|| self.old.get(&session));
+        (check(state, self.floor, epoch, counter), state.is_some())
+    }
+
+    /// [`record`] for a datagram of client `session` that [`Sessions::check`] passed. A known
+    /// session is updated in place (the common case: no map is changed).
+    fn record(&mut self, session: u64, epoch: u64, counter: u64, slot: usize) {
         if let Some(s) = self.young.get_mut(&session) {
-            return (admit_known(s, epoch, counter, slot), true);
+            s.record(epoch, counter, slot);
+            return;
         }
         let mut state = self.old.remove(&session);
-        let known = state.is_some();
-        let admission = admit(&mut state, self.floor, epoch, counter, slot);
+        record(&mut state, epoch, counter, slot);
         if let Some(state) = state {
             self.put(session, state);
         }
+    }
+
+    /// [`Sessions::check`], then [`Sessions::record`] if it passed.
+    #[cfg(test)]
+    fn admit(&mut self, session: u64, epoch: u64, counter: u64, slot: usize) -> (Admission, bool) {
+        let (checked, known) = self.check(session, epoch, counter);
+        let admission = match checked {
+            Err((why, min_epoch)) => Admission::Refused { why, min_epoch },
+            Ok(()) => {
+                let new_epoch = self
+                    .young
+                    .get(&session)
+                    .or_else(|| self.old.get(&session))
+                    .is_none_or(|s| s.epoch != epoch);
+                self.record(session, epoch, counter, slot);
+                Admission::Fresh { new_epoch }
+            }
+        };
         (admission, known)
     }
 
@@ -886,21 +993,24 @@ impl<K: std::hash::Hash + Eq + Copy, V: Copy> TwoGenerations<K, V> {
     }
 }
 
-/// At most one notice per sender per [`NOTICE_INTERVAL`], and [`NOTICES_PER_SECOND`] in all:
-/// a notice answers only authentic datagrams, but a replayed one is authentic too.
+/// At most one notice per sender per [`NOTICE_INTERVAL`], and [`NOTICES_PER_SECOND`] in all
+/// to peers and as many again to clients: a notice answers only authentic datagrams, but a
+/// replayed one is authentic too, and a flood of client handshakes must not use up the
+/// notices a restarted peer needs to rejoin.
 #[derive(Debug)]
 struct NoticeLimiter {
     last: TwoGenerations<(bool, u64), Instant>,
-    second: Option<Instant>,
-    in_second: u32,
+    /// Per class (peers, clients): when its current second began, and notices sent in it.
+    second: [Option<Instant>; 2],
+    in_second: [u32; 2],
 }
 
 impl NoticeLimiter {
     fn new() -> NoticeLimiter {
         NoticeLimiter {
             last: TwoGenerations::new(2 * CLIENT_SESSIONS),
-            second: None,
-            in_second: 0,
+            second: [None; 2],
+            in_second: [0; 2],
         }
     }
 
@@ -910,18 +1020,19 @@ impl NoticeLimiter {
                 return false;
             }
         }
-        match self.second {
+        let class = usize::from(client);
+        match self.second[class] {
             Some(s) if now.saturating_duration_since(s) < Duration::from_secs(1) => {
-                if self.in_second >= NOTICES_PER_SECOND {
+                if self.in_second[class] >= NOTICES_PER_SECOND {
                     return false;
                 }
             }
             _ => {
-                self.second = Some(now);
-                self.in_second = 0;
+                self.second[class] = Some(now);
+                self.in_second[class] = 0;
             }
         }
-        self.in_second += 1;
+        self.in_second[class] += 1;
         self.last.insert((client, sender), now);
         true
     }
@@ -1124,6 +1235,7 @@ impl PeerAuth {
                 recipient: to,
                 recipient_epoch: their,
                 counter,
+                sent: now_micros(),
             };
             seal(&self.keys, slot, &header, buf);
             send(buf);
@@ -1163,6 +1275,7 @@ impl PeerAuth {
             recipient: tag.session,
             recipient_epoch: tag.epoch,
             counter,
+            sent: now_micros(),
         };
         seal(&self.keys, tag.slot.min(self.keys.len() - 1), &header, buf);
         Ok(())
@@ -1296,16 +1409,25 @@ impl Gate {
         if h.recipient != me {
             return Err(replay(Replay::WrongRecipient));
         }
-        // The sender's epoch and counter first, even for a datagram bound to another
-        // incarnation of ours: its counter is spent, so a replay of it is a duplicate and
-        // draws no second notice.
-        let (admission, known_sender) = if client {
-            self.sessions
-                .admit(h.sender, h.sender_epoch, h.counter, opened.slot)
+        if h.sender_epoch > epoch_limit() {
+            // Adopting it would put the sender's genuine datagrams out of reach: no state, no
+            // notice (telling the real sender to move that far would do the same).
+            return Err(replay(Replay::Ahead));
+        }
+        if client && !request_is_fresh(h.sent, now_micros()) {
+            return Err(replay(Replay::Expired));
+        }
+        // Only checked here: the sender's state moves once the datagram is accepted whole
+        // (below), so a datagram refused for any reason, a stale one too, changes nothing.
+        let (checked, known_sender) = if client {
+            self.sessions.check(h.sender, h.sender_epoch, h.counter)
         } else {
-            let state = self.peers.entry(h.sender).or_default();
-            let admission = admit(state, 0, h.sender_epoch, h.counter, opened.slot);
-            (admission, true)
+            let state = self.peers.get(&h.sender).and_then(|s| s.as_ref());
+            (check(state, 0, h.sender_epoch, h.counter), true)
+        };
+        let admission = match checked {
+            Err((why, min_epoch)) => Admission::Refused { why, min_epoch },
+            Ok(()) => Admission::Fresh { new_epoch: false },
         };
         match admission {
             Admission::Refused { why, min_epoch } => {
@@ -1318,6 +1440,7 @@ impl Gate {
                 Err(replay(why))
             }
             Admission::Fresh { .. } if h.recipient_epoch != self.auth.epoch() => {
+                // Not recorded: a replay of it draws at most the notices the limiter allows.
                 self.notify(now, src, &opened, 0);
                 if h.recipient_epoch == 0 {
                     // Its sender does not know us yet: the first half of a handshake.
@@ -1326,32 +1449,34 @@ impl Gate {
                     Err(replay(Replay::StaleRecipient))
                 }
             }
-            Admission::Fresh { .. } => match h.kind {
-                Kind::Request => {
-                    let tag = ClientTag {
-                        session: h.sender,
-                        epoch: h.sender_epoch,
-                        slot: opened.slot,
-                    };
-                    self.auth.remember_client(src, tag);
-                    Ok(Admitted::Request {
-                        tag,
+            Admission::Fresh { .. } if client => {
+                self.sessions
+                    .record(h.sender, h.sender_epoch, h.counter, opened.slot);
+                let tag = ClientTag {
+                    session: h.sender,
+                    epoch: h.sender_epoch,
+                    slot: opened.slot,
+                };
+                self.auth.remember_client(src, tag);
+                Ok(Admitted::Request {
+                    tag,
+                    body: opened.body,
+                })
+            }
+            Admission::Fresh { .. } => {
+                let state = self.peers.entry(h.sender).or_default();
+                record(state, h.sender_epoch, h.counter, opened.slot);
+                self.learn_peer(h.sender, h.sender_epoch, opened.slot);
+                if h.kind == Kind::NoticeToPeer {
+                    self.heed(opened.body);
+                    Ok(Admitted::Notice { from: h.sender })
+                } else {
+                    Ok(Admitted::Peer {
+                        from: h.sender,
                         body: opened.body,
                     })
                 }
-                kind => {
-                    self.learn_peer(h.sender, h.sender_epoch, opened.slot);
-                    if kind == Kind::NoticeToPeer {
-                        self.heed(opened.body);
-                        Ok(Admitted::Notice { from: h.sender })
-                    } else {
-                        Ok(Admitted::Peer {
-                            from: h.sender,
-                            body: opened.body,
-                        })
-                    }
-                }
-            },
+            }
         }
     }
 
@@ -1390,6 +1515,12 @@ impl Gate {
             return;
         };
         let min = u64::from_le_bytes(min);
+        if min > epoch_limit() {
+            log::warn!(
+                "a peer asks us to move our epoch to {min}, more than {EPOCH_SLACK:?} ahead of our clock: ignored (forged, or the clocks disagree)"
+            );
+            return;
+        }
         if min > self.auth.epoch() {
             let moved = min.max(fresh_epoch());
             log::warn!(
@@ -1435,6 +1566,7 @@ impl Gate {
             recipient: h.sender,
             recipient_epoch: h.sender_epoch,
             counter,
+            sent: now_micros(),
         };
         let mut buf = with_room(&min_epoch.to_le_bytes());
         seal(&self.auth.keys, opened.slot, &header, &mut buf);
@@ -1569,6 +1701,7 @@ impl ClientAuth {
                 recipient: to,
                 recipient_epoch: view.epoch,
                 counter: view.counter,
+                sent: now_micros(),
             };
             seal(&keys, slot, &header, buf);
             let sent = send(buf);
@@ -1611,6 +1744,12 @@ impl ClientAuth {
                 "sealed to another client session".into(),
             ));
         }
+        if h.sender_epoch > epoch_limit() {
+            return Err(ClientDrop::Ignored(format!(
+                "node {}'s epoch is more than {EPOCH_SLACK:?} ahead of our clock",
+                h.sender
+            )));
+        }
         self.heard += 1;
         if h.sender_epoch > view.epoch {
             view.epoch = h.sender_epoch;
@@ -1632,6 +1771,11 @@ impl ClientAuth {
         }
         if let Ok(min) = <[u8; 8]>::try_from(opened.body) {
             let min = u64::from_le_bytes(min);
+            if min > epoch_limit() {
+                return Err(ClientDrop::Ignored(format!(
+                    "a notice asking for an epoch more than {EPOCH_SLACK:?} ahead of our clock"
+                )));
+            }
             if min > self.epoch {
                 self.epoch = min.max(fresh_epoch());
             }
