@@ -452,30 +452,35 @@ fn forged_and_replayed_client_requests_and_replies_are_ignored() {
         let captured = captured.clone();
         let wrong = wrong.clone();
         move |request: &[u8]| {
-            let Ok(Datagram::Request(req)) = Datagram::decode(body_of(request)) else {
-                return vec![];
+            // The body is encrypted: the request's ID cannot be read, so guess the first few.
+            let ids: Vec<u64> = match Datagram::decode(body_of(request)) {
+                Ok(Datagram::Request(req)) => vec![req.id],
+                _ => (0..8).collect(),
             };
             let (session, epoch, _) = header_of(request);
-            let reply = Datagram::Reply(ClientReply {
-                id: req.id,
-                from: leader,
-                result: ClientResult::Appended { index: 999, term },
-            })
-            .encode()
-            .unwrap();
-            let mut sealed = auth::with_room(&reply);
-            let header = Header {
-                kind: Kind::Reply,
-                key_id: 0,
-                sender: leader,
-                sender_epoch: 1,
-                recipient: session,
-                recipient_epoch: epoch,
-                counter: 1,
-                sent: auth::now_micros(),
-            };
-            auth::seal(&wrong, 0, &header, &mut sealed);
-            let mut out = vec![reply, sealed];
+            let mut out = Vec::new();
+            for id in ids {
+                let reply = Datagram::Reply(ClientReply {
+                    id,
+                    from: leader,
+                    result: ClientResult::Appended { index: 999, term },
+                })
+                .encode()
+                .unwrap();
+                let mut sealed = auth::with_room(&reply);
+                let header = Header {
+                    kind: Kind::Reply,
+                    key_id: 0,
+                    sender: leader,
+                    sender_epoch: 1,
+                    recipient: session,
+                    recipient_epoch: epoch,
+                    counter: 1,
+                    sent: auth::now_micros(),
+                };
+                auth::seal(&wrong, 0, &header, &mut sealed);
+                out.extend([reply, sealed]);
+            }
             out.extend(captured.lock().unwrap().iter().cloned());
             out
         }

@@ -1,7 +1,8 @@
-//! Authenticated datagrams: with a cluster secret (the config's `secret_file`), every datagram a
-//! peer or client sends is sealed in an envelope whose MAC covers it whole, and every receiver
-//! verifies the MAC and the datagram's freshness *before* decoding any JSON. The core never sees
-//! a datagram that no holder of the secret sent, nor one it has seen before.
+//! Sealed datagrams: with a cluster secret (the config's `secret_file`), every datagram a peer
+//! or client sends is encrypted and authenticated (an AEAD, XChaCha20-Poly1305) in an envelope
+//! whose clear header is authenticated with it, and every receiver verifies it and its freshness
+//! *before* decoding any JSON. The core never sees a datagram that no key holder sent, nor one
+//! it has seen before, and nobody on the path reads a body.
 //!
 //! # Wire format
 //!
@@ -12,7 +13,7 @@
 //!      2    1  kind: 1 peer message, 2 client request, 3 client reply,
 //!              4 notice to a peer, 5 notice to a client
 //!      3    1  reserved, 0
-//!      4    4  key id: a fingerprint of the MAC key that sealed it (the current or previous key)
+//!      4    4  key id: a fingerprint of the key that sealed it
 //!      8    8  sender: a peer's node ID, or a client's random session ID
 //!     16    8  sender epoch: the sender's incarnation (see below)
 //!     24    8  recipient: a peer's node ID, or a client's session ID
@@ -20,25 +21,35 @@
 //!     40    8  counter: per sender incarnation and recipient, from 1, never reused
 //!     48    8  sent: the sender's clock, microseconds since the Unix epoch (a request older
 //!              than [`REQUEST_TTL`] is refused, so a captured one cannot be aimed elsewhere later)
-//!     56    n  body: the JSON datagram; in a notice, 8 bytes (the least sender epoch accepted)
-//!   56+n   32  MAC: keyed BLAKE3 of everything before it
+//!     56    n  body, encrypted: the JSON datagram; in a notice, 8 bytes (the least sender
+//!              epoch accepted)
+//!   56+n   16  tag: XChaCha20-Poly1305 over the header (associated data) and the body
 //! ```
 //!
-//! Integers are little-endian. The MAC key is derived from the 32-byte secret *and* the
-//! config's cluster name, so a datagram is bound to the cluster, and its header binds it to
-//! the sender (kind and ID), the recipient, and both of their incarnations.
+//! Integers are little-endian. The nonce is a BLAKE3 hash (192 bits) of the header, which never
+//! repeats under one key (sender, its incarnation, recipient and a counter never reused).
 //!
-//! **Why keyed BLAKE3** (the `blake3` crate, by the BLAKE3 authors): a keyed hash is a MAC by
-//! design (no HMAC construction around it), its `derive_key` mode gives the domain-separated
-//! MAC key, and it is fast where it matters here: a small datagram costs one or a few
-//! compression calls (a fraction of a microsecond), where HMAC-SHA256 costs at least four SHA-256
-//! compressions, and on a 64 KB AppendEntries it uses SIMD. Its `Hash` compares in constant time.
+//! # Keys: peers and clients apart
+//!
+//! Each key of the secret gives two keys, derived (BLAKE3 `derive_key`) with different labels
+//! from the key *and* the cluster name: the *peer key*, which seals peer messages and notices
+//! between peers, and the *operator's client key*, which seals requests and the replies and
+//! notices sent back. Each kind of datagram is opened only with keys of its side, and a
+//! client's [`Keys`] hold no peer key ([`Keys::client_only`]), so nothing a client can seal is
+//! taken as peer traffic (dropped as [`AuthError::WrongSide`]).
+//!
+//! **Why XChaCha20-Poly1305** (RustCrypto's `chacha20poly1305`): an AEAD from a well-kept
+//! crate, fast in software on any CPU (SIMD where there is some; no AES hardware needed), and
+//! its 192-bit nonce can be a hash of the header: the nonce needs no state of its own and no
+//! coordination between the peers that share the peer key. ChaCha20-Poly1305's 96-bit nonce
+//! could not hold sender, epoch, recipient and counter (32 bytes), and would need per-link
+//! keys instead.
 //!
 //! # Freshness: sessions bound to both ends' incarnations
 //!
 //! Each process draws an *epoch* when it starts: the wall clock in microseconds with 10 random
 //! bits below it, so a later incarnation has a larger epoch. A receiver accepts a datagram only
-//! if, after its MAC verifies:
+//! if, after its tag verifies:
 //! - it is addressed to this receiver (recipient ID) and to this *incarnation* (recipient epoch
 //!   equals ours): a datagram captured before we restarted, or sent to another peer, is stale;
 //! - its sender epoch is not older than the newest we have seen from that sender (an older one
@@ -57,7 +68,7 @@
 //! datagrams are stale, and the recipient answers the first of them (at most one per sender per
 //! [`NOTICE_INTERVAL`]) with a *notice*: a sealed datagram that carries the recipient's epoch
 //! and is bound to the sender's epoch. A notice is never answered with a notice, and a datagram
-//! whose MAC fails is never answered at all, so a spoofed source gets nothing; a peer is told
+//! whose tag fails is never answered at all, so a spoofed source gets nothing; a peer is told
 //! at its configured address, never a datagram's source. A notice also carries the least sender
 //! epoch the recipient will accept, which moves a sender whose clock stepped back past its old
 //! epoch. This is WireGuard's rule that a datagram is valid only inside the session it was sent
@@ -85,9 +96,10 @@
 //!
 //! # What this does not do
 //!
-//! - It authenticates, it does not encrypt: anyone on the path can read the datagrams.
-//! - The secret is the cluster's, and clients hold it too: any holder can seal a datagram as
-//!   any peer or client. The MAC keeps out everyone without the secret, not a member gone bad.
+//! - It hides what is in a datagram, not that it was sent: its size, timing, kind, sender and
+//!   recipient are in clear.
+//! - A holder of the secret file (every peer, and an operator on a peer's host) can seal as any
+//!   peer or client: the keys keep out everyone else, not a peer gone bad.
 //! - A datagram that an attacker intercepts and withholds can still be delivered later, once,
 //!   while neither end has restarted and its counter is within the window: a late datagram,
 //!   which Raft takes (UDP delivers late too). One that was delivered is refused as a
@@ -104,6 +116,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use chacha20poly1305::aead::AeadInPlace;
+use chacha20poly1305::{KeyInit, Tag, XChaCha20Poly1305, XNonce};
+
 /// A node ID, as in the core (`crate::raft::NodeId`).
 pub type NodeId = u64;
 
@@ -115,8 +130,8 @@ pub const MAGIC: u8 = 0xA7;
 pub const VERSION: u8 = 2;
 /// Bytes before the body.
 pub const HEADER_LEN: usize = 56;
-/// Bytes of the MAC after the body.
-pub const MAC_LEN: usize = 32;
+/// Bytes of the AEAD tag after the body.
+pub const MAC_LEN: usize = 16;
 /// What sealing adds to a datagram.
 pub const OVERHEAD: usize = HEADER_LEN + MAC_LEN;
 /// 64-bit words of a replay window's bitmap.
@@ -146,8 +161,10 @@ pub const REQUEST_TTL: Duration = Duration::from_secs(10);
 /// the current key, to find out whether that peer has it yet (during a rotation).
 pub const KEY_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
-const MAC_CONTEXT: &str = "raft 2025 authenticated datagram MAC key v1";
-const KEY_ID_CONTEXT: &str = "raft 2025 authenticated datagram key id v1";
+const PEER_CONTEXT: &str = "raft 2026 peer datagram key v2";
+const OPERATOR_CONTEXT: &str = "raft 2026 operator client datagram key v2";
+const KEY_ID_CONTEXT: &str = "raft 2026 datagram key id v2";
+const NONCE_CONTEXT: &str = "raft 2026 datagram nonce v2";
 
 // ---------------------------------------------------------------------------------------------
 // The secret file
@@ -331,60 +348,104 @@ fn random_key() -> Result<[u8; KEY_BYTES], String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// MAC keys
+// Keys
 
-/// One MAC key and its fingerprint.
+/// One AEAD key and its fingerprint.
 #[derive(Clone)]
-struct MacKey {
+struct AeadKey {
     id: u32,
     key: [u8; 32],
 }
 
-/// The MAC keys derived from a [`Secret`] and the cluster name: slot 0 seals (current), any
-/// slot verifies. Never prints key material.
+impl AeadKey {
+    /// The key `context` derives from `raw` for the cluster named `cluster`.
+    fn derive(context: &str, raw: &[u8; KEY_BYTES], cluster: &str) -> AeadKey {
+        let mut h = blake3::Hasher::new_derive_key(context);
+        // The key has a fixed length, so key || cluster is unambiguous.
+        h.update(raw);
+        h.update(cluster.as_bytes());
+        let key = *h.finalize().as_bytes();
+        let fp = blake3::derive_key(KEY_ID_CONTEXT, &key);
+        AeadKey {
+            id: u32::from_le_bytes([fp[0], fp[1], fp[2], fp[3]]),
+            key,
+        }
+    }
+
+    fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new(&self.key.into())
+    }
+}
+
+/// Which kind of credential sealed a datagram: the peers' (peer messages and notices between
+/// peers), or a client's (requests, and the replies and notices sealed back to it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Peer,
+    Client,
+}
+
+/// The keys derived from a [`Secret`] and the cluster name, in slots (0 current, 1 previous):
+/// the peers' keys, and the operator's client keys, each derived with its own label so that
+/// no datagram sealed with a client key is taken as peer traffic. A client credential (see
+/// [`Keys::client_only`]) has no peer keys at all. Never prints key material.
 #[derive(Clone)]
 pub struct Keys {
-    slots: Vec<MacKey>,
+    peer: Vec<AeadKey>,
+    client: Vec<AeadKey>,
 }
 
 impl fmt::Debug for Keys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ids: Vec<String> = self.slots.iter().map(|k| format!("{:08x}", k.id)).collect();
-        write!(f, "Keys(ids {})", ids.join(", "))
+        let ids = |k: &[AeadKey]| {
+            k.iter()
+                .map(|k| format!("{:08x}", k.id))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        write!(
+            f,
+            "Keys(peer ids {}; client ids {})",
+            ids(&self.peer),
+            ids(&self.client)
+        )
     }
 }
 
 impl PartialEq for Keys {
     fn eq(&self, other: &Keys) -> bool {
-        self.ids() == other.ids()
+        self.ids() == other.ids() && self.client_ids() == other.client_ids()
     }
 }
 
 impl Eq for Keys {}
 
 impl Keys {
-    /// Derives the MAC keys of `secret` for the cluster named `cluster`. The same secret under
-    /// another cluster name gives unrelated keys. Fails only if the two keys' fingerprints
-    /// collide (chance 2^-32: draw another key).
+    /// Derives the keys of `secret` for the cluster named `cluster`: the peers' and the
+    /// operator's. The same secret under another cluster name gives unrelated keys. Fails only
+    /// if two keys' fingerprints collide (chance 2^-32: draw another key).
     pub fn new(secret: &Secret, cluster: &str) -> Result<Keys, String> {
-        let mut slots: Vec<MacKey> = Vec::new();
+        let mut keys = Keys {
+            peer: Vec::new(),
+            client: Vec::new(),
+        };
         for raw in &secret.keys {
-            let mut h = blake3::Hasher::new_derive_key(MAC_CONTEXT);
-            // The key has a fixed length, so key || cluster is unambiguous.
-            h.update(raw);
-            h.update(cluster.as_bytes());
-            let key = *h.finalize().as_bytes();
-            let fp = blake3::derive_key(KEY_ID_CONTEXT, &key);
-            let id = u32::from_le_bytes([fp[0], fp[1], fp[2], fp[3]]);
-            if slots.iter().any(|s| s.key == key) {
+            let peer = AeadKey::derive(PEER_CONTEXT, raw, cluster);
+            let client = AeadKey::derive(OPERATOR_CONTEXT, raw, cluster);
+            if keys.peer.iter().any(|s| s.key == peer.key) {
                 continue; // the same key twice: once is enough
             }
-            if slots.iter().any(|s| s.id == id) {
-                return Err("the two keys have the same fingerprint; draw another key".into());
+            let mut ids: Vec<u32> = keys.peer.iter().chain(&keys.client).map(|k| k.id).collect();
+            ids.extend([peer.id, client.id]);
+            ids.sort_unstable();
+            ids.dedup();
+            if ids.len() != 2 * (keys.peer.len() + 1) {
+                return Err("two keys have the same fingerprint; draw another key".into());
             }
-            slots.push(MacKey { id, key });
+            keys.peer.push(peer);
+            keys.client.push(client);
         }
-        Ok(Keys { slots })
+        Ok(keys)
     }
 
     /// A single random key, for tests and for the bench and chaos runs.
@@ -392,27 +453,46 @@ impl Keys {
         Keys::new(&Secret::generate()?, cluster)
     }
 
-    /// The fingerprints of the keys, current first (they are in every datagram's header).
+    /// These keys without the peers' keys: what a client gets, which can seal requests and
+    /// open replies but cannot seal (or read) a datagram between peers.
+    pub fn client_only(&self) -> Keys {
+        Keys {
+            peer: Vec::new(),
+            client: self.client.clone(),
+        }
+    }
+
+    /// The fingerprints of the peers' keys, current first (in the header of every datagram
+    /// between peers).
     pub fn ids(&self) -> Vec<u32> {
-        self.slots.iter().map(|k| k.id).collect()
+        self.peer.iter().map(|k| k.id).collect()
     }
 
-    /// Key slots: 1, or 2 during a rotation.
+    /// The fingerprints of the client keys, current first.
+    pub fn client_ids(&self) -> Vec<u32> {
+        self.client.iter().map(|k| k.id).collect()
+    }
+
+    /// Key slots of the peers' keys: 1, or 2 during a rotation (0 for a client credential).
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.peer.len()
     }
 
-    /// Never: a `Keys` has at least one key.
+    /// Key slots of the client keys.
+    pub fn client_len(&self) -> usize {
+        self.client.len()
+    }
+
+    /// Whether these keys seal nothing at all.
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.peer.is_empty() && self.client.is_empty()
     }
 
-    fn slot_of(&self, id: u32) -> Option<usize> {
-        self.slots.iter().position(|k| k.id == id)
-    }
-
-    fn mac(&self, slot: usize, bytes: &[u8]) -> blake3::Hash {
-        blake3::keyed_hash(&self.slots[slot].key, bytes)
+    fn side(&self, side: Side) -> &[AeadKey] {
+        match side {
+            Side::Peer => &self.peer,
+            Side::Client => &self.client,
+        }
     }
 }
 
@@ -449,6 +529,14 @@ impl Kind {
     /// Whether the sender is a client (its ID a session ID) rather than a peer.
     pub fn from_client(self) -> bool {
         self == Kind::Request
+    }
+
+    /// Which keys seal this kind.
+    pub fn side(self) -> Side {
+        match self {
+            Kind::Peer | Kind::NoticeToPeer => Side::Peer,
+            Kind::Request | Kind::Reply | Kind::NoticeToClient => Side::Client,
+        }
     }
 
     fn is_notice(self) -> bool {
@@ -518,23 +606,37 @@ impl Header {
     }
 }
 
+/// The nonce of a datagram: a hash of its header. A header is never sealed twice under one key:
+/// it names the sender, its incarnation, the recipient and a counter the sender never reuses
+/// in that incarnation (see [`next_counter`]), so neither is a nonce (192 bits: collisions
+/// are out of reach).
+fn nonce(header: &[u8]) -> XNonce {
+    let hash = blake3::derive_key(NONCE_CONTEXT, header);
+    *XNonce::from_slice(&hash[..24])
+}
+
 /// Seals the datagram in `buf` in place: `buf` holds [`HEADER_LEN`] bytes of room, then the
-/// body; the header is written into the room (with the key id of `slot`) and the MAC appended.
-/// [`unseal`] takes the MAC off again, to seal the same body under another header or key.
+/// body; the header is written into the room (with the key id of `slot` of the key side its
+/// kind takes), the body encrypted, and the tag appended. The header travels in clear but is
+/// authenticated with the body. A `slot` beyond the keys held falls back to the last one.
 pub fn seal(keys: &Keys, slot: usize, header: &Header, buf: &mut Vec<u8>) {
     debug_assert!(buf.len() >= HEADER_LEN, "no room for the header");
+    let side = keys.side(header.kind.side());
+    let Some(key) = side.get(slot).or(side.last()) else {
+        debug_assert!(false, "no key to seal a {:?}", header.kind);
+        return;
+    };
     let header = Header {
-        key_id: keys.slots[slot].id,
+        key_id: key.id,
         ..*header
     };
     header.write(&mut buf[..HEADER_LEN]);
-    let mac = keys.mac(slot, buf);
-    buf.extend_from_slice(mac.as_bytes());
-}
-
-/// Takes the MAC that [`seal`] appended off `buf`.
-pub fn unseal(buf: &mut Vec<u8>) {
-    buf.truncate(buf.len().saturating_sub(MAC_LEN));
+    let (head, body) = buf.split_at_mut(HEADER_LEN);
+    let tag = key
+        .cipher()
+        .encrypt_in_place_detached(&nonce(head), head, body)
+        .expect("a datagram is far below the AEAD's length limit");
+    buf.extend_from_slice(&tag);
 }
 
 /// A new buffer holding `body` behind room for the header, ready for [`seal`].
@@ -543,6 +645,14 @@ pub fn with_room(body: &[u8]) -> Vec<u8> {
     buf.resize(HEADER_LEN, 0);
     buf.extend_from_slice(body);
     buf
+}
+
+/// Puts `body` back in `buf` behind room for a header, to seal it again under another header or
+/// key (sealing encrypted the one that was there).
+fn refill(buf: &mut Vec<u8>, body: &[u8]) {
+    buf.truncate(HEADER_LEN);
+    buf.resize(HEADER_LEN, 0);
+    buf.extend_from_slice(body);
 }
 
 /// Why a datagram failed authentication. Each is counted as an authentication failure.
@@ -557,8 +667,11 @@ pub enum AuthError {
     /// Sealed with a key we do not hold (a wrong secret, another cluster name, or a key newer
     /// than ours during a rotation).
     UnknownKey(u32),
-    /// The MAC does not match: forged, corrupted, or a wrong key with a colliding fingerprint.
+    /// The tag does not match: forged, corrupted, or a wrong key with a colliding fingerprint.
     BadMac,
+    /// Sealed with a key of the wrong side for its kind: a client credential sealing a peer
+    /// message or notice (an insider posing as a peer), or a peer key sealing a request.
+    WrongSide(Kind),
 }
 
 impl fmt::Display for AuthError {
@@ -566,7 +679,7 @@ impl fmt::Display for AuthError {
         match self {
             AuthError::NotSealed => write!(
                 f,
-                "no MAC: an unauthenticated datagram (does its sender have the cluster's secret_file?)"
+                "not sealed: an unauthenticated datagram (does its sender have the cluster's secret_file?)"
             ),
             AuthError::Truncated(n) => write!(f, "{n} bytes, shorter than an envelope"),
             AuthError::Version(v) => write!(f, "envelope version {v}, not {VERSION}"),
@@ -575,38 +688,63 @@ impl fmt::Display for AuthError {
                 f,
                 "sealed with key {id:08x}, which this process does not hold (a different secret_file or cluster name?)"
             ),
-            AuthError::BadMac => write!(f, "wrong MAC (forged or corrupted)"),
+            AuthError::BadMac => write!(f, "wrong tag (forged or corrupted)"),
+            AuthError::WrongSide(kind) => write!(
+                f,
+                "a {kind:?} sealed with a key of the wrong side (a client credential posing as a peer, or the reverse)"
+            ),
         }
     }
 }
 
-/// A datagram whose MAC verified.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Opened<'a> {
+/// A datagram whose tag verified, decrypted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Opened {
     pub header: Header,
-    /// The key slot that verified it (0 current, 1 previous).
+    /// The key slot that verified it (0 current, 1 previous), of the side its kind takes.
     pub slot: usize,
-    pub body: &'a [u8],
+    pub body: Vec<u8>,
 }
 
-/// Verifies a sealed datagram's MAC, before anything in it is believed. Never panics.
-pub fn open<'a>(bytes: &'a [u8], keys: &Keys) -> Result<Opened<'a>, AuthError> {
+/// Verifies and decrypts a sealed datagram before anything in it is believed. Never panics.
+pub fn open(bytes: &[u8], keys: &Keys) -> Result<Opened, AuthError> {
+    let mut body = Vec::new();
+    let (header, slot) = open_into(bytes, keys, &mut body)?;
+    Ok(Opened { header, slot, body })
+}
+
+/// [`open`] into a buffer the caller reuses: `body` receives the plaintext. Returns the
+/// header and the key slot that verified it.
+pub fn open_into(
+    bytes: &[u8],
+    keys: &Keys,
+    body: &mut Vec<u8>,
+) -> Result<(Header, usize), AuthError> {
     let header = Header::read(bytes)?;
-    let slot = keys
-        .slot_of(header.key_id)
-        .ok_or(AuthError::UnknownKey(header.key_id))?;
-    let (signed, mac) = bytes.split_at(bytes.len() - MAC_LEN);
-    let mut got = [0u8; MAC_LEN];
-    got.copy_from_slice(mac);
-    // `Hash`'s equality is constant-time.
-    if keys.mac(slot, signed) != blake3::Hash::from_bytes(got) {
-        return Err(AuthError::BadMac);
-    }
-    Ok(Opened {
-        header,
-        slot,
-        body: &signed[HEADER_LEN..],
-    })
+    let side = header.kind.side();
+    let Some(slot) = keys.side(side).iter().position(|k| k.id == header.key_id) else {
+        let other = match side {
+            Side::Peer => Side::Client,
+            Side::Client => Side::Peer,
+        };
+        return Err(if keys.side(other).iter().any(|k| k.id == header.key_id) {
+            AuthError::WrongSide(header.kind)
+        } else {
+            AuthError::UnknownKey(header.key_id)
+        });
+    };
+    let (head, rest) = bytes.split_at(HEADER_LEN);
+    let (sealed, tag) = rest.split_at(rest.len() - MAC_LEN);
+    body.clear();
+    body.extend_from_slice(sealed);
+    keys.side(side)[slot]
+        .cipher()
+        .decrypt_in_place_detached(&nonce(head), head, body, Tag::from_slice(tag))
+        .map_err(|_| {
+            body.clear();
+            AuthError::BadMac
+        })?;
+    Ok((header, slot))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1044,7 +1182,7 @@ impl NoticeLimiter {
 /// Counters of what authentication dropped, for `status` and the logs.
 #[derive(Debug, Default)]
 pub struct AuthStats {
-    /// Datagrams with a missing or wrong MAC (or an unknown key).
+    /// Datagrams with a missing or wrong tag (or an unknown key).
     pub auth_failures: AtomicU64,
     /// Authentic datagrams that were not fresh (replays, stale sessions).
     pub replays: AtomicU64,
@@ -1199,7 +1337,8 @@ impl PeerAuth {
     /// datagram to `send`: one, or one per key while `to`'s epoch is unknown (so that a peer
     /// that has only our previous key still answers), or, once per [`KEY_PROBE_INTERVAL`] to
     /// a peer we seal to with the previous key, a second copy under the current key (Raft takes
-    /// duplicates; a peer that has the new key learns that we do). Leaves `buf` as it found it.
+    /// duplicates; a peer that has the new key learns that we do). Leaves the last datagram
+    /// sealed in `buf`.
     pub fn seal_to_peer(
         &self,
         to: NodeId,
@@ -1210,6 +1349,9 @@ impl PeerAuth {
             .link(to)
             .ok_or_else(|| format!("node {to} is not a configured peer"))?;
         let their = link.epoch.load(Ordering::Acquire);
+        if self.keys.peer.is_empty() {
+            return Err("no peer key: a client credential cannot seal peer messages".into());
+        }
         let slots = if their == 0 {
             if let Ok(mut unsent) = link.unsent.lock() {
                 *unsent = Some(buf[HEADER_LEN..].to_vec());
@@ -1224,7 +1366,12 @@ impl PeerAuth {
                 vec![slot].into_iter()
             }
         };
-        for slot in slots {
+        // Sealing encrypts the body in place: keep it to seal another copy.
+        let body = (slots.len() > 1).then(|| buf[HEADER_LEN..].to_vec());
+        for (i, slot) in slots.enumerate() {
+            if let (true, Some(body)) = (i > 0, &body) {
+                refill(buf, body);
+            }
             let counter = next_counter(&link.counter)
                 .ok_or_else(|| format!("counter towards node {to} exhausted; restart this peer"))?;
             let header = Header {
@@ -1239,7 +1386,6 @@ impl PeerAuth {
             };
             seal(&self.keys, slot, &header, buf);
             send(buf);
-            unseal(buf);
         }
         Ok(())
     }
@@ -1277,7 +1423,7 @@ impl PeerAuth {
             counter,
             sent: now_micros(),
         };
-        seal(&self.keys, tag.slot.min(self.keys.len() - 1), &header, buf);
+        seal(&self.keys, tag.slot, &header, buf);
         Ok(())
     }
 
@@ -1317,6 +1463,13 @@ pub enum Refused {
     Handshake,
 }
 
+/// The header of a datagram whose tag verified, and the key slot that verified it.
+#[derive(Clone, Copy, Debug)]
+struct Sealed {
+    header: Header,
+    slot: usize,
+}
+
 /// The receiver thread's half of a peer's authentication: opens datagrams, keeps the replay
 /// windows, and queues notices (and the resends they allow) for the transport to send.
 #[derive(Debug)]
@@ -1326,6 +1479,8 @@ pub struct Gate {
     sessions: Sessions,
     notices: NoticeLimiter,
     outbox: Vec<(Dest, Vec<u8>)>,
+    /// The plaintext of the datagram last opened, reused.
+    plain: Vec<u8>,
 }
 
 impl Gate {
@@ -1343,6 +1498,7 @@ impl Gate {
             sessions: Sessions::default(),
             notices: NoticeLimiter::new(),
             outbox: Vec::new(),
+            plain: Vec::new(),
         }
     }
 
@@ -1360,24 +1516,24 @@ impl Gate {
         &self.sessions
     }
 
-    /// Opens a datagram from `src`: verifies its MAC, then its recipient and freshness. Counts
+    /// Opens a datagram from `src`: verifies and decrypts it, then its recipient and freshness. Counts
     /// what it drops. Never panics, whatever the bytes.
-    pub fn admit<'a>(
+    pub fn admit(
         &mut self,
-        bytes: &'a [u8],
+        bytes: &[u8],
         src: SocketAddr,
         now: Instant,
-    ) -> Result<Admitted<'a>, Refused> {
+    ) -> Result<Admitted<'_>, Refused> {
         let auth = Arc::clone(&self.auth);
         let stats = &auth.stats;
-        let opened = match open(bytes, &auth.keys) {
+        let (h, slot) = match open_into(bytes, &auth.keys, &mut self.plain) {
             Ok(o) => o,
             Err(e) => {
                 stats.auth_failures.fetch_add(1, Ordering::Relaxed);
                 return Err(Refused::Auth(e));
             }
         };
-        let h = opened.header;
+        let opened = Sealed { header: h, slot };
         let me = self.auth.me;
         let client = h.kind.from_client();
         match h.kind {
@@ -1460,7 +1616,7 @@ impl Gate {
                 self.auth.remember_client(src, tag);
                 Ok(Admitted::Request {
                     tag,
-                    body: opened.body,
+                    body: &self.plain,
                 })
             }
             Admission::Fresh { .. } => {
@@ -1468,12 +1624,12 @@ impl Gate {
                 record(state, h.sender_epoch, h.counter, opened.slot);
                 self.learn_peer(h.sender, h.sender_epoch, opened.slot);
                 if h.kind == Kind::NoticeToPeer {
-                    self.heed(opened.body);
+                    self.heed();
                     Ok(Admitted::Notice { from: h.sender })
                 } else {
                     Ok(Admitted::Peer {
                         from: h.sender,
-                        body: opened.body,
+                        body: &self.plain,
                     })
                 }
             }
@@ -1510,8 +1666,8 @@ impl Gate {
     }
 
     /// A notice's body: the least epoch its sender accepts from us.
-    fn heed(&mut self, body: &[u8]) {
-        let Ok(min) = <[u8; 8]>::try_from(body) else {
+    fn heed(&mut self) {
+        let Ok(min) = <[u8; 8]>::try_from(&self.plain[..]) else {
             return;
         };
         let min = u64::from_le_bytes(min);
@@ -1533,7 +1689,7 @@ impl Gate {
 
     /// Queues a notice answering `opened` (which was authentic but stale), unless it is itself
     /// a notice or a notice went to its sender very recently.
-    fn notify(&mut self, now: Instant, src: SocketAddr, opened: &Opened<'_>, min_epoch: u64) {
+    fn notify(&mut self, now: Instant, src: SocketAddr, opened: &Sealed, min_epoch: u64) {
         let h = opened.header;
         let client = h.kind.from_client();
         if h.kind.is_notice() || !self.notices.allow(now, client, h.sender) {
@@ -1621,6 +1777,8 @@ pub struct ClientAuth {
     pub rejected: u64,
     /// Of those, datagrams without an envelope: peers that run without a secret_file.
     pub unsealed: u64,
+    /// The plaintext of the datagram last opened, reused.
+    plain: Vec<u8>,
 }
 
 impl ClientAuth {
@@ -1643,6 +1801,7 @@ impl ClientAuth {
             heard: 0,
             rejected: 0,
             unsealed: 0,
+            plain: Vec::new(),
         })
     }
 
@@ -1673,7 +1832,7 @@ impl ClientAuth {
 
     /// Seals the request body in `buf` (after [`HEADER_LEN`] bytes of room) for peer `to` and
     /// hands each datagram to `send`: one, or one per key while `to`'s epoch is unknown. Leaves
-    /// `buf` as it found it; returns the first error `send` returned.
+    /// the last datagram sealed in `buf`; returns the first error `send` returned.
     pub fn seal_request<E>(
         &mut self,
         to: NodeId,
@@ -1682,15 +1841,21 @@ impl ClientAuth {
     ) -> Result<(), E> {
         let keys = Arc::clone(&self.keys);
         let view = self.peers.entry(to).or_default();
+        let len = keys.client_len().max(1);
         let slots = if view.epoch == 0 {
-            0..keys.len()
+            0..len
         } else {
             // The newest key the peer has shown it holds.
-            let slot = view.slot.min(keys.len() - 1);
+            let slot = view.slot.min(len - 1);
             slot..slot + 1
         };
+        // Sealing encrypts the body in place: keep it to seal another copy.
+        let body = (slots.len() > 1).then(|| buf[HEADER_LEN..].to_vec());
         let mut result = Ok(());
-        for slot in slots {
+        for slot in slots.clone() {
+            if let (true, Some(body)) = (slot > slots.start, &body) {
+                refill(buf, body);
+            }
             // 2^64 requests will not be sent; saturate rather than wrap if they were.
             view.counter = view.counter.saturating_add(1);
             let header = Header {
@@ -1705,7 +1870,6 @@ impl ClientAuth {
             };
             seal(&keys, slot, &header, buf);
             let sent = send(buf);
-            unseal(buf);
             if result.is_ok() {
                 result = sent;
             }
@@ -1715,9 +1879,9 @@ impl ClientAuth {
 
     /// Opens a datagram a peer sent this client. A reply is taken only if it is sealed to this
     /// session and epoch by a configured peer; the caller then matches its request ID.
-    pub fn open<'a>(&mut self, bytes: &'a [u8]) -> Result<FromPeer<'a>, ClientDrop> {
-        let opened = match open(bytes, &self.keys) {
-            Ok(o) => o,
+    pub fn open(&mut self, bytes: &[u8]) -> Result<FromPeer<'_>, ClientDrop> {
+        let opened = match open_into(bytes, &self.keys, &mut self.plain) {
+            Ok((header, slot)) => Sealed { header, slot },
             Err(e) => {
                 self.rejected += 1;
                 if e == AuthError::NotSealed {
@@ -1760,7 +1924,7 @@ impl ClientAuth {
         if h.kind == Kind::Reply {
             return Ok(FromPeer::Reply {
                 from: h.sender,
-                body: opened.body,
+                body: &self.plain,
             });
         }
         if h.sender_epoch < view.epoch {
@@ -1769,7 +1933,7 @@ impl ClientAuth {
                 "a notice from an older incarnation".into(),
             ));
         }
-        if let Ok(min) = <[u8; 8]>::try_from(opened.body) {
+        if let Ok(min) = <[u8; 8]>::try_from(&self.plain[..]) {
             let min = u64::from_le_bytes(min);
             if min > epoch_limit() {
                 return Err(ClientDrop::Ignored(format!(

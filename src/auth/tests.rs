@@ -705,7 +705,7 @@ fn cost() {
         for i in 0..rounds {
             seal(&k, 0, &header(i as u64), &mut buf);
             assert!(open(&buf, &k).is_ok());
-            unseal(&mut buf);
+            refill(&mut buf, &body);
         }
         let each = started.elapsed() / rounds as u32;
         eprintln!("{size:>6}-byte body: seal + open {each:?}");
@@ -1000,4 +1000,68 @@ fn a_request_held_back_past_its_ttl_is_refused_so_its_reply_cannot_be_aimed_else
     }
     assert!(!request_is_fresh(0, now_micros()));
     assert!(request_is_fresh(now_micros(), now_micros()));
+}
+
+#[test]
+fn a_peer_datagram_sealed_with_a_client_credential_is_dropped() {
+    let k = keys(K1);
+    let client = k.client_only();
+    assert!(
+        client.ids().is_empty(),
+        "a client credential holds no peer key"
+    );
+    let peer = Arc::new(PeerAuth::new(Arc::clone(&k), 1, [2, 3]));
+    let mut gate = Gate::new(Arc::clone(&peer));
+    // The best a client can do: seal peer kinds with its own key, as if it were a peer key.
+    let posing = Keys {
+        peer: client.client.clone(),
+        client: Vec::new(),
+    };
+    for kind in [Kind::Peer, Kind::NoticeToPeer] {
+        let h = Header {
+            kind,
+            recipient_epoch: peer.epoch(),
+            ..header(1)
+        };
+        let d = forge(&posing, h, b"{}");
+        assert_eq!(
+            gate.admit(&d, src(), Instant::now()),
+            Err(Refused::Auth(AuthError::WrongSide(kind)))
+        );
+    }
+    // And the reverse: a request sealed with a peer key.
+    let posing = Keys {
+        peer: Vec::new(),
+        client: k.peer.clone(),
+    };
+    let h = Header {
+        kind: Kind::Request,
+        recipient_epoch: peer.epoch(),
+        ..header(1)
+    };
+    assert_eq!(
+        gate.admit(&forge(&posing, h, b"{}"), src(), Instant::now()),
+        Err(Refused::Auth(AuthError::WrongSide(Kind::Request)))
+    );
+    assert_eq!(peer.stats.auth_failures.load(Ordering::Relaxed), 3);
+    // A peer made with a client credential cannot seal peer messages at all.
+    let pretender = PeerAuth::new(Arc::new(client), 2, [1]);
+    let mut buf = with_room(b"{}");
+    assert!(pretender.seal_to_peer(1, &mut buf, |_| {}).is_err());
+}
+
+#[test]
+fn nothing_of_the_body_is_readable_in_a_sealed_datagram() {
+    let k = keys(K1);
+    let body = b"{\"Append\":\"SECRET-TEXT\",\"term\":7}";
+    let d = sealed(&k, &header(3), body);
+    assert_eq!(d.len(), OVERHEAD + body.len());
+    for needle in [&b"SECRET"[..], b"Append", b"term", b"{\""] {
+        assert!(
+            !d.windows(needle.len()).any(|w| w == needle),
+            "{:?} readable",
+            String::from_utf8_lossy(needle)
+        );
+    }
+    assert_eq!(open(&d, &k).unwrap().body, body);
 }
