@@ -15,15 +15,29 @@
 #
 # Environment: RAFT_NETNS_PREFIX (default "raft": namespaces raft1.., bridge raftbr, links
 # raftv1..), RAFT_NETNS_SUBNET (default 10.213.7: peers at .1 .. .N, the host at .254) and
-# RAFT_NETNS_DIR (default run/netns: configs, data, logs, pid files), so that tests can run a
-# cluster of their own beside yours; RAFT_NETNS_SNAPSHOT_ENTRIES, if set, is written into the
-# configs as snapshot_entries (snapshot_trailing a tenth of it).
+# RAFT_NETNS_DIR (configs, data, logs, pid files, the cluster key; by default a fresh folder
+# that `up` makes with mktemp and run/netns-PREFIX.dir remembers until `down`), so that tests
+# can run a cluster of their own beside yours; RAFT_NETNS_SNAPSHOT_ENTRIES, if set, is written
+# into the configs as snapshot_entries (snapshot_trailing a tenth of it).
+#
+# The peers run secured: `up` writes a fresh secret to cluster.key in the folder (mode 0600;
+# one already there is kept) and names it in every config, so `client -p DIR/peer1.json ...`
+# is the cluster's admin. RAFT_NETNS_INSECURE=1 writes configs without a key instead, with
+# "insecure": true (the peers are not on loopback, so they refuse to start otherwise).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 prefix="${RAFT_NETNS_PREFIX:-raft}"
 subnet="${RAFT_NETNS_SUBNET:-10.213.7}"
-dir="${RAFT_NETNS_DIR:-run/netns}"
+# Which folder this prefix's cluster uses between commands, when RAFT_NETNS_DIR is not set.
+dir_file="run/netns-$prefix.dir"
+if [[ -n ${RAFT_NETNS_DIR:-} ]]; then
+    dir=$RAFT_NETNS_DIR
+elif [[ -f $dir_file ]]; then
+    dir=$(cat "$dir_file")
+else
+    dir=""
+fi
 target="${CARGO_TARGET_DIR:-target}"
 peer_bin="$target/release/peer"
 client_bin="$target/release/client"
@@ -53,7 +67,51 @@ alive() {
 
 peer_pid() {
     local f="$dir/peer$1.pid"
-    [[ -f $f ]] && cat "$f"
+    [[ -n $dir && -f $f ]] && cat "$f"
+}
+
+# Whether pid $1 is our peer $2: alive, and running the peer binary on this folder's config
+# (a pid file may be stale, and its number reused by an unrelated process).
+our_peer() {
+    local pid=$1 i=$2 cmdline
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    alive "$pid" || return 1
+    cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+    [[ $cmdline == *"/peer -p $dir/peer$i.json"* || $cmdline == "peer -p $dir/peer$i.json"* ]]
+}
+
+# Makes the run folder: RAFT_NETNS_DIR if given (a directory of ours, not a link), else a fresh
+# one with an unpredictable name, remembered in $dir_file.
+make_dir() {
+    if [[ -z $dir ]]; then
+        dir=$(mktemp -d "${TMPDIR:-/tmp}/raft-netns-$prefix.XXXXXXXXXX")
+        mkdir -p "$(dirname "$dir_file")"
+        echo "$dir" >"$dir_file"
+    elif [[ -e $dir || -L $dir ]]; then
+        [[ -d $dir && ! -L $dir && -O $dir ]] || die "$dir: not a directory of this user's (a link?); choose another RAFT_NETNS_DIR"
+    else
+        mkdir -p -m 700 "$dir"
+    fi
+    mkdir -p -m 700 "$dir/data"
+}
+
+# The cluster key: kept if there, else a fresh one (32 random bytes in hex, mode 0600).
+make_key() {
+    local key="$dir/cluster.key"
+    if [[ -L $key ]] || { [[ -e $key ]] && [[ ! -f $key || ! -O $key ]]; }; then
+        die "$key: not a regular file of this user's"
+    fi
+    if [[ ! -s $key ]]; then
+        (
+            umask 077
+            {
+                echo '# raft cluster secret (netns-cluster.sh)'
+                od -An -N32 -tx1 /dev/urandom | tr -d ' \n'
+                echo
+            } >"$key"
+        )
+    fi
+    chmod 600 "$key"
 }
 
 check_root() {
@@ -71,7 +129,12 @@ filter_tool() {
 }
 
 write_config() {
-    local i=$1 n=$2 others="" j snapshot_fields=""
+    local i=$1 n=$2 others="" j snapshot_fields="" security
+    if [[ ${RAFT_NETNS_INSECURE:-} == 1 ]]; then
+        security='"insecure": true,'
+    else
+        security="\"secret_file\": \"$(realpath -m "$dir")/cluster.key\","
+    fi
     if [[ -n ${RAFT_NETNS_SNAPSHOT_ENTRIES:-} ]]; then
         snapshot_fields=$(printf '\n  "snapshot_entries": %d,\n  "snapshot_trailing": %d,' \
             "$RAFT_NETNS_SNAPSHOT_ENTRIES" "$((RAFT_NETNS_SNAPSHOT_ENTRIES / 10))")
@@ -90,6 +153,7 @@ write_config() {
   "other_peers": [$others
   ],
   "data_dir": "$(realpath -m "$dir")/data/peer$i",
+  $security
   "election_timeout_ms": [150, 300],${snapshot_fields}
   "heartbeat_ms": 50
 }
@@ -100,7 +164,7 @@ start_peer() {
     local i=$1 ns log
     ns=$(ns_name "$i")
     log="$dir/peer$i.log"
-    if pid=$(peer_pid "$i") && alive "$pid"; then
+    if pid=$(peer_pid "$i") && our_peer "$pid" "$i"; then
         return 0
     fi
     printf '\n=== %s: %s -p %s (namespace %s) ===\n' "$(date '+%F %T')" "$peer_bin" "$dir/peer$i.json" "$ns" >>"$log"
@@ -111,7 +175,9 @@ start_peer() {
 stop_peer() {
     local i=$1 pid ns
     if pid=$(peer_pid "$i"); then
-        kill -9 "$pid" 2>/dev/null || true
+        if our_peer "$pid" "$i"; then
+            kill -9 "$pid" 2>/dev/null || true
+        fi
         rm -f "$dir/peer$i.pid"
     fi
     # Anything else still running inside the namespace (a peer started by hand, say).
@@ -155,7 +221,8 @@ cmd_up() {
         echo "namespaces ${prefix}1..${prefix}$n are already up; starting any peer that is not running"
     fi
     [[ -x $peer_bin && -x $client_bin ]] || cargo build --release --bins
-    mkdir -p "$dir/data"
+    make_dir
+    [[ ${RAFT_NETNS_INSECURE:-} == 1 ]] || make_key
     # If anything below fails, leave nothing half made.
     trap 'echo "netns-cluster: up failed; cleaning up" >&2; cmd_down >/dev/null 2>&1 || true' ERR
 
@@ -217,17 +284,28 @@ cmd_down() {
         stop_peer "$i"
         ip netns del "$(ns_name "$i")" 2>/dev/null || true
     done
-    # Pid files of peers whose namespace is already gone.
-    for f in "$dir"/peer*.pid; do
-        [[ -f $f ]] || continue
-        kill -9 "$(cat "$f")" 2>/dev/null || true
-        rm -f "$f"
-    done
+    # Pid files of peers whose namespace is already gone: only a process that is our peer.
+    if [[ -n $dir ]]; then
+        for f in "$dir"/peer*.pid; do
+            [[ -f $f ]] || continue
+            i=${f##*/peer}
+            i=${i%.pid}
+            pid=$(cat "$f")
+            if our_peer "$pid" "$i"; then
+                kill -9 "$pid" 2>/dev/null || true
+            fi
+            rm -f "$f"
+        done
+    fi
     # Host ends of the veth pairs normally go with their namespace; remove any left over.
     for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | sed 's/@.*//' | grep -E "^${prefix}v[0-9]+$" || true); do
         ip link del "$link" 2>/dev/null || true
     done
     ip link del "$bridge" 2>/dev/null || true
+    if [[ -z ${RAFT_NETNS_DIR:-} && -f $dir_file ]]; then
+        rm -f "$dir_file"
+        echo "down: the run folder $dir is kept (logs, data); remove it when done"
+    fi
     echo "down: no ${prefix}* namespace, link or bridge left"
 }
 

@@ -187,6 +187,9 @@ pub struct PeerConfig {
     /// gives two clusters that cannot take each other's datagrams. Every peer and client of a
     /// cluster must use the same one.
     pub cluster: String,
+    /// Whether a peer off loopback may run without a `secret_file` (`insecure`, default
+    /// false): without it, such a peer refuses to start. Logs a warning at every start.
+    pub insecure: bool,
     /// A snapshot is taken once this many entries were applied since the last one
     /// (`snapshot_entries`).
     pub snapshot_entries: u64,
@@ -220,6 +223,7 @@ struct RawConfig {
     metrics_addr: Option<String>,
     secret_file: Option<PathBuf>,
     cluster: Option<String>,
+    insecure: Option<bool>,
     snapshot_entries: Option<u64>,
     snapshot_trailing: Option<u64>,
 }
@@ -355,6 +359,7 @@ impl PeerConfig {
             metrics_addr,
             secret_file: raw.secret_file,
             cluster,
+            insecure: raw.insecure.unwrap_or(false),
         })
     }
 

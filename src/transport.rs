@@ -457,6 +457,12 @@ pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
     let keys = config.keys().map_err(|e| format!("{}: {e}", config.name))?;
     let local = resolve_address(&format!("{}:{}", config.host, config.port))
         .map_err(|e| format!("{}: field `host`: {e}", config.name))?;
+    if keys.is_none() && !config.insecure && !local.ip().is_loopback() {
+        return Err(format!(
+            "{}: no `secret_file` in the config, and this peer's address {local} is not a loopback address: anyone who can reach it could write to the log and read it. Name a `secret_file` (scripts/start-cluster.sh makes one), or set \"insecure\": true to run unauthenticated anyway",
+            config.name
+        ));
+    }
     // Other peers' addresses are best effort: one that does not resolve now may later, and
     // the configuration in the log may not even list it any more.
     let mut addresses = BTreeMap::new();
@@ -497,8 +503,9 @@ pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
         }
         None => {
             log::warn!(
-                "{}: no secret_file in the config: datagrams are NOT authenticated, and anyone who can reach {local} can write to the log; see the README's Authentication section",
-                config.name
+                "{}: no secret_file in the config{}: datagrams are NOT authenticated or encrypted, and anyone who can reach {local} can write to the log and read it; see docs/security.md",
+                config.name,
+                if config.insecure { " (\"insecure\": true)" } else { "" }
             );
             None
         }

@@ -155,8 +155,11 @@ fn a_capture_of_a_secured_cluster_shows_no_appended_text_and_no_json() {
 
     // An activity floor: requests, replies and the peers' own traffic all went by.
     assert!(seen.len() >= 30, "only {} datagrams captured", seen.len());
-    let json_marks: [&[u8]; 8] = [
-        b"{\"",
+    // Marks of five bytes or more: shorter ones turn up in ciphertext by chance.
+    let json_marks: [&[u8]; 10] = [
+        b"{\"Request",
+        b"{\"Reply",
+        b"{\"Peer",
         b"\"term\"",
         b"Append",
         b"Request",
@@ -175,4 +178,51 @@ fn a_capture_of_a_secured_cluster_shows_no_appended_text_and_no_json() {
             );
         }
     }
+}
+
+#[test]
+fn a_peer_off_loopback_refuses_to_start_without_a_secret_unless_insecure() {
+    let dir = TempDir::new("encryption-open-door");
+    let ports = free_ports(3);
+    let mut config = config_json(&dir.0, &ports, 1);
+    // The wildcard address: reachable from every interface, not a loopback address.
+    config["host"] = "0.0.0.0".into();
+    let path = dir.0.join("peer1.json");
+    write_json(&path, &config);
+    let (code, text) = run_peer_expecting_exit(&dir.0, &path, Duration::from_secs(10));
+    assert_eq!(code, Some(1), "{text}");
+    for want in [
+        "`secret_file`",
+        "not a loopback address",
+        "\"insecure\": true",
+    ] {
+        assert!(text.contains(want), "wanted {want:?} in {text}");
+    }
+
+    // With "insecure": true it starts, and warns.
+    config["insecure"] = true.into();
+    write_json(&path, &config);
+    let log = dir.0.join("insecure.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_peer"))
+        .arg("-p")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let warned = poll_until(Duration::from_secs(10), "no warning", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the insecure peer exited with {status}: {text}");
+        }
+        if text.contains("NOT authenticated") {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(warned.contains("\"insecure\": true"), "{warned}");
 }

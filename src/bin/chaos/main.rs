@@ -65,8 +65,8 @@ struct Args {
     /// keep the peers' data directories after a valid run
     #[argh(switch)]
     keep_data: bool,
-    /// run the peers without a secret_file (by default a fresh cluster secret authenticates
-    /// every datagram; --netns runs are never authenticated)
+    /// run the peers without a secret_file (by default a fresh cluster secret encrypts and
+    /// authenticates every datagram; with --netns the peers then get "insecure": true)
     #[argh(switch)]
     no_auth: bool,
     /// the peers' snapshot_entries (default: the peers' default, 10,000); small values make
@@ -198,7 +198,7 @@ fn options(args: &Args) -> Result<Options, String> {
         out: args.out.clone(),
         keep_data: args.keep_data,
         peer_exe,
-        auth: !args.no_auth && netns.is_none(),
+        auth: !args.no_auth,
         snapshot_entries: args.snapshot_entries,
         netns,
     })

@@ -11,6 +11,7 @@ use raft::raft::NodeId;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -162,6 +163,8 @@ pub struct Netns {
     log: Mutex<File>,
     /// Whether one-way cuts can be made here (they need a packet filter).
     pub one_way: bool,
+    /// Whether the peers run without a key (`--no-auth`: the script writes `"insecure": true`).
+    pub insecure: bool,
 }
 
 impl Netns {
@@ -180,6 +183,7 @@ impl Netns {
                     .map_or_else(String::new, |n| n.to_string()),
             )
             .env("CARGO_TARGET_DIR", &self.bin_dir)
+            .env("RAFT_NETNS_INSECURE", if self.insecure { "1" } else { "" })
             .env(
                 "RUST_LOG",
                 std::env::var("CHAOS_PEER_LOG").unwrap_or("info".into()),
@@ -296,12 +300,22 @@ impl NetnsGuard {
         home: &Path,
         peers_dir: &Path,
         peer_exe: &Path,
+        insecure: bool,
         notes: &mut Vec<String>,
     ) -> Result<NetnsGuard, String> {
         let one_way =
             probe(cfg).map_err(|why| format!("network namespaces cannot be used here: {why}"))?;
         let lock_path = std::env::temp_dir().join(format!("raft-chaos-netns-{}.lock", cfg.prefix));
-        let lock = File::create(&lock_path).map_err(|e| format!("{}: {e}", lock_path.display()))?;
+        // Root opens a file of a well-known name in a shared folder: never through a link
+        // someone planted there, and never truncating what it opens.
+        let lock = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&lock_path)
+            .map_err(|e| format!("{}: {e} (a link there is refused)", lock_path.display()))?;
         if lock.try_lock().is_err() {
             return Err(format!(
                 "another chaos --netns run is using the prefix {:?}; give this one --netns-prefix and --netns-subnet of its own",
@@ -346,6 +360,7 @@ impl NetnsGuard {
             bin_dir: home.join("bin"),
             log: Mutex::new(log),
             one_way,
+            insecure,
         });
         let guard = NetnsGuard { netns, _lock: lock };
         let left = guard.netns.existing();

@@ -34,6 +34,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -334,14 +335,17 @@ impl Files {
 pub fn run_folder(opts: &Options) -> Result<PathBuf, String> {
     let dir = match &opts.out {
         Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!(
-            "raft-chaos-s{}-{}-{}",
-            opts.seed,
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis())
-        )),
+        None => {
+            // A fresh folder of an unpredictable name, made here (not found): nobody can have
+            // put a link or a file in its place beforehand.
+            let noise = getrandom::u64().map_err(|e| format!("no randomness: {e}"))?;
+            let dir = std::env::temp_dir().join(format!("raft-chaos-s{}-{noise:016x}", opts.seed));
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            return Ok(dir);
+        }
     };
     if dir.join("history.jsonl").exists() {
         return Err(format!(
@@ -686,7 +690,7 @@ fn drive(
                 secret.write(&secret_file)?;
                 keys = Some(Arc::new(Keys::new(&secret, raft::config::DEFAULT_CLUSTER)?));
                 notes.push(format!(
-                    "datagrams authenticated (keyed BLAKE3; secret in {})",
+                    "datagrams encrypted and authenticated (secret in {})",
                     secret_file.display()
                 ));
             } else {
@@ -709,6 +713,7 @@ fn drive(
                 &files.dir.join("netns"),
                 &files.peers(),
                 &opts.peer_exe,
+                !opts.auth,
                 notes,
             )?);
             let netns = guard.netns();
@@ -722,10 +727,21 @@ fn drive(
                 eprintln!("chaos: {left}");
                 notes.push(left);
             }
-            notes.push(
-                "--netns: datagrams not authenticated (the namespace script writes the configs)"
-                    .into(),
-            );
+            if opts.auth {
+                // The script keeps a key it finds in its folder and names it in every config.
+                let secret_file = files.peers().join("cluster.key");
+                let secret = Secret::generate()?;
+                secret.write(&secret_file)?;
+                keys = Some(Arc::new(Keys::new(&secret, raft::config::DEFAULT_CLUSTER)?));
+                notes.push(format!(
+                    "--netns: datagrams encrypted and authenticated (secret in {})",
+                    secret_file.display()
+                ));
+            } else {
+                notes.push(
+                    "--netns: datagrams not authenticated (--no-auth: \"insecure\": true)".into(),
+                );
+            }
             netns.up(opts.nodes)?;
             (
                 Cluster::in_netns(netns.clone(), opts.nodes)?,
