@@ -374,16 +374,58 @@ impl AeadKey {
         }
     }
 
-    /// The AEAD for the datagram whose header is `head`: keyed with a subkey of this key for
-    /// its link (kind, sender, sender epoch, recipient), so that its counter alone can be the
-    /// nonce (see [`nonce`]).
-    fn cipher(&self, head: &[u8]) -> Aes256Gcm {
+    /// Runs `f` with the AEAD for the datagram whose header is `head`: keyed with a subkey of
+    /// this key for its link (kind, sender, sender epoch, recipient), so that its counter
+    /// alone can be the nonce (see [`nonce`]).
+    fn with_cipher<T>(&self, head: &[u8], f: impl FnOnce(&Aes256Gcm) -> T) -> T {
         let mut link = [0u8; 25];
         link[0] = head[2];
         link[1..].copy_from_slice(&head[8..32]);
-        let subkey = blake3::keyed_hash(&self.key, &link);
-        Aes256Gcm::new(subkey.as_bytes().into())
+        CIPHERS.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            let slot = cipher_slot(&self.key, &link);
+            let hit = matches!(&cache[slot], Some(e) if e.base == self.key && e.link == link);
+            if !hit {
+                let subkey = blake3::keyed_hash(&self.key, &link);
+                cache[slot] = Some(Box::new(CachedCipher {
+                    base: self.key,
+                    link,
+                    cipher: Aes256Gcm::new(subkey.as_bytes().into()),
+                }));
+            }
+            match &cache[slot] {
+                Some(e) => f(&e.cipher),
+                None => unreachable!("filled above"),
+            }
+        })
     }
+}
+
+/// A link's cipher (its subkey's AES key schedule), kept so that a busy link does not derive
+/// and expand its subkey for every datagram. Tagged with the whole key and link it was made
+/// for, so a lookup can only ever return the cipher the derivation would give.
+struct CachedCipher {
+    base: [u8; 32],
+    link: [u8; 25],
+    cipher: Aes256Gcm,
+}
+
+/// Ciphers cached per thread (each of a peer's threads seals or opens for its own links).
+const CIPHER_SLOTS: usize = 64;
+
+thread_local! {
+    static CIPHERS: std::cell::RefCell<Vec<Option<Box<CachedCipher>>>> =
+        std::cell::RefCell::new((0..CIPHER_SLOTS).map(|_| None).collect());
+}
+
+/// Where a link's cipher is cached: a cheap hash of the key and link (a miss only costs the
+/// derivation the cache saves).
+fn cipher_slot(base: &[u8; 32], link: &[u8; 25]) -> usize {
+    use std::hash::Hasher as _;
+    let mut h = FastHash::default();
+    h.write(&base[..8]);
+    h.write(link);
+    (h.finish() % CIPHER_SLOTS as u64) as usize
 }
 
 /// Which kind of credential sealed a datagram: the peers' (peer messages and notices between
@@ -643,8 +685,9 @@ pub fn seal(keys: &Keys, slot: usize, header: &Header, buf: &mut Vec<u8>) {
     header.write(&mut buf[..HEADER_LEN]);
     let (head, body) = buf.split_at_mut(HEADER_LEN);
     let tag = key
-        .cipher(head)
-        .encrypt_in_place_detached(&nonce(head), head, body)
+        .with_cipher(head, |c| {
+            c.encrypt_in_place_detached(&nonce(head), head, body)
+        })
         .expect("a datagram is far below the AEAD's length limit");
     buf.extend_from_slice(&tag);
 }
@@ -748,8 +791,9 @@ pub fn open_into(
     body.clear();
     body.extend_from_slice(sealed);
     keys.side(side)[slot]
-        .cipher(head)
-        .decrypt_in_place_detached(&nonce(head), head, body, Tag::from_slice(tag))
+        .with_cipher(head, |c| {
+            c.decrypt_in_place_detached(&nonce(head), head, body, Tag::from_slice(tag))
+        })
         .map_err(|_| {
             body.clear();
             AuthError::BadMac
