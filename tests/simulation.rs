@@ -423,8 +423,12 @@ fn rejoins_in_random_runs() -> bool {
 /// stopped taking its replayed earlier removal for its own: first while its Rejoin entry was
 /// uncommitted, see `a_rejoining_node_does_not_take_its_rejoin_for_a_removal_before_it_commits`
 /// in tests/membership.rs; then from a late AppendEntries whose held-back commit index was
-/// below its own, seed 1796800000000376 at 5 nodes. With both fixed, 1,000 seeds of each of
-/// the four tests with membership changes passed with rejoins, on 2026-12-07.)
+/// below its own, seed 1796800000000376 at 5 nodes. A run now starts a removed node over and
+/// adds it back a while later, as an operator does (`Sim::quiet`): a Rejoin issued at once
+/// let a datagram sent to its earlier life reach the new one mid-replay, seed
+/// 1796810000001688. With these, 3,000 seeds of each of the four tests with membership
+/// changes passed with rejoins on 2026-12-07: `SIM_SEEDS=3000
+/// SIM_SEED_OFFSET=1796810000000000 cargo test --release --test simulation membership`.)
 const REJOINS_IN_RANDOM_RUNS: bool = true;
 
 /// One randomized run: clients append and query back to back (two of them sharing an ID) over
