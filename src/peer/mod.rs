@@ -231,6 +231,9 @@ pub fn run_with(
     );
 
     let metrics = transport.metrics();
+    metrics
+        .probes
+        .set_election_timeout(timing.tick * timing.election_ticks.1 as u32);
     let metrics_server = match config.metrics_addr {
         Some(addr) => Some(
             MetricsServer::start(addr, Arc::clone(&metrics))
