@@ -1,5 +1,5 @@
-//! `peer -p CONFIG [--join]`: runs one Raft peer until SIGINT or SIGTERM, or until a committed
-//! configuration removes it (exit status 0).
+//! `peer -p CONFIG [--join | --force-new-cluster]`: runs one Raft peer until SIGINT or SIGTERM,
+//! or until a committed configuration removes it (exit status 0).
 
 use argh::FromArgs;
 use raft::config::PeerConfig;
@@ -20,6 +20,13 @@ struct Args {
     /// `other_peers`. Ignored once the data_dir has a `cluster` file.
     #[argh(switch)]
     join: bool,
+
+    /// recover from the loss of a majority for good: on an existing data_dir, make this peer
+    /// the only voter of its cluster (a configuration entry it commits alone), keep its whole
+    /// log, and lead; add members back with `client add-learner` and `promote`. Entries only
+    /// the lost peers had are lost. Pick the survivor with the highest last index.
+    #[argh(switch)]
+    force_new_cluster: bool,
 }
 
 fn main() -> ExitCode {
@@ -42,6 +49,12 @@ fn run(args: &Args) -> Result<(), String> {
         let _ = shutdown_tx.send(());
     })
     .map_err(|e| format!("cannot install the signal handler: {e}"))?;
-    let options = raft::peer::Options { join: args.join };
+    if args.join && args.force_new_cluster {
+        return Err("--join and --force-new-cluster exclude each other".into());
+    }
+    let options = raft::peer::Options {
+        join: args.join,
+        force_new_cluster: args.force_new_cluster,
+    };
     raft::peer::run_with(config, options, shutdown_rx)
 }
