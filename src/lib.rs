@@ -2,6 +2,7 @@
 //! threads (`peer`), with durable storage (`storage`) and a client library (`client`).
 
 pub mod auth;
+pub mod backup;
 pub mod client;
 pub mod cluster;
 pub mod config;

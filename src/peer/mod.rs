@@ -27,6 +27,7 @@ mod after_advance;
 mod instruments;
 mod node_loop;
 pub mod recovery;
+pub mod restore;
 mod routes;
 
 use crate::cluster::{self, Start};
@@ -155,6 +156,9 @@ pub struct Options {
     /// `--force-new-cluster`: make this peer the only voter of its cluster, keeping its log
     /// ([`recovery`]), for when a majority is lost for good.
     pub force_new_cluster: bool,
+    /// `--restore FILE`: with an empty data_dir, first build a new cluster's data from a
+    /// backup ([`restore`]).
+    pub restore: Option<std::path::PathBuf>,
 }
 
 /// [`run_with`] and default options: an empty data_dir bootstraps a cluster.
@@ -173,6 +177,9 @@ pub fn run_with(
     shutdown: Receiver<()>,
 ) -> Result<(), String> {
     let timing = Timing::from_ms(config.heartbeat_ms, config.election_timeout_ms);
+    if let Some(file) = &options.restore {
+        restore::restore(&config, file)?;
+    }
     let (transport, listener) = transport::bind(&config)?;
     let started = std::time::Instant::now();
     let (mut storage, mut restored) = Disk::open(
