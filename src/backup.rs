@@ -126,9 +126,11 @@ pub fn save(
             match next {
                 None if start == fixed + 1 => break,
                 Some(n) if n == start && n <= fixed => {}
-                _ => return Err(ClientError::Io(format!(
+                _ => {
+                    return Err(ClientError::Io(format!(
                     "peer {peer} ended a page at {start} with next {next:?} (read index {fixed})"
-                ))),
+                )))
+                }
             }
         }
         let index = start - 1;

@@ -60,16 +60,12 @@ pub struct Server {
 
 impl Server {
     /// Binds `addr` and serves `handler` on a thread named `name`. A port in use is an error
-    /// naming the address.
+    /// naming the address (`cannot serve NAME on ADDR: …`).
     pub fn start(addr: SocketAddr, name: &str, handler: Handler) -> Result<Server, String> {
-        let listener =
-            TcpListener::bind(addr).map_err(|e| format!("cannot serve HTTP on {addr}: {e}"))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| format!("HTTP server on {addr}: {e}"))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| format!("HTTP server on {addr}: {e}"))?;
+        let fail = |e: io::Error| format!("cannot serve {name} on {addr}: {e}");
+        let listener = TcpListener::bind(addr).map_err(fail)?;
+        let addr = listener.local_addr().map_err(fail)?;
+        listener.set_nonblocking(true).map_err(fail)?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = Arc::clone(&stop);

@@ -287,8 +287,7 @@ impl MetricsServer {
     /// A port in use is a clear error.
     pub fn start(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<MetricsServer, String> {
         let handler: Handler = Box::new(move |path| answer(&metrics, path));
-        let server = Server::start(addr, "metrics", handler)
-            .map_err(|e| format!("cannot serve metrics: {e}"))?;
+        let server = Server::start(addr, "metrics", handler)?;
         let addr = server.addr;
         log::info!(
             "serving Prometheus metrics at http://{addr}/metrics, probes at /healthz and /readyz"
