@@ -43,8 +43,8 @@ pub struct Probes {
     epoch: Instant,
     /// Milliseconds from `epoch` to the end of the node thread's latest loop, plus one (0: none).
     last_loop: AtomicU64,
-    /// The longest election timeout, in milliseconds; a leader not heard from for longer is
-    /// presumed gone.
+    /// The shortest election timeout, in milliseconds: a leader not heard from for longer
+    /// may be gone (a follower may start an election then).
     election_timeout_ms: AtomicU64,
     view: Mutex<View>,
     /// The latest contact from a leader, kept between loops.

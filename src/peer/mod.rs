@@ -256,9 +256,10 @@ pub fn run_with(
     );
 
     let metrics = transport.metrics();
+    // The shortest election timeout: a follower may give up on its leader after that long.
     metrics
         .probes
-        .set_election_timeout(timing.tick * timing.election_ticks.1 as u32);
+        .set_election_timeout(timing.tick * timing.election_ticks.0 as u32);
     let metrics_server = match config.metrics_addr {
         Some(addr) => Some(
             MetricsServer::start(addr, Arc::clone(&metrics))
