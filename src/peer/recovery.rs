@@ -118,3 +118,44 @@ pub fn force_new_cluster(
     restored.entries.push(entry);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::MemberRole::{Learner, Voter};
+
+    fn membership(members: &[(u64, MemberRole)]) -> Membership {
+        Membership::new(
+            members
+                .iter()
+                .map(|&(id, role)| Member {
+                    id,
+                    address: format!("10.0.0.{id}:3000"),
+                    role,
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn the_survivor_becomes_the_only_voter_and_learners_stay() {
+        let dir = std::env::temp_dir();
+        let text = format!(
+            r#"{{"name":"peer2","node_ID":2,"host":"127.0.0.1","port":4000,"data_dir":{:?},
+                "other_peers":[{{"node_ID":1,"host":"127.0.0.1","port":4001}}]}}"#,
+            dir.join("unused")
+        );
+        let path = dir.join(format!("raft-recovery-{}.json", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let config = PeerConfig::load(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let before = membership(&[(1, Voter), (2, Voter), (3, Voter), (4, Learner)]);
+        let after = sole_voter(&config, &before);
+        // Its address as the cluster knows it, not as this config says.
+        assert_eq!(after, membership(&[(2, Voter), (4, Learner)]));
+        assert_eq!(sole_voter(&config, &after), after);
+        // A learner survivor becomes the voter.
+        let learner = membership(&[(1, Voter), (2, Learner)]);
+        assert_eq!(sole_voter(&config, &learner), membership(&[(2, Voter)]));
+    }
+}

@@ -9,7 +9,7 @@
 //! from the same file joins the same new cluster, and none of the old cluster's peers is heard.
 
 use crate::backup;
-use crate::cluster::ClusterFile;
+use crate::cluster::{self, ClusterFile};
 use crate::config::PeerConfig;
 use crate::raft::{HardState, SnapshotState};
 use crate::storage::store::Store;
@@ -141,7 +141,7 @@ fn build(
     }
     // A new cluster: its ID is the bootstrap membership's fingerprint under a name that
     // carries the backup's checksum, the same on every peer restored from this file.
-    let name = format!("{}/restored-{}", config.cluster, &verified.blake3[..16]);
+    let name = cluster::restored_name(&config.cluster, &verified.blake3[..16]);
     let file = ClusterFile {
         id: bootstrap.cluster_id(&name),
         name,
