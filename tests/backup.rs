@@ -148,6 +148,29 @@ fn a_backup_under_appends_restores_as_a_new_cluster_index_for_index() {
         log[after as usize - 1].data.as_deref(),
         Some("after the restore")
     );
+
+    // It grows like any cluster: a new peer catches up from the restored snapshot.
+    let port = common::free_ports(1)[0];
+    let contacts = restored.ports();
+    restored.start_joining(4, port, &contacts, |_| {});
+    restored.client_ok(&["add-learner", "4", &format!("127.0.0.1:{port}")]);
+    restored.client_ok(&["--timeout-ms", "20000", "promote", "4"]);
+    common::poll_until(Duration::from_secs(10), "peer 4 caught up", || {
+        let lines = restored.client_ok(&["status"]);
+        let four = lines.iter().find(|l| l["id"] == 4 && l["answered"] == true);
+        match four.and_then(|l| l["applied_index"].as_u64()) {
+            Some(applied) if applied > after => Ok(()),
+            _ => Err(format!("{lines:?}")),
+        }
+    });
+    // Without peer 1, peer 4's vote counts: the log reads the same through the new majority.
+    restored.kill_peer(1);
+    let lines = restored.client_ok(&["query"]);
+    let log: Vec<LogRecord> = lines
+        .into_iter()
+        .map(|l| serde_json::from_value(l).unwrap())
+        .collect();
+    assert_eq!(log[..index as usize], backed_up[..]);
 }
 
 #[test]
