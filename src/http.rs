@@ -165,8 +165,14 @@ fn accept(listener: &TcpListener, handler: &Handler, conns: &mut Vec<Conn>) {
             Ok((stream, _)) => stream,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) => {
-                // Out of file descriptors, say: the next turn tries again.
+                // Out of file descriptors, say. The listener stays readable, so without a
+                // pause the loop would spin; freeing the oldest connection lets the next
+                // turn take the new one.
                 log::debug!("HTTP server: accept: {e}");
+                if !conns.is_empty() {
+                    conns.remove(0);
+                }
+                std::thread::sleep(Duration::from_millis(10));
                 return;
             }
         };
