@@ -290,8 +290,13 @@ pub fn read(
     input
         .read_until(b'\n', &mut line)
         .map_err(|e| at(format!("cannot read the trailer: {e}")))?;
+    if line.last() != Some(&b'\n') {
+        return Err(at(
+            "truncated: the checksum trailer after the records is missing or cut short".into(),
+        ));
+    }
     let trailer: Trailer = serde_json::from_slice(&line)
-        .map_err(|_| at("truncated or corrupt: no checksum trailer after the records".into()))?;
+        .map_err(|_| at("corrupt: no checksum trailer after the records".into()))?;
     hasher.update(&head);
     let blake3 = hasher.finalize().to_hex().to_string();
     if trailer.blake3 != blake3 {
@@ -368,6 +373,8 @@ mod tests {
         assert!(truncated.contains("truncated"), "{truncated}");
         let no_trailer = damaged(&good[..good.len() - 10]);
         assert!(no_trailer.contains("trailer"), "{no_trailer}");
+        let no_newline = damaged(&good[..good.len() - 1]);
+        assert!(no_newline.contains("truncated"), "{no_newline}");
         let mut header = good.clone();
         header[HEADER_LEN - 3] = b'x';
         assert!(damaged(&header).contains("header"));
