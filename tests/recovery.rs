@@ -1,6 +1,7 @@
 //! `peer --force-new-cluster` on real processes: two of three peers are lost with their data
 //! under a stream of appends; the third, restarted with the flag, leads alone with every append
-//! acknowledged before the loss at its index; `scripts/add-peer.sh` grows it back to three.
+//! acknowledged before the loss at its index; `scripts/add-peer.sh` grows it back to three (one
+//! lost ID added back on an empty data dir, one new ID).
 
 mod common;
 
@@ -45,7 +46,7 @@ fn force_new_cluster_recovers_a_lost_majority_and_grows_back() {
     let dir = TempDir::new("force-new-cluster");
     let home = dir.0.clone();
     std::fs::create_dir_all(home.join("peers")).unwrap();
-    let ports = free_ports(5);
+    let ports = free_ports(4);
     let mut configs = BTreeMap::new();
     for id in 1..=3u64 {
         let path = home.join(format!("peers/peer{id}.json"));
@@ -109,10 +110,11 @@ fn force_new_cluster_recovers_a_lost_majority_and_grows_back() {
     cluster.wait_for_one_leader(Duration::from_secs(10));
     assert!(cluster.log_text(leader).contains("already the only voter"));
 
-    // Grow back to three with the usual script (new IDs: removed ones come back only by an
-    // explicit rejoin).
+    // Grow back to three with the usual script: one lost peer started over on an empty data
+    // dir under its old ID (added back with --rejoin), and one new ID.
     let via = format!("peers/peer{leader}.json");
-    for (id, port) in [(4, ports[3]), (5, ports[4])] {
+    let rejoining = (1..=3).find(|&id| id != leader).unwrap();
+    for (id, port) in [(rejoining, ports[rejoining as usize - 1]), (4, ports[3])] {
         let out = script(
             &home,
             "add-peer.sh",
@@ -124,6 +126,10 @@ fn force_new_cluster_recovers_a_lost_majority_and_grows_back() {
             "add-peer.sh {id}: {}",
             common::describe(&out)
         );
+        if id == rejoining {
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains("add-learner --rejoin"), "{text}");
+        }
     }
     let members = cluster.client_ok(&["members"]);
     let voters: Vec<u64> = members
@@ -131,7 +137,7 @@ fn force_new_cluster_recovers_a_lost_majority_and_grows_back() {
         .filter(|m| m["role"] == "voter")
         .map(|m| m["id"].as_u64().unwrap())
         .collect();
-    let mut want = vec![leader, 4, 5];
+    let mut want = vec![leader, rejoining, 4];
     want.sort_unstable();
     assert_eq!(voters, want, "{members:?}");
     cluster.client_ok(&["append", "three again"]);
