@@ -121,11 +121,13 @@ pub fn save(
                     .map_err(|e| io("cannot write", &tmp, e))?;
                 term = r.term;
             }
-            start += entries.len() as Index;
+            let got = entries.len() as Index;
+            start += got;
             progress(start - 1, fixed);
             match next {
                 None if start == fixed + 1 => break,
-                Some(n) if n == start && n <= fixed => {}
+                // An empty page that asks for the same start again would never end.
+                Some(n) if n == start && n <= fixed && got > 0 => {}
                 _ => {
                     return Err(ClientError::Io(format!(
                     "peer {peer} ended a page at {start} with next {next:?} (read index {fixed})"
