@@ -1434,7 +1434,9 @@ impl Node {
                 });
             }
             ClientOp::Append { client, seq, data } => self.propose(waiter, client, seq, data),
-            ClientOp::Query { start, read_index } => self.query(waiter, start, read_index),
+            ClientOp::Query { start, read_index } | ClientOp::Backup { start, read_index } => {
+                self.query(waiter, start, read_index)
+            }
             ClientOp::TransferLeader { target, away_from } => {
                 self.start_transfer(waiter, target, away_from)
             }
