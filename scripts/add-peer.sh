@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Adds peer N to the running cluster: writes peers/peerN.json (unless it exists), starts
 # `peer --join` on it (it waits, never campaigning, until the leader adds it), adds it as a
-# learner, then promotes it to voter once it has caught up. Logs and pid in run/, like
-# scripts/start-cluster.sh.
+# learner (an ID the cluster removed before is added back with --rejoin when its peer starts
+# over on an empty data dir), then promotes it to voter once it has caught up. Logs and pid in
+# run/, like scripts/start-cluster.sh.
 #
 #   scripts/add-peer.sh N [--host HOST] [--port PORT] [--learner]
 #
@@ -89,10 +90,20 @@ mkdir -p run
 grep -qxF "$name" run/added-peers 2>/dev/null || echo "$name" >>run/added-peers
 sed -i "/^$name\$/d" run/removed-peers 2>/dev/null || true
 
+# Whether the peer starts over on an empty data dir: then its ID, if the cluster removed it
+# before (say after `peer --force-new-cluster`), may be added back explicitly (--rejoin).
+data_dir=$(python3 -c '
+import json, os, sys
+c = json.load(open(sys.argv[1]))
+print(c.get("data_dir") or os.path.join("data", c["name"]))' "$config")
+fresh=false
 pidfile="run/$name.pid"
 if [[ -f $pidfile ]] && alive "$(<"$pidfile")"; then
     echo "$name is already running (pid $(<"$pidfile"))"
 else
+    if [[ ! -e $data_dir ]] || [[ -z $(ls -A "$data_dir" 2>/dev/null) ]]; then
+        fresh=true
+    fi
     log="run/$name.log"
     printf '\n=== %s: %s -p %s --join ===\n' "$(date '+%F %T')" "$peer" "$config" >>"$log"
     if command -v setsid >/dev/null; then
@@ -105,7 +116,15 @@ else
 fi
 
 address="$host:$port"
-c add-learner "$n" "$address"
+rc=0
+added=$(c add-learner "$n" "$address" 2>&1) || rc=$?
+if ((rc != 0)) && $fresh && [[ $added == *"was removed from the cluster"* ]]; then
+    echo "node $n was removed from the cluster earlier; its peer started over on an empty data dir: adding it back (add-learner --rejoin)"
+    rc=0
+    added=$(c add-learner "$n" "$address" --rejoin 2>&1) || rc=$?
+fi
+echo "$added"
+((rc == 0)) || exit "$rc"
 if $learner_only; then
     echo "$name is a learner; promote it with: $client -p $client_config promote $n"
     exit 0

@@ -685,7 +685,7 @@ impl Client {
     /// Every attempt has a fresh request ID. A definite answer to an earlier attempt of this
     /// same operation is as good as one to the latest (it answers the very same request);
     /// a `NotLeader` answer counts only for the latest attempt; anything else is stale.
-    fn call(
+    pub(crate) fn call(
         &mut self,
         op: &ClientOp,
         deadline: Instant,
@@ -1038,7 +1038,9 @@ fn fits(op: &ClientOp, result: &ClientResult) -> bool {
             matches!(op, ClientOp::ChangeMembers { .. })
         }
         ClientResult::Appended { .. } => matches!(op, ClientOp::Append { .. }),
-        ClientResult::Entries { .. } => matches!(op, ClientOp::Query { .. }),
+        ClientResult::Entries { .. } => {
+            matches!(op, ClientOp::Query { .. } | ClientOp::Backup { .. })
+        }
         ClientResult::Status(_) => matches!(op, ClientOp::Status),
         ClientResult::Transferred { .. } => matches!(op, ClientOp::TransferLeader { .. }),
     }

@@ -134,6 +134,13 @@ impl ClusterFile {
     }
 }
 
+/// The name a cluster restored from a backup records (`peer --restore`): the config's name
+/// and a tag from the backup's checksum, so that its ID is new, and the same on every peer
+/// restored from that backup.
+pub fn restored_name(cluster: &str, tag: &str) -> String {
+    format!("{cluster}/restored-{tag}")
+}
+
 /// Decides how the peer of `config` starts, given whether its log is empty and `--join`:
 /// bootstraps an empty directory (writing the `cluster` file) unless joining, and otherwise
 /// reads the file. Call it with the data directory locked (after `Wal::open`).
@@ -150,7 +157,9 @@ pub fn prepare(config: &PeerConfig, join: bool, log_is_empty: bool) -> Result<St
                 );
             }
             let initial = config.initial_membership();
-            if !file.joined && (file.bootstrap != initial || file.name != config.cluster) {
+            let named = file.name == config.cluster
+                || file.name.starts_with(&restored_name(&config.cluster, ""));
+            if !file.joined && (file.bootstrap != initial || !named) {
                 log::info!(
                     "{}: the config file's members {} (cluster {:?}) differ from the bootstrap membership {} (cluster {:?}) recorded in {}; the configuration in the log decides who the members are",
                     config.name,

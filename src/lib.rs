@@ -2,11 +2,14 @@
 //! threads (`peer`), with durable storage (`storage`) and a client library (`client`).
 
 pub mod auth;
+pub mod backup;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod http;
 pub mod metrics;
 pub mod peer;
+pub mod probes;
 pub mod raft;
 pub mod storage;
 pub mod transport;

@@ -1,7 +1,10 @@
-//! Prometheus metrics of one peer, served at `GET /metrics` by a small synchronous HTTP server
-//! on a thread of its own (no async runtime). The node thread and the receiver update the
-//! metrics with atomic operations; the HTTP thread only reads them.
+//! Prometheus metrics of one peer, served at `GET /metrics` with the probes `GET /healthz` and
+//! `GET /readyz` by the hardened synchronous server of [`crate::http`] (no async runtime). The
+//! node thread and the receiver update the metrics with atomic operations; the HTTP thread only
+//! reads them.
 
+use crate::http::{Handler, Response, Server};
+use crate::probes::Probes;
 use crate::raft::{MemberRole, Role, StatusInfo};
 use prometheus_client::encoding::{text, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -11,10 +14,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FollowerLabel {
@@ -50,6 +50,8 @@ pub struct Metrics {
     pub datagrams_received: Counter,
     pub datagrams_sent: Counter,
     datagrams_dropped: Family<ReasonLabel, Counter>,
+    /// What `/healthz` and `/readyz` report.
+    pub probes: Probes,
 }
 
 impl Default for Metrics {
@@ -84,6 +86,7 @@ impl Metrics {
             datagrams_received: Counter::default(),
             datagrams_sent: Counter::default(),
             datagrams_dropped: Family::default(),
+            probes: Probes::new(),
         };
         let r = &mut m.registry;
         r.register("raft_term", "The current term", m.term.clone());
@@ -221,6 +224,14 @@ impl Metrics {
         *shown = current;
     }
 
+    /// Exports a `raft_datagrams_dropped_total` series at 0 for each of `reasons`, so that a
+    /// rate or an alert on any of them works before the first drop.
+    pub fn declare_drop_reasons<'a>(&self, reasons: impl IntoIterator<Item = &'a str>) {
+        for reason in reasons {
+            self.dropped(reason, 0);
+        }
+    }
+
     /// Counts `n` datagrams dropped for `reason` (a short, fixed word).
     pub fn dropped(&self, reason: &str, n: u64) {
         self.datagrams_dropped
@@ -265,72 +276,50 @@ fn to_prometheus_text(open_metrics: &str) -> String {
     out
 }
 
-/// The HTTP server thread; stops when dropped.
+/// The HTTP server of `metrics_addr`; stops when dropped.
 pub struct MetricsServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    server: Server,
     pub addr: SocketAddr,
 }
 
 impl MetricsServer {
-    /// Serves `metrics` at `http://addr/metrics`. A port in use is a clear error.
+    /// Serves `metrics` at `http://addr/metrics` and its probes at `/healthz` and `/readyz`.
+    /// A port in use is a clear error.
     pub fn start(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<MetricsServer, String> {
-        let server = tiny_http::Server::http(addr)
-            .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| format!("metrics server on {addr} has no IP address"))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = Arc::clone(&stop);
-            std::thread::Builder::new()
-                .name("metrics".into())
-                .spawn(move || serve(server, &metrics, &stop))
-                .map_err(|e| format!("cannot start the metrics thread: {e}"))?
-        };
-        log::info!("serving Prometheus metrics at http://{addr}/metrics");
-        Ok(MetricsServer {
-            stop,
-            thread: Some(thread),
-            addr,
-        })
+        let handler: Handler = Box::new(move |path| answer(&metrics, path));
+        let server = Server::start(addr, "metrics", handler)?;
+        let addr = server.addr;
+        log::info!(
+            "serving Prometheus metrics at http://{addr}/metrics, probes at /healthz and /readyz"
+        );
+        Ok(MetricsServer { server, addr })
     }
 }
 
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+impl MetricsServer {
+    /// Stops serving (also done on drop); returns within a fraction of a second.
+    pub fn stop(self) {
+        drop(self.server);
     }
 }
 
-fn serve(server: tiny_http::Server, metrics: &Metrics, stop: &AtomicBool) {
-    while !stop.load(Ordering::Relaxed) {
-        let request = match server.recv_timeout(Duration::from_millis(100)) {
-            Ok(Some(r)) => r,
-            Ok(None) => continue,
-            Err(e) => {
-                log::warn!("metrics server: {e}");
-                continue;
-            }
-        };
-        let response = if request.url() == "/metrics" || request.url().starts_with("/metrics?") {
-            let header = tiny_http::Header::from_bytes(
-                &b"Content-Type"[..],
-                &b"text/plain; version=0.0.4; charset=utf-8"[..],
-            )
-            .expect("a valid header");
-            tiny_http::Response::from_string(metrics.encode()).with_header(header)
-        } else {
-            tiny_http::Response::from_string("not found; metrics are at /metrics\n")
-                .with_status_code(404)
-        };
-        if let Err(e) = request.respond(response) {
-            log::debug!("metrics server: answering a scrape: {e}");
-        }
+fn answer(metrics: &Metrics, path: &str) -> Response {
+    let probe = |result: Result<String, String>| match result {
+        Ok(line) => Response::text(200, format!("{line}\n")),
+        Err(line) => Response::text(503, format!("{line}\n")),
+    };
+    match path {
+        "/metrics" => Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body: metrics.encode(),
+        },
+        "/healthz" => probe(metrics.probes.health()),
+        "/readyz" => probe(metrics.probes.readiness()),
+        _ => Response::text(
+            404,
+            "not found; metrics are at /metrics, probes at /healthz and /readyz\n",
+        ),
     }
 }
 

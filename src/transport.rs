@@ -512,6 +512,7 @@ pub fn bind(config: &PeerConfig) -> Result<(Transport, Listener), String> {
     };
     let socket = Arc::new(socket);
     let metrics = Arc::new(Metrics::new());
+    metrics.declare_drop_reasons(ALL_REASONS.iter().map(|r| r.label()));
     let transport = Transport {
         socket: Arc::clone(&socket),
         me: config.node_id,

@@ -1,5 +1,5 @@
-//! `peer -p CONFIG [--join]`: runs one Raft peer until SIGINT or SIGTERM, or until a committed
-//! configuration removes it (exit status 0).
+//! `peer -p CONFIG [--join | --force-new-cluster | --restore FILE]`: runs one Raft peer until SIGINT or SIGTERM,
+//! or until a committed configuration removes it (exit status 0).
 
 use argh::FromArgs;
 use raft::config::PeerConfig;
@@ -20,6 +20,20 @@ struct Args {
     /// `other_peers`. Ignored once the data_dir has a `cluster` file.
     #[argh(switch)]
     join: bool,
+
+    /// recover from the loss of a majority for good: on an existing data_dir, make this peer
+    /// the only voter of its cluster (a configuration entry it commits alone), keep its whole
+    /// log, and lead; add members back with `client add-learner` and `promote`. Entries only
+    /// the lost peers had are lost. Pick the survivor with the highest last index.
+    #[argh(switch)]
+    force_new_cluster: bool,
+
+    /// with an empty data_dir, first restore a backup made by `client snapshot save`: the
+    /// file is verified (a corrupt or truncated one is refused, nothing written) and becomes
+    /// a NEW cluster (new cluster ID, members from this config) whose committed log is the
+    /// backup's. Restore every peer of the new cluster from the same file.
+    #[argh(option)]
+    restore: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -42,6 +56,19 @@ fn run(args: &Args) -> Result<(), String> {
         let _ = shutdown_tx.send(());
     })
     .map_err(|e| format!("cannot install the signal handler: {e}"))?;
-    let options = raft::peer::Options { join: args.join };
+    let chosen = [
+        ("--join", args.join),
+        ("--force-new-cluster", args.force_new_cluster),
+        ("--restore", args.restore.is_some()),
+    ];
+    let chosen: Vec<&str> = chosen.iter().filter(|c| c.1).map(|c| c.0).collect();
+    if chosen.len() > 1 {
+        return Err(format!("{} exclude each other", chosen.join(" and ")));
+    }
+    let options = raft::peer::Options {
+        join: args.join,
+        force_new_cluster: args.force_new_cluster,
+        restore: args.restore.clone(),
+    };
     raft::peer::run_with(config, options, shutdown_rx)
 }

@@ -1,7 +1,8 @@
 //! What the node loop measures for operators: commit latency, fsync time, entries per fsync.
 
 use crate::metrics::Metrics;
-use crate::raft::{ClientOp, ClientReply, ClientRequest, ClientResult, ReplyTo};
+use crate::probes::LeaderContact;
+use crate::raft::{Body, ClientOp, ClientReply, ClientRequest, ClientResult, Message, ReplyTo};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,6 +53,21 @@ impl Instruments {
                 f.last_contact_ms = Some(f.last_contact_ticks * tick_ms);
             }
         }
+    }
+
+    /// Notes an AppendEntries or InstallSnapshot (only a leader sends them) for `/readyz`.
+    pub(super) fn heard(&self, msg: &Message) {
+        let commit = match &msg.body {
+            Body::AppendEntries { leader_commit, .. } => Some(*leader_commit),
+            Body::InstallSnapshot { .. } => None,
+            _ => return,
+        };
+        self.metrics.probes.heard(LeaderContact {
+            from: msg.from,
+            term: msg.term,
+            commit,
+            at: Instant::now(),
+        });
     }
 
     pub(super) fn persisted(&self, took: Duration, entries: usize) {

@@ -26,6 +26,8 @@
 mod after_advance;
 mod instruments;
 mod node_loop;
+pub mod recovery;
+pub mod restore;
 mod routes;
 
 use crate::cluster::{self, Start};
@@ -146,11 +148,17 @@ pub fn seed(node_id: NodeId) -> u64 {
 }
 
 /// How a peer starts, beyond its config file.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Options {
     /// `--join`: with an empty data_dir, join an existing cluster (learning its ID and
     /// configurations from the leader) instead of bootstrapping one from `other_peers`.
     pub join: bool,
+    /// `--force-new-cluster`: make this peer the only voter of its cluster, keeping its log
+    /// ([`recovery`]), for when a majority is lost for good.
+    pub force_new_cluster: bool,
+    /// `--restore FILE`: with an empty data_dir, first build a new cluster's data from a
+    /// backup ([`restore`]).
+    pub restore: Option<std::path::PathBuf>,
 }
 
 /// [`run_with`] and default options: an empty data_dir bootstraps a cluster.
@@ -169,9 +177,12 @@ pub fn run_with(
     shutdown: Receiver<()>,
 ) -> Result<(), String> {
     let timing = Timing::from_ms(config.heartbeat_ms, config.election_timeout_ms);
+    if let Some(file) = &options.restore {
+        restore::restore(&config, file)?;
+    }
     let (transport, listener) = transport::bind(&config)?;
     let started = std::time::Instant::now();
-    let (storage, restored) = Disk::open(
+    let (mut storage, mut restored) = Disk::open(
         &config.data_dir,
         config.node_id,
         config.snapshot_entries,
@@ -184,12 +195,6 @@ pub fn run_with(
             config.data_dir.display()
         )
     })?;
-    let Restored {
-        hard_state,
-        snapshot,
-        base,
-        entries,
-    } = restored;
     let address = transport.local_addr().map_or_else(
         |_| format!("{}:{}", config.host, config.port),
         |a| a.to_string(),
@@ -199,19 +204,39 @@ pub fn run_with(
         config.name,
         config.node_id,
         config.data_dir.display(),
-        hard_state.term,
-        hard_state.vote,
-        hard_state.commit,
-        entries.last().map_or(base.0, |e| e.index),
-        snapshot.as_ref().map_or(0, |(s, _)| s.index),
-        base.0 + 1,
+        restored.hard_state.term,
+        restored.hard_state.vote,
+        restored.hard_state.commit,
+        restored.entries.last().map_or(restored.base.0, |e| e.index),
+        restored.snapshot.as_ref().map_or(0, |(s, _)| s.index),
+        restored.base.0 + 1,
         timing.tick,
         timing.heartbeat_ticks,
         timing.election_ticks,
     );
-    let log_is_empty =
-        entries.is_empty() && hard_state == HardState::default() && snapshot.is_none();
+    let log_is_empty = restored.entries.is_empty()
+        && restored.hard_state == HardState::default()
+        && restored.snapshot.is_none();
     let start = cluster::prepare(&config, options.join, log_is_empty)?;
+    if options.force_new_cluster {
+        let bootstrap = match &start {
+            Start::Member(file) if !log_is_empty => &file.bootstrap,
+            _ => {
+                return Err(format!(
+                    "{}: --force-new-cluster recovers an existing data_dir, and {} holds no log of a cluster",
+                    config.name,
+                    config.data_dir.display()
+                ))
+            }
+        };
+        recovery::force_new_cluster(&config, &mut storage, &mut restored, bootstrap)?;
+    }
+    let Restored {
+        hard_state,
+        snapshot,
+        base,
+        entries,
+    } = restored;
     let routes = Routes::new(&config, &start);
     let bootstrap = match start {
         Start::Member(file) => file.bootstrap,
@@ -231,6 +256,10 @@ pub fn run_with(
     );
 
     let metrics = transport.metrics();
+    // The shortest election timeout: a follower may give up on its leader after that long.
+    metrics
+        .probes
+        .set_election_timeout(timing.tick * timing.election_ticks.0 as u32);
     let metrics_server = match config.metrics_addr {
         Some(addr) => Some(
             MetricsServer::start(addr, Arc::clone(&metrics))

@@ -273,9 +273,11 @@ pub(super) fn node_loop(
                 break;
             }
         }
-        if let Some(status) = core.status() {
-            inst.metrics.observe_status(&status);
+        let status = core.status();
+        if let Some(status) = &status {
+            inst.metrics.observe_status(status);
         }
+        inst.metrics.probes.turned_over(status.as_ref());
         follow_configuration(&core, &mut out, routes);
         if core.removed() {
             let routing = core.routing();
@@ -370,6 +372,7 @@ impl Batch {
                     None => true,
                 };
                 if admitted {
+                    inst.heard(&msg);
                     core.step(msg);
                 }
             }

@@ -186,6 +186,12 @@ pub enum ClientOp {
         start: Index,
         read_index: Option<Index>,
     },
+    /// Read the committed log for a backup (`client snapshot save`): answered exactly as
+    /// `Query`, a distinct request so that it can be allowed to admins only.
+    Backup {
+        start: Index,
+        read_index: Option<Index>,
+    },
     /// Report this peer's view of the cluster.
     Status,
     /// Hand leadership to `target`, or to the most up-to-date voter (thesis §3.10). With no

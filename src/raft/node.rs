@@ -1043,7 +1043,11 @@ impl Node {
                 if self.log.commit_to(leader_commit.min(match_index)) {
                     self.apply_committed();
                 }
-                if match_index >= leader_commit {
+                // Only from an AppendEntries that brought our commit index to the leader's: a
+                // late one may carry a commit index the leader held back (`commit_for`) below
+                // the one a newer AppendEntries already gave us, which may then cover a removal
+                // of ours that the leader knows a later configuration undoes.
+                if match_index >= leader_commit && self.log.commit == leader_commit {
                     self.note_removal();
                 }
                 AppendResult::Accepted { match_index }
@@ -1430,7 +1434,9 @@ impl Node {
                 });
             }
             ClientOp::Append { client, seq, data } => self.propose(waiter, client, seq, data),
-            ClientOp::Query { start, read_index } => self.query(waiter, start, read_index),
+            ClientOp::Query { start, read_index } | ClientOp::Backup { start, read_index } => {
+                self.query(waiter, start, read_index)
+            }
             ClientOp::TransferLeader { target, away_from } => {
                 self.start_transfer(waiter, target, away_from)
             }

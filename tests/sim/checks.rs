@@ -600,14 +600,18 @@ impl Sim {
         let node = self.nodes[&id].as_ref().unwrap();
         let info = node.status();
         for f in &info.followers {
-            // A member still being told of its removal, whose node was since started over on
-            // an empty disk: what it acknowledged in its earlier life is the leader's to forget
-            // once it is added back (a fresh start, so its match index may fall then).
-            if self.respawned.contains(&f.id) && !node.membership().contains(f.id) {
-                continue;
-            }
             let m = f.match_index;
-            if let Some(&(t, before)) = self.match_seen.get(&(id, f.id)) {
+            if !node.membership().contains(f.id) {
+                // A removed server the leader still tells of its removal counts towards no
+                // quorum, and if it is added back (`--rejoin`, on an empty disk) the leader
+                // starts its progress afresh: its match index may then fall within the term.
+                self.match_seen.remove(&(id, f.id));
+                // Started over on an empty disk: what it acknowledged in its earlier life is
+                // gone, as the leader will learn.
+                if self.respawned.contains(&f.id) {
+                    continue;
+                }
+            } else if let Some(&(t, before)) = self.match_seen.get(&(id, f.id)) {
                 if t == term && m < before {
                     self.fail(&format!(
                         "leader {id} of term {term}: match index of follower {} fell from \

@@ -83,13 +83,26 @@ impl Sim {
                 .copied()
                 .filter(|&r| !m.contains(r) && self.now >= self.retired_at[&r] + self.quiet())
                 .collect();
-            if self.cfg.rejoins && !rejoinable.is_empty() && self.rng.chance(0.3) {
-                let id = self.rng.pick(&rejoinable);
-                self.respawn(id, &contacts);
+            // Started over a while ago: added back now.
+            let waiting: Vec<NodeId> = self
+                .awaiting_rejoin
+                .iter()
+                .filter(|&(_, &since)| self.now >= since + self.quiet())
+                .map(|(&id, _)| id)
+                .collect();
+            if !waiting.is_empty() {
+                let id = self.rng.pick(&waiting);
+                self.awaiting_rejoin.remove(&id);
                 ConfChange::Rejoin {
                     id,
                     address: address_of(id),
                 }
+            } else if self.cfg.rejoins && !rejoinable.is_empty() && self.rng.chance(0.3) {
+                // As an operator does: start the peer over first, add it back later.
+                let id = self.rng.pick(&rejoinable);
+                self.respawn(id, &contacts);
+                self.awaiting_rejoin.insert(id, self.now);
+                return;
             } else {
                 let id = self.spawn_with_contacts(&contacts);
                 ConfChange::AddLearner {
@@ -103,7 +116,11 @@ impl Sim {
 
     /// Longer than any datagram stays in the network (a long delay at most): a removed node
     /// is started over only after this, so that no message of its earlier life reaches the
-    /// new one, nor one addressed to it then, as with a real operator's pace.
+    /// new one, and added back (`Rejoin`) only this long after it started over, so that no
+    /// message its leader sent to its earlier life (telling it of its removal, with a commit
+    /// index not held back) reaches the new one once it replays the log, as with a real
+    /// operator's pace. (With a cluster secret, the real peer drops such a datagram anyway:
+    /// it is sealed for the earlier incarnation's epoch.)
     fn quiet(&self) -> Time {
         self.cfg.long_delay_range.1 + self.cfg.delay.1
     }

@@ -442,6 +442,9 @@ pub struct Sim {
     pub retired: BTreeSet<NodeId>,
     /// Removed nodes started over on an empty disk ([`Sim::respawn`]).
     respawned: BTreeSet<NodeId>,
+    /// Nodes started over on an empty disk by a randomized run and not yet added back, with
+    /// when (see `Sim::random_membership_change`).
+    awaiting_rejoin: BTreeMap<NodeId, Time>,
     /// When each retired node stopped (a removed node rejoins only well after).
     retired_at: BTreeMap<NodeId, Time>,
     next_id: NodeId,
@@ -572,6 +575,7 @@ impl Sim {
             retired: BTreeSet::new(),
             retired_at: BTreeMap::new(),
             respawned: BTreeSet::new(),
+            awaiting_rejoin: BTreeMap::new(),
             next_id: cfg.nodes as NodeId + 1,
             admin: None,
             admin_request_id: 0,

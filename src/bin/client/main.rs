@@ -1,6 +1,6 @@
-//! The command-line client: `append`, `query`, `follow`, `status`, `transfer-leader`, and
-//! membership (`members`, `add-learner`, `promote`, `remove`) subcommands that print JSON
-//! lines, or, with no subcommand, the original project's interactive menu. It follows the cluster: the config
+//! The command-line client: `append`, `query`, `follow`, `status`, `transfer-leader`,
+//! membership (`members`, `add-learner`, `promote`, `remove`) and backup (`snapshot save`)
+//! subcommands that print JSON lines, or, with no subcommand, the original project's interactive menu. It follows the cluster: the config
 //! needs to name only one current member.
 //!
 //! Exit codes: 0 done; 1 refused, usage or config error; 2 no answer in time (outcome unknown).
@@ -10,6 +10,7 @@
 //! guard); `--force` on `add-learner`, `promote` and `remove` skips that check, and the menu
 //! asks before forcing.
 
+mod backup;
 mod watch;
 
 use argh::FromArgs;
@@ -69,6 +70,7 @@ enum Command {
     AddLearner(AddLearnerArgs),
     Promote(PromoteArgs),
     Remove(RemoveArgs),
+    Snapshot(backup::SnapshotArgs),
 }
 
 #[derive(FromArgs)]
@@ -302,6 +304,7 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_REFUSED);
     }
     let timeout = Duration::from_millis(timeout_ms);
+    let cluster = PeerConfig::load(&args.path).map_or_else(|_| String::new(), |c| c.cluster);
     let mut client = match connect(&args.path, timeout) {
         Ok(c) => c,
         Err(e) => {
@@ -339,6 +342,15 @@ fn main() -> ExitCode {
         ),
         Some(Command::Promote(p)) => change(&mut client, ConfChange::Promote { id: p.id }, p.force),
         Some(Command::Remove(r)) => change(&mut client, ConfChange::Remove { id: r.id }, r.force),
+        Some(Command::Snapshot(backup::SnapshotArgs {
+            command: backup::SnapshotCommand::Save(s),
+        })) => match backup::save(&mut client, &cluster, &s) {
+            Ok(saved) => {
+                print_or_exit(&json(&saved));
+                EXIT_OK
+            }
+            Err(e) => fail(&e),
+        },
         None => menu(&mut client),
     };
     ExitCode::from(code)

@@ -1059,6 +1059,55 @@ fn a_member_added_back_does_not_take_its_old_removal_for_its_own_from_a_new_lead
 }
 
 #[test]
+fn a_member_added_back_does_not_take_its_old_removal_for_its_own_from_a_late_append_entries() {
+    // Found by the simulator (5 nodes with rejoins, seed 1796800000000376): 4 replays the log
+    // from an AppendEntries that ends between its removal and the committed rejoin, carrying
+    // the leader's whole commit index, so 4 commits past its removal; then a late copy of an
+    // AppendEntries sent before the rejoin committed arrives, its commit index held back to
+    // before the removal. Its commit index is not 4's: it says nothing of what 4 committed.
+    let mut c = Cluster::new(&[1, 2, 3]);
+    c.elect(1);
+    let removal = c.remove_4_and_start_it_over();
+    c.down.insert(4);
+    c.append(1, 1);
+    assert!(is_configured(&c.change(1, rejoin(4))));
+    let (rejoin_at, commit) = (c.node(1).config_index(), c.node(1).commit_index());
+    assert!(commit >= rejoin_at && rejoin_at > removal + 1);
+    let leader = c.node(1);
+    let term = leader.term();
+    let replay = Body::AppendEntries {
+        prev_log_index: 0,
+        prev_log_term: 0,
+        entries: leader.log().entries()[..=removal as usize].to_vec(),
+        leader_commit: commit,
+        read_seq: 0,
+    };
+    let late = Body::AppendEntries {
+        prev_log_index: removal - 1,
+        prev_log_term: leader.log().term_at(removal - 1).unwrap(),
+        entries: vec![],
+        leader_commit: removal - 1,
+        read_seq: 0,
+    };
+    let four = c.node_mut(4);
+    four.step(msg(1, 4, term, replay));
+    assert_eq!(
+        four.commit_index(),
+        removal + 1,
+        "4 committed past its removal"
+    );
+    four.step(msg(1, 4, term, late));
+    assert!(
+        !four.removed(),
+        "4 took its old removal for its own from a late AppendEntries"
+    );
+    c.down.clear();
+    c.tick(4);
+    assert!(!c.node(4).removed());
+    assert_eq!(c.node(4).commit_index(), c.node(1).commit_index());
+}
+
+#[test]
 fn a_member_added_back_whose_rejoin_is_lost_waits_to_be_added_again() {
     // The rejoin reaches only 1 and 4; 1 goes down, and 2, which never had it, leads and
     // tells 4 (a removed member to it) of the old removal, truncating the rejoin from 4's

@@ -1,0 +1,224 @@
+//! `client snapshot save` and `peer --restore` on real processes: a backup taken under a
+//! stream of appends holds everything acknowledged before it started, and restores into three
+//! fresh data dirs as a new cluster with the same records at the same indices; a corrupt or
+//! truncated backup, and a non-empty data dir, are refused with nothing written.
+
+mod common;
+
+use common::{Cluster, TempDir, PEER};
+use raft::raft::LogRecord;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The backup's records, read back with every check.
+fn backup_records(file: &Path) -> Vec<LogRecord> {
+    let mut records = Vec::new();
+    raft::backup::read(file, |page| {
+        records.extend_from_slice(page);
+        Ok(())
+    })
+    .unwrap();
+    records
+}
+
+fn save(cluster: &Cluster, file: &Path) -> serde_json::Value {
+    let lines = cluster.client_ok(&["snapshot", "save", file.to_str().unwrap()]);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    lines[0].clone()
+}
+
+/// `peer -p config --restore file` that is expected to refuse: its exit code and output.
+fn refused_restore(config: &Path, file: &Path) -> (Option<i32>, String) {
+    let out: Output = Command::new(PEER)
+        .arg("-p")
+        .arg(config)
+        .arg("--restore")
+        .arg(file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+fn cluster_file(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("cluster")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["cluster_id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_backup_under_appends_restores_as_a_new_cluster_index_for_index() {
+    let _one = common::one_at_a_time();
+    let mut cluster = Cluster::start("backup", 3);
+    cluster.wait_for_one_leader(Duration::from_secs(10));
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = common::spawn_workers(
+        &cluster,
+        "w",
+        2,
+        Duration::from_secs(2),
+        3,
+        usize::MAX,
+        &stop,
+    );
+    cluster.wait_for_acks(0, 200, Duration::from_secs(20));
+    // Acknowledged before the save starts: the backup must hold it (linearizable).
+    let marker = cluster.client_ok(&["append", "before the save"]);
+    let marker_index = marker[0]["index"].as_u64().unwrap();
+    let file = cluster.dir.0.join("backup.raft");
+    let saved = save(&cluster, &file);
+    let acked_during = cluster.acked.load(Ordering::Relaxed);
+    cluster.wait_for_acks(acked_during, 50, Duration::from_secs(20));
+    stop.store(true, Ordering::Relaxed);
+    let appends = common::join_workers(workers);
+
+    let index = saved["index"].as_u64().unwrap();
+    assert!(
+        index >= marker_index,
+        "{saved} misses the append at {marker_index}"
+    );
+    assert_eq!(saved["file"], file.to_str().unwrap());
+    assert_eq!(
+        saved["bytes"].as_u64().unwrap(),
+        std::fs::metadata(&file).unwrap().len()
+    );
+    let backed_up = backup_records(&file);
+    assert_eq!(backed_up.len() as u64, index);
+    assert_eq!(saved["term"].as_u64(), backed_up.last().map(|r| r.term));
+    let original = common::query_log(&cluster, Duration::from_secs(10));
+    assert!(
+        original.len() as u64 > index,
+        "appends went on during the save"
+    );
+    assert_eq!(backed_up[..], original[..index as usize]);
+    for (data, &at) in &appends.acked {
+        if at <= index {
+            assert_eq!(
+                backed_up[at as usize - 1].data.as_deref(),
+                Some(data.as_str())
+            );
+        }
+    }
+    let old_id = cluster_file(&cluster.data_dir(1));
+    cluster.kill_all();
+
+    // Three fresh data dirs, each restored from the same file: a new cluster.
+    let dir = TempDir::new("restored");
+    let configs = common::write_configs(&dir.0, 3);
+    let mut restored = Cluster {
+        peers: Default::default(),
+        configs,
+        dir,
+        acked: Default::default(),
+    };
+    let file_arg = file.to_str().unwrap();
+    for id in 1..=3 {
+        restored.start_peer_with(id, &["--restore", file_arg]);
+    }
+    restored.wait_for_one_leader(Duration::from_secs(10));
+    let after = restored.client_ok(&["append", "after the restore"]);
+    let after = after[0]["index"].as_u64().unwrap();
+    assert!(after > index, "{after:?}");
+    let log = common::query_log(&restored, Duration::from_secs(10));
+    assert_eq!(log[..index as usize], backed_up[..]);
+    let ids: Vec<String> = (1..=3)
+        .map(|id| cluster_file(&restored.data_dir(id)))
+        .collect();
+    assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
+    assert_ne!(ids[0], old_id, "a restore makes a new cluster");
+    // Restarted, the peers are an ordinary cluster (the flag is only for the first start).
+    for id in 1..=3 {
+        restored.stop_peer(id);
+    }
+    for id in 1..=3 {
+        restored.start_peer(id);
+    }
+    restored.wait_for_one_leader(Duration::from_secs(10));
+    let log = common::query_log(&restored, Duration::from_secs(10));
+    assert_eq!(log[..index as usize], backed_up[..]);
+    assert_eq!(
+        log[after as usize - 1].data.as_deref(),
+        Some("after the restore")
+    );
+
+    // It grows like any cluster: a new peer catches up from the restored snapshot.
+    let port = common::free_ports(1)[0];
+    let contacts = restored.ports();
+    restored.start_joining(4, port, &contacts, |_| {});
+    restored.client_ok(&["add-learner", "4", &format!("127.0.0.1:{port}")]);
+    restored.client_ok(&["--timeout-ms", "20000", "promote", "4"]);
+    common::poll_until(Duration::from_secs(10), "peer 4 caught up", || {
+        let lines = restored.client_ok(&["status"]);
+        let four = lines.iter().find(|l| l["id"] == 4 && l["answered"] == true);
+        match four.and_then(|l| l["applied_index"].as_u64()) {
+            Some(applied) if applied > after => Ok(()),
+            _ => Err(format!("{lines:?}")),
+        }
+    });
+    // Without peer 1, peer 4's vote counts: the log reads the same through the new majority.
+    restored.kill_peer(1);
+    let lines = restored.client_ok(&["query"]);
+    let log: Vec<LogRecord> = lines
+        .into_iter()
+        .map(|l| serde_json::from_value(l).unwrap())
+        .collect();
+    assert_eq!(log[..index as usize], backed_up[..]);
+}
+
+#[test]
+fn damaged_backups_and_non_empty_data_dirs_are_refused_with_nothing_written() {
+    let _one = common::one_at_a_time();
+    let mut cluster = Cluster::start("backup-refused", 1);
+    cluster.wait_for_one_leader(Duration::from_secs(10));
+    for i in 0..30 {
+        cluster.client_ok(&["append", &format!("entry {i}")]);
+    }
+    let file = cluster.dir.0.join("good.raft");
+    save(&cluster, &file);
+    cluster.kill_all();
+    let good = std::fs::read(&file).unwrap();
+
+    let dir = TempDir::new("restore-refused");
+    let config: PathBuf = common::write_configs(&dir.0, 1)[&1].clone();
+    let data_dir = dir.0.join("data-peer1");
+    let mut corrupt = good.clone();
+    let at = good.len() * 2 / 3;
+    corrupt[at] = if corrupt[at] == b'7' { b'8' } else { b'7' };
+    let cases: [(&str, &[u8], &str); 3] = [
+        ("corrupt.raft", &corrupt, "corrupt"),
+        ("truncated.raft", &good[..good.len() - 100], "truncated"),
+        ("empty.raft", b"", "not a backup"),
+    ];
+    for (name, bytes, why) in cases {
+        let bad = dir.0.join(name);
+        std::fs::write(&bad, bytes).unwrap();
+        let (code, text) = refused_restore(&config, &bad);
+        assert_eq!(code, Some(1), "{name}: {text}");
+        assert!(text.contains(why), "{name}: {text}");
+        assert!(text.contains("nothing was written"), "{name}: {text}");
+        assert!(!data_dir.exists(), "{name}: the data dir was created");
+    }
+
+    std::fs::create_dir_all(&data_dir).unwrap();
+    std::fs::write(data_dir.join("keep-me"), "x").unwrap();
+    let (code, text) = refused_restore(&config, &file);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("not empty"), "{text}");
+    let left: Vec<_> = std::fs::read_dir(&data_dir).unwrap().collect();
+    assert_eq!(left.len(), 1, "the data dir was touched");
+    // Nothing half-built was left beside it either.
+    let beside: Vec<String> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("restoring"))
+        .collect();
+    assert!(beside.is_empty(), "{beside:?}");
+}
