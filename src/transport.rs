@@ -65,7 +65,7 @@ pub enum DropReason {
     ClientQueueFull,
     /// A peer message that found the peer queue full: the node thread is far behind.
     PeerQueueFull,
-    /// A missing or wrong MAC (or a key this peer does not hold): never answered.
+    /// A missing or wrong tag, a key this peer does not hold, or one of the wrong side: never answered.
     Unauthenticated,
     /// An authentic datagram seen before (replayed or duplicated), from an older incarnation
     /// of its sender, or addressed to another peer.

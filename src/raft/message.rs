@@ -311,7 +311,7 @@ pub struct StatusInfo {
     /// Times this node has seen leadership change hands (a new leader or term), since it started.
     #[serde(default)]
     pub leader_changes: u64,
-    /// Datagrams this peer dropped for a missing or wrong MAC (filled in by the shell).
+    /// Datagrams this peer dropped for a missing or wrong authentication tag (filled in by the shell).
     #[serde(default)]
     pub auth_failures: u64,
     /// The configuration in force here, and the index of its entry (0: the bootstrap one).

@@ -222,7 +222,7 @@ struct StatusFields {
     last_index: u64,
     commit_index: u64,
     applied_index: u64,
-    /// Datagrams the peer dropped for a missing or wrong MAC.
+    /// Datagrams the peer dropped for a missing or wrong authentication tag.
     auth_failures: u64,
     /// On the leader's row: each follower's match index, lag and time since last contact.
     #[serde(skip_serializing_if = "Vec::is_empty")]
