@@ -8,11 +8,13 @@
 
 mod error;
 pub mod fs;
+pub mod simfs;
 pub mod store;
 pub mod wal;
 
 pub use error::{At, Lost, NotTorn, RecordProblem, Refusal, StorageError, WalProblem};
 
+use fs::Fs;
 use store::{Received, SnapshotJob, Store};
 use wal::Wal;
 
@@ -60,11 +62,11 @@ pub enum Staged {
 /// what must happen in order with its writes.
 enum Job {
     /// Make a snapshot durable (fsyncs of the store and its meta file); answered on `done`.
-    Snapshot(SnapshotJob),
+    Snapshot(Box<SnapshotJob>),
     /// Delete compacted WAL segments and sync the directory.
-    DeleteSegments(PathBuf, Vec<PathBuf>),
+    DeleteSegments(Fs, PathBuf, Vec<PathBuf>),
     /// Prepare WAL segment `number` in this directory, then publish its number.
-    PrepareSegment(PathBuf, u64, Arc<AtomicU64>),
+    PrepareSegment(Fs, PathBuf, u64, Arc<AtomicU64>),
     /// Free log entries a snapshot compacted away.
     Free(Vec<Entry>),
 }
@@ -99,8 +101,19 @@ impl Disk {
         snapshot_entries: u64,
         snapshot_trailing: u64,
     ) -> Result<(Disk, Restored), StorageError> {
-        let (mut wal, mut hard_state, mut entries) = Wal::open(dir, node_id)?;
-        let (store, snapshot) = Store::open(dir)?;
+        Disk::open_in(&Fs::Real, dir, node_id, snapshot_entries, snapshot_trailing)
+    }
+
+    /// [`Disk::open`] on filesystem `fs`.
+    pub fn open_in(
+        fs: &Fs,
+        dir: &Path,
+        node_id: NodeId,
+        snapshot_entries: u64,
+        snapshot_trailing: u64,
+    ) -> Result<(Disk, Restored), StorageError> {
+        let (mut wal, mut hard_state, mut entries) = Wal::open_in(fs, dir, node_id)?;
+        let (store, snapshot) = Store::open_in(fs, dir)?;
         let mut base = wal.base();
         let snapshot = snapshot.map(|(meta, id)| (meta.state, id));
         match &snapshot {
@@ -265,6 +278,7 @@ impl Disk {
     /// `prepared`.
     fn prepare_segment(&self) -> Result<(), StorageError> {
         self.send(Job::PrepareSegment(
+            self.wal.fs().clone(),
             self.wal.dir().to_path_buf(),
             self.wal.next_segment_number(),
             self.prepared.clone(),
@@ -303,7 +317,7 @@ impl Disk {
         self.started_in = started.elapsed();
         self.snapshot_index = state.index;
         self.writing = true;
-        self.send(Job::Snapshot(job))
+        self.send(Job::Snapshot(Box::new(job)))
     }
 
     /// The snapshot the snapshot thread made durable, if one is back: it is now the one this
@@ -351,7 +365,8 @@ impl Disk {
         }
         let doomed = self.wal.compact_later(base)?;
         if !doomed.is_empty() {
-            self.send(Job::DeleteSegments(self.wal.dir().to_path_buf(), doomed))?;
+            let (fs, dir) = (self.wal.fs().clone(), self.wal.dir().to_path_buf());
+            self.send(Job::DeleteSegments(fs, dir, doomed))?;
         }
         Ok(())
     }
@@ -366,8 +381,8 @@ fn snapshot_thread(jobs: Receiver<Job>, done: Sender<Result<SnapshotJob, Storage
                     return;
                 }
             }
-            Job::PrepareSegment(dir, number, prepared) => {
-                match wal::prepare_segment(&dir, number) {
+            Job::PrepareSegment(fs, dir, number, prepared) => {
+                match wal::prepare_segment(&fs, &dir, number) {
                     Ok(true) => prepared.store(number, Ordering::Release),
                     // The node thread created that segment itself meanwhile.
                     Ok(false) => {}
@@ -376,8 +391,8 @@ fn snapshot_thread(jobs: Receiver<Job>, done: Sender<Result<SnapshotJob, Storage
                 }
             }
             Job::Free(entries) => drop(entries),
-            Job::DeleteSegments(dir, doomed) => {
-                if let Err(e) = wal::delete_segments(&dir, &doomed) {
+            Job::DeleteSegments(fs, dir, doomed) => {
+                if let Err(e) = wal::delete_segments(&fs, &dir, &doomed) {
                     // A segment left behind is replayed first and gives the same log.
                     log::warn!("compacting the WAL: {e}");
                 }
