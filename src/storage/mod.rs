@@ -69,6 +69,8 @@ enum Job {
     PrepareSegment(Fs, PathBuf, u64, Arc<AtomicU64>),
     /// Free log entries a snapshot compacted away.
     Free(Vec<Entry>),
+    /// Answer once every job sent before it is done.
+    Barrier(Sender<()>),
 }
 
 pub struct Disk {
@@ -345,6 +347,15 @@ impl Disk {
             .map_err(|_| StorageError::SnapshotThread { source: None })?
     }
 
+    /// Waits until the snapshot thread has done every job sent so far (a snapshot's fsyncs,
+    /// segment preparations and deletions), so that tests see one order of file operations.
+    pub fn settle(&self) -> Result<(), StorageError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Job::Barrier(tx))?;
+        rx.recv()
+            .map_err(|_| StorageError::SnapshotThread { source: None })
+    }
+
     pub fn snapshot_trailing(&self) -> u64 {
         self.snapshot_trailing
     }
@@ -391,6 +402,9 @@ fn snapshot_thread(jobs: Receiver<Job>, done: Sender<Result<SnapshotJob, Storage
                 }
             }
             Job::Free(entries) => drop(entries),
+            Job::Barrier(done) => {
+                let _ = done.send(());
+            }
             Job::DeleteSegments(fs, dir, doomed) => {
                 if let Err(e) = wal::delete_segments(&fs, &dir, &doomed) {
                     // A segment left behind is replayed first and gives the same log.

@@ -109,16 +109,108 @@ enum Inode {
 
 #[derive(Clone, Default)]
 struct FileNode {
-    data: Vec<u8>,
-    durable: Vec<u8>,
+    data: Arc<Content>,
+    durable: Arc<Content>,
     /// Changes since the last fsync, oldest first.
     pending: Vec<FileOp>,
 }
 
 #[derive(Clone)]
 enum FileOp {
-    Write { at: u64, bytes: Vec<u8> },
+    Write {
+        at: u64,
+        bytes: Vec<u8>,
+    },
+    /// A write of `len` zeros (preallocation), kept without its bytes.
+    Zeros {
+        at: u64,
+        len: u64,
+    },
     SetLen(u64),
+}
+
+/// A file's bytes in pages shared copy-on-write, so that crash images cost little more than
+/// the pages written since the last fsync; a missing page is zeros (a preallocated tail).
+#[derive(Clone, Default)]
+struct Content {
+    pages: Vec<Option<Arc<Vec<u8>>>>,
+    len: u64,
+}
+
+const PAGE: u64 = 16 << 10;
+
+impl Content {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> usize {
+        let n = (self.len.saturating_sub(pos) as usize).min(buf.len());
+        let mut done = 0;
+        while done < n {
+            let at = pos + done as u64;
+            let (page, off) = ((at / PAGE) as usize, (at % PAGE) as usize);
+            let k = (PAGE as usize - off).min(n - done);
+            match self.pages.get(page).and_then(|p| p.as_ref()) {
+                Some(p) => buf[done..done + k].copy_from_slice(&p[off..off + k]),
+                None => buf[done..done + k].fill(0),
+            }
+            done += k;
+        }
+        n
+    }
+
+    fn to_vec(&self) -> Vec<u8> {
+        let mut out = vec![0; self.len as usize];
+        self.read_at(0, &mut out);
+        out
+    }
+
+    /// Writes `bytes` at `at` (None: zeros, `len` of them).
+    fn write_at(&mut self, at: u64, bytes: Option<&[u8]>, len: u64) {
+        let end = at + len;
+        let pages = end.div_ceil(PAGE) as usize;
+        if self.pages.len() < pages {
+            self.pages.resize(pages, None);
+        }
+        let mut done = 0u64;
+        while done < len {
+            let pos = at + done;
+            let (page, off) = ((pos / PAGE) as usize, (pos % PAGE) as usize);
+            let k = (PAGE as usize - off).min((len - done) as usize);
+            let slot = &mut self.pages[page];
+            match bytes {
+                None if slot.is_none() => {}
+                None => Arc::make_mut(slot.as_mut().unwrap())[off..off + k].fill(0),
+                Some(b) => {
+                    let p = slot.get_or_insert_with(|| Arc::new(vec![0; PAGE as usize]));
+                    let d = done as usize;
+                    Arc::make_mut(p)[off..off + k].copy_from_slice(&b[d..d + k]);
+                }
+            }
+            done += k as u64;
+        }
+        self.len = self.len.max(end);
+    }
+
+    fn set_len(&mut self, len: u64) {
+        if len < self.len {
+            // Zero what is cut off, so that growing again reads zeros.
+            let cut = self.len - len;
+            self.write_at(len, None, cut);
+            self.pages.truncate(len.div_ceil(PAGE) as usize);
+        }
+        self.len = len;
+    }
+}
+
+fn apply_file_op(content: &mut Arc<Content>, op: &FileOp) {
+    let c = Arc::make_mut(content);
+    match op {
+        FileOp::Write { at, bytes } => c.write_at(*at, Some(bytes), bytes.len() as u64),
+        FileOp::Zeros { at, len } => c.write_at(*at, None, *len),
+        FileOp::SetLen(len) => c.set_len(*len),
+    }
 }
 
 #[derive(Clone, Default)]
@@ -133,19 +225,6 @@ struct DirNode {
 enum DirOp {
     Set(String, u64),
     Remove(String),
-}
-
-fn apply_file_op(data: &mut Vec<u8>, op: &FileOp) {
-    match op {
-        FileOp::Write { at, bytes } => {
-            let at = *at as usize;
-            if data.len() < at + bytes.len() {
-                data.resize(at + bytes.len(), 0);
-            }
-            data[at..at + bytes.len()].copy_from_slice(bytes);
-        }
-        FileOp::SetLen(len) => data.resize(*len as usize, 0),
-    }
 }
 
 fn apply_dir_ops(entries: &mut BTreeMap<String, u64>, ops: &[DirOp]) {
@@ -183,14 +262,16 @@ fn names(path: &Path) -> io::Result<Vec<String>> {
     Ok(out)
 }
 
-impl State {
-    fn next_random(&mut self) -> u64 {
-        // xorshift64*: enough to pick crash outcomes.
-        let mut x = self.rng;
+/// xorshift64*: enough to pick crash outcomes.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
         x ^= x >> 27;
-        self.rng = x;
+        self.0 = x;
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
@@ -198,8 +279,24 @@ impl State {
         if n == 0 {
             0
         } else {
-            self.next_random() % n
+            self.next() % n
         }
+    }
+}
+
+impl State {
+    fn next_random(&mut self) -> u64 {
+        let mut rng = Rng(self.rng);
+        let x = rng.next();
+        self.rng = rng.0;
+        x
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        let mut rng = Rng(self.rng);
+        let x = rng.below(n);
+        self.rng = rng.0;
+        x
     }
 
     fn dir(&self, ino: u64) -> Option<&DirNode> {
@@ -269,7 +366,7 @@ impl State {
         self.inodes
             .values()
             .map(|i| match i {
-                Inode::File(f) => f.data.len() as u64,
+                Inode::File(f) => f.data.len(),
                 Inode::Dir(_) => 0,
             })
             .sum()
@@ -296,14 +393,15 @@ impl State {
     /// its unsynced writes (one of them maybe missing, the last one torn), and for each
     /// directory a prefix of its unsynced changes.
     fn crash_image(&mut self) -> State {
+        let mut rng = Rng(self.rng);
         let mut inos: Vec<u64> = self.inodes.keys().copied().collect();
         inos.sort_unstable();
         let mut inodes = HashMap::with_capacity(inos.len());
         for ino in inos {
-            let image = match self.inodes[&ino].clone() {
+            let image = match &self.inodes[&ino] {
                 Inode::Dir(d) => {
-                    let keep = self.below(d.pending.len() as u64 + 1) as usize;
-                    let mut entries = d.durable;
+                    let keep = rng.below(d.pending.len() as u64 + 1) as usize;
+                    let mut entries = d.durable.clone();
                     for ops in &d.pending[..keep] {
                         apply_dir_ops(&mut entries, ops);
                     }
@@ -314,14 +412,13 @@ impl State {
                     })
                 }
                 Inode::File(f) => {
-                    let n = f.pending.len() as u64;
-                    let keep = self.below(n + 1) as usize;
-                    let skip = if keep > 1 && self.below(4) == 0 {
-                        Some(self.below(keep as u64) as usize)
+                    let keep = rng.below(f.pending.len() as u64 + 1) as usize;
+                    let skip = if keep > 1 && rng.below(4) == 0 {
+                        Some(rng.below(keep as u64) as usize)
                     } else {
                         None
                     };
-                    let mut data = f.durable;
+                    let mut data = f.durable.clone();
                     for (i, op) in f.pending.iter().enumerate().take(keep + 1) {
                         if Some(i) == skip {
                             continue;
@@ -330,11 +427,15 @@ impl State {
                             apply_file_op(&mut data, op);
                             continue;
                         }
-                        // The op at the cut: torn somewhere, its tail lost or zeros.
+                        // The write at the cut: torn somewhere, its tail lost or zeros.
+                        if let FileOp::Zeros { at, len } = op {
+                            let len = rng.below(len + 1);
+                            apply_file_op(&mut data, &FileOp::Zeros { at: *at, len });
+                        }
                         if let FileOp::Write { at, bytes } = op {
-                            let cut = self.below(bytes.len() as u64 + 1) as usize;
+                            let cut = rng.below(bytes.len() as u64 + 1) as usize;
                             let mut torn = bytes[..cut].to_vec();
-                            if self.below(2) == 0 {
+                            if rng.below(2) == 0 {
                                 torn.resize(bytes.len(), 0);
                             }
                             apply_file_op(
@@ -355,6 +456,7 @@ impl State {
             };
             inodes.insert(ino, image);
         }
+        self.rng = rng.0;
         let rng = self.next_random() | 1;
         State {
             inodes,
@@ -458,7 +560,7 @@ impl SimFs {
                 if how.truncate {
                     s.maybe_capture(false);
                     if let Some(f) = s.file_mut(ino) {
-                        f.data.clear();
+                        apply_file_op(&mut f.data, &FileOp::SetLen(0));
                         f.pending.push(FileOp::SetLen(0));
                     }
                 }
@@ -489,7 +591,7 @@ impl SimFs {
         let s = self.lock();
         let ino = s.lookup_existing(path)?;
         match s.inodes.get(&ino) {
-            Some(Inode::File(f)) => Ok(f.data.clone()),
+            Some(Inode::File(f)) => Ok(f.data.to_vec()),
             _ => Err(err(io::ErrorKind::IsADirectory, "is a directory", path)),
         }
     }
@@ -592,7 +694,7 @@ impl SimFs {
         let s = self.lock();
         let ino = s.lookup_existing(path)?;
         match s.inodes.get(&ino) {
-            Some(Inode::File(f)) => Ok(f.data.len() as u64),
+            Some(Inode::File(f)) => Ok(f.data.len()),
             _ => Ok(0),
         }
     }
@@ -688,9 +790,7 @@ impl SimFile {
                 &self.path,
             ));
         };
-        let start = (*pos as usize).min(f.data.len());
-        let n = buf.len().min(f.data.len() - start);
-        buf[..n].copy_from_slice(&f.data[start..start + n]);
+        let n = f.data.read_at(*pos, buf);
         *pos += n as u64;
         Ok(n)
     }
@@ -710,7 +810,7 @@ impl SimFile {
         let mut s = self.state()?;
         let mut pos = self.pos();
         let len = match s.inodes.get(&self.ino) {
-            Some(Inode::File(f)) => f.data.len() as u64,
+            Some(Inode::File(f)) => f.data.len(),
             _ => {
                 return Err(err(
                     io::ErrorKind::IsADirectory,
@@ -723,9 +823,16 @@ impl SimFile {
         s.check_space(grows, "")?;
         s.maybe_capture(false);
         s.counts.writes += 1;
-        let op = FileOp::Write {
-            at: *pos,
-            bytes: buf.to_vec(),
+        let op = if super::wal::all_zeros(buf) {
+            FileOp::Zeros {
+                at: *pos,
+                len: buf.len() as u64,
+            }
+        } else {
+            FileOp::Write {
+                at: *pos,
+                bytes: buf.to_vec(),
+            }
         };
         let f = s.file_mut(self.ino).unwrap();
         apply_file_op(&mut f.data, &op);
@@ -736,7 +843,7 @@ impl SimFile {
 
     pub fn seek(&self, to: SeekFrom) -> io::Result<u64> {
         let mut s = self.state()?;
-        let len = s.file_mut(self.ino).map_or(0, |f| f.data.len() as u64);
+        let len = s.file_mut(self.ino).map_or(0, |f| f.data.len());
         let mut pos = self.pos();
         let new = match to {
             SeekFrom::Start(n) => Some(n),
@@ -778,7 +885,7 @@ impl SimFile {
             ));
         }
         let mut s = self.state()?;
-        let have = s.file_mut(self.ino).map_or(0, |f| f.data.len() as u64);
+        let have = s.file_mut(self.ino).map_or(0, |f| f.data.len());
         s.check_space(len.saturating_sub(have), "")?;
         s.maybe_capture(false);
         let f = s
@@ -792,7 +899,7 @@ impl SimFile {
 
     pub fn size(&self) -> io::Result<u64> {
         let mut s = self.state()?;
-        Ok(s.file_mut(self.ino).map_or(0, |f| f.data.len() as u64))
+        Ok(s.file_mut(self.ino).map_or(0, |f| f.data.len()))
     }
 
     pub fn try_lock(&self) -> Result<(), TryLockError> {
