@@ -50,6 +50,12 @@ pub struct Metrics {
     pub datagrams_received: Counter,
     pub datagrams_sent: Counter,
     datagrams_dropped: Family<ReasonLabel, Counter>,
+    storage_errors: Family<OpLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: String,
 }
 
 impl Default for Metrics {
@@ -84,6 +90,7 @@ impl Metrics {
             datagrams_received: Counter::default(),
             datagrams_sent: Counter::default(),
             datagrams_dropped: Family::default(),
+            storage_errors: Family::default(),
         };
         let r = &mut m.registry;
         r.register("raft_term", "The current term", m.term.clone());
@@ -173,6 +180,11 @@ impl Metrics {
             "UDP datagrams dropped, by reason",
             m.datagrams_dropped.clone(),
         );
+        r.register(
+            "raft_storage_errors",
+            "Storage operations that failed, by what failed (a full disk included)",
+            m.storage_errors.clone(),
+        );
         m
     }
 
@@ -222,6 +234,12 @@ impl Metrics {
     }
 
     /// Counts `n` datagrams dropped for `reason` (a short, fixed word).
+    /// A storage operation failed (`op`: `wal_write`, `store_write`, `snapshot`, `wal_rotate`).
+    pub fn storage_error(&self, op: &str) {
+        let op = op.to_string();
+        self.storage_errors.get_or_create(&OpLabel { op }).inc();
+    }
+
     pub fn dropped(&self, reason: &str, n: u64) {
         self.datagrams_dropped
             .get_or_create(&ReasonLabel {
@@ -367,6 +385,7 @@ mod tests {
             elections_started: 2,
             leader_changes: 3,
             auth_failures: 0,
+            disk_full: false,
             followers: followers
                 .iter()
                 .map(|&(id, m, lag)| FollowerInfo {

@@ -74,6 +74,8 @@ struct State {
     /// directory) and, at random, before other changes.
     capture: Option<Capture>,
     rng: u64,
+    /// Set by [`SimFs::start_journal`]: the durability-relevant operations, in order.
+    journal: Option<Vec<String>>,
 }
 
 struct Capture {
@@ -97,6 +99,7 @@ impl Default for State {
             counts: Counts::default(),
             capture: None,
             rng: 0x9e37_79b9_7f4a_7c15,
+            journal: None,
         }
     }
 }
@@ -362,14 +365,30 @@ impl State {
         d.pending.push(ops);
     }
 
+    /// Bytes in the files that have a name (each counted once, however many it has).
     fn used_bytes(&self) -> u64 {
-        self.inodes
-            .values()
-            .map(|i| match i {
-                Inode::File(f) => f.data.len(),
-                Inode::Dir(_) => 0,
-            })
-            .sum()
+        let mut seen = HashSet::new();
+        let mut dirs = vec![ROOT];
+        let mut used = 0;
+        while let Some(dir) = dirs.pop() {
+            let Some(d) = self.dir(dir) else { continue };
+            for &ino in d.entries.values() {
+                if !seen.insert(ino) {
+                    continue;
+                }
+                match &self.inodes[&ino] {
+                    Inode::File(f) => used += f.data.len(),
+                    Inode::Dir(_) => dirs.push(ino),
+                }
+            }
+        }
+        used
+    }
+
+    fn note(&mut self, what: impl FnOnce() -> String) {
+        if let Some(j) = &mut self.journal {
+            j.push(what());
+        }
     }
 
     /// Takes a crash image now if capturing: before every fsync (`sync`), and at random
@@ -467,6 +486,7 @@ impl State {
             counts: self.counts,
             capture: None,
             rng,
+            journal: None,
         }
     }
 
@@ -528,6 +548,20 @@ impl SimFs {
             other_every: other_every.max(1),
             images: Vec::new(),
         });
+    }
+
+    /// From now on, notes every fsync, directory fsync, rename, link and unlink, and the
+    /// test's own [`SimFs::mark`]s; [`SimFs::journal`] gives them, in order.
+    pub fn start_journal(&self) {
+        self.lock().journal = Some(Vec::new());
+    }
+
+    pub fn mark(&self, what: &str) {
+        self.lock().note(|| what.to_string());
+    }
+
+    pub fn journal(&self) -> Vec<String> {
+        self.lock().journal.clone().unwrap_or_default()
     }
 
     pub fn take_images(&self) -> Vec<SimFs> {
@@ -614,6 +648,7 @@ impl SimFs {
             }
         }
         s.counts.renames += 1;
+        s.note(|| format!("rename {} {}", from.display(), to.display()));
         if src == dst {
             s.change_dir(
                 src,
@@ -634,6 +669,7 @@ impl SimFs {
             return Err(err(io::ErrorKind::AlreadyExists, "exists", to));
         }
         s.counts.links += 1;
+        s.note(|| format!("link {} {}", from.display(), to.display()));
         s.change_dir(dst, vec![DirOp::Set(name, ino)]);
         Ok(())
     }
@@ -648,6 +684,7 @@ impl SimFs {
             return Err(err(io::ErrorKind::IsADirectory, "is a directory", path));
         }
         s.counts.unlinks += 1;
+        s.note(|| format!("unlink {}", path.display()));
         s.change_dir(parent, vec![DirOp::Remove(name)]);
         Ok(())
     }
@@ -669,6 +706,7 @@ impl SimFs {
             }
         }
         empty(&mut s, ino);
+        s.note(|| format!("rmdir {}", path.display()));
         s.counts.unlinks += 1;
         s.change_dir(parent, vec![DirOp::Remove(name)]);
         Ok(())
@@ -707,6 +745,7 @@ impl SimFs {
         }
         s.maybe_capture(true);
         s.counts.dir_syncs += 1;
+        s.note(|| format!("syncdir {}", path.display()));
         let d = s.dir_mut(ino);
         for ops in std::mem::take(&mut d.pending) {
             apply_dir_ops(&mut d.durable, &ops);
@@ -868,6 +907,8 @@ impl SimFile {
             return Err(io::Error::from_raw_os_error(EIO));
         }
         s.counts.file_syncs += 1;
+        let path = &self.path;
+        s.note(|| format!("sync {}", path.display()));
         if let Some(f) = s.file_mut(self.ino) {
             for op in std::mem::take(&mut f.pending) {
                 apply_file_op(&mut f.durable, &op);

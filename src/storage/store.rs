@@ -174,6 +174,15 @@ impl Store {
         Ok((store, snapshot))
     }
 
+    /// Hands the buffered records and sparse index to the OS (not synced), so that a full
+    /// disk shows now rather than at a later append.
+    pub fn flush(&mut self) -> Result<(), StorageError> {
+        self.cur.flush_records()?;
+        let flushed = self.cur.index.flush();
+        let flushed = flushed.map_err(|e| write_error(&self.cur.index_path, e));
+        self.cur.note(flushed)
+    }
+
     /// Index of the last record appended (0 if none).
     pub fn last_index(&self) -> Index {
         self.cur.last_index

@@ -680,31 +680,46 @@ impl Wal {
         Ok(())
     }
 
-    /// Appends one complete frame and syncs it; on failure marks the storage failed.
+    /// Appends one complete frame and syncs it. A write the disk had no space for is cut
+    /// back off (nothing of it was synced, so the WAL is as before and the frame may be
+    /// written again); any other failure marks the storage failed: after a failed fsync the
+    /// state of the file's pages is unknown, and retrying it could report success for data
+    /// the kernel dropped.
     fn write_frame(&mut self, frame: &[u8]) -> Result<(), StorageError> {
         let offset = self.wal_len;
         let len = frame.len();
-        let result = self
-            .wal
-            .write_all(frame)
-            .map_err(StorageError::io_at(
-                &self.wal_path,
-                At::Write { offset, len },
-            ))
-            .and_then(|()| {
-                self.wal
-                    .sync_data()
-                    .map_err(StorageError::io_at(&self.wal_path, At::Sync(offset)))
-            });
+        let written = self.wal.write_all(frame).map_err(StorageError::io_at(
+            &self.wal_path,
+            At::Write { offset, len },
+        ));
+        let result = written.and_then(|()| {
+            self.wal
+                .sync_data()
+                .map_err(StorageError::io_at(&self.wal_path, At::Sync(offset)))
+        });
         match result {
             Ok(()) => {
                 self.wal_len += len as u64;
                 Ok(())
             }
             Err(e) => {
-                self.failed = Some(e.to_string());
-                // Best effort: do not leave a partial frame in front of later frames.
-                let _ = self.wal.set_len(offset);
+                // Do not leave a partial frame in front of later frames.
+                let cut = self
+                    .wal
+                    .set_len(offset)
+                    .and_then(|()| self.wal.seek(SeekFrom::Start(offset)));
+                let retryable = e.is_disk_full()
+                    && matches!(
+                        e,
+                        StorageError::IoAt {
+                            at: At::Write { .. },
+                            ..
+                        }
+                    )
+                    && cut.is_ok();
+                if !retryable {
+                    self.failed = Some(e.to_string());
+                }
                 Err(e)
             }
         }
