@@ -4,8 +4,9 @@
 # per site: CAUGHT (the test failed, as it must) or MISSED (it passed). Exits 1 if any site
 # was missed.
 #
-#   scripts/fsync-mutations.sh [SITE-FILTER]
+#   scripts/fsync-mutations.sh [SITE-FILTER...]
 #
+# With filters, only the sites whose `file:line` contains one of them (e.g. `wal.rs:494`).
 # The sites are every `.sync_data()`, `.sync_all()`, `sync_dir(` call in src/storage/{fs,wal,
 # store}.rs except the seam's own implementations (`impl Fs`/`impl FsFile` forwarding to
 # std::fs or the simulated filesystem, and the `sync_dir` helper's body). A mutated file
@@ -14,7 +15,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
-filter=${1:-}
+filters=("$@")
 
 if ! git diff --quiet -- src/storage; then
     echo "src/storage has uncommitted changes; commit or stash them first" >&2
@@ -56,7 +57,11 @@ EOF
 
 missed=0
 for site in $sites; do
-    [[ -z $filter || $site == *$filter* ]] || continue
+    if ((${#filters[@]})); then
+        wanted=0
+        for f in "${filters[@]}"; do [[ $site == *"$f"* ]] && wanted=1; done
+        ((wanted)) || continue
+    fi
     file=${site%%:*}
     line=${site##*:}
     text=$(sed -n "${line}p" "$file" | sed 's/^ *//')

@@ -74,6 +74,7 @@ impl Model {
 struct Activity {
     appends: u64,
     truncations: u64,
+    rotations: u64,
     commits: u64,
     snapshots: u64,
     installs: u64,
@@ -386,6 +387,24 @@ impl Run {
         self.check_images(&[&model], "a compaction");
     }
 
+    /// A WAL rotation the node thread does itself, as when the snapshot thread has not
+    /// prepared the next segment in time: written under a temporary name, synced, renamed.
+    fn rotate(&mut self) {
+        let hs = self.model.hs;
+        let last = (self.model.last(), self.model.term_at(self.model.last()));
+        let rotated = self
+            .disk()
+            .wal
+            .rotate(&hs, last)
+            .and_then(|()| self.disk().settle());
+        if let Err(e) = rotated {
+            self.fail(&format!("rotating the WAL: {e}"));
+        }
+        self.act.rotations += 1;
+        let model = self.model.clone();
+        self.check_images(&[&model], "a rotation");
+    }
+
     /// Receives a snapshot from a leader whose log agrees with ours up to our commit index.
     fn install(&mut self) {
         // The leader's message raised the term first, and the core persisted it.
@@ -517,7 +536,8 @@ impl Run {
 
     fn step(&mut self) {
         match self.rng.below(100) {
-            0..=39 => self.append(),
+            0..=37 => self.append(),
+            38..=39 => self.rotate(),
             40..=44 => self.truncate(),
             45..=84 => self.commit(),
             85..=89 => self.install(),
@@ -566,6 +586,7 @@ fn every_crash_image_holds_what_was_made_durable() {
         let a = run(seed, ops);
         total.appends += a.appends;
         total.truncations += a.truncations;
+        total.rotations += a.rotations;
         total.commits += a.commits;
         total.snapshots += a.snapshots;
         total.installs += a.installs;
@@ -587,6 +608,7 @@ fn every_crash_image_holds_what_was_made_durable() {
         let n = seeds.len() as u64;
         assert!(total.appends >= 40 * n, "{total:?}");
         assert!(total.truncations >= 3 * n, "{total:?}");
+        assert!(total.rotations >= n, "{total:?}");
         assert!(total.snapshots >= n, "{total:?}");
         assert!(total.installs >= 3 * n, "{total:?}");
         assert!(total.restarts + total.power_cuts >= 10 * n, "{total:?}");

@@ -492,10 +492,12 @@ pub(super) fn carry_out(
 pub const FULL_RETRY: Duration = Duration::from_millis(200);
 
 /// Waits [`FULL_RETRY`] while a batch cannot be written for lack of space: this peer
-/// acknowledges nothing, as if it were down (peer messages and ticks are dropped; the leader
-/// sends again), but answers `status` with `disk_full`, refuses other client requests, and, if
-/// it leads, hands leadership once to its most up-to-date voter (TimeoutNow: that voter
-/// campaigns at once, as in a transfer). An error only on shutdown: the batch was not written.
+/// acknowledges nothing, as if it were down (peer messages, ticks and client requests other
+/// than `status` are dropped, so that clients time out and try another peer: a refusal would
+/// be definite, and a retried append may be in the batch being held), but answers `status`
+/// with `disk_full`, and, if it leads, hands leadership once to its most up-to-date voter
+/// (TimeoutNow: that voter campaigns at once, as in a transfer). An error only on shutdown:
+/// the batch was not written.
 fn wait_for_space(
     core: &mut impl Core,
     out: &mut impl Outbox,
@@ -526,16 +528,13 @@ fn wait_for_space(
             }
             continue;
         };
-        let result = match (&req.op, &status) {
-            (ClientOp::Status, Some(info)) => ClientResult::Status(info.clone()),
-            _ => ClientResult::Refused {
-                reason: "this peer's disk is full: it accepts nothing until there is space; try another peer".into(),
-            },
+        let (ClientOp::Status, Some(info)) = (&req.op, &status) else {
+            continue;
         };
         let mut reply = ClientReply {
             id: req.id,
             from: core.id(),
-            result,
+            result: ClientResult::Status(info.clone()),
         };
         inst.answering(reply_to, &mut reply);
         out.send_reply(reply_to, reply);

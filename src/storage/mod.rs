@@ -39,6 +39,10 @@ const SEGMENT_BYTES: u64 = 1 << 20;
 /// the error line for a full disk is repeated.
 const FULL_RETRY: Duration = Duration::from_secs(1);
 const FULL_REPORT: Duration = Duration::from_secs(10);
+/// At most this many records are kept for [`Disk::retry_store`] (with snapshots rare or off,
+/// the oldest are dropped; a store a full disk interrupted then cannot be written again in
+/// place, and the peer exits, to restart from what is on disk).
+const MAX_HELD: usize = 1 << 18;
 
 /// The store counts a page in bytes of record JSON; the reply adds a comma per record (at
 /// least 47 bytes each) and its envelope.
@@ -268,6 +272,9 @@ impl Disk {
         let from = records.partition_point(|r| r.index <= have);
         let records = &records[from..];
         self.since_snapshot.extend_from_slice(records);
+        if self.since_snapshot.len() > MAX_HELD && self.store_full.is_none() {
+            self.since_snapshot.drain(..MAX_HELD / 2);
+        }
         if self.store_full.is_some() {
             return self.retry_store();
         }
@@ -314,7 +321,16 @@ impl Disk {
             self.store = store;
             let have = self.store.last_index();
             let from = self.since_snapshot.partition_point(|r| r.index <= have);
-            self.store.append(&self.since_snapshot[from..])?;
+            let held = &self.since_snapshot[from..];
+            if held.first().is_some_and(|r| r.index != have + 1) {
+                let problem = format!(
+                    "the store was cut back to record {have} and the records after it are no \
+                     longer held in memory (a full disk interrupted it); restart to re-apply \
+                     them from the WAL"
+                );
+                return Err(StorageError::corrupt(self.wal.dir(), problem));
+            }
+            self.store.append(held)?;
             self.store.flush()
         });
         self.store_failed(reopened, "store_write")?;
