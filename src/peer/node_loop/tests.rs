@@ -389,3 +389,31 @@ fn a_full_disk_holds_the_batch_answers_nothing_of_it_and_writes_it_again() {
     // The shutdown came with the batch: the loop ends once it is written.
     assert_eq!(result, Ok(()));
 }
+
+#[test]
+fn a_leader_with_a_full_disk_hands_over_to_its_most_up_to_date_voter() {
+    let status: StatusInfo = serde_json::from_value(serde_json::json!({
+        "id": 1, "role": "leader", "term": 7, "leader": 1,
+        "last_index": 100, "commit_index": 90, "applied_index": 90,
+        "members": [
+            {"id": 1, "address": "a:1", "role": "voter"},
+            {"id": 2, "address": "a:2", "role": "voter"},
+            {"id": 3, "address": "a:3", "role": "voter"},
+            {"id": 4, "address": "a:4", "role": "learner"}
+        ],
+        "followers": [
+            {"id": 2, "match_index": 80, "lag": 20, "last_contact_ticks": 0},
+            {"id": 3, "match_index": 95, "lag": 5, "last_contact_ticks": 0},
+            {"id": 4, "match_index": 100, "lag": 0, "last_contact_ticks": 0}
+        ]
+    }))
+    .unwrap();
+    let msg = hand_over(&status).expect("a leader hands over");
+    assert_eq!((msg.from, msg.to, msg.term), (1, 3, 7));
+    assert!(matches!(msg.body, Body::TimeoutNow));
+    let follower = StatusInfo {
+        role: raft::Role::Follower,
+        ..status
+    };
+    assert!(hand_over(&follower).is_none());
+}
