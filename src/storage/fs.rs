@@ -8,6 +8,7 @@
 //! branch per call.
 
 use super::error::StorageError;
+pub use super::simfs::Open;
 use super::simfs::{SimFile, SimFs};
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -21,31 +22,6 @@ pub enum Fs {
     Real,
     /// An in-memory one that models durability and injects faults (tests, the simulator).
     Sim(SimFs),
-}
-
-/// How [`Fs::open`] opens a file (the `std::fs::OpenOptions` subset the storage uses).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Open {
-    pub read: bool,
-    pub write: bool,
-    pub create: bool,
-    pub truncate: bool,
-}
-
-impl Open {
-    pub const READ: Open = Open {
-        read: true,
-        write: false,
-        create: false,
-        truncate: false,
-    };
-    /// Read and write, creating the file if absent, never truncating it.
-    pub const RW_CREATE: Open = Open {
-        read: true,
-        write: true,
-        create: true,
-        truncate: false,
-    };
 }
 
 /// An open file of an [`Fs`].

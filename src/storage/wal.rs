@@ -87,6 +87,7 @@
 
 use super::error::{At, NotTorn, RecordProblem, Refusal, StorageError, WalProblem};
 use super::fs::{exists, sync_dir, write_atomically, Fs, FsFile, Open};
+use super::simfs::all_zeros;
 use crate::raft::{Entry, HardState, Index, NodeId, Payload, Term};
 use std::fs::TryLockError;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -1319,13 +1320,6 @@ fn zeros_from(file: &mut FsFile, from: u64) -> io::Result<bool> {
         let n = buf.len();
         reader.consume(n);
     }
-}
-
-/// Whether `buf` holds only zeros; ORs 64-byte blocks, which the compiler vectorizes (a
-/// byte-at-a-time early exit does not, and replay scans megabytes of zeros at each open).
-pub(crate) fn all_zeros(buf: &[u8]) -> bool {
-    buf.chunks(64)
-        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 /// The offset of the first frame header of ours at or after byte offset `from`, if any.
