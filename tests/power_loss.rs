@@ -13,8 +13,9 @@ use raft::raft::{
     record_of, ChunkWrite, Entry, HardState, Index, Membership, Payload, SnapshotState,
 };
 use raft::storage::fs::Fs;
-use raft::storage::simfs::{Counts, SimFs};
+use raft::storage::simfs::{Counts, Faults, SimFs};
 use raft::storage::store::{encode_chunk, Store};
+use raft::storage::wal::SEGMENT_PREALLOC;
 use raft::storage::{Disk, Restored, Staged};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -75,6 +76,7 @@ struct Activity {
     appends: u64,
     truncations: u64,
     rotations: u64,
+    disk_full: u64,
     commits: u64,
     snapshots: u64,
     installs: u64,
@@ -387,6 +389,51 @@ impl Run {
         self.check_images(&[&model], "a compaction");
     }
 
+    /// A batch that outgrows the WAL segment's preallocation on a disk with no room left:
+    /// refused (nothing of it may appear, and the WAL must stay writable), then written once
+    /// there is space again.
+    fn disk_full(&mut self) {
+        let room = SEGMENT_PREALLOC.saturating_sub(self.disk().wal.segment_len());
+        let n = room / 100_000 + 1;
+        let last = self.model.last();
+        let mut hs = self.model.hs;
+        hs.term = hs.term.max(1);
+        let entries: Vec<Entry> = (1..=n)
+            .map(|k| Entry {
+                index: last + k,
+                term: hs.term,
+                payload: Payload::Data {
+                    client: 3,
+                    seq: last + k,
+                    data: "f".repeat(100_500),
+                },
+            })
+            .collect();
+        let before = self.model.clone();
+        let mut after = before.clone();
+        after.hs = hs;
+        after.log.extend(entries.iter().cloned());
+        self.fs.set_faults(Faults {
+            capacity: Some(0),
+            ..Faults::default()
+        });
+        let refused = self.disk().persist_wal(Some(&hs), &entries);
+        self.fs.set_faults(Faults::default());
+        match refused {
+            Err(e) if e.is_disk_full() => {
+                self.act.disk_full += 1;
+                self.check_images(&[&before], "a batch the disk had no room for");
+                if let Err(e) = self.disk().persist_wal(Some(&hs), &entries) {
+                    self.fail(&format!("the batch once there is space: {e}"));
+                }
+            }
+            Err(e) => self.fail(&format!("a full disk: {e}")),
+            Ok(()) => {}
+        }
+        self.check_images(&[&before, &after], "a batch after a full disk");
+        self.model = after;
+    }
+
     /// A WAL rotation the node thread does itself, as when the snapshot thread has not
     /// prepared the next segment in time: written under a temporary name, synced, renamed.
     fn rotate(&mut self) {
@@ -549,8 +596,14 @@ impl Run {
 
 fn run(seed: u64, ops: u64) -> Activity {
     let mut run = Run::new(seed);
-    for _ in 0..ops {
-        run.step();
+    // One full disk per run: its batch must outgrow the segment, so it is large.
+    let full_at = run.rng.below(ops);
+    for k in 0..ops {
+        if k == full_at {
+            run.disk_full();
+        } else {
+            run.step();
+        }
     }
     // Whatever the run did last must survive one more cut.
     run.reopen(true);
@@ -587,6 +640,7 @@ fn every_crash_image_holds_what_was_made_durable() {
         total.appends += a.appends;
         total.truncations += a.truncations;
         total.rotations += a.rotations;
+        total.disk_full += a.disk_full;
         total.commits += a.commits;
         total.snapshots += a.snapshots;
         total.installs += a.installs;
@@ -608,7 +662,7 @@ fn every_crash_image_holds_what_was_made_durable() {
         let n = seeds.len() as u64;
         assert!(total.appends >= 40 * n, "{total:?}");
         assert!(total.truncations >= 3 * n, "{total:?}");
-        assert!(total.rotations >= n, "{total:?}");
+        assert!(total.rotations >= n && total.disk_full >= n, "{total:?}");
         assert!(total.snapshots >= n, "{total:?}");
         assert!(total.installs >= 3 * n, "{total:?}");
         assert!(total.restarts + total.power_cuts >= 10 * n, "{total:?}");
