@@ -1798,6 +1798,7 @@ mod tests {
             elections_started: 1,
             leader_changes: 1,
             auth_failures: 0,
+            disk_full: false,
             followers: Vec::new(),
         }
     }

@@ -10,7 +10,7 @@
 
 use crate::config::PeerConfig;
 use crate::raft::Membership;
-use crate::storage::fs::write_atomically;
+use crate::storage::fs::{write_atomically, Fs};
 use serde::{Deserialize, Serialize};
 use std::io;
 use std::path::Path;
@@ -130,7 +130,12 @@ impl ClusterFile {
         let mut text = serde_json::to_string_pretty(&raw)
             .map_err(|e| format!("cannot encode {CLUSTER_FILE}: {e}"))?;
         text.push('\n');
-        Ok(write_atomically(dir, CLUSTER_FILE, text.as_bytes())?)
+        Ok(write_atomically(
+            &Fs::Real,
+            dir,
+            CLUSTER_FILE,
+            text.as_bytes(),
+        )?)
     }
 }
 

@@ -50,8 +50,14 @@ pub struct Metrics {
     pub datagrams_received: Counter,
     pub datagrams_sent: Counter,
     datagrams_dropped: Family<ReasonLabel, Counter>,
+    storage_errors: Family<OpLabel, Counter>,
     /// What `/healthz` and `/readyz` report.
     pub probes: Probes,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: String,
 }
 
 impl Default for Metrics {
@@ -86,6 +92,7 @@ impl Metrics {
             datagrams_received: Counter::default(),
             datagrams_sent: Counter::default(),
             datagrams_dropped: Family::default(),
+            storage_errors: Family::default(),
             probes: Probes::new(),
         };
         let r = &mut m.registry;
@@ -176,6 +183,11 @@ impl Metrics {
             "UDP datagrams dropped, by reason",
             m.datagrams_dropped.clone(),
         );
+        r.register(
+            "raft_storage_errors",
+            "Storage operations that failed, by what failed (a full disk included)",
+            m.storage_errors.clone(),
+        );
         m
     }
 
@@ -230,6 +242,12 @@ impl Metrics {
         for reason in reasons {
             self.dropped(reason, 0);
         }
+    }
+
+    /// A storage operation failed (`op`: `wal_write`, `store_write`, `snapshot`, `wal_rotate`).
+    pub fn storage_error(&self, op: &str) {
+        let op = op.to_string();
+        self.storage_errors.get_or_create(&OpLabel { op }).inc();
     }
 
     /// Counts `n` datagrams dropped for `reason` (a short, fixed word).
@@ -356,6 +374,7 @@ mod tests {
             elections_started: 2,
             leader_changes: 3,
             auth_failures: 0,
+            disk_full: false,
             followers: followers
                 .iter()
                 .map(|&(id, m, lag)| FollowerInfo {

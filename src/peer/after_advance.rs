@@ -9,7 +9,15 @@ use std::time::Instant;
 
 impl Durable for Disk {
     fn persist(&mut self, hard_state: Option<&HardState>, entries: &[Entry]) -> Result<(), String> {
-        Ok(self.wal.persist(hard_state, entries)?)
+        Ok(self.persist_wal(hard_state, entries)?)
+    }
+
+    fn full(&self) -> Option<String> {
+        Disk::full(self).map(String::from)
+    }
+
+    fn take_errors(&mut self) -> Vec<&'static str> {
+        Disk::take_errors(self)
     }
 
     fn after_advance(

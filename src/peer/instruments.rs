@@ -18,6 +18,8 @@ pub(super) struct Instruments {
     tick: Duration,
     /// When each client append not yet answered was stepped, by (client address, request ID).
     arrivals: HashMap<(ReplyTo, u64), Instant>,
+    /// Whether a full disk stopped this peer's storage (shown by `status` as `disk_full`).
+    pub(super) disk_full: bool,
 }
 
 impl Instruments {
@@ -26,6 +28,7 @@ impl Instruments {
             metrics,
             tick,
             arrivals: HashMap::new(),
+            disk_full: false,
         }
     }
 
@@ -48,6 +51,7 @@ impl Instruments {
             }
         }
         if let ClientResult::Status(info) = &mut reply.result {
+            info.disk_full = self.disk_full;
             let tick_ms = self.tick.as_millis() as u64;
             for f in &mut info.followers {
                 f.last_contact_ms = Some(f.last_contact_ticks * tick_ms);

@@ -9,6 +9,7 @@ use crate::raft::{
     ReplyTo, StatusInfo,
 };
 use crate::raft::{ChunkRead, ChunkWrite, LogRecord, SnapshotId, SnapshotState, StoreRead, Term};
+use crate::raft::{ClientOp, ClientResult};
 use crate::transport::{self, Directory, RateLimiter, Transport};
 use crossbeam_channel::{never, select, Receiver};
 use std::time::{Duration, Instant};
@@ -157,6 +158,15 @@ pub(super) struct AfterAdvance {
 /// What the node loop needs from storage.
 pub(super) trait Durable {
     fn persist(&mut self, hard_state: Option<&HardState>, entries: &[Entry]) -> Result<(), String>;
+    /// What a full disk stopped, if anything: after a failed persist, the loop then waits for
+    /// space and writes the same batch again, acknowledging nothing meanwhile.
+    fn full(&self) -> Option<String> {
+        None
+    }
+    /// Storage errors since the last call, by what failed (for the metrics).
+    fn take_errors(&mut self) -> Vec<&'static str> {
+        Vec::new()
+    }
     /// Appends applied records to the store, serves reads from it, sends and stages snapshot
     /// chunks, and takes a snapshot when one is due. Nothing in fakes.
     fn after_advance(
@@ -198,6 +208,21 @@ pub(super) struct Inboxes {
 impl Inboxes {
     pub(super) fn new(peers: Receiver<Inbox>, clients: Receiver<Inbox>) -> Inboxes {
         Inboxes { peers, clients }
+    }
+
+    /// The next item before `deadline`, from the peer queue if both have one.
+    fn next_before(&mut self, deadline: Instant) -> Option<Inbox> {
+        if let Ok(item) = self.peers.try_recv() {
+            return Some(item);
+        }
+        if let Ok(item) = self.clients.try_recv() {
+            return Some(item);
+        }
+        select! {
+            recv(self.peers) -> item => item.ok(),
+            recv(self.clients) -> item => item.ok(),
+            default(deadline.saturating_duration_since(Instant::now())) => None,
+        }
     }
 
     /// Blocks for the next item, from the peer queue if both have one. `None` once the peer
@@ -268,11 +293,16 @@ pub(super) fn node_loop(
         loop {
             let rd = core.ready();
             let empty = rd.is_empty();
-            persisting += carry_out(rd, &mut core, &mut storage, &mut out, inst)?;
+            let carried = carry_out(rd, &mut core, &mut storage, &mut out, inst, &mut inbox);
+            for op in storage.take_errors() {
+                inst.metrics.storage_error(op);
+            }
+            persisting += carried?;
             if empty {
                 break;
             }
         }
+        inst.disk_full = storage.full().is_some();
         let status = core.status();
         if let Some(status) = &status {
             inst.metrics.observe_status(status);
@@ -405,6 +435,7 @@ pub(super) fn carry_out(
     storage: &mut impl Durable,
     out: &mut impl Outbox,
     inst: &mut Instruments,
+    inbox: &mut Inboxes,
 ) -> Result<Duration, String> {
     let Ready {
         hard_state,
@@ -423,10 +454,18 @@ pub(super) fn carry_out(
         }
     }
     let persisting = Instant::now();
-    if hard_state.is_some() || !entries.is_empty() {
-        storage
-            .persist(hard_state.as_ref(), &entries)
-            .map_err(|e| format!("storage failed: {e}"))?;
+    let mut handed_over = false;
+    while hard_state.is_some() || !entries.is_empty() {
+        match storage.persist(hard_state.as_ref(), &entries) {
+            Ok(()) => break,
+            Err(e) if storage.full().is_none() => return Err(format!("storage failed: {e}")),
+            Err(_) => {
+                for op in storage.take_errors() {
+                    inst.metrics.storage_error(op);
+                }
+                wait_for_space(core, out, inst, inbox, &mut handed_over)?;
+            }
+        }
     }
     let persisting = persisting.elapsed();
     if hard_state.is_some() || !entries.is_empty() {
@@ -452,5 +491,85 @@ pub(super) fn carry_out(
         .map_err(|e| format!("storage failed: {e}"))?;
     Ok(persisting)
 }
+/// How long the node thread waits between attempts to write a batch the disk had no space for.
+pub const FULL_RETRY: Duration = Duration::from_millis(200);
+
+/// Waits [`FULL_RETRY`] while a batch cannot be written for lack of space: this peer
+/// acknowledges nothing, as if it were down (peer messages, ticks and client requests other
+/// than `status` are dropped, so that clients time out and try another peer: a refusal would
+/// be definite, and a retried append may be in the batch being held), but answers `status`
+/// with `disk_full`, and, if it leads, hands leadership once to its most up-to-date voter
+/// (TimeoutNow: that voter campaigns at once, as in a transfer). An error only on shutdown:
+/// the batch was not written.
+fn wait_for_space(
+    core: &mut impl Core,
+    out: &mut impl Outbox,
+    inst: &mut Instruments,
+    inbox: &mut Inboxes,
+    handed_over: &mut bool,
+) -> Result<(), String> {
+    inst.disk_full = true;
+    let status = core.status();
+    if !*handed_over {
+        *handed_over = true;
+        if let Some(msg) = status.as_ref().and_then(hand_over) {
+            log::warn!(
+                "disk full while leading term {}: asking node {} to take over",
+                msg.term,
+                msg.to
+            );
+            out.send_peer(msg);
+        }
+    }
+    let deadline = Instant::now() + FULL_RETRY;
+    while let Some(item) = inbox.next_before(deadline) {
+        let Inbox::Client(reply_to, req) = item else {
+            if let Inbox::Shutdown = item {
+                return Err(
+                    "shutting down while the disk is full: the last batch was not written".into(),
+                );
+            }
+            continue;
+        };
+        let (ClientOp::Status, Some(info)) = (&req.op, &status) else {
+            continue;
+        };
+        let mut reply = ClientReply {
+            id: req.id,
+            from: core.id(),
+            result: ClientResult::Status(info.clone()),
+        };
+        inst.answering(reply_to, &mut reply);
+        out.send_reply(reply_to, reply);
+    }
+    Ok(())
+}
+
+/// The TimeoutNow a leader whose disk is full sends to its most up-to-date voter.
+fn hand_over(status: &StatusInfo) -> Option<Message> {
+    if status.role != raft::Role::Leader {
+        return None;
+    }
+    let voter = |id: NodeId| {
+        status
+            .members
+            .iter()
+            .any(|m| m.id == id && m.role == raft::MemberRole::Voter)
+    };
+    let target = status
+        .followers
+        .iter()
+        .filter(|f| f.id != status.id && voter(f.id))
+        .max_by_key(|f| f.match_index)?;
+    Some(Message {
+        cluster: 0,
+        from: status.id,
+        to: target.id,
+        term: status.term,
+        body: raft::Body::TimeoutNow,
+        reply_at: None,
+    })
+}
+
 #[cfg(test)]
 mod tests;

@@ -314,6 +314,10 @@ pub struct StatusInfo {
     /// Datagrams this peer dropped for a missing or wrong authentication tag (filled in by the shell).
     #[serde(default)]
     pub auth_failures: u64,
+    /// Whether a full disk stopped this peer's storage (filled in by the shell): it
+    /// acknowledges nothing until there is space again.
+    #[serde(default)]
+    pub disk_full: bool,
     /// The configuration in force here, and the index of its entry (0: the bootstrap one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<Member>,

@@ -350,6 +350,7 @@ impl Node {
             elections_started: self.elections_started,
             leader_changes: self.leader_changes,
             auth_failures: 0,
+            disk_full: false,
             members: self.membership().members.clone(),
             config_index: self.config_index(),
             snapshot_index: self.snapshot.map_or(0, |s| s.index),

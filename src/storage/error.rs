@@ -9,6 +9,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::str::Utf8Error;
 
+/// Linux's errno for a full filesystem.
+const ENOSPC: i32 = 28;
+
 /// Why a storage operation failed. `Display` gives the whole sentence, naming the file (and
 /// the byte offset, entry or record where there is one); where a variant holds its cause (an
 /// I/O, JSON or UTF-8 error), that sentence already includes the cause's text, and
@@ -242,6 +245,17 @@ impl StorageError {
             action,
             path: path.to_path_buf(),
             source,
+        }
+    }
+
+    /// Whether the filesystem was out of space (ENOSPC): a write that failed before anything
+    /// was made durable, which a retry may get through once space is freed.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StorageError::Io { source, .. } | StorageError::IoAt { source, .. } => {
+                source.raw_os_error() == Some(ENOSPC) || source.kind() == io::ErrorKind::StorageFull
+            }
+            _ => false,
         }
     }
 

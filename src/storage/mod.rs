@@ -8,11 +8,13 @@
 
 mod error;
 pub mod fs;
+pub mod simfs;
 pub mod store;
 pub mod wal;
 
 pub use error::{At, Lost, NotTorn, RecordProblem, Refusal, StorageError, WalProblem};
 
+use fs::Fs;
 use store::{Received, SnapshotJob, Store};
 use wal::Wal;
 
@@ -32,6 +34,15 @@ use std::time::{Duration, Instant};
 /// snapshot interval of 10,000 64-byte entries adds about 1 MB, so a segment usually stays
 /// within the [`wal::SEGMENT_PREALLOC`] bytes written ahead for it.
 const SEGMENT_BYTES: u64 = 1 << 20;
+
+/// How often a store that a full disk interrupted is reopened and written again, and how often
+/// the error line for a full disk is repeated.
+const FULL_RETRY: Duration = Duration::from_secs(1);
+const FULL_REPORT: Duration = Duration::from_secs(10);
+/// At most this many records are kept for [`Disk::retry_store`] (with snapshots rare or off,
+/// the oldest are dropped; a store a full disk interrupted then cannot be written again in
+/// place, and the peer exits, to restart from what is on disk).
+const MAX_HELD: usize = 1 << 18;
 
 /// The store counts a page in bytes of record JSON; the reply adds a comma per record (at
 /// least 47 bytes each) and its envelope.
@@ -60,13 +71,15 @@ pub enum Staged {
 /// what must happen in order with its writes.
 enum Job {
     /// Make a snapshot durable (fsyncs of the store and its meta file); answered on `done`.
-    Snapshot(SnapshotJob),
+    Snapshot(Box<SnapshotJob>),
     /// Delete compacted WAL segments and sync the directory.
-    DeleteSegments(PathBuf, Vec<PathBuf>),
+    DeleteSegments(Fs, PathBuf, Vec<PathBuf>),
     /// Prepare WAL segment `number` in this directory, then publish its number.
-    PrepareSegment(PathBuf, u64, Arc<AtomicU64>),
+    PrepareSegment(Fs, PathBuf, u64, Arc<AtomicU64>),
     /// Free log entries a snapshot compacted away.
     Free(Vec<Entry>),
+    /// Answer once every job sent before it is done.
+    Barrier(Sender<()>),
 }
 
 pub struct Disk {
@@ -88,6 +101,20 @@ pub struct Disk {
     /// The number of the WAL segment the snapshot thread last prepared (0: none yet); a
     /// rotation takes it if it is the next number.
     prepared: Arc<AtomicU64>,
+    /// The records applied after the store's latest durable snapshot, so that a store a full
+    /// disk interrupted can be reopened (which cuts it back to that snapshot) and written
+    /// again. About a snapshot interval of records.
+    since_snapshot: Vec<LogRecord>,
+    /// While the store cannot be written for lack of space: what failed, and when to retry.
+    /// Applied records wait in `since_snapshot` meanwhile.
+    store_full: Option<(String, Instant)>,
+    /// While the WAL cannot be written for lack of space: what failed.
+    wal_full: Option<String>,
+    /// When the full disk was last reported (the error line is rate-limited).
+    reported: Option<Instant>,
+    /// Storage errors since the shell last took them, by what failed (`wal_write`,
+    /// `store_write`, `snapshot`, `wal_rotate`), for `raft_storage_errors_total`.
+    errors: Vec<&'static str>,
 }
 
 impl Disk {
@@ -99,8 +126,19 @@ impl Disk {
         snapshot_entries: u64,
         snapshot_trailing: u64,
     ) -> Result<(Disk, Restored), StorageError> {
-        let (mut wal, mut hard_state, mut entries) = Wal::open(dir, node_id)?;
-        let (store, snapshot) = Store::open(dir)?;
+        Disk::open_in(&Fs::Real, dir, node_id, snapshot_entries, snapshot_trailing)
+    }
+
+    /// [`Disk::open`] on filesystem `fs`.
+    pub fn open_in(
+        fs: &Fs,
+        dir: &Path,
+        node_id: NodeId,
+        snapshot_entries: u64,
+        snapshot_trailing: u64,
+    ) -> Result<(Disk, Restored), StorageError> {
+        let (mut wal, mut hard_state, mut entries) = Wal::open_in(fs, dir, node_id)?;
+        let (store, snapshot) = Store::open_in(fs, dir)?;
         let mut base = wal.base();
         let snapshot = snapshot.map(|(meta, id)| (meta.state, id));
         match &snapshot {
@@ -155,6 +193,11 @@ impl Disk {
             jobs,
             done,
             prepared: Arc::new(AtomicU64::new(0)),
+            since_snapshot: Vec::new(),
+            store_full: None,
+            wal_full: None,
+            reported: None,
+            errors: Vec::new(),
         };
         disk.prepare_segment()?;
         let restored = Restored {
@@ -166,16 +209,145 @@ impl Disk {
         Ok((disk, restored))
     }
 
+    /// Persists the hard state and entries in the WAL ([`Wal::persist`]); notes a full disk
+    /// (the batch may be written again once there is space) and counts errors.
+    pub fn persist_wal(
+        &mut self,
+        hard_state: Option<&HardState>,
+        entries: &[Entry],
+    ) -> Result<(), StorageError> {
+        match self.wal.persist(hard_state, entries) {
+            Ok(()) => {
+                if let Some(what) = self.wal_full.take() {
+                    log::info!("space again: the WAL is written ({what} earlier)");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.errors.push("wal_write");
+                if e.is_disk_full() {
+                    self.report_full(&e);
+                    self.wal_full = Some(e.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// What a full disk stopped, if anything: the WAL (this peer acknowledges nothing until
+    /// it is written) or the store.
+    pub fn full(&self) -> Option<&str> {
+        match (&self.wal_full, &self.store_full) {
+            (Some(what), _) | (None, Some((what, _))) => Some(what),
+            (None, None) => None,
+        }
+    }
+
+    /// The storage errors since the last call, by what failed.
+    pub fn take_errors(&mut self) -> Vec<&'static str> {
+        std::mem::take(&mut self.errors)
+    }
+
+    /// The error line for a full disk, at most every [`FULL_REPORT`].
+    fn report_full(&mut self, e: &StorageError) {
+        let now = Instant::now();
+        if self
+            .reported
+            .is_none_or(|at| now.duration_since(at) >= FULL_REPORT)
+        {
+            self.reported = Some(now);
+            log::error!("disk full: {e}; retrying until there is space");
+        }
+    }
+
     /// Appends applied records to the store; records it already has (the core re-applies
-    /// from its snapshot after a restart) are skipped.
+    /// from its snapshot after a restart) are skipped. A store the disk had no space for is
+    /// left behind (see [`Disk::retry_store`]); the records wait in memory meanwhile.
     pub fn apply(&mut self, records: &[LogRecord]) -> Result<(), StorageError> {
-        let have = self.store.last_index();
+        let have = self
+            .since_snapshot
+            .last()
+            .map_or(0, |r| r.index)
+            .max(self.store.last_index());
         let from = records.partition_point(|r| r.index <= have);
-        self.store.append(&records[from..])
+        let records = &records[from..];
+        self.since_snapshot.extend_from_slice(records);
+        if self.since_snapshot.len() > MAX_HELD && self.store_full.is_none() {
+            self.since_snapshot.drain(..MAX_HELD / 2);
+        }
+        if self.store_full.is_some() {
+            return self.retry_store();
+        }
+        let appended = self.store.append(records);
+        self.store_failed(appended, "store_write")
+    }
+
+    /// Passes `result` on, unless it is a full disk: then the store is left behind until
+    /// [`Disk::retry_store`] gets it written.
+    fn store_failed(
+        &mut self,
+        result: Result<(), StorageError>,
+        op: &'static str,
+    ) -> Result<(), StorageError> {
+        let Err(e) = result else {
+            return Ok(());
+        };
+        self.errors.push(op);
+        if !e.is_disk_full() {
+            return Err(e);
+        }
+        self.report_full(&e);
+        if self.store_full.is_none() {
+            self.store_full = Some((e.to_string(), Instant::now() + FULL_RETRY));
+        }
+        Ok(())
+    }
+
+    /// Once a retry is due: reopens the store (cut back to its latest durable snapshot) and
+    /// writes the records applied since, flushed so that a disk still full shows now.
+    fn retry_store(&mut self) -> Result<(), StorageError> {
+        let Some((what, due)) = self.store_full.clone() else {
+            return Ok(());
+        };
+        if Instant::now() < due {
+            return Ok(());
+        }
+        self.store_full = None;
+        if self.writing {
+            let written = self.wait_for_snapshot();
+            self.snapshot_done(written)?;
+        }
+        let reopened = Store::open_in(self.wal.fs(), self.wal.dir()).and_then(|(store, _)| {
+            self.store = store;
+            let have = self.store.last_index();
+            let from = self.since_snapshot.partition_point(|r| r.index <= have);
+            let held = &self.since_snapshot[from..];
+            if held.first().is_some_and(|r| r.index != have + 1) {
+                let problem = format!(
+                    "the store was cut back to record {have} and the records after it are no \
+                     longer held in memory (a full disk interrupted it); restart to re-apply \
+                     them from the WAL"
+                );
+                return Err(StorageError::corrupt(self.wal.dir(), problem));
+            }
+            self.store.append(held)?;
+            self.store.flush()
+        });
+        self.store_failed(reopened, "store_write")?;
+        match &mut self.store_full {
+            Some((_, due)) => *due = Instant::now() + FULL_RETRY,
+            None => log::info!("space again: the store is written ({what} earlier)"),
+        }
+        Ok(())
     }
 
     /// One page of a read the core left to the store.
     pub fn page(&mut self, read: &StoreRead) -> ClientResult {
+        if let Some((what, _)) = &self.store_full {
+            return ClientResult::Refused {
+                reason: format!("this peer's store is behind for lack of disk space: {what}"),
+            };
+        }
         match self
             .store
             .read_page(read.start, read.read_index, STORE_PAGE_BUDGET)
@@ -216,8 +388,8 @@ impl Disk {
         let id = w.snapshot;
         // An install replaces the store directory a snapshot may still be written into.
         if self.writing {
-            let written = self.wait_for_snapshot()?;
-            self.written = self.store.finish_snapshot(written);
+            let written = self.wait_for_snapshot();
+            self.snapshot_done(written)?;
         }
         let received = store::decode_chunk(&w.data, w.crc)
             .and_then(|bytes| self.store.receive_chunk(&id, w.offset, &bytes));
@@ -235,8 +407,11 @@ impl Disk {
                 return Ok(Staged::Partial { have });
             }
         };
-        // A snapshot of the store just replaced is no longer ours to announce.
+        // A snapshot of the store just replaced is no longer ours to announce; the new store
+        // is written whole, whatever a full disk left behind in the old one.
         self.written = None;
+        self.since_snapshot.clear();
+        self.store_full = None;
         let state = meta.state;
         let hs = HardState {
             commit: hard_state.commit.max(state.index),
@@ -257,6 +432,7 @@ impl Disk {
         base: (Index, Term),
     ) -> Result<(), StorageError> {
         let prepared = self.prepared.load(Ordering::Acquire) == self.wal.next_segment_number();
+
         self.wal.rotate_using(hard_state, base, prepared)?;
         self.prepare_segment()
     }
@@ -265,6 +441,7 @@ impl Disk {
     /// `prepared`.
     fn prepare_segment(&self) -> Result<(), StorageError> {
         self.send(Job::PrepareSegment(
+            self.wal.fs().clone(),
             self.wal.dir().to_path_buf(),
             self.wal.next_segment_number(),
             self.prepared.clone(),
@@ -290,6 +467,7 @@ impl Disk {
     /// none is being written).
     pub fn snapshot_due(&self, applied: Index) -> bool {
         !self.writing
+            && self.store_full.is_none()
             && applied >= self.snapshot_index.saturating_add(self.snapshot_entries)
             && self.store.last_index() == applied
     }
@@ -299,11 +477,14 @@ impl Disk {
     /// [`Disk::snapshot_written`]).
     pub fn start_snapshot(&mut self, state: &SnapshotState) -> Result<(), StorageError> {
         let started = Instant::now();
-        let job = self.store.begin_snapshot(state)?;
+        let job = match self.store.begin_snapshot(state) {
+            Ok(job) => job,
+            Err(e) => return self.store_failed(Err(e), "snapshot"),
+        };
         self.started_in = started.elapsed();
         self.snapshot_index = state.index;
         self.writing = true;
-        self.send(Job::Snapshot(job))
+        self.send(Job::Snapshot(Box::new(job)))
     }
 
     /// The snapshot the snapshot thread made durable, if one is back: it is now the one this
@@ -318,9 +499,35 @@ impl Disk {
         match self.done.try_recv() {
             Ok(result) => {
                 self.writing = false;
-                Ok(self.store.finish_snapshot(result?))
+                self.snapshot_done(result)?;
+                Ok(self.written.take())
             }
             Err(_) => Ok(None),
+        }
+    }
+
+    /// Takes a snapshot job back from the snapshot thread: a written one becomes the store's
+    /// latest (in `written`, to announce); one the disk had no space for is dropped, and the
+    /// next is taken a snapshot interval later.
+    fn snapshot_done(
+        &mut self,
+        result: Result<SnapshotJob, StorageError>,
+    ) -> Result<(), StorageError> {
+        match result {
+            Ok(job) => {
+                self.written = self.store.finish_snapshot(job);
+                if let Some(id) = self.written {
+                    let upto = self.since_snapshot.partition_point(|r| r.index <= id.index);
+                    self.since_snapshot.drain(..upto);
+                }
+                Ok(())
+            }
+            Err(e) if e.is_disk_full() => {
+                self.errors.push("snapshot");
+                self.report_full(&e);
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -329,6 +536,15 @@ impl Disk {
         self.done
             .recv()
             .map_err(|_| StorageError::SnapshotThread { source: None })?
+    }
+
+    /// Waits until the snapshot thread has done every job sent so far (a snapshot's fsyncs,
+    /// segment preparations and deletions), so that tests see one order of file operations.
+    pub fn settle(&self) -> Result<(), StorageError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Job::Barrier(tx))?;
+        rx.recv()
+            .map_err(|_| StorageError::SnapshotThread { source: None })
     }
 
     pub fn snapshot_trailing(&self) -> u64 {
@@ -347,11 +563,19 @@ impl Disk {
         base: Index,
     ) -> Result<(), StorageError> {
         if self.wal.segment_len() >= SEGMENT_BYTES {
-            self.rotate_wal(hard_state, last)?;
+            if let Err(e) = self.rotate_wal(hard_state, last) {
+                // Nothing changed: the WAL goes on in its current segment.
+                self.errors.push("wal_rotate");
+                if !e.is_disk_full() {
+                    return Err(e);
+                }
+                self.report_full(&e);
+            }
         }
         let doomed = self.wal.compact_later(base)?;
         if !doomed.is_empty() {
-            self.send(Job::DeleteSegments(self.wal.dir().to_path_buf(), doomed))?;
+            let (fs, dir) = (self.wal.fs().clone(), self.wal.dir().to_path_buf());
+            self.send(Job::DeleteSegments(fs, dir, doomed))?;
         }
         Ok(())
     }
@@ -366,8 +590,8 @@ fn snapshot_thread(jobs: Receiver<Job>, done: Sender<Result<SnapshotJob, Storage
                     return;
                 }
             }
-            Job::PrepareSegment(dir, number, prepared) => {
-                match wal::prepare_segment(&dir, number) {
+            Job::PrepareSegment(fs, dir, number, prepared) => {
+                match wal::prepare_segment(&fs, &dir, number) {
                     Ok(true) => prepared.store(number, Ordering::Release),
                     // The node thread created that segment itself meanwhile.
                     Ok(false) => {}
@@ -376,8 +600,11 @@ fn snapshot_thread(jobs: Receiver<Job>, done: Sender<Result<SnapshotJob, Storage
                 }
             }
             Job::Free(entries) => drop(entries),
-            Job::DeleteSegments(dir, doomed) => {
-                if let Err(e) = wal::delete_segments(&dir, &doomed) {
+            Job::Barrier(done) => {
+                let _ = done.send(());
+            }
+            Job::DeleteSegments(fs, dir, doomed) => {
+                if let Err(e) = wal::delete_segments(&fs, &dir, &doomed) {
                     // A segment left behind is replayed first and gives the same log.
                     log::warn!("compacting the WAL: {e}");
                 }
@@ -385,3 +612,6 @@ fn snapshot_thread(jobs: Receiver<Job>, done: Sender<Result<SnapshotJob, Storage
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

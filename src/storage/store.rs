@@ -22,14 +22,14 @@
 
 use super::error::{At, Lost, Refusal, StorageError};
 use super::fs::{
-    exists, open_rw, remove_if_exists, sync_dir, tmp_name, write_atomically, write_error,
+    exists, open_rw, remove_if_exists, sync_dir, tmp_name, write_atomically, write_error, Fs,
+    FsFile, Open,
 };
 use crate::raft::{Index, LogRecord, SnapshotId, SnapshotMeta, SnapshotState, Term};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use crc32fast::Hasher;
 use std::fmt;
-use std::fs::{self, File};
 use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -59,6 +59,7 @@ const SYNC_EVERY: u64 = 16 << 20;
 /// The applied records of one peer, their sparse index and latest snapshot, and the staging
 /// area for a snapshot being received.
 pub struct Store {
+    fs: Fs,
     data_dir: PathBuf,
     cur: Current,
     /// The snapshot being received, if any.
@@ -77,9 +78,10 @@ pub enum Received {
 /// A snapshot whose records are handed to the OS and whose meta file is built, to be made
 /// durable by [`SnapshotJob::write`] (away from the node thread: it is a few fsyncs).
 pub struct SnapshotJob {
+    fs: Fs,
     store_dir: PathBuf,
-    records: File,
-    index: File,
+    records: FsFile,
+    index: FsFile,
     records_path: PathBuf,
     meta: SnapshotMeta,
     id: SnapshotId,
@@ -97,7 +99,7 @@ impl SnapshotJob {
             "fdatasync",
             &self.store_dir.join(INDEX_FILE),
         ))?;
-        write_atomically(&self.store_dir, SNAPSHOT_FILE, &self.bytes)?;
+        write_atomically(&self.fs, &self.store_dir, SNAPSHOT_FILE, &self.bytes)?;
         Ok(self)
     }
 }
@@ -112,14 +114,15 @@ struct Snapshot {
 
 /// One open store directory.
 struct Current {
+    fs: Fs,
     number: u64,
     dir: PathBuf,
     records_path: PathBuf,
     index_path: PathBuf,
-    records: BufWriter<File>,
+    records: BufWriter<FsFile>,
     /// A second handle on `records` for reads.
-    reader: File,
-    index: BufWriter<File>,
+    reader: FsFile,
+    index: BufWriter<FsFile>,
     /// Bytes of records appended (some possibly still in `records`' buffer).
     records_len: u64,
     /// Whether `records` holds bytes not yet handed to the OS.
@@ -145,20 +148,39 @@ impl Store {
     pub fn open(
         data_dir: &Path,
     ) -> Result<(Store, Option<(SnapshotMeta, SnapshotId)>), StorageError> {
-        fs::create_dir_all(data_dir).map_err(StorageError::io("create data dir", data_dir))?;
-        let number = current_number(data_dir)?;
+        Store::open_in(&Fs::Real, data_dir)
+    }
+
+    /// [`Store::open`] on filesystem `fs`.
+    pub fn open_in(
+        fs: &Fs,
+        data_dir: &Path,
+    ) -> Result<(Store, Option<(SnapshotMeta, SnapshotId)>), StorageError> {
+        fs.create_dir_all(data_dir)
+            .map_err(StorageError::io("create data dir", data_dir))?;
+        let number = current_number(fs, data_dir)?;
         // Opened first: a `store.current` naming a directory that is not there is damage,
         // and the other stores may then hold the data; they are left alone.
-        let cur = Current::open(data_dir, number)?;
-        remove_other_stores(data_dir, number)?;
+        let cur = Current::open(fs, data_dir, number)?;
+        remove_other_stores(fs, data_dir, number)?;
         let snapshot = cur.snapshot.as_ref().map(|s| (s.meta.clone(), s.id));
-        let staging = Staging::resume(&data_dir.join(INSTALL_DIR))?;
+        let staging = Staging::resume(fs, &data_dir.join(INSTALL_DIR))?;
         let store = Store {
+            fs: fs.clone(),
             data_dir: data_dir.to_path_buf(),
             cur,
             staging,
         };
         Ok((store, snapshot))
+    }
+
+    /// Hands the buffered records and sparse index to the OS (not synced), so that a full
+    /// disk shows now rather than at a later append.
+    pub fn flush(&mut self) -> Result<(), StorageError> {
+        self.cur.flush_records()?;
+        let flushed = self.cur.index.flush();
+        let flushed = flushed.map_err(|e| write_error(&self.cur.index_path, e));
+        self.cur.note(flushed)
     }
 
     /// Index of the last record appended (0 if none).
@@ -300,7 +322,7 @@ impl Store {
                 staging.set_id(id)?;
                 staging
             }
-            None => Staging::create(install, id)?,
+            None => Staging::create(&self.fs, install, id)?,
         };
         let staging = self.staging.insert(staging);
         let have = staging.have();
@@ -346,20 +368,23 @@ impl Store {
 
         let next = self.cur.number + 1;
         let dir = self.data_dir.join(format!("{STORE_PREFIX}{next}"));
-        if exists(&dir)? {
-            fs::remove_dir_all(&dir).map_err(StorageError::io("remove", &dir))?;
+        let fs = &self.fs;
+        if exists(fs, &dir)? {
+            fs.remove_dir_all(&dir)
+                .map_err(StorageError::io("remove", &dir))?;
         }
-        fs::rename(&install, &dir)
+        fs.rename(&install, &dir)
             .map_err(StorageError::io_at(&install, At::RenameTo(dir.clone())))?;
-        let switched = sync_dir(&self.data_dir)
+        let switched = sync_dir(fs, &self.data_dir)
             .and_then(|()| {
                 write_atomically(
+                    fs,
                     &self.data_dir,
                     CURRENT_FILE,
                     format!("{STORE_PREFIX}{next}\n").as_bytes(),
                 )
             })
-            .and_then(|()| Current::open(&self.data_dir, next));
+            .and_then(|()| Current::open(fs, &self.data_dir, next));
         let cur = match switched {
             Ok(cur) => cur,
             Err(e) => {
@@ -371,13 +396,13 @@ impl Store {
         let old = std::mem::replace(&mut self.cur, cur);
         let old_dir = old.dir.clone();
         drop(old);
-        if let Err(e) = fs::remove_dir_all(&old_dir) {
+        if let Err(e) = self.fs.remove_dir_all(&old_dir) {
             log::warn!(
                 "cannot remove the replaced store {}: {e}",
                 old_dir.display()
             );
         }
-        if let Err(e) = remove_if_exists(&dir.join(STAGED_ID_FILE)) {
+        if let Err(e) = remove_if_exists(&self.fs, &dir.join(STAGED_ID_FILE)) {
             log::warn!("{e}");
         }
         Ok(meta)
@@ -467,14 +492,15 @@ impl fmt::Display for Damage {
 /// A snapshot being received, in `install/`: its records so far (checked line by line, with
 /// their sparse index built as they arrive), and its meta bytes in memory (they are small).
 struct Staging {
+    fs: Fs,
     dir: PathBuf,
     records_path: PathBuf,
     index_path: PathBuf,
     id: SnapshotId,
     /// Positioned at `records_have`.
-    records: File,
+    records: FsFile,
     /// Positioned at its end.
-    index: File,
+    index: FsFile,
     /// Records bytes staged: the parser's complete lines, then its partial line.
     records_have: u64,
     parser: LineParser,
@@ -489,22 +515,25 @@ impl Staging {
     }
 
     /// An empty staging area for `id`, replacing whatever `dir` held.
-    fn create(dir: &Path, id: &SnapshotId) -> Result<Staging, StorageError> {
-        if exists(dir)? {
-            fs::remove_dir_all(dir).map_err(StorageError::io("remove", dir))?;
+    fn create(fs: &Fs, dir: &Path, id: &SnapshotId) -> Result<Staging, StorageError> {
+        if exists(fs, dir)? {
+            fs.remove_dir_all(dir)
+                .map_err(StorageError::io("remove", dir))?;
         }
-        fs::create_dir(dir).map_err(StorageError::io("create", dir))?;
-        let mut staging = Staging::open(dir, *id)?;
+        fs.create_dir(dir)
+            .map_err(StorageError::io("create", dir))?;
+        let mut staging = Staging::open(fs, dir, *id)?;
         staging.set_id(id)?;
         Ok(staging)
     }
 
-    fn open(dir: &Path, id: SnapshotId) -> Result<Staging, StorageError> {
+    fn open(fs: &Fs, dir: &Path, id: SnapshotId) -> Result<Staging, StorageError> {
         let records_path = dir.join(RECORDS_FILE);
         let index_path = dir.join(INDEX_FILE);
-        let records = open_rw(&records_path)?;
-        let index = open_rw(&index_path)?;
+        let records = open_rw(fs, &records_path)?;
+        let index = open_rw(fs, &index_path)?;
         Ok(Staging {
+            fs: fs.clone(),
             dir: dir.to_path_buf(),
             records_path,
             index_path,
@@ -521,31 +550,32 @@ impl Staging {
     /// Reopens `dir` after a restart: rescans its records once to rebuild the parser and the
     /// index, cutting any tail that is not whole, valid lines. Deletes it if its ID is missing
     /// or unreadable.
-    fn resume(dir: &Path) -> Result<Option<Staging>, StorageError> {
-        if !exists(dir)? {
+    fn resume(fs: &Fs, dir: &Path) -> Result<Option<Staging>, StorageError> {
+        if !exists(fs, dir)? {
             return Ok(None);
         }
         let id_path = dir.join(STAGED_ID_FILE);
-        let id = fs::read(&id_path)
+        let id = fs
+            .read(&id_path)
             .map_err(|e| Damage::new(format!("cannot read: {e}")))
             .and_then(|bytes| decode_staged_id(&bytes));
         let id = match id {
             Ok(id) => id,
             Err(e) => {
                 log::warn!("{}: {e}; discarding the staged snapshot", id_path.display());
-                fs::remove_dir_all(dir).map_err(StorageError::io("remove", dir))?;
+                fs.remove_dir_all(dir)
+                    .map_err(StorageError::io("remove", dir))?;
                 return Ok(None);
             }
         };
-        remove_if_exists(&dir.join(tmp_name(STAGED_ID_FILE)))?;
-        remove_if_exists(&dir.join(tmp_name(SNAPSHOT_FILE)))?;
-        let mut staging = Staging::open(dir, id)?;
+        remove_if_exists(fs, &dir.join(tmp_name(STAGED_ID_FILE)))?;
+        remove_if_exists(fs, &dir.join(tmp_name(SNAPSHOT_FILE)))?;
+        let mut staging = Staging::open(fs, dir, id)?;
         let path = &staging.records_path;
         let file_len = staging
             .records
-            .metadata()
-            .map_err(StorageError::io("stat", path))?
-            .len();
+            .size()
+            .map_err(StorageError::io("stat", path))?;
         let limit = file_len.min(id.records_len);
         let mut offsets = Vec::new();
         let mut buf = vec![0; READ_BUFFER];
@@ -609,7 +639,7 @@ impl Staging {
             let refusal = Refusal::Unencodable(format!("cannot encode: {e}"));
             StorageError::refused(&self.dir.join(STAGED_ID_FILE), refusal)
         })?;
-        write_atomically(&self.dir, STAGED_ID_FILE, &bytes)?;
+        write_atomically(&self.fs, &self.dir, STAGED_ID_FILE, &bytes)?;
         self.id = *id;
         Ok(())
     }
@@ -722,7 +752,7 @@ impl Staging {
         self.index
             .sync_data()
             .map_err(StorageError::io("fdatasync", &self.index_path))?;
-        write_atomically(&self.dir, SNAPSHOT_FILE, &self.meta)
+        write_atomically(&self.fs, &self.dir, SNAPSHOT_FILE, &self.meta)
     }
 }
 
@@ -738,17 +768,17 @@ fn decode_staged_id(bytes: &[u8]) -> Result<SnapshotId, Damage> {
 
 impl Current {
     /// Opens `store.<number>`, cutting it back to its snapshot (or to empty without one).
-    fn open(data_dir: &Path, number: u64) -> Result<Current, StorageError> {
+    fn open(fs: &Fs, data_dir: &Path, number: u64) -> Result<Current, StorageError> {
         let dir = data_dir.join(format!("{STORE_PREFIX}{number}"));
-        if !exists(&dir)? {
+        if !exists(fs, &dir)? {
             return Err(StorageError::LostStore {
                 current: data_dir.join(CURRENT_FILE),
                 store: dir,
                 lost: Lost::Store,
             });
         }
-        remove_if_exists(&dir.join(tmp_name(SNAPSHOT_FILE)))?;
-        let snapshot = load_snapshot(&dir)?;
+        remove_if_exists(fs, &dir.join(tmp_name(SNAPSHOT_FILE)))?;
+        let snapshot = load_snapshot(fs, &dir)?;
         let (records_len, crc, last_index, last_term) = match &snapshot {
             Some(s) => (
                 s.meta.records_len,
@@ -760,11 +790,11 @@ impl Current {
         };
 
         let records_path = dir.join(RECORDS_FILE);
-        let mut records = open_rw(&records_path)?;
+        let mut records = open_rw(fs, &records_path)?;
         cut(&records_path, &mut records, records_len, "records")?;
 
         let index_path = dir.join(INDEX_FILE);
-        let mut index = open_rw(&index_path)?;
+        let mut index = open_rw(fs, &index_path)?;
         let count = last_index.div_ceil(INDEX_EVERY);
         cut(&index_path, &mut index, count * 8, "index")?;
         let sparse = read_sparse(&index_path, &mut index, records_len)?;
@@ -773,8 +803,9 @@ impl Current {
             return Err(StorageError::corrupt(&index_path, problem));
         }
 
-        let mut reader =
-            File::open(&records_path).map_err(StorageError::io("open", &records_path))?;
+        let mut reader = fs
+            .open(&records_path, Open::READ)
+            .map_err(StorageError::io("open", &records_path))?;
         if let Some(&from) = sparse.last() {
             let mut parser = LineParser::new((count - 1) * INDEX_EVERY + 1, from);
             check_tail(
@@ -788,6 +819,7 @@ impl Current {
         }
 
         Ok(Current {
+            fs: fs.clone(),
             number,
             dir,
             records_path,
@@ -979,6 +1011,7 @@ impl Current {
         })?;
         let id = snapshot_id(&meta, &bytes);
         Ok(SnapshotJob {
+            fs: self.fs.clone(),
             store_dir: self.dir.clone(),
             records,
             index,
@@ -1045,32 +1078,36 @@ fn snapshot_id(meta: &SnapshotMeta, bytes: &[u8]) -> SnapshotId {
 }
 
 /// Reads `store.current`, creating it (pointing at a new, empty `store.1`) when missing.
-fn current_number(data_dir: &Path) -> Result<u64, StorageError> {
+fn current_number(fs: &Fs, data_dir: &Path) -> Result<u64, StorageError> {
     let path = data_dir.join(CURRENT_FILE);
-    remove_if_exists(&data_dir.join(tmp_name(CURRENT_FILE)))?;
-    if !exists(&path)? {
+    remove_if_exists(fs, &data_dir.join(tmp_name(CURRENT_FILE)))?;
+    if !exists(fs, &path)? {
         // No store was ever made current here: anything named store.<n> is a leftover of a
         // crash before the first `store.current` was written, and holds nothing. One with
         // records or a snapshot means `store.current` was lost: refuse, never delete them.
-        if let Some(dir) = store_with_data(data_dir)? {
+        if let Some(dir) = store_with_data(fs, data_dir)? {
             return Err(StorageError::LostStore {
                 current: path,
                 store: dir,
                 lost: Lost::Current,
             });
         }
-        remove_other_stores(data_dir, 0)?;
+        remove_other_stores(fs, data_dir, 0)?;
         let dir = data_dir.join(format!("{STORE_PREFIX}1"));
-        fs::create_dir(&dir).map_err(StorageError::io("create", &dir))?;
-        sync_dir(data_dir)?;
+        fs.create_dir(&dir)
+            .map_err(StorageError::io("create", &dir))?;
+        sync_dir(fs, data_dir)?;
         write_atomically(
+            fs,
             data_dir,
             CURRENT_FILE,
             format!("{STORE_PREFIX}1\n").as_bytes(),
         )?;
         return Ok(1);
     }
-    let text = fs::read_to_string(&path).map_err(StorageError::io("read", &path))?;
+    let text = fs
+        .read_to_string(&path)
+        .map_err(StorageError::io("read", &path))?;
     text.strip_suffix('\n')
         .and_then(store_number)
         .ok_or_else(|| {
@@ -1089,21 +1126,19 @@ fn store_number(name: &str) -> Option<u64> {
 }
 
 /// A `store.<n>` directory with a non-empty records file or a snapshot, if there is one.
-fn store_with_data(data_dir: &Path) -> Result<Option<PathBuf>, StorageError> {
+fn store_with_data(fs: &Fs, data_dir: &Path) -> Result<Option<PathBuf>, StorageError> {
     let list_err = |e| StorageError::io("list data dir", data_dir)(e);
-    for entry in fs::read_dir(data_dir).map_err(list_err)? {
-        let entry = entry.map_err(list_err)?;
-        if entry.file_name().to_str().and_then(store_number).is_none() {
+    for (name, dir) in fs.list(data_dir).map_err(list_err)? {
+        if store_number(&name).is_none() {
             continue;
         }
-        let dir = entry.path();
         let records = dir.join(RECORDS_FILE);
-        let has_records = exists(&records)?
-            && fs::metadata(&records)
+        let has_records = exists(fs, &records)?
+            && fs
+                .file_len(&records)
                 .map_err(StorageError::io("stat", &records))?
-                .len()
                 > 0;
-        if has_records || exists(&dir.join(SNAPSHOT_FILE))? {
+        if has_records || exists(fs, &dir.join(SNAPSHOT_FILE))? {
             return Ok(Some(dir));
         }
     }
@@ -1111,33 +1146,31 @@ fn store_with_data(data_dir: &Path) -> Result<Option<PathBuf>, StorageError> {
 }
 
 /// Deletes every `store.<n>` directory but `store.<keep>`: leftovers of a crash mid-install.
-fn remove_other_stores(data_dir: &Path, keep: u64) -> Result<(), StorageError> {
+fn remove_other_stores(fs: &Fs, data_dir: &Path, keep: u64) -> Result<(), StorageError> {
     let list_err = |e| StorageError::io("list data dir", data_dir)(e);
-    for entry in fs::read_dir(data_dir).map_err(list_err)? {
-        let entry = entry.map_err(list_err)?;
-        let name = entry.file_name();
-        let Some(n) = name.to_str().and_then(store_number) else {
+    for (name, path) in fs.list(data_dir).map_err(list_err)? {
+        let Some(n) = store_number(&name) else {
             continue;
         };
         if n != keep {
-            let path = entry.path();
             log::warn!(
                 "{}: removing a store left over from an interrupted install",
                 path.display()
             );
-            fs::remove_dir_all(&path).map_err(StorageError::io("remove", &path))?;
+            fs.remove_dir_all(&path)
+                .map_err(StorageError::io("remove", &path))?;
         }
     }
     Ok(())
 }
 
 /// Reads and checks `dir/snapshot.json`, if there is one.
-fn load_snapshot(dir: &Path) -> Result<Option<Snapshot>, StorageError> {
+fn load_snapshot(fs: &Fs, dir: &Path) -> Result<Option<Snapshot>, StorageError> {
     let path = dir.join(SNAPSHOT_FILE);
-    if !exists(&path)? {
+    if !exists(fs, &path)? {
         return Ok(None);
     }
-    let bytes = fs::read(&path).map_err(StorageError::io("read", &path))?;
+    let bytes = fs.read(&path).map_err(StorageError::io("read", &path))?;
     let meta = decode_meta(&bytes).map_err(|e| e.in_file(&path))?;
     let id = snapshot_id(&meta, &bytes);
     Ok(Some(Snapshot { meta, id, bytes }))
@@ -1281,7 +1314,7 @@ impl LineParser {
 /// `last_index` of `last_term`.
 fn check_tail(
     path: &Path,
-    reader: &mut File,
+    reader: &mut FsFile,
     parser: &mut LineParser,
     records_len: u64,
     last_index: Index,
@@ -1324,7 +1357,7 @@ fn check_tail(
 }
 
 /// Reads the sparse index: offsets starting at 0, increasing, inside the records.
-fn read_sparse(path: &Path, file: &mut File, records_len: u64) -> Result<Vec<u64>, StorageError> {
+fn read_sparse(path: &Path, file: &mut FsFile, records_len: u64) -> Result<Vec<u64>, StorageError> {
     let mut bytes = Vec::new();
     file.seek(SeekFrom::Start(0))
         .and_then(|_| file.read_to_end(&mut bytes))
@@ -1349,11 +1382,8 @@ fn read_sparse(path: &Path, file: &mut File, records_len: u64) -> Result<Vec<u64
 }
 
 /// Cuts `file` back to `len` bytes (it must hold at least that many) and seeks to its end.
-fn cut(path: &Path, file: &mut File, len: u64, what: &str) -> Result<(), StorageError> {
-    let have = file
-        .metadata()
-        .map_err(StorageError::io("stat", path))?
-        .len();
+fn cut(path: &Path, file: &mut FsFile, len: u64, what: &str) -> Result<(), StorageError> {
+    let have = file.size().map_err(StorageError::io("stat", path))?;
     if have < len {
         let problem = format!("holds {have} bytes, but the snapshot covers {len} bytes of {what}");
         return Err(StorageError::corrupt(path, problem));

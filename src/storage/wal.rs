@@ -86,9 +86,10 @@
 //! out of sequence or does not decode.
 
 use super::error::{At, NotTorn, RecordProblem, Refusal, StorageError, WalProblem};
-use super::fs::{exists, sync_dir, write_atomically};
+use super::fs::{exists, sync_dir, write_atomically, Fs, FsFile, Open};
+use super::simfs::all_zeros;
 use crate::raft::{Entry, HardState, Index, NodeId, Payload, Term};
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::TryLockError;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -183,14 +184,12 @@ fn segment_number(name: &str) -> Option<u64> {
 }
 
 /// The segment numbers in `dir`, ascending, and the leftover temporary files of segments.
-fn list_segments(dir: &Path) -> Result<(Vec<u64>, Vec<PathBuf>), StorageError> {
+fn list_segments(fs: &Fs, dir: &Path) -> Result<(Vec<u64>, Vec<PathBuf>), StorageError> {
     let read_err = |e| StorageError::io("list data dir", dir)(e);
     let mut numbers = Vec::new();
     let mut leftovers = Vec::new();
-    for item in fs::read_dir(dir).map_err(read_err)? {
-        let item = item.map_err(read_err)?;
-        let name = item.file_name();
-        let Some(name) = name.to_str() else { continue };
+    for (name, path) in fs.list(dir).map_err(read_err)? {
+        let name = name.as_str();
         if let Some(number) = segment_number(name) {
             numbers.push(number);
         } else if name == SPARE_FILE
@@ -199,7 +198,7 @@ fn list_segments(dir: &Path) -> Result<(Vec<u64>, Vec<PathBuf>), StorageError> {
                 .and_then(segment_number)
                 .is_some()
         {
-            leftovers.push(item.path());
+            leftovers.push(path);
         }
     }
     numbers.sort_unstable();
@@ -208,14 +207,16 @@ fn list_segments(dir: &Path) -> Result<(Vec<u64>, Vec<PathBuf>), StorageError> {
 
 /// The durable state of one peer. Dropping it closes the WAL and releases the directory lock.
 pub struct Wal {
+    /// The filesystem every file of the WAL is on.
+    fs: Fs,
     dir: PathBuf,
     /// The segments, oldest first; the last one is `wal`, the one written to.
     segments: Vec<Segment>,
     /// The newest segment's path.
     wal_path: PathBuf,
-    wal: File,
+    wal: FsFile,
     /// Holds the directory's exclusive lock for as long as it is open.
-    _lock: File,
+    _lock: FsFile,
     /// Length of the newest segment: every byte before it belongs to the header or a complete,
     /// synced frame.
     wal_len: u64,
@@ -245,25 +246,36 @@ impl Wal {
     /// Opens (creating if missing) `dir`, takes an exclusive lock, checks it belongs to `node_id`,
     /// replays the WAL's segments. The entries returned start at [`Wal::base`]'s index + 1.
     pub fn open(dir: &Path, node_id: NodeId) -> Result<(Wal, HardState, Vec<Entry>), StorageError> {
-        fs::create_dir_all(dir).map_err(StorageError::io("create data dir", dir))?;
-        let lock = lock_dir(dir)?;
-        let (mut numbers, leftovers) = list_segments(dir)?;
-        check_node_id(dir, node_id, !numbers.is_empty())?;
+        Wal::open_in(&Fs::Real, dir, node_id)
+    }
+
+    /// [`Wal::open`] on filesystem `fs`.
+    pub fn open_in(
+        fs: &Fs,
+        dir: &Path,
+        node_id: NodeId,
+    ) -> Result<(Wal, HardState, Vec<Entry>), StorageError> {
+        fs.create_dir_all(dir)
+            .map_err(StorageError::io("create data dir", dir))?;
+        let lock = lock_dir(fs, dir)?;
+        let (mut numbers, leftovers) = list_segments(fs, dir)?;
+        check_node_id(fs, dir, node_id, !numbers.is_empty())?;
         for leftover in &leftovers {
             log::warn!(
                 "{}: deleting a segment left half-created by a crash",
                 leftover.display()
             );
-            fs::remove_file(leftover).map_err(StorageError::io("delete", leftover))?;
+            fs.remove_file(leftover)
+                .map_err(StorageError::io("delete", leftover))?;
         }
 
-        drop_never_written(dir, &mut numbers)?;
+        drop_never_written(fs, dir, &mut numbers)?;
 
         if numbers.is_empty() {
             let wal_path = segment_path(dir, 0);
             let (bytes, _) = new_segment_bytes(&wal_path, None)?;
-            drop(write_segment(&wal_path, &bytes)?);
-            sync_dir(dir)?;
+            drop(write_segment(fs, &wal_path, &bytes)?);
+            sync_dir(fs, dir)?;
             numbers.push(0);
         }
 
@@ -278,10 +290,12 @@ impl Wal {
         let mut wal = None;
         for &number in &numbers {
             let path = segment_path(dir, number);
-            let mut file = OpenOptions::new()
-                .read(true)
-                .write(number == newest)
-                .open(&path)
+            let how = Open {
+                write: number == newest,
+                ..Open::READ
+            };
+            let mut file = fs
+                .open(&path, how)
                 .map_err(StorageError::io("open", &path))?;
             log.segments.push(Segment {
                 number,
@@ -323,6 +337,7 @@ impl Wal {
             push_term(&mut terms, entry.index, entry.term);
         }
         let storage = Wal {
+            fs: fs.clone(),
             dir: dir.to_path_buf(),
             segments: log.segments,
             wal_path,
@@ -466,7 +481,7 @@ impl Wal {
         encode_base(&mut payload, base);
         encode_hard_state(&mut payload, hard_state);
         let taken = prepared.then(|| {
-            open_prepared(&path).inspect_err(|e| {
+            open_prepared(&self.fs, &path).inspect_err(|e| {
                 log::warn!("{e}; creating {} instead", path.display());
             })
         });
@@ -474,10 +489,10 @@ impl Wal {
             Some(Ok((file, magic))) => (file, magic, WAL_HEADER_LEN, Some(payload)),
             _ => {
                 let (bytes, magic) = new_segment_bytes(&path, Some(&payload))?;
-                let file = write_segment(&path, &bytes)?;
+                let file = write_segment(&self.fs, &path, &bytes)?;
                 // The new segment is in place: from here on the log is the one with it,
                 // durable or not.
-                if let Err(e) = sync_dir(&self.dir) {
+                if let Err(e) = sync_dir(&self.fs, &self.dir) {
                     self.failed = Some(e.to_string());
                     return Err(e);
                 }
@@ -536,7 +551,7 @@ impl Wal {
     /// of them may remain; a later call deletes them.
     pub fn compact(&mut self, through: Index) -> Result<usize, StorageError> {
         let doomed = self.compact_later(through)?;
-        delete_segments(&self.dir, &doomed)
+        delete_segments(&self.fs, &self.dir, &doomed)
     }
 
     /// [`Wal::compact`] without the file work, which may then happen on another thread
@@ -575,6 +590,11 @@ impl Wal {
     /// The data directory the WAL is in.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The filesystem the WAL is on.
+    pub fn fs(&self) -> &Fs {
+        &self.fs
     }
 
     /// Index of the last entry in the durable log; the base index when it is empty.
@@ -661,31 +681,46 @@ impl Wal {
         Ok(())
     }
 
-    /// Appends one complete frame and syncs it; on failure marks the storage failed.
+    /// Appends one complete frame and syncs it. A write the disk had no space for is cut
+    /// back off (nothing of it was synced, so the WAL is as before and the frame may be
+    /// written again); any other failure marks the storage failed: after a failed fsync the
+    /// state of the file's pages is unknown, and retrying it could report success for data
+    /// the kernel dropped.
     fn write_frame(&mut self, frame: &[u8]) -> Result<(), StorageError> {
         let offset = self.wal_len;
         let len = frame.len();
-        let result = self
-            .wal
-            .write_all(frame)
-            .map_err(StorageError::io_at(
-                &self.wal_path,
-                At::Write { offset, len },
-            ))
-            .and_then(|()| {
-                self.wal
-                    .sync_data()
-                    .map_err(StorageError::io_at(&self.wal_path, At::Sync(offset)))
-            });
+        let written = self.wal.write_all(frame).map_err(StorageError::io_at(
+            &self.wal_path,
+            At::Write { offset, len },
+        ));
+        let result = written.and_then(|()| {
+            self.wal
+                .sync_data()
+                .map_err(StorageError::io_at(&self.wal_path, At::Sync(offset)))
+        });
         match result {
             Ok(()) => {
                 self.wal_len += len as u64;
                 Ok(())
             }
             Err(e) => {
-                self.failed = Some(e.to_string());
-                // Best effort: do not leave a partial frame in front of later frames.
-                let _ = self.wal.set_len(offset);
+                // Do not leave a partial frame in front of later frames.
+                let cut = self
+                    .wal
+                    .set_len(offset)
+                    .and_then(|()| self.wal.seek(SeekFrom::Start(offset)));
+                let retryable = e.is_disk_full()
+                    && matches!(
+                        e,
+                        StorageError::IoAt {
+                            at: At::Write { .. },
+                            ..
+                        }
+                    )
+                    && cut.is_ok();
+                if !retryable {
+                    self.failed = Some(e.to_string());
+                }
                 Err(e)
             }
         }
@@ -698,11 +733,11 @@ impl Wal {
 /// segment prepared while the node thread created that number itself, then compacted away).
 /// Every segment but the newest is synced whole before the next is written, so only the
 /// newest can be torn.
-fn drop_never_written(dir: &Path, numbers: &mut Vec<u64>) -> Result<(), StorageError> {
+fn drop_never_written(fs: &Fs, dir: &Path, numbers: &mut Vec<u64>) -> Result<(), StorageError> {
     let mut doomed = Vec::new();
     while numbers.len() > 1 {
         let path = segment_path(dir, numbers[numbers.len() - 1]);
-        let Some(how) = never_written(&path, true)? else {
+        let Some(how) = never_written(fs, &path, true)? else {
             break;
         };
         doomed.push((path, how));
@@ -713,7 +748,7 @@ fn drop_never_written(dir: &Path, numbers: &mut Vec<u64>) -> Result<(), StorageE
     for (i, &number) in numbers.iter().enumerate() {
         let path = segment_path(dir, number);
         let unwritten = if i < newest && number > 0 {
-            never_written(&path, false)?
+            never_written(fs, &path, false)?
         } else {
             None
         };
@@ -736,24 +771,21 @@ fn drop_never_written(dir: &Path, numbers: &mut Vec<u64>) -> Result<(), StorageE
                 path.display()
             ),
         }
-        fs::remove_file(path).map_err(StorageError::io("delete", path))?;
+        fs.remove_file(path)
+            .map_err(StorageError::io("delete", path))?;
     }
     if !doomed.is_empty() {
-        sync_dir(dir)?;
+        sync_dir(fs, dir)?;
     }
     Ok(())
 }
 
 /// Creates (if needed) and locks the directory's LOCK file.
-fn lock_dir(dir: &Path) -> Result<File, StorageError> {
+fn lock_dir(fs: &Fs, dir: &Path) -> Result<FsFile, StorageError> {
     let path = dir.join(LOCK_FILE);
-    let existed = exists(&path)?;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
+    let existed = exists(fs, &path)?;
+    let file = fs
+        .open(&path, Open::RW_CREATE)
         .map_err(StorageError::io("open", &path))?;
     match file.try_lock() {
         Ok(()) => {}
@@ -765,16 +797,16 @@ fn lock_dir(dir: &Path) -> Result<File, StorageError> {
         Err(TryLockError::Error(e)) => return Err(StorageError::io("lock", &path)(e)),
     }
     if !existed {
-        sync_dir(dir)?;
+        sync_dir(fs, dir)?;
     }
     Ok(file)
 }
 
 /// Checks the directory's `node_id` file, writing it if the directory is new (`has_wal`: it
 /// holds a WAL segment).
-fn check_node_id(dir: &Path, node_id: NodeId, has_wal: bool) -> Result<(), StorageError> {
+fn check_node_id(fs: &Fs, dir: &Path, node_id: NodeId, has_wal: bool) -> Result<(), StorageError> {
     let path = dir.join(NODE_ID_FILE);
-    match fs::read_to_string(&path) {
+    match fs.read_to_string(&path) {
         Ok(text) => {
             let found: NodeId = text.trim().parse().map_err(|_| {
                 let problem = format!("expected a node ID, found {:?}", text.trim());
@@ -796,7 +828,7 @@ fn check_node_id(dir: &Path, node_id: NodeId, has_wal: bool) -> Result<(), Stora
                     dir: dir.to_path_buf(),
                 });
             }
-            write_atomically(dir, NODE_ID_FILE, format!("{node_id}\n").as_bytes())
+            write_atomically(fs, dir, NODE_ID_FILE, format!("{node_id}\n").as_bytes())
         }
         Err(e) => Err(StorageError::io("read", &path)(e)),
     }
@@ -805,17 +837,17 @@ fn check_node_id(dir: &Path, node_id: NodeId, has_wal: bool) -> Result<(), Stora
 /// Deletes WAL segment files (newest first, as [`Wal::compact_later`] lists them, so that
 /// a crash midway leaves a prefix of the old segments, which replays to the same log) and
 /// syncs the directory; a file already gone is fine. Returns how many it deleted.
-pub fn delete_segments(dir: &Path, doomed: &[PathBuf]) -> Result<usize, StorageError> {
+pub fn delete_segments(fs: &Fs, dir: &Path, doomed: &[PathBuf]) -> Result<usize, StorageError> {
     let mut deleted = 0;
     for path in doomed {
-        match fs::remove_file(path) {
+        match fs.remove_file(path) {
             Ok(()) => deleted += 1,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(StorageError::io("delete", path)(e)),
         }
     }
     if deleted > 0 {
-        sync_dir(dir)?;
+        sync_dir(fs, dir)?;
     }
     Ok(deleted)
 }
@@ -954,32 +986,31 @@ fn new_segment_bytes(path: &Path, payload: Option<&[u8]>) -> Result<(Vec<u8>, u6
 /// The file is [`SEGMENT_PREALLOC`] bytes long, zeros after `bytes`. Returns it open for
 /// reading and writing, positioned after `bytes`. The caller syncs
 /// the directory.
-fn write_segment(path: &Path, bytes: &[u8]) -> Result<File, StorageError> {
+fn write_segment(fs: &Fs, path: &Path, bytes: &[u8]) -> Result<FsFile, StorageError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(TMP_SUFFIX);
     let tmp = PathBuf::from(tmp);
-    let write = || -> io::Result<File> {
-        let mut f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+    let write = || -> io::Result<FsFile> {
+        let how = Open {
+            truncate: true,
+            ..Open::RW_CREATE
+        };
+        let mut f = fs.open(&tmp, how)?;
         f.write_all(bytes)?;
         write_zeros_to_prealloc(&mut f, bytes.len() as u64)?;
         f.sync_all()?;
-        fs::rename(&tmp, path)?;
+        fs.rename(&tmp, path)?;
         f.seek(SeekFrom::Start(bytes.len() as u64))?;
         Ok(f)
     };
     write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
+        let _ = fs.remove_file(&tmp);
         StorageError::io("create", path)(e)
     })
 }
 
 /// Writes zeros from `len`, where `f`'s write position is, up to [`SEGMENT_PREALLOC`].
-fn write_zeros_to_prealloc(f: &mut File, mut len: u64) -> io::Result<()> {
+fn write_zeros_to_prealloc(f: &mut FsFile, mut len: u64) -> io::Result<()> {
     while len < SEGMENT_PREALLOC {
         let n = (SEGMENT_PREALLOC - len).min(ZEROS.len() as u64) as usize;
         f.write_all(&ZEROS[..n])?;
@@ -993,44 +1024,47 @@ fn write_zeros_to_prealloc(f: &mut File, mut len: u64) -> io::Result<()> {
 /// file already there) and the directory synced. Returns false if segment `number` exists
 /// already (the node thread created it meanwhile). Meant for a thread other than the one
 /// persisting.
-pub fn prepare_segment(dir: &Path, number: u64) -> Result<bool, StorageError> {
+pub fn prepare_segment(fs: &Fs, dir: &Path, number: u64) -> Result<bool, StorageError> {
     let spare = dir.join(SPARE_FILE);
     let path = segment_path(dir, number);
     let (header, _) = new_segment_bytes(&path, None)?;
     let write = || -> io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&spare)?;
+        let how = Open {
+            truncate: true,
+            ..Open::RW_CREATE
+        };
+        let mut f = fs.open(&spare, how)?;
         f.write_all(&header)?;
         write_zeros_to_prealloc(&mut f, header.len() as u64)?;
         f.sync_all()
     };
     write().map_err(StorageError::io("prepare", &spare))?;
     // A link, unlike a rename, fails rather than replace a segment in use.
-    let linked = match fs::hard_link(&spare, &path) {
+    let linked = match fs.hard_link(&spare, &path) {
         Ok(()) => true,
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
         Err(e) => {
-            let _ = fs::remove_file(&spare);
+            let _ = fs.remove_file(&spare);
             return Err(StorageError::io("create", &path)(e));
         }
     };
-    fs::remove_file(&spare).map_err(StorageError::io("delete", &spare))?;
+    fs.remove_file(&spare)
+        .map_err(StorageError::io("delete", &spare))?;
     if linked {
-        sync_dir(dir)?;
+        sync_dir(fs, dir)?;
     }
     Ok(linked)
 }
 
 /// Opens a segment [`prepare_segment`] made, for writing after its header; returns it and its
 /// magic.
-fn open_prepared(path: &Path) -> Result<(File, u64), StorageError> {
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
+fn open_prepared(fs: &Fs, path: &Path) -> Result<(FsFile, u64), StorageError> {
+    let how = Open {
+        write: true,
+        ..Open::READ
+    };
+    let mut f = fs
+        .open(path, how)
         .map_err(StorageError::io("open the prepared segment", path))?;
     let len = len_of(path, &f)?;
     if len < SEGMENT_PREALLOC {
@@ -1057,8 +1091,14 @@ enum Unwritten {
 /// Whether segment `path` was never written to: only zeros after its header or, if
 /// `torn_allowed`, a torn first frame with nothing of ours after it. A segment whose header
 /// is damaged is not judged here; replay reports it.
-fn never_written(path: &Path, torn_allowed: bool) -> Result<Option<Unwritten>, StorageError> {
-    let mut file = File::open(path).map_err(StorageError::io("open", path))?;
+fn never_written(
+    fs: &Fs,
+    path: &Path,
+    torn_allowed: bool,
+) -> Result<Option<Unwritten>, StorageError> {
+    let mut file = fs
+        .open(path, Open::READ)
+        .map_err(StorageError::io("open", path))?;
     let file_len = len_of(path, &file)?;
     let Ok(magic) = read_wal_header(path, &mut file, file_len) else {
         return Ok(None);
@@ -1086,10 +1126,8 @@ fn never_written(path: &Path, torn_allowed: bool) -> Result<Option<Unwritten>, S
 }
 
 /// The length of `file`, opened from `path`.
-fn len_of(path: &Path, file: &File) -> Result<u64, StorageError> {
-    file.metadata()
-        .map(|m| m.len())
-        .map_err(StorageError::io("stat", path))
+fn len_of(path: &Path, file: &FsFile) -> Result<u64, StorageError> {
+    file.size().map_err(StorageError::io("stat", path))
 }
 
 /// Checks the WAL's file header; returns its magic.
@@ -1153,7 +1191,7 @@ struct SegmentEnd {
 /// segment may the last frame be torn, and not its first frame if it is the `only` one.
 fn replay_segment(
     path: &Path,
-    file: &mut File,
+    file: &mut FsFile,
     log: &mut LogState,
     newest: bool,
     only: bool,
@@ -1268,7 +1306,7 @@ fn replay_segment(
 
 /// Whether every byte from offset `from` to the end of the file is zero (a segment's
 /// preallocated tail, or one that no write reached).
-fn zeros_from(file: &mut File, from: u64) -> io::Result<bool> {
+fn zeros_from(file: &mut FsFile, from: u64) -> io::Result<bool> {
     file.seek(SeekFrom::Start(from))?;
     let mut reader = BufReader::with_capacity(READ_BUFFER, file);
     loop {
@@ -1276,7 +1314,7 @@ fn zeros_from(file: &mut File, from: u64) -> io::Result<bool> {
         if buf.is_empty() {
             return Ok(true);
         }
-        if buf.iter().any(|&b| b != 0) {
+        if !all_zeros(buf) {
             return Ok(false);
         }
         let n = buf.len();
@@ -1285,7 +1323,7 @@ fn zeros_from(file: &mut File, from: u64) -> io::Result<bool> {
 }
 
 /// The offset of the first frame header of ours at or after byte offset `from`, if any.
-fn find_frame(file: &mut File, from: u64, magic: u64) -> io::Result<Option<u64>> {
+fn find_frame(file: &mut FsFile, from: u64, magic: u64) -> io::Result<Option<u64>> {
     let header_len = FRAME_HEADER_LEN as usize;
     let magic_bytes = magic.to_le_bytes();
     file.seek(SeekFrom::Start(from))?;

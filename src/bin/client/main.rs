@@ -224,6 +224,8 @@ struct StatusFields {
     applied_index: u64,
     /// Datagrams the peer dropped for a missing or wrong authentication tag.
     auth_failures: u64,
+    /// Whether a full disk stopped the peer's storage (it acknowledges nothing meanwhile).
+    disk_full: bool,
     /// On the leader's row: each follower's match index, lag and time since last contact.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     followers: Vec<FollowerInfo>,
@@ -252,6 +254,7 @@ impl From<&StatusInfo> for StatusFields {
             commit_index: i.commit_index,
             applied_index: i.applied_index,
             auth_failures: i.auth_failures,
+            disk_full: i.disk_full,
             followers: i.followers.clone(),
             member_role: member_role(i),
             config_index: i.config_index,

@@ -251,6 +251,7 @@ mod tests {
                 elections_started: elections,
                 leader_changes: term,
                 auth_failures: 0,
+                disk_full: false,
                 followers: if role == Role::Leader {
                     vec![FollowerInfo {
                         id: id % 3 + 1,

@@ -6,6 +6,11 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
+thread_local! {
+    /// Set by a test before `run_loop`: the fake storage's `full_for`.
+    static FULL_FOR: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
 /// A log of what the loop did, shared by the fakes.
 type Events = Rc<RefCell<Vec<String>>>;
 
@@ -74,6 +79,9 @@ impl Core for FakeCore {
 struct FakeStorage {
     events: Events,
     fail: bool,
+    /// Persists that fail for lack of space before one goes through.
+    full_for: u32,
+    full: bool,
 }
 
 impl Durable for FakeStorage {
@@ -81,11 +89,20 @@ impl Durable for FakeStorage {
         self.events
             .borrow_mut()
             .push(format!("persist {} {}", hs.is_some(), entries.len()));
+        if self.full_for > 0 {
+            self.full_for -= 1;
+            self.full = true;
+            return Err("no space left on device".into());
+        }
+        self.full = false;
         if self.fail {
             Err("disk on fire".into())
         } else {
             Ok(())
         }
+    }
+    fn full(&self) -> Option<String> {
+        self.full.then(|| "no space left on device".into())
     }
 }
 
@@ -169,6 +186,8 @@ fn run_inbox(
     let storage = FakeStorage {
         events: events.clone(),
         fail,
+        full_for: FULL_FOR.with(|f| f.take()),
+        full: false,
     };
     let mut inst = Instruments::new(Arc::new(Metrics::new()), Duration::from_millis(10));
     let result = node_loop(
@@ -331,4 +350,70 @@ fn a_peer_message_arriving_during_a_client_batch_is_stepped_in_that_batch() {
         ["request 10", "step 2", "tick", "request 11"],
         "{events:?}"
     );
+}
+
+#[test]
+fn a_full_disk_holds_the_batch_answers_nothing_of_it_and_writes_it_again() {
+    FULL_FOR.with(|f| f.set(2));
+    let (peers, clients, inbox) = queues();
+    clients.send(request(7)).unwrap();
+    // Arrives while the disk is full: dropped (the fake core has no status to give).
+    let hook: Hook = Box::new(move |id| {
+        if id == 7 {
+            clients.send(request(8)).unwrap();
+            peers.send(Inbox::Shutdown).unwrap();
+        }
+    });
+    let (result, events) = run_inbox(inbox, false, false, Some(hook));
+    let persists: Vec<_> = events.iter().filter(|e| e.starts_with("persist")).collect();
+    assert_eq!(persists, ["persist true 1"; 3], "{events:?}");
+    let written = events
+        .iter()
+        .rposition(|e| e.starts_with("persist"))
+        .unwrap();
+    let first = events
+        .iter()
+        .position(|e| e.starts_with("persist"))
+        .unwrap();
+    // Nothing of the batch leaves before it is written; the waiting peer drops client
+    // requests (clients time out and try another peer).
+    assert!(!events[..written]
+        .iter()
+        .any(|e| e == "send 2" || e == "reply 7" || e == "advance"));
+    assert!(first < written, "{events:?}");
+    assert!(!events.contains(&"reply 8".to_string()), "{events:?}");
+    assert_eq!(
+        events[written + 1..written + 4],
+        ["send 2", "advance", "reply 7"]
+    );
+    // The shutdown came with the batch: the loop ends once it is written.
+    assert_eq!(result, Ok(()));
+}
+
+#[test]
+fn a_leader_with_a_full_disk_hands_over_to_its_most_up_to_date_voter() {
+    let status: StatusInfo = serde_json::from_value(serde_json::json!({
+        "id": 1, "role": "leader", "term": 7, "leader": 1,
+        "last_index": 100, "commit_index": 90, "applied_index": 90,
+        "members": [
+            {"id": 1, "address": "a:1", "role": "voter"},
+            {"id": 2, "address": "a:2", "role": "voter"},
+            {"id": 3, "address": "a:3", "role": "voter"},
+            {"id": 4, "address": "a:4", "role": "learner"}
+        ],
+        "followers": [
+            {"id": 2, "match_index": 80, "lag": 20, "last_contact_ticks": 0},
+            {"id": 3, "match_index": 95, "lag": 5, "last_contact_ticks": 0},
+            {"id": 4, "match_index": 100, "lag": 0, "last_contact_ticks": 0}
+        ]
+    }))
+    .unwrap();
+    let msg = hand_over(&status).expect("a leader hands over");
+    assert_eq!((msg.from, msg.to, msg.term), (1, 3, 7));
+    assert!(matches!(msg.body, Body::TimeoutNow));
+    let follower = StatusInfo {
+        role: raft::Role::Follower,
+        ..status
+    };
+    assert!(hand_over(&follower).is_none());
 }

@@ -1,5 +1,6 @@
 use super::*;
 use crate::raft::{Membership, SessionRecord};
+use std::fs;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A fresh directory under the system temp dir, removed on drop.

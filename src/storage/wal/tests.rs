@@ -1,5 +1,6 @@
 use super::*;
 use std::error::Error as _;
+use std::fs;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A fresh directory under the system temp dir, removed on drop.
@@ -346,7 +347,7 @@ fn a_rotation_takes_the_prepared_segment_or_creates_one_without_it() {
     let (mut s, _, _) = open(&dir);
     s.persist(None, &[noop(1, 1)]).unwrap();
     assert_eq!(s.next_segment_number(), 1);
-    assert!(prepare_segment(&dir.0, 1).unwrap());
+    assert!(prepare_segment(&Fs::Real, &dir.0, 1).unwrap());
     assert!(!dir.0.join(SPARE_FILE).exists());
     let prepared = fs::read(segment(&dir, 1)).unwrap();
     assert_eq!(prepared.len() as u64, SEGMENT_PREALLOC);
@@ -365,7 +366,7 @@ fn a_rotation_takes_the_prepared_segment_or_creates_one_without_it() {
     // Not prepared this time: the segment is created as by `rotate`, and a segment in use
     // is never replaced by a late preparation.
     s.rotate_using(&hs(1, None, 2), (2, 1), true).unwrap();
-    assert!(!prepare_segment(&dir.0, 2).unwrap());
+    assert!(!prepare_segment(&Fs::Real, &dir.0, 2).unwrap());
     s.persist(None, &[noop(3, 1)]).unwrap();
     drop(s);
     for n in [1, 2] {
@@ -389,23 +390,23 @@ fn a_prepared_segment_never_written_to_is_deleted_at_open() {
     s.persist(Some(&hs(1, Some(1), 0)), &log_of(1..=3, 1))
         .unwrap();
     // Prepared and not taken: a crash while the node still writes segment 0.
-    assert!(prepare_segment(&dir.0, 1).unwrap());
+    assert!(prepare_segment(&Fs::Real, &dir.0, 1).unwrap());
     drop(s);
     let (mut s, state, got) = open(&dir);
     assert!(!segment(&dir, 1).exists());
     assert_eq!((state.vote, indices(&got)), (Some(1), vec![1, 2, 3]));
     // Taken, but a crash came before the next persist wrote its first frame; the one
     // after it was prepared too. Compaction kept the segment before them.
-    assert!(prepare_segment(&dir.0, 1).unwrap());
+    assert!(prepare_segment(&Fs::Real, &dir.0, 1).unwrap());
     s.rotate_using(&hs(1, Some(1), 3), (3, 1), true).unwrap();
-    assert!(prepare_segment(&dir.0, 2).unwrap());
+    assert!(prepare_segment(&Fs::Real, &dir.0, 2).unwrap());
     assert!(s.compact_later(3).unwrap().is_empty());
     drop(s);
     let (mut s, state, got) = open(&dir);
     assert!(!segment(&dir, 1).exists() && !segment(&dir, 2).exists());
     assert_eq!((state.vote, indices(&got)), (Some(1), vec![1, 2, 3]));
     // Once the first frame is written, the segment replaces the ones before it.
-    assert!(prepare_segment(&dir.0, 1).unwrap());
+    assert!(prepare_segment(&Fs::Real, &dir.0, 1).unwrap());
     s.rotate_using(&hs(1, Some(1), 3), (3, 1), true).unwrap();
     s.persist(None, &[data(4, 1, "four")]).unwrap();
     assert_eq!(s.compact(3).unwrap(), 1);
@@ -420,7 +421,7 @@ fn a_torn_first_frame_in_a_prepared_segment_is_dropped_only_if_nothing_follows()
     let (before, after) = {
         let (mut s, _, _) = open(&src);
         s.persist(None, &log_of(1..=2, 1)).unwrap();
-        assert!(prepare_segment(&src.0, 1).unwrap());
+        assert!(prepare_segment(&Fs::Real, &src.0, 1).unwrap());
         s.rotate_using(&hs(1, None, 2), (2, 1), true).unwrap();
         s.persist(None, &log_of(3..=3, 1)).unwrap();
         let before = fs::read(segment(&src, 1)).unwrap();
@@ -484,7 +485,7 @@ fn a_zero_segment_between_others_is_deleted_at_open() {
     s.rotate(&hs(1, None, 3), (3, 1)).unwrap();
     s.persist(None, &log_of(4..=4, 1)).unwrap();
     assert_eq!(s.compact(3).unwrap(), 2);
-    assert!(prepare_segment(&dir.0, 1).unwrap());
+    assert!(prepare_segment(&Fs::Real, &dir.0, 1).unwrap());
     drop(s);
     let (_, _, got) = open(&dir);
     assert!(!segment(&dir, 1).exists());
@@ -496,7 +497,7 @@ fn an_install_writes_the_first_frame_at_once() {
     let dir = TempDir::new("install-first");
     let (mut s, _, _) = open(&dir);
     s.persist(None, &log_of(1..=2, 1)).unwrap();
-    assert!(prepare_segment(&dir.0, 1).unwrap());
+    assert!(prepare_segment(&Fs::Real, &dir.0, 1).unwrap());
     s.rotate_using(&hs(2, None, 10), (10, 2), true).unwrap();
     s.write_first_frame().unwrap();
     let len = s.segment_len();
@@ -959,7 +960,7 @@ fn segment_names_are_numbered_numerically() {
     ] {
         fs::write(dir.0.join(name), b"").unwrap();
     }
-    let (numbers, mut leftovers) = list_segments(&dir.0).unwrap();
+    let (numbers, mut leftovers) = list_segments(&Fs::Real, &dir.0).unwrap();
     assert_eq!(numbers, vec![0, 2, 9, 10]);
     leftovers.sort();
     assert_eq!(
@@ -1231,7 +1232,7 @@ fn a_legacy_single_wal_opens_with_base_zero() {
     assert_eq!((s.base(), s.last_index()), ((0, 0), 3));
     s.persist(None, &[noop(4, 4)]).unwrap();
     drop(s);
-    assert_eq!(list_segments(&dir.0).unwrap().0, vec![0]);
+    assert_eq!(list_segments(&Fs::Real, &dir.0).unwrap().0, vec![0]);
     assert_eq!(open(&dir).2.len(), 4);
 }
 
@@ -1266,7 +1267,7 @@ fn compaction_skips_a_segment_whose_base_the_log_was_cut_back_below() {
 
     // Segment 1 alone could not come first; with segment 2 first, both go.
     assert_eq!(s.compact(9).unwrap(), 2);
-    assert_eq!(list_segments(&dir.0).unwrap().0, vec![2]);
+    assert_eq!(list_segments(&Fs::Real, &dir.0).unwrap().0, vec![2]);
     assert_eq!((s.base(), s.last_index()), ((9, 2), 11));
     assert!(s.holds((10, 2)) && s.holds((9, 2)) && !s.holds((8, 2)));
     drop(s);
@@ -1414,7 +1415,7 @@ fn crash_model_run(seed: u64, steps: usize) -> [u64; 4] {
             } else {
                 next
             };
-            if prepare_segment(&dir.0, number).unwrap() && number == next {
+            if prepare_segment(&Fs::Real, &dir.0, number).unwrap() && number == next {
                 prepared = number;
             }
         } else if op < 65 {
@@ -1426,7 +1427,8 @@ fn crash_model_run(seed: u64, steps: usize) -> [u64; 4] {
             deferred.push(s.compact_later(through(&mut rng, &s)).unwrap());
         } else if op < 82 {
             if !deferred.is_empty() {
-                counts[2] += delete_segments(&dir.0, &deferred.remove(0)).unwrap() as u64;
+                counts[2] +=
+                    delete_segments(&Fs::Real, &dir.0, &deferred.remove(0)).unwrap() as u64;
             }
         } else if op < 88 {
             counts[2] += s.compact(through(&mut rng, &s)).unwrap() as u64;
@@ -1609,7 +1611,7 @@ fn errors_print_todays_sentences() {
     );
     fs::write(dir.0.join("short"), b"raft").unwrap();
     assert_eq!(
-        open_prepared(&dir.0.join("short"))
+        open_prepared(&Fs::Real, &dir.0.join("short"))
             .err()
             .unwrap()
             .to_string(),

@@ -1,0 +1,252 @@
+//! The disk's ordering (a snapshot durable before the core hears of it, the WAL rotated and
+//! its segments deleted only after), installs that wait for a snapshot in flight, and what a
+//! full disk or a failed fsync does, on the simulated filesystem.
+
+use super::fs::Fs;
+use super::simfs::{Faults, SimFs};
+use super::*;
+use crate::raft::{record_of, Membership, Payload};
+
+const DIR: &str = "/data";
+
+fn sim() -> (SimFs, Fs) {
+    let sim = SimFs::new(7);
+    (sim.clone(), Fs::Sim(sim))
+}
+
+fn open(fs: &Fs, entries: u64, trailing: u64) -> (Disk, Restored) {
+    let (disk, restored) = Disk::open_in(fs, Path::new(DIR), 1, entries, trailing).unwrap();
+    disk.settle().unwrap();
+    (disk, restored)
+}
+
+fn entry(index: Index, size: usize) -> Entry {
+    Entry {
+        index,
+        term: 1,
+        payload: Payload::Data {
+            client: 1,
+            seq: index,
+            data: "x".repeat(size),
+        },
+    }
+}
+
+fn hs(commit: Index) -> HardState {
+    HardState {
+        term: 1,
+        vote: Some(1),
+        commit,
+    }
+}
+
+fn state(index: Index) -> SnapshotState {
+    SnapshotState {
+        index,
+        term: 1,
+        membership: Membership::default(),
+        config_at: (0, 0),
+        removed: Vec::new(),
+        sessions: Vec::new(),
+    }
+}
+
+/// Persists and applies entries `from..=to` of `size` bytes each.
+fn write(disk: &mut Disk, from: Index, to: Index, size: usize) {
+    let entries: Vec<Entry> = (from..=to).map(|i| entry(i, size)).collect();
+    disk.persist_wal(Some(&hs(to)), &entries).unwrap();
+    let records: Vec<_> = entries.iter().map(|e| record_of(e, false)).collect();
+    disk.apply(&records).unwrap();
+}
+
+/// The position of the first journal line containing `what`.
+fn at(journal: &[String], what: &str) -> usize {
+    journal
+        .iter()
+        .position(|l| l.contains(what))
+        .unwrap_or_else(|| panic!("no {what:?} in {journal:#?}"))
+}
+
+#[test]
+fn a_snapshot_is_durable_before_the_core_hears_of_it_and_the_wal_is_cut_after() {
+    let (sim, fs) = sim();
+    let (mut disk, _) = open(&fs, 10, 0);
+    // Over a segment's worth, so that compaction rotates the WAL and deletes the old one.
+    write(&mut disk, 1, 300, 4000);
+    assert!(disk.snapshot_due(300));
+    sim.start_journal();
+    disk.start_snapshot(&state(300)).unwrap();
+    disk.settle().unwrap();
+    let id = disk.snapshot_written().unwrap().expect("written");
+    sim.mark("core told");
+    disk.compact_wal(&hs(300), (300, 1), id.index).unwrap();
+    disk.settle().unwrap();
+    // The rotation took the prepared segment: its first frame goes out with the next persist,
+    // and the old segment goes only once that is durable.
+    assert!(!sim.journal().iter().any(|l| l == "unlink /data/wal"));
+    write(&mut disk, 301, 301, 10);
+    disk.compact_wal(&hs(301), (301, 1), id.index).unwrap();
+    disk.settle().unwrap();
+    let j = sim.journal();
+    let records = at(&j, "sync /data/store.1/records");
+    let index = at(&j, "sync /data/store.1/index");
+    let meta = at(&j, "rename /data/store.1/snapshot.json.tmp");
+    let meta_dir = at(&j, "syncdir /data/store.1");
+    let told = at(&j, "core told");
+    let rotated = at(&j, "sync /data/wal.1");
+    let deleted = j
+        .iter()
+        .position(|l| l == "unlink /data/wal")
+        .expect("deleted");
+    assert!(records < meta && index < meta && meta < meta_dir, "{j:#?}");
+    assert!(
+        meta_dir < told && told < rotated && rotated < deleted,
+        "{j:#?}"
+    );
+    // The segment deleted is the old one; the directory is synced after.
+    assert_eq!(j[deleted], "unlink /data/wal", "{j:#?}");
+    assert!(
+        j[deleted + 1..].iter().any(|l| l == "syncdir /data"),
+        "{j:#?}"
+    );
+}
+
+#[test]
+fn an_install_waits_for_a_snapshot_in_flight() {
+    let (sim, fs) = sim();
+    let (mut disk, _) = open(&fs, 10, 0);
+    write(&mut disk, 1, 20, 10);
+    // The leader's snapshot at 30, from a store of its own.
+    let leader = Fs::Sim(SimFs::new(3));
+    let (mut store, _) = Store::open_in(&leader, Path::new("/leader")).unwrap();
+    let records: Vec<_> = (1..=30).map(|i| record_of(&entry(i, 10), false)).collect();
+    store.append(&records).unwrap();
+    let id = store.write_snapshot(&state(30)).unwrap();
+    let bytes = store.read_chunk(&id, 0, id.total_len()).unwrap();
+    let (data, crc) = store::encode_chunk(&bytes);
+
+    sim.start_journal();
+    disk.start_snapshot(&state(20)).unwrap();
+    let w = ChunkWrite {
+        from: 2,
+        snapshot: id,
+        offset: 0,
+        data,
+        crc,
+    };
+    match disk.stage(&w, hs(20)).unwrap() {
+        Staged::Installed { state, .. } => assert_eq!(state.index, 30),
+        Staged::Partial { have } => panic!("only {have} bytes staged"),
+    }
+    let j = sim.journal();
+    let snapshot_done = at(&j, "syncdir /data/store.1");
+    let installed = at(&j, "rename /data/install /data/store.2");
+    assert!(snapshot_done < installed, "{j:#?}");
+    // The snapshot of the replaced store is not announced.
+    assert_eq!(disk.snapshot_written().unwrap(), None);
+    let (_, restored) = {
+        drop(disk);
+        open(&fs, 10, 0)
+    };
+    assert_eq!(restored.snapshot.map(|(s, _)| s.index), Some(30));
+}
+
+#[test]
+fn a_full_disk_refuses_a_batch_which_goes_through_once_there_is_space() {
+    let (sim, fs) = sim();
+    let (mut disk, _) = open(&fs, 1_000_000, 0);
+    write(&mut disk, 1, 10, 100);
+    // A batch that outgrows the preallocated segment, on a disk with no room to grow.
+    let big: Vec<Entry> = (11..=40).map(|i| entry(i, 100_000)).collect();
+    let used = 0;
+    sim.set_faults(Faults {
+        capacity: Some(used),
+        ..Faults::default()
+    });
+    let e = disk.persist_wal(Some(&hs(10)), &big).unwrap_err();
+    assert!(e.is_disk_full(), "{e}");
+    assert!(e.to_string().contains("/data/wal"), "{e}");
+    assert!(disk.full().is_some());
+    assert_eq!(disk.take_errors(), ["wal_write"]);
+    // Still full: refused again, never poisoned.
+    assert!(disk
+        .persist_wal(Some(&hs(10)), &big)
+        .unwrap_err()
+        .is_disk_full());
+    sim.set_faults(Faults::default());
+    disk.persist_wal(Some(&hs(10)), &big).unwrap();
+    assert!(disk.full().is_none());
+    drop(disk);
+    sim.power_cut();
+    let (_, restored) = open(&fs, 1_000_000, 0);
+    assert_eq!(restored.entries.len(), 40);
+    assert_eq!(restored.entries[39], big[29]);
+}
+
+#[test]
+fn a_store_the_disk_filled_is_written_again_without_a_restart() {
+    let (sim, fs) = sim();
+    let (mut disk, _) = open(&fs, 1_000_000, 0);
+    write(&mut disk, 1, 10, 100);
+    sim.set_faults(Faults {
+        capacity: Some(0),
+        ..Faults::default()
+    });
+    // More than the store's write buffer, so that it writes to the file.
+    let entries: Vec<Entry> = (11..=40).map(|i| entry(i, 60_000)).collect();
+    let records: Vec<_> = entries.iter().map(|e| record_of(e, false)).collect();
+    disk.apply(&records).unwrap();
+    assert!(disk.full().is_some());
+    assert!(disk.take_errors().contains(&"store_write"));
+    assert!(
+        !disk.snapshot_due(40),
+        "no snapshot of a store that is behind"
+    );
+    // Reads below the core's memory are refused meanwhile.
+    let read = StoreRead {
+        id: 1,
+        reply_to: "127.0.0.1:9".parse().unwrap(),
+        start: 1,
+        read_index: 40,
+    };
+    assert!(matches!(disk.page(&read), ClientResult::Refused { .. }));
+    let more: Vec<_> = (41..=45).map(|i| record_of(&entry(i, 10), false)).collect();
+    disk.apply(&more).unwrap();
+    sim.set_faults(Faults::default());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while disk.full().is_some() {
+        assert!(Instant::now() < deadline, "the store was not written again");
+        disk.apply(&[]).unwrap();
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(disk.store.last_index(), 45);
+    let (page, _) = disk.store.read_page(1, 45, 1 << 30).unwrap();
+    assert_eq!(page.len(), 45);
+    assert_eq!(page[39], records[29]);
+    assert_eq!(page[44], more[4]);
+}
+
+#[test]
+fn a_failed_fsync_stops_the_wal_for_good() {
+    let (sim, fs) = sim();
+    let (mut disk, _) = open(&fs, 1_000_000, 0);
+    write(&mut disk, 1, 10, 100);
+    sim.set_faults(Faults {
+        failing_syncs: 1,
+        ..Faults::default()
+    });
+    let e = disk
+        .persist_wal(Some(&hs(11)), &[entry(11, 10)])
+        .unwrap_err();
+    assert!(!e.is_disk_full());
+    assert!(disk.full().is_none(), "not a full disk: the peer exits");
+    // The fsync would now succeed, but what the failed one dropped is unknown: refused.
+    let again = disk
+        .persist_wal(Some(&hs(11)), &[entry(11, 10)])
+        .unwrap_err();
+    assert!(again.to_string().contains("earlier"), "{again}");
+    drop(disk);
+    // A restart reads what is on disk: the batch whose fsync failed may or may not be there.
+    let (_, restored) = open(&fs, 1_000_000, 0);
+    assert!(restored.entries.len() >= 10);
+}
