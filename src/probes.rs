@@ -179,6 +179,7 @@ mod tests {
             elections_started: 0,
             leader_changes: 0,
             auth_failures: 0,
+            disk_full: false,
             members: vec![],
             config_index: 0,
             snapshot_index: 0,
