@@ -9,8 +9,6 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
 use std::time::Duration;
 
 fn scrape(addr: SocketAddr) -> Result<String, String> {
@@ -83,15 +81,7 @@ fn metrics_follow_appends_and_a_leader_change_and_pass_promtool() {
         common::write_json(path, &json);
         metrics_addrs.insert(id, addr);
     }
-    let mut cluster = Cluster {
-        peers: BTreeMap::new(),
-        configs,
-        dir,
-        acked: Arc::new(AtomicUsize::new(0)),
-    };
-    for id in 1..=3 {
-        cluster.start_peer(id);
-    }
+    let mut cluster = Cluster::start_in(dir, configs);
     let leader = cluster.wait_for_one_leader(Duration::from_secs(10));
     for i in 0..20 {
         let out = cluster.client(&["append", &format!("m{i}")]);

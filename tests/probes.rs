@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,16 +62,7 @@ fn cluster_with_metrics(name: &str, n: usize) -> (Cluster, BTreeMap<u64, SocketA
     let dir = TempDir::new(name);
     let configs = common::write_configs(&dir.0, n);
     let addrs = with_metrics(&configs);
-    let mut cluster = Cluster {
-        peers: BTreeMap::new(),
-        configs,
-        dir,
-        acked: Arc::new(AtomicUsize::new(0)),
-    };
-    for id in 1..=n as u64 {
-        cluster.start_peer(id);
-    }
-    (cluster, addrs)
+    (Cluster::start_in(dir, configs), addrs)
 }
 
 #[test]
@@ -237,10 +228,17 @@ fn probes_follow_the_loss_of_a_leader_and_its_return() {
         "{reason}"
     );
     // It stays unready without a majority, and alive all along.
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(code(addrs[&survivor], "/readyz"), Ok(503));
-    let (health, body) = get(addrs[&survivor], "/healthz").unwrap();
-    assert_eq!(health, 200, "{body}");
+    common::holds_for(
+        Duration::from_millis(500),
+        "the survivor unready and alive",
+        || match (
+            code(addrs[&survivor], "/readyz"),
+            code(addrs[&survivor], "/healthz"),
+        ) {
+            (Ok(503), Ok(200)) => Ok(()),
+            other => Err(format!("/readyz, /healthz: {other:?}")),
+        },
+    );
 
     // And back.
     cluster.start_peer(leader);

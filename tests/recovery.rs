@@ -5,40 +5,11 @@
 
 mod common;
 
-use common::{free_ports, Cluster, TempDir, PEER};
+use common::{free_ports, script, Cluster, StopScripts, TempDir};
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Runs `scripts/NAME ARGS` with `home` as `RAFT_HOME` and the test's binaries.
-fn script(home: &Path, name: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
-    let target = Path::new(PEER).parent().unwrap().parent().unwrap();
-    Command::new(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("scripts")
-            .join(name),
-    )
-    .args(args)
-    .env("RAFT_HOME", home)
-    .env("CARGO_TARGET_DIR", target)
-    .env("RAFT_NO_BUILD", "1")
-    .env("RUST_LOG", "info")
-    .envs(envs.iter().copied())
-    .output()
-    .unwrap()
-}
-
-/// Stops what the scripts started, even when the test fails.
-struct StopScripts(std::path::PathBuf);
-
-impl Drop for StopScripts {
-    fn drop(&mut self) {
-        let _ = script(&self.0, "stop-cluster.sh", &[], &[]);
-    }
-}
 
 #[test]
 fn force_new_cluster_recovers_a_lost_majority_and_grows_back() {
@@ -54,15 +25,7 @@ fn force_new_cluster_recovers_a_lost_majority_and_grows_back() {
         configs.insert(id, path);
     }
     let _stop = StopScripts(home.clone());
-    let mut cluster = Cluster {
-        peers: BTreeMap::new(),
-        configs,
-        dir,
-        acked: Arc::new(AtomicUsize::new(0)),
-    };
-    for id in 1..=3 {
-        cluster.start_peer(id);
-    }
+    let mut cluster = Cluster::start_in(dir, configs);
     let leader = cluster.wait_for_one_leader(Duration::from_secs(10));
 
     // The two followers are lost for good, with their data, while appends stream in. Every

@@ -5,30 +5,13 @@
 
 mod common;
 
-use common::{free_ports, json_lines, TempDir, CLIENT, PEER};
+use common::{free_ports, json_lines, script, StopScripts, TempDir, CLIENT};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-/// Runs `scripts/NAME ARGS` with `home` as `RAFT_HOME` and the test's binaries.
-fn script(home: &Path, name: &str, args: &[&str]) -> Output {
-    let target = Path::new(PEER).parent().unwrap().parent().unwrap();
-    Command::new(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("scripts")
-            .join(name),
-    )
-    .args(args)
-    .env("RAFT_HOME", home)
-    .env("CARGO_TARGET_DIR", target)
-    .env("RAFT_NO_BUILD", "1")
-    .env("RUST_LOG", "info")
-    .output()
-    .unwrap()
-}
+use std::path::Path;
+use std::process::Command;
 
 fn ok(home: &Path, name: &str, args: &[&str]) -> String {
-    let out = script(home, name, args);
+    let out = script(home, name, args, &[]);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -59,15 +42,6 @@ fn members(home: &Path, via: u64) -> Vec<(u64, String)> {
         .collect()
 }
 
-/// Stops whatever the scripts started, even when the test fails.
-struct Stop(PathBuf);
-
-impl Drop for Stop {
-    fn drop(&mut self) {
-        let _ = script(&self.0, "stop-cluster.sh", &[]);
-    }
-}
-
 #[test]
 fn the_scripts_grow_restart_and_shrink_a_cluster() {
     let dir = TempDir::new("scripts");
@@ -87,7 +61,7 @@ fn the_scripts_grow_restart_and_shrink_a_cluster() {
         });
         common::write_json(&peers.join(format!("peer{id}.json")), &config);
     }
-    let _stop = Stop(home.clone());
+    let _stop = StopScripts(home.clone());
 
     let started = ok(&home, "start-cluster.sh", &[]);
     assert!(started.contains("leader: "), "{started}");

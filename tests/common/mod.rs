@@ -125,6 +125,49 @@ pub struct Cluster {
     pub acked: Arc<AtomicUsize>,
 }
 
+/// Runs `scripts/NAME ARGS` with `home` as `RAFT_HOME`, the test's binaries and `envs`.
+pub fn script(home: &Path, name: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let target = Path::new(PEER).parent().unwrap().parent().unwrap();
+    Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("scripts")
+            .join(name),
+    )
+    .args(args)
+    .env("RAFT_HOME", home)
+    .env("CARGO_TARGET_DIR", target)
+    .env("RAFT_NO_BUILD", "1")
+    .env("RUST_LOG", "info")
+    .envs(envs.iter().copied())
+    .output()
+    .unwrap()
+}
+
+/// Stops whatever the scripts started in its `RAFT_HOME`, even when the test fails.
+pub struct StopScripts(pub PathBuf);
+
+impl Drop for StopScripts {
+    fn drop(&mut self) {
+        let _ = script(&self.0, "stop-cluster.sh", &[], &[]);
+    }
+}
+
+/// Checks `holds` every 20 ms for `span`, and panics with `what` and its Err at the first
+/// failure: a state that must last (a peer stays up, a probe stays unready), not merely be
+/// seen once.
+pub fn holds_for(span: Duration, what: &str, mut holds: impl FnMut() -> Result<(), String>) {
+    let end = Instant::now() + span;
+    loop {
+        if let Err(seen) = holds() {
+            panic!("{what} did not hold for {span:?}:\n{seen}");
+        }
+        if Instant::now() >= end {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Calls `attempt` every 20 ms until it returns Ok, and panics with `what` and the last Err
 /// (the state seen last, for the failure message) once `within` has passed.
 pub fn poll_until<T>(
@@ -156,13 +199,19 @@ impl Cluster {
         for path in configs.values() {
             configure(path);
         }
+        Cluster::start_in(dir, configs)
+    }
+
+    /// Starts a peer on each of `configs` (written under `dir`).
+    pub fn start_in(dir: TempDir, configs: BTreeMap<u64, PathBuf>) -> Cluster {
+        let ids: Vec<u64> = configs.keys().copied().collect();
         let mut cluster = Cluster {
             peers: BTreeMap::new(),
             configs,
             dir,
             acked: Arc::new(AtomicUsize::new(0)),
         };
-        for id in 1..=n as u64 {
+        for id in ids {
             cluster.start_peer(id);
         }
         cluster
