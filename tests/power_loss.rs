@@ -9,6 +9,7 @@
 //! `POWER_LOSS_SEED=<n>` reruns one seed; `POWER_LOSS_SEEDS=<k>` runs k seeds from a random
 //! start; `POWER_LOSS_OPS=<n>` sets the operations per seed.
 
+use raft::raft::rng::Rng;
 use raft::raft::{
     record_of, ChunkWrite, Entry, HardState, Index, Membership, Payload, SnapshotState,
 };
@@ -21,33 +22,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 const NODE: u64 = 1;
-
-/// The test's own random numbers (xorshift64*), so that a seed replays the same run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-    fn one_in(&mut self, n: u64) -> bool {
-        self.below(n) == 0
-    }
-}
 
 /// What the disk must hold: the durable hard state and the whole log (never compacted here),
 /// and the index the latest finished snapshot or install reached.
@@ -102,7 +76,7 @@ struct Run {
 }
 
 fn data(rng: &mut Rng) -> String {
-    let len = if rng.one_in(20) {
+    let len = if rng.below(20) == 0 {
         rng.range(2_000, 9_000)
     } else {
         rng.below(300)
@@ -193,8 +167,8 @@ fn check(disk: &mut Disk, r: &Restored, models: &[&Model], rng: &mut Rng) -> Res
 
 impl Run {
     fn new(seed: u64) -> Run {
-        let mut rng = Rng(seed | 1);
-        let fs = SimFs::new(rng.next());
+        let mut rng = Rng::new(seed);
+        let fs = SimFs::new(rng.next_u64());
         fs.capture_images(8);
         let snapshot_entries = rng.range(30, 300);
         let trailing = rng.range(0, 100);
@@ -282,7 +256,7 @@ impl Run {
             .map(|k| Entry {
                 index: last + k,
                 term,
-                payload: if self.rng.one_in(30) {
+                payload: if self.rng.below(30) == 0 {
                     Payload::Noop
                 } else {
                     Payload::Data {
@@ -359,7 +333,7 @@ impl Run {
             self.check_images(&[&model], "a snapshot");
         }
         // Sometimes left for later, so that an install finds it in flight.
-        if self.unannounced && !self.rng.one_in(4) {
+        if self.unannounced && self.rng.below(4) != 0 {
             self.announce();
         }
     }
@@ -464,7 +438,7 @@ impl Run {
         self.persist(hs, Vec::new(), "a new term");
         let commit = self.model.hs.commit;
         let at = self.rng.range(commit + 1, self.model.last() + 40);
-        let keep_ours = self.rng.one_in(2);
+        let keep_ours = self.rng.below(2) == 0;
         let mut leader_log: Vec<Entry> = self.model.log[..commit as usize].to_vec();
         for index in commit + 1..=at {
             let entry = match self.model.log.get(index as usize - 1) {
@@ -482,7 +456,7 @@ impl Run {
             leader_log.push(entry);
         }
         // The leader's store lives on a disk of its own that never loses power.
-        let leader_fs = Fs::Sim(SimFs::new(self.rng.next()));
+        let leader_fs = Fs::Sim(SimFs::new(self.rng.next_u64()));
         let (mut store, _) = Store::open_in(&leader_fs, Path::new("/leader")).unwrap();
         let records: Vec<_> = leader_log.iter().map(|e| record_of(e, false)).collect();
         store.append(&records).unwrap();

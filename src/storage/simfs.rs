@@ -19,6 +19,8 @@ use std::io::{self, SeekFrom};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::raft::rng::Rng;
+
 /// How `Fs::open` opens a file (the `std::fs::OpenOptions` subset the storage uses).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Open {
@@ -104,7 +106,7 @@ struct State {
     /// Set by [`SimFs::capture_images`]: a crash image is taken before every fsync (file or
     /// directory) and, at random, before other changes.
     capture: Option<Capture>,
-    rng: u64,
+    rng: Rng,
     /// Set by [`SimFs::start_journal`]: the durability-relevant operations, in order.
     journal: Option<Vec<String>>,
 }
@@ -129,7 +131,7 @@ impl Default for State {
             faults: Faults::default(),
             counts: Counts::default(),
             capture: None,
-            rng: 0x9e37_79b9_7f4a_7c15,
+            rng: Rng::new(0),
             journal: None,
         }
     }
@@ -296,41 +298,13 @@ fn names(path: &Path) -> io::Result<Vec<String>> {
     Ok(out)
 }
 
-/// xorshift64*: enough to pick crash outcomes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-}
-
 impl State {
     fn next_random(&mut self) -> u64 {
-        let mut rng = Rng(self.rng);
-        let x = rng.next();
-        self.rng = rng.0;
-        x
+        self.rng.next_u64()
     }
 
     fn below(&mut self, n: u64) -> u64 {
-        let mut rng = Rng(self.rng);
-        let x = rng.below(n);
-        self.rng = rng.0;
-        x
+        self.rng.below(n)
     }
 
     fn dir(&self, ino: u64) -> Option<&DirNode> {
@@ -443,7 +417,7 @@ impl State {
     /// its unsynced writes (one of them maybe missing, the last one torn), and for each
     /// directory a prefix of its unsynced changes.
     fn crash_image(&mut self) -> State {
-        let mut rng = Rng(self.rng);
+        let mut rng = self.rng.clone();
         let mut inos: Vec<u64> = self.inodes.keys().copied().collect();
         inos.sort_unstable();
         let mut inodes = HashMap::with_capacity(inos.len());
@@ -506,8 +480,8 @@ impl State {
             };
             inodes.insert(ino, image);
         }
-        self.rng = rng.0;
-        let rng = self.next_random() | 1;
+        self.rng = rng;
+        let rng = Rng::new(self.next_random());
         State {
             inodes,
             next_ino: self.next_ino,
@@ -541,7 +515,7 @@ impl State {
 impl SimFs {
     pub fn new(seed: u64) -> SimFs {
         let fs = SimFs::default();
-        fs.lock().rng = seed | 1;
+        fs.lock().rng = Rng::new(seed);
         fs
     }
 
