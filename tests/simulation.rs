@@ -655,7 +655,8 @@ fn random_fault(s: &mut Sim, membership: bool) {
             }
         }
         7 => s.isolate(id),
-        8 => {
+        // With membership changes, as few as one node may be left to cut off from nobody.
+        8 if nodes >= 2 => {
             let mut rest = ids.clone();
             s.rng.shuffle(&mut rest);
             let k = s.rng.range(1, (nodes / 2) as u64) as usize;
