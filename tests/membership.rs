@@ -484,6 +484,49 @@ fn a_rejoining_node_does_not_take_its_rejoin_for_a_removal_before_it_commits() {
 }
 
 #[test]
+fn a_node_started_over_gives_no_vote_before_its_log_reaches_the_vote_floor() {
+    // Found by the randomized runs with rejoins (seed 1796820000007090): `gone`, removed by
+    // {leader, stale, learner} and started over, gave its vote to `stale`, whose log ended
+    // before the changes that added `learner` and removed `gone` and which therefore still
+    // counted `gone` as a voter; `stale` then led without committed entries. Here `gone` is
+    // cut off from the cluster just after adopting it (its log still empty), and `stale` can
+    // reach only `gone`: no leader may come of it.
+    for seed in seeds(10) {
+        let mut s = Sim::new(seed, SimConfig::reliable(3));
+        let leader = s.wait_for_leader(2_000 * MS);
+        let others: Vec<NodeId> = s.ids.iter().copied().filter(|&i| i != leader).collect();
+        let (gone, stale) = (others[0], others[1]);
+        s.crash(stale);
+        let learner = add_learner(&mut s);
+        catch_up(&mut s, learner);
+        change(&mut s, ConfChange::Promote { id: learner });
+        change(&mut s, ConfChange::Remove { id: gone });
+        s.run_until(BOUND, |s| s.retired.contains(&gone));
+        s.decommission();
+        if !append_commits(&mut s, leader, "before the rejoin", &[learner], BOUND) {
+            s.fail("no append committed without the stale node");
+        }
+        s.run_for(100 * MS);
+        s.rejoin(gone, &[leader]);
+        if !s.run_until(BOUND, |s| s.disks[&gone].adopted) {
+            s.fail("the rejoined node never adopted its cluster");
+        }
+        s.partition(&[gone], &[leader, learner]);
+        assert!(
+            s.node(gone).unwrap().vote_floor() > 0,
+            "seed {seed}: adopted without a vote floor"
+        );
+        s.partition(&[stale], &[leader, learner]);
+        s.restart(stale);
+        s.assert_no_leader_among(&[gone, stale], 0, 3 * BOUND);
+        s.heal();
+        catch_up(&mut s, gone);
+        assert_eq!(s.node(gone).unwrap().vote_floor(), 0, "seed {seed}");
+        assert_eq!(s.disks[&gone].vote_floor, 0, "seed {seed}: cleared on disk");
+    }
+}
+
+#[test]
 fn members_replaced_while_one_is_down_never_wedge_it() {
     // Issue #22 at random: round after round, a voter is stopped, a fresh node joins (a few
     // members as contact points) and is promoted, another voter (the leader half the time) is

@@ -419,19 +419,18 @@ fn rejoins_in_random_runs() -> bool {
     std::env::var("SIM_REJOINS").map_or(REJOINS_IN_RANDOM_RUNS, |v| v.trim() != "0")
 }
 
-/// Off: a node started over on an empty disk can vote before it has caught up, which is not
-/// safe (docs/membership.md, "A vote from a peer started over"): over 20,000 seeds with
-/// rejoins on, seed 1796820000007090 (membership and snapshots, 3 nodes) elected a leader
-/// lacking a committed entry. Node 3, removed by {1, 2, 4}, started over and, with an empty
-/// log, gave its vote to node 2, whose log ended before the changes that added 4 and removed
-/// 3: a majority of {1, 2, 3} as node 2 knew it. `SIM_REJOINS=1` brings rejoins in again.
-/// (Fixed on the way, each found with rejoins on: a rejoiner took a late AppendEntries' held-
-/// back commit index as the leader's, seed 1796800000000376; a Rejoin issued at once let a
-/// datagram sent to the earlier life reach the new one, seed 1796810000001688; both now pass,
-/// as did 3,000 seeds of each membership test: `SIM_SEEDS=3000
-/// SIM_SEED_OFFSET=1796810000000000 SIM_REJOINS=1 cargo test --release --test simulation
-/// membership`, on 2026-12-07.)
-const REJOINS_IN_RANDOM_RUNS: bool = false;
+/// On. They were off for a while: a node started over on an empty disk could vote before it
+/// had caught up, which is not safe: over 20,000 seeds, seed 1796820000007090 (membership and
+/// snapshots, 3 nodes) elected a leader lacking a committed entry (node 3, removed by {1, 2, 4}
+/// and started over, gave its vote to node 2, whose log ended before the changes that added 4
+/// and removed 3). A node that joined on an empty disk now votes only once its log reached its
+/// vote floor (`src/raft/node/started_over.rs`; scenario test
+/// `a_node_started_over_gives_no_vote_before_its_log_reaches_the_vote_floor` in
+/// tests/membership.rs, which fails without it). Fixed on the way, each found with rejoins
+/// on: a rejoiner took a late AppendEntries' held-back commit index as the leader's (seed
+/// 1796800000000376); a Rejoin issued at once let a datagram sent to the earlier life reach
+/// the new one (seed 1796810000001688). `SIM_REJOINS=0` leaves rejoins out.
+const REJOINS_IN_RANDOM_RUNS: bool = true;
 
 /// One randomized run: clients append and query back to back (two of them sharing an ID) over
 /// a network whose loss, duplication, delay and share of datagrams 0.2-2 s late change every

@@ -714,6 +714,7 @@ impl Harness {
             election_ticks: self.election,
             heartbeat_ticks: self.heartbeat,
             max_inflight: self.inflight,
+            vote_floor: 0,
             seed: self.seed,
         };
         let node = Node::new(cfg.clone(), HardState::default(), Vec::new());

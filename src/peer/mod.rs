@@ -33,7 +33,9 @@ mod routes;
 use crate::cluster::{self, Start};
 use crate::config::PeerConfig;
 use crate::metrics::MetricsServer;
-use crate::raft::{self, ClientRequest, HardState, Membership, Message, Node, NodeId, ReplyTo};
+use crate::raft::{
+    self, ClientRequest, HardState, Index, Membership, Message, Node, NodeId, ReplyTo,
+};
 use crate::storage::{Disk, Restored};
 use crate::transport::{self, Inbound, Queues};
 use crossbeam_channel::{select, Receiver, Sender};
@@ -120,6 +122,7 @@ impl Timing {
 pub fn core_config(
     config: &PeerConfig,
     bootstrap: Membership,
+    vote_floor: Index,
     timing: &Timing,
     seed: u64,
 ) -> raft::Config {
@@ -129,6 +132,7 @@ pub fn core_config(
         election_ticks: timing.election_ticks,
         heartbeat_ticks: timing.heartbeat_ticks,
         max_inflight: MAX_INFLIGHT,
+        vote_floor,
         seed,
     }
 }
@@ -237,13 +241,23 @@ pub fn run_with(
         base,
         entries,
     } = restored;
-    let routes = Routes::new(&config, &start);
-    let bootstrap = match start {
-        Start::Member(file) => file.bootstrap,
-        Start::Joining => Membership::default(),
+    let routes = Routes::new(
+        &config,
+        &start,
+        timing.tick * timing.election_ticks.1 as u32,
+    );
+    let (bootstrap, vote_floor) = match start {
+        Start::Member(file) => (file.bootstrap, file.vote_floor),
+        Start::Joining => (Membership::default(), 0),
     };
     let node = Node::restore(
-        core_config(&config, bootstrap, &timing, seed(config.node_id)),
+        core_config(
+            &config,
+            bootstrap,
+            vote_floor,
+            &timing,
+            seed(config.node_id),
+        ),
         hard_state,
         snapshot,
         base,

@@ -52,6 +52,11 @@ pub(super) trait Core {
     fn routing_key(&self) -> Option<raft::node::RoutingKey> {
         None
     }
+    /// See [`Node::set_vote_floor`].
+    fn set_vote_floor(&mut self, _floor: Index) {}
+    fn vote_floor(&self) -> Index {
+        0
+    }
     /// A committed configuration removed this node: the peer stops.
     fn removed(&self) -> bool {
         false
@@ -116,6 +121,12 @@ impl Core for Node {
     }
     fn removed(&self) -> bool {
         Node::removed(self)
+    }
+    fn set_vote_floor(&mut self, floor: Index) {
+        Node::set_vote_floor(self, floor)
+    }
+    fn vote_floor(&self) -> Index {
+        Node::vote_floor(self)
     }
     fn id(&self) -> NodeId {
         Node::id(self)
@@ -309,6 +320,9 @@ pub(super) fn node_loop(
         }
         inst.metrics.probes.turned_over(status.as_ref());
         follow_configuration(&core, &mut out, routes);
+        if let Some(r) = routes.as_mut() {
+            r.vote_floor_reached(core.vote_floor())?;
+        }
         if core.removed() {
             let routing = core.routing();
             log::info!(
@@ -402,6 +416,9 @@ impl Batch {
                     None => true,
                 };
                 if admitted {
+                    if let Some(floor) = routes.as_mut().and_then(Routes::take_adopted_floor) {
+                        core.set_vote_floor(floor);
+                    }
                     inst.heard(&msg);
                     core.step(msg);
                 }

@@ -147,6 +147,7 @@ fn build(
         name,
         bootstrap,
         joined: false,
+        vote_floor: 0,
     };
     file.write(into)?;
     Ok(())

@@ -36,6 +36,11 @@ pub(super) struct Joining {
     /// When it started waiting, and when it last said it still is.
     since: Instant,
     reminded: Instant,
+    /// It adopts no cluster before this long after it started (the longest election
+    /// timeout): a leader cut off from its majority before this ID's removal committed may
+    /// still send it AppendEntries, and must have stepped down (check quorum) first, or our
+    /// answers could keep it leading a stale configuration that still counts this ID.
+    adopt_after: Duration,
 }
 
 /// How often a joining peer that no leader has reached says so.
@@ -63,6 +68,10 @@ pub(super) struct Routes {
     /// contact points did not include. At most [`MAX_LEARNED`].
     learned: BTreeMap<NodeId, String>,
     joining: Option<Joining>,
+    /// The `cluster` file's vote floor (see `raft::node::vote_floor_from`), until it is
+    /// cleared there; and the one just adopted, for the core.
+    vote_floor_on_disk: Index,
+    adopted_floor: Option<Index>,
     /// The configurations the directory was last computed from; `None`: recompute.
     pub(super) seen: Option<Routing>,
     /// The core's routing key when `seen` was computed.
@@ -70,18 +79,18 @@ pub(super) struct Routes {
 }
 
 impl Routes {
-    pub(super) fn new(config: &PeerConfig, start: &Start) -> Routes {
+    pub(super) fn new(config: &PeerConfig, start: &Start, adopt_after: Duration) -> Routes {
         let mut older: BTreeMap<NodeId, String> = config
             .other_peers
             .iter()
             .map(|p| (p.node_id, format!("{}:{}", p.host, p.port)))
             .collect();
-        let (cluster, bootstrap, joining) = match start {
+        let (cluster, bootstrap, joining, vote_floor_on_disk) = match start {
             Start::Member(file) => {
                 for m in &file.bootstrap.members {
                     older.insert(m.id, m.address.clone());
                 }
-                (file.id, describe(file), None)
+                (file.id, describe(file), None, file.vote_floor)
             }
             Start::Joining => (
                 0,
@@ -90,7 +99,9 @@ impl Routes {
                     config: config.clone(),
                     since: Instant::now(),
                     reminded: Instant::now(),
+                    adopt_after,
                 }),
+                0,
             ),
         };
         older.remove(&config.node_id);
@@ -103,6 +114,8 @@ impl Routes {
             older,
             learned: BTreeMap::new(),
             joining,
+            vote_floor_on_disk,
+            adopted_floor: None,
             seen: None,
             seen_key: None,
         }
@@ -123,16 +136,37 @@ impl Routes {
                 );
                 return Ok(false);
             }
-            let file = ClusterFile::joined(&joining.config, msg.cluster);
+            let Body::AppendEntries {
+                prev_log_index,
+                ref entries,
+                leader_commit,
+                ..
+            } = msg.body
+            else {
+                unreachable!("only an AppendEntries gets here")
+            };
+            if joining.since.elapsed() < joining.adopt_after {
+                log::debug!(
+                    "{}: joining: not adopting node {}'s cluster until an election timeout after start",
+                    self.name,
+                    msg.from
+                );
+                return Ok(false);
+            }
+            // Durable before the core sees the message: the floor must survive a crash.
+            let floor = raft::node::vote_floor_from(prev_log_index, entries.len(), leader_commit);
+            let file = ClusterFile::joined(&joining.config, msg.cluster, floor);
             file.write(&self.data_dir)?;
             log::info!(
-                "{}: joined cluster {:016x} (from node {}'s AppendEntries in term {}); recorded in {}",
+                "{}: joined cluster {:016x} (from node {}'s AppendEntries in term {}); recorded in {}; votes once its log reaches index {floor}",
                 self.name,
                 msg.cluster,
                 msg.from,
                 msg.term,
                 self.data_dir.join(cluster::CLUSTER_FILE).display()
             );
+            self.vote_floor_on_disk = floor;
+            self.adopted_floor = Some(floor);
             self.cluster = msg.cluster;
             self.bootstrap = describe(&file);
             self.joining = None;
@@ -145,6 +179,30 @@ impl Routes {
             self.learn(msg);
         }
         Ok(admitted)
+    }
+
+    /// The vote floor just adopted, for the core (once).
+    pub(super) fn take_adopted_floor(&mut self) -> Option<Index> {
+        self.adopted_floor.take()
+    }
+
+    /// The core's log reached the vote floor: clear it in the `cluster` file too, so that a
+    /// restart after a leader truncated our log below it does not withhold votes again.
+    pub(super) fn vote_floor_reached(&mut self, core_floor: Index) -> Result<(), String> {
+        if self.vote_floor_on_disk == 0 || core_floor != 0 {
+            return Ok(());
+        }
+        let mut file = ClusterFile::load(&self.data_dir)?.ok_or_else(|| {
+            format!(
+                "{}: {} vanished",
+                self.name,
+                self.data_dir.join(cluster::CLUSTER_FILE).display()
+            )
+        })?;
+        file.vote_floor = 0;
+        file.write(&self.data_dir)?;
+        self.vote_floor_on_disk = 0;
+        Ok(())
     }
 
     /// A joining peer that no leader has reached yet says so now and then, with what to do:
@@ -320,7 +378,11 @@ mod tests {
                 "other_peers": [{"node_ID": 2, "host": "127.0.0.1", "port": 9002}]}"#,
         )
         .unwrap();
-        let mut routes = Routes::new(&config, &Start::Member(ClusterFile::joined(&config, 7)));
+        let mut routes = Routes::new(
+            &config,
+            &Start::Member(ClusterFile::joined(&config, 7, 0)),
+            Duration::ZERO,
+        );
         routes.update(routing()).expect("a first directory");
         for (msg, admitted) in [
             (from(4, 7, "127.0.0.1:9004"), true),
@@ -341,5 +403,72 @@ mod tests {
         );
         assert!(!d.addresses.contains_key(&5), "another cluster's node");
         assert!(d.accept.senders.contains(&4) && !d.accept.senders.contains(&5));
+    }
+}
+
+#[cfg(test)]
+mod joining_tests {
+    use super::*;
+
+    fn joining(adopt_after: Duration) -> (Routes, PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "raft-routes-joining-{}-{}",
+            std::process::id(),
+            crate::auth::fresh_epoch()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut config = PeerConfig::parse(
+            r#"{"name": "p4", "node_ID": 4, "host": "127.0.0.1", "port": 9004,
+                "other_peers": [{"node_ID": 1, "host": "127.0.0.1", "port": 9001}]}"#,
+        )
+        .unwrap();
+        config.data_dir = dir.clone();
+        (Routes::new(&config, &Start::Joining, adopt_after), dir)
+    }
+
+    fn append(prev_log_index: Index, entries: usize, leader_commit: Index) -> Message {
+        let entry = |index| raft::Entry {
+            index,
+            term: 1,
+            payload: raft::Payload::Noop,
+        };
+        Message {
+            cluster: 7,
+            from: 1,
+            to: 4,
+            term: 1,
+            body: Body::AppendEntries {
+                prev_log_index,
+                prev_log_term: 1,
+                entries: (1..=entries as Index).map(entry).collect(),
+                leader_commit,
+                read_seq: 0,
+            },
+            reply_at: None,
+        }
+    }
+
+    #[test]
+    fn a_joining_peer_adopts_its_cluster_with_a_durable_vote_floor_after_an_election_timeout() {
+        let (mut waiting, dir) = joining(Duration::from_secs(3600));
+        assert_eq!(waiting.admit(&append(7, 2, 5)), Ok(false), "too early");
+        assert_eq!(ClusterFile::load(&dir), Ok(None));
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let (mut routes, dir) = joining(Duration::ZERO);
+        assert_eq!(routes.admit(&append(7, 2, 5)), Ok(true));
+        let file = ClusterFile::load(&dir).unwrap().unwrap();
+        assert_eq!(
+            (file.id, file.vote_floor),
+            (7, 9),
+            "prev_log_index + entries"
+        );
+        assert_eq!(routes.take_adopted_floor(), Some(9));
+        assert_eq!(routes.take_adopted_floor(), None, "handed to the core once");
+        routes.vote_floor_reached(9).unwrap();
+        assert_eq!(ClusterFile::load(&dir).unwrap().unwrap().vote_floor, 9);
+        routes.vote_floor_reached(0).unwrap();
+        assert_eq!(ClusterFile::load(&dir).unwrap().unwrap().vote_floor, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -19,9 +19,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 mod reconfig;
 #[cfg(test)]
 mod snapshot_tests;
+mod started_over;
 use super::ready::{ChunkRead, ChunkWrite, HardState, Ready, StoreRead};
 use super::state_machine::record_of;
 pub use reconfig::PROMOTE_MAX_LAG;
+pub use started_over::vote_floor_from;
 
 /// See [`Node::routing_key`].
 pub type RoutingKey = (Index, Term, Index, usize);
@@ -40,6 +42,9 @@ pub struct Config {
     pub max_inflight: usize,
     /// Seed of the core's own random generator (election timeouts).
     pub seed: u64,
+    /// A peer started over on an empty data dir votes only once its log reaches this index
+    /// (see `started_over.rs`); 0: no floor.
+    pub vote_floor: Index,
 }
 
 /// A linearizable query waiting for a majority to confirm leadership (thesis §6.4).
@@ -133,6 +138,8 @@ pub struct Node {
     chunk_writes: Vec<ChunkWrite>,
     /// Follower: the snapshot streams sent to it this term, to drop stale chunks.
     receiving: SnapshotReceive,
+    /// No vote until the log reaches this index (0: none); see `started_over.rs`.
+    vote_floor: Index,
 }
 
 impl Node {
@@ -190,6 +197,7 @@ impl Node {
             commit: log.commit,
             ..hard_state
         };
+        let vote_floor = cfg.vote_floor;
         let mut node = Node {
             rng: Rng::new(cfg.seed ^ cfg.id.rotate_left(32)),
             cfg,
@@ -235,7 +243,9 @@ impl Node {
             chunk_reads: Vec::new(),
             chunk_writes: Vec::new(),
             receiving: SnapshotReceive::default(),
+            vote_floor,
         };
+        node.reached_vote_floor();
         node.reset_election_timer();
         node.apply_committed();
         let me = node.cfg.id;
@@ -985,9 +995,14 @@ impl Node {
         else {
             return;
         };
+        let floor = self.reached_vote_floor();
         let granted = (self.vote.is_none() || self.vote == Some(msg.from))
             && self.role != Role::Leader
+            && floor
             && self.log.is_up_to_date(last_log_index, last_log_term);
+        if !floor {
+            self.below_vote_floor(msg.from);
+        }
         if granted {
             self.vote = Some(msg.from);
             self.reset_election_timer();
@@ -1011,9 +1026,14 @@ impl Node {
         };
         let leader_alive = self.role == Role::Leader
             || (self.leader.is_some() && self.election_elapsed < self.cfg.election_ticks.0);
+        let floor = self.reached_vote_floor();
         let granted = msg.term > self.term
             && !leader_alive
+            && floor
             && self.log.is_up_to_date(last_log_index, last_log_term);
+        if !floor {
+            self.below_vote_floor(msg.from);
+        }
         let term = if granted { msg.term } else { self.term };
         self.send(msg.from, term, Body::PreVoteResponse { granted });
     }
@@ -1032,6 +1052,7 @@ impl Node {
         };
         let result = match self.log.try_append(prev_log_index, prev_log_term, &entries) {
             Some(match_index) => {
+                self.reached_vote_floor();
                 let log = &self.log;
                 self.configs.retain_in_log(|i| log.term_at(i));
                 self.configs.appended(&entries);

@@ -151,6 +151,10 @@ pub struct Disk {
     pub snapshot: Option<(SnapshotState, SnapshotId)>,
     /// The snapshot being received, durable so that a restarted receiver resumes.
     pub staged: Option<Staged>,
+    /// The `cluster` file of a joining node: whether it adopted its cluster, and its vote
+    /// floor until its log reached it (see `raft::node::vote_floor_from`).
+    pub adopted: bool,
+    pub vote_floor: Index,
 }
 
 /// A snapshot being received: its ID, and the bytes of its records and meta held from 0.
@@ -381,6 +385,8 @@ impl SimClient {
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
     pub events: u64,
+    /// Joining nodes that adopted their cluster from an AppendEntries (with a vote floor).
+    pub adoptions: u64,
     pub delivered: u64,
     pub dropped: u64,
     pub duplicated: u64,
@@ -445,6 +451,8 @@ pub struct Sim {
     /// Nodes started over on an empty disk by a randomized run and not yet added back, with
     /// when (see `Sim::random_membership_change`).
     awaiting_rejoin: BTreeMap<NodeId, Time>,
+    /// When each node's current life started.
+    started_at: BTreeMap<NodeId, Time>,
     /// When each retired node stopped (a removed node rejoins only well after).
     retired_at: BTreeMap<NodeId, Time>,
     next_id: NodeId,
@@ -576,6 +584,7 @@ impl Sim {
             retired_at: BTreeMap::new(),
             respawned: BTreeSet::new(),
             awaiting_rejoin: BTreeMap::new(),
+            started_at: BTreeMap::new(),
             next_id: cfg.nodes as NodeId + 1,
             admin: None,
             admin_request_id: 0,
@@ -645,6 +654,7 @@ impl Sim {
             election_ticks: self.cfg.election_ticks,
             heartbeat_ticks: self.cfg.heartbeat_ticks,
             max_inflight: self.cfg.max_inflight,
+            vote_floor: self.disks[&id].vote_floor,
             seed: self
                 .seed
                 .wrapping_mul(31)
@@ -681,6 +691,7 @@ impl Sim {
         self.leader_tail.remove(&id);
         self.leader_log.remove(&id);
         self.nodes.insert(id, Some(node));
+        self.started_at.insert(id, self.now);
         self.open_book(id);
     }
 
@@ -874,6 +885,38 @@ impl Sim {
         joining
     }
 
+    /// Whether a joining node takes `msg`, as the real shell's `Routes::admit` decides: one
+    /// that has not adopted its cluster yet ignores all but an AppendEntries, and those too
+    /// until the longest election timeout after it started; the first it takes sets its
+    /// vote floor, durably.
+    fn adopt(&mut self, msg: &Message) -> bool {
+        let id = msg.to;
+        if !self.joined.contains(&id) || self.disks[&id].adopted {
+            return true;
+        }
+        let Body::AppendEntries {
+            prev_log_index,
+            ref entries,
+            leader_commit,
+            ..
+        } = msg.body
+        else {
+            return false;
+        };
+        if self.now < self.started_at[&id] + self.cfg.election_ticks.1 * self.cfg.tick {
+            return false;
+        }
+        let floor = raft::raft::node::vote_floor_from(prev_log_index, entries.len(), leader_commit);
+        let disk = self.disks.get_mut(&id).unwrap();
+        disk.adopted = true;
+        disk.vote_floor = floor;
+        self.stats.adoptions += 1;
+        if let Some(n) = self.nodes.get_mut(&id).unwrap() {
+            n.set_vote_floor(floor);
+        }
+        true
+    }
+
     /// Whether live node `id` knows an address for `peer`.
     pub fn knows(&self, id: NodeId, peer: NodeId) -> bool {
         self.books.get(&id).is_some_and(|b| b.contains(&peer))
@@ -1062,7 +1105,7 @@ impl Sim {
             }
             Event::Deliver(msg) => {
                 let id = msg.to;
-                if self.nodes[&id].is_none() || !self.admit(id, msg.from) {
+                if self.nodes[&id].is_none() || !self.admit(id, msg.from) || !self.adopt(&msg) {
                     return true;
                 }
                 self.stats.delivered += 1;
@@ -1141,6 +1184,10 @@ impl Sim {
     /// entry it covers committed), carrying out what that causes.
     fn after_event(&mut self, id: NodeId) {
         self.process_ready(id);
+        // As the shell clears the `cluster` file's vote floor once the core's log reached it.
+        if self.node(id).is_some_and(|n| n.vote_floor() == 0) {
+            self.disks.get_mut(&id).unwrap().vote_floor = 0;
+        }
         self.check(id);
         if self.maybe_snapshot(id) {
             self.process_ready(id);
@@ -1324,6 +1371,12 @@ pub fn run_seeds<T: Send>(seeds: &[u64], run: impl Fn(u64) -> T + Sync) -> Vec<(
                         })) {
                             Ok(out) => results.lock().unwrap().push((seeds[k], out)),
                             Err(panic) => {
+                                // Sim::fail names the seed; a panic elsewhere (the harness,
+                                // the core) does not, so say it here too.
+                                eprintln!(
+                                    "seed {} panicked; rerun it with SIM_SEED={}",
+                                    seeds[k], seeds[k]
+                                );
                                 failed.store(true, Ordering::Relaxed);
                                 return Err(panic);
                             }

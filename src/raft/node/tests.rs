@@ -7,6 +7,7 @@ fn cfg(id: NodeId, peers: &[NodeId]) -> Config {
         election_ticks: (10, 20),
         heartbeat_ticks: 2,
         max_inflight: 4,
+        vote_floor: 0,
         seed: 1,
     }
 }
@@ -702,4 +703,68 @@ fn status_counts_elections_and_leader_changes_and_shows_followers_on_the_leader(
     let (s1, s2) = (nodes[0].status(), nodes[1].status());
     assert_eq!((s1.elections_started, s1.leader_changes), (1, 2));
     assert_eq!((s2.elections_started, s2.leader_changes), (1, 2));
+}
+
+#[test]
+fn a_node_started_over_votes_only_once_its_log_reached_the_vote_floor() {
+    // started_over.rs: until its log holds what its cluster had when it first reached it, a
+    // node with an empty data dir gives neither votes nor pre-votes, however up to date the
+    // candidate; from then on it votes as usual, also after a truncation.
+    let vote = |last_log_index| Body::RequestVote {
+        last_log_index,
+        last_log_term: 1,
+    };
+    let pre_vote = |last_log_index| Body::PreVote {
+        last_log_index,
+        last_log_term: 1,
+    };
+    let answer = |n: &mut Node| match flush(n).messages[..] {
+        [Message {
+            body: Body::RequestVoteResponse { granted } | Body::PreVoteResponse { granted },
+            ..
+        }] => granted,
+        ref other => panic!("expected one answer, got {other:?}"),
+    };
+    let mut n = Node::new(cfg(2, &[1, 3]), HardState::default(), vec![]);
+    n.set_vote_floor(2);
+    n.step(msg(3, 2, 1, pre_vote(9)));
+    assert!(!answer(&mut n), "a pre-vote below the floor");
+    n.step(msg(3, 2, 1, vote(9)));
+    assert!(!answer(&mut n), "a vote below the floor");
+    let append = |prev, entries| Body::AppendEntries {
+        prev_log_index: prev,
+        prev_log_term: if prev == 0 { 0 } else { 1 },
+        entries,
+        leader_commit: 0,
+        read_seq: 0,
+    };
+    n.step(msg(1, 2, 1, append(0, vec![entry(1, 1)])));
+    flush(&mut n);
+    assert_eq!(n.vote_floor(), 2, "one entry short");
+    n.step(msg(3, 2, 2, vote(9)));
+    assert!(!answer(&mut n));
+    n.step(msg(1, 2, 2, append(1, vec![entry(2, 1)])));
+    flush(&mut n);
+    assert_eq!(n.vote_floor(), 0, "reached");
+    // A leader of term 3 replaces entry 2 (never committed): the floor stays reached.
+    n.step(msg(1, 2, 3, append(1, vec![entry(2, 3)])));
+    flush(&mut n);
+    n.step(msg(1, 2, 3, append(0, vec![entry(1, 1)])));
+    flush(&mut n);
+    let up_to_date = Body::RequestVote {
+        last_log_index: 2,
+        last_log_term: 3,
+    };
+    n.step(msg(3, 2, 4, up_to_date));
+    assert!(answer(&mut n), "votes once the floor was reached");
+    // Restored with a floor its durable log already reaches: none.
+    let restored = Node::new(
+        Config {
+            vote_floor: 1,
+            ..cfg(2, &[1, 3])
+        },
+        HardState::default(),
+        vec![entry(1, 1)],
+    );
+    assert_eq!(restored.vote_floor(), 0);
 }

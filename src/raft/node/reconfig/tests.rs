@@ -14,6 +14,7 @@ fn config(id: NodeId, membership: Membership) -> Config {
         election_ticks: (10, 20),
         heartbeat_ticks: 2,
         max_inflight: 4,
+        vote_floor: 0,
         seed: 1,
     }
 }
