@@ -181,13 +181,18 @@ impl Accept {
     /// address, which the node thread then learns. With a cluster secret, only an authentic
     /// datagram gets this far.
     fn introduces(&self, msg: &Message) -> bool {
-        self.cluster != 0 && msg.cluster == self.cluster && msg.reply_at.is_some()
+        msg.reply_at.is_some() && (self.cluster != 0 && msg.cluster == self.cluster || probes(msg))
     }
+}
+
+/// A joining peer, with no cluster yet, asks a contact point which cluster it is in.
+fn probes(msg: &Message) -> bool {
+    msg.cluster == 0 && msg.body == crate::raft::Body::ClusterProbe
 }
 
 /// The checks every decoded peer message passes: its cluster, its sender, its recipient.
 fn check_peer(msg: Message, me: NodeId, accept: &Accept) -> Result<Inbound, Dropped> {
-    if accept.cluster != 0 && msg.cluster != accept.cluster {
+    if accept.cluster != 0 && msg.cluster != accept.cluster && !probes(&msg) {
         Err(dropped(
             DropReason::WrongCluster,
             format!(

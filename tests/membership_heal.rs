@@ -225,7 +225,10 @@ fn a_joining_peer_no_leader_reaches_says_what_to_do_and_keeps_waiting() {
     poll_until(Duration::from_secs(15), "no reminder", || {
         cluster.check_alive();
         let log = cluster.log_text(9);
-        if log.contains("still joining after") && log.contains("client add-learner 9 127.0.0.1:") {
+        if log.contains("still joining after")
+            && log.contains("none of its contact points [7] answered")
+            && log.contains("client add-learner 9 127.0.0.1:")
+        {
             Ok(())
         } else {
             Err(tail(&cluster.log_path(9)))

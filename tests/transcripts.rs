@@ -1253,7 +1253,7 @@ fn msg(m: &Message) -> String {
             true => format!("snap={snapshot_index} done"),
             false => format!("snap={snapshot_index} have={have}"),
         },
-        Body::TimeoutNow => String::new(),
+        Body::TimeoutNow | Body::ClusterProbe | Body::ClusterProbeAnswer => String::new(),
     };
     let line = format!("{}->{} {} term={}", m.from, m.to, m.body.name(), m.term);
     match body.is_empty() {

@@ -322,6 +322,9 @@ pub(super) fn node_loop(
         follow_configuration(&core, &mut out, routes);
         if let Some(r) = routes.as_mut() {
             r.vote_floor_reached(core.vote_floor())?;
+            for msg in r.probe_messages(Instant::now()) {
+                out.send_peer(msg);
+            }
         }
         if core.removed() {
             let routing = core.routing();

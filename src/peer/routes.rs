@@ -41,7 +41,15 @@ pub(super) struct Joining {
     /// still send it AppendEntries, and must have stepped down (check quorum) first, or our
     /// answers could keep it leading a stale configuration that still counts this ID.
     adopt_after: Duration,
+    /// Cluster IDs its contact points answered a [`Body::ClusterProbe`] with, by contact
+    /// point: only an AppendEntries of one of these is adopted, so that a peer of another
+    /// cluster that happens to send here is never taken for ours.
+    vouched: BTreeMap<NodeId, u64>,
+    probed: Option<Instant>,
 }
+
+/// How often a joining peer asks its contact points which cluster they are in.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How often a joining peer that no leader has reached says so.
 const JOINING_REMINDER: Duration = Duration::from_secs(5);
@@ -72,6 +80,8 @@ pub(super) struct Routes {
     /// cleared there; and the one just adopted, for the core.
     vote_floor_on_disk: Index,
     adopted_floor: Option<Index>,
+    /// Joining peers that asked which cluster we are in, to be answered.
+    probe_answers: Vec<NodeId>,
     /// The configurations the directory was last computed from; `None`: recompute.
     pub(super) seen: Option<Routing>,
     /// The core's routing key when `seen` was computed.
@@ -100,6 +110,8 @@ impl Routes {
                     since: Instant::now(),
                     reminded: Instant::now(),
                     adopt_after,
+                    vouched: BTreeMap::new(),
+                    probed: None,
                 }),
                 0,
             ),
@@ -116,6 +128,7 @@ impl Routes {
             joining,
             vote_floor_on_disk,
             adopted_floor: None,
+            probe_answers: Vec::new(),
             seen: None,
             seen_key: None,
         }
@@ -126,7 +139,24 @@ impl Routes {
     /// core handles it, and ignores anything else until then; a message of another cluster
     /// that the receiver let through before it knew ours is ignored. `Ok(false)`: ignore it.
     pub(super) fn admit(&mut self, msg: &Message) -> Result<bool, String> {
-        if let Some(joining) = &self.joining {
+        if let Some(joining) = &mut self.joining {
+            if msg.body == Body::ClusterProbeAnswer {
+                let contact = joining
+                    .config
+                    .other_peers
+                    .iter()
+                    .any(|p| p.node_id == msg.from);
+                if contact && msg.cluster != 0 && !joining.vouched.contains_key(&msg.from) {
+                    log::info!(
+                        "{}: joining: contact point node {} is in cluster {:016x}",
+                        self.name,
+                        msg.from,
+                        msg.cluster
+                    );
+                    joining.vouched.insert(msg.from, msg.cluster);
+                }
+                return Ok(false);
+            }
             if !matches!(msg.body, Body::AppendEntries { .. }) || msg.cluster == 0 {
                 log::debug!(
                     "{}: joining: ignoring {} from node {} until an AppendEntries names the cluster",
@@ -145,6 +175,15 @@ impl Routes {
             else {
                 unreachable!("only an AppendEntries gets here")
             };
+            if !joining.vouched.values().any(|&c| c == msg.cluster) {
+                log::debug!(
+                    "{}: joining: not adopting cluster {:016x} from node {}: none of the contact points said it is theirs",
+                    self.name,
+                    msg.cluster,
+                    msg.from
+                );
+                return Ok(false);
+            }
             if joining.since.elapsed() < joining.adopt_after {
                 log::debug!(
                     "{}: joining: not adopting node {}'s cluster until an election timeout after start",
@@ -174,11 +213,49 @@ impl Routes {
             self.learn(msg);
             return Ok(true);
         }
+        if msg.body == Body::ClusterProbe {
+            if self.cluster != 0 && msg.cluster == 0 {
+                self.learn(msg);
+                self.probe_answers.push(msg.from);
+            }
+            return Ok(false);
+        }
         let admitted = self.cluster == 0 || msg.cluster == self.cluster;
         if admitted {
             self.learn(msg);
         }
         Ok(admitted)
+    }
+
+    /// What the shell sends on its own, never the core: answers to joining peers' probes (our
+    /// cluster ID goes in every message), and a joining peer's probes of its contact points.
+    pub(super) fn probe_messages(&mut self, now: Instant) -> Vec<Message> {
+        let me = self.me;
+        let message = |to, body| Message {
+            cluster: 0,
+            from: me,
+            to,
+            term: 0,
+            body,
+            reply_at: None,
+        };
+        let mut out: Vec<Message> = self
+            .probe_answers
+            .drain(..)
+            .map(|to| message(to, Body::ClusterProbeAnswer))
+            .collect();
+        if let Some(joining) = &mut self.joining {
+            if joining
+                .probed
+                .is_none_or(|at| now.duration_since(at) >= PROBE_INTERVAL)
+            {
+                joining.probed = Some(now);
+                for p in &joining.config.other_peers {
+                    out.push(message(p.node_id, Body::ClusterProbe));
+                }
+            }
+        }
+        out
     }
 
     /// The vote floor just adopted, for the core (once).
@@ -217,15 +294,26 @@ impl Routes {
         }
         joining.reminded = now;
         let c = &joining.config;
-        log::warn!(
-            "{}: still joining after {} s: no leader has sent this peer its log. Add it from the cluster (client add-learner {} {}:{}); its contact points {:?} need not be members any more",
-            self.name,
-            now.duration_since(joining.since).as_secs(),
-            c.node_id,
-            c.host,
-            c.port,
-            c.other_peers.iter().map(|p| p.node_id).collect::<Vec<_>>()
-        );
+        let contacts: Vec<NodeId> = c.other_peers.iter().map(|p| p.node_id).collect();
+        let waited = now.duration_since(joining.since).as_secs();
+        if joining.vouched.is_empty() {
+            log::warn!(
+                "{}: still joining after {waited} s: none of its contact points {contacts:?} answered; it knows no running member of its cluster and takes a cluster ID from no one else. Give it a running member as a contact point (other_peers) and add it from the cluster (client add-learner {} {}:{}); it keeps asking",
+                self.name,
+                c.node_id,
+                c.host,
+                c.port,
+            );
+        } else {
+            log::warn!(
+                "{}: still joining after {waited} s: no leader has sent this peer its log. Add it from the cluster (client add-learner {} {}:{}); contact points {:?} answered",
+                self.name,
+                c.node_id,
+                c.host,
+                c.port,
+                joining.vouched.keys().collect::<Vec<_>>()
+            );
+        }
     }
 
     /// Learns the sender's address from a message of our cluster, if nothing else gives one
@@ -448,14 +536,82 @@ mod joining_tests {
         }
     }
 
+    fn answer(from: NodeId, cluster: u64) -> Message {
+        Message {
+            cluster,
+            from,
+            to: 4,
+            term: 0,
+            body: Body::ClusterProbeAnswer,
+            reply_at: None,
+        }
+    }
+
+    #[test]
+    fn a_joining_peer_adopts_only_a_cluster_id_its_contact_points_answered_with() {
+        let (mut routes, dir) = joining(Duration::ZERO);
+        let probes = routes.probe_messages(Instant::now());
+        assert_eq!(probes.len(), 1);
+        assert_eq!((probes[0].to, &probes[0].body), (1, &Body::ClusterProbe));
+        assert!(
+            routes.probe_messages(Instant::now()).is_empty(),
+            "not again at once"
+        );
+        assert_eq!(
+            routes.admit(&append(7, 2, 5)),
+            Ok(false),
+            "no contact point answered"
+        );
+        assert_eq!(routes.admit(&answer(9, 7)), Ok(false));
+        assert_eq!(
+            routes.admit(&append(7, 2, 5)),
+            Ok(false),
+            "node 9 is no contact point"
+        );
+        assert_eq!(routes.admit(&answer(1, 8)), Ok(false));
+        assert_eq!(
+            routes.admit(&append(7, 2, 5)),
+            Ok(false),
+            "contact point 1 is in 8"
+        );
+        assert_eq!(ClusterFile::load(&dir), Ok(None), "nothing written");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_member_answers_a_joining_peers_probe_with_its_cluster() {
+        let (mut routes, dir) = joining(Duration::ZERO);
+        std::fs::remove_dir_all(&dir).unwrap();
+        routes.joining = None;
+        routes.cluster = 7;
+        let probe = Message {
+            cluster: 0,
+            from: 5,
+            to: 4,
+            term: 0,
+            body: Body::ClusterProbe,
+            reply_at: Some("127.0.0.1:9005".into()),
+        };
+        assert_eq!(routes.admit(&probe), Ok(false), "not for the core");
+        let out = routes.probe_messages(Instant::now());
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].to, &out[0].body), (5, &Body::ClusterProbeAnswer));
+        assert_eq!(
+            routes.learned.get(&5).map(String::as_str),
+            Some("127.0.0.1:9005")
+        );
+    }
+
     #[test]
     fn a_joining_peer_adopts_its_cluster_with_a_durable_vote_floor_after_an_election_timeout() {
         let (mut waiting, dir) = joining(Duration::from_secs(3600));
+        waiting.admit(&answer(1, 7)).unwrap();
         assert_eq!(waiting.admit(&append(7, 2, 5)), Ok(false), "too early");
         assert_eq!(ClusterFile::load(&dir), Ok(None));
         std::fs::remove_dir_all(&dir).unwrap();
 
         let (mut routes, dir) = joining(Duration::ZERO);
+        routes.admit(&answer(1, 7)).unwrap();
         assert_eq!(routes.admit(&append(7, 2, 5)), Ok(true));
         let file = ClusterFile::load(&dir).unwrap().unwrap();
         assert_eq!(

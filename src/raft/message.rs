@@ -129,6 +129,12 @@ pub enum Body {
     /// Thesis §3.10: the leader hands over leadership; the receiver campaigns at once, without
     /// pre-vote. Sent only once the receiver's log matches the leader's.
     TimeoutNow,
+    /// From a peer joining on an empty data dir to one of its contact points: which cluster
+    /// are you in? Answered by the shell, never seen by the core.
+    ClusterProbe,
+    /// The answer: the message's `cluster` is the contact point's cluster ID, which the joining
+    /// peer then accepts from a leader's AppendEntries.
+    ClusterProbeAnswer,
 }
 
 impl Body {
@@ -144,6 +150,8 @@ impl Body {
             Body::InstallSnapshot { .. } => "InstallSnapshot",
             Body::InstallSnapshotResponse { .. } => "InstallSnapshotResponse",
             Body::TimeoutNow => "TimeoutNow",
+            Body::ClusterProbe => "ClusterProbe",
+            Body::ClusterProbeAnswer => "ClusterProbeAnswer",
         }
     }
 }

@@ -781,6 +781,7 @@ impl Node {
                 }
                 Ok(())
             }
+            Body::ClusterProbe | Body::ClusterProbeAnswer => Err("the shell's to answer".into()),
             _ => Ok(()),
         }
     }
