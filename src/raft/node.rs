@@ -2,6 +2,7 @@
 //! returns its effects as a [`Ready`]. Term handling happens once in [`Node::step`]; then one
 //! function per role handles the message.
 
+use super::backup_state;
 use super::configurations::Configurations;
 use super::log::RaftLog;
 use super::membership::{ConfChange, Membership};
@@ -133,6 +134,8 @@ pub struct Node {
     chunk_writes: Vec<ChunkWrite>,
     /// Follower: the snapshot streams sent to it this term, to drop stale chunks.
     receiving: SnapshotReceive,
+    /// Copies of the sessions and configuration that backups being saved read in pages.
+    backup_copies: backup_state::BackupCopies,
 }
 
 impl Node {
@@ -235,6 +238,7 @@ impl Node {
             chunk_reads: Vec::new(),
             chunk_writes: Vec::new(),
             receiving: SnapshotReceive::default(),
+            backup_copies: Default::default(),
         };
         node.reset_election_timer();
         node.apply_committed();
@@ -1437,6 +1441,11 @@ impl Node {
             ClientOp::Append { client, seq, data } => self.propose(waiter, client, seq, data),
             ClientOp::Query { start, read_index } | ClientOp::Backup { start, read_index } => {
                 self.query(waiter, start, read_index)
+            }
+            ClientOp::BackupState { at, from } => {
+                let now = || backup_state::Copy::of(&self.sm, &self.configs, &self.log);
+                let page = self.backup_copies.page(at, from, ENTRY_BUDGET, now);
+                self.reply(waiter, page)
             }
             ClientOp::TransferLeader { target, away_from } => {
                 self.start_transfer(waiter, target, away_from)
