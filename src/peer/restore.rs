@@ -57,6 +57,14 @@ pub fn restore(config: &PeerConfig, file: &Path) -> Result<(), String> {
         "{}: the backup recorded {recorded}; the new cluster's members come from the config",
         config.name
     );
+    if h.cluster != config.cluster {
+        log::warn!(
+            "{}: the backup is of cluster {:?}; the restored cluster is named {:?} by the config",
+            config.name,
+            h.cluster,
+            config.cluster
+        );
+    }
     let building = beside(dir, "restoring");
     if building.exists() {
         // Left by a restore that stopped midway: ours to remove.

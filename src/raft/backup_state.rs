@@ -28,6 +28,9 @@ pub struct Copy {
     pub config_index: Index,
     /// Least recently used first, as the state machine lists them.
     pub sessions: Vec<SessionRecord>,
+    // Users and roles, where a cluster keeps them in its state machine, belong here too,
+    // copied at the same index and paged after the sessions (a `BackupState` field and a
+    // section of the backup file, `crate::backup`'s version 3).
 }
 
 impl Copy {
