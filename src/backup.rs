@@ -497,13 +497,18 @@ pub fn read(
             )));
         }
         configuration = Some(c);
-        let mut clients = BTreeSet::new();
+        // One session per client, each at its own index (a client's latest append).
+        let (mut clients, mut indices) = (BTreeSet::new(), BTreeSet::new());
         for n in 1..=header.sessions {
             let what = format!("session {n} of {}", header.sessions);
             next_line(&mut input, &mut line, &mut hasher, &what).map_err(at)?;
             let s: SessionRecord = serde_json::from_slice(&line)
                 .map_err(|e| at(format!("{what} does not parse: {e}: corrupt")))?;
-            if s.index == 0 || s.index > header.index || !clients.insert(s.client) {
+            if s.index == 0
+                || s.index > header.index
+                || !clients.insert(s.client)
+                || !indices.insert(s.index)
+            {
                 return Err(at(format!(
                     "{what} (client {} at index {}) is not one of this log: corrupt",
                     s.client, s.index
@@ -693,7 +698,11 @@ mod tests {
         // A session past the backup's index is not of this log, checksum or not.
         write_sessions_to(&path, 20, VERSION, 21, |_| {});
         let e = read(&path, |_| Ok(())).unwrap_err();
-        assert!(e.contains("corrupt"), "{e}");
+        assert!(e.contains("session 2 of 2") && e.contains("corrupt"), "{e}");
+        // Two sessions at one index cannot both be a client's latest append.
+        write_sessions_to(&path, 20, VERSION, 1, |_| {});
+        let e = read(&path, |_| Ok(())).unwrap_err();
+        assert!(e.contains("session 2 of 2") && e.contains("corrupt"), "{e}");
         let _ = std::fs::remove_file(&path);
     }
 }
