@@ -162,7 +162,9 @@ pub fn save(
         let (peer, read_index, entries) = backup_page(client, 1, None)?;
         let mut next = write_page(&mut body, peer, &entries, read_index)?;
         progress(next - 1, read_index);
-        let state = backup_state(client, read_index)?;
+        let timeout = client.timeout();
+        let call = |op: &ClientOp| client.call(op, Instant::now() + timeout);
+        let state = backup_state(call, timeout, read_index)?;
         let end = state.index;
         while next <= end {
             let (peer, fixed, entries) = backup_page(client, next, Some(end))?;
@@ -261,6 +263,7 @@ fn backup_page(
 }
 
 /// The sessions and configuration as copied on the leader at one applied index.
+#[derive(Debug)]
 struct State {
     index: Index,
     term: Term,
@@ -271,14 +274,18 @@ struct State {
 /// The leader's copy of the sessions and configuration at an applied index at least
 /// `read_index`, all its pages. A copy that is no longer held is answered with a new one, and
 /// reading starts over from that.
-fn backup_state(client: &mut Client, read_index: Index) -> Result<State, ClientError> {
+/// `call` sends one request (with the client's retries and its `timeout`).
+fn backup_state(
+    mut call: impl FnMut(&ClientOp) -> Result<(u64, ClientResult), ClientError>,
+    timeout: Duration,
+    read_index: Index,
+) -> Result<State, ClientError> {
     let mut at: Option<Index> = None;
     let mut state: Option<State> = None;
     let mut catching_up: Option<Instant> = None;
     loop {
         let from = state.as_ref().map_or(0, |s| s.sessions.len() as u64);
-        let op = ClientOp::BackupState { at, from };
-        let (peer, result) = client.call(&op, Instant::now() + client.timeout())?;
+        let (peer, result) = call(&ClientOp::BackupState { at, from })?;
         let ClientResult::BackupState {
             index,
             term,
@@ -297,10 +304,10 @@ fn backup_state(client: &mut Client, read_index: Index) -> Result<State, ClientE
         if index < read_index {
             // A new leader that has not applied the read index yet: ask again shortly.
             let since = *catching_up.get_or_insert_with(Instant::now);
-            if since.elapsed() >= client.timeout() {
+            if since.elapsed() >= timeout {
                 return Err(ClientError::Timeout(format!(
                     "peer {peer} applied only to {index}, not to the read index {read_index}, within {} ms",
-                    client.timeout().as_millis()
+                    timeout.as_millis()
                 )));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -683,6 +690,66 @@ mod tests {
         assert!(damaged(&header).contains("header"));
         assert!(damaged(b"hello\n").contains("not a backup"));
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn sessions_start_over_from_a_new_copy_and_wait_for_the_read_index() {
+        let session = |client| SessionRecord {
+            client,
+            seq: 1,
+            index: client,
+            term: 1,
+            data_hash: 0,
+        };
+        let page = |index, from: u64, clients: &[u64], next| ClientResult::BackupState {
+            index,
+            term: 1,
+            config_index: 0,
+            members: Vec::new(),
+            from,
+            sessions: clients.iter().map(|&c| session(c)).collect(),
+            next,
+        };
+        // A peer behind the read index; then a copy at 10 whose second page finds it gone
+        // (answered with page 0 of a copy at 12); then that copy to its end.
+        let mut script = vec![
+            (
+                ClientOp::BackupState { at: None, from: 0 },
+                page(8, 0, &[1], None),
+            ),
+            (
+                ClientOp::BackupState { at: None, from: 0 },
+                page(10, 0, &[1, 2], Some(2)),
+            ),
+            (
+                ClientOp::BackupState {
+                    at: Some(10),
+                    from: 2,
+                },
+                page(12, 0, &[1, 2], Some(2)),
+            ),
+            (
+                ClientOp::BackupState {
+                    at: Some(12),
+                    from: 2,
+                },
+                page(12, 2, &[11, 12], None),
+            ),
+        ]
+        .into_iter();
+        let call = |op: &ClientOp| {
+            let (want, answer) = script.next().expect("no more requests expected");
+            assert_eq!(*op, want);
+            Ok((1, answer))
+        };
+        let state = backup_state(call, Duration::from_secs(5), 9).unwrap();
+        assert_eq!(state.index, 12);
+        let clients: Vec<u64> = state.sessions.iter().map(|s| s.client).collect();
+        assert_eq!(clients, [1, 2, 11, 12]);
+        // A page that claims a session after its copy's index is refused.
+        let call = |_: &ClientOp| Ok((1, page(5, 0, &[6], None)));
+        let e = backup_state(call, Duration::from_secs(5), 5).unwrap_err();
+        assert!(e.to_string().contains("session at index 6"), "{e}");
     }
 
     #[test]
