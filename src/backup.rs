@@ -3,28 +3,39 @@
 //!
 //! A backup is text, one JSON value a line:
 //! - a header, padded with spaces to [`HEADER_LEN`] bytes so it can be written last in place:
-//!   `{"format":"raft-backup","version":1,"cluster":NAME,"index":N,"term":T,"records":N}`;
+//!   `{"format":"raft-backup","version":2,"cluster":NAME,"index":N,"term":T,"records":N,"sessions":S}`;
 //! - the committed log's records `1..=N`, each as `client query` prints it;
-//! - a trailer `{"blake3":HEX}`: the BLAKE3 hash of the record lines followed by the header
-//!   line, so that every byte before it is covered.
+//! - (version 2) the configuration in force at index N: `{"config_index":I,"members":[...]}`;
+//! - (version 2) the client sessions at index N, `S` lines, least recently used first, so that
+//!   a retry of an append made before the backup is answered, after a restore, as it was;
+//! - a trailer `{"blake3":HEX}`: the BLAKE3 hash of every line between the header and the
+//!   trailer followed by the header line, so that every byte before it is covered.
+//!
+//! Users and roles, where a cluster has them, belong in a section of their own after the
+//! sessions (a version 3), read at the same index.
 //!
 //! It is written to a temporary file beside the target, synced, and renamed over it, so the
-//! target is either the old file or the whole new one. Saving and reading stream it in pages:
-//! a log of any length never sits in memory whole.
+//! target is either the old file or the whole new one. Saving and reading stream the records
+//! in pages: a log of any length never sits in memory whole (the sessions do: at most
+//! [`MAX_SESSIONS`] of them, a few megabytes).
 
 use crate::client::{Client, ClientError};
-use crate::raft::{ClientOp, ClientResult, Index, LogRecord, Term};
+use crate::raft::state_machine::MAX_SESSIONS;
+use crate::raft::{ClientOp, ClientResult, Index, LogRecord, Member, SessionRecord, Term};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Bytes of the header line, its newline included.
 pub const HEADER_LEN: usize = 512;
 /// The `format` field of every backup's header.
 pub const FORMAT: &str = "raft-backup";
-pub const VERSION: u32 = 1;
+/// The version `save` writes; `read` also reads version 1 (records only, no sessions or
+/// configuration).
+pub const VERSION: u32 = 2;
 /// Records handed to a reader's callback at a time.
 pub const READ_PAGE: usize = 4096;
 
@@ -36,11 +47,23 @@ pub struct Header {
     pub version: u32,
     /// The cluster's name (its config's `cluster`).
     pub cluster: String,
-    /// The last index backed up (the read index the save was taken at) and its term.
+    /// The last index backed up (at or after the read index the save was taken at) and its term.
     pub index: Index,
     pub term: Term,
     /// Record lines that follow: `index` of them, indices `1..=index`.
     pub records: u64,
+    /// Session lines after the configuration line (version 2; 0 in version 1).
+    #[serde(default)]
+    pub sessions: u64,
+}
+
+/// The configuration line of a version 2 backup: the configuration in force at the backup's
+/// index, and the index of the entry that made it (0: the bootstrap configuration).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Configuration {
+    pub config_index: Index,
+    pub members: Vec<Member>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -58,15 +81,47 @@ pub struct Saved {
     pub file: String,
 }
 
-/// A backup read back: its header and its checksum (hex).
+/// A backup read back: its header, checksum (hex), and what it holds besides the records
+/// (a version 1 backup has no configuration and no sessions).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verified {
     pub header: Header,
     pub blake3: String,
+    pub configuration: Option<Configuration>,
+    pub sessions: Vec<SessionRecord>,
 }
 
-/// Saves the committed log of the cluster `client` reaches to `file`, at a linearizable read
-/// index (ReadIndex, fixed by the first page; writes go on meanwhile). Each page has the
+/// The lines after the header, written and hashed together.
+struct Body {
+    out: BufWriter<File>,
+    hasher: blake3::Hasher,
+    tmp: PathBuf,
+}
+
+impl Body {
+    fn line(&mut self, value: &impl Serialize) -> Result<(), ClientError> {
+        let mut line = serde_json::to_vec(value).expect("plain data serializes");
+        line.push(b'\n');
+        self.hasher.update(&line);
+        self.out
+            .write_all(&line)
+            .map_err(|e| io_error("cannot write", &self.tmp, e))
+    }
+}
+
+fn io_error(what: &str, path: &Path, e: std::io::Error) -> ClientError {
+    ClientError::Io(format!("{what} {}: {e}", path.display()))
+}
+
+fn confused(peer: u64, what: String) -> ClientError {
+    ClientError::Io(format!("peer {peer} {what}"))
+}
+
+/// Saves the committed log of the cluster `client` reaches to `file`, with the client
+/// sessions and configuration at its last index. The first page is a linearizable read
+/// (ReadIndex) that fixes a read index R; the sessions and configuration are then copied on
+/// the leader at its applied index A >= R, and the records are read up to A: a committed
+/// state no older than the save's start. Writes go on meanwhile. Each request has the
 /// client's timeout. `progress(done, of)` is called after each page.
 pub fn save(
     client: &mut Client,
@@ -74,92 +129,95 @@ pub fn save(
     file: &Path,
     mut progress: impl FnMut(Index, Index),
 ) -> Result<Saved, ClientError> {
-    let io = |what: &str, path: &Path, e: std::io::Error| {
-        ClientError::Io(format!("{what} {}: {e}", path.display()))
-    };
     let tmp = temporary_beside(file);
-    let mut out = BufWriter::new(File::create(&tmp).map_err(|e| io("cannot create", &tmp, e))?);
+    let out = File::create(&tmp).map_err(|e| io_error("cannot create", &tmp, e))?;
+    let mut body = Body {
+        out: BufWriter::new(out),
+        hasher: blake3::Hasher::new(),
+        tmp: tmp.clone(),
+    };
     let result = (|| {
-        out.write_all(&[b' '; HEADER_LEN])
-            .map_err(|e| io("cannot write", &tmp, e))?;
-        let mut hasher = blake3::Hasher::new();
+        body.out
+            .write_all(&[b' '; HEADER_LEN])
+            .map_err(|e| io_error("cannot write", &tmp, e))?;
         let mut start: Index = 1;
-        let mut read_index: Option<Index> = None;
         let mut term: Term = 0;
-        loop {
-            let op = ClientOp::Backup { start, read_index };
-            let deadline = Instant::now() + client.timeout();
-            let (peer, result) = client.call(&op, deadline)?;
-            let ClientResult::Entries {
-                entries,
-                read_index: fixed,
-                next,
-            } = result
-            else {
-                return Err(ClientError::Io(format!(
-                    "peer {peer} answered a backup page with {result:?}"
-                )));
-            };
-            if read_index.is_some_and(|r| r != fixed) {
-                return Err(ClientError::Io(format!(
-                    "peer {peer} answered for read index {fixed}, not {read_index:?}"
-                )));
-            }
-            read_index = Some(fixed);
-            for (i, r) in entries.iter().enumerate() {
-                if r.index != start + i as Index || r.index > fixed {
-                    return Err(ClientError::Io(format!(
-                        "peer {peer} sent entry {} where {} (at most {fixed}) was due",
-                        r.index,
-                        start + i as Index
-                    )));
+        let mut write_page = |body: &mut Body, peer, entries: &[LogRecord], bound| {
+            for r in entries {
+                if r.index != start || r.index > bound {
+                    return Err(confused(
+                        peer,
+                        format!(
+                            "sent entry {} where {start} (at most {bound}) was due",
+                            r.index
+                        ),
+                    ));
                 }
-                let mut line = serde_json::to_vec(r).expect("plain data serializes");
-                line.push(b'\n');
-                hasher.update(&line);
-                out.write_all(&line)
-                    .map_err(|e| io("cannot write", &tmp, e))?;
+                body.line(r)?;
                 term = r.term;
+                start += 1;
             }
-            let got = entries.len() as Index;
-            start += got;
-            progress(start - 1, fixed);
-            match next {
-                None if start == fixed + 1 => break,
-                // An empty page that asks for the same start again would never end.
-                Some(n) if n == start && n <= fixed && got > 0 => {}
-                _ => {
-                    return Err(ClientError::Io(format!(
-                    "peer {peer} ended a page at {start} with next {next:?} (read index {fixed})"
-                )))
-                }
+            Ok(start)
+        };
+        let (peer, read_index, entries) = backup_page(client, 1, None)?;
+        let mut next = write_page(&mut body, peer, &entries, read_index)?;
+        progress(next - 1, read_index);
+        let timeout = client.timeout();
+        let call = |op: &ClientOp| client.call(op, Instant::now() + timeout);
+        let state = backup_state(call, timeout, read_index)?;
+        let end = state.index;
+        while next <= end {
+            let (peer, fixed, entries) = backup_page(client, next, Some(end))?;
+            if fixed != end || entries.is_empty() {
+                return Err(confused(
+                    peer,
+                    format!(
+                        "answered for read index {fixed} with {} entries from {next}, not up to {end}",
+                        entries.len()
+                    ),
+                ));
             }
+            next = write_page(&mut body, peer, &entries, end)?;
+            progress(next - 1, end);
         }
-        let index = start - 1;
+        if state.term != 0 && state.term != term {
+            return Err(ClientError::Io(format!(
+                "the leader's copy names term {} for index {end}, the record has term {term}",
+                state.term
+            )));
+        }
+        body.line(&state.configuration)?;
+        for s in &state.sessions {
+            body.line(s)?;
+        }
         let header = Header {
             format: FORMAT.into(),
             version: VERSION,
             cluster: cluster.into(),
-            index,
+            index: end,
             term,
-            records: index,
+            records: end,
+            sessions: state.sessions.len() as u64,
         };
         let header = header_line(&header).map_err(ClientError::Refused)?;
-        hasher.update(&header);
-        let trailer = serde_json::to_string(&Trailer {
-            blake3: hasher.finalize().to_hex().to_string(),
-        })
-        .expect("plain data serializes");
-        writeln!(out, "{trailer}").map_err(|e| io("cannot write", &tmp, e))?;
-        let mut f = out
+        body.hasher.update(&header);
+        let trailer = Trailer {
+            blake3: body.hasher.finalize().to_hex().to_string(),
+        };
+        body.line(&trailer)?;
+        let mut f = body
+            .out
             .into_inner()
-            .map_err(|e| io("cannot write", &tmp, e.into_error()))?;
+            .map_err(|e| io_error("cannot write", &tmp, e.into_error()))?;
         f.seek(SeekFrom::Start(0))
             .and_then(|_| f.write_all(&header))
             .and_then(|()| f.sync_all())
-            .map_err(|e| io("cannot write", &tmp, e))?;
-        let bytes = f.metadata().map_err(|e| io("cannot stat", &tmp, e))?.len();
-        Ok((index, term, bytes))
+            .map_err(|e| io_error("cannot write", &tmp, e))?;
+        let bytes = f
+            .metadata()
+            .map_err(|e| io_error("cannot stat", &tmp, e))?
+            .len();
+        Ok((end, term, bytes))
     })();
     let (index, term, bytes) = match result {
         Ok(done) => done,
@@ -170,7 +228,7 @@ pub fn save(
     };
     std::fs::rename(&tmp, file).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        io("cannot rename the backup to", file, e)
+        io_error("cannot rename the backup to", file, e)
     })?;
     sync_parent(file);
     Ok(Saved {
@@ -179,6 +237,128 @@ pub fn save(
         bytes,
         file: file.display().to_string(),
     })
+}
+
+/// One page of records from `start`: the answering peer, the read index, the records.
+fn backup_page(
+    client: &mut Client,
+    start: Index,
+    read_index: Option<Index>,
+) -> Result<(u64, Index, Vec<LogRecord>), ClientError> {
+    let op = ClientOp::Backup { start, read_index };
+    let (peer, result) = client.call(&op, Instant::now() + client.timeout())?;
+    match result {
+        ClientResult::Entries {
+            entries,
+            read_index: fixed,
+            ..
+        } if read_index.is_none_or(|r| r == fixed) => Ok((peer, fixed, entries)),
+        other => Err(confused(
+            peer,
+            format!(
+                "answered a backup page from {start} (read index {read_index:?}) with {other:?}"
+            ),
+        )),
+    }
+}
+
+/// The sessions and configuration as copied on the leader at one applied index.
+#[derive(Debug)]
+struct State {
+    index: Index,
+    term: Term,
+    configuration: Configuration,
+    sessions: Vec<SessionRecord>,
+}
+
+/// The leader's copy of the sessions and configuration at an applied index at least
+/// `read_index`, all its pages. A copy that is no longer held is answered with a new one, and
+/// reading starts over from that.
+/// `call` sends one request (with the client's retries and its `timeout`).
+fn backup_state(
+    mut call: impl FnMut(&ClientOp) -> Result<(u64, ClientResult), ClientError>,
+    timeout: Duration,
+    read_index: Index,
+) -> Result<State, ClientError> {
+    let mut at: Option<Index> = None;
+    let mut state: Option<State> = None;
+    let mut catching_up: Option<Instant> = None;
+    loop {
+        let from = state.as_ref().map_or(0, |s| s.sessions.len() as u64);
+        let (peer, result) = call(&ClientOp::BackupState { at, from })?;
+        let ClientResult::BackupState {
+            index,
+            term,
+            config_index,
+            members,
+            from: page_from,
+            sessions,
+            next,
+        } = result
+        else {
+            return Err(confused(
+                peer,
+                format!("answered a backup's sessions with {result:?}"),
+            ));
+        };
+        if index < read_index {
+            // A new leader that has not applied the read index yet: ask again shortly.
+            let since = *catching_up.get_or_insert_with(Instant::now);
+            if since.elapsed() >= timeout {
+                return Err(ClientError::Timeout(format!(
+                    "peer {peer} applied only to {index}, not to the read index {read_index}, within {} ms",
+                    timeout.as_millis()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            (at, state) = (None, None);
+            continue;
+        }
+        if at != Some(index) || page_from != from {
+            if page_from != 0 {
+                return Err(confused(
+                    peer,
+                    format!("sent sessions from {page_from} of a copy at {index}, not from 0"),
+                ));
+            }
+            // The first copy, or a new one because ours is no longer held: start from it.
+            at = Some(index);
+            state = Some(State {
+                index,
+                term,
+                configuration: Configuration {
+                    config_index,
+                    members,
+                },
+                sessions: Vec::new(),
+            });
+        }
+        let s = state.as_mut().expect("set above");
+        if let Some(bad) = sessions.iter().find(|r| r.index > index) {
+            return Err(confused(
+                peer,
+                format!("sent a session at index {} in a copy at {index}", bad.index),
+            ));
+        }
+        let got = sessions.len();
+        s.sessions.extend(sessions);
+        if s.sessions.len() > MAX_SESSIONS {
+            return Err(confused(
+                peer,
+                format!("sent more than {MAX_SESSIONS} sessions"),
+            ));
+        }
+        match next {
+            None => return Ok(state.expect("set above")),
+            Some(n) if n == s.sessions.len() as u64 && got > 0 => {}
+            Some(n) => {
+                return Err(confused(
+                    peer,
+                    format!("asked for sessions from {n} after {}", s.sessions.len()),
+                ))
+            }
+        }
+    }
 }
 
 /// `{dir}/.{name}.tmp-{pid}`: on the same file system as `file`, for an atomic rename.
@@ -214,10 +394,29 @@ fn header_line(h: &Header) -> Result<Vec<u8>, String> {
     Ok(line)
 }
 
+/// One line of a backup, hashed, or why not (`what` names it for the error).
+fn next_line(
+    input: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    hasher: &mut blake3::Hasher,
+    what: &str,
+) -> Result<(), String> {
+    line.clear();
+    let n = input
+        .read_until(b'\n', line)
+        .map_err(|e| format!("cannot read {what}: {e}"))?;
+    if n == 0 || line.last() != Some(&b'\n') {
+        return Err(format!("truncated: it ends before {what}"));
+    }
+    hasher.update(line);
+    Ok(())
+}
+
 /// Reads the backup at `path` from end to end, handing its records to `page` [`READ_PAGE`] at
 /// a time, and checks everything: the header, indices `1..=index` in order, the last record's
-/// term, the record count, the checksum, and that nothing follows the trailer. Any failure is
-/// an error naming the file and what is wrong; `page` may have seen records by then.
+/// term, the record count, the configuration and sessions (version 2), the checksum, and that
+/// nothing follows the trailer. Any failure is an error naming the file and what is wrong;
+/// `page` may have seen records by then.
 pub fn read(
     path: &Path,
     mut page: impl FnMut(&[LogRecord]) -> Result<(), String>,
@@ -236,10 +435,16 @@ pub fn read(
             "the header does not parse: {e}: not a backup, or corrupt"
         ))
     })?;
-    if header.format != FORMAT || header.version != VERSION {
+    if header.format != FORMAT {
         return Err(at(format!(
-            "format {:?} version {} is not {FORMAT:?} version {VERSION}",
-            header.format, header.version
+            "format {:?} is not {FORMAT:?}: not a backup",
+            header.format
+        )));
+    }
+    if !(1..=VERSION).contains(&header.version) {
+        return Err(at(format!(
+            "version {} is not one this build reads (1 to {VERSION}): made by a newer release?",
+            header.version
         )));
     }
     if header.records != header.index {
@@ -248,22 +453,19 @@ pub fn read(
             header.records, header.index
         )));
     }
+    if (header.version == 1 && header.sessions != 0) || header.sessions > MAX_SESSIONS as u64 {
+        return Err(at(format!(
+            "the header claims {} sessions (at most {MAX_SESSIONS}): corrupt",
+            header.sessions
+        )));
+    }
     let mut hasher = blake3::Hasher::new();
     let mut line = Vec::new();
     let mut batch: Vec<LogRecord> = Vec::with_capacity(READ_PAGE);
     let mut last_term = 0;
     for want in 1..=header.index {
-        line.clear();
-        let n = input
-            .read_until(b'\n', &mut line)
-            .map_err(|e| at(format!("cannot read record {want}: {e}")))?;
-        if n == 0 || line.last() != Some(&b'\n') {
-            return Err(at(format!(
-                "truncated: it ends before record {want} of {}",
-                header.index
-            )));
-        }
-        hasher.update(&line);
+        let what = format!("record {want} of {}", header.index);
+        next_line(&mut input, &mut line, &mut hasher, &what).map_err(at)?;
         let r: LogRecord = serde_json::from_slice(&line)
             .map_err(|e| at(format!("record {want} does not parse: {e}: corrupt")))?;
         if r.index != want || r.term < last_term {
@@ -288,6 +490,40 @@ pub fn read(
             header.term, header.index
         )));
     }
+    let mut configuration = None;
+    let mut sessions = Vec::new();
+    if header.version >= 2 {
+        next_line(&mut input, &mut line, &mut hasher, "the configuration").map_err(at)?;
+        let c: Configuration = serde_json::from_slice(&line)
+            .map_err(|e| at(format!("the configuration does not parse: {e}: corrupt")))?;
+        if c.config_index > header.index || c.members.is_empty() {
+            return Err(at(format!(
+                "the configuration of index {} with {} members is not one of this log: corrupt",
+                c.config_index,
+                c.members.len()
+            )));
+        }
+        configuration = Some(c);
+        // One session per client, each at its own index (a client's latest append).
+        let (mut clients, mut indices) = (BTreeSet::new(), BTreeSet::new());
+        for n in 1..=header.sessions {
+            let what = format!("session {n} of {}", header.sessions);
+            next_line(&mut input, &mut line, &mut hasher, &what).map_err(at)?;
+            let s: SessionRecord = serde_json::from_slice(&line)
+                .map_err(|e| at(format!("{what} does not parse: {e}: corrupt")))?;
+            if s.index == 0
+                || s.index > header.index
+                || !clients.insert(s.client)
+                || !indices.insert(s.index)
+            {
+                return Err(at(format!(
+                    "{what} (client {} at index {}) is not one of this log: corrupt",
+                    s.client, s.index
+                )));
+            }
+            sessions.push(s);
+        }
+    }
     line.clear();
     input
         .read_until(b'\n', &mut line)
@@ -311,41 +547,106 @@ pub fn read(
     if input.read(&mut rest).map_err(|e| at(e.to_string()))? != 0 {
         return Err(at("bytes after the checksum trailer: corrupt".into()));
     }
-    Ok(Verified { header, blake3 })
+    Ok(Verified {
+        header,
+        blake3,
+        configuration,
+        sessions,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::raft::MemberRole;
 
-    /// Writes a backup of `n` records the way `save` lays it out.
-    fn write(path: &Path, n: u64) {
+    /// Writes a backup of `n` records (and, from version 2, a configuration and two sessions)
+    /// the way `save` lays it out, with `edit` applied to the header before it is hashed.
+    fn write_with(path: &Path, n: u64, version: u32, edit: impl FnOnce(&mut Header)) {
+        write_sessions_to(path, n, version, n, edit)
+    }
+
+    /// As `write_with`, with the latest session at `last_session`.
+    fn write_sessions_to(
+        path: &Path,
+        n: u64,
+        version: u32,
+        last_session: u64,
+        edit: impl FnOnce(&mut Header),
+    ) {
         let mut hasher = blake3::Hasher::new();
         let mut body = Vec::new();
+        let mut line = |value: &dyn erased::Line| {
+            let mut line = value.json();
+            line.push(b'\n');
+            hasher.update(&line);
+            body.extend(line);
+        };
         for i in 1..=n {
-            let r = LogRecord {
+            line(&LogRecord {
                 index: i,
                 term: 1 + i / 3,
                 data: Some(format!("d{i}")),
                 kind: None,
-            };
-            let mut line = serde_json::to_vec(&r).unwrap();
-            line.push(b'\n');
-            hasher.update(&line);
-            body.extend(line);
+            });
         }
-        let header = header_line(&Header {
+        let sessions = if version >= 2 {
+            line(&Configuration {
+                config_index: 0,
+                members: vec![Member {
+                    id: 1,
+                    address: "127.0.0.1:3000".into(),
+                    role: MemberRole::Voter,
+                }],
+            });
+            for (client, index) in [(7, 1), (8, last_session)] {
+                line(&SessionRecord {
+                    client,
+                    seq: 1,
+                    index,
+                    term: 1,
+                    data_hash: 3,
+                });
+            }
+            2
+        } else {
+            0
+        };
+        let mut header = Header {
             format: FORMAT.into(),
-            version: VERSION,
+            version,
             cluster: "raft".into(),
             index: n,
             term: 1 + n / 3,
             records: n,
-        })
-        .unwrap();
-        hasher.update(&header);
+            sessions,
+        };
+        edit(&mut header);
+        let mut head = serde_json::to_vec(&header).unwrap();
+        if version == 1 {
+            // A version 1 header has no `sessions` field.
+            let text = String::from_utf8(head)
+                .unwrap()
+                .replace(",\"sessions\":0", "");
+            head = text.into_bytes();
+        }
+        head.resize(HEADER_LEN - 1, b' ');
+        head.push(b'\n');
+        hasher.update(&head);
         let trailer = format!("{{\"blake3\":\"{}\"}}\n", hasher.finalize().to_hex());
-        std::fs::write(path, [header, body, trailer.into_bytes()].concat()).unwrap();
+        std::fs::write(path, [head, body, trailer.into_bytes()].concat()).unwrap();
+    }
+
+    /// Lets the helper above take records, configurations and sessions alike.
+    mod erased {
+        pub trait Line {
+            fn json(&self) -> Vec<u8>;
+        }
+        impl<T: serde::Serialize> Line for T {
+            fn json(&self) -> Vec<u8> {
+                serde_json::to_vec(self).unwrap()
+            }
+        }
     }
 
     fn temp(name: &str) -> PathBuf {
@@ -355,7 +656,7 @@ mod tests {
     #[test]
     fn a_backup_reads_back_in_pages_and_damage_is_refused() {
         let path = temp("unit");
-        write(&path, 10_000);
+        write_with(&path, 10_000, VERSION, |_| {});
         let mut seen = 0;
         let v = read(&path, |p| {
             seen += p.len();
@@ -363,6 +664,8 @@ mod tests {
         })
         .unwrap();
         assert_eq!((v.header.index, seen), (10_000, 10_000));
+        assert_eq!(v.sessions.len(), 2);
+        assert_eq!(v.configuration.unwrap().members[0].id, 1);
         let good = std::fs::read(&path).unwrap();
         let damaged = |bytes: &[u8]| {
             std::fs::write(&path, bytes).unwrap();
@@ -377,10 +680,96 @@ mod tests {
         assert!(no_trailer.contains("trailer"), "{no_trailer}");
         let no_newline = damaged(&good[..good.len() - 1]);
         assert!(no_newline.contains("truncated"), "{no_newline}");
+        // Cut inside the sessions.
+        let end = good.len() - 90;
+        let cut = good[..end].iter().rposition(|&b| b == b'\n').unwrap();
+        let no_session = damaged(&good[..cut + 1]);
+        assert!(no_session.contains("truncated"), "{no_session}");
         let mut header = good.clone();
         header[HEADER_LEN - 3] = b'x';
         assert!(damaged(&header).contains("header"));
         assert!(damaged(b"hello\n").contains("not a backup"));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn sessions_start_over_from_a_new_copy_and_wait_for_the_read_index() {
+        let session = |client| SessionRecord {
+            client,
+            seq: 1,
+            index: client,
+            term: 1,
+            data_hash: 0,
+        };
+        let page = |index, from: u64, clients: &[u64], next| ClientResult::BackupState {
+            index,
+            term: 1,
+            config_index: 0,
+            members: Vec::new(),
+            from,
+            sessions: clients.iter().map(|&c| session(c)).collect(),
+            next,
+        };
+        // A peer behind the read index; then a copy at 10 whose second page finds it gone
+        // (answered with page 0 of a copy at 12); then that copy to its end.
+        let mut script = vec![
+            (
+                ClientOp::BackupState { at: None, from: 0 },
+                page(8, 0, &[1], None),
+            ),
+            (
+                ClientOp::BackupState { at: None, from: 0 },
+                page(10, 0, &[1, 2], Some(2)),
+            ),
+            (
+                ClientOp::BackupState {
+                    at: Some(10),
+                    from: 2,
+                },
+                page(12, 0, &[1, 2], Some(2)),
+            ),
+            (
+                ClientOp::BackupState {
+                    at: Some(12),
+                    from: 2,
+                },
+                page(12, 2, &[11, 12], None),
+            ),
+        ]
+        .into_iter();
+        let call = |op: &ClientOp| {
+            let (want, answer) = script.next().expect("no more requests expected");
+            assert_eq!(*op, want);
+            Ok((1, answer))
+        };
+        let state = backup_state(call, Duration::from_secs(5), 9).unwrap();
+        assert_eq!(state.index, 12);
+        let clients: Vec<u64> = state.sessions.iter().map(|s| s.client).collect();
+        assert_eq!(clients, [1, 2, 11, 12]);
+        // A page that claims a session after its copy's index is refused.
+        let call = |_: &ClientOp| Ok((1, page(5, 0, &[6], None)));
+        let e = backup_state(call, Duration::from_secs(5), 5).unwrap_err();
+        assert!(e.to_string().contains("session at index 6"), "{e}");
+    }
+
+    #[test]
+    fn version_1_reads_without_sessions_and_unknown_versions_are_refused() {
+        let path = temp("versions");
+        write_with(&path, 20, 1, |_| {});
+        let v = read(&path, |_| Ok(())).unwrap();
+        assert_eq!((v.header.version, v.header.index), (1, 20));
+        assert!(v.configuration.is_none() && v.sessions.is_empty());
+        write_with(&path, 20, VERSION, |h| h.version = VERSION + 1);
+        let e = read(&path, |_| Ok(())).unwrap_err();
+        assert!(e.contains("version 3 is not one this build reads"), "{e}");
+        // A session past the backup's index is not of this log, checksum or not.
+        write_sessions_to(&path, 20, VERSION, 21, |_| {});
+        let e = read(&path, |_| Ok(())).unwrap_err();
+        assert!(e.contains("session 2 of 2") && e.contains("corrupt"), "{e}");
+        // Two sessions at one index cannot both be a client's latest append.
+        write_sessions_to(&path, 20, VERSION, 1, |_| {});
+        let e = read(&path, |_| Ok(())).unwrap_err();
+        assert!(e.contains("session 2 of 2") && e.contains("corrupt"), "{e}");
         let _ = std::fs::remove_file(&path);
     }
 }

@@ -1041,6 +1041,7 @@ fn fits(op: &ClientOp, result: &ClientResult) -> bool {
         ClientResult::Entries { .. } => {
             matches!(op, ClientOp::Query { .. } | ClientOp::Backup { .. })
         }
+        ClientResult::BackupState { .. } => matches!(op, ClientOp::BackupState { .. }),
         ClientResult::Status(_) => matches!(op, ClientOp::Status),
         ClientResult::Transferred { .. } => matches!(op, ClientOp::TransferLeader { .. }),
     }

@@ -35,6 +35,8 @@ struct View {
     heard: Option<Instant>,
     leader_commit: Index,
     applied: Index,
+    /// A full disk stopped this peer's storage: it acknowledges nothing meanwhile.
+    disk_full: bool,
 }
 
 /// Shared between the node thread (writer) and the HTTP thread (reader).
@@ -94,6 +96,7 @@ impl Probes {
             heard: None,
             leader_commit: s.commit_index,
             applied: s.applied_index,
+            disk_full: s.disk_full,
         };
         if s.role == Role::Leader {
             view.leader = Some(s.id);
@@ -127,13 +130,19 @@ impl Probes {
         ))
     }
 
-    /// `Ok` while this peer knows a leader it heard from within an election timeout and has
-    /// applied to within [`READY_MAX_LAG`] entries of that leader's commit index; else a
-    /// one-line reason.
+    /// `Ok` while this peer's disk is not full, it knows a leader it heard from within an
+    /// election timeout, and it has applied to within [`READY_MAX_LAG`] entries of that
+    /// leader's commit index; else a one-line reason.
     pub fn readiness(&self) -> Result<String, String> {
         let v = *self.view.lock().unwrap_or_else(|p| p.into_inner());
         let timeout = self.election_timeout_ms.load(Ordering::Relaxed);
         let role = v.role.map_or("starting", Role::name);
+        if v.disk_full {
+            return Err(format!(
+                "disk full: storage stopped, nothing is acknowledged until there is space ({role} in term {})",
+                v.term
+            ));
+        }
         let Some(leader) = v.leader else {
             return Err(format!("no leader known ({role} in term {})", v.term));
         };
@@ -222,5 +231,19 @@ mod tests {
         p.heard(contact(10, old));
         p.turned_over(Some(&status(Role::Follower, Some(2), 10, 10)));
         assert!(p.readiness().unwrap_err().contains("not heard from for"));
+    }
+
+    #[test]
+    fn a_full_disk_is_not_ready_until_there_is_space() {
+        let p = Probes::new();
+        let mut full = status(Role::Leader, Some(1), 10, 10);
+        full.disk_full = true;
+        p.turned_over(Some(&full));
+        let why = p.readiness().unwrap_err();
+        assert!(why.starts_with("disk full") && !why.contains('\n'), "{why}");
+        assert!(p.health().is_ok(), "the node thread still turns over");
+        full.disk_full = false;
+        p.turned_over(Some(&full));
+        assert!(p.readiness().is_ok());
     }
 }

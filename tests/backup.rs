@@ -1,17 +1,22 @@
 //! `client snapshot save` and `peer --restore` on real processes: a backup taken under a
 //! stream of appends holds everything acknowledged before it started, and restores into three
 //! fresh data dirs as a new cluster with the same records at the same indices; a corrupt or
-//! truncated backup, and a non-empty data dir, are refused with nothing written.
+//! truncated backup, and a non-empty data dir, are refused with nothing written. A backup
+//! carries the client sessions and the configuration: a retry, to the restored cluster, of an
+//! append made before the backup is answered from its session, not applied again.
 
 mod common;
 
 use common::{Cluster, TempDir, PEER};
-use raft::raft::LogRecord;
+use raft::raft::{
+    ClientId, ClientOp, ClientReply, ClientRequest, ClientResult, Datagram, Index, LogRecord,
+};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The backup's records, read back with every check.
 fn backup_records(file: &Path) -> Vec<LogRecord> {
@@ -92,6 +97,14 @@ fn a_backup_under_appends_restores_as_a_new_cluster_index_for_index() {
     );
     let backed_up = backup_records(&file);
     assert_eq!(backed_up.len() as u64, index);
+    let verified = raft::backup::read(&file, |_| Ok(())).unwrap();
+    let recorded = verified
+        .configuration
+        .expect("a version 2 backup records its members");
+    let ids: Vec<u64> = recorded.members.iter().map(|m| m.id).collect();
+    assert_eq!(ids, [1, 2, 3]);
+    // Two append workers and the marker's client, at least, have sessions.
+    assert!(verified.sessions.len() >= 3, "{:?}", verified.sessions);
     assert_eq!(saved["term"].as_u64(), backed_up.last().map(|r| r.term));
     let original = common::query_log(&cluster, Duration::from_secs(10));
     assert!(
@@ -221,4 +234,115 @@ fn damaged_backups_and_non_empty_data_dirs_are_refused_with_nothing_written() {
         .filter(|n| n.contains("restoring"))
         .collect();
     assert!(beside.is_empty(), "{beside:?}");
+}
+
+/// Sends `Append { client, seq, data }` as a client process would, to each peer in turn, until
+/// one answers it as the leader: the index and term it names.
+fn raw_append(
+    peers: &[SocketAddr],
+    client: ClientId,
+    seq: u64,
+    data: &str,
+) -> Result<(Index, u64), String> {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = vec![0; 65_536];
+    let mut id = u64::from(socket.local_addr().unwrap().port()) << 32;
+    for to in peers.iter().cycle() {
+        if Instant::now() >= deadline {
+            break;
+        }
+        id += 1;
+        let op = ClientOp::Append {
+            client,
+            seq,
+            data: data.into(),
+        };
+        let request = Datagram::Request(ClientRequest { id, op });
+        socket.send_to(&request.encode().unwrap(), to).unwrap();
+        let wait = Instant::now() + Duration::from_millis(500);
+        while let Some(left) = wait.checked_duration_since(Instant::now()) {
+            socket
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let Ok((n, _)) = socket.recv_from(&mut buf) else {
+                break;
+            };
+            match Datagram::decode(&buf[..n]) {
+                Ok(Datagram::Reply(ClientReply {
+                    id: got, result, ..
+                })) if got == id => match result {
+                    ClientResult::Appended { index, term } => return Ok((index, term)),
+                    ClientResult::NotLeader { .. } => break,
+                    other => return Err(format!("{other:?}")),
+                },
+                _ => {}
+            }
+        }
+    }
+    Err(format!(
+        "no leader answered append {client}/{seq} within 10 s"
+    ))
+}
+
+#[test]
+fn a_retry_after_restore_is_answered_from_its_session_not_applied_twice() {
+    let _one = common::one_at_a_time();
+    let mut cluster = Cluster::start("backup-sessions", 1);
+    cluster.wait_for_one_leader(Duration::from_secs(10));
+    let peers: Vec<SocketAddr> = cluster.addresses().into_values().collect();
+    let (a, b): (ClientId, ClientId) = (0x5e55_0001, 0x5e55_0002);
+    let first = raw_append(&peers, a, 1, "made once").unwrap();
+    cluster.client_ok(&["append", "someone else's"]);
+    let second = raw_append(&peers, b, 7, "made once too").unwrap();
+    cluster.client_ok(&["append", "after both"]);
+    let file = cluster.dir.0.join("sessions.raft");
+    let saved = save(&cluster, &file);
+    let index = saved["index"].as_u64().unwrap();
+    let verified = raft::backup::read(&file, |_| Ok(())).unwrap();
+    let session = |client| verified.sessions.iter().find(|s| s.client == client);
+    assert_eq!(session(a).map(|s| (s.seq, s.index)), Some((1, first.0)));
+    assert_eq!(session(b).map(|s| (s.seq, s.index)), Some((7, second.0)));
+    let ids: Vec<u64> = verified
+        .configuration
+        .unwrap()
+        .members
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(ids, [1]);
+    cluster.kill_all();
+
+    let dir = TempDir::new("restored-sessions");
+    let configs = common::write_configs(&dir.0, 1);
+    let mut restored = Cluster {
+        peers: Default::default(),
+        configs,
+        dir,
+        acked: Default::default(),
+    };
+    restored.start_peer_with(1, &["--restore", file.to_str().unwrap()]);
+    restored.wait_for_one_leader(Duration::from_secs(10));
+    let log = restored.log_text(1);
+    let sessions = format!("{} client sessions", verified.sessions.len());
+    assert!(
+        log.contains("recorded members") && log.contains(&sessions),
+        "{log}"
+    );
+    let peers: Vec<SocketAddr> = restored.addresses().into_values().collect();
+    // Retries of appends made before the backup: the original answers, nothing appended.
+    assert_eq!(raw_append(&peers, a, 1, "made once"), Ok(first));
+    assert_eq!(raw_append(&peers, b, 7, "made once too"), Ok(second));
+    let fresh = raw_append(&peers, a, 2, "a new one").unwrap();
+    assert!(fresh.0 > index, "{fresh:?} after {index}");
+    let log = common::query_log(&restored, Duration::from_secs(10));
+    let after: Vec<&LogRecord> = log[index as usize..]
+        .iter()
+        .filter(|r| r.data.is_some())
+        .collect();
+    assert_eq!(after.len(), 1, "only the new append was applied: {after:?}");
+    assert!(
+        log.iter().all(|r| r.kind.as_deref() != Some("duplicate")),
+        "a retry became an entry: {log:?}"
+    );
 }

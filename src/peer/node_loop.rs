@@ -314,8 +314,9 @@ pub(super) fn node_loop(
             }
         }
         inst.disk_full = storage.full().is_some();
-        let status = core.status();
-        if let Some(status) = &status {
+        let mut status = core.status();
+        if let Some(status) = &mut status {
+            status.disk_full = inst.disk_full;
             inst.metrics.observe_status(status);
         }
         inst.metrics.probes.turned_over(status.as_ref());

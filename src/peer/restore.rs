@@ -4,14 +4,14 @@
 //! with its checksum: anything else is refused before a byte is written. The data dir is built
 //! beside the target and renamed into place at the end, so a failure midway leaves nothing.
 //! It holds the backup's records in the store with a snapshot at the backup's index (the
-//! configuration: the config's bootstrap members), a WAL that continues from that snapshot, and
+//! configuration: the config's bootstrap members; the backup's client sessions), a WAL that continues from that snapshot, and
 //! a `cluster` file with a new cluster ID derived from the backup's checksum: every peer restored
 //! from the same file joins the same new cluster, and none of the old cluster's peers is heard.
 
 use crate::backup;
 use crate::cluster::{self, ClusterFile};
 use crate::config::PeerConfig;
-use crate::raft::{HardState, SnapshotState};
+use crate::raft::{HardState, Membership, SnapshotState};
 use crate::storage::store::Store;
 use crate::storage::wal::Wal;
 use std::path::{Path, PathBuf};
@@ -44,6 +44,27 @@ pub fn restore(config: &PeerConfig, file: &Path) -> Result<(), String> {
         h.term,
         verified.blake3
     );
+    let recorded = match &verified.configuration {
+        Some(c) => format!(
+            "members {} (the configuration of index {}) and {} client sessions",
+            Membership::new(c.members.clone()).describe(),
+            c.config_index,
+            verified.sessions.len()
+        ),
+        None => "no members or client sessions (a version 1 backup)".into(),
+    };
+    log::info!(
+        "{}: the backup recorded {recorded}; the new cluster's members come from the config",
+        config.name
+    );
+    if h.cluster != config.cluster {
+        log::warn!(
+            "{}: the backup is of cluster {:?}; the restored cluster is named {:?} by the config",
+            config.name,
+            h.cluster,
+            config.cluster
+        );
+    }
     let building = beside(dir, "restoring");
     if building.exists() {
         // Left by a restore that stopped midway: ours to remove.
@@ -72,9 +93,10 @@ pub fn restore(config: &PeerConfig, file: &Path) -> Result<(), String> {
         }
     }
     log::warn!(
-        "{}: restored {} entries (to index {}, term {}) from {} into {}: a NEW cluster with members {}",
+        "{}: restored {} entries and {} client sessions (to index {}, term {}) from {} into {}: a NEW cluster with members {}",
         config.name,
         h.records,
+        verified.sessions.len(),
         h.index,
         h.term,
         file.display(),
@@ -127,7 +149,8 @@ fn build(
             membership: bootstrap.clone(),
             config_at: (0, 0),
             removed: Vec::new(),
-            sessions: Vec::new(),
+            // Retries of appends made before the backup are answered as they were.
+            sessions: verified.sessions.clone(),
         };
         store.write_snapshot(&state).map_err(storage)?;
         let hard_state = HardState {

@@ -2,7 +2,7 @@
 //! Every datagram is one JSON-encoded [`Datagram`] of at most [`MAX_DATAGRAM`] bytes.
 
 use super::membership::{ConfChange, Member, MemberRole, Membership};
-use super::snapshot::SnapshotId;
+use super::snapshot::{SessionRecord, SnapshotId};
 use super::types::*;
 use serde::{Deserialize, Serialize};
 
@@ -200,6 +200,10 @@ pub enum ClientOp {
         start: Index,
         read_index: Option<Index>,
     },
+    /// The client sessions and configuration a backup holds beside the records, as of an
+    /// applied index ([`super::backup_state`]): `at: None` asks for a copy of now, later pages
+    /// pass its index back; `from` counts the sessions already received. Leader only.
+    BackupState { at: Option<Index>, from: u64 },
     /// Report this peer's view of the cluster.
     Status,
     /// Hand leadership to `target`, or to the most up-to-date voter (thesis §3.10). With no
@@ -243,6 +247,18 @@ pub enum ClientResult {
         entries: Vec<LogRecord>,
         read_index: Index,
         next: Option<Index>,
+    },
+    /// One page of a backup's state as of applied index `index` (of `term`, 0 if unknown):
+    /// the configuration in force there (made by the entry at `config_index`) and its client
+    /// sessions `from..`; `next` is the `from` to ask for next, None after the last page.
+    BackupState {
+        index: Index,
+        term: Term,
+        config_index: Index,
+        members: Vec<Member>,
+        from: u64,
+        sessions: Vec<SessionRecord>,
+        next: Option<u64>,
     },
     Status(StatusInfo),
     /// Leadership is now with `leader` in `term` (the answer to a transfer).

@@ -18,6 +18,7 @@
 //!   core compacts its log once a snapshot is durable and streams snapshots in chunks.
 //! - Time enters as ticks; randomness from a seed in [`Config`].
 
+pub mod backup_state;
 pub mod configurations;
 pub mod guard;
 pub mod log;

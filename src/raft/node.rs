@@ -2,6 +2,7 @@
 //! returns its effects as a [`Ready`]. Term handling happens once in [`Node::step`]; then one
 //! function per role handles the message.
 
+use super::backup_state;
 use super::configurations::Configurations;
 use super::log::RaftLog;
 use super::membership::{ConfChange, Membership};
@@ -140,6 +141,8 @@ pub struct Node {
     receiving: SnapshotReceive,
     /// No vote until the log reaches this index (0: none); see `started_over.rs`.
     vote_floor: Index,
+    /// Copies of the sessions and configuration that backups being saved read in pages.
+    backup_copies: backup_state::BackupCopies,
 }
 
 impl Node {
@@ -244,6 +247,7 @@ impl Node {
             chunk_writes: Vec::new(),
             receiving: SnapshotReceive::default(),
             vote_floor,
+            backup_copies: Default::default(),
         };
         node.reached_vote_floor();
         node.reset_election_timer();
@@ -1459,6 +1463,11 @@ impl Node {
             ClientOp::Append { client, seq, data } => self.propose(waiter, client, seq, data),
             ClientOp::Query { start, read_index } | ClientOp::Backup { start, read_index } => {
                 self.query(waiter, start, read_index)
+            }
+            ClientOp::BackupState { at, from } => {
+                let now = || backup_state::Copy::of(&self.sm, &self.configs, &self.log);
+                let page = self.backup_copies.page(at, from, ENTRY_BUDGET, now);
+                self.reply(waiter, page)
             }
             ClientOp::TransferLeader { target, away_from } => {
                 self.start_transfer(waiter, target, away_from)

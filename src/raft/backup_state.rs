@@ -1,0 +1,169 @@
+//! What a backup (`client snapshot save`) holds besides the committed records: the client
+//! sessions and the configuration in force at one applied index. The leader copies them when a
+//! save asks and serves the copy in pages, so that a save sees one table while the live one
+//! moves on. A copy describes committed entries only, so it stays true whoever leads later.
+
+use super::configurations::Configurations;
+use super::log::RaftLog;
+use super::message::ClientResult;
+use super::snapshot::SessionRecord;
+use super::state_machine::StateMachine;
+use super::types::{Index, Term};
+use super::Membership;
+use std::collections::VecDeque;
+
+/// Copies kept at once (saves running side by side). Beyond it the oldest goes, and a save
+/// still reading it is answered with a new copy, from which it starts its sessions again.
+pub const MAX_COPIES: usize = 4;
+/// Bytes one session takes in a reply at most (every number at its widest), for paging.
+const SESSION_BYTES: usize = 160;
+
+/// The sessions and configuration as of applied index `index` (of term `term`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Copy {
+    pub index: Index,
+    pub term: Term,
+    /// The configuration in force at `index` and the index of the entry that made it.
+    pub membership: Membership,
+    pub config_index: Index,
+    /// Least recently used first, as the state machine lists them.
+    pub sessions: Vec<SessionRecord>,
+    // Users and roles, where a cluster keeps them in its state machine, belong here too,
+    // copied at the same index and paged after the sessions (a `BackupState` field and a
+    // section of the backup file, `crate::backup`'s version 3).
+}
+
+impl Copy {
+    /// The state as of the state machine's applied index.
+    pub fn of(sm: &StateMachine, configs: &Configurations, log: &RaftLog) -> Copy {
+        let index = sm.applied;
+        let (membership, (config_index, _)) = configs.at(index);
+        Copy {
+            index,
+            // 0 when unknown: the saving client takes the term from the record at `index`.
+            term: log.term_at(index).unwrap_or(0),
+            membership: membership.clone(),
+            config_index,
+            sessions: sm.sessions(),
+        }
+    }
+}
+
+/// The copies a leader is serving, newest last.
+#[derive(Debug, Default)]
+pub struct BackupCopies {
+    copies: VecDeque<Copy>,
+}
+
+impl BackupCopies {
+    /// Page `from..` of the copy at `at`; when `at` is None or that copy is no longer held,
+    /// page 0 of a new copy made by `now`. The reply names the copy's index and the page's
+    /// start, so a client can tell which it got. A page fits in `budget` bytes.
+    pub fn page(
+        &mut self,
+        at: Option<Index>,
+        from: u64,
+        budget: usize,
+        now: impl FnOnce() -> Copy,
+    ) -> ClientResult {
+        let held = at.and_then(|a| self.copies.iter().position(|c| c.index == a));
+        let (copy, from) = match held {
+            Some(i) => (&self.copies[i], from),
+            None => {
+                let fresh = now();
+                // Two saves asking at the same applied index share one copy.
+                self.copies.retain(|c| c.index != fresh.index);
+                self.copies.push_back(fresh);
+                if self.copies.len() > MAX_COPIES {
+                    self.copies.pop_front();
+                }
+                (self.copies.back().expect("just pushed"), 0)
+            }
+        };
+        let room = budget.saturating_sub(copy.membership.encoded_len()) / SESSION_BYTES;
+        let start = (from as usize).min(copy.sessions.len());
+        let end = (start + room.max(1)).min(copy.sessions.len());
+        // A copy stays after its last page (a retry of that page must find it) until newer
+        // ones push it out.
+        ClientResult::BackupState {
+            index: copy.index,
+            term: copy.term,
+            config_index: copy.config_index,
+            members: copy.membership.members.clone(),
+            from: start as u64,
+            sessions: copy.sessions[start..end].to_vec(),
+            next: (end < copy.sessions.len()).then_some(end as u64),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy(index: Index, sessions: u64) -> Copy {
+        Copy {
+            index,
+            term: 2,
+            membership: Membership::voters(&[1, 2, 3]),
+            config_index: 0,
+            sessions: (1..=sessions)
+                .map(|i| SessionRecord {
+                    client: u64::MAX - i,
+                    seq: u64::MAX,
+                    index: u64::MAX - i,
+                    term: u64::MAX,
+                    data_hash: u64::MAX,
+                })
+                .collect(),
+        }
+    }
+
+    fn page(result: ClientResult) -> (Index, u64, usize, Option<u64>) {
+        match result {
+            ClientResult::BackupState {
+                index,
+                from,
+                sessions,
+                next,
+                ..
+            } => (index, from, sessions.len(), next),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_copy_is_served_in_pages_that_fit_while_the_live_table_moves_on() {
+        let mut copies = BackupCopies::default();
+        let budget = 60_000;
+        let (index, from, n, next) = page(copies.page(None, 0, budget, || copy(10, 1_000)));
+        assert_eq!((index, from), (10, 0));
+        let mut got = n;
+        let mut next = next;
+        while let Some(at) = next {
+            // Later pages come from the copy, not from a newer moment.
+            let p = page(copies.page(Some(10), at, budget, || copy(20, 5)));
+            assert_eq!((p.0, p.1), (10, at));
+            got += p.2;
+            next = p.3;
+        }
+        assert_eq!(got, 1_000);
+        // Every page fits the budget with the widest numbers.
+        let widest = copies.page(Some(10), 0, budget, || unreachable!());
+        assert!(serde_json::to_vec(&widest).unwrap().len() <= budget);
+    }
+
+    #[test]
+    fn a_copy_no_longer_held_is_answered_with_a_new_one_from_its_start() {
+        let mut copies = BackupCopies::default();
+        page(copies.page(None, 0, 60_000, || copy(10, 3)));
+        for i in 0..MAX_COPIES as u64 {
+            page(copies.page(None, 0, 60_000, || copy(11 + i, 3)));
+        }
+        let (index, from, n, next) = page(copies.page(Some(10), 2, 60_000, || copy(30, 3)));
+        assert_eq!((index, from, n, next), (30, 0, 3, None));
+        // An empty table is one page.
+        let (_, _, n, next) = page(copies.page(None, 0, 60_000, || copy(31, 0)));
+        assert_eq!((n, next), (0, None));
+    }
+}
