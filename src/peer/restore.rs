@@ -128,6 +128,7 @@ fn build(
             config_at: (0, 0),
             removed: Vec::new(),
             sessions: Vec::new(),
+            users: Vec::new(),
         };
         store.write_snapshot(&state).map_err(storage)?;
         let hard_state = HardState {

@@ -4,6 +4,7 @@
 use super::membership::{ConfChange, Member, MemberRole, Membership};
 use super::snapshot::SnapshotId;
 use super::types::*;
+use super::users::{UserChange, UserInfo, UserOp, UserRole};
 use serde::{Deserialize, Serialize};
 
 /// One slot of the replicated log.
@@ -27,6 +28,8 @@ pub enum Payload {
     },
     /// A configuration (thesis §4.1): in force on a server as soon as it is in its log.
     Config(Membership),
+    /// A change to the users ([`super::users`]): names and roles, never a key.
+    User(UserChange),
 }
 
 impl Entry {
@@ -37,6 +40,7 @@ impl Entry {
                 Payload::Noop => 0,
                 Payload::Data { data, .. } => escaped_len(data),
                 Payload::Config(m) => m.encoded_len(),
+                Payload::User(u) => u.encoded_len(),
             }
     }
 }
@@ -211,6 +215,8 @@ pub enum ClientOp {
         #[serde(default)]
         force: bool,
     },
+    /// Add, remove or list users (admins only); an add or remove is answered once it commits.
+    Users(UserOp),
 }
 
 /// A peer's answer to a [`ClientRequest`].
@@ -269,6 +275,42 @@ pub enum ClientResult {
     Refused {
         reason: String,
     },
+    /// `user` has `role` from the entry at `index` on. `key` is the user's credential, filled
+    /// in by the answering peer's shell (which holds the cluster secret); empty from the core.
+    UserAdded {
+        user: String,
+        role: UserRole,
+        index: Index,
+        term: Term,
+        #[serde(default)]
+        key: CredentialKey,
+    },
+    /// `user` is removed by the entry at `index`.
+    UserRemoved {
+        user: String,
+        index: Index,
+        term: Term,
+    },
+    /// Every user, by name (never a key).
+    Users {
+        users: Vec<UserInfo>,
+    },
+}
+
+/// A user's key in the answer to `user add` (64 hex digits), never shown by `Debug`, so
+/// that no log line can print it.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CredentialKey(pub String);
+
+impl std::fmt::Debug for CredentialKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "none"
+        } else {
+            "redacted"
+        })
+    }
 }
 
 /// One committed log entry as the client prints it: `{"index":N,"term":T,"data":"..."}`;
