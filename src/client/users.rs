@@ -20,6 +20,11 @@ impl Client {
     /// same nonce, so it is answered with the same user, not a second one.
     pub fn user_add(&mut self, name: &str, role: UserRole) -> Result<Credential, ClientError> {
         crate::raft::users::check_user_name(name).map_err(ClientError::Refused)?;
+        if !self.authenticated() {
+            return Err(ClientError::Refused(
+                "users need a secured cluster: this client's config names no secret_file (nor do the peers', if they answer it)".into(),
+            ));
+        }
         let deadline = Instant::now() + self.timeout;
         let op = ClientOp::Users(UserOp::Add {
             name: name.to_string(),
