@@ -381,6 +381,72 @@ mod tests {
     }
 
     #[test]
+    fn a_user_handshakes_is_admitted_with_its_role_then_removed() {
+        let k = Arc::new(Keys::random("c").unwrap());
+        let peer = Arc::new(PeerAuth::new(Arc::clone(&k), 1, [2, 3]));
+        let mut gate = Gate::new(Arc::clone(&peer));
+        let ann = record("ann", 4);
+        peer.set_users(std::slice::from_ref(&ann));
+        let cred = k.user_credential(&ann).unwrap();
+        let mut client = ClientAuth::new(Arc::new(Keys::for_user(&cred)), [1]).unwrap();
+        let at: SocketAddr = "127.0.0.1:5555".parse().unwrap();
+        let send = |client: &mut ClientAuth| {
+            let mut buf = with_room(b"req");
+            let mut out = Vec::new();
+            client
+                .seal_request::<()>(1, &mut buf, |b| {
+                    out.push(b.to_vec());
+                    Ok(())
+                })
+                .unwrap();
+            out.remove(0)
+        };
+        let first = send(&mut client);
+        assert_eq!(
+            gate.admit(&first, at, Instant::now()),
+            Err(Refused::Handshake)
+        );
+        // The notice is sealed with the user's key: the user's client opens it.
+        let out = gate.take_outgoing();
+        assert_eq!(client.open(&out[0].1), Ok(FromPeer::Notice { from: 1 }));
+        let second = send(&mut client);
+        let Ok(Admitted::Request { role, tag, .. }) = gate.admit(&second, at, Instant::now())
+        else {
+            panic!("not admitted");
+        };
+        assert_eq!(
+            (role, tag.user.map(|u| u.index)),
+            (UserRole::Write, Some(4))
+        );
+        let mut reply = with_room(b"ok");
+        peer.seal_reply(at, &mut reply).unwrap();
+        assert_eq!(
+            client.open(&reply),
+            Ok(FromPeer::Reply {
+                from: 1,
+                body: b"ok"
+            })
+        );
+        // Removed: its next request fails to open (counted, unanswered), and a reply to its
+        // earlier one is no longer sealed.
+        peer.set_users(&[]);
+        let failures = peer.stats.auth_failures.load(Ordering::Relaxed);
+        let third = send(&mut client);
+        assert_eq!(
+            gate.admit(&third, at, Instant::now()),
+            Err(Refused::Auth(AuthError::UnknownKey(
+                Header::read(&third).unwrap().key_id
+            )))
+        );
+        assert!(gate.take_outgoing().is_empty());
+        assert_eq!(
+            peer.stats.auth_failures.load(Ordering::Relaxed),
+            failures + 1
+        );
+        assert!(peer.seal_reply(at, &mut with_room(b"late")).is_err());
+    }
+
+    #[test]
     fn bad_credentials_are_refused_with_reasons() {
         for (text, says) in [
             ("", "not a credential"),
