@@ -358,7 +358,7 @@ pub fn classify_sealed(
             ))),
         },
         Admitted::Request { body, role, .. } => match Datagram::decode(body).map_err(malformed)? {
-            Datagram::Request(req) => match crate::raft::users::permit(role, &req.op) {
+            Datagram::Request(req) => match crate::raft::permit(role, &req.op) {
                 Ok(()) => Ok(Some(Inbound::Client(src, req))),
                 Err(reason) => Err(deny(gate, src, me, req.id, reason)),
             },

@@ -4,7 +4,7 @@
 use super::membership::{ConfChange, Member, MemberRole, Membership};
 use super::snapshot::SnapshotId;
 use super::types::*;
-use super::users::{UserChange, UserInfo, UserOp, UserRole};
+use super::users::{denied, UserChange, UserInfo, UserOp, UserRole};
 use serde::{Deserialize, Serialize};
 
 /// One slot of the replicated log.
@@ -217,6 +217,28 @@ pub enum ClientOp {
     },
     /// Add, remove or list users (admins only); an add or remove is answered once it commits.
     Users(UserOp),
+}
+
+/// The least role `op` needs, and what a refusal says the role cannot do.
+pub fn required(op: &ClientOp) -> (UserRole, &'static str) {
+    match op {
+        ClientOp::Query { .. } | ClientOp::Status | ClientOp::Members => (UserRole::Read, "read"),
+        ClientOp::Append { .. } => (UserRole::Write, "append"),
+        ClientOp::Backup { .. } => (UserRole::Admin, "take backups"),
+        ClientOp::TransferLeader { .. } => (UserRole::Admin, "transfer leadership"),
+        ClientOp::ChangeMembers { .. } => (UserRole::Admin, "change membership"),
+        ClientOp::Users(_) => (UserRole::Admin, "manage users"),
+    }
+}
+
+/// Whether `role` may carry out `op`; the error is the refusal the client prints.
+pub fn permit(role: UserRole, op: &ClientOp) -> Result<(), String> {
+    let (least, what) = required(op);
+    if role >= least {
+        Ok(())
+    } else {
+        Err(denied(role, what))
+    }
 }
 
 /// A peer's answer to a [`ClientRequest`].
@@ -469,6 +491,50 @@ mod tests {
             bytes.len() <= DATAGRAM_OVERHEAD,
             "{} bytes of envelope",
             bytes.len()
+        );
+    }
+
+    #[test]
+    fn the_role_matrix() {
+        let ops = [
+            ClientOp::Query {
+                start: 1,
+                read_index: None,
+            },
+            ClientOp::Status,
+            ClientOp::Members,
+            ClientOp::Append {
+                client: 1,
+                seq: 1,
+                data: "x".into(),
+            },
+            ClientOp::Backup {
+                start: 1,
+                read_index: None,
+            },
+            ClientOp::TransferLeader {
+                target: None,
+                away_from: None,
+            },
+            ClientOp::ChangeMembers {
+                change: ConfChange::Remove { id: 2 },
+                force: false,
+            },
+            ClientOp::Users(UserOp::List),
+        ];
+        // How many of `ops` (in order) each role may do.
+        for (role, allowed) in [
+            (UserRole::Read, 3),
+            (UserRole::Write, 4),
+            (UserRole::Admin, ops.len()),
+        ] {
+            for (i, op) in ops.iter().enumerate() {
+                assert_eq!(permit(role, op).is_ok(), i < allowed, "{role} {op:?}");
+            }
+        }
+        assert_eq!(
+            permit(UserRole::Read, &ops[3]),
+            Err("permission denied: role read cannot append".into())
         );
     }
 

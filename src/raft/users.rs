@@ -8,7 +8,6 @@
 //! `crate::auth::users`), so the log, the WAL and snapshots hold only names and roles. The
 //! core only decides who may do what ([`permit`]).
 
-use super::message::ClientOp;
 use super::types::{Index, Term};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -56,28 +55,6 @@ impl UserRole {
 impl std::fmt::Display for UserRole {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-/// The least role `op` needs, and what a refusal says the role cannot do.
-pub fn required(op: &ClientOp) -> (UserRole, &'static str) {
-    match op {
-        ClientOp::Query { .. } | ClientOp::Status | ClientOp::Members => (UserRole::Read, "read"),
-        ClientOp::Append { .. } => (UserRole::Write, "append"),
-        ClientOp::Backup { .. } => (UserRole::Admin, "take backups"),
-        ClientOp::TransferLeader { .. } => (UserRole::Admin, "transfer leadership"),
-        ClientOp::ChangeMembers { .. } => (UserRole::Admin, "change membership"),
-        ClientOp::Users(_) => (UserRole::Admin, "manage users"),
-    }
-}
-
-/// Whether `role` may carry out `op`; the error is the refusal the client prints.
-pub fn permit(role: UserRole, op: &ClientOp) -> Result<(), String> {
-    let (least, what) = required(op);
-    if role >= least {
-        Ok(())
-    } else {
-        Err(denied(role, what))
     }
 }
 
@@ -266,7 +243,6 @@ impl Users {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raft::membership::ConfChange;
 
     fn add(name: &str, role: UserRole, nonce: u64) -> UserChange {
         UserChange::Add {
@@ -274,50 +250,6 @@ mod tests {
             role,
             nonce,
         }
-    }
-
-    #[test]
-    fn the_role_matrix() {
-        let ops = [
-            ClientOp::Query {
-                start: 1,
-                read_index: None,
-            },
-            ClientOp::Status,
-            ClientOp::Members,
-            ClientOp::Append {
-                client: 1,
-                seq: 1,
-                data: "x".into(),
-            },
-            ClientOp::Backup {
-                start: 1,
-                read_index: None,
-            },
-            ClientOp::TransferLeader {
-                target: None,
-                away_from: None,
-            },
-            ClientOp::ChangeMembers {
-                change: ConfChange::Remove { id: 2 },
-                force: false,
-            },
-            ClientOp::Users(UserOp::List),
-        ];
-        // How many of `ops` (in order) each role may do.
-        for (role, allowed) in [
-            (UserRole::Read, 3),
-            (UserRole::Write, 4),
-            (UserRole::Admin, ops.len()),
-        ] {
-            for (i, op) in ops.iter().enumerate() {
-                assert_eq!(permit(role, op).is_ok(), i < allowed, "{role} {op:?}");
-            }
-        }
-        assert_eq!(
-            permit(UserRole::Read, &ops[3]),
-            Err("permission denied: role read cannot append".into())
-        );
     }
 
     #[test]

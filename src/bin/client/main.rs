@@ -24,7 +24,7 @@ use raft::auth::Credential;
 use raft::client::{Client, ClientError, Configured, PeerStatus};
 use raft::config::PeerConfig;
 use raft::raft::membership::check_address;
-use raft::raft::users::permit;
+use raft::raft::permit;
 use raft::raft::{
     ClientOp, ConfChange, FollowerInfo, Index, LogRecord, Member, MemberRole, NodeId, Role,
     StatusInfo, UserRole,
