@@ -1064,8 +1064,9 @@ fn fits(op: &ClientOp, result: &ClientResult) -> bool {
     match result {
         ClientResult::NotLeader { .. } | ClientResult::Refused { .. } => true,
         ClientResult::Members { .. } => matches!(op, ClientOp::Members),
-        ClientResult::Configured { .. } | ClientResult::Busy { .. } => {
-            matches!(op, ClientOp::ChangeMembers { .. })
+        ClientResult::Configured { .. } => matches!(op, ClientOp::ChangeMembers { .. }),
+        ClientResult::Busy { .. } => {
+            matches!(op, ClientOp::ChangeMembers { .. } | ClientOp::Users(_))
         }
         ClientResult::Appended { .. } => matches!(op, ClientOp::Append { .. }),
         ClientResult::Entries { .. } => {
