@@ -514,13 +514,15 @@ fn users_survive_a_restart_and_a_snapshot_install() {
         every_peer_knows(&cluster, &late)
     });
 
-    // All down, all up: the users are in the WAL and snapshots.
+    // One more, after the snapshots: only in the WAL. All down, all up: the users come back
+    // from snapshots and the WAL.
+    let (_, fresh) = add_user(&cluster, "fresh", "write");
     cluster.kill_all();
     for id in 1..=3 {
         cluster.start_peer(id);
     }
     cluster.wait_for_one_leader(Duration::from_secs(10));
-    for cred in [&early, &late] {
+    for cred in [&early, &late, &fresh] {
         poll_until(Duration::from_secs(5), "users after a restart", || {
             every_peer_knows(&cluster, cred)
         });
