@@ -40,6 +40,11 @@
 //! client's [`Keys`] hold no peer key ([`Keys::client_only`]), so nothing a client can seal is
 //! taken as peer traffic (dropped as [`AuthError::WrongSide`]).
 //!
+//! Users (the replicated users table) each have a key of their own, which the peers derive
+//! from the secret and never store (`auth/users.rs`): it seals requests, and the key that opened a
+//! request tells the peer whose it is and so which role to check it against. A removed user's
+//! key leaves every peer's table as the removal applies there.
+//!
 //! **Why AES-256-GCM** (RustCrypto's `aes-gcm`): an AEAD from a well-kept crate, with
 //! hardware AES and carry-less multiplication on the x86 and ARM CPUs peers run on. Measured
 //! on this project's 2-core VM (a small datagram, sealing alone): 0.5-0.7 µs with a fresh
@@ -445,7 +450,7 @@ pub enum Side {
 pub struct Keys {
     peer: Vec<AeadKey>,
     client: Vec<AeadKey>,
-    /// Per key of the secret, what users' keys are derived from ([`users`]); peers only.
+    /// Per key of the secret, what users' keys are derived from (`auth/users.rs`); peers only.
     masters: Vec<[u8; 32]>,
 }
 

@@ -6,7 +6,7 @@
 //! No key is ever in here, nor in the log: a user's key is derived by each peer's shell from
 //! the cluster secret and the index and term of the entry that added the user (see
 //! `crate::auth::users`), so the log, the WAL and snapshots hold only names and roles. The
-//! core only decides who may do what ([`permit`]).
+//! core only decides who may do what (`permit`, beside the requests in `message`).
 
 use super::types::{Index, Term};
 use serde::{Deserialize, Serialize};
