@@ -37,13 +37,16 @@
 //! once. A client whose key the peers do not hold hears nothing; its timeout says that a key
 //! mismatch is the likely cause.
 
-use crate::auth::{self, ClientAuth, FromPeer, Keys};
+mod users;
+pub use users::UserRemoved;
+
+use crate::auth::{self, ClientAuth, Credential, FromPeer, Keys};
 use crate::config::PeerConfig;
 use crate::raft::guard;
 use crate::raft::rng::splitmix64;
 use crate::raft::{
     check_entry_data, ClientId, ClientOp, ClientReply, ClientRequest, ClientResult, ConfChange,
-    Datagram, Index, LogRecord, Member, MemberInfo, NodeId, StatusInfo, Term, MAX_DATAGRAM,
+    Datagram, Index, LogRecord, Member, MemberInfo, NodeId, StatusInfo, Term, UserOp, MAX_DATAGRAM,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -179,6 +182,9 @@ pub struct Client {
     out: Vec<u8>,
     /// Whether any peer has answered this client (authentically) since it was made.
     heard_any: bool,
+    /// The user and credential file this client seals with, for its errors; `None`: the
+    /// operator's keys (or none).
+    user: Option<String>,
 }
 
 /// What [`Client::recv_until`] hands back.
@@ -209,6 +215,27 @@ impl Client {
         let keys = config.keys()?;
         let mut client = Client::with_keys(peers, timeout, keys).map_err(|e| e.to_string())?;
         client.follow_cluster(true);
+        Ok(client)
+    }
+
+    /// A client of the cluster a peer config describes that authenticates as the user of
+    /// `credential` (read from `file`): its key seals the requests, and the peers allow what
+    /// the user's role allows. The config's `secret_file` is not read.
+    pub fn from_credential(
+        config: &PeerConfig,
+        timeout: Duration,
+        credential: &Credential,
+        file: &std::path::Path,
+    ) -> Result<Client, String> {
+        let peers = config.addresses()?;
+        let keys = Some(Arc::new(Keys::for_user(credential)));
+        let mut client = Client::with_keys(peers, timeout, keys).map_err(|e| e.to_string())?;
+        client.follow_cluster(true);
+        client.user = Some(format!(
+            "user {} (credential file {})",
+            credential.user,
+            file.display()
+        ));
         Ok(client)
     }
 
@@ -268,6 +295,7 @@ impl Client {
             auth,
             out: Vec::new(),
             heard_any: false,
+            user: None,
         })
     }
 
@@ -933,7 +961,9 @@ impl Client {
         if self.heard_any {
             return String::new();
         }
-        if self.auth.is_some() {
+        if let Some(user) = &self.user {
+            format!("; no peer has answered this client at all: if the peers are running, they do not accept {user}: the user is unknown or was removed, or its key is wrong (peers drop such requests without answering)")
+        } else if self.auth.is_some() {
             "; no peer has answered this client at all: if the peers are running, a key mismatch is the likely cause (this config's secret_file or cluster name differs from the peers'; a peer silently drops what is sealed with a key it does not hold)".to_string()
         } else {
             "; no peer has answered this client at all: are the peers running? If they have a secret_file, this client's config must name it too".to_string()
@@ -1034,8 +1064,9 @@ fn fits(op: &ClientOp, result: &ClientResult) -> bool {
     match result {
         ClientResult::NotLeader { .. } | ClientResult::Refused { .. } => true,
         ClientResult::Members { .. } => matches!(op, ClientOp::Members),
-        ClientResult::Configured { .. } | ClientResult::Busy { .. } => {
-            matches!(op, ClientOp::ChangeMembers { .. })
+        ClientResult::Configured { .. } => matches!(op, ClientOp::ChangeMembers { .. }),
+        ClientResult::Busy { .. } => {
+            matches!(op, ClientOp::ChangeMembers { .. } | ClientOp::Users(_))
         }
         ClientResult::Appended { .. } => matches!(op, ClientOp::Append { .. }),
         ClientResult::Entries { .. } => {
@@ -1044,6 +1075,9 @@ fn fits(op: &ClientOp, result: &ClientResult) -> bool {
         ClientResult::BackupState { .. } => matches!(op, ClientOp::BackupState { .. }),
         ClientResult::Status(_) => matches!(op, ClientOp::Status),
         ClientResult::Transferred { .. } => matches!(op, ClientOp::TransferLeader { .. }),
+        ClientResult::UserAdded { .. } => matches!(op, ClientOp::Users(UserOp::Add { .. })),
+        ClientResult::UserRemoved { .. } => matches!(op, ClientOp::Users(UserOp::Remove { .. })),
+        ClientResult::Users { .. } => matches!(op, ClientOp::Users(UserOp::List)),
     }
 }
 

@@ -76,10 +76,19 @@ pub enum DropReason {
     /// A peer message stamped with another cluster's ID: its sender was bootstrapped from
     /// other initial members or another cluster name.
     WrongCluster,
+    /// An authentic datagram whose sender epoch is far ahead of this peer's clock.
+    Ahead,
+    /// An authentic client request sent too long ago by this peer's clock.
+    Expired,
+    /// Sealed with a key of the wrong side: a client's or user's key on peer traffic, or a
+    /// peer key on a request.
+    WrongSide,
+    /// An authentic request its sender's role does not allow: answered with a refusal.
+    Denied,
 }
 
 impl DropReason {
-    const COUNT: usize = 11;
+    const COUNT: usize = 15;
 
     /// The `reason` label of `raft_datagrams_dropped_total`.
     pub fn label(self) -> &'static str {
@@ -95,6 +104,10 @@ impl DropReason {
             DropReason::Replay => "replay",
             DropReason::Stale => "stale",
             DropReason::WrongCluster => "wrong_cluster",
+            DropReason::Ahead => "ahead",
+            DropReason::Expired => "expired",
+            DropReason::WrongSide => "wrong_side",
+            DropReason::Denied => "denied",
         }
     }
 
@@ -131,6 +144,19 @@ impl DropReason {
             DropReason::WrongCluster => (
                 "a peer message from another cluster",
                 "peer messages from other clusters",
+            ),
+            DropReason::Ahead => (
+                "a datagram from an epoch far ahead of this clock",
+                "datagrams from epochs far ahead of this clock",
+            ),
+            DropReason::Expired => ("an expired request", "expired requests"),
+            DropReason::WrongSide => (
+                "a datagram sealed with a key of the wrong side",
+                "datagrams sealed with a key of the wrong side",
+            ),
+            DropReason::Denied => (
+                "a request its role does not allow (refused)",
+                "requests their roles do not allow (refused)",
             ),
         }
     }
@@ -284,7 +310,20 @@ pub fn classify_sealed(
         Err(r) => Err(r),
     };
     let admitted = refused.map_err(|r| match r {
+        Refused::Auth(e @ auth::AuthError::WrongSide(_)) => {
+            dropped(DropReason::WrongSide, e.to_string())
+        }
         Refused::Auth(e) => dropped(DropReason::Unauthenticated, e.to_string()),
+        Refused::Replay {
+            why: why @ (auth::Replay::Ahead | auth::Replay::Expired),
+            sender,
+        } => {
+            let reason = match why {
+                auth::Replay::Ahead => DropReason::Ahead,
+                _ => DropReason::Expired,
+            };
+            dropped(reason, format!("{why}, from {sender}"))
+        }
         Refused::Replay {
             why: auth::Replay::StaleRecipient,
             sender,
@@ -323,11 +362,31 @@ pub fn classify_sealed(
                 "sealed by node {from} as a peer message, but not one"
             ))),
         },
-        Admitted::Request { body, .. } => match Datagram::decode(body).map_err(malformed)? {
-            Datagram::Request(req) => Ok(Some(Inbound::Client(src, req))),
+        Admitted::Request { body, role, .. } => match Datagram::decode(body).map_err(malformed)? {
+            Datagram::Request(req) => match crate::raft::permit(role, &req.op) {
+                Ok(()) => Ok(Some(Inbound::Client(src, req))),
+                Err(reason) => Err(deny(gate, src, me, req.id, reason)),
+            },
             _ => Err(malformed("sealed as a client request, but not one".into())),
         },
     }
+}
+
+/// Answers request `id` from `src`, which its sender's role does not allow, with a refusal
+/// (queued with the gate's notices: the core never sees the request).
+fn deny(gate: &mut Gate, src: SocketAddr, me: NodeId, id: u64, reason: String) -> Dropped {
+    let reply = Datagram::Reply(ClientReply {
+        id,
+        from: me,
+        result: ClientResult::Refused {
+            reason: reason.clone(),
+        },
+    });
+    let mut buf = Vec::new();
+    if encode_into(&mut buf, auth::HEADER_LEN, &reply).is_ok() {
+        gate.queue_reply(src, buf);
+    }
+    dropped(DropReason::Denied, format!("request {id}: {reason}"))
 }
 
 /// Whether a datagram is a client request, judged from its first bytes only, so that a
@@ -433,6 +492,10 @@ const ALL_REASONS: [DropReason; DropReason::COUNT] = [
     DropReason::Replay,
     DropReason::Stale,
     DropReason::WrongCluster,
+    DropReason::Ahead,
+    DropReason::Expired,
+    DropReason::WrongSide,
+    DropReason::Denied,
 ];
 
 /// A rate-limited log line for one kind of problem.
@@ -745,6 +808,9 @@ impl Transport {
     pub fn send_reply(&mut self, to: ReplyTo, mut reply: ClientReply) {
         if let (ClientResult::Status(info), Some(auth)) = (&mut reply.result, &self.auth) {
             info.auth_failures = auth.stats.auth_failures.load(Ordering::Relaxed);
+        }
+        if let (ClientResult::UserAdded { .. }, Some(auth)) = (&reply.result, &self.auth) {
+            auth::fill_credential(auth.keys(), &mut reply.result);
         }
         let (id, from) = (reply.id, reply.from);
         let mut buf = std::mem::take(&mut self.buf);

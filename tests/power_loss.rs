@@ -321,6 +321,7 @@ impl Run {
                 config_at: (0, 0),
                 removed: Vec::new(),
                 sessions: Vec::new(),
+                users: Vec::new(),
             };
             let started = self
                 .disk()
@@ -467,6 +468,7 @@ impl Run {
             config_at: (0, 0),
             removed: Vec::new(),
             sessions: Vec::new(),
+            users: Vec::new(),
         };
         let id = store.write_snapshot(&state).unwrap();
 

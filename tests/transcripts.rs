@@ -1172,6 +1172,7 @@ fn payload(p: &Payload) -> String {
         Payload::Noop => "noop".into(),
         Payload::Data { data, .. } => quote(data),
         Payload::Config(m) => format!("config {}", members(m)),
+        Payload::User(u) => format!("user {u:?}"),
     }
 }
 

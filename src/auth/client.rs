@@ -150,7 +150,11 @@ impl ClientAuth {
     /// session and epoch by a configured peer; the caller then matches its request ID.
     pub fn open(&mut self, bytes: &[u8]) -> Result<FromPeer<'_>, ClientDrop> {
         let opened = match open_into(bytes, &self.keys, &mut self.plain) {
-            Ok((header, slot)) => Sealed { header, slot },
+            Ok((header, slot)) => Sealed {
+                header,
+                slot,
+                user: None,
+            },
             Err(e) => {
                 self.rejected += 1;
                 if e == AuthError::NotSealed {

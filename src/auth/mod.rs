@@ -40,6 +40,11 @@
 //! client's [`Keys`] hold no peer key ([`Keys::client_only`]), so nothing a client can seal is
 //! taken as peer traffic (dropped as [`AuthError::WrongSide`]).
 //!
+//! Users (the replicated users table) each have a key of their own, which the peers derive
+//! from the secret and never store (`auth/users.rs`): it seals requests, and the key that opened a
+//! request tells the peer whose it is and so which role to check it against. A removed user's
+//! key leaves every peer's table as the removal applies there.
+//!
 //! **Why AES-256-GCM** (RustCrypto's `aes-gcm`): an AEAD from a well-kept crate, with
 //! hardware AES and carry-less multiplication on the x86 and ARM CPUs peers run on. Measured
 //! on this project's 2-core VM (a small datagram, sealing alone): 0.5-0.7 µs with a fresh
@@ -119,6 +124,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::raft::users::UserRole;
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
 
@@ -444,6 +450,8 @@ pub enum Side {
 pub struct Keys {
     peer: Vec<AeadKey>,
     client: Vec<AeadKey>,
+    /// Per key of the secret, what users' keys are derived from (`auth/users.rs`); peers only.
+    masters: Vec<[u8; 32]>,
 }
 
 impl fmt::Debug for Keys {
@@ -479,6 +487,7 @@ impl Keys {
         let mut keys = Keys {
             peer: Vec::new(),
             client: Vec::new(),
+            masters: Vec::new(),
         };
         for raw in &secret.keys {
             let peer = AeadKey::derive(PEER_CONTEXT, raw, cluster);
@@ -495,6 +504,7 @@ impl Keys {
             }
             keys.peer.push(peer);
             keys.client.push(client);
+            keys.masters.push(users::user_master(raw, cluster));
         }
         Ok(keys)
     }
@@ -510,6 +520,7 @@ impl Keys {
         Keys {
             peer: Vec::new(),
             client: self.client.clone(),
+            masters: Vec::new(),
         }
     }
 
@@ -681,6 +692,11 @@ pub fn seal(keys: &Keys, slot: usize, header: &Header, buf: &mut Vec<u8>) {
         buf.clear();
         return;
     };
+    seal_with(key, header, buf);
+}
+
+/// [`seal`] with one given key.
+fn seal_with(key: &AeadKey, header: &Header, buf: &mut Vec<u8>) {
     let header = Header {
         key_id: key.id,
         ..*header
@@ -1284,6 +1300,8 @@ pub struct ClientTag {
     pub session: u64,
     pub epoch: u64,
     pub slot: usize,
+    /// The user whose key sealed the request; `None`: the operator's key (slot `slot`).
+    pub user: Option<UserRef>,
 }
 
 /// A peer's authentication state, shared between its node thread (which seals peer messages
@@ -1306,6 +1324,8 @@ pub struct PeerAuth {
     replies: Mutex<TwoGenerations<SocketAddr, ClientTag>>,
     /// When this was made, the origin of `Link::probed`.
     created: Instant,
+    /// Every user's key, from the replicated users table (the node thread replaces it).
+    users: RwLock<Arc<UserTable>>,
     pub stats: AuthStats,
 }
 
@@ -1341,6 +1361,7 @@ impl PeerAuth {
             client_counter: AtomicU64::new(0),
             replies: Mutex::new(TwoGenerations::new(4 * CLIENT_SESSIONS)),
             created: Instant::now(),
+            users: RwLock::new(Arc::new(UserTable::default())),
             stats: AuthStats::default(),
         }
     }
@@ -1353,6 +1374,36 @@ impl PeerAuth {
     fn link(&self, id: NodeId) -> Option<Arc<Link>> {
         let links = self.links.read().unwrap_or_else(|p| p.into_inner());
         links.get(&id).cloned()
+    }
+
+    /// Takes the users of the replicated state from now on: a removed user's requests fail
+    /// to open from the next datagram on, and are answered no more.
+    pub fn set_users(&self, users: &[crate::raft::UserRecord]) {
+        let table = Arc::new(UserTable::new(&self.keys.masters, users));
+        *self.users.write().unwrap_or_else(|p| p.into_inner()) = table;
+    }
+
+    /// The user table in force.
+    pub fn users(&self) -> Arc<UserTable> {
+        Arc::clone(&self.users.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Seals `buf` for a client with the key of `slot` or of `user`; false if that user is
+    /// gone (nothing is to be sent then).
+    fn seal_for_client(
+        &self,
+        slot: usize,
+        user: Option<UserRef>,
+        header: &Header,
+        buf: &mut Vec<u8>,
+    ) -> bool {
+        match user {
+            None => {
+                seal(&self.keys, slot, header, buf);
+                true
+            }
+            Some(user) => seal_as_user(&self.users(), user, header, buf),
+        }
     }
 
     /// Whether datagrams sealed by node `id` are taken: a known peer, or any node while open.
@@ -1480,8 +1531,13 @@ impl PeerAuth {
             counter,
             sent: now_micros(),
         };
-        seal(&self.keys, tag.slot, &header, buf);
-        Ok(())
+        if self.seal_for_client(tag.slot, tag.user, &header, buf) {
+            Ok(())
+        } else {
+            Err(format!(
+                "the user that sent the request from {to} has been removed"
+            ))
+        }
     }
 
     fn remember_client(&self, src: SocketAddr, tag: ClientTag) {
@@ -1498,8 +1554,13 @@ impl PeerAuth {
 pub enum Admitted<'a> {
     /// A peer message's JSON, from configured peer `from`.
     Peer { from: NodeId, body: &'a [u8] },
-    /// A client request's JSON; its reply will be sealed to `tag`.
-    Request { tag: ClientTag, body: &'a [u8] },
+    /// A client request's JSON; its reply will be sealed to `tag`. `role` is what the key
+    /// that sealed it may do: a user's role, or admin for the operator's key.
+    Request {
+        tag: ClientTag,
+        body: &'a [u8],
+        role: UserRole,
+    },
     /// A notice: handled here, nothing for the core.
     Notice { from: NodeId },
 }
@@ -1525,6 +1586,8 @@ pub enum Refused {
 struct Sealed {
     header: Header,
     slot: usize,
+    /// The user whose key opened it (a request), and its role.
+    user: Option<(UserRef, UserRole)>,
 }
 
 /// The receiver thread's half of a peer's authentication: opens datagrams, keeps the replay
@@ -1583,14 +1646,14 @@ impl Gate {
     ) -> Result<Admitted<'_>, Refused> {
         let auth = Arc::clone(&self.auth);
         let stats = &auth.stats;
-        let (h, slot) = match open_into(bytes, &auth.keys, &mut self.plain) {
+        let opened = match self.open(bytes) {
             Ok(o) => o,
             Err(e) => {
                 stats.auth_failures.fetch_add(1, Ordering::Relaxed);
                 return Err(Refused::Auth(e));
             }
         };
-        let opened = Sealed { header: h, slot };
+        let h = opened.header;
         let me = self.auth.me;
         let client = h.kind.from_client();
         match h.kind {
@@ -1669,11 +1732,13 @@ impl Gate {
                     session: h.sender,
                     epoch: h.sender_epoch,
                     slot: opened.slot,
+                    user: opened.user.map(|(u, _)| u),
                 };
                 self.auth.remember_client(src, tag);
                 Ok(Admitted::Request {
                     tag,
                     body: &self.plain,
+                    role: opened.user.map_or(UserRole::Admin, |(_, role)| role),
                 })
             }
             Admission::Fresh { .. } => {
@@ -1691,6 +1756,51 @@ impl Gate {
                 }
             }
         }
+    }
+
+    /// Verifies and decrypts a datagram into `self.plain`: with the operator's and peers'
+    /// keys, or, for a request sealed with a key id that is none of theirs, with a user's.
+    fn open(&mut self, bytes: &[u8]) -> Result<Sealed, AuthError> {
+        let keys = &self.auth.keys;
+        let user_request = bytes.len() >= HEADER_LEN
+            && bytes[2] == Kind::Request as u8
+            && !keys
+                .client
+                .iter()
+                .chain(&keys.peer)
+                .any(|k| bytes[4..8] == k.id.to_le_bytes());
+        if user_request {
+            let table = self.auth.users();
+            let (header, user, role) = open_as_user(bytes, &table, &mut self.plain)?;
+            return Ok(Sealed {
+                header,
+                slot: 0,
+                user: Some((user, role)),
+            });
+        }
+        match open_into(bytes, keys, &mut self.plain) {
+            Ok((header, slot)) => Ok(Sealed {
+                header,
+                slot,
+                user: None,
+            }),
+            // A user's key on a datagram other than a request: a user posing as a peer.
+            Err(AuthError::UnknownKey(id)) if self.auth.users().has_id(id) => Err(
+                AuthError::WrongSide(Kind::from_u8(bytes[2]).unwrap_or(Kind::Peer)),
+            ),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Seals the reply body in `buf` (after [`HEADER_LEN`] bytes of room) to the client whose
+    /// latest request came from `to` and queues it with the notices; for a refusal the
+    /// receiver makes itself (a role that may not do what it asks). False if it cannot be.
+    pub fn queue_reply(&mut self, to: SocketAddr, mut buf: Vec<u8>) -> bool {
+        if self.auth.seal_reply(to, &mut buf).is_err() {
+            return false;
+        }
+        self.outbox.push((Dest::Addr(to), buf));
+        true
     }
 
     /// A fresh datagram from peer `id`: seal to it for this epoch and key from now on, and
@@ -1782,14 +1892,23 @@ impl Gate {
             sent: now_micros(),
         };
         let mut buf = with_room(&min_epoch.to_le_bytes());
-        seal(&self.auth.keys, opened.slot, &header, &mut buf);
+        let user = opened.user.map(|(u, _)| u);
+        if !self
+            .auth
+            .seal_for_client(opened.slot, user, &header, &mut buf)
+        {
+            return;
+        }
         self.auth.stats.notices.fetch_add(1, Ordering::Relaxed);
         self.outbox.push((dest, buf));
     }
 }
 
 mod client;
+mod users;
 pub use client::{ClientAuth, ClientDrop, FromPeer};
+pub use users::{fill_credential, Credential, UserRef, UserTable};
+use users::{open_as_user, seal_as_user};
 
 #[cfg(test)]
 mod tests;

@@ -656,7 +656,8 @@ fn clients_learn_the_epoch_and_replies_are_bound_to_their_session() {
     assert_eq!(out[0].0, Dest::Addr(client_addr));
     assert_eq!(client.open(&out[0].1), Ok(FromPeer::Notice { from: 1 }));
     let second = send(&mut client, b"req1");
-    let Ok(Admitted::Request { tag, body }) = gate.admit(&second[0], client_addr, Instant::now())
+    let Ok(Admitted::Request { tag, body, .. }) =
+        gate.admit(&second[0], client_addr, Instant::now())
     else {
         panic!("not admitted");
     };
@@ -1016,6 +1017,7 @@ fn a_peer_datagram_sealed_with_a_client_credential_is_dropped() {
     let posing = Keys {
         peer: client.client.clone(),
         client: Vec::new(),
+        masters: Vec::new(),
     };
     for kind in [Kind::Peer, Kind::NoticeToPeer] {
         let h = Header {
@@ -1033,6 +1035,7 @@ fn a_peer_datagram_sealed_with_a_client_credential_is_dropped() {
     let posing = Keys {
         peer: Vec::new(),
         client: k.peer.clone(),
+        masters: Vec::new(),
     };
     let h = Header {
         kind: Kind::Request,

@@ -61,6 +61,10 @@ pub(super) trait Core {
     fn removed(&self) -> bool {
         false
     }
+    /// The users of the replicated state; `None` in fakes.
+    fn users(&self) -> Option<&raft::users::Users> {
+        None
+    }
     fn id(&self) -> NodeId {
         0
     }
@@ -118,6 +122,9 @@ impl Core for Node {
     }
     fn routing_key(&self) -> Option<raft::node::RoutingKey> {
         Some(Node::routing_key(self))
+    }
+    fn users(&self) -> Option<&raft::users::Users> {
+        Some(self.state_machine().users())
     }
     fn removed(&self) -> bool {
         Node::removed(self)
@@ -195,6 +202,8 @@ pub(super) trait Outbox {
     fn send_reply(&mut self, to: ReplyTo, reply: ClientReply);
     /// Routes by `directory` from now on (it is shared with the receiver).
     fn route(&mut self, _directory: Directory) {}
+    /// Takes these users' keys from now on (the receiver opens their requests with them).
+    fn set_users(&mut self, _users: &[raft::UserRecord]) {}
 }
 
 impl Outbox for Transport {
@@ -206,6 +215,11 @@ impl Outbox for Transport {
     }
     fn route(&mut self, directory: Directory) {
         self.set_directory(directory)
+    }
+    fn set_users(&mut self, users: &[raft::UserRecord]) {
+        if let Some(auth) = self.auth() {
+            auth.set_users(users);
+        }
     }
 }
 
@@ -273,6 +287,8 @@ pub(super) fn node_loop(
 ) -> Result<(), String> {
     let mut slow = RateLimiter::new(transport::WARN_INTERVAL);
     follow_configuration(&core, &mut out, routes);
+    let mut users_seen = None;
+    follow_users(&core, &mut out, &mut users_seen);
     loop {
         let Some(first) = inbox.next() else {
             return Err("the receiver and timer threads stopped unexpectedly".into());
@@ -327,6 +343,7 @@ pub(super) fn node_loop(
                 out.send_peer(msg);
             }
         }
+        follow_users(&core, &mut out, &mut users_seen);
         if core.removed() {
             let routing = core.routing();
             log::info!(
@@ -384,6 +401,24 @@ pub(super) fn follow_configuration(
     if let Some(directory) = routes.update(routing) {
         out.route(directory);
     }
+}
+
+/// Hands the receiver the users' keys whenever the users changed (`seen`: the version it
+/// has), so a removal takes effect on this peer in the batch that applies it.
+fn follow_users(core: &impl Core, out: &mut impl Outbox, seen: &mut Option<Index>) {
+    let Some(users) = core.users() else {
+        return;
+    };
+    if *seen == Some(users.version()) {
+        return;
+    }
+    *seen = Some(users.version());
+    log::info!(
+        "{} users in force (as of index {})",
+        users.len(),
+        users.version()
+    );
+    out.set_users(&users.records());
 }
 
 /// What one turn of the node loop stepped.

@@ -151,6 +151,8 @@ fn build(
             removed: Vec::new(),
             // Retries of appends made before the backup are answered as they were.
             sessions: verified.sessions.clone(),
+            // Users are not in backups yet: a restored cluster starts with none.
+            users: Vec::new(),
         };
         store.write_snapshot(&state).map_err(storage)?;
         let hard_state = HardState {

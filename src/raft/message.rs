@@ -4,6 +4,7 @@
 use super::membership::{ConfChange, Member, MemberRole, Membership};
 use super::snapshot::{SessionRecord, SnapshotId};
 use super::types::*;
+use super::users::{denied, UserChange, UserInfo, UserOp, UserRole};
 use serde::{Deserialize, Serialize};
 
 /// One slot of the replicated log.
@@ -27,6 +28,8 @@ pub enum Payload {
     },
     /// A configuration (thesis §4.1): in force on a server as soon as it is in its log.
     Config(Membership),
+    /// A change to the users ([`super::users`]): names and roles, never a key.
+    User(UserChange),
 }
 
 impl Entry {
@@ -37,6 +40,7 @@ impl Entry {
                 Payload::Noop => 0,
                 Payload::Data { data, .. } => escaped_len(data),
                 Payload::Config(m) => m.encoded_len(),
+                Payload::User(u) => u.encoded_len(),
             }
     }
 }
@@ -223,6 +227,30 @@ pub enum ClientOp {
         #[serde(default)]
         force: bool,
     },
+    /// Add, remove or list users (admins only); an add or remove is answered once it commits.
+    Users(UserOp),
+}
+
+/// The least role `op` needs, and what a refusal says the role cannot do.
+pub fn required(op: &ClientOp) -> (UserRole, &'static str) {
+    match op {
+        ClientOp::Query { .. } | ClientOp::Status | ClientOp::Members => (UserRole::Read, "read"),
+        ClientOp::Append { .. } => (UserRole::Write, "append"),
+        ClientOp::Backup { .. } | ClientOp::BackupState { .. } => (UserRole::Admin, "take backups"),
+        ClientOp::TransferLeader { .. } => (UserRole::Admin, "transfer leadership"),
+        ClientOp::ChangeMembers { .. } => (UserRole::Admin, "change membership"),
+        ClientOp::Users(_) => (UserRole::Admin, "manage users"),
+    }
+}
+
+/// Whether `role` may carry out `op`; the error is the refusal the client prints.
+pub fn permit(role: UserRole, op: &ClientOp) -> Result<(), String> {
+    let (least, what) = required(op);
+    if role >= least {
+        Ok(())
+    } else {
+        Err(denied(role, what))
+    }
 }
 
 /// A peer's answer to a [`ClientRequest`].
@@ -293,6 +321,42 @@ pub enum ClientResult {
     Refused {
         reason: String,
     },
+    /// `user` has `role` from the entry at `index` on. `key` is the user's credential, filled
+    /// in by the answering peer's shell (which holds the cluster secret); empty from the core.
+    UserAdded {
+        user: String,
+        role: UserRole,
+        index: Index,
+        term: Term,
+        #[serde(default)]
+        key: CredentialKey,
+    },
+    /// `user` is removed by the entry at `index`.
+    UserRemoved {
+        user: String,
+        index: Index,
+        term: Term,
+    },
+    /// Every user, by name (never a key).
+    Users {
+        users: Vec<UserInfo>,
+    },
+}
+
+/// A user's key in the answer to `user add` (64 hex digits), never shown by `Debug`, so
+/// that no log line can print it.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CredentialKey(pub String);
+
+impl std::fmt::Debug for CredentialKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "none"
+        } else {
+            "redacted"
+        })
+    }
 }
 
 /// One committed log entry as the client prints it: `{"index":N,"term":T,"data":"..."}`;
@@ -451,6 +515,50 @@ mod tests {
             bytes.len() <= DATAGRAM_OVERHEAD,
             "{} bytes of envelope",
             bytes.len()
+        );
+    }
+
+    #[test]
+    fn the_role_matrix() {
+        let ops = [
+            ClientOp::Query {
+                start: 1,
+                read_index: None,
+            },
+            ClientOp::Status,
+            ClientOp::Members,
+            ClientOp::Append {
+                client: 1,
+                seq: 1,
+                data: "x".into(),
+            },
+            ClientOp::Backup {
+                start: 1,
+                read_index: None,
+            },
+            ClientOp::TransferLeader {
+                target: None,
+                away_from: None,
+            },
+            ClientOp::ChangeMembers {
+                change: ConfChange::Remove { id: 2 },
+                force: false,
+            },
+            ClientOp::Users(UserOp::List),
+        ];
+        // How many of `ops` (in order) each role may do.
+        for (role, allowed) in [
+            (UserRole::Read, 3),
+            (UserRole::Write, 4),
+            (UserRole::Admin, ops.len()),
+        ] {
+            for (i, op) in ops.iter().enumerate() {
+                assert_eq!(permit(role, op).is_ok(), i < allowed, "{role} {op:?}");
+            }
+        }
+        assert_eq!(
+            permit(UserRole::Read, &ops[3]),
+            Err("permission denied: role read cannot append".into())
         );
     }
 

@@ -32,6 +32,7 @@ pub mod snapshot;
 pub mod state_machine;
 pub mod transfer;
 pub mod types;
+pub mod users;
 
 pub use membership::{ConfChange, Member, MemberRole, Membership};
 pub use message::*;
@@ -40,3 +41,4 @@ pub use ready::{ChunkRead, ChunkWrite, HardState, Ready, StoreRead, PAGE_BUDGET}
 pub use snapshot::{SessionRecord, SnapshotId, SnapshotMeta, SnapshotState, CHUNK_BYTES};
 pub use state_machine::record_of;
 pub use types::*;
+pub use users::{UserChange, UserInfo, UserOp, UserRecord, UserRole};

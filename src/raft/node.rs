@@ -21,6 +21,7 @@ mod reconfig;
 #[cfg(test)]
 mod snapshot_tests;
 mod started_over;
+mod users;
 use super::ready::{ChunkRead, ChunkWrite, HardState, Ready, StoreRead};
 use super::state_machine::record_of;
 pub use reconfig::PROMOTE_MAX_LAG;
@@ -188,7 +189,7 @@ impl Node {
                         &state.removed,
                         &log.entries()[from..],
                     ),
-                    StateMachine::restore(state.index, &state.sessions),
+                    StateMachine::from_snapshot(state),
                     state.membership.contains(cfg.id),
                 )
             }
@@ -1408,6 +1409,7 @@ impl Node {
                         term: entry.term,
                         members: m.members.clone(),
                     },
+                    (_, Payload::User(change)) => self.user_result(index, entry.term, change),
                     (_, Payload::Noop) => unreachable!("clients wait only on their own entries"),
                 };
                 self.reply(waiter, result);
@@ -1473,6 +1475,7 @@ impl Node {
                 self.start_transfer(waiter, target, away_from)
             }
             ClientOp::ChangeMembers { change, force } => self.change_members(waiter, change, force),
+            ClientOp::Users(op) => self.users_request(waiter, op),
             ClientOp::Status | ClientOp::Members => unreachable!("answered above"),
         }
     }
@@ -1827,6 +1830,7 @@ impl Node {
             config_at,
             removed: self.configs.removed_at(index),
             sessions: self.sm.sessions(),
+            users: self.sm.users().records(),
         }
     }
 
@@ -1899,6 +1903,7 @@ impl Node {
                 self.cfg.id, state.term
             );
             self.log.reset((index, state.term));
+            self.sm = StateMachine::from_snapshot(&state);
             self.configs = Configurations::restore_after(
                 state.membership,
                 state.config_at,
@@ -1906,7 +1911,6 @@ impl Node {
                 &state.removed,
                 &[],
             );
-            self.sm = StateMachine::restore(index, &state.sessions);
             self.mem_floor = index;
             self.snapshot = Some(id);
             if self.configs.latest().contains(self.cfg.id) {

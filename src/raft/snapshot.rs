@@ -9,6 +9,7 @@
 
 use super::membership::Membership;
 use super::types::{ClientId, Index, NodeId, Term};
+use super::users::UserRecord;
 use serde::{Deserialize, Serialize};
 
 /// Bytes of snapshot stream per InstallSnapshot chunk: base64 makes them 4/3 as many, which
@@ -65,6 +66,9 @@ pub struct SnapshotState {
     pub removed: Vec<NodeId>,
     /// Client sessions, least recently used first.
     pub sessions: Vec<SessionRecord>,
+    /// Users and their roles, by name (never a key: see [`super::users`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<UserRecord>,
 }
 
 /// The meta file of a snapshot, as written to disk and streamed after the records.

@@ -1,11 +1,13 @@
 //! What applying a committed entry means: the replicated log itself is the state, plus a
-//! bounded table of client sessions that turns retried appends into no-ops (exactly-once).
+//! bounded table of client sessions that turns retried appends into no-ops (exactly-once),
+//! and the users and their roles ([`super::users`]).
 //! It is derived from the log alone, so every peer computes the same table, including after a
 //! restart or a change of leader.
 
 use super::message::{Entry, LogRecord, Payload};
-use super::snapshot::SessionRecord;
+use super::snapshot::{SessionRecord, SnapshotState};
 use super::types::{data_hash, ClientId, Index, Term};
+use super::users::{UserRecord, Users};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Most client sessions kept; the least recently used (by log index) is evicted beyond this,
@@ -55,6 +57,7 @@ pub struct StateMachine {
     /// Committed entries that took no effect (retries of an applied append, collisions),
     /// at most [`MAX_DUPLICATES`] of the latest.
     duplicates: BTreeSet<Index>,
+    users: Users,
 }
 
 impl StateMachine {
@@ -63,6 +66,11 @@ impl StateMachine {
     pub fn apply(&mut self, entry: &Entry) -> Applied {
         assert_eq!(entry.index, self.applied + 1, "entries must apply in order");
         self.applied = entry.index;
+        if let Payload::User(change) = &entry.payload {
+            // What it did is read back from `users` by whoever waits on it.
+            self.users.apply(entry.index, entry.term, change);
+            return Applied::Noop;
+        }
         let Payload::Data { client, seq, data } = &entry.payload else {
             return Applied::Noop;
         };
@@ -156,8 +164,25 @@ impl StateMachine {
         sm
     }
 
+    /// The state machine a snapshot holds: its sessions and users, applied up to its index.
+    pub fn from_snapshot(state: &SnapshotState) -> StateMachine {
+        let mut sm = StateMachine::restore(state.index, &state.sessions);
+        sm.restore_users(&state.users);
+        sm
+    }
+
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// The users and their roles.
+    pub fn users(&self) -> &Users {
+        &self.users
+    }
+
+    /// Replaces the users with those a snapshot kept (after [`StateMachine::restore`]).
+    pub fn restore_users(&mut self, records: &[UserRecord]) {
+        self.users = Users::restore(records, self.applied);
     }
 }
 
@@ -166,6 +191,7 @@ pub fn record_of(e: &Entry, duplicate: bool) -> LogRecord {
     let (data, kind) = match &e.payload {
         Payload::Noop => (None, Some("noop")),
         Payload::Config(_) => (None, Some("config")),
+        Payload::User(_) => (None, Some("user")),
         Payload::Data { .. } if duplicate => (None, Some("duplicate")),
         Payload::Data { data, .. } => (Some(data.clone()), None),
     };

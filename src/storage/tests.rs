@@ -48,6 +48,7 @@ fn state(index: Index) -> SnapshotState {
         config_at: (0, 0),
         removed: Vec::new(),
         sessions: Vec::new(),
+        users: Vec::new(),
     }
 }
 

@@ -31,6 +31,7 @@
 //! kind    = 0: u8                                                           Payload::Noop
 //!         | 1: u8, client: u64, seq: u64, n: u32, data: [u8; n] (UTF-8)     Payload::Data
 //!         | 2: u8, n: u32, json: [u8; n]                                    Payload::Config
+//!         | 3: u8, n: u32, json: [u8; n]                                    Payload::User
 //! ```
 //! `magic` is drawn from the OS's randomness when the file is created and never leaves it;
 //! every frame repeats it, along with the frame's own byte `offset` and its `seq` (1, 2, ...).
@@ -115,6 +116,7 @@ const RECORD_BASE: u8 = 3;
 const KIND_NOOP: u8 = 0;
 const KIND_DATA: u8 = 1;
 const KIND_CONFIG: u8 = 2;
+const KIND_USER: u8 = 3;
 
 /// Every segment is created this long, zeros after its first frame, so that the frames written
 /// into it overwrite blocks the file system has already allocated: an fdatasync then changes
@@ -903,6 +905,13 @@ fn encode_entry(buf: &mut Vec<u8>, entry: &Entry) -> Result<(), Refusal> {
             buf.extend_from_slice(&len.to_le_bytes());
             buf.extend_from_slice(&json);
         }
+        Payload::User(u) => {
+            // A name and a role, never a key (see raft::users).
+            let json = serde_json::to_vec(u).map_err(|e| unencodable(format!("user: {e}")))?;
+            buf.push(KIND_USER);
+            buf.extend_from_slice(&(json.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&json);
+        }
     }
     Ok(())
 }
@@ -1417,6 +1426,12 @@ fn apply_record(d: &mut Decoder, log: &mut LogState) -> Result<(), RecordProblem
                     let membership = serde_json::from_slice(d.bytes(len)?)
                         .map_err(|source| RecordProblem::BadConfig { index, source })?;
                     Payload::Config(membership)
+                }
+                KIND_USER => {
+                    let len = d.u32()? as usize;
+                    let change = serde_json::from_slice(d.bytes(len)?)
+                        .map_err(|source| RecordProblem::BadConfig { index, source })?;
+                    Payload::User(change)
                 }
                 kind => return Err(RecordProblem::UnknownKind { index, kind }),
             };

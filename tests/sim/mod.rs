@@ -560,6 +560,7 @@ fn entry_hash(e: &Entry) -> u64 {
         Payload::Noop => 0u8.hash(&mut h),
         Payload::Data { client, seq, data } => (1u8, client, seq, data).hash(&mut h),
         Payload::Config(m) => (2u8, format!("{m:?}")).hash(&mut h),
+        Payload::User(u) => (3u8, format!("{u:?}")).hash(&mut h),
     }
     h.finish()
 }

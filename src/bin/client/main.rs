@@ -5,20 +5,29 @@
 //!
 //! Exit codes: 0 done; 1 refused, usage or config error; 2 no answer in time (outcome unknown).
 //!
+//! Who the client is: with `--cred FILE`, the user of that credential (`client user add`
+//! made it), allowed what its role allows; without it, the operator, whose config names the
+//! cluster's `secret_file`, allowed everything. The peers check every request; a request the
+//! role does not allow is refused (`permission denied: role read cannot append`, exit 1).
+//!
 //! The leader refuses a membership change after which the voters it has heard from within an
 //! election timeout would not be a majority of the new configuration's voters (the quorum
 //! guard); `--force` on `add-learner`, `promote` and `remove` skips that check, and the menu
 //! asks before forcing.
 
 mod backup;
+mod users;
 mod watch;
 
 use argh::FromArgs;
+use raft::auth::Credential;
 use raft::client::{Client, ClientError, Configured, PeerStatus};
 use raft::config::PeerConfig;
 use raft::raft::membership::check_address;
+use raft::raft::permit;
 use raft::raft::{
-    ConfChange, FollowerInfo, Index, LogRecord, Member, MemberRole, NodeId, Role, StatusInfo,
+    ClientOp, ConfChange, FollowerInfo, Index, LogRecord, Member, MemberRole, NodeId, Role,
+    StatusInfo, UserRole,
 };
 use serde::Serialize;
 use std::io::{BufRead, IsTerminal, Write};
@@ -53,6 +62,11 @@ struct Args {
     #[argh(option)]
     timeout_ms: Option<u64>,
 
+    /// act as the user of this credential file (from `client user add`, mode 0600); without
+    /// it, the config's secret_file makes this client the operator (admin)
+    #[argh(option)]
+    cred: Option<PathBuf>,
+
     #[argh(subcommand)]
     command: Option<Command>,
 }
@@ -71,6 +85,7 @@ enum Command {
     Promote(PromoteArgs),
     Remove(RemoveArgs),
     Snapshot(backup::SnapshotArgs),
+    User(users::UserArgs),
 }
 
 #[derive(FromArgs)]
@@ -308,7 +323,8 @@ fn main() -> ExitCode {
     }
     let timeout = Duration::from_millis(timeout_ms);
     let cluster = PeerConfig::load(&args.path).map_or_else(|_| String::new(), |c| c.cluster);
-    let mut client = match connect(&args.path, timeout) {
+    let cred = args.cred.as_deref();
+    let (mut client, role) = match connect(&args.path, timeout, cred) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -325,7 +341,7 @@ fn main() -> ExitCode {
         ),
         Some(Command::Status(_)) => status(&mut client, timeout_ms),
         Some(Command::TransferLeader(t)) => transfer_leader(&mut client, t.id),
-        Some(Command::Watch(w)) => watch(&args.path, &w),
+        Some(Command::Watch(w)) => watch(&args.path, cred, &w),
         Some(Command::Members(_)) => members(&mut client),
         Some(Command::AddLearner(a)) if a.rejoin => change(
             &mut client,
@@ -354,7 +370,16 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
-        None => menu(&mut client),
+        Some(Command::User(u)) => match users::run(&mut client, u) {
+            Ok(lines) => {
+                for line in &lines {
+                    print_or_exit(line);
+                }
+                EXIT_OK
+            }
+            Err(e) => fail(&e),
+        },
+        None => menu(&mut client, role),
     };
     ExitCode::from(code)
 }
@@ -395,15 +420,45 @@ fn parse_args() -> Result<Args, u8> {
     })
 }
 
-/// A client of the cluster `path` describes, authenticated with its `secret_file` if any.
-fn connect(path: &Path, timeout: Duration) -> Result<Client, String> {
+/// A client of the cluster `path` describes, and the role it acts in: the user of credential
+/// file `cred`, or else the operator, authenticated with the config's `secret_file` if any.
+fn connect(
+    path: &Path,
+    timeout: Duration,
+    cred: Option<&Path>,
+) -> Result<(Client, UserRole), String> {
     let config = PeerConfig::load(path)?;
-    Client::from_config(&config, timeout).map_err(|e| format!("config {}: {e}", path.display()))
+    let in_config = |e: String| format!("config {}: {e}", path.display());
+    match cred {
+        Some(file) => {
+            let credential = Credential::load(file)?;
+            let client =
+                Client::from_credential(&config, timeout, &credential, file).map_err(in_config)?;
+            Ok((client, credential.role))
+        }
+        None => {
+            let client = Client::from_config(&config, timeout).map_err(|e| {
+                let hint = if config.secret_file.is_some() {
+                    " (a user without the cluster's secret passes its credential with --cred FILE)"
+                } else {
+                    ""
+                };
+                in_config(format!("{e}{hint}"))
+            })?;
+            Ok((client, UserRole::Admin))
+        }
+    }
 }
 
 /// The exit code for a failed operation, after printing why on stderr.
 fn fail(e: &ClientError) -> u8 {
-    eprintln!("error: {e}");
+    match e {
+        // Said as the peer said it: `permission denied: role read cannot append`.
+        ClientError::Refused(reason) if reason.starts_with("permission denied") => {
+            eprintln!("error: {reason}")
+        }
+        _ => eprintln!("error: {e}"),
+    }
     match e {
         ClientError::Timeout(_) => EXIT_NO_ANSWER,
         ClientError::Refused(_) | ClientError::Io(_) => EXIT_REFUSED,
@@ -538,12 +593,12 @@ fn stdout_closed() -> bool {
 }
 
 /// `client watch`: status rounds with a short deadline, so a dead peer slows no redraw.
-fn watch(path: &Path, args: &WatchArgs) -> u8 {
+fn watch(path: &Path, cred: Option<&Path>, args: &WatchArgs) -> u8 {
     use crossterm::event::{self, Event, KeyCode, KeyEvent, KeyModifiers};
     use crossterm::{cursor, execute, terminal};
     let interval = Duration::from_millis(args.interval_ms.clamp(50, 10_000));
-    let mut client = match connect(path, interval.min(Duration::from_millis(200))) {
-        Ok(c) => c,
+    let mut client = match connect(path, interval.min(Duration::from_millis(200)), cred) {
+        Ok((c, _)) => c,
         Err(e) => {
             eprintln!("error: {e}");
             return EXIT_REFUSED;
@@ -698,8 +753,37 @@ fn status(client: &mut Client, timeout_ms: u64) -> u8 {
     }
 }
 
+/// Whether `role` may do `op`; if not, says so as the peers would (they check again).
+fn allowed(role: UserRole, op: &ClientOp) -> bool {
+    match permit(role, op) {
+        Ok(()) => true,
+        Err(reason) => {
+            eprintln!("error: {reason}");
+            false
+        }
+    }
+}
+
 /// The original project's menu, reading choices from stdin until `3`/`exit` or end of input.
-fn menu(client: &mut Client) -> u8 {
+/// A choice `role` does not allow is refused before anything is asked or sent.
+fn menu(client: &mut Client, role: UserRole) -> u8 {
+    let query_op = ClientOp::Query {
+        start: 1,
+        read_index: None,
+    };
+    let append_op = ClientOp::Append {
+        client: 0,
+        seq: 0,
+        data: String::new(),
+    };
+    let transfer_op = ClientOp::TransferLeader {
+        target: None,
+        away_from: None,
+    };
+    let change_op = ClientOp::ChangeMembers {
+        change: ConfChange::Remove { id: 0 },
+        force: false,
+    };
     let interactive = std::io::stdin().is_terminal();
     let mut lines = std::io::stdin().lock().lines();
     let mut read = |prompt: &str| -> Option<String> {
@@ -735,6 +819,13 @@ fn menu(client: &mut Client) -> u8 {
             return EXIT_OK;
         };
         match choice.trim() {
+            "1" | "query" if !allowed(role, &query_op) => {}
+            "2" | "append" if !allowed(role, &append_op) => {}
+            "4" | "status" if !allowed(role, &ClientOp::Status) => {}
+            "5" | "transfer" if !allowed(role, &transfer_op) => {}
+            "6" | "members" if !allowed(role, &ClientOp::Members) => {}
+            "7" | "add" | "add-learner" | "8" | "promote" | "9" | "remove"
+                if !allowed(role, &change_op) => {}
             "1" | "query" => match client.query() {
                 Ok(records) => print_records(&records, client.last_peer()),
                 Err(e) => eprintln!("error: {e}"),

@@ -72,6 +72,7 @@ fn state(index: Index, term: Term) -> SnapshotState {
             term,
             data_hash: 99,
         }],
+        users: Vec::new(),
     }
 }
 
