@@ -280,3 +280,48 @@ impl Drop for Killed {
         let _ = self.0.wait();
     }
 }
+
+/// A leader of another cluster that reaches a joining peer (here: told to add its address) is
+/// never taken for its own: the joiner adopts only a cluster ID its contact points answered
+/// with, and joins its own cluster once that one adds it.
+#[test]
+fn a_joining_peer_never_adopts_another_cluster_that_reaches_it() {
+    let _serial = one_at_a_time();
+    let mut ours = Cluster::start("join-ours", 1);
+    // Another cluster name: the same initial member IDs would otherwise give the same ID.
+    let mut other = Cluster::start_configured("join-other", 1, |path| {
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        config["cluster"] = "other".into();
+        write_json(path, &config);
+    });
+    let ports = free_ports(1);
+    let contacts: BTreeMap<u64, u16> = [(1, ours.ports()[&1])].into();
+    ours.start_joining(9, ports[0], &contacts, |_| {});
+    let address = format!("127.0.0.1:{}", ports[0]);
+    other.client_ok(&["add-learner", "9", &address]);
+    let joined = ours.data_dir(9).join("cluster");
+    common::holds_for(Duration::from_secs(2), "no cluster file", || {
+        ours.check_alive();
+        match joined.exists() {
+            false => Ok(()),
+            true => Err(format!(
+                "the joiner wrote {}; its log ends:\n{}",
+                joined.display(),
+                tail(&ours.log_path(9))
+            )),
+        }
+    });
+    ours.client_ok(&["add-learner", "9", &address]);
+    let ours_id = ClusterFile::load(&ours.data_dir(1)).unwrap().unwrap().id;
+    poll_until(
+        Duration::from_secs(10),
+        "joined its own cluster",
+        || match ClusterFile::load(&ours.data_dir(9)) {
+            Ok(Some(file)) if file.id == ours_id => Ok(()),
+            Ok(Some(file)) => panic!("adopted cluster {:016x}, not ours", file.id),
+            _ => Err(tail(&ours.log_path(9))),
+        },
+    );
+    other.check_alive();
+}
