@@ -9,7 +9,7 @@
 //! its bootstrap membership is empty (it learns every configuration from the log).
 
 use crate::config::PeerConfig;
-use crate::raft::{Index, Membership};
+use crate::raft::{Index, Membership, Term};
 use crate::storage::fs::{write_atomically, Fs};
 use serde::{Deserialize, Serialize};
 use std::io;
@@ -30,8 +30,9 @@ pub struct ClusterFile {
     /// Whether this peer joined an existing cluster (`--join`) rather than bootstrapping it.
     pub joined: bool,
     /// A joined peer votes only once its log reaches this index: where its leader's log stood
-    /// when it first reached this peer (`raft::node::vote_floor_from`). 0: no floor (any more).
-    pub vote_floor: Index,
+    /// when it first reached this peer (`raft::node::vote_floor_from`), with that
+    /// AppendEntries' term. Index 0: no floor (any more).
+    pub vote_floor: (Index, Term),
 }
 
 /// The file's JSON form.
@@ -44,6 +45,8 @@ struct Raw {
     bootstrap: Membership,
     #[serde(default, skip_serializing_if = "is_zero")]
     vote_floor: Index,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    vote_floor_term: Term,
 }
 
 fn is_zero(i: &Index) -> bool {
@@ -68,12 +71,12 @@ impl ClusterFile {
             name: config.cluster.clone(),
             bootstrap,
             joined: false,
-            vote_floor: 0,
+            vote_floor: (0, 0),
         }
     }
 
     /// The file a joining peer writes once the leader tells it the cluster's ID.
-    pub fn joined(config: &PeerConfig, id: u64, vote_floor: Index) -> ClusterFile {
+    pub fn joined(config: &PeerConfig, id: u64, vote_floor: (Index, Term)) -> ClusterFile {
         ClusterFile {
             id,
             name: config.cluster.clone(),
@@ -117,7 +120,7 @@ impl ClusterFile {
             name: raw.name,
             bootstrap: Membership::new(raw.bootstrap.members),
             joined: raw.joined,
-            vote_floor: raw.vote_floor,
+            vote_floor: (raw.vote_floor, raw.vote_floor_term),
         };
         // A bootstrapped cluster's ID is its bootstrap membership's fingerprint: a mismatch
         // means the file was edited or damaged, and this peer would talk to the wrong cluster.
@@ -138,7 +141,8 @@ impl ClusterFile {
             name: self.name.clone(),
             joined: self.joined,
             bootstrap: self.bootstrap.clone(),
-            vote_floor: self.vote_floor,
+            vote_floor: self.vote_floor.0,
+            vote_floor_term: self.vote_floor.1,
         };
         let mut text = serde_json::to_string_pretty(&raw)
             .map_err(|e| format!("cannot encode {CLUSTER_FILE}: {e}"))?;
@@ -283,7 +287,7 @@ mod tests {
             Ok(None),
             "nothing written yet"
         );
-        let adopted = ClusterFile::joined(&c, 0x0123_4567_89ab_cdef, 42);
+        let adopted = ClusterFile::joined(&c, 0x0123_4567_89ab_cdef, (42, 3));
         adopted.write(&c.data_dir).unwrap();
         let Start::Member(again) = prepare(&c, true, false).unwrap() else {
             panic!("the adopted cluster was not kept")

@@ -522,7 +522,10 @@ fn a_node_started_over_gives_no_vote_before_its_log_reaches_the_vote_floor() {
         s.heal();
         catch_up(&mut s, gone);
         assert_eq!(s.node(gone).unwrap().vote_floor(), 0, "seed {seed}");
-        assert_eq!(s.disks[&gone].vote_floor, 0, "seed {seed}: cleared on disk");
+        assert_eq!(
+            s.disks[&gone].vote_floor.0, 0,
+            "seed {seed}: cleared on disk"
+        );
     }
 }
 

@@ -715,6 +715,7 @@ impl Harness {
             heartbeat_ticks: self.heartbeat,
             max_inflight: self.inflight,
             vote_floor: 0,
+            vote_floor_term: 0,
             seed: self.seed,
         };
         let node = Node::new(cfg.clone(), HardState::default(), Vec::new());

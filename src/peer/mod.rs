@@ -34,7 +34,7 @@ use crate::cluster::{self, Start};
 use crate::config::PeerConfig;
 use crate::metrics::MetricsServer;
 use crate::raft::{
-    self, ClientRequest, HardState, Index, Membership, Message, Node, NodeId, ReplyTo,
+    self, ClientRequest, HardState, Index, Membership, Message, Node, NodeId, ReplyTo, Term,
 };
 use crate::storage::{Disk, Restored};
 use crate::transport::{self, Inbound, Queues};
@@ -117,12 +117,17 @@ impl Timing {
     }
 }
 
+/// A joining peer adopts no cluster before this many longest election timeouts after it
+/// started: a leader that lost its majority steps down by check quorum within two shortest
+/// ones, and this leaves slack for timers that drift (see docs/membership.md).
+pub const ADOPT_AFTER_ELECTIONS: u64 = 3;
+
 /// The core's config for this peer, with `bootstrap` the membership from its `cluster` file
 /// (empty for a peer that joins): never the JSON's, which only bootstraps an empty data dir.
 pub fn core_config(
     config: &PeerConfig,
     bootstrap: Membership,
-    vote_floor: Index,
+    vote_floor: (Index, Term),
     timing: &Timing,
     seed: u64,
 ) -> raft::Config {
@@ -132,7 +137,8 @@ pub fn core_config(
         election_ticks: timing.election_ticks,
         heartbeat_ticks: timing.heartbeat_ticks,
         max_inflight: MAX_INFLIGHT,
-        vote_floor,
+        vote_floor: vote_floor.0,
+        vote_floor_term: vote_floor.1,
         seed,
     }
 }
@@ -244,11 +250,11 @@ pub fn run_with(
     let routes = Routes::new(
         &config,
         &start,
-        timing.tick * timing.election_ticks.1 as u32,
+        timing.tick * (ADOPT_AFTER_ELECTIONS * timing.election_ticks.1) as u32,
     );
     let (bootstrap, vote_floor) = match start {
         Start::Member(file) => (file.bootstrap, file.vote_floor),
-        Start::Joining => (Membership::default(), 0),
+        Start::Joining => (Membership::default(), (0, 0)),
     };
     let node = Node::restore(
         core_config(

@@ -53,7 +53,7 @@ pub(super) trait Core {
         None
     }
     /// See [`Node::set_vote_floor`].
-    fn set_vote_floor(&mut self, _floor: Index) {}
+    fn set_vote_floor(&mut self, _floor: Index, _term: Term) {}
     fn vote_floor(&self) -> Index {
         0
     }
@@ -129,8 +129,8 @@ impl Core for Node {
     fn removed(&self) -> bool {
         Node::removed(self)
     }
-    fn set_vote_floor(&mut self, floor: Index) {
-        Node::set_vote_floor(self, floor)
+    fn set_vote_floor(&mut self, floor: Index, term: Term) {
+        Node::set_vote_floor(self, floor, term)
     }
     fn vote_floor(&self) -> Index {
         Node::vote_floor(self)
@@ -338,7 +338,7 @@ pub(super) fn node_loop(
         inst.metrics.probes.turned_over(status.as_ref());
         follow_configuration(&core, &mut out, routes);
         if let Some(r) = routes.as_mut() {
-            r.vote_floor_reached(core.vote_floor())?;
+            r.vote_floor_reached(core.vote_floor());
             for msg in r.probe_messages(Instant::now()) {
                 out.send_peer(msg);
             }
@@ -455,8 +455,10 @@ impl Batch {
                     None => true,
                 };
                 if admitted {
-                    if let Some(floor) = routes.as_mut().and_then(Routes::take_adopted_floor) {
-                        core.set_vote_floor(floor);
+                    if let Some((floor, term)) =
+                        routes.as_mut().and_then(Routes::take_adopted_floor)
+                    {
+                        core.set_vote_floor(floor, term);
                     }
                     inst.heard(&msg);
                     core.step(msg);

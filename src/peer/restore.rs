@@ -172,7 +172,7 @@ fn build(
         name,
         bootstrap,
         joined: false,
-        vote_floor: 0,
+        vote_floor: (0, 0),
     };
     file.write(into)?;
     Ok(())

@@ -4,7 +4,7 @@
 use crate::cluster::{self, ClusterFile, Start};
 use crate::config::PeerConfig;
 use crate::raft::membership::check_address;
-use crate::raft::{self, Body, Index, Member, Membership, Message, NodeId};
+use crate::raft::{self, Body, Index, Member, Membership, Message, NodeId, Term};
 use crate::transport::{self, Accept, Directory};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -79,7 +79,8 @@ pub(super) struct Routes {
     /// The `cluster` file's vote floor (see `raft::node::vote_floor_from`), until it is
     /// cleared there; and the one just adopted, for the core.
     vote_floor_on_disk: Index,
-    adopted_floor: Option<Index>,
+    adopted_floor: Option<(Index, Term)>,
+    floor_warnings: transport::RateLimiter,
     /// Joining peers that asked which cluster we are in, to be answered.
     probe_answers: Vec<NodeId>,
     /// The configurations the directory was last computed from; `None`: recompute.
@@ -100,7 +101,7 @@ impl Routes {
                 for m in &file.bootstrap.members {
                     older.insert(m.id, m.address.clone());
                 }
-                (file.id, describe(file), None, file.vote_floor)
+                (file.id, describe(file), None, file.vote_floor.0)
             }
             Start::Joining => (
                 0,
@@ -128,6 +129,7 @@ impl Routes {
             joining,
             vote_floor_on_disk,
             adopted_floor: None,
+            floor_warnings: transport::RateLimiter::new(transport::WARN_INTERVAL),
             probe_answers: Vec::new(),
             seen: None,
             seen_key: None,
@@ -194,7 +196,7 @@ impl Routes {
             }
             // Durable before the core sees the message: the floor must survive a crash.
             let floor = raft::node::vote_floor_from(prev_log_index, entries.len(), leader_commit);
-            let file = ClusterFile::joined(&joining.config, msg.cluster, floor);
+            let file = ClusterFile::joined(&joining.config, msg.cluster, (floor, msg.term));
             file.write(&self.data_dir)?;
             log::info!(
                 "{}: joined cluster {:016x} (from node {}'s AppendEntries in term {}); recorded in {}; votes once its log reaches index {floor}",
@@ -205,7 +207,7 @@ impl Routes {
                 self.data_dir.join(cluster::CLUSTER_FILE).display()
             );
             self.vote_floor_on_disk = floor;
-            self.adopted_floor = Some(floor);
+            self.adopted_floor = Some((floor, msg.term));
             self.cluster = msg.cluster;
             self.bootstrap = describe(&file);
             self.joining = None;
@@ -213,12 +215,22 @@ impl Routes {
             self.learn(msg);
             return Ok(true);
         }
-        if msg.body == Body::ClusterProbe {
-            if self.cluster != 0 && msg.cluster == 0 {
-                self.learn(msg);
-                self.probe_answers.push(msg.from);
+        match msg.body {
+            Body::ClusterProbe => {
+                if self.cluster != 0 && msg.cluster == 0 {
+                    // A probe need not carry our cluster ID: it may teach the address of a
+                    // node we know nothing of, never move one we know.
+                    if !self.older.contains_key(&msg.from) && !self.learned.contains_key(&msg.from)
+                    {
+                        self.learn(msg);
+                    }
+                    self.probe_answers.push(msg.from);
+                }
+                return Ok(false);
             }
-            return Ok(false);
+            // A late answer to a probe of ours, after we adopted our cluster.
+            Body::ClusterProbeAnswer => return Ok(false),
+            _ => {}
         }
         let admitted = self.cluster == 0 || msg.cluster == self.cluster;
         if admitted {
@@ -259,27 +271,35 @@ impl Routes {
     }
 
     /// The vote floor just adopted, for the core (once).
-    pub(super) fn take_adopted_floor(&mut self) -> Option<Index> {
+    pub(super) fn take_adopted_floor(&mut self) -> Option<(Index, Term)> {
         self.adopted_floor.take()
     }
 
     /// The core's log reached the vote floor: clear it in the `cluster` file too, so that a
-    /// restart after a leader truncated our log below it does not withhold votes again.
-    pub(super) fn vote_floor_reached(&mut self, core_floor: Index) -> Result<(), String> {
+    /// restart after a leader truncated our log below it does not withhold votes again. A
+    /// failure (a full disk) is logged and retried: a floor left on disk is only cautious.
+    pub(super) fn vote_floor_reached(&mut self, core_floor: Index) {
         if self.vote_floor_on_disk == 0 || core_floor != 0 {
-            return Ok(());
+            return;
         }
-        let mut file = ClusterFile::load(&self.data_dir)?.ok_or_else(|| {
-            format!(
-                "{}: {} vanished",
-                self.name,
-                self.data_dir.join(cluster::CLUSTER_FILE).display()
-            )
-        })?;
-        file.vote_floor = 0;
-        file.write(&self.data_dir)?;
-        self.vote_floor_on_disk = 0;
-        Ok(())
+        let path = self.data_dir.join(cluster::CLUSTER_FILE);
+        let cleared = ClusterFile::load(&self.data_dir).and_then(|file| {
+            let mut file = file.ok_or_else(|| format!("{} vanished", path.display()))?;
+            file.vote_floor = (0, 0);
+            file.write(&self.data_dir)
+        });
+        match cleared {
+            Ok(()) => self.vote_floor_on_disk = 0,
+            Err(e) => {
+                if self.floor_warnings.allow(Instant::now()).is_some() {
+                    log::warn!(
+                        "{}: cannot clear the vote floor in {}: {e}; will retry",
+                        self.name,
+                        path.display()
+                    );
+                }
+            }
+        }
     }
 
     /// A joining peer that no leader has reached yet says so now and then, with what to do:
@@ -468,7 +488,7 @@ mod tests {
         .unwrap();
         let mut routes = Routes::new(
             &config,
-            &Start::Member(ClusterFile::joined(&config, 7, 0)),
+            &Start::Member(ClusterFile::joined(&config, 7, (0, 0))),
             Duration::ZERO,
         );
         routes.update(routing()).expect("a first directory");
@@ -616,15 +636,15 @@ mod joining_tests {
         let file = ClusterFile::load(&dir).unwrap().unwrap();
         assert_eq!(
             (file.id, file.vote_floor),
-            (7, 9),
+            (7, (9, 1)),
             "prev_log_index + entries"
         );
-        assert_eq!(routes.take_adopted_floor(), Some(9));
+        assert_eq!(routes.take_adopted_floor(), Some((9, 1)));
         assert_eq!(routes.take_adopted_floor(), None, "handed to the core once");
-        routes.vote_floor_reached(9).unwrap();
-        assert_eq!(ClusterFile::load(&dir).unwrap().unwrap().vote_floor, 9);
-        routes.vote_floor_reached(0).unwrap();
-        assert_eq!(ClusterFile::load(&dir).unwrap().unwrap().vote_floor, 0);
+        routes.vote_floor_reached(9);
+        assert_eq!(ClusterFile::load(&dir).unwrap().unwrap().vote_floor, (9, 1));
+        routes.vote_floor_reached(0);
+        assert_eq!(ClusterFile::load(&dir).unwrap().unwrap().vote_floor, (0, 0));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -44,9 +44,11 @@ pub struct Config {
     pub max_inflight: usize,
     /// Seed of the core's own random generator (election timeouts).
     pub seed: u64,
-    /// A peer started over on an empty data dir votes only once its log reaches this index
-    /// (see `started_over.rs`); 0: no floor.
+    /// A peer started over on an empty data dir votes and campaigns only once its log reaches
+    /// this index or holds an entry of a term above `vote_floor_term` (see `started_over.rs`);
+    /// 0: no floor.
     pub vote_floor: Index,
+    pub vote_floor_term: Term,
 }
 
 /// A linearizable query waiting for a majority to confirm leadership (thesis §6.4).
@@ -140,8 +142,9 @@ pub struct Node {
     chunk_writes: Vec<ChunkWrite>,
     /// Follower: the snapshot streams sent to it this term, to drop stale chunks.
     receiving: SnapshotReceive,
-    /// No vote until the log reaches this index (0: none); see `started_over.rs`.
-    vote_floor: Index,
+    /// No vote or campaign until the log reaches this (index, term of the AppendEntries that
+    /// set it); index 0: none. See `started_over.rs`.
+    vote_floor: (Index, Term),
     /// Copies of the sessions and configuration that backups being saved read in pages.
     backup_copies: backup_state::BackupCopies,
 }
@@ -201,7 +204,7 @@ impl Node {
             commit: log.commit,
             ..hard_state
         };
-        let vote_floor = cfg.vote_floor;
+        let vote_floor = (cfg.vote_floor, cfg.vote_floor_term);
         let mut node = Node {
             rng: Rng::new(cfg.seed ^ cfg.id.rotate_left(32)),
             cfg,
@@ -444,7 +447,9 @@ impl Node {
             // whose leader is gone may never reach a majority.
             _ if !self.is_voter() || self.removed => {}
             _ => {
-                if self.election_elapsed >= self.election_timeout {
+                // Below its vote floor a node's log may lack committed entries: it must not
+                // stand either (started_over.rs).
+                if self.election_elapsed >= self.election_timeout && self.reached_vote_floor() {
                     self.campaign_pre_vote();
                 }
             }
@@ -920,7 +925,7 @@ impl Node {
     /// Thesis §3.10: our leader hands over; campaign at once, skipping pre-vote (the leader
     /// already knows our log is up to date).
     fn timeout_now(&mut self, from: NodeId) {
-        if !self.is_voter() {
+        if !self.is_voter() || !self.reached_vote_floor() {
             return;
         }
         info!(

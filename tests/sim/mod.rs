@@ -154,7 +154,7 @@ pub struct Disk {
     /// The `cluster` file of a joining node: whether it adopted its cluster, and its vote
     /// floor until its log reached it (see `raft::node::vote_floor_from`).
     pub adopted: bool,
-    pub vote_floor: Index,
+    pub vote_floor: (Index, Term),
 }
 
 /// A snapshot being received: its ID, and the bytes of its records and meta held from 0.
@@ -655,7 +655,8 @@ impl Sim {
             election_ticks: self.cfg.election_ticks,
             heartbeat_ticks: self.cfg.heartbeat_ticks,
             max_inflight: self.cfg.max_inflight,
-            vote_floor: self.disks[&id].vote_floor,
+            vote_floor: self.disks[&id].vote_floor.0,
+            vote_floor_term: self.disks[&id].vote_floor.1,
             seed: self
                 .seed
                 .wrapping_mul(31)
@@ -888,7 +889,7 @@ impl Sim {
 
     /// Whether a joining node takes `msg`, as the real shell's `Routes::admit` decides: one
     /// that has not adopted its cluster yet ignores all but an AppendEntries, and those too
-    /// until the longest election timeout after it started; the first it takes sets its
+    /// until [`ADOPT_AFTER_ELECTIONS`] longest election timeouts after it started; the first it takes sets its
     /// vote floor, durably.
     fn adopt(&mut self, msg: &Message) -> bool {
         let id = msg.to;
@@ -904,16 +905,19 @@ impl Sim {
         else {
             return false;
         };
-        if self.now < self.started_at[&id] + self.cfg.election_ticks.1 * self.cfg.tick {
+        if self.now
+            < self.started_at[&id]
+                + ADOPT_AFTER_ELECTIONS * self.cfg.election_ticks.1 * self.cfg.tick
+        {
             return false;
         }
         let floor = raft::raft::node::vote_floor_from(prev_log_index, entries.len(), leader_commit);
         let disk = self.disks.get_mut(&id).unwrap();
         disk.adopted = true;
-        disk.vote_floor = floor;
+        disk.vote_floor = (floor, msg.term);
         self.stats.adoptions += 1;
         if let Some(n) = self.nodes.get_mut(&id).unwrap() {
-            n.set_vote_floor(floor);
+            n.set_vote_floor(floor, msg.term);
         }
         true
     }
@@ -1187,7 +1191,7 @@ impl Sim {
         self.process_ready(id);
         // As the shell clears the `cluster` file's vote floor once the core's log reached it.
         if self.node(id).is_some_and(|n| n.vote_floor() == 0) {
-            self.disks.get_mut(&id).unwrap().vote_floor = 0;
+            self.disks.get_mut(&id).unwrap().vote_floor = (0, 0);
         }
         self.check(id);
         if self.maybe_snapshot(id) {
@@ -1294,6 +1298,9 @@ impl Sim {
         self.rng.pick(&of_kind)
     }
 }
+
+/// As the shell's `peer::ADOPT_AFTER_ELECTIONS`.
+const ADOPT_AFTER_ELECTIONS: u64 = 3;
 
 // ---- seeds ------------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ fn config(id: NodeId, voters: &[NodeId]) -> Config {
         heartbeat_ticks: 2,
         max_inflight: 4,
         vote_floor: 0,
+        vote_floor_term: 0,
         seed: 1,
     }
 }

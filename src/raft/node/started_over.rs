@@ -8,29 +8,35 @@
 use super::*;
 
 impl Node {
-    /// The shell adopted its cluster from an AppendEntries (and made `floor` durable first):
-    /// no vote or pre-vote until the log reaches it.
-    pub fn set_vote_floor(&mut self, floor: Index) {
-        self.vote_floor = floor;
+    /// The shell adopted its cluster from an AppendEntries of `term` (and made the floor
+    /// durable first): no vote, pre-vote or campaign until the log reaches `floor`.
+    pub fn set_vote_floor(&mut self, floor: Index, term: Term) {
+        self.vote_floor = (floor, term);
         self.reached_vote_floor();
     }
 
     /// The index the log must reach before this node votes; 0 once it has (or never had one).
     pub fn vote_floor(&self) -> Index {
-        self.vote_floor
+        self.vote_floor.0
     }
 
-    /// Whether this node may grant a vote or pre-vote: clears the floor once the log has
-    /// reached it, for good.
+    /// Whether this node may grant a vote or pre-vote, or stand: clears the floor for good
+    /// once the log has reached its index, or holds an entry of a later term than the
+    /// AppendEntries that set it: a leader of such a term held every entry committed before
+    /// it (§5.4) and appended its own after them, and our log matches its log up to there. So
+    /// a later leader that truncated the tail the floor counted cannot wedge it.
     pub(super) fn reached_vote_floor(&mut self) -> bool {
-        if self.vote_floor != 0 && self.log.last_index() >= self.vote_floor {
+        let (floor, term) = self.vote_floor;
+        if floor != 0 && (self.log.last_index() >= floor || self.log.last_term() > term) {
             info!(
-                "node {}: log reached index {}, where it stood when the cluster first reached this peer: it votes from now on",
-                self.cfg.id, self.vote_floor
+                "node {}: log at {} (term {}) holds all its cluster had committed when it first reached this peer (up to index {floor}, term {term}): it votes from now on",
+                self.cfg.id,
+                self.log.last_index(),
+                self.log.last_term()
             );
-            self.vote_floor = 0;
+            self.vote_floor = (0, 0);
         }
-        self.vote_floor == 0
+        self.vote_floor.0 == 0
     }
 
     /// A vote or pre-vote refused for the floor, logged at debug level.
@@ -40,7 +46,7 @@ impl Node {
             self.cfg.id,
             candidate,
             self.log.last_index(),
-            self.vote_floor
+            self.vote_floor.0
         );
     }
 }

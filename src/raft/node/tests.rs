@@ -8,6 +8,7 @@ fn cfg(id: NodeId, peers: &[NodeId]) -> Config {
         heartbeat_ticks: 2,
         max_inflight: 4,
         vote_floor: 0,
+        vote_floor_term: 0,
         seed: 1,
     }
 }
@@ -726,7 +727,7 @@ fn a_node_started_over_votes_only_once_its_log_reached_the_vote_floor() {
         ref other => panic!("expected one answer, got {other:?}"),
     };
     let mut n = Node::new(cfg(2, &[1, 3]), HardState::default(), vec![]);
-    n.set_vote_floor(2);
+    n.set_vote_floor(2, 1);
     n.step(msg(3, 2, 1, pre_vote(9)));
     assert!(!answer(&mut n), "a pre-vote below the floor");
     n.step(msg(3, 2, 1, vote(9)));
@@ -767,4 +768,35 @@ fn a_node_started_over_votes_only_once_its_log_reached_the_vote_floor() {
         vec![entry(1, 1)],
     );
     assert_eq!(restored.vote_floor(), 0);
+}
+
+#[test]
+fn a_node_below_its_vote_floor_never_stands() {
+    // Its log may lack committed entries, and a lagging voter would vote for it.
+    let mut n = Node::new(cfg(2, &[1, 3]), HardState::default(), vec![entry(1, 1)]);
+    n.set_vote_floor(5, 1);
+    for _ in 0..100 {
+        n.tick();
+        let rd = flush(&mut n);
+        assert!(rd.messages.is_empty(), "{:?}", rd.messages);
+    }
+    n.step(msg(1, 2, 1, Body::TimeoutNow));
+    assert_eq!(n.role(), Role::Follower);
+    // An entry of a later term than the AppendEntries that set the floor: a leader of that
+    // term held everything committed before it, and truncated the rest; the floor is reached.
+    let append = Body::AppendEntries {
+        prev_log_index: 1,
+        prev_log_term: 1,
+        entries: vec![entry(2, 2)],
+        leader_commit: 0,
+        read_seq: 0,
+    };
+    n.step(msg(1, 2, 2, append));
+    flush(&mut n);
+    assert_eq!(n.vote_floor(), 0);
+    while n.role() == Role::Follower {
+        n.tick();
+        flush(&mut n);
+    }
+    assert_eq!(n.role(), Role::PreCandidate);
 }

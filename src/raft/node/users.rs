@@ -96,6 +96,7 @@ mod tests {
             heartbeat_ticks: 2,
             max_inflight: 4,
             vote_floor: 0,
+            vote_floor_term: 0,
             seed: 1,
         };
         let mut n = Node::new(cfg, HardState::default(), Vec::new());
