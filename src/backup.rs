@@ -27,7 +27,7 @@ use crate::raft::{
     ClientOp, ClientResult, Index, LogRecord, Member, SessionRecord, Term, UserRecord, UserRole,
 };
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -388,11 +388,12 @@ fn backup_state(
                 format!("sent sessions after users in a copy at {index}"),
             ));
         }
+        let mut previous = s.users.last().map(|l| l.name.as_str());
         for u in &users {
-            let known = s.users.last().map(|l| l.name.as_str());
-            if let Err(why) = check_user(u, index, known) {
+            if let Err(why) = check_user(u, index, previous) {
                 return Err(confused(peer, format!("sent {why} in a copy at {index}")));
             }
+            previous = Some(&u.name);
         }
         let got = sessions.len() + users.len();
         s.sessions.extend(sessions);
@@ -490,7 +491,7 @@ fn next_line(
 /// Reads the backup at `path` from end to end, handing its records to `page` [`READ_PAGE`] at
 /// a time, and checks everything: the header, indices `1..=index` in order, the last record's
 /// term, the record count, the configuration and sessions (version 2), the users (version 3:
-/// valid names, once each, in order, added up to the backup's index), the checksum, and that
+/// valid names, once each, in order, each naming a user change of the log), the checksum, and that
 /// nothing follows the trailer. Any failure is an error naming the file and what is wrong;
 /// `page` may have seen records by then.
 pub fn read(
@@ -545,6 +546,9 @@ pub fn read(
     let mut line = Vec::new();
     let mut batch: Vec<LogRecord> = Vec::with_capacity(READ_PAGE);
     let mut last_term = 0;
+    // The entries that added or removed users, by index with their terms: each user line must
+    // name one (a few bytes per user change, not the log).
+    let mut user_entries: BTreeMap<Index, Term> = BTreeMap::new();
     for want in 1..=header.index {
         let what = format!("record {want} of {}", header.index);
         next_line(&mut input, &mut line, &mut hasher, &what).map_err(at)?;
@@ -557,6 +561,9 @@ pub fn read(
             )));
         }
         last_term = r.term;
+        if r.kind.as_deref() == Some("user") {
+            user_entries.insert(r.index, r.term);
+        }
         batch.push(r);
         if batch.len() == READ_PAGE {
             page(&batch)?;
@@ -622,6 +629,12 @@ pub fn read(
         let previous = users.last().map(|p| p.name.as_str());
         check_user(&u, header.index, previous)
             .map_err(|why| at(format!("{what} is {why}: corrupt")))?;
+        if user_entries.get(&u.index) != Some(&u.term) {
+            return Err(at(format!(
+                "{what} ({:?}) names entry {} of term {}, which is not a user change of this log: corrupt",
+                u.name, u.index, u.term
+            )));
+        }
         users.push(u);
     }
     line.clear();
@@ -713,8 +726,9 @@ mod tests {
             line(&LogRecord {
                 index: i,
                 term: 1 + i / 3,
-                data: Some(format!("d{i}")),
-                kind: None,
+                // Where `two_users` were added.
+                data: (version < 3 || ![2, 5].contains(&i)).then(|| format!("d{i}")),
+                kind: (version >= 3 && [2, 5].contains(&i)).then(|| "user".to_string()),
             });
         }
         let sessions = if version >= 2 {
@@ -962,6 +976,14 @@ mod tests {
                 "not an entry up to index 20",
             ),
             (vec![with("index", 0.into())], "not an entry up to index 20"),
+            (
+                vec![with("index", 3.into())],
+                "not a user change of this log",
+            ),
+            (
+                vec![with("term", 2.into())],
+                "not a user change of this log",
+            ),
             (vec![with("key", "00".repeat(32).into())], "does not parse"),
             (vec![serde_json::json!("ann")], "does not parse"),
         ];
@@ -978,5 +1000,58 @@ mod tests {
         let e = read(&path, |_| Ok(())).unwrap_err();
         assert!(e.contains("user 3 of 3"), "{e}");
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_copys_users_follow_its_sessions_and_bad_ones_are_refused() {
+        let session = SessionRecord {
+            client: 1,
+            seq: 1,
+            index: 1,
+            term: 1,
+            data_hash: 0,
+        };
+        let user = |name: &str, index| UserRecord {
+            name: name.into(),
+            role: UserRole::Read,
+            index,
+            term: 1,
+            nonce: 1,
+        };
+        let page = |from, sessions: Vec<SessionRecord>, users, next| ClientResult::BackupState {
+            index: 10,
+            term: 1,
+            config_index: 0,
+            members: Vec::new(),
+            from,
+            sessions,
+            users,
+            next,
+        };
+        let run = |pages: Vec<ClientResult>| {
+            let mut pages = pages.into_iter();
+            let call = |_: &ClientOp| Ok((1, pages.next().expect("no more pages")));
+            backup_state(call, Duration::from_secs(5), 10)
+        };
+        let state = run(vec![
+            page(0, vec![session], vec![user("ann", 3)], Some(2)),
+            page(2, Vec::new(), vec![user("bob", 4)], None),
+        ])
+        .unwrap();
+        assert_eq!((state.sessions.len(), state.users.len()), (1, 2));
+        let e = run(vec![
+            page(0, Vec::new(), vec![user("ann", 3)], Some(1)),
+            page(1, vec![session], Vec::new(), None),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("sessions after users"), "{e}");
+        for (bad, why) in [
+            (vec![user("ann", 3), user("ann", 4)], "duplicate"),
+            (vec![user("ann", 11)], "not an entry up to index 10"),
+            (vec![user("a b", 3)], "user name"),
+        ] {
+            let e = run(vec![page(0, Vec::new(), bad, None)]).unwrap_err();
+            assert!(e.to_string().contains(why), "{why}: {e}");
+        }
     }
 }
