@@ -5,8 +5,9 @@
 //! beside the target and renamed into place at the end, so a failure midway leaves nothing.
 //! It holds the backup's records in the store with a snapshot at the backup's index (the
 //! configuration: the config's bootstrap members; the backup's client sessions and users), a
-//! WAL that continues from that snapshot, and a `cluster` file with a new cluster ID derived from the backup's checksum: every peer restored
-//! from the same file joins the same new cluster, and none of the old cluster's peers is heard.
+//! WAL that continues from that snapshot, and a `cluster` file with a new cluster ID derived
+//! from the backup's checksum: every peer restored from the same file joins the same new
+//! cluster, and none of the old cluster's peers is heard.
 //! Users' keys derive from the secret and the config's `cluster` name, not the cluster ID, so
 //! their credentials keep working when the config keeps both.
 
