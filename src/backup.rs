@@ -3,27 +3,31 @@
 //!
 //! A backup is text, one JSON value a line:
 //! - a header, padded with spaces to [`HEADER_LEN`] bytes so it can be written last in place:
-//!   `{"format":"raft-backup","version":2,"cluster":NAME,"index":N,"term":T,"records":N,"sessions":S}`;
+//!   `{"format":"raft-backup","version":3,"cluster":NAME,"index":N,"term":T,"records":N,"sessions":S,"users":U}`;
 //! - the committed log's records `1..=N`, each as `client query` prints it;
 //! - (version 2) the configuration in force at index N: `{"config_index":I,"members":[...]}`;
 //! - (version 2) the client sessions at index N, `S` lines, least recently used first, so that
 //!   a retry of an append made before the backup is answered, after a restore, as it was;
+//! - (version 3) the users at index N, `U` lines by name, `{"name":..,"role":..,"index":I,
+//!   "term":T,"nonce":X}`: never a key (peers derive a user's key from the cluster secret, the
+//!   config's `cluster` name and the entry `I`, `T` that added it, so a restore with the same
+//!   secret and name keeps every credential working);
 //! - a trailer `{"blake3":HEX}`: the BLAKE3 hash of every line between the header and the
 //!   trailer followed by the header line, so that every byte before it is covered.
-//!
-//! Users and roles, where a cluster has them, belong in a section of their own after the
-//! sessions (a version 3), read at the same index.
 //!
 //! It is written to a temporary file beside the target, synced, and renamed over it, so the
 //! target is either the old file or the whole new one. Saving and reading stream the records
 //! in pages: a log of any length never sits in memory whole (the sessions do: at most
-//! [`MAX_SESSIONS`] of them, a few megabytes).
+//! [`MAX_SESSIONS`] of them, a few megabytes, and the users, at most [`MAX_USERS`]).
 
 use crate::client::{Client, ClientError};
 use crate::raft::state_machine::MAX_SESSIONS;
-use crate::raft::{ClientOp, ClientResult, Index, LogRecord, Member, SessionRecord, Term};
+use crate::raft::users::{check_user_name, MAX_USERS};
+use crate::raft::{
+    ClientOp, ClientResult, Index, LogRecord, Member, SessionRecord, Term, UserRecord, UserRole,
+};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -33,9 +37,9 @@ use std::time::{Duration, Instant};
 pub const HEADER_LEN: usize = 512;
 /// The `format` field of every backup's header.
 pub const FORMAT: &str = "raft-backup";
-/// The version `save` writes; `read` also reads version 1 (records only, no sessions or
-/// configuration).
-pub const VERSION: u32 = 2;
+/// The version `save` writes; `read` also reads version 2 (no users) and version 1 (records
+/// only, no sessions, configuration or users).
+pub const VERSION: u32 = 3;
 /// Records handed to a reader's callback at a time.
 pub const READ_PAGE: usize = 4096;
 
@@ -55,6 +59,9 @@ pub struct Header {
     /// Session lines after the configuration line (version 2; 0 in version 1).
     #[serde(default)]
     pub sessions: u64,
+    /// User lines after the sessions (version 3; 0 before).
+    #[serde(default)]
+    pub users: u64,
 }
 
 /// The configuration line of a version 2 backup: the configuration in force at the backup's
@@ -64,6 +71,30 @@ pub struct Header {
 pub struct Configuration {
     pub config_index: Index,
     pub members: Vec<Member>,
+}
+
+/// A user line of a version 3 backup: exactly a [`UserRecord`]'s fields, so that a line with
+/// anything more (a key, say) is refused rather than carried along.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserLine {
+    name: String,
+    role: UserRole,
+    index: Index,
+    term: Term,
+    nonce: u64,
+}
+
+impl From<&UserRecord> for UserLine {
+    fn from(r: &UserRecord) -> UserLine {
+        UserLine {
+            name: r.name.clone(),
+            role: r.role,
+            index: r.index,
+            term: r.term,
+            nonce: r.nonce,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -82,13 +113,15 @@ pub struct Saved {
 }
 
 /// A backup read back: its header, checksum (hex), and what it holds besides the records
-/// (a version 1 backup has no configuration and no sessions).
+/// (a version 1 backup has no configuration and no sessions, and before version 3 no users).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verified {
     pub header: Header,
     pub blake3: String,
     pub configuration: Option<Configuration>,
     pub sessions: Vec<SessionRecord>,
+    /// By name.
+    pub users: Vec<UserRecord>,
 }
 
 /// The lines after the header, written and hashed together.
@@ -190,6 +223,9 @@ pub fn save(
         for s in &state.sessions {
             body.line(s)?;
         }
+        for u in &state.users {
+            body.line(&UserLine::from(u))?;
+        }
         let header = Header {
             format: FORMAT.into(),
             version: VERSION,
@@ -198,6 +234,7 @@ pub fn save(
             term,
             records: end,
             sessions: state.sessions.len() as u64,
+            users: state.users.len() as u64,
         };
         let header = header_line(&header).map_err(ClientError::Refused)?;
         body.hasher.update(&header);
@@ -262,16 +299,17 @@ fn backup_page(
     }
 }
 
-/// The sessions and configuration as copied on the leader at one applied index.
+/// The sessions, users and configuration as copied on the leader at one applied index.
 #[derive(Debug)]
 struct State {
     index: Index,
     term: Term,
     configuration: Configuration,
     sessions: Vec<SessionRecord>,
+    users: Vec<UserRecord>,
 }
 
-/// The leader's copy of the sessions and configuration at an applied index at least
+/// The leader's copy of the sessions, users and configuration at an applied index at least
 /// `read_index`, all its pages. A copy that is no longer held is answered with a new one, and
 /// reading starts over from that.
 /// `call` sends one request (with the client's retries and its `timeout`).
@@ -284,7 +322,9 @@ fn backup_state(
     let mut state: Option<State> = None;
     let mut catching_up: Option<Instant> = None;
     loop {
-        let from = state.as_ref().map_or(0, |s| s.sessions.len() as u64);
+        let from = state
+            .as_ref()
+            .map_or(0, |s| (s.sessions.len() + s.users.len()) as u64);
         let (peer, result) = call(&ClientOp::BackupState { at, from })?;
         let ClientResult::BackupState {
             index,
@@ -293,6 +333,7 @@ fn backup_state(
             members,
             from: page_from,
             sessions,
+            users,
             next,
         } = result
         else {
@@ -331,6 +372,7 @@ fn backup_state(
                     members,
                 },
                 sessions: Vec::new(),
+                users: Vec::new(),
             });
         }
         let s = state.as_mut().expect("set above");
@@ -340,25 +382,59 @@ fn backup_state(
                 format!("sent a session at index {} in a copy at {index}", bad.index),
             ));
         }
-        let got = sessions.len();
-        s.sessions.extend(sessions);
-        if s.sessions.len() > MAX_SESSIONS {
+        if !sessions.is_empty() && !s.users.is_empty() {
             return Err(confused(
                 peer,
-                format!("sent more than {MAX_SESSIONS} sessions"),
+                format!("sent sessions after users in a copy at {index}"),
             ));
         }
+        let mut previous = s.users.last().map(|l| l.name.as_str());
+        for u in &users {
+            if let Err(why) = check_user(u, index, previous) {
+                return Err(confused(peer, format!("sent {why} in a copy at {index}")));
+            }
+            previous = Some(&u.name);
+        }
+        let got = sessions.len() + users.len();
+        s.sessions.extend(sessions);
+        s.users.extend(users);
+        if s.sessions.len() > MAX_SESSIONS || s.users.len() > MAX_USERS {
+            return Err(confused(
+                peer,
+                format!("sent more than {MAX_SESSIONS} sessions or {MAX_USERS} users"),
+            ));
+        }
+        let have = (s.sessions.len() + s.users.len()) as u64;
         match next {
             None => return Ok(state.expect("set above")),
-            Some(n) if n == s.sessions.len() as u64 && got > 0 => {}
+            Some(n) if n == have && got > 0 => {}
             Some(n) => {
                 return Err(confused(
                     peer,
-                    format!("asked for sessions from {n} after {}", s.sessions.len()),
+                    format!("asked for sessions and users from {n} after {have}"),
                 ))
             }
         }
     }
+}
+
+/// Checks a user of a copy or a backup at `index`: a valid name, after `previous` (users are
+/// listed by name, once each), added by an entry of the log up to `index`.
+fn check_user(u: &UserRecord, index: Index, previous: Option<&str>) -> Result<(), String> {
+    let what = || {
+        format!(
+            "user {:?} (added at index {}, term {})",
+            u.name, u.index, u.term
+        )
+    };
+    check_user_name(&u.name).map_err(|e| format!("{}: {e}", what()))?;
+    if previous.is_some_and(|p| p >= u.name.as_str()) {
+        return Err(format!("{}, a duplicate or out of order", what()));
+    }
+    if u.index == 0 || u.index > index || u.term == 0 {
+        return Err(format!("{}, not an entry up to index {index}", what()));
+    }
+    Ok(())
 }
 
 /// `{dir}/.{name}.tmp-{pid}`: on the same file system as `file`, for an atomic rename.
@@ -414,7 +490,8 @@ fn next_line(
 
 /// Reads the backup at `path` from end to end, handing its records to `page` [`READ_PAGE`] at
 /// a time, and checks everything: the header, indices `1..=index` in order, the last record's
-/// term, the record count, the configuration and sessions (version 2), the checksum, and that
+/// term, the record count, the configuration and sessions (version 2), the users (version 3:
+/// valid names, once each, in order, each naming a user change of the log), the checksum, and that
 /// nothing follows the trailer. Any failure is an error naming the file and what is wrong;
 /// `page` may have seen records by then.
 pub fn read(
@@ -459,10 +536,19 @@ pub fn read(
             header.sessions
         )));
     }
+    if (header.version < 3 && header.users != 0) || header.users > MAX_USERS as u64 {
+        return Err(at(format!(
+            "the header claims {} users (at most {MAX_USERS}, none before version 3): corrupt",
+            header.users
+        )));
+    }
     let mut hasher = blake3::Hasher::new();
     let mut line = Vec::new();
     let mut batch: Vec<LogRecord> = Vec::with_capacity(READ_PAGE);
     let mut last_term = 0;
+    // The entries that added or removed users, by index with their terms: each user line must
+    // name one (a few bytes per user change, not the log).
+    let mut user_entries: BTreeMap<Index, Term> = BTreeMap::new();
     for want in 1..=header.index {
         let what = format!("record {want} of {}", header.index);
         next_line(&mut input, &mut line, &mut hasher, &what).map_err(at)?;
@@ -475,6 +561,9 @@ pub fn read(
             )));
         }
         last_term = r.term;
+        if r.kind.as_deref() == Some("user") {
+            user_entries.insert(r.index, r.term);
+        }
         batch.push(r);
         if batch.len() == READ_PAGE {
             page(&batch)?;
@@ -524,6 +613,30 @@ pub fn read(
             sessions.push(s);
         }
     }
+    let mut users: Vec<UserRecord> = Vec::new();
+    for n in 1..=header.users {
+        let what = format!("user {n} of {}", header.users);
+        next_line(&mut input, &mut line, &mut hasher, &what).map_err(at)?;
+        let u: UserLine = serde_json::from_slice(&line)
+            .map_err(|e| at(format!("{what} does not parse: {e}: corrupt")))?;
+        let u = UserRecord {
+            name: u.name,
+            role: u.role,
+            index: u.index,
+            term: u.term,
+            nonce: u.nonce,
+        };
+        let previous = users.last().map(|p| p.name.as_str());
+        check_user(&u, header.index, previous)
+            .map_err(|why| at(format!("{what} is {why}: corrupt")))?;
+        if user_entries.get(&u.index) != Some(&u.term) {
+            return Err(at(format!(
+                "{what} ({:?}) names entry {} of term {}, which is not a user change of this log: corrupt",
+                u.name, u.index, u.term
+            )));
+        }
+        users.push(u);
+    }
     line.clear();
     input
         .read_until(b'\n', &mut line)
@@ -552,6 +665,7 @@ pub fn read(
         blake3,
         configuration,
         sessions,
+        users,
     })
 }
 
@@ -560,10 +674,19 @@ mod tests {
     use super::*;
     use crate::raft::MemberRole;
 
-    /// Writes a backup of `n` records (and, from version 2, a configuration and two sessions)
-    /// the way `save` lays it out, with `edit` applied to the header before it is hashed.
+    /// Writes a backup of `n` records (and, from version 2, a configuration and two sessions;
+    /// from version 3, two users) the way `save` lays it out, with `edit` applied to the
+    /// header before it is hashed.
     fn write_with(path: &Path, n: u64, version: u32, edit: impl FnOnce(&mut Header)) {
         write_sessions_to(path, n, version, n, edit)
+    }
+
+    /// Two users, as a version 3 backup's lines.
+    fn two_users() -> Vec<serde_json::Value> {
+        vec![
+            serde_json::json!({"name":"ann","role":"admin","index":2,"term":1,"nonce":9}),
+            serde_json::json!({"name":"bob","role":"read","index":5,"term":2,"nonce":4}),
+        ]
     }
 
     /// As `write_with`, with the latest session at `last_session`.
@@ -572,6 +695,23 @@ mod tests {
         n: u64,
         version: u32,
         last_session: u64,
+        edit: impl FnOnce(&mut Header),
+    ) {
+        let users = if version >= 3 {
+            two_users()
+        } else {
+            Vec::new()
+        };
+        write_full(path, n, version, last_session, &users, edit)
+    }
+
+    /// As `write_sessions_to`, with these user lines (of any shape) after the sessions.
+    fn write_full(
+        path: &Path,
+        n: u64,
+        version: u32,
+        last_session: u64,
+        users: &[serde_json::Value],
         edit: impl FnOnce(&mut Header),
     ) {
         let mut hasher = blake3::Hasher::new();
@@ -586,8 +726,9 @@ mod tests {
             line(&LogRecord {
                 index: i,
                 term: 1 + i / 3,
-                data: Some(format!("d{i}")),
-                kind: None,
+                // Where `two_users` were added.
+                data: (version < 3 || ![2, 5].contains(&i)).then(|| format!("d{i}")),
+                kind: (version >= 3 && [2, 5].contains(&i)).then(|| "user".to_string()),
             });
         }
         let sessions = if version >= 2 {
@@ -612,6 +753,9 @@ mod tests {
         } else {
             0
         };
+        for u in users {
+            line(u);
+        }
         let mut header = Header {
             format: FORMAT.into(),
             version,
@@ -620,16 +764,19 @@ mod tests {
             term: 1 + n / 3,
             records: n,
             sessions,
+            users: users.len() as u64,
         };
         edit(&mut header);
         let mut head = serde_json::to_vec(&header).unwrap();
-        if version == 1 {
-            // A version 1 header has no `sessions` field.
-            let text = String::from_utf8(head)
-                .unwrap()
-                .replace(",\"sessions\":0", "");
-            head = text.into_bytes();
+        // A version 1 header has no `sessions` field, nor a version 2 one a `users` field.
+        let mut text = String::from_utf8(head).unwrap();
+        if version < 3 {
+            text = text.replace(",\"users\":0", "");
         }
+        if version == 1 {
+            text = text.replace(",\"sessions\":0", "");
+        }
+        head = text.into_bytes();
         head.resize(HEADER_LEN - 1, b' ');
         head.push(b'\n');
         hasher.update(&head);
@@ -708,6 +855,7 @@ mod tests {
             members: Vec::new(),
             from,
             sessions: clients.iter().map(|&c| session(c)).collect(),
+            users: Vec::new(),
             next,
         };
         // A peer behind the read index; then a copy at 10 whose second page finds it gone
@@ -761,7 +909,7 @@ mod tests {
         assert!(v.configuration.is_none() && v.sessions.is_empty());
         write_with(&path, 20, VERSION, |h| h.version = VERSION + 1);
         let e = read(&path, |_| Ok(())).unwrap_err();
-        assert!(e.contains("version 3 is not one this build reads"), "{e}");
+        assert!(e.contains("version 4 is not one this build reads"), "{e}");
         // A session past the backup's index is not of this log, checksum or not.
         write_sessions_to(&path, 20, VERSION, 21, |_| {});
         let e = read(&path, |_| Ok(())).unwrap_err();
@@ -771,5 +919,139 @@ mod tests {
         let e = read(&path, |_| Ok(())).unwrap_err();
         assert!(e.contains("session 2 of 2") && e.contains("corrupt"), "{e}");
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn version_3_reads_its_users_and_version_2_reads_without() {
+        let path = temp("users");
+        write_with(&path, 20, 3, |_| {});
+        let v = read(&path, |_| Ok(())).unwrap();
+        assert_eq!(
+            (v.header.version, v.header.users, v.sessions.len()),
+            (3, 2, 2)
+        );
+        let users: Vec<(&str, UserRole, Index, Term, u64)> = v
+            .users
+            .iter()
+            .map(|u| (u.name.as_str(), u.role, u.index, u.term, u.nonce))
+            .collect();
+        assert_eq!(
+            users,
+            [
+                ("ann", UserRole::Admin, 2, 1, 9),
+                ("bob", UserRole::Read, 5, 2, 4)
+            ]
+        );
+        // A user line is a record's fields, never a key.
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("key"), "{text}");
+        write_with(&path, 20, 2, |_| {});
+        let v = read(&path, |_| Ok(())).unwrap();
+        assert_eq!((v.header.version, v.sessions.len()), (2, 2));
+        assert!(v.users.is_empty());
+        assert!(!std::fs::read_to_string(&path).unwrap()[..HEADER_LEN].contains("users"));
+        // A version 2 header that claims users is corrupt.
+        write_with(&path, 20, 2, |h| h.users = 1);
+        let e = read(&path, |_| Ok(())).unwrap_err();
+        assert!(e.contains("claims 1 users") && e.contains("corrupt"), "{e}");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn malformed_or_duplicate_users_are_refused_as_corrupt() {
+        let path = temp("bad-users");
+        let ann = two_users()[0].clone();
+        let with = |field: &str, value: serde_json::Value| {
+            let mut u = ann.clone();
+            u[field] = value;
+            u
+        };
+        let cases: Vec<(Vec<serde_json::Value>, &str)> = vec![
+            (vec![ann.clone(), ann.clone()], "duplicate"),
+            (vec![two_users()[1].clone(), ann.clone()], "out of order"),
+            (vec![with("name", "a b".into())], "user name"),
+            (vec![with("role", "root".into())], "does not parse"),
+            (
+                vec![with("index", 21.into())],
+                "not an entry up to index 20",
+            ),
+            (vec![with("index", 0.into())], "not an entry up to index 20"),
+            (
+                vec![with("index", 3.into())],
+                "not a user change of this log",
+            ),
+            (
+                vec![with("term", 2.into())],
+                "not a user change of this log",
+            ),
+            (vec![with("key", "00".repeat(32).into())], "does not parse"),
+            (vec![serde_json::json!("ann")], "does not parse"),
+        ];
+        for (users, why) in cases {
+            write_full(&path, 20, 3, 20, &users, |_| {});
+            let e = read(&path, |_| Ok(())).unwrap_err();
+            assert!(
+                e.contains(why) && e.contains("corrupt") && e.contains("user "),
+                "{why}: {e}"
+            );
+        }
+        // Fewer user lines than the header claims: the trailer is read as a user.
+        write_full(&path, 20, 3, 20, &two_users(), |h| h.users = 3);
+        let e = read(&path, |_| Ok(())).unwrap_err();
+        assert!(e.contains("user 3 of 3"), "{e}");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_copys_users_follow_its_sessions_and_bad_ones_are_refused() {
+        let session = SessionRecord {
+            client: 1,
+            seq: 1,
+            index: 1,
+            term: 1,
+            data_hash: 0,
+        };
+        let user = |name: &str, index| UserRecord {
+            name: name.into(),
+            role: UserRole::Read,
+            index,
+            term: 1,
+            nonce: 1,
+        };
+        let page = |from, sessions: Vec<SessionRecord>, users, next| ClientResult::BackupState {
+            index: 10,
+            term: 1,
+            config_index: 0,
+            members: Vec::new(),
+            from,
+            sessions,
+            users,
+            next,
+        };
+        let run = |pages: Vec<ClientResult>| {
+            let mut pages = pages.into_iter();
+            let call = |_: &ClientOp| Ok((1, pages.next().expect("no more pages")));
+            backup_state(call, Duration::from_secs(5), 10)
+        };
+        let state = run(vec![
+            page(0, vec![session], vec![user("ann", 3)], Some(2)),
+            page(2, Vec::new(), vec![user("bob", 4)], None),
+        ])
+        .unwrap();
+        assert_eq!((state.sessions.len(), state.users.len()), (1, 2));
+        let e = run(vec![
+            page(0, Vec::new(), vec![user("ann", 3)], Some(1)),
+            page(1, vec![session], Vec::new(), None),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("sessions after users"), "{e}");
+        for (bad, why) in [
+            (vec![user("ann", 3), user("ann", 4)], "duplicate"),
+            (vec![user("ann", 11)], "not an entry up to index 10"),
+            (vec![user("a b", 3)], "user name"),
+        ] {
+            let e = run(vec![page(0, Vec::new(), bad, None)]).unwrap_err();
+            assert!(e.to_string().contains(why), "{why}: {e}");
+        }
     }
 }

@@ -3,7 +3,9 @@
 //! fresh data dirs as a new cluster with the same records at the same indices; a corrupt or
 //! truncated backup, and a non-empty data dir, are refused with nothing written. A backup
 //! carries the client sessions and the configuration: a retry, to the restored cluster, of an
-//! append made before the backup is answered from its session, not applied again.
+//! append made before the backup is answered from its session, not applied again. It carries
+//! the users too (never their keys): a credential saved before the backup works, with its
+//! role, against a cluster restored with the same secret and cluster name.
 
 mod common;
 
@@ -11,6 +13,7 @@ use common::{Cluster, TempDir, PEER};
 use raft::raft::{
     ClientId, ClientOp, ClientReply, ClientRequest, ClientResult, Datagram, Index, LogRecord,
 };
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -344,5 +347,93 @@ fn a_retry_after_restore_is_answered_from_its_session_not_applied_twice() {
     assert!(
         log.iter().all(|r| r.kind.as_deref() != Some("duplicate")),
         "a retry became an entry: {log:?}"
+    );
+}
+
+/// `n` peer configs in `dir`, each with its own copy of `secret` as its `secret_file`.
+fn configs_with_secret(
+    dir: &Path,
+    n: usize,
+    secret: &raft::auth::Secret,
+) -> BTreeMap<u64, PathBuf> {
+    let configs = common::write_configs(dir, n);
+    for (id, path) in &configs {
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let key = dir.join(format!("peer{id}.key"));
+        secret.write(&key).unwrap();
+        config["secret_file"] = key.to_str().unwrap().into();
+        common::write_json(path, &config);
+    }
+    configs
+}
+
+/// Writes `text` to a new file only its owner may read, as a credential file must be.
+fn write_private(path: &Path, text: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+}
+
+#[test]
+fn a_users_credential_works_with_its_role_on_the_restored_cluster() {
+    let _one = common::one_at_a_time();
+    let secret = raft::auth::Secret::generate().unwrap();
+    let dir = TempDir::new("backup-users");
+    let configs = configs_with_secret(&dir.0, 1, &secret);
+    let mut cluster = Cluster::start_in(dir, configs);
+    cluster.wait_for_one_leader(Duration::from_secs(10));
+    let added = cluster.client_ok(&["user", "add", "carol", "--role", "write"]);
+    let key = added[0]["key"].as_str().unwrap().to_string();
+    let cred = cluster.dir.0.join("carol.cred");
+    write_private(&cred, &format!("{}\n", added[0]));
+    let cred_arg = cred.to_str().unwrap();
+    cluster.client_ok(&["--cred", cred_arg, "append", "by carol before"]);
+    let file = cluster.dir.0.join("users.raft");
+    let saved = save(&cluster, &file);
+    let verified = raft::backup::read(&file, |_| Ok(())).unwrap();
+    assert_eq!(verified.header.version, 3);
+    let users: Vec<(&str, &str)> = verified
+        .users
+        .iter()
+        .map(|u| (u.name.as_str(), u.role.name()))
+        .collect();
+    assert_eq!(users, [("carol", "write")]);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains(&key), "the backup holds a user's key");
+    cluster.kill_all();
+
+    // Three fresh data dirs with the same secret and cluster name: the same user keys.
+    let dir = TempDir::new("restored-users");
+    let configs = configs_with_secret(&dir.0, 3, &secret);
+    let mut restored = Cluster {
+        peers: Default::default(),
+        configs,
+        dir,
+        acked: Default::default(),
+    };
+    for id in 1..=3 {
+        restored.start_peer_with(id, &["--restore", file.to_str().unwrap()]);
+    }
+    restored.wait_for_one_leader(Duration::from_secs(10));
+    assert!(restored.log_text(1).contains("and 1 users"));
+    let after = restored.client_ok(&["--cred", cred_arg, "append", "by carol after"]);
+    assert!(after[0]["index"].as_u64().unwrap() > saved["index"].as_u64().unwrap());
+    // Its role came along: a writer may not manage users.
+    let out = restored.client(&["--cred", cred_arg, "user", "list"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("permission denied"), "{err}");
+    let listed = restored.client_ok(&["user", "list"]);
+    assert_eq!(
+        listed,
+        [serde_json::json!({"user": "carol", "role": "write"})]
     );
 }

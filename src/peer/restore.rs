@@ -4,9 +4,12 @@
 //! with its checksum: anything else is refused before a byte is written. The data dir is built
 //! beside the target and renamed into place at the end, so a failure midway leaves nothing.
 //! It holds the backup's records in the store with a snapshot at the backup's index (the
-//! configuration: the config's bootstrap members; the backup's client sessions), a WAL that continues from that snapshot, and
-//! a `cluster` file with a new cluster ID derived from the backup's checksum: every peer restored
-//! from the same file joins the same new cluster, and none of the old cluster's peers is heard.
+//! configuration: the config's bootstrap members; the backup's client sessions and users), a
+//! WAL that continues from that snapshot, and a `cluster` file with a new cluster ID derived
+//! from the backup's checksum: every peer restored from the same file joins the same new
+//! cluster, and none of the old cluster's peers is heard.
+//! Users' keys derive from the secret and the config's `cluster` name, not the cluster ID, so
+//! their credentials keep working when the config keeps both.
 
 use crate::backup;
 use crate::cluster::{self, ClusterFile};
@@ -46,12 +49,18 @@ pub fn restore(config: &PeerConfig, file: &Path) -> Result<(), String> {
     );
     let recorded = match &verified.configuration {
         Some(c) => format!(
-            "members {} (the configuration of index {}) and {} client sessions",
+            "members {} (the configuration of index {}), {} client sessions and {} users{}",
             Membership::new(c.members.clone()).describe(),
             c.config_index,
-            verified.sessions.len()
+            verified.sessions.len(),
+            verified.users.len(),
+            if h.version < 3 {
+                " (a version 2 backup: users are not in it)"
+            } else {
+                ""
+            }
         ),
-        None => "no members or client sessions (a version 1 backup)".into(),
+        None => "no members, client sessions or users (a version 1 backup)".into(),
     };
     log::info!(
         "{}: the backup recorded {recorded}; the new cluster's members come from the config",
@@ -63,6 +72,21 @@ pub fn restore(config: &PeerConfig, file: &Path) -> Result<(), String> {
             config.name,
             h.cluster,
             config.cluster
+        );
+        if !verified.users.is_empty() {
+            log::warn!(
+                "{}: the backup's {} users keep their names and roles, but their credentials work only where the config's `cluster` is {:?} (a user's key derives from that name and the secret): use that name in every peer's and client's config, or add the users again",
+                config.name,
+                verified.users.len(),
+                h.cluster
+            );
+        }
+    }
+    if !verified.users.is_empty() && config.secret_file.is_none() {
+        log::warn!(
+            "{}: the backup has {} users, but the config names no secret_file: their credentials work only with the backed-up cluster's secret_file",
+            config.name,
+            verified.users.len()
         );
     }
     let building = beside(dir, "restoring");
@@ -93,10 +117,11 @@ pub fn restore(config: &PeerConfig, file: &Path) -> Result<(), String> {
         }
     }
     log::warn!(
-        "{}: restored {} entries and {} client sessions (to index {}, term {}) from {} into {}: a NEW cluster with members {}",
+        "{}: restored {} entries, {} client sessions and {} users (to index {}, term {}) from {} into {}: a NEW cluster with members {}",
         config.name,
         h.records,
         verified.sessions.len(),
+        verified.users.len(),
         h.index,
         h.term,
         file.display(),
@@ -151,8 +176,9 @@ fn build(
             removed: Vec::new(),
             // Retries of appends made before the backup are answered as they were.
             sessions: verified.sessions.clone(),
-            // Users are not in backups yet: a restored cluster starts with none.
-            users: Vec::new(),
+            // By name, with the index and term that added each: peers with the backed-up
+            // cluster's secret and `cluster` name derive the same keys from them.
+            users: verified.users.clone(),
         };
         store.write_snapshot(&state).map_err(storage)?;
         let hard_state = HardState {

@@ -1,5 +1,5 @@
 //! What a backup (`client snapshot save`) holds besides the committed records: the client
-//! sessions and the configuration in force at one applied index. The leader copies them when a
+//! sessions, the users and the configuration in force at one applied index. The leader copies them when a
 //! save asks and serves the copy in pages, so that a save sees one table while the live one
 //! moves on. A copy describes committed entries only, so it stays true whoever leads later.
 
@@ -9,6 +9,7 @@ use super::message::ClientResult;
 use super::snapshot::SessionRecord;
 use super::state_machine::StateMachine;
 use super::types::{Index, Term};
+use super::users::UserRecord;
 use super::Membership;
 use std::collections::VecDeque;
 
@@ -17,8 +18,10 @@ use std::collections::VecDeque;
 pub const MAX_COPIES: usize = 4;
 /// Bytes one session takes in a reply at most (every number at its widest), for paging.
 const SESSION_BYTES: usize = 160;
+/// Bytes one user takes in a reply at most (the longest name, every number at its widest).
+const USER_BYTES: usize = 128 + super::users::MAX_USER_NAME;
 
-/// The sessions and configuration as of applied index `index` (of term `term`).
+/// The sessions, users and configuration as of applied index `index` (of term `term`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Copy {
     pub index: Index,
@@ -28,9 +31,8 @@ pub struct Copy {
     pub config_index: Index,
     /// Least recently used first, as the state machine lists them.
     pub sessions: Vec<SessionRecord>,
-    // Users and roles, where a cluster keeps them in its state machine, belong here too,
-    // copied at the same index and paged after the sessions (a `BackupState` field and a
-    // section of the backup file, `crate::backup`'s version 3).
+    /// By name, as the state machine keeps them (never a key: peers derive those).
+    pub users: Vec<UserRecord>,
 }
 
 impl Copy {
@@ -45,6 +47,7 @@ impl Copy {
             membership: membership.clone(),
             config_index,
             sessions: sm.sessions(),
+            users: sm.users().records(),
         }
     }
 }
@@ -80,9 +83,22 @@ impl BackupCopies {
                 (self.copies.back().expect("just pushed"), 0)
             }
         };
-        let room = budget.saturating_sub(copy.membership.encoded_len()) / SESSION_BYTES;
-        let start = (from as usize).min(copy.sessions.len());
-        let end = (start + room.max(1)).min(copy.sessions.len());
+        // Positions run over the sessions, then the users.
+        let (sessions, total) = (copy.sessions.len(), copy.sessions.len() + copy.users.len());
+        let cost = |at: usize| {
+            if at < sessions {
+                SESSION_BYTES
+            } else {
+                USER_BYTES
+            }
+        };
+        let mut room = budget.saturating_sub(copy.membership.encoded_len());
+        let start = (from as usize).min(total);
+        let mut end = start;
+        while end < total && (end == start || cost(end) <= room) {
+            room = room.saturating_sub(cost(end));
+            end += 1;
+        }
         // A copy stays after its last page (a retry of that page must find it) until newer
         // ones push it out.
         ClientResult::BackupState {
@@ -91,8 +107,10 @@ impl BackupCopies {
             config_index: copy.config_index,
             members: copy.membership.members.clone(),
             from: start as u64,
-            sessions: copy.sessions[start..end].to_vec(),
-            next: (end < copy.sessions.len()).then_some(end as u64),
+            sessions: copy.sessions[start.min(sessions)..end.min(sessions)].to_vec(),
+            users: copy.users[start.max(sessions) - sessions..end.max(sessions) - sessions]
+                .to_vec(),
+            next: (end < total).then_some(end as u64),
         }
     }
 }
@@ -100,8 +118,13 @@ impl BackupCopies {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::raft::users::{UserRole, MAX_USER_NAME};
 
     fn copy(index: Index, sessions: u64) -> Copy {
+        with_users(index, sessions, 0)
+    }
+
+    fn with_users(index: Index, sessions: u64, users: u64) -> Copy {
         Copy {
             index,
             term: 2,
@@ -116,18 +139,29 @@ mod tests {
                     data_hash: u64::MAX,
                 })
                 .collect(),
+            users: (1..=users)
+                .map(|i| UserRecord {
+                    name: format!("{i:0>width$}", width = MAX_USER_NAME),
+                    role: UserRole::Admin,
+                    index: u64::MAX - i,
+                    term: u64::MAX,
+                    nonce: u64::MAX,
+                })
+                .collect(),
         }
     }
 
+    /// A page's copy index, start, and count of sessions and users together, and `next`.
     fn page(result: ClientResult) -> (Index, u64, usize, Option<u64>) {
         match result {
             ClientResult::BackupState {
                 index,
                 from,
                 sessions,
+                users,
                 next,
                 ..
-            } => (index, from, sessions.len(), next),
+            } => (index, from, sessions.len() + users.len(), next),
             other => panic!("{other:?}"),
         }
     }
@@ -165,5 +199,40 @@ mod tests {
         // An empty table is one page.
         let (_, _, n, next) = page(copies.page(None, 0, 60_000, || copy(31, 0)));
         assert_eq!((n, next), (0, None));
+    }
+
+    #[test]
+    fn users_are_paged_after_the_sessions_within_the_budget() {
+        let mut copies = BackupCopies::default();
+        let budget = 60_000;
+        let (mut sessions, mut users) = (Vec::new(), Vec::new());
+        let mut next = Some(0);
+        let mut pages = 0;
+        while let Some(at) = next {
+            let result = copies.page(Some(10), at, budget, || with_users(10, 700, 600));
+            assert!(serde_json::to_vec(&result).unwrap().len() <= budget);
+            let ClientResult::BackupState {
+                from,
+                sessions: s,
+                users: u,
+                next: n,
+                ..
+            } = result
+            else {
+                panic!("{result:?}");
+            };
+            assert_eq!(from, at);
+            assert!(
+                u.is_empty() || sessions.len() + s.len() == 700,
+                "users after sessions"
+            );
+            sessions.extend(s);
+            users.extend(u);
+            next = n;
+            pages += 1;
+        }
+        assert_eq!((sessions.len(), users.len()), (700, 600));
+        assert!(pages > 2, "{pages} pages");
+        assert_eq!(users, with_users(10, 0, 600).users);
     }
 }

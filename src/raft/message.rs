@@ -4,7 +4,7 @@
 use super::membership::{ConfChange, Member, MemberRole, Membership};
 use super::snapshot::{SessionRecord, SnapshotId};
 use super::types::*;
-use super::users::{denied, UserChange, UserInfo, UserOp, UserRole};
+use super::users::{denied, UserChange, UserInfo, UserOp, UserRecord, UserRole};
 use serde::{Deserialize, Serialize};
 
 /// One slot of the replicated log.
@@ -278,7 +278,7 @@ pub enum ClientResult {
     },
     /// One page of a backup's state as of applied index `index` (of `term`, 0 if unknown):
     /// the configuration in force there (made by the entry at `config_index`) and its client
-    /// sessions `from..`; `next` is the `from` to ask for next, None after the last page.
+    /// sessions and users `from..`; `next` is the `from` to ask for next, None after the last page.
     BackupState {
         index: Index,
         term: Term,
@@ -286,6 +286,9 @@ pub enum ClientResult {
         members: Vec<Member>,
         from: u64,
         sessions: Vec<SessionRecord>,
+        /// The users (by name), paged after the sessions: `from` counts sessions then users.
+        #[serde(default)]
+        users: Vec<UserRecord>,
         next: Option<u64>,
     },
     Status(StatusInfo),

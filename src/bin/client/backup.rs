@@ -1,5 +1,5 @@
-//! `client snapshot save FILE`: a consistent backup of the committed log, taken at a
-//! linearizable read index while writes go on ([`raft::backup`] has the file format). Prints
+//! `client snapshot save FILE`: a consistent backup of the committed log (with the client
+//! sessions, users and membership), taken at a linearizable read index while writes go on ([`raft::backup`] has the file format). Prints
 //! `{"index":N,"term":T,"bytes":B,"file":"FILE"}`; on a terminal, a progress line meanwhile.
 
 use argh::FromArgs;
