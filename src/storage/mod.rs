@@ -72,7 +72,7 @@ pub enum Staged {
 enum Job {
     /// Make a snapshot durable (fsyncs of the store and its meta file); answered on `done`.
     Snapshot(Box<SnapshotJob>),
-    /// Delete compacted WAL segments and sync the directory.
+    /// Delete compacted WAL segments in this directory.
     DeleteSegments(Fs, PathBuf, Vec<PathBuf>),
     /// Prepare WAL segment `number` in this directory, then publish its number.
     PrepareSegment(Fs, PathBuf, u64, Arc<AtomicU64>),
@@ -417,16 +417,21 @@ impl Disk {
             commit: hard_state.commit.max(state.index),
             ..hard_state
         };
-        self.rotate_wal(&hs, (state.index, state.term))?;
+        // The next segment is prepared once the node thread is done with the WAL's files, so
+        // that the two threads never work on them at once (tests then see one order).
+        let prepared = self.prepared.load(Ordering::Acquire) == self.wal.next_segment_number();
+        self.wal
+            .rotate_using(&hs, (state.index, state.term), prepared)?;
         self.wal.write_first_frame()?;
         self.wal.compact(state.index)?;
+        self.prepare_segment()?;
         self.snapshot_index = state.index;
         Ok(Staged::Installed { state, id })
     }
 
     /// Starts a new WAL segment with base `base`, the one the snapshot thread prepared if it
     /// is ready, and has it prepare the next.
-    fn rotate_wal(
+    pub fn rotate_wal(
         &mut self,
         hard_state: &HardState,
         base: (Index, Term),

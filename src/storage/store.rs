@@ -54,7 +54,7 @@ const READ_BUFFER: usize = 64 << 10;
 /// be damage (and a parser must not buffer without bound while looking for its end).
 const MAX_LINE: usize = 16 << 20;
 /// A receiver fdatasyncs staged records every this many bytes, so the final sync is short.
-const SYNC_EVERY: u64 = 16 << 20;
+pub const SYNC_EVERY: u64 = 16 << 20;
 
 /// The applied records of one peer, their sparse index and latest snapshot, and the staging
 /// area for a snapshot being received.
@@ -790,11 +790,16 @@ impl Current {
         };
 
         let records_path = dir.join(RECORDS_FILE);
+        let index_path = dir.join(INDEX_FILE);
+        let created = !exists(fs, &records_path)? || !exists(fs, &index_path)?;
         let mut records = open_rw(fs, &records_path)?;
         cut(&records_path, &mut records, records_len, "records")?;
-
-        let index_path = dir.join(INDEX_FILE);
         let mut index = open_rw(fs, &index_path)?;
+        if created {
+            // Their names durable before a snapshot's `snapshot.json` can be: a filesystem
+            // that reorders directory updates could otherwise keep it and lose them.
+            sync_dir(fs, &dir)?;
+        }
         let count = last_index.div_ceil(INDEX_EVERY);
         cut(&index_path, &mut index, count * 8, "index")?;
         let sparse = read_sparse(&index_path, &mut index, records_len)?;
