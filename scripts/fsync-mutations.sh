@@ -24,9 +24,13 @@ fi
 
 restore() { git checkout -q -- src/storage; }
 build() {
-    cargo build --release --lib -q 2>/dev/null &&
-        rustc --edition 2021 --test -O -g tests/power_loss.rs -o target/release/power_loss-mutant \
-            --extern raft=target/release/libraft.rlib -L dependency=target/release/deps 2>/dev/null
+    cargo build --release --lib -q 2>/dev/null || return 1
+    # The test's own dependencies besides the library (env_logger, for RUST_LOG).
+    local logger
+    logger=$(ls -t target/release/deps/libenv_logger-*.rlib | head -1)
+    rustc --edition 2021 --test -O -g tests/power_loss.rs -o target/release/power_loss-mutant \
+        --extern raft=target/release/libraft.rlib --extern env_logger="$logger" \
+        -L dependency=target/release/deps 2>/dev/null
 }
 trap restore EXIT
 
