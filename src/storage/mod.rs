@@ -113,7 +113,8 @@ pub struct Disk {
     /// When the full disk was last reported (the error line is rate-limited).
     reported: Option<Instant>,
     /// Storage errors since the shell last took them, by what failed (`wal_write`,
-    /// `store_write`, `snapshot`, `wal_rotate`), for `raft_storage_errors_total`.
+    /// `store_write`, `snapshot`, `wal_rotate`, `snapshot_install`), for
+    /// `raft_storage_errors_total`.
     errors: Vec<&'static str>,
 }
 
@@ -397,12 +398,18 @@ impl Disk {
             Ok(Received::Partial { have }) => return Ok(Staged::Partial { have }),
             Ok(Received::Installed { meta }) => meta,
             Err(e) => {
-                log::warn!(
-                    "dropping chunk at {} of snapshot {} from {}: {e}",
-                    w.offset,
-                    id.index,
-                    w.from
-                );
+                if e.is_disk_full() {
+                    // Retried when the leader sends the chunk again (see `Store::install`).
+                    self.errors.push("snapshot_install");
+                    self.report_full(&e);
+                } else {
+                    log::warn!(
+                        "dropping chunk at {} of snapshot {} from {}: {e}",
+                        w.offset,
+                        id.index,
+                        w.from
+                    );
+                }
                 let have = self.store.staged(&id);
                 return Ok(Staged::Partial { have });
             }

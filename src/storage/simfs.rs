@@ -538,6 +538,11 @@ impl SimFs {
         self.lock().counts
     }
 
+    /// Bytes in the files that have a name (what a capacity is measured against).
+    pub fn used(&self) -> u64 {
+        self.lock().used_bytes()
+    }
+
     pub fn faults(&self) -> Faults {
         self.lock().faults
     }
