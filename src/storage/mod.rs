@@ -161,7 +161,9 @@ impl Disk {
                         state.term
                     );
                     hard_state.commit = hard_state.commit.max(state.index);
-                    wal.rotate(&hard_state, (state.index, state.term))?;
+                    let snap = (state.index, state.term);
+                    let rotated = wal.rotate(&hard_state, snap);
+                    reset_if_full(&mut wal, rotated, &hard_state, snap, &mut Vec::new())?;
                     wal.compact(state.index)?;
                     base = (state.index, state.term);
                     entries.clear();
@@ -427,8 +429,9 @@ impl Disk {
         // The next segment is prepared once the node thread is done with the WAL's files, so
         // that the two threads never work on them at once (tests then see one order).
         let prepared = self.prepared.load(Ordering::Acquire) == self.wal.next_segment_number();
-        self.wal
-            .rotate_using(&hs, (state.index, state.term), prepared)?;
+        let base = (state.index, state.term);
+        let rotated = self.wal.rotate_using(&hs, base, prepared);
+        reset_if_full(&mut self.wal, rotated, &hs, base, &mut self.errors)?;
         self.wal.write_first_frame()?;
         self.wal.compact(state.index)?;
         self.prepare_segment()?;
@@ -590,6 +593,26 @@ impl Disk {
             self.send(Job::DeleteSegments(fs, dir, doomed))?;
         }
         Ok(())
+    }
+}
+
+/// After a WAL rotation to an installed snapshot's `base` failed for lack of space for a new
+/// segment: resets the log to that base in the newest segment instead
+/// ([`Wal::reset_in_place`]), counting the failure (`wal_rotate`).
+fn reset_if_full(
+    wal: &mut Wal,
+    rotated: Result<(), StorageError>,
+    hard_state: &HardState,
+    base: (Index, Term),
+    errors: &mut Vec<&'static str>,
+) -> Result<(), StorageError> {
+    match rotated {
+        Err(e) if e.is_disk_full() => {
+            errors.push("wal_rotate");
+            log::error!("disk full: {e}; resetting the WAL to the snapshot in its newest segment");
+            wal.reset_in_place(hard_state, base)
+        }
+        other => other,
     }
 }
 

@@ -201,6 +201,49 @@ fn a_full_disk_at_an_installs_last_step_keeps_the_old_store_and_is_retried() {
 }
 
 #[test]
+fn an_install_with_no_room_for_a_new_segment_resets_the_wal_in_place() {
+    let (sim, fs) = sim();
+    let (mut disk, _) = open(&fs, 1_000_000, 0);
+    write(&mut disk, 1, 5, 10);
+    // A rotation of the node thread's own: the segment prepared at open is not the next one.
+    disk.wal.rotate(&hs(5), (5, 1)).unwrap();
+    let leader = Fs::Sim(SimFs::new(3));
+    let (mut store, _) = Store::open_in(&leader, Path::new("/leader")).unwrap();
+    let records: Vec<_> = (1..=30).map(|i| record_of(&entry(i, 10), false)).collect();
+    store.append(&records).unwrap();
+    let id = store.write_snapshot(&state(30)).unwrap();
+    let (data, crc) = store::encode_chunk(&store.read_chunk(&id, 0, id.total_len()).unwrap());
+    let w = ChunkWrite {
+        from: 2,
+        snapshot: id,
+        offset: 0,
+        data,
+        crc,
+    };
+    // Room for the staged snapshot and store.current, none for a new segment.
+    sim.set_faults(Faults {
+        capacity: Some(sim.used() + 2 * id.total_len() + 4096),
+        ..Faults::default()
+    });
+    match disk.stage(&w, hs(5)).unwrap() {
+        Staged::Installed { state, .. } => assert_eq!(state.index, 30),
+        Staged::Partial { have } => panic!("not installed: {have} bytes staged"),
+    }
+    assert_eq!(disk.take_errors(), vec!["wal_rotate"]);
+    assert_eq!(disk.wal.base(), (30, 1));
+    // It goes on from there, and a power cut keeps it.
+    sim.set_faults(Faults::default());
+    write(&mut disk, 31, 32, 10);
+    sim.power_cut();
+    drop(disk);
+    let (_, restored) = open(&fs, 1_000_000, 0);
+    assert_eq!(restored.snapshot.map(|(s, _)| s.index), Some(30));
+    assert_eq!(restored.base, (30, 1));
+    let indices: Vec<Index> = restored.entries.iter().map(|e| e.index).collect();
+    assert_eq!(indices, vec![31, 32]);
+}
+
+#[test]
 fn a_full_disk_refuses_a_batch_which_goes_through_once_there_is_space() {
     let (sim, fs) = sim();
     let (mut disk, _) = open(&fs, 1_000_000, 0);

@@ -369,13 +369,14 @@ impl Wal {
         if hard_state.is_none() && entries.is_empty() {
             return Ok(());
         }
-        self.write_batch(hard_state, entries)
+        self.write_batch(None, hard_state, entries)
     }
 
-    /// [`Wal::persist`]'s frame: the pending first frame's records (if any), `hard_state`
-    /// and `entries`, written and synced.
+    /// [`Wal::persist`]'s frame: the pending first frame's records (if any), a base record
+    /// (if `base`), `hard_state` and `entries`, written and synced.
     fn write_batch(
         &mut self,
+        base: Option<(Index, Term)>,
         hard_state: Option<&HardState>,
         entries: &[Entry],
     ) -> Result<(), StorageError> {
@@ -387,6 +388,9 @@ impl Wal {
         buf.extend_from_slice(&[0; FRAME_HEADER_LEN as usize]);
         if let Some(first) = &self.pending_first {
             buf.extend_from_slice(first);
+        }
+        if let Some(base) = base {
+            encode_base(&mut buf, base);
         }
         if let Some(hs) = hard_state {
             encode_hard_state(&mut buf, hs);
@@ -530,7 +534,37 @@ impl Wal {
         if self.pending_first.is_none() {
             return Ok(());
         }
-        self.write_batch(None, &[])
+        self.write_batch(None, None, &[])
+    }
+
+    /// What [`Wal::rotate`] does to the log, without a new segment: the base record `base`
+    /// and `hard_state` written as one frame of the newest segment (replay applies a base
+    /// record wherever it is). For when no segment can be made (a full disk): the frame
+    /// usually fits in the segment's preallocated zeros. The older segments stay until a
+    /// later rotation lets [`Wal::compact`] delete them.
+    pub fn reset_in_place(
+        &mut self,
+        hard_state: &HardState,
+        base: (Index, Term),
+    ) -> Result<(), StorageError> {
+        self.check_not_failed()?;
+        if base.0 < self.base.0 {
+            let refusal = Refusal::RotateBelowBase {
+                index: base.0,
+                base: self.base.0,
+            };
+            return Err(StorageError::refused(&self.wal_path, refusal));
+        }
+        self.write_batch(Some(base), Some(hard_state), &[])?;
+        note_cut(&mut self.segments, base.0);
+        if self.holds(base) {
+            self.truncate_terms(base.0);
+        } else {
+            self.terms.clear();
+            self.base = base;
+        }
+        self.last_index = base.0;
+        Ok(())
     }
 
     /// The number the next segment takes: one more than the newest's.
