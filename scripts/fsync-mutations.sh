@@ -34,9 +34,12 @@ build() {
 }
 trap restore EXIT
 
+# Each run's output (seeds included) is kept here, one file per site.
+logs=target/fsync-mutations
+mkdir -p "$logs"
 build || { echo "the unmutated code does not build" >&2; exit 1; }
-if ! POWER_LOSS_SEEDS=${POWER_LOSS_SEEDS:-6} target/release/power_loss-mutant >/dev/null 2>&1; then
-    echo "power_loss fails without a mutation" >&2
+if ! POWER_LOSS_SEEDS=${POWER_LOSS_SEEDS:-6} target/release/power_loss-mutant >"$logs/unmutated.log" 2>&1; then
+    echo "power_loss fails without a mutation (see $logs/unmutated.log)" >&2
     exit 1
 fi
 
@@ -95,7 +98,8 @@ EOF
     if ! build; then
         echo "BUILD FAILED $site: $text"
         missed=1
-    elif POWER_LOSS_SEEDS=${POWER_LOSS_SEEDS:-6} target/release/power_loss-mutant >/dev/null 2>&1; then
+    elif POWER_LOSS_SEEDS=${POWER_LOSS_SEEDS:-6} target/release/power_loss-mutant \
+        >"$logs/${file##*/}-$line.log" 2>&1; then
         echo "MISSED $site: $text"
         missed=1
     else
