@@ -9,8 +9,9 @@
 //! A power cut also comes in the middle of an operation now and then: the run goes on from
 //! one of that operation's crash images (with the model it matched), so recovery from torn
 //! writes, half-made segments and half-done installs is itself followed by more operations
-//! and more power cuts. Two smaller tests drive a WAL alone (as a caller of `Wal::open`
-//! without the store does) and an install larger than the staging area's sync interval.
+//! and more power cuts. Three smaller tests drive a WAL alone (as a caller of `Wal::open`
+//! without the store does), a new data directory up to its first snapshot with an image before
+//! every change, and an install larger than the staging area's sync interval.
 //!
 //! `POWER_LOSS_SEED=<n>` reruns one seed; `POWER_LOSS_SEEDS=<k>` runs k seeds from a random
 //! start; `POWER_LOSS_OPS=<n>` sets the operations per seed.
