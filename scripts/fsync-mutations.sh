@@ -24,15 +24,22 @@ fi
 
 restore() { git checkout -q -- src/storage; }
 build() {
-    cargo build --release --lib -q 2>/dev/null &&
-        rustc --edition 2021 --test -O -g tests/power_loss.rs -o target/release/power_loss-mutant \
-            --extern raft=target/release/libraft.rlib -L dependency=target/release/deps 2>/dev/null
+    cargo build --release --lib -q 2>/dev/null || return 1
+    # The test's own dependencies besides the library (env_logger, for RUST_LOG).
+    local logger
+    logger=$(ls -t target/release/deps/libenv_logger-*.rlib | head -1)
+    rustc --edition 2021 --test -O -g tests/power_loss.rs -o target/release/power_loss-mutant \
+        --extern raft=target/release/libraft.rlib --extern env_logger="$logger" \
+        -L dependency=target/release/deps 2>/dev/null
 }
 trap restore EXIT
 
+# Each run's output (seeds included) is kept here, one file per site.
+logs=target/fsync-mutations
+mkdir -p "$logs"
 build || { echo "the unmutated code does not build" >&2; exit 1; }
-if ! POWER_LOSS_SEEDS=${POWER_LOSS_SEEDS:-6} target/release/power_loss-mutant >/dev/null 2>&1; then
-    echo "power_loss fails without a mutation" >&2
+if ! POWER_LOSS_SEEDS=${POWER_LOSS_SEEDS:-6} target/release/power_loss-mutant >"$logs/unmutated.log" 2>&1; then
+    echo "power_loss fails without a mutation (see $logs/unmutated.log)" >&2
     exit 1
 fi
 
@@ -91,7 +98,8 @@ EOF
     if ! build; then
         echo "BUILD FAILED $site: $text"
         missed=1
-    elif POWER_LOSS_SEEDS=${POWER_LOSS_SEEDS:-6} target/release/power_loss-mutant >/dev/null 2>&1; then
+    elif POWER_LOSS_SEEDS=${POWER_LOSS_SEEDS:-6} target/release/power_loss-mutant \
+        >"$logs/${file##*/}-$line.log" 2>&1; then
         echo "MISSED $site: $text"
         missed=1
     else

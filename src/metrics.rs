@@ -244,7 +244,8 @@ impl Metrics {
         }
     }
 
-    /// A storage operation failed (`op`: `wal_write`, `store_write`, `snapshot`, `wal_rotate`).
+    /// A storage operation failed (`op`: `wal_write`, `store_write`, `snapshot`, `wal_rotate`,
+    /// `snapshot_install`).
     pub fn storage_error(&self, op: &str) {
         let op = op.to_string();
         self.storage_errors.get_or_create(&OpLabel { op }).inc();

@@ -265,6 +265,18 @@ pub(crate) fn tmp_name(name: &str) -> String {
 /// Writes `dir/name` so that a crash leaves either the old file or the whole new one, never an
 /// empty or partial one: temp file, fsync, rename, fsync of the directory.
 pub fn write_atomically(fs: &Fs, dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StorageError> {
+    replace_file(fs, dir, name, bytes)?;
+    sync_dir(fs, dir)
+}
+
+/// [`write_atomically`] but for the directory fsync, which the caller does: an error here
+/// (a full disk, say) leaves `dir/name` as it was.
+pub(crate) fn replace_file(
+    fs: &Fs,
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+) -> Result<(), StorageError> {
     let path = dir.join(name);
     let tmp = dir.join(tmp_name(name));
     let write = || -> io::Result<()> {
@@ -279,8 +291,7 @@ pub fn write_atomically(fs: &Fs, dir: &Path, name: &str, bytes: &[u8]) -> Result
         f.sync_all()?;
         fs.rename(&tmp, &path)
     };
-    write().map_err(StorageError::io("write", &path))?;
-    sync_dir(fs, dir)
+    write().map_err(StorageError::io("write", &path))
 }
 
 /// Makes the directory's entries (newly created, renamed or deleted files) durable.

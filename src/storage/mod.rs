@@ -72,7 +72,7 @@ pub enum Staged {
 enum Job {
     /// Make a snapshot durable (fsyncs of the store and its meta file); answered on `done`.
     Snapshot(Box<SnapshotJob>),
-    /// Delete compacted WAL segments and sync the directory.
+    /// Delete compacted WAL segments in this directory.
     DeleteSegments(Fs, PathBuf, Vec<PathBuf>),
     /// Prepare WAL segment `number` in this directory, then publish its number.
     PrepareSegment(Fs, PathBuf, u64, Arc<AtomicU64>),
@@ -113,7 +113,8 @@ pub struct Disk {
     /// When the full disk was last reported (the error line is rate-limited).
     reported: Option<Instant>,
     /// Storage errors since the shell last took them, by what failed (`wal_write`,
-    /// `store_write`, `snapshot`, `wal_rotate`), for `raft_storage_errors_total`.
+    /// `store_write`, `snapshot`, `wal_rotate`, `snapshot_install`), for
+    /// `raft_storage_errors_total`.
     errors: Vec<&'static str>,
 }
 
@@ -160,7 +161,9 @@ impl Disk {
                         state.term
                     );
                     hard_state.commit = hard_state.commit.max(state.index);
-                    wal.rotate(&hard_state, (state.index, state.term))?;
+                    let snap = (state.index, state.term);
+                    let rotated = wal.rotate(&hard_state, snap);
+                    reset_if_full(&mut wal, rotated, &hard_state, snap, &mut Vec::new())?;
                     wal.compact(state.index)?;
                     base = (state.index, state.term);
                     entries.clear();
@@ -397,12 +400,18 @@ impl Disk {
             Ok(Received::Partial { have }) => return Ok(Staged::Partial { have }),
             Ok(Received::Installed { meta }) => meta,
             Err(e) => {
-                log::warn!(
-                    "dropping chunk at {} of snapshot {} from {}: {e}",
-                    w.offset,
-                    id.index,
-                    w.from
-                );
+                if e.is_disk_full() {
+                    // Retried when the leader sends the chunk again (see `Store::install`).
+                    self.errors.push("snapshot_install");
+                    self.report_full(&e);
+                } else {
+                    log::warn!(
+                        "dropping chunk at {} of snapshot {} from {}: {e}",
+                        w.offset,
+                        id.index,
+                        w.from
+                    );
+                }
                 let have = self.store.staged(&id);
                 return Ok(Staged::Partial { have });
             }
@@ -417,16 +426,22 @@ impl Disk {
             commit: hard_state.commit.max(state.index),
             ..hard_state
         };
-        self.rotate_wal(&hs, (state.index, state.term))?;
+        // The next segment is prepared once the node thread is done with the WAL's files, so
+        // that the two threads never work on them at once (tests then see one order).
+        let prepared = self.prepared.load(Ordering::Acquire) == self.wal.next_segment_number();
+        let base = (state.index, state.term);
+        let rotated = self.wal.rotate_using(&hs, base, prepared);
+        reset_if_full(&mut self.wal, rotated, &hs, base, &mut self.errors)?;
         self.wal.write_first_frame()?;
         self.wal.compact(state.index)?;
+        self.prepare_segment()?;
         self.snapshot_index = state.index;
         Ok(Staged::Installed { state, id })
     }
 
     /// Starts a new WAL segment with base `base`, the one the snapshot thread prepared if it
     /// is ready, and has it prepare the next.
-    fn rotate_wal(
+    pub fn rotate_wal(
         &mut self,
         hard_state: &HardState,
         base: (Index, Term),
@@ -578,6 +593,26 @@ impl Disk {
             self.send(Job::DeleteSegments(fs, dir, doomed))?;
         }
         Ok(())
+    }
+}
+
+/// After a WAL rotation to an installed snapshot's `base` failed for lack of space for a new
+/// segment: resets the log to that base in the newest segment instead
+/// ([`Wal::reset_in_place`]), counting the failure (`wal_rotate`).
+fn reset_if_full(
+    wal: &mut Wal,
+    rotated: Result<(), StorageError>,
+    hard_state: &HardState,
+    base: (Index, Term),
+    errors: &mut Vec<&'static str>,
+) -> Result<(), StorageError> {
+    match rotated {
+        Err(e) if e.is_disk_full() => {
+            errors.push("wal_rotate");
+            log::error!("disk full: {e}; resetting the WAL to the snapshot in its newest segment");
+            wal.reset_in_place(hard_state, base)
+        }
+        other => other,
     }
 }
 

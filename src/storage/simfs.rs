@@ -9,7 +9,8 @@
 //!   of order). An fsync (`sync_data` and `sync_all` alike) makes all of them durable.
 //! - A name created, renamed, linked or deleted in a directory since that directory's last
 //!   fsync may revert: the directory keeps an arbitrary prefix of those changes (a journal
-//!   commits them in order; a rename within one directory is one change).
+//!   commits them in order) or, as often, an arbitrary subset of them (POSIX promises no
+//!   order; a rename within one directory is one change either way).
 //! - A power cut closes every handle: later calls on them fail, and locks are released.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -415,7 +416,7 @@ impl State {
 
     /// What a power cut now could leave: the durable state, plus for each file a prefix of
     /// its unsynced writes (one of them maybe missing, the last one torn), and for each
-    /// directory a prefix of its unsynced changes.
+    /// directory a prefix or a subset of its unsynced changes.
     fn crash_image(&mut self) -> State {
         let mut rng = self.rng.clone();
         let mut inos: Vec<u64> = self.inodes.keys().copied().collect();
@@ -424,10 +425,20 @@ impl State {
         for ino in inos {
             let image = match &self.inodes[&ino] {
                 Inode::Dir(d) => {
-                    let keep = rng.below(d.pending.len() as u64 + 1) as usize;
+                    // Half the time a prefix, as a journal commits in order; otherwise any
+                    // subset, as a filesystem that reorders directory updates may leave.
+                    let n = d.pending.len() as u64;
+                    let (prefix, subset) = (rng.below(n + 1), rng.below(2) == 0);
                     let mut entries = d.durable.clone();
-                    for ops in &d.pending[..keep] {
-                        apply_dir_ops(&mut entries, ops);
+                    for (i, ops) in d.pending.iter().enumerate() {
+                        let kept = if subset {
+                            rng.below(2) == 0
+                        } else {
+                            (i as u64) < prefix
+                        };
+                        if kept {
+                            apply_dir_ops(&mut entries, ops);
+                        }
                     }
                     Inode::Dir(DirNode {
                         durable: entries.clone(),
@@ -527,6 +538,11 @@ impl SimFs {
         self.lock().counts
     }
 
+    /// Bytes in the files that have a name (what a capacity is measured against).
+    pub fn used(&self) -> u64 {
+        self.lock().used_bytes()
+    }
+
     pub fn faults(&self) -> Faults {
         self.lock().faults
     }
@@ -567,6 +583,40 @@ impl SimFs {
 
     pub fn journal(&self) -> Vec<String> {
         self.lock().journal.clone().unwrap_or_default()
+    }
+
+    /// A separate copy of this filesystem as it is now (durable and written alike), with no
+    /// handle open and nothing captured: to go on from a crash image while keeping it.
+    pub fn fork(&self) -> SimFs {
+        let s = self.lock();
+        SimFs(Arc::new(Mutex::new(State {
+            inodes: s.inodes.clone(),
+            next_ino: s.next_ino,
+            generation: s.generation + 1,
+            locked: HashSet::new(),
+            faults: s.faults,
+            counts: s.counts,
+            capture: None,
+            rng: s.rng.clone(),
+            journal: None,
+        })))
+    }
+
+    /// Bytes written to the file at `path` since its last fsync (zeros included).
+    pub fn unsynced_bytes(&self, path: &Path) -> io::Result<u64> {
+        let mut s = self.lock();
+        let ino = s.lookup_existing(path)?;
+        let f = s
+            .file_mut(ino)
+            .ok_or_else(|| err(io::ErrorKind::IsADirectory, "is a directory", path))?;
+        Ok(f.pending
+            .iter()
+            .map(|op| match op {
+                FileOp::Write { bytes, .. } => bytes.len() as u64,
+                FileOp::Zeros { len, .. } => *len,
+                FileOp::SetLen(_) => 0,
+            })
+            .sum())
     }
 
     pub fn take_images(&self) -> Vec<SimFs> {

@@ -22,8 +22,8 @@
 
 use super::error::{At, Lost, Refusal, StorageError};
 use super::fs::{
-    exists, open_rw, remove_if_exists, sync_dir, tmp_name, write_atomically, write_error, Fs,
-    FsFile, Open,
+    exists, open_rw, remove_if_exists, replace_file, sync_dir, tmp_name, write_atomically,
+    write_error, Fs, FsFile, Open,
 };
 use crate::raft::{Index, LogRecord, SnapshotId, SnapshotMeta, SnapshotState, Term};
 use base64::engine::general_purpose::STANDARD;
@@ -54,7 +54,7 @@ const READ_BUFFER: usize = 64 << 10;
 /// be damage (and a parser must not buffer without bound while looking for its end).
 const MAX_LINE: usize = 16 << 20;
 /// A receiver fdatasyncs staged records every this many bytes, so the final sync is short.
-const SYNC_EVERY: u64 = 16 << 20;
+pub const SYNC_EVERY: u64 = 16 << 20;
 
 /// The applied records of one peer, their sparse index and latest snapshot, and the staging
 /// area for a snapshot being received.
@@ -286,12 +286,9 @@ impl Store {
             };
             return Err(StorageError::refused(&install, refusal));
         }
-        let result = self.receive(&install, id, offset, data);
-        if result.is_err() {
-            // The staged files are in an unknown state: the next chunk starts over.
-            self.staging = None;
-        }
-        result
+        // On an error the staged files are in an unknown state and the staging area is
+        // dropped (the next chunk starts over), except for an install a full disk held back.
+        self.receive(&install, id, offset, data)
     }
 
     fn receive(
@@ -330,7 +327,10 @@ impl Store {
             return Ok(Received::Partial { have });
         }
         let verdict = match staging.take(data) {
-            Err(Fault::Io(e)) => return Err(e),
+            Err(Fault::Io(e)) => {
+                self.staging = None;
+                return Err(e);
+            }
             Err(Fault::Bad(reason)) => Err(reason),
             Ok(()) if staging.meta.len() as u64 == id.meta_len => staging.check_meta().map(Some),
             Ok(()) => Ok(None),
@@ -347,7 +347,10 @@ impl Store {
                     id.index,
                     id.term
                 );
-                staging.reset()?;
+                if let Err(e) = staging.reset() {
+                    self.staging = None;
+                    return Err(e);
+                }
                 Ok(Received::Partial { have: 0 })
             }
         }
@@ -355,8 +358,14 @@ impl Store {
 
     /// Makes the complete, verified staging area the current store: durable first, then
     /// renamed to `store.<n+1>`, then named by `store.current`; the old store is deleted.
+    ///
+    /// A full disk before `store.current` names the new store leaves the old one current and
+    /// intact: the staged snapshot goes back to `install/` and is kept (its meta part to be
+    /// sent again, which retries the install), and the error says the disk is full. Once
+    /// `store.current` may name the new store, any failure stops the store for good (which
+    /// store a restart finds current is unknown).
     fn install(&mut self, meta: SnapshotMeta) -> Result<SnapshotMeta, StorageError> {
-        let Some(staging) = self.staging.take() else {
+        let Some(mut staging) = self.staging.take() else {
             return Err(StorageError::refused(
                 &self.data_dir,
                 Refusal::NothingStaged,
@@ -364,7 +373,6 @@ impl Store {
         };
         staging.finish()?;
         let install = staging.dir.clone();
-        drop(staging);
 
         let next = self.cur.number + 1;
         let dir = self.data_dir.join(format!("{STORE_PREFIX}{next}"));
@@ -373,18 +381,38 @@ impl Store {
             fs.remove_dir_all(&dir)
                 .map_err(StorageError::io("remove", &dir))?;
         }
-        fs.rename(&install, &dir)
-            .map_err(StorageError::io_at(&install, At::RenameTo(dir.clone())))?;
-        let switched = sync_dir(fs, &self.data_dir)
-            .and_then(|()| {
-                write_atomically(
-                    fs,
-                    &self.data_dir,
-                    CURRENT_FILE,
-                    format!("{STORE_PREFIX}{next}\n").as_bytes(),
-                )
-            })
-            .and_then(|()| Current::open(fs, &self.data_dir, next));
+        if let Err(e) = fs.rename(&install, &dir) {
+            let e = StorageError::io_at(&install, At::RenameTo(dir.clone()))(e);
+            if e.is_disk_full() {
+                staging.meta.clear();
+                self.staging = Some(staging);
+            }
+            return Err(e);
+        }
+        if let Err(e) = sync_dir(fs, &self.data_dir) {
+            self.cur.failed = Some(e.to_string());
+            return Err(e);
+        }
+        let current = format!("{STORE_PREFIX}{next}\n");
+        match replace_file(fs, &self.data_dir, CURRENT_FILE, current.as_bytes()) {
+            Ok(()) => {}
+            Err(e) if e.is_disk_full() => {
+                // `store.current` still names the old store. Should the way back fail, the
+                // new store is a leftover that the next open or install removes.
+                if fs.rename(&dir, &install).is_ok() {
+                    staging.meta.clear();
+                    self.staging = Some(staging);
+                }
+                return Err(e);
+            }
+            Err(e) => {
+                self.cur.failed = Some(e.to_string());
+                return Err(e);
+            }
+        }
+        drop(staging);
+        let switched =
+            sync_dir(fs, &self.data_dir).and_then(|()| Current::open(fs, &self.data_dir, next));
         let cur = match switched {
             Ok(cur) => cur,
             Err(e) => {
@@ -790,11 +818,16 @@ impl Current {
         };
 
         let records_path = dir.join(RECORDS_FILE);
+        let index_path = dir.join(INDEX_FILE);
+        let created = !exists(fs, &records_path)? || !exists(fs, &index_path)?;
         let mut records = open_rw(fs, &records_path)?;
         cut(&records_path, &mut records, records_len, "records")?;
-
-        let index_path = dir.join(INDEX_FILE);
         let mut index = open_rw(fs, &index_path)?;
+        if created {
+            // Their names durable before a snapshot's `snapshot.json` can be: a filesystem
+            // that reorders directory updates could otherwise keep it and lose them.
+            sync_dir(fs, &dir)?;
+        }
         let count = last_index.div_ceil(INDEX_EVERY);
         cut(&index_path, &mut index, count * 8, "index")?;
         let sparse = read_sparse(&index_path, &mut index, records_len)?;

@@ -87,7 +87,7 @@
 //! out of sequence or does not decode.
 
 use super::error::{At, NotTorn, RecordProblem, Refusal, StorageError, WalProblem};
-use super::fs::{exists, sync_dir, write_atomically, Fs, FsFile, Open};
+use super::fs::{sync_dir, write_atomically, Fs, FsFile, Open};
 use super::simfs::all_zeros;
 use crate::raft::{Entry, HardState, Index, NodeId, Payload, Term};
 use std::fs::TryLockError;
@@ -371,13 +371,14 @@ impl Wal {
         if hard_state.is_none() && entries.is_empty() {
             return Ok(());
         }
-        self.write_batch(hard_state, entries)
+        self.write_batch(None, hard_state, entries)
     }
 
-    /// [`Wal::persist`]'s frame: the pending first frame's records (if any), `hard_state`
-    /// and `entries`, written and synced.
+    /// [`Wal::persist`]'s frame: the pending first frame's records (if any), a base record
+    /// (if `base`), `hard_state` and `entries`, written and synced.
     fn write_batch(
         &mut self,
+        base: Option<(Index, Term)>,
         hard_state: Option<&HardState>,
         entries: &[Entry],
     ) -> Result<(), StorageError> {
@@ -389,6 +390,9 @@ impl Wal {
         buf.extend_from_slice(&[0; FRAME_HEADER_LEN as usize]);
         if let Some(first) = &self.pending_first {
             buf.extend_from_slice(first);
+        }
+        if let Some(base) = base {
+            encode_base(&mut buf, base);
         }
         if let Some(hs) = hard_state {
             encode_hard_state(&mut buf, hs);
@@ -532,7 +536,37 @@ impl Wal {
         if self.pending_first.is_none() {
             return Ok(());
         }
-        self.write_batch(None, &[])
+        self.write_batch(None, None, &[])
+    }
+
+    /// What [`Wal::rotate`] does to the log, without a new segment: the base record `base`
+    /// and `hard_state` written as one frame of the newest segment (replay applies a base
+    /// record wherever it is). For when no segment can be made (a full disk): the frame
+    /// usually fits in the segment's preallocated zeros. The older segments stay until a
+    /// later rotation lets [`Wal::compact`] delete them.
+    pub fn reset_in_place(
+        &mut self,
+        hard_state: &HardState,
+        base: (Index, Term),
+    ) -> Result<(), StorageError> {
+        self.check_not_failed()?;
+        if base.0 < self.base.0 {
+            let refusal = Refusal::RotateBelowBase {
+                index: base.0,
+                base: self.base.0,
+            };
+            return Err(StorageError::refused(&self.wal_path, refusal));
+        }
+        self.write_batch(Some(base), Some(hard_state), &[])?;
+        note_cut(&mut self.segments, base.0);
+        if self.holds(base) {
+            self.truncate_terms(base.0);
+        } else {
+            self.terms.clear();
+            self.base = base;
+        }
+        self.last_index = base.0;
+        Ok(())
     }
 
     /// The number the next segment takes: one more than the newest's.
@@ -540,8 +574,8 @@ impl Wal {
         self.segments.last().map_or(0, |s| s.number) + 1
     }
 
-    /// Deletes the oldest segments, those whose entries are all at or below `through`, then
-    /// syncs the directory; returns how many it deleted. The newest segment is never deleted.
+    /// Deletes the oldest segments, those whose entries are all at or below `through`;
+    /// returns how many it deleted. The newest segment is never deleted.
     ///
     /// The segments before segment `k` go when `k`'s base record has an index at most `through`
     /// (the log then held nothing above that index from older segments) and the log was never
@@ -776,16 +810,17 @@ fn drop_never_written(fs: &Fs, dir: &Path, numbers: &mut Vec<u64>) -> Result<(),
         fs.remove_file(path)
             .map_err(StorageError::io("delete", path))?;
     }
-    if !doomed.is_empty() {
-        sync_dir(fs, dir)?;
-    }
+    // No directory sync: a deleted segment that a power cut brings back holds nothing synced
+    // and is deleted again at the next open, and every later name for its number (a segment
+    // created or prepared) is made durable by a directory sync of its own, which makes this
+    // deletion durable too.
     Ok(())
 }
 
-/// Creates (if needed) and locks the directory's LOCK file.
+/// Creates (if needed) and locks the directory's LOCK file. Its name is not synced: it holds
+/// nothing, and a power cut that takes it away also ends every process that held the lock.
 fn lock_dir(fs: &Fs, dir: &Path) -> Result<FsFile, StorageError> {
     let path = dir.join(LOCK_FILE);
-    let existed = exists(fs, &path)?;
     let file = fs
         .open(&path, Open::RW_CREATE)
         .map_err(StorageError::io("open", &path))?;
@@ -797,9 +832,6 @@ fn lock_dir(fs: &Fs, dir: &Path) -> Result<FsFile, StorageError> {
             })
         }
         Err(TryLockError::Error(e)) => return Err(StorageError::io("lock", &path)(e)),
-    }
-    if !existed {
-        sync_dir(fs, dir)?;
     }
     Ok(file)
 }
@@ -836,20 +868,27 @@ fn check_node_id(fs: &Fs, dir: &Path, node_id: NodeId, has_wal: bool) -> Result<
     }
 }
 
-/// Deletes WAL segment files (newest first, as [`Wal::compact_later`] lists them, so that
-/// a crash midway leaves a prefix of the old segments, which replays to the same log) and
-/// syncs the directory; a file already gone is fine. Returns how many it deleted.
+/// Deletes WAL segment files, newest first (as [`Wal::compact_later`] lists them), each
+/// deletion made durable (a directory sync) before the next, so that a power cut leaves a
+/// prefix of the old segments before the one that made them redundant, which replays to the
+/// same log above its base; a file already gone is fine. Returns how many it deleted.
+///
+/// Without that order, a filesystem that reorders directory updates could bring back an old
+/// segment but not the next: replay would then start at that next one, whose own base record
+/// may be followed by a conflict truncation below it, and refuse the WAL. The last deletion
+/// needs no sync: what a power cut brings back is still such a prefix, deleted again at the
+/// next compaction.
 pub fn delete_segments(fs: &Fs, dir: &Path, doomed: &[PathBuf]) -> Result<usize, StorageError> {
     let mut deleted = 0;
-    for path in doomed {
+    for (i, path) in doomed.iter().enumerate() {
+        if i > 0 {
+            sync_dir(fs, dir)?;
+        }
         match fs.remove_file(path) {
             Ok(()) => deleted += 1,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(StorageError::io("delete", path)(e)),
         }
-    }
-    if deleted > 0 {
-        sync_dir(fs, dir)?;
     }
     Ok(deleted)
 }
