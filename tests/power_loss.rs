@@ -885,6 +885,7 @@ fn a_large_install_is_synced_as_it_arrives() {
         config_at: (0, 0),
         removed: Vec::new(),
         sessions: Vec::new(),
+        users: Vec::new(),
     };
     let id = leader.write_snapshot(&state).unwrap();
     assert!(id.records_len > SYNC_EVERY, "{id:?}");
@@ -980,6 +981,7 @@ fn a_new_data_directory_survives_a_power_cut_at_every_step() {
             config_at: (0, 0),
             removed: Vec::new(),
             sessions: Vec::new(),
+            users: Vec::new(),
         };
         disk.start_snapshot(&state).unwrap();
         disk.settle().unwrap();
