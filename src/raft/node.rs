@@ -17,6 +17,7 @@ use super::types::*;
 use log::{debug, info, warn};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
+mod reads;
 mod reconfig;
 #[cfg(test)]
 mod snapshot_tests;
@@ -24,6 +25,7 @@ mod started_over;
 mod users;
 use super::ready::{ChunkRead, ChunkWrite, HardState, Ready, StoreRead};
 use super::state_machine::record_of;
+use reads::ReadOf;
 pub use reconfig::PROMOTE_MAX_LAG;
 pub use started_over::vote_floor_from;
 
@@ -58,7 +60,7 @@ struct PendingRead {
     seq: u64,
     /// The commit index when the read arrived; the answer covers the log up to here.
     read_index: Index,
-    start: Index,
+    what: ReadOf,
     waiter: Waiter,
 }
 
@@ -89,7 +91,7 @@ pub struct Node {
     read_seq: u64,
     pending_reads: VecDeque<PendingRead>,
     /// Reads that arrived before this leader committed an entry of its own term.
-    reads_before_own_commit: Vec<(Index, Waiter)>,
+    reads_before_own_commit: Vec<(ReadOf, Waiter)>,
     /// Ready bookkeeping.
     persisted_hard_state: HardState,
     handed_hard_state: Option<HardState>,
@@ -1671,30 +1673,35 @@ impl Node {
             }
             return self.reply(waiter, self.not_leader());
         }
+        self.read(waiter, ReadOf::Log { start })
+    }
+
+    /// Answers `what` as of the commit index once a majority confirms we still lead.
+    fn read(&mut self, waiter: Waiter, what: ReadOf) {
         if self.log.term_at(self.log.commit) != Some(self.term) {
             // Until an entry of our term commits, our commit index may be behind the
             // previous leader's.
-            self.reads_before_own_commit.push((start, waiter));
+            self.reads_before_own_commit.push((what, waiter));
             return;
         }
         let me = self.cfg.id;
         if self.membership().voter_ids().all(|id| id == me) && self.is_voter() {
             let commit = self.log.commit;
-            return self.serve_read(waiter, start, commit);
+            return self.answer_read(waiter, what, commit);
         }
         self.read_seq += 1;
         self.pending_reads.push_back(PendingRead {
             seq: self.read_seq,
             read_index: self.log.commit,
-            start,
+            what,
             waiter,
         });
         self.heartbeat_now = true;
     }
 
     fn serve_reads_waiting_for_own_commit(&mut self) {
-        for (start, waiter) in std::mem::take(&mut self.reads_before_own_commit) {
-            self.query(waiter, start, None);
+        for (what, waiter) in std::mem::take(&mut self.reads_before_own_commit) {
+            self.read(waiter, what);
         }
     }
 
@@ -1714,7 +1721,7 @@ impl Node {
             .is_some_and(|r| r.seq <= confirmed)
         {
             let r = self.pending_reads.pop_front().expect("checked");
-            self.serve_read(r.waiter, r.start, r.read_index);
+            self.answer_read(r.waiter, r.what, r.read_index);
         }
     }
 

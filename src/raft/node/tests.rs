@@ -800,3 +800,42 @@ fn a_node_below_its_vote_floor_never_stands() {
     }
     assert_eq!(n.role(), Role::PreCandidate);
 }
+
+#[test]
+fn user_list_waits_for_a_majority_to_confirm_leadership() {
+    // A leader cut off from its majority may be deposed already, with users added or removed
+    // by its successor: answering from its own table would be a stale read.
+    use crate::raft::users::UserOp;
+    let list = || ClientRequest {
+        id: 6,
+        op: ClientOp::Users(UserOp::List),
+    };
+    let caught_up_leader = || {
+        let mut n = Node::new(cfg(1, &[2, 3]), HardState::default(), vec![]);
+        elect(&mut n);
+        n.step(msg(2, 1, 1, accepted(1)));
+        flush(&mut n);
+        assert_eq!(n.applied_index(), 1, "an entry of its term applied");
+        n
+    };
+    let mut cut_off = caught_up_leader();
+    cut_off.request(client_addr(), list());
+    for _ in 0..100 {
+        for (_, reply) in flush(&mut cut_off).replies {
+            let stale = matches!(reply.result, ClientResult::Users { .. });
+            assert!(!stale, "a cut-off leader listed users");
+        }
+        cut_off.tick();
+    }
+
+    let mut leader = caught_up_leader();
+    leader.request(client_addr(), list());
+    assert!(flush(&mut leader).replies.is_empty(), "listed unconfirmed");
+    let echo = Body::AppendEntriesResponse {
+        read_seq: leader.read_seq,
+        result: AppendResult::Accepted { match_index: 1 },
+    };
+    leader.step(msg(2, 1, 1, echo));
+    let replies = flush(&mut leader).replies;
+    assert!(matches!(replies[0].1.result, ClientResult::Users { .. }));
+}

@@ -1,5 +1,5 @@
 //! User requests on the leader ([`crate::raft::users`]): an add or remove is an entry,
-//! answered once it applies; a list is answered from the applied users.
+//! answered once it applies; a list is a ReadIndex read of the applied users.
 
 use super::*;
 use crate::raft::users::{check_user_name, UserChange, UserOp, MAX_USERS};
@@ -10,18 +10,8 @@ impl Node {
         let refuse = |reason: String| ClientResult::Refused { reason };
         let users = self.sm.users();
         let change = match op {
-            UserOp::List => {
-                // As a read: only once this leader has applied an entry of its term, so it
-                // has every change an earlier leader committed.
-                if self.log.term_at(self.log.commit) != Some(self.term)
-                    || self.sm.applied < self.log.commit
-                {
-                    let reason = "the leader is new and has not caught up yet".to_string();
-                    return self.reply(waiter, ClientResult::Busy { reason });
-                }
-                let users = users.list();
-                return self.reply(waiter, ClientResult::Users { users });
-            }
+            // A linearizable read (ReadIndex): a leader deposed a moment ago never answers.
+            UserOp::List => return self.read(waiter, ReadOf::Users),
             UserOp::Add { name, role, nonce } => {
                 if let Err(reason) = check_user_name(&name) {
                     return self.reply(waiter, refuse(reason));
