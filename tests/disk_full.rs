@@ -47,11 +47,11 @@ fn status_of(cluster: &Cluster, id: u64) -> Option<Value> {
         .find(|l| l["id"] == id && l.get("role").is_some())
 }
 
-#[test]
-fn a_follower_whose_disk_fills_stays_up_and_catches_up_once_it_grows() {
-    let _serial = one_at_a_time();
+/// Three peers, peer [`FULL`]'s data directory on a 6 MiB tmpfs (unmounted when the guard
+/// drops); `None` once `missing_tool` has judged a machine that cannot mount one.
+fn cluster_with_a_small_disk(name: &str) -> Option<(Cluster, Unmount, PathBuf)> {
     let mounted: RefCell<Result<PathBuf, String>> = RefCell::new(Err("not mounted".into()));
-    let mut cluster = Cluster::start_configured("disk_full", 3, |path| {
+    let cluster = Cluster::start_configured(name, 3, |path| {
         let config = PeerConfig::load(path).unwrap();
         if config.node_id != FULL {
             return;
@@ -59,14 +59,21 @@ fn a_follower_whose_disk_fills_stays_up_and_catches_up_once_it_grows() {
         std::fs::create_dir_all(&config.data_dir).unwrap();
         *mounted.borrow_mut() = mount(&config.data_dir, "size=6m").map(|()| config.data_dir);
     });
-    let dir = match mounted.into_inner() {
-        Ok(dir) => dir,
+    match mounted.into_inner() {
+        Ok(dir) => Some((cluster, Unmount(dir.clone()), dir)),
         Err(why) => {
-            return missing_tool("root and tmpfs", &format!("cannot mount a tmpfs: {why}"));
+            missing_tool("root and tmpfs", &format!("cannot mount a tmpfs: {why}"));
+            None
         }
-    };
-    let _unmount = Unmount(dir.clone());
+    }
+}
 
+#[test]
+fn a_follower_whose_disk_fills_stays_up_and_catches_up_once_it_grows() {
+    let _serial = one_at_a_time();
+    let Some((mut cluster, _unmount, dir)) = cluster_with_a_small_disk("disk_full") else {
+        return;
+    };
     let leader = cluster.wait_for_one_leader(Duration::from_secs(10));
     if leader == FULL {
         cluster.client_ok(&["transfer-leader", "1"]);
@@ -110,6 +117,79 @@ fn a_follower_whose_disk_fills_stays_up_and_catches_up_once_it_grows() {
     let appends = join_workers(workers);
     let leader_status = status_of(&cluster, 1).unwrap();
     let commit = leader_status["commit_index"].as_u64().unwrap();
+    poll_until(
+        Duration::from_secs(60),
+        "peer 3 catches up",
+        || match status_of(&cluster, FULL) {
+            Some(s) if s["disk_full"] == false && s["applied_index"].as_u64() >= Some(commit) => {
+                Ok(())
+            }
+            other => Err(format!("commit {commit}; peer 3: {other:?}")),
+        },
+    );
+    cluster.check_alive();
+    let records = query_log(&cluster, Duration::from_secs(10));
+    check_log(&records, &appends);
+}
+
+#[test]
+fn a_leader_whose_disk_fills_hands_over_and_catches_up_once_it_grows() {
+    let _serial = one_at_a_time();
+    let Some((mut cluster, _unmount, dir)) = cluster_with_a_small_disk("disk_full_leader") else {
+        return;
+    };
+    cluster.wait_for_one_leader(Duration::from_secs(10));
+    poll_until(Duration::from_secs(20), "peer 3 leads", || {
+        if cluster.wait_for_one_leader(Duration::from_secs(5)) == FULL {
+            return Ok(());
+        }
+        let out = cluster.client(&["transfer-leader", &FULL.to_string()]);
+        Err(String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = spawn_workers(
+        &cluster,
+        "dfl",
+        8,
+        Duration::from_secs(2),
+        20,
+        usize::MAX,
+        &stop,
+    );
+    poll_until(
+        Duration::from_secs(90),
+        "peer 3 reports a full disk and another peer leads",
+        || {
+            // Peer 3 goes on reporting its last status (leader of its term) while it waits for
+            // space: the leader is the one of the highest term.
+            let lines = json_lines(&cluster.client(&["status"]).stdout);
+            let leader = lines
+                .iter()
+                .filter(|l| l["role"] == "leader")
+                .max_by_key(|l| l["term"].as_u64())
+                .and_then(|l| l["id"].as_u64());
+            let full = lines.iter().find(|l| l["id"] == FULL);
+            match full {
+                Some(s) if s["disk_full"] == true && leader.is_some_and(|l| l != FULL) => Ok(()),
+                other => Err(format!("leader {leader:?}; peer 3: {other:?}")),
+            }
+        },
+    );
+    cluster.check_alive();
+    let before = cluster.acked.load(Ordering::Relaxed);
+    cluster.wait_for_acks(before, 500, Duration::from_secs(30));
+    let grown = Command::new("mount")
+        .args(["-o", "remount,size=512m"])
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(grown.success(), "cannot grow the tmpfs");
+    stop.store(true, Ordering::Relaxed);
+    let appends = join_workers(workers);
+    let leader = cluster.wait_for_one_leader(Duration::from_secs(10));
+    let commit = status_of(&cluster, leader).unwrap()["commit_index"]
+        .as_u64()
+        .unwrap();
     poll_until(
         Duration::from_secs(60),
         "peer 3 catches up",
