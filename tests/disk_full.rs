@@ -74,9 +74,10 @@ fn a_follower_whose_disk_fills_stays_up_and_catches_up_once_it_grows() {
     let Some((mut cluster, _unmount, dir)) = cluster_with_a_small_disk("disk_full") else {
         return;
     };
-    let leader = cluster.wait_for_one_leader(Duration::from_secs(10));
+    let mut leader = cluster.wait_for_one_leader(Duration::from_secs(10));
     if leader == FULL {
         cluster.client_ok(&["transfer-leader", "1"]);
+        leader = 1;
     }
     let stop = Arc::new(AtomicBool::new(false));
     let workers = spawn_workers(
@@ -107,20 +108,33 @@ fn a_follower_whose_disk_fills_stays_up_and_catches_up_once_it_grows() {
         "no error line for the full disk"
     );
 
+    grow_and_catch_up(&mut cluster, &dir, leader, &stop, workers);
+}
+
+/// Grows the tmpfs, stops the appends, waits for peer [`FULL`] to leave `disk_full` and
+/// apply what leader `leader` committed, and checks the log against what was acknowledged.
+fn grow_and_catch_up(
+    cluster: &mut Cluster,
+    dir: &Path,
+    leader: u64,
+    stop: &AtomicBool,
+    workers: Vec<std::thread::JoinHandle<Appends>>,
+) {
     let grown = Command::new("mount")
         .args(["-o", "remount,size=512m"])
-        .arg(&dir)
+        .arg(dir)
         .status()
         .unwrap();
     assert!(grown.success(), "cannot grow the tmpfs");
     stop.store(true, Ordering::Relaxed);
     let appends = join_workers(workers);
-    let leader_status = status_of(&cluster, 1).unwrap();
-    let commit = leader_status["commit_index"].as_u64().unwrap();
+    let commit = status_of(cluster, leader).unwrap()["commit_index"]
+        .as_u64()
+        .unwrap();
     poll_until(
         Duration::from_secs(60),
         "peer 3 catches up",
-        || match status_of(&cluster, FULL) {
+        || match status_of(cluster, FULL) {
             Some(s) if s["disk_full"] == false && s["applied_index"].as_u64() >= Some(commit) => {
                 Ok(())
             }
@@ -128,7 +142,7 @@ fn a_follower_whose_disk_fills_stays_up_and_catches_up_once_it_grows() {
         },
     );
     cluster.check_alive();
-    let records = query_log(&cluster, Duration::from_secs(10));
+    let records = query_log(cluster, Duration::from_secs(10));
     check_log(&records, &appends);
 }
 
@@ -160,16 +174,8 @@ fn a_leader_whose_disk_fills_hands_over_and_catches_up_once_it_grows() {
         Duration::from_secs(90),
         "peer 3 reports a full disk and another peer leads",
         || {
-            // Peer 3 goes on reporting its last status (leader of its term) while it waits for
-            // space: the leader is the one of the highest term.
-            let lines = json_lines(&cluster.client(&["status"]).stdout);
-            let leader = lines
-                .iter()
-                .filter(|l| l["role"] == "leader")
-                .max_by_key(|l| l["term"].as_u64())
-                .and_then(|l| l["id"].as_u64());
-            let full = lines.iter().find(|l| l["id"] == FULL);
-            match full {
+            let leader = leader_of_highest_term(&cluster);
+            match status_of(&cluster, FULL) {
                 Some(s) if s["disk_full"] == true && leader.is_some_and(|l| l != FULL) => Ok(()),
                 other => Err(format!("leader {leader:?}; peer 3: {other:?}")),
             }
@@ -178,29 +184,16 @@ fn a_leader_whose_disk_fills_hands_over_and_catches_up_once_it_grows() {
     cluster.check_alive();
     let before = cluster.acked.load(Ordering::Relaxed);
     cluster.wait_for_acks(before, 500, Duration::from_secs(30));
-    let grown = Command::new("mount")
-        .args(["-o", "remount,size=512m"])
-        .arg(&dir)
-        .status()
-        .unwrap();
-    assert!(grown.success(), "cannot grow the tmpfs");
-    stop.store(true, Ordering::Relaxed);
-    let appends = join_workers(workers);
-    let leader = cluster.wait_for_one_leader(Duration::from_secs(10));
-    let commit = status_of(&cluster, leader).unwrap()["commit_index"]
-        .as_u64()
-        .unwrap();
-    poll_until(
-        Duration::from_secs(60),
-        "peer 3 catches up",
-        || match status_of(&cluster, FULL) {
-            Some(s) if s["disk_full"] == false && s["applied_index"].as_u64() >= Some(commit) => {
-                Ok(())
-            }
-            other => Err(format!("commit {commit}; peer 3: {other:?}")),
-        },
-    );
-    cluster.check_alive();
-    let records = query_log(&cluster, Duration::from_secs(10));
-    check_log(&records, &appends);
+    let leader = leader_of_highest_term(&cluster).expect("a leader");
+    grow_and_catch_up(&mut cluster, &dir, leader, &stop, workers);
+}
+
+/// The leader of the highest term in `client status`: peer [`FULL`] goes on reporting its
+/// last status (leader of its term) while it waits for space.
+fn leader_of_highest_term(cluster: &Cluster) -> Option<u64> {
+    json_lines(&cluster.client(&["status"]).stdout)
+        .iter()
+        .filter(|l| l["role"] == "leader")
+        .max_by_key(|l| l["term"].as_u64())
+        .and_then(|l| l["id"].as_u64())
 }

@@ -18,7 +18,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const BENCH: &str = env!("CARGO_BIN_EXE_bench");
@@ -412,41 +412,59 @@ fn a_removed_user_is_refused_within_two_seconds_under_appends() {
     let config = PeerConfig::load(&cluster.configs[&1]).unwrap();
     let credential = Credential::load(&file).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let writer = {
-        let stop = Arc::clone(&stop);
+        let (stop, acked) = (Arc::clone(&stop), Arc::clone(&acked));
         let mut client =
             Client::from_credential(&config, Duration::from_millis(300), &credential, &file)
                 .unwrap();
         std::thread::spawn(move || {
-            let mut acked = Vec::new();
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 if client.append(&format!("s{n}")).is_ok() {
-                    acked.push(Instant::now());
+                    acked.lock().unwrap().push(Instant::now());
                 }
             }
-            acked
         })
     };
     // An activity floor before the removal.
-    std::thread::sleep(Duration::from_millis(500));
+    poll_until(
+        Duration::from_secs(10),
+        "20 appends before the removal",
+        || match acked.lock().unwrap().len() {
+            n if n >= 20 => Ok(()),
+            n => Err(format!("{n} acknowledged")),
+        },
+    );
     let out = client_as(&cluster, None, &["user", "remove", "streamer"]);
     let removed = Instant::now();
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    std::thread::sleep(Duration::from_secs(3));
+    // Watched until well past the 2 s: nothing acknowledged later than that.
+    holds_for(
+        Duration::from_secs(3),
+        "no append acknowledged more than 2 s after the removal",
+        || {
+            let late: Vec<_> = acked
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|&&t| t > removed + Duration::from_secs(2))
+                .map(|t| t.duration_since(removed))
+                .collect();
+            match late.is_empty() {
+                true => Ok(()),
+                false => Err(format!("acknowledged after the removal: {late:?}")),
+            }
+        },
+    );
     stop.store(true, Ordering::Relaxed);
-    let acked = writer.join().unwrap();
-    let before = acked.iter().filter(|&&t| t < removed).count();
-    assert!(before >= 20, "only {before} appends before the removal");
-    let late: Vec<_> = acked
-        .iter()
-        .filter(|&&t| t > removed + Duration::from_secs(2))
-        .map(|t| t.duration_since(removed))
-        .collect();
+    writer.join().unwrap();
+    let last = acked.lock().unwrap().last().copied();
     assert!(
-        late.is_empty(),
-        "appends acknowledged after the removal: {late:?}"
+        last.is_none_or(|t| t <= removed + Duration::from_secs(2)),
+        "an append acknowledged {:?} after the removal",
+        last.map(|t| t.duration_since(removed))
     );
     let out = client_as(
         &cluster,
