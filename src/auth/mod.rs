@@ -189,6 +189,41 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The text of a small file that only its owner may read or write (mode 0600 or stricter): a
+/// regular file of at most 64 KiB. `made_by` says where a missing one comes from. Errors say
+/// what is wrong, for the caller to prefix with the file's role and path.
+pub fn read_private_file(path: &Path, made_by: &str) -> Result<String, String> {
+    let mut file = std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("does not exist ({made_by})"),
+        std::io::ErrorKind::PermissionDenied => "cannot be read: permission denied".into(),
+        _ => format!("cannot be read: {e}"),
+    })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    if !meta.is_file() {
+        return Err("is not a regular file".into());
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "is accessible by others (mode {mode:04o}); make it private with `chmod 600 {}`",
+                path.display()
+            ));
+        }
+    }
+    // Key and credential files are tiny; refuse to read a huge one.
+    let mut text = String::new();
+    file.by_ref()
+        .take(64 * 1024)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    Ok(text)
+}
+
 impl Secret {
     /// A secret of the given keys, current first (one or two).
     pub fn new(keys: Vec<[u8; KEY_BYTES]>) -> Result<Secret, String> {
@@ -239,38 +274,7 @@ impl Secret {
     /// or write (mode 0600 or stricter), holding one or two keys. Errors name the file.
     pub fn load(path: &Path) -> Result<Secret, String> {
         let err = |what: String| format!("secret_file {}: {what}", path.display());
-        let mut file = std::fs::File::open(path).map_err(|e| {
-            err(match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    "does not exist (scripts/start-cluster.sh makes one)".to_string()
-                }
-                std::io::ErrorKind::PermissionDenied => "cannot be read: permission denied".into(),
-                _ => format!("cannot be read: {e}"),
-            })
-        })?;
-        let meta = file
-            .metadata()
-            .map_err(|e| err(format!("cannot be read: {e}")))?;
-        if !meta.is_file() {
-            return Err(err("is not a regular file".into()));
-        }
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(err(format!(
-                    "is accessible by others (mode {mode:04o}); make it private with `chmod 600 {}`",
-                    path.display()
-                )));
-            }
-        }
-        // A key file is tiny; refuse to read a huge one.
-        let mut text = String::new();
-        file.by_ref()
-            .take(64 * 1024)
-            .read_to_string(&mut text)
-            .map_err(|e| err(format!("cannot be read: {e}")))?;
+        let text = read_private_file(path, "scripts/start-cluster.sh makes one").map_err(err)?;
         Secret::parse(&text).map_err(err)
     }
 

@@ -277,35 +277,7 @@ impl Credential {
     /// (mode 0600 or stricter), holding one credential. Errors name the file.
     pub fn load(path: &Path) -> Result<Credential, String> {
         let err = |what: String| format!("credential file {}: {what}", path.display());
-        let mut file = std::fs::File::open(path).map_err(|e| {
-            err(match e.kind() {
-                std::io::ErrorKind::NotFound => "does not exist".to_string(),
-                std::io::ErrorKind::PermissionDenied => "cannot be read: permission denied".into(),
-                _ => format!("cannot be read: {e}"),
-            })
-        })?;
-        let meta = file
-            .metadata()
-            .map_err(|e| err(format!("cannot be read: {e}")))?;
-        if !meta.is_file() {
-            return Err(err("is not a regular file".into()));
-        }
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(err(format!(
-                    "is accessible by others (mode {mode:04o}); make it private with `chmod 600 {}`",
-                    path.display()
-                )));
-            }
-        }
-        let mut text = String::new();
-        file.by_ref()
-            .take(64 * 1024)
-            .read_to_string(&mut text)
-            .map_err(|e| err(format!("cannot be read: {e}")))?;
+        let text = super::read_private_file(path, "client user add prints one").map_err(err)?;
         Credential::parse(&text).map_err(err)
     }
 }
