@@ -1008,7 +1008,7 @@ impl Node {
         else {
             return;
         };
-        let floor = self.reached_vote_floor();
+        let floor = self.vote_floor_allows(last_log_index, last_log_term);
         let granted = (self.vote.is_none() || self.vote == Some(msg.from))
             && self.role != Role::Leader
             && floor
@@ -1039,7 +1039,7 @@ impl Node {
         };
         let leader_alive = self.role == Role::Leader
             || (self.leader.is_some() && self.election_elapsed < self.cfg.election_ticks.0);
-        let floor = self.reached_vote_floor();
+        let floor = self.vote_floor_allows(last_log_index, last_log_term);
         let granted = msg.term > self.term
             && !leader_alive
             && floor

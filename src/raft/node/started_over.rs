@@ -39,6 +39,17 @@ impl Node {
         self.vote_floor.0 == 0
     }
 
+    /// Whether the floor lets this node vote for a candidate whose log ends at (`index`,
+    /// `term`): once reached, always; below it, only for a candidate whose log is at least as up
+    /// to date as the floor's point, so holds all that was committed when the cluster first
+    /// reached us (a last entry of a later term, or of that term at or past the floor). A
+    /// promoted node that is still catching up must not withhold its vote from an up-to-date
+    /// candidate, or a cluster that needs it could never elect anyone.
+    pub(super) fn vote_floor_allows(&mut self, index: Index, term: Term) -> bool {
+        let (floor, floor_term) = self.vote_floor;
+        self.reached_vote_floor() || term > floor_term || (term == floor_term && index >= floor)
+    }
+
     /// A vote or pre-vote refused for the floor, logged at debug level.
     pub(super) fn below_vote_floor(&self, candidate: NodeId) {
         debug!(

@@ -709,8 +709,9 @@ fn status_counts_elections_and_leader_changes_and_shows_followers_on_the_leader(
 #[test]
 fn a_node_started_over_votes_only_once_its_log_reached_the_vote_floor() {
     // started_over.rs: until its log holds what its cluster had when it first reached it, a
-    // node with an empty data dir gives neither votes nor pre-votes, however up to date the
-    // candidate; from then on it votes as usual, also after a truncation.
+    // node with an empty data dir gives neither votes nor pre-votes to a candidate whose log
+    // does not reach the floor's point; from then on it votes as usual, also after a
+    // truncation.
     let vote = |last_log_index| Body::RequestVote {
         last_log_index,
         last_log_term: 1,
@@ -728,9 +729,9 @@ fn a_node_started_over_votes_only_once_its_log_reached_the_vote_floor() {
     };
     let mut n = Node::new(cfg(2, &[1, 3]), HardState::default(), vec![]);
     n.set_vote_floor(2, 1);
-    n.step(msg(3, 2, 1, pre_vote(9)));
+    n.step(msg(3, 2, 1, pre_vote(1)));
     assert!(!answer(&mut n), "a pre-vote below the floor");
-    n.step(msg(3, 2, 1, vote(9)));
+    n.step(msg(3, 2, 1, vote(1)));
     assert!(!answer(&mut n), "a vote below the floor");
     let append = |prev, entries| Body::AppendEntries {
         prev_log_index: prev,
@@ -742,8 +743,12 @@ fn a_node_started_over_votes_only_once_its_log_reached_the_vote_floor() {
     n.step(msg(1, 2, 1, append(0, vec![entry(1, 1)])));
     flush(&mut n);
     assert_eq!(n.vote_floor(), 2, "one entry short");
-    n.step(msg(3, 2, 2, vote(9)));
+    n.step(msg(3, 2, 2, vote(1)));
     assert!(!answer(&mut n));
+    // A candidate whose log reaches the floor's point is up to date enough, even while this
+    // node is below it: a promoted node still catching up must not wedge an election.
+    n.step(msg(3, 2, 3, pre_vote(2)));
+    assert!(answer(&mut n), "a pre-vote for a candidate at the floor");
     n.step(msg(1, 2, 2, append(1, vec![entry(2, 1)])));
     flush(&mut n);
     assert_eq!(n.vote_floor(), 0, "reached");
