@@ -30,10 +30,13 @@ static WARNINGS: Warnings = Warnings(Mutex::new(Vec::new()));
 
 /// Warnings this thread logged since the last call.
 fn take_warnings() -> Vec<String> {
-    // Only the first call installs the logger; later ones fail harmlessly.
-    if log::set_logger(&WARNINGS).is_ok() {
+    // Tests run in parallel: a thread that found the logger installed must not log before the
+    // installer has raised the max level (the default, Off, drops the warning), so all wait here.
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        log::set_logger(&WARNINGS).expect("no other logger in this test binary");
         log::set_max_level(log::LevelFilter::Warn);
-    }
+    });
     let me = std::thread::current().id();
     let mut all = WARNINGS.0.lock().unwrap();
     let (mine, others) = all.drain(..).partition(|(id, _)| *id == me);
