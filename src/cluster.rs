@@ -33,6 +33,9 @@ pub struct ClusterFile {
     /// when it first reached this peer (`raft::node::vote_floor_from`), with that
     /// AppendEntries' term. Index 0: no floor (any more).
     pub vote_floor: (Index, Term),
+    /// The first vote floor of a joined peer, kept for good: removals of its ID up to there
+    /// removed an earlier server (`raft::Config::started_over`). (0, 0) for a bootstrapped one.
+    pub started_over: (Index, Term),
 }
 
 /// The file's JSON form.
@@ -47,6 +50,10 @@ struct Raw {
     vote_floor: Index,
     #[serde(default, skip_serializing_if = "is_zero")]
     vote_floor_term: Term,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    started_over: Index,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    started_over_term: Term,
 }
 
 fn is_zero(i: &Index) -> bool {
@@ -72,6 +79,7 @@ impl ClusterFile {
             bootstrap,
             joined: false,
             vote_floor: (0, 0),
+            started_over: (0, 0),
         }
     }
 
@@ -83,6 +91,7 @@ impl ClusterFile {
             bootstrap: Membership::default(),
             joined: true,
             vote_floor,
+            started_over: vote_floor,
         }
     }
 
@@ -121,6 +130,7 @@ impl ClusterFile {
             bootstrap: Membership::new(raw.bootstrap.members),
             joined: raw.joined,
             vote_floor: (raw.vote_floor, raw.vote_floor_term),
+            started_over: (raw.started_over, raw.started_over_term),
         };
         // A bootstrapped cluster's ID is its bootstrap membership's fingerprint: a mismatch
         // means the file was edited or damaged, and this peer would talk to the wrong cluster.
@@ -143,6 +153,8 @@ impl ClusterFile {
             bootstrap: self.bootstrap.clone(),
             vote_floor: self.vote_floor.0,
             vote_floor_term: self.vote_floor.1,
+            started_over: self.started_over.0,
+            started_over_term: self.started_over.1,
         };
         let mut text = serde_json::to_string_pretty(&raw)
             .map_err(|e| format!("cannot encode {CLUSTER_FILE}: {e}"))?;

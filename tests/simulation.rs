@@ -419,20 +419,21 @@ fn rejoins_in_random_runs() -> bool {
     std::env::var("SIM_REJOINS").map_or(REJOINS_IN_RANDOM_RUNS, |v| v.trim() != "0")
 }
 
-/// Off again (`SIM_REJOINS=1` turns them on). A 20,000-seed run with rejoins found, at seed
-/// 1796870000008637 (membership changes, 5 nodes), a node started over and added back that
-/// stops as removed while the committed configuration lists it (a learner): "Rejoin cannot
-/// kill the rejoiner" does not hold yet in every case. Not fixed; see docs/membership.md.
-/// Before that: a node started over on an empty disk could vote before it had caught up (seed
+/// On (`SIM_REJOINS=0` turns them off). Each bug a rejoin found, with the fix: a node started
+/// over and added back stopped as removed, replaying an old removal under a leader that had
+/// lost the entry adding it back (seed 1796870000008637), fixed by ignoring removals up to its
+/// first vote floor (`removed_an_earlier_server`, unit test
+/// `a_peer_started_over_never_takes_a_removal_its_cluster_had_at_first_contact_for_its_own`);
+/// a node started over on an empty disk could vote before it had caught up (seed
 /// 1796820000007090, Leader Completeness), fixed by the vote floor
 /// (`src/raft/node/started_over.rs`; scenario test
 /// `a_node_started_over_gives_no_vote_before_its_log_reaches_the_vote_floor` in
 /// tests/membership.rs, which fails without it), and the floor itself wedged an election
 /// (seed 1796870000009341), fixed by letting a node below it vote for a candidate at least as
-/// up to date as the floor. Fixed on the way earlier: a rejoiner took a late AppendEntries'
-/// held-back commit index as the leader's (seed 1796800000000376); a Rejoin issued at once let
-/// a datagram sent to the earlier life reach the new one (seed 1796810000001688).
-const REJOINS_IN_RANDOM_RUNS: bool = false;
+/// up to date as the floor. Earlier: a rejoiner took a late AppendEntries' held-back commit
+/// index as the leader's (seed 1796800000000376); a Rejoin issued at once let a datagram sent
+/// to the earlier life reach the new one (seed 1796810000001688).
+const REJOINS_IN_RANDOM_RUNS: bool = true;
 
 /// One randomized run: clients append and query back to back (two of them sharing an ID) over
 /// a network whose loss, duplication, delay and share of datagrams 0.2-2 s late change every

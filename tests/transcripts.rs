@@ -716,6 +716,7 @@ impl Harness {
             max_inflight: self.inflight,
             vote_floor: 0,
             vote_floor_term: 0,
+            started_over: (0, 0),
             seed: self.seed,
         };
         let node = Node::new(cfg.clone(), HardState::default(), Vec::new());

@@ -127,7 +127,7 @@ pub const ADOPT_AFTER_ELECTIONS: u64 = 3;
 pub fn core_config(
     config: &PeerConfig,
     bootstrap: Membership,
-    vote_floor: (Index, Term),
+    (vote_floor, started_over): ((Index, Term), (Index, Term)),
     timing: &Timing,
     seed: u64,
 ) -> raft::Config {
@@ -139,6 +139,7 @@ pub fn core_config(
         max_inflight: MAX_INFLIGHT,
         vote_floor: vote_floor.0,
         vote_floor_term: vote_floor.1,
+        started_over,
         seed,
     }
 }
@@ -253,8 +254,8 @@ pub fn run_with(
         timing.tick * (ADOPT_AFTER_ELECTIONS * timing.election_ticks.1) as u32,
     );
     let (bootstrap, vote_floor) = match start {
-        Start::Member(file) => (file.bootstrap, file.vote_floor),
-        Start::Joining => (Membership::default(), (0, 0)),
+        Start::Member(file) => (file.bootstrap, (file.vote_floor, file.started_over)),
+        Start::Joining => (Membership::default(), ((0, 0), (0, 0))),
     };
     let node = Node::restore(
         core_config(

@@ -199,6 +199,7 @@ fn build(
         bootstrap,
         joined: false,
         vote_floor: (0, 0),
+        started_over: (0, 0),
     };
     file.write(into)?;
     Ok(())

@@ -644,7 +644,9 @@ mod joining_tests {
         routes.vote_floor_reached(9);
         assert_eq!(ClusterFile::load(&dir).unwrap().unwrap().vote_floor, (9, 1));
         routes.vote_floor_reached(0);
-        assert_eq!(ClusterFile::load(&dir).unwrap().unwrap().vote_floor, (0, 0));
+        let file = ClusterFile::load(&dir).unwrap().unwrap();
+        assert_eq!(file.vote_floor, (0, 0));
+        assert_eq!(file.started_over, (9, 1), "kept for good");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

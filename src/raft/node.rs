@@ -51,6 +51,10 @@ pub struct Config {
     /// 0: no floor.
     pub vote_floor: Index,
     pub vote_floor_term: Term,
+    /// A peer started over on an empty data dir: its first vote floor (index, term), kept for
+    /// good. A removal of this ID at or before it removed an earlier server (see
+    /// `started_over.rs`); (0, 0): never started over.
+    pub started_over: (Index, Term),
 }
 
 /// A linearizable query waiting for a majority to confirm leadership (thesis §6.4).
@@ -147,6 +151,8 @@ pub struct Node {
     /// No vote or campaign until the log reaches this (index, term of the AppendEntries that
     /// set it); index 0: none. See `started_over.rs`.
     vote_floor: (Index, Term),
+    /// See [`Config::started_over`]; set with the first vote floor, never cleared.
+    started_over: (Index, Term),
     /// Copies of the sessions and configuration that backups being saved read in pages.
     backup_copies: backup_state::BackupCopies,
 }
@@ -206,7 +212,7 @@ impl Node {
             commit: log.commit,
             ..hard_state
         };
-        let vote_floor = (cfg.vote_floor, cfg.vote_floor_term);
+        let (vote_floor, started_over) = ((cfg.vote_floor, cfg.vote_floor_term), cfg.started_over);
         let mut node = Node {
             rng: Rng::new(cfg.seed ^ cfg.id.rotate_left(32)),
             cfg,
@@ -253,6 +259,7 @@ impl Node {
             chunk_writes: Vec::new(),
             receiving: SnapshotReceive::default(),
             vote_floor,
+            started_over,
             backup_copies: Default::default(),
         };
         node.reached_vote_floor();

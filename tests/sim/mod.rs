@@ -152,9 +152,11 @@ pub struct Disk {
     /// The snapshot being received, durable so that a restarted receiver resumes.
     pub staged: Option<Staged>,
     /// The `cluster` file of a joining node: whether it adopted its cluster, and its vote
-    /// floor until its log reached it (see `raft::node::vote_floor_from`).
+    /// floor until its log reached it (see `raft::node::vote_floor_from`), and that first
+    /// floor for good (`started_over`).
     pub adopted: bool,
     pub vote_floor: (Index, Term),
+    pub started_over: (Index, Term),
 }
 
 /// A snapshot being received: its ID, and the bytes of its records and meta held from 0.
@@ -657,6 +659,7 @@ impl Sim {
             max_inflight: self.cfg.max_inflight,
             vote_floor: self.disks[&id].vote_floor.0,
             vote_floor_term: self.disks[&id].vote_floor.1,
+            started_over: self.disks[&id].started_over,
             seed: self
                 .seed
                 .wrapping_mul(31)
@@ -915,6 +918,7 @@ impl Sim {
         let disk = self.disks.get_mut(&id).unwrap();
         disk.adopted = true;
         disk.vote_floor = (floor, msg.term);
+        disk.started_over = (floor, msg.term);
         self.stats.adoptions += 1;
         if let Some(n) = self.nodes.get_mut(&id).unwrap() {
             n.set_vote_floor(floor, msg.term);

@@ -184,8 +184,9 @@ impl Node {
     /// that for its own: not while the entry adding it back follows in its log, uncommitted
     /// (or committed, but a new leader's commit index lags), nor once a truncation took that
     /// entry away (it is remembered, see `note_undone_removals`); and a leader never tells it
-    /// a commit index covering the removal before it can have that entry (see `commit_for`).
-    /// A server removed and not added back still stops.
+    /// a commit index covering the removal before it can have that entry (see `commit_for`),
+    /// nor, whatever a leader tells it, if the removal came before it started over (see
+    /// `started_over.rs`). A server removed and not added back still stops.
     pub(super) fn note_removal(&mut self) {
         let (me, commit) = (self.cfg.id, self.log.commit);
         if self.removed || !self.was_member || self.configs.committed(commit).contains(me) {
@@ -193,7 +194,7 @@ impl Node {
         }
         self.note_undone_removals();
         if let Some(removal) = self.configs.removal_at(me, commit) {
-            if self.undone_removals.contains(&removal) {
+            if self.undone_removals.contains(&removal) || self.removed_an_earlier_server(removal) {
                 return;
             }
         }

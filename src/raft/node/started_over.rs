@@ -4,6 +4,11 @@
 //! first reached it. That is the case once its log has reached the leader's last index at
 //! first contact (the vote floor), whatever later leaders truncate: they remove only
 //! uncommitted entries (Leader Completeness, §5.4).
+//!
+//! Nor is it the server its log's old configurations list: a removal of its ID that the
+//! leader had in its log at first contact removed an earlier server, and replaying it must not
+//! stop this one, whether or not the entry adding it back is in its log yet (a leader that
+//! lost that entry tells it the real commit index, as it tells any removed member).
 
 use super::*;
 
@@ -12,6 +17,7 @@ impl Node {
     /// durable first): no vote, pre-vote or campaign until the log reaches `floor`.
     pub fn set_vote_floor(&mut self, floor: Index, term: Term) {
         self.vote_floor = (floor, term);
+        self.started_over = (floor, term);
         self.reached_vote_floor();
     }
 
@@ -48,6 +54,15 @@ impl Node {
     pub(super) fn vote_floor_allows(&mut self, index: Index, term: Term) -> bool {
         let (floor, floor_term) = self.vote_floor;
         self.reached_vote_floor() || term > floor_term || (term == floor_term && index >= floor)
+    }
+
+    /// Whether the configuration entry `removal` (index, term; (0, 0) if folded into a
+    /// snapshot) removed an earlier server with our ID: this one started over after it. Its
+    /// leader at first contact had every committed entry (§5.4) up to where its log stood, so
+    /// a removal at or before that point, of no later term, came before this server.
+    pub(super) fn removed_an_earlier_server(&self, removal: (Index, Term)) -> bool {
+        let (at, term) = self.started_over;
+        at != 0 && removal.0 <= at && removal.1 <= term
     }
 
     /// A vote or pre-vote refused for the floor, logged at debug level.

@@ -9,6 +9,7 @@ fn cfg(id: NodeId, peers: &[NodeId]) -> Config {
         max_inflight: 4,
         vote_floor: 0,
         vote_floor_term: 0,
+        started_over: (0, 0),
         seed: 1,
     }
 }

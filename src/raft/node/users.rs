@@ -87,6 +87,7 @@ mod tests {
             max_inflight: 4,
             vote_floor: 0,
             vote_floor_term: 0,
+            started_over: (0, 0),
             seed: 1,
         };
         let mut n = Node::new(cfg, HardState::default(), Vec::new());

@@ -16,6 +16,7 @@ fn config(id: NodeId, membership: Membership) -> Config {
         max_inflight: 4,
         vote_floor: 0,
         vote_floor_term: 0,
+        started_over: (0, 0),
         seed: 1,
     }
 }
@@ -1211,6 +1212,82 @@ fn a_follower_decides_on_its_removal_from_its_whole_log_and_what_it_saw_truncate
     let mut n = fresh();
     step(&mut n, 1, append((0, 0), entries(1)[..3].to_vec(), 3));
     assert!(n.removed());
+}
+
+#[test]
+fn a_peer_started_over_never_takes_a_removal_its_cluster_had_at_first_contact_for_its_own() {
+    // Found by the simulator (seed 1796870000008637): the rejoin reached 4 only partly before
+    // its leader died; the next leader never had it, took 4 for the removed member and told
+    // it the real commit index, which covered the old removal. By hand: the cluster's log
+    // reached index 3 (term 1), with 4's removal, when it first reached the new 4.
+    let voters = Membership::voters(&[1, 2, 3]);
+    let with_4 = voters.apply(&add(4)).unwrap();
+    let e = |index, term, payload| Entry {
+        index,
+        term,
+        payload,
+    };
+    let append = |prev: (Index, Term), entries: Vec<Entry>, commit| Body::AppendEntries {
+        prev_log_index: prev.0,
+        prev_log_term: prev.1,
+        entries,
+        leader_commit: commit,
+        read_seq: 0,
+    };
+    let step = |n: &mut Node, term, body| {
+        n.step(msg(1, 4, term, body));
+        n.ready();
+        n.advance();
+    };
+    let started_over = || {
+        let mut n = Node::new(
+            config(4, Membership::default()),
+            HardState::default(),
+            vec![],
+        );
+        n.set_vote_floor(3, 1);
+        n
+    };
+    let old = vec![
+        e(1, 1, Payload::Noop),
+        e(2, 1, Payload::Config(with_4.clone())),
+        e(3, 1, Payload::Config(voters.clone())),
+    ];
+    let mut n = started_over();
+    step(&mut n, 2, append((0, 0), old.clone(), 3));
+    assert_eq!(n.commit_index(), 3);
+    assert!(!n.removed(), "the removal of an earlier 4 stopped this one");
+    // Added back (at 4), then removed again (at 5): that removal is this server's own.
+    step(
+        &mut n,
+        2,
+        append((3, 1), vec![e(4, 2, Payload::Config(with_4.clone()))], 4),
+    );
+    assert!(!n.removed());
+    step(
+        &mut n,
+        2,
+        append((4, 2), vec![e(5, 2, Payload::Config(voters.clone()))], 5),
+    );
+    assert!(n.removed(), "removed after it was added back, it must stop");
+    // The same after a restart: the shell hands the floor back in the config.
+    let mut cfg = config(4, Membership::default());
+    cfg.started_over = (3, 1);
+    let mut n = Node::new(cfg, HardState::default(), vec![]);
+    step(&mut n, 2, append((0, 0), old.clone(), 3));
+    assert!(!n.removed(), "after a restart");
+    // A removal at or below the floor's index but of a later term came after first contact.
+    let mut n = started_over();
+    let later = vec![
+        e(1, 1, Payload::Noop),
+        e(2, 2, Payload::Config(with_4.clone())),
+        e(3, 2, Payload::Config(voters.clone())),
+    ];
+    step(&mut n, 2, append((0, 0), later, 3));
+    assert!(
+        n.removed(),
+        "a removal of a later term is this server's own"
+    );
 }
 
 #[test]
