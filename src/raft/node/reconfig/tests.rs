@@ -492,18 +492,6 @@ fn truncating_an_uncommitted_configuration_reverts_to_the_previous_one() {
         vec![],
     );
     let grown = Membership::voters(&[1, 2, 3]).apply(&add(4)).unwrap();
-    let append = |prev: (Index, Term), entries: Vec<Entry>, commit| Body::AppendEntries {
-        prev_log_index: prev.0,
-        prev_log_term: prev.1,
-        entries,
-        leader_commit: commit,
-        read_seq: 0,
-    };
-    let e = |index, term, payload| Entry {
-        index,
-        term,
-        payload,
-    };
     f.step(msg(
         1,
         2,
@@ -1144,6 +1132,33 @@ fn a_member_added_back_whose_rejoin_is_lost_waits_to_be_added_again() {
     assert!(is_configured(&c.change(2, ConfChange::Promote { id: 4 })));
 }
 
+/// Log entry `index` of `term`, for AppendEntries written by hand.
+fn e(index: Index, term: Term, payload: Payload) -> Entry {
+    Entry {
+        index,
+        term,
+        payload,
+    }
+}
+
+/// An AppendEntries written by hand: after `prev`, `entries`, with commit index `commit`.
+fn append(prev: (Index, Term), entries: Vec<Entry>, commit: Index) -> Body {
+    Body::AppendEntries {
+        prev_log_index: prev.0,
+        prev_log_term: prev.1,
+        entries,
+        leader_commit: commit,
+        read_seq: 0,
+    }
+}
+
+/// Node 1 of `term` sends `body` to `n` (node 4), which carries out what it returns.
+fn step(n: &mut Node, term: Term, body: Body) {
+    n.step(msg(1, 4, term, body));
+    n.ready();
+    n.advance();
+}
+
 #[test]
 fn a_follower_decides_on_its_removal_from_its_whole_log_and_what_it_saw_truncated() {
     // By hand, as a leader that does not hold back its commit index (an older version)
@@ -1152,11 +1167,6 @@ fn a_follower_decides_on_its_removal_from_its_whole_log_and_what_it_saw_truncate
     // away does not make the removal before it its own.
     let voters = Membership::voters(&[1, 2, 3]);
     let with_4 = voters.apply(&add(4)).unwrap();
-    let e = |index, term, payload| Entry {
-        index,
-        term,
-        payload,
-    };
     let entries = |term| {
         vec![
             e(1, 1, Payload::Noop),
@@ -1165,24 +1175,12 @@ fn a_follower_decides_on_its_removal_from_its_whole_log_and_what_it_saw_truncate
             e(4, term, Payload::Config(with_4.clone())),
         ]
     };
-    let append = |prev: (Index, Term), entries: Vec<Entry>, commit| Body::AppendEntries {
-        prev_log_index: prev.0,
-        prev_log_term: prev.1,
-        entries,
-        leader_commit: commit,
-        read_seq: 0,
-    };
     let fresh = || {
         Node::new(
             config(4, Membership::default()),
             HardState::default(),
             vec![],
         )
-    };
-    let step = |n: &mut Node, term, body| {
-        n.step(msg(1, 4, term, body));
-        n.ready();
-        n.advance();
     };
     let mut n = fresh();
     step(&mut n, 1, append((0, 0), entries(1), 3));
@@ -1222,23 +1220,6 @@ fn a_peer_started_over_never_takes_a_removal_its_cluster_had_at_first_contact_fo
     // reached index 3 (term 1), with 4's removal, when it first reached the new 4.
     let voters = Membership::voters(&[1, 2, 3]);
     let with_4 = voters.apply(&add(4)).unwrap();
-    let e = |index, term, payload| Entry {
-        index,
-        term,
-        payload,
-    };
-    let append = |prev: (Index, Term), entries: Vec<Entry>, commit| Body::AppendEntries {
-        prev_log_index: prev.0,
-        prev_log_term: prev.1,
-        entries,
-        leader_commit: commit,
-        read_seq: 0,
-    };
-    let step = |n: &mut Node, term, body| {
-        n.step(msg(1, 4, term, body));
-        n.ready();
-        n.advance();
-    };
     let started_over = || {
         let mut n = Node::new(
             config(4, Membership::default()),
