@@ -670,14 +670,14 @@ pub fn read(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::raft::MemberRole;
 
     /// Writes a backup of `n` records (and, from version 2, a configuration and two sessions;
     /// from version 3, two users) the way `save` lays it out, with `edit` applied to the
     /// header before it is hashed.
-    fn write_with(path: &Path, n: u64, version: u32, edit: impl FnOnce(&mut Header)) {
+    pub(crate) fn write_with(path: &Path, n: u64, version: u32, edit: impl FnOnce(&mut Header)) {
         write_sessions_to(path, n, version, n, edit)
     }
 

@@ -98,8 +98,13 @@ impl ClusterFile {
     /// Reads `dir/cluster`; `None` if there is none. A file that does not parse, or whose ID
     /// does not match its bootstrap membership, is an error naming the file.
     pub fn load(dir: &Path) -> Result<Option<ClusterFile>, String> {
+        ClusterFile::load_in(&Fs::Real, dir)
+    }
+
+    /// [`ClusterFile::load`] on filesystem `fs`.
+    pub fn load_in(fs: &Fs, dir: &Path) -> Result<Option<ClusterFile>, String> {
         let path = dir.join(CLUSTER_FILE);
-        let text = match std::fs::read_to_string(&path) {
+        let text = match fs.read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
@@ -146,6 +151,11 @@ impl ClusterFile {
 
     /// Writes `dir/cluster` atomically and durably.
     pub fn write(&self, dir: &Path) -> Result<(), String> {
+        self.write_in(&Fs::Real, dir)
+    }
+
+    /// [`ClusterFile::write`] on filesystem `fs`.
+    pub fn write_in(&self, fs: &Fs, dir: &Path) -> Result<(), String> {
         let raw = Raw {
             cluster_id: format!("{:016x}", self.id),
             name: self.name.clone(),
@@ -159,12 +169,7 @@ impl ClusterFile {
         let mut text = serde_json::to_string_pretty(&raw)
             .map_err(|e| format!("cannot encode {CLUSTER_FILE}: {e}"))?;
         text.push('\n');
-        Ok(write_atomically(
-            &Fs::Real,
-            dir,
-            CLUSTER_FILE,
-            text.as_bytes(),
-        )?)
+        Ok(write_atomically(fs, dir, CLUSTER_FILE, text.as_bytes())?)
     }
 }
 

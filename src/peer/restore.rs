@@ -15,12 +15,19 @@ use crate::backup;
 use crate::cluster::{self, ClusterFile};
 use crate::config::PeerConfig;
 use crate::raft::{HardState, Membership, SnapshotState};
+use crate::storage::fs::Fs;
 use crate::storage::store::Store;
 use crate::storage::wal::Wal;
 use std::path::{Path, PathBuf};
 
 /// Restores `file` into the data dir of `config`, or explains why not (nothing written then).
 pub fn restore(config: &PeerConfig, file: &Path) -> Result<(), String> {
+    restore_in(&Fs::Real, config, file)
+}
+
+/// [`restore`] into a data dir on filesystem `fs` (the backup is read from the real one).
+/// Durable when it returns: the renamed data dir's parent is synced.
+pub fn restore_in(fs: &Fs, config: &PeerConfig, file: &Path) -> Result<(), String> {
     let dir = &config.data_dir;
     let refuse = |why: String| {
         format!(
@@ -29,7 +36,7 @@ pub fn restore(config: &PeerConfig, file: &Path) -> Result<(), String> {
             file.display()
         )
     };
-    if let Some(entry) = first_entry(dir).map_err(&refuse)? {
+    if let Some(entry) = first_entry(fs, dir).map_err(&refuse)? {
         return Err(refuse(format!(
             "data_dir {} is not empty (it holds {entry}); restore into an empty or missing data_dir",
             dir.display()
@@ -90,32 +97,37 @@ pub fn restore(config: &PeerConfig, file: &Path) -> Result<(), String> {
         );
     }
     let building = beside(dir, "restoring");
-    if building.exists() {
+    let exists = |path: &Path| {
+        fs.try_exists(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    if exists(&building).map_err(&refuse)? {
         // Left by a restore that stopped midway: ours to remove.
-        std::fs::remove_dir_all(&building)
+        fs.remove_dir_all(&building)
             .map_err(|e| refuse(format!("cannot remove {}: {e}", building.display())))?;
     }
-    let result = build(config, file, &verified, &building);
+    let result = build(fs, config, file, &verified, &building);
     if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&building);
+        let _ = fs.remove_dir_all(&building);
         return Err(refuse(e));
     }
-    if dir.exists() {
-        // Empty (checked above): rename cannot replace a non-empty directory anyway.
-        std::fs::remove_dir(dir).map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
-    }
-    std::fs::rename(&building, dir).map_err(|e| {
+    // An empty data dir (checked above) is replaced by the rename, which refuses a non-empty
+    // one: nothing that appeared there meanwhile is lost.
+    fs.rename(&building, dir).map_err(|e| {
         format!(
             "cannot rename {} to {}: {e}",
             building.display(),
             dir.display()
         )
     })?;
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if let Ok(d) = std::fs::File::open(parent) {
-            let _ = d.sync_all();
-        }
-    }
+    // Until the parent is synced, a power cut can take the rename back: the peer would then
+    // bootstrap an empty cluster where it acknowledged writes on the restored one.
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs.sync_dir(parent)
+        .map_err(|e| format!("cannot sync {}: {e}", parent.display()))?;
     log::warn!(
         "{}: restored {} entries, {} client sessions and {} users (to index {}, term {}) from {} into {}: a NEW cluster with members {}",
         config.name,
@@ -132,11 +144,12 @@ pub fn restore(config: &PeerConfig, file: &Path) -> Result<(), String> {
 }
 
 /// The first thing in `dir`, if it exists and holds anything.
-fn first_entry(dir: &Path) -> Result<Option<String>, String> {
-    match std::fs::read_dir(dir) {
-        Ok(mut entries) => Ok(entries
+fn first_entry(fs: &Fs, dir: &Path) -> Result<Option<String>, String> {
+    match fs.list(dir) {
+        Ok(entries) => Ok(entries
+            .into_iter()
             .next()
-            .map(|e| e.map_or_else(|e| e.to_string(), |e| format!("{:?}", e.file_name())))),
+            .map(|(name, _)| format!("{name:?}"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("cannot read data_dir {}: {e}", dir.display())),
     }
@@ -153,14 +166,15 @@ fn beside(dir: &Path, what: &str) -> PathBuf {
 /// Writes the restored data dir into `into`, reading the backup a second time (and checking it
 /// again: it could have changed since it was verified).
 fn build(
+    fs: &Fs,
     config: &PeerConfig,
     file: &Path,
     verified: &backup::Verified,
     into: &Path,
 ) -> Result<(), String> {
     let storage = |e: crate::storage::StorageError| e.to_string();
-    let (mut wal, _, _) = Wal::open(into, config.node_id).map_err(storage)?;
-    let (mut store, _) = Store::open(into).map_err(storage)?;
+    let (mut wal, _, _) = Wal::open_in(fs, into, config.node_id).map_err(storage)?;
+    let (mut store, _) = Store::open_in(fs, into).map_err(storage)?;
     let again = backup::read(file, |page| store.append(page).map_err(|e| e.to_string()))?;
     if again != *verified {
         return Err("the backup changed while it was being restored".into());
@@ -201,6 +215,49 @@ fn build(
         vote_floor: (0, 0),
         started_over: (0, 0),
     };
-    file.write(into)?;
+    file.write_in(fs, into)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::simfs::SimFs;
+    use crate::storage::Disk;
+
+    const CONFIG: &str = r#"{ "name": "peer01", "node_ID": 1, "host": "127.0.0.1", "port": 3000,
+        "other_peers": [ {"node_ID": 2, "host": "127.0.0.1", "port": 3001} ] }"#;
+
+    #[test]
+    fn a_restored_data_dir_survives_a_power_cut_once_the_restore_returned() {
+        let backup =
+            std::env::temp_dir().join(format!("raft-restore-power-cut-{}", std::process::id()));
+        crate::backup::tests::write_with(&backup, 40, 3, |_| {});
+        let sim = SimFs::new(7);
+        let fs = Fs::Sim(sim.clone());
+        let mut config = PeerConfig::parse(CONFIG).unwrap();
+        config.data_dir = PathBuf::from("/peers/one/data");
+        restore_in(&fs, &config, &backup).unwrap();
+        std::fs::remove_file(&backup).unwrap();
+        sim.power_cut();
+        let file = ClusterFile::load_in(&fs, &config.data_dir)
+            .unwrap()
+            .expect("the cluster file survives");
+        assert!(file.name.starts_with("raft/restored-"), "{}", file.name);
+        let (disk, restored) = Disk::open_in(&fs, &config.data_dir, 1, 0, 0).unwrap();
+        let (state, _) = restored.snapshot.expect("the snapshot survives");
+        assert_eq!((state.index, state.term), (40, 14));
+        assert_eq!(restored.base, (40, 14), "the WAL continues from it");
+        assert_eq!(restored.hard_state.commit, 40);
+        drop(disk);
+        // Refused, nothing touched, on the now non-empty data dir.
+        crate::backup::tests::write_with(&backup, 3, 3, |_| {});
+        let refused = restore_in(&fs, &config, &backup).unwrap_err();
+        std::fs::remove_file(&backup).unwrap();
+        assert!(refused.contains("is not empty"), "{refused}");
+        assert_eq!(
+            ClusterFile::load_in(&fs, &config.data_dir).unwrap(),
+            Some(file)
+        );
+    }
 }
