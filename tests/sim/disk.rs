@@ -395,6 +395,7 @@ impl Sim {
     /// the node crashes right before the core is told of a snapshot. Returns false if it
     /// crashed.
     pub(super) fn after_advance(&mut self, id: NodeId, rd: AfterAdvance) -> bool {
+        self.check_requests(id, &rd);
         let crash_p = self.cfg.crash_in_snapshot;
         let fs = self.real[&id].fs.clone();
         let capture = !rd.chunk_writes.is_empty() && self.rng.chance(crash_p);
@@ -497,6 +498,34 @@ impl Sim {
         true
     }
 
+    /// What the core asks of the store must be there: reads within the records applied,
+    /// chunks of its current snapshot within its stream.
+    fn check_requests(&self, id: NodeId, rd: &AfterAdvance) {
+        let d = &self.disks[&id];
+        let applied = d.store.len() as Index + rd.applied.len() as Index;
+        for r in &rd.store_reads {
+            if r.start == 0 || r.start > r.read_index || r.read_index > applied {
+                self.fail(&format!(
+                    "node {id} asked to read {}..={} from a store of {applied} records",
+                    r.start, r.read_index
+                ));
+            }
+        }
+        let current = d.snapshot.as_ref().map(|(_, sid)| *sid);
+        for c in &rd.chunk_reads {
+            if current != Some(c.snapshot)
+                || c.len == 0
+                || c.offset + c.len > c.snapshot.total_len()
+            {
+                self.fail(&format!(
+                    "node {id} asked to send bytes {}+{} of snapshot {:?}; its current one is \
+                     {current:?}",
+                    c.offset, c.len, c.snapshot
+                ));
+            }
+        }
+    }
+
     /// A snapshot made durable was announced to the core (`snapshot_taken`), which compacted
     /// its log to `base`, as the real code compacts the WAL.
     fn snapshot_announced(&mut self, id: NodeId, sid: SnapshotId, base: Option<(Index, Term)>) {
@@ -510,6 +539,13 @@ impl Sim {
                 "node {id} announced snapshot {sid:?}, which it never started"
             ));
         };
+        let records = self.disks[&id].store.len() as Index;
+        if sid.index != state.index || state.index > records {
+            self.fail(&format!(
+                "node {id} announced snapshot {sid:?} of {} with {records} records applied",
+                state.index
+            ));
+        }
         self.known_snapshot(id, &state, sid);
         if self.trace {
             println!("t={} node {id} takes snapshot {sid:?}", self.now);
