@@ -21,12 +21,15 @@
 //! ([`Stats::unaddressed`]); messages from a sender it cannot place are dropped
 //! ([`Stats::unknown_sender`]).
 //!
-//! Snapshots (thesis ch. 5), when [`SimConfig::snapshot_every`] is set: each node's shell keeps
-//! the applied log (its store) and takes snapshots as the real one does, compacting its WAL;
-//! leaders stream snapshots in chunks through the simulated network, receivers stage them
-//! durably and install them; crashes strike between a snapshot's durability and telling the
-//! core. The checks then compare logs only where both still hold entries, and the stores'
-//! records (the applied history) with each other and with what was committed.
+//! Storage (`disk.rs`): each node runs the real storage code (`raft::storage::Disk`: WAL,
+//! store, snapshots, staged installs, and the node loop's after-advance round trip) over a
+//! simulated filesystem of its own, so crashes are process kills or power cuts that lose what
+//! was not synced. With [`SimConfig::snapshot_every`] set, nodes take snapshots as the peer
+//! does, compacting their WALs; leaders stream snapshots in chunks through the simulated
+//! network, receivers stage and install them; crashes strike before the core is told of a
+//! snapshot and at the fsyncs of an install. The checks then compare logs only where both
+//! still hold entries, and the stores' records (the applied history) with each other and with
+//! what was committed.
 
 #![allow(dead_code)]
 
@@ -84,7 +87,8 @@ pub struct SimConfig {
     /// keeping this many entries before it in its log. None: never (the core then behaves as
     /// before snapshots existed).
     pub snapshot_every: Option<(u64, u64)>,
-    /// Probability of crashing at each snapshot crash point met (see [`SNAPSHOT_CRASH_POINTS`]).
+    /// Probability of crashing at each snapshot crash point met (see [`SNAPSHOT_CRASH_POINTS`];
+    /// for a power cut during an install, per round trip that stages chunks).
     pub crash_in_snapshot: f64,
     /// Whether a node learns the address of the sender of every peer message delivered to it
     /// (the sender's address rides in the message), and so takes messages from, and answers,
