@@ -142,6 +142,15 @@ impl Outbox for SimOutbox {
     }
 }
 
+/// Whether `r` holds the hard state (its term and vote) and the log of `d`.
+fn holds(d: &Disk, r: &Restored) -> bool {
+    let last = r.base.0 + r.entries.len() as Index;
+    let skip = d.base.0.checked_sub(r.base.0).map(|k| k as usize);
+    (r.hard_state.term, r.hard_state.vote) == (d.hard_state.term, d.hard_state.vote)
+        && last == d.last_index()
+        && skip.is_some_and(|k| k <= r.entries.len() && r.entries[k..] == d.entries[..])
+}
+
 /// Records `from..=to` of a real store.
 fn read_store(disk: &mut RealDisk, from: Index, to: Index) -> Result<Vec<LogRecord>, String> {
     let mut out = Vec::new();
@@ -203,6 +212,14 @@ impl Sim {
     /// short, the log reset to the installed snapshot; the store cut back to the snapshot and
     /// holding the records applied.
     fn reconcile(&mut self, id: NodeId, disk: &mut RealDisk, r: &Restored) {
+        // A batch the power cut short is durable if the restart finds it whole.
+        if let Some((hs, entries)) = self.in_flight.remove(&id) {
+            let mut whole = self.disks[&id].clone();
+            whole.persist(hs, &entries);
+            if holds(&whole, r) {
+                self.persisted(id, hs, &entries);
+            }
+        }
         let d = &self.disks[&id];
         let hs = r.hard_state;
         if (hs.term, hs.vote) != (d.hard_state.term, d.hard_state.vote)
@@ -309,6 +326,19 @@ impl Sim {
     /// Makes a Ready's writes durable on the real disk, checking Leader Append-Only and Log
     /// Matching on them.
     pub(super) fn persist(&mut self, id: NodeId, role: Role, term: Term, rd: &Ready) {
+        self.check_write(id, role, term, rd);
+        if let Err(e) = self
+            .real_disk(id)
+            .persist_wal(rd.hard_state.as_ref(), &rd.entries)
+        {
+            self.fail(&format!("node {id} could not persist a Ready: {e}"));
+        }
+        self.persisted(id, rd.hard_state, &rd.entries);
+    }
+
+    /// What node `id`, `role` of `term`, writes must continue its durable log, and a leader
+    /// only appends.
+    fn check_write(&mut self, id: NodeId, role: Role, term: Term, rd: &Ready) {
         let durable = self.disks[&id].last_index();
         if let Some(first) = rd.entries.first() {
             let base = self.disks[&id].base;
@@ -346,21 +376,47 @@ impl Sim {
                 }
             }
         }
-        if let Err(e) = self
+    }
+
+    /// The power fails while node `id` writes a Ready's batch (checked as `persist` checks
+    /// it): the node restarts from a crash image taken before the WAL's fsync, which may
+    /// hold the batch whole, or none of it, a torn tail cut off on opening.
+    pub(super) fn torn_persist(&mut self, id: NodeId, role: Role, term: Term, rd: &Ready) {
+        self.check_write(id, role, term, rd);
+        let fs = self.real[&id].fs.clone();
+        fs.capture_images(u64::MAX);
+        let written = self
             .real_disk(id)
-            .persist_wal(rd.hard_state.as_ref(), &rd.entries)
-        {
+            .persist_wal(rd.hard_state.as_ref(), &rd.entries);
+        let images = fs.stop_capture();
+        if let Err(e) = written {
             self.fail(&format!("node {id} could not persist a Ready: {e}"));
         }
-        self.disks.get_mut(&id).unwrap().persist(rd);
-        let Some(first) = rd.entries.first() else {
+        if images.is_empty() {
+            self.fail(&format!("node {id} persisted a Ready with no fsync"));
+        }
+        let k = self.rng.below(images.len() as u64) as usize;
+        let image = images.into_iter().nth(k).unwrap();
+        self.in_flight
+            .insert(id, (rd.hard_state, rd.entries.clone()));
+        self.crash_into(id, CrashPoint::TornPersist, image);
+    }
+
+    /// A batch is durable: the shadow takes it, and the durable log's prefix hashes (Log
+    /// Matching is checked on them).
+    fn persisted(&mut self, id: NodeId, hard_state: Option<HardState>, entries: &[Entry]) {
+        self.disks
+            .get_mut(&id)
+            .unwrap()
+            .persist(hard_state, entries);
+        let Some(first) = entries.first() else {
             return;
         };
         let prefix = self.prefix.get_mut(&id).unwrap();
         prefix.truncate(first.index as usize - 1);
         let mut h = prefix.last().copied().unwrap_or(0);
         let mut conflict = None;
-        for e in &rd.entries {
+        for e in entries {
             h = chain(h, entry_hash(e));
             prefix.push(h);
             // Log Matching (Figure 3), over every log that ever existed: an entry's index and

@@ -141,6 +141,7 @@ impl Sim {
         self.disks.insert(id, Disk::default());
         // A new, empty filesystem.
         self.real.remove(&id);
+        self.in_flight.remove(&id);
         self.prefix.insert(id, Vec::new());
         self.store_checked.insert(id, 0);
         self.last_term.remove(&id);

@@ -156,14 +156,14 @@ pub struct Disk {
 }
 
 impl Disk {
-    fn persist(&mut self, rd: &Ready) {
-        if let Some(hs) = rd.hard_state {
+    fn persist(&mut self, hard_state: Option<HardState>, entries: &[Entry]) {
+        if let Some(hs) = hard_state {
             self.hard_state = hs;
         }
-        if let Some(first) = rd.entries.first() {
+        if let Some(first) = entries.first() {
             self.entries
                 .truncate((first.index - self.base.0 - 1) as usize);
-            self.entries.extend_from_slice(&rd.entries);
+            self.entries.extend_from_slice(entries);
         }
     }
 
@@ -196,6 +196,9 @@ pub enum CrashPoint {
     BetweenMessages,
     /// Durable and sent, but the core was never told (`advance` not called).
     BeforeAdvance,
+    /// The power failed while the batch was written: on restart it is there whole, or not
+    /// at all (a torn tail is cut off).
+    TornPersist,
     /// Advanced; some or all client replies not sent.
     BeforeReplies,
     /// A snapshot taken is durable, but the core was never told (`snapshot_taken` not called,
@@ -217,8 +220,9 @@ pub const SNAPSHOT_CRASH_POINTS: [CrashPoint; 3] = [
     CrashPoint::InstallBeforeAck,
 ];
 
-pub const CRASH_POINTS: [CrashPoint; 6] = [
+pub const CRASH_POINTS: [CrashPoint; 7] = [
     CrashPoint::BeforePersist,
+    CrashPoint::TornPersist,
     CrashPoint::SentBeforePersist,
     CrashPoint::AfterPersist,
     CrashPoint::BetweenMessages,
@@ -491,6 +495,9 @@ pub struct Sim {
     store_checked: BTreeMap<NodeId, usize>,
     /// Every snapshot taken or installed, by ID (equal IDs must mean equal snapshots).
     snapshot_states: HashMap<SnapshotId, SnapshotState>,
+    /// A batch each node was writing when the power failed (see `Sim::torn_persist`): its
+    /// restart may find it whole.
+    in_flight: BTreeMap<NodeId, (Option<HardState>, Vec<Entry>)>,
     /// The state of the snapshot each node's real disk started last.
     started_snapshot: BTreeMap<NodeId, SnapshotState>,
 }
@@ -587,6 +594,7 @@ impl Sim {
             store_checked: BTreeMap::new(),
             snapshot_states: HashMap::new(),
             started_snapshot: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
             ids,
             cfg,
         };
@@ -1180,6 +1188,10 @@ impl Sim {
             for (g, act) in acts.iter().enumerate() {
                 if let Some((at, point)) = crash_before {
                     if at == g {
+                        if matches!(act, Act::Persist) && self.rng.chance(0.5) {
+                            self.torn_persist(id, role, term, &rd);
+                            return;
+                        }
                         *self.stats.crashes_in_ready.entry(point).or_default() += 1;
                         self.crash(id);
                         return;
