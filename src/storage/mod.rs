@@ -114,7 +114,7 @@ pub struct Disk {
     /// How long the node thread took to start the latest snapshot ([`Disk::start_snapshot`]).
     pub started_in: Duration,
     jobs: Sender<Job>,
-    done: Receiver<Result<SnapshotJob, StorageError>>,
+    done: Receiver<SnapshotDone>,
     /// With [`Jobs::Manual`]: the queue the snapshot thread would take jobs from, and where
     /// it would answer.
     manual: Option<(Receiver<Job>, Sender<SnapshotDone>)>,
