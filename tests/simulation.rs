@@ -345,6 +345,8 @@ struct Counts {
     old_config_restarts: u64,
     unaddressed: u64,
     learned: u64,
+    power_cuts: u64,
+    wal_rotations: u64,
 }
 
 impl Counts {
@@ -377,6 +379,8 @@ impl Counts {
         self.old_config_restarts += o.old_config_restarts;
         self.unaddressed += o.unaddressed;
         self.learned += o.learned;
+        self.power_cuts += o.power_cuts;
+        self.wal_rotations += o.wal_rotations;
     }
 }
 
@@ -467,8 +471,6 @@ fn chaos_run(
     cfg.rejoins = rejoins_in_random_runs();
     if snapshots.is_some() {
         cfg.snapshot_every = snapshots;
-        // Snapshots of a few hundred entries then take several chunks.
-        cfg.record_pad = 1_000;
     }
     let mut s = Sim::new(seed, cfg);
     let clients: Vec<usize> = (0..6).map(|_| s.add_client()).collect();
@@ -601,6 +603,8 @@ fn chaos_run(
         old_config_restarts: s.stats.old_config_restarts,
         unaddressed: s.stats.unaddressed,
         learned: s.stats.learned,
+        power_cuts: s.stats.power_cuts,
+        wal_rotations: s.stats.wal_rotations,
     };
     if std::env::var("SIM_SEED").is_ok() || std::env::var("SIM_VERBOSE").is_ok() {
         println!("seed {seed} ({flavour_text}): {counts:?}");
@@ -782,7 +786,15 @@ fn chaos_test_with(nodes: usize, list: Vec<u64>, membership: bool, snapshots: Op
             total.refused > 0,
             "no append of clients sharing an ID was refused"
         );
+        // Half the crashes are power cuts of the real storage (tests/sim/disk.rs).
+        assert!(
+            total.power_cuts * 4 >= total.crashes,
+            "only {} of {} crashes were power cuts",
+            total.power_cuts,
+            total.crashes
+        );
         if snapshots.is_some() {
+            assert!(total.wal_rotations > 0, "no real WAL started a new segment");
             for p in SNAPSHOT_CRASH_POINTS {
                 assert!(
                     total.crashes_in_ready.get(&p).copied().unwrap_or(0) > 0,

@@ -41,6 +41,10 @@ use crate::transport::{self, Inbound, Queues};
 use crossbeam_channel::{select, Receiver, Sender};
 use instruments::Instruments;
 use node_loop::{node_loop, Inboxes};
+/// The node loop's seams, for the simulator (tests/sim), which carries out `Ready`s itself
+/// but runs the real storage round trip after `advance` through them.
+#[doc(hidden)]
+pub use node_loop::{AfterAdvance, Core, Durable, Outbox};
 pub use node_loop::{MAX_BATCH, MAX_CLIENT_BATCH, MAX_TICKS_PER_BATCH, SLOW_BATCH};
 use routes::Routes;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -32,8 +32,9 @@ pub const MAX_TICKS_PER_BATCH: usize = 2;
 pub const SLOW_BATCH: Duration = Duration::from_millis(50);
 const SKIPPED_TICKS_TO_LOG: usize = 5;
 
-/// What the node loop needs from the core; [`Node`] in production, fakes in the tests.
-pub(super) trait Core {
+/// What the node loop needs from the core; [`Node`] in production, fakes in the tests (and a
+/// wrapper in the simulator, which runs the real after-advance code).
+pub trait Core {
     fn tick(&mut self);
     fn step(&mut self, msg: Message);
     fn request(&mut self, reply_to: ReplyTo, req: ClientRequest);
@@ -166,15 +167,16 @@ impl Core for Node {
 
 /// The core's configurations as routing sees them; routing is recomputed when this changes.
 /// The parts of a `Ready` carried out after `advance`: the applied log and snapshots.
-pub(super) struct AfterAdvance {
-    pub(super) applied: Vec<LogRecord>,
-    pub(super) store_reads: Vec<StoreRead>,
-    pub(super) chunk_reads: Vec<ChunkRead>,
-    pub(super) chunk_writes: Vec<ChunkWrite>,
+#[derive(Default)]
+pub struct AfterAdvance {
+    pub applied: Vec<LogRecord>,
+    pub store_reads: Vec<StoreRead>,
+    pub chunk_reads: Vec<ChunkRead>,
+    pub chunk_writes: Vec<ChunkWrite>,
 }
 
 /// What the node loop needs from storage.
-pub(super) trait Durable {
+pub trait Durable {
     fn persist(&mut self, hard_state: Option<&HardState>, entries: &[Entry]) -> Result<(), String>;
     /// What a full disk stopped, if anything: after a failed persist, the loop then waits for
     /// space and writes the same batch again, acknowledging nothing meanwhile.
@@ -197,7 +199,7 @@ pub(super) trait Durable {
     }
 }
 /// What the node loop needs from the network.
-pub(super) trait Outbox {
+pub trait Outbox {
     fn send_peer(&mut self, msg: Message);
     fn send_reply(&mut self, to: ReplyTo, reply: ClientReply);
     /// Routes by `directory` from now on (it is shared with the receiver).

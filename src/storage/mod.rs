@@ -67,6 +67,9 @@ pub enum Staged {
     },
 }
 
+/// A snapshot job back from the snapshot thread.
+type SnapshotDone = Result<SnapshotJob, StorageError>;
+
 /// File work for the snapshot thread, so that taking a snapshot costs the node thread only
 /// what must happen in order with its writes.
 enum Job {
@@ -82,12 +85,26 @@ enum Job {
     Barrier(Sender<()>),
 }
 
+/// Where the snapshot thread's jobs (a snapshot's fsyncs, WAL segments prepared and deleted)
+/// run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Jobs {
+    /// On a thread of their own, alongside the node thread (the peer).
+    #[default]
+    Thread,
+    /// Queued until [`Disk::run_jobs`] (or a wait for one, or [`Disk::settle`]) runs them on
+    /// the caller's thread: one order of file operations for a seed, for the simulator.
+    Manual,
+}
+
 pub struct Disk {
     pub wal: Wal,
     pub store: Store,
     /// Entries applied between two snapshots, and entries kept before a snapshot's index.
     snapshot_entries: u64,
     snapshot_trailing: u64,
+    /// A WAL segment this long is closed at the next snapshot ([`SEGMENT_BYTES`] unless set).
+    segment_bytes: u64,
     /// Index of the latest snapshot, or of the one being written (0: none).
     snapshot_index: Index,
     /// A snapshot handed to the snapshot thread and not yet back.
@@ -97,7 +114,10 @@ pub struct Disk {
     /// How long the node thread took to start the latest snapshot ([`Disk::start_snapshot`]).
     pub started_in: Duration,
     jobs: Sender<Job>,
-    done: Receiver<Result<SnapshotJob, StorageError>>,
+    done: Receiver<SnapshotDone>,
+    /// With [`Jobs::Manual`]: the queue the snapshot thread would take jobs from, and where
+    /// it would answer.
+    manual: Option<(Receiver<Job>, Sender<SnapshotDone>)>,
     /// The number of the WAL segment the snapshot thread last prepared (0: none yet); a
     /// rotation takes it if it is the next number.
     prepared: Arc<AtomicU64>,
@@ -137,6 +157,19 @@ impl Disk {
         node_id: NodeId,
         snapshot_entries: u64,
         snapshot_trailing: u64,
+    ) -> Result<(Disk, Restored), StorageError> {
+        let (entries, trailing) = (snapshot_entries, snapshot_trailing);
+        Disk::open_with(fs, dir, node_id, entries, trailing, Jobs::Thread)
+    }
+
+    /// [`Disk::open_in`], with the snapshot thread's jobs run as `jobs` says.
+    pub fn open_with(
+        fs: &Fs,
+        dir: &Path,
+        node_id: NodeId,
+        snapshot_entries: u64,
+        snapshot_trailing: u64,
+        jobs: Jobs,
     ) -> Result<(Disk, Restored), StorageError> {
         let (mut wal, mut hard_state, mut entries) = Wal::open_in(fs, dir, node_id)?;
         let (store, snapshot) = Store::open_in(fs, dir)?;
@@ -178,23 +211,31 @@ impl Disk {
             }
             None => {}
         }
-        let (jobs, jobs_rx) = crossbeam_channel::unbounded::<Job>();
+        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done) = crossbeam_channel::unbounded();
-        thread::Builder::new()
-            .name("snapshot".into())
-            .spawn(move || snapshot_thread(jobs_rx, done_tx))
-            .map_err(|e| StorageError::SnapshotThread { source: Some(e) })?;
+        let manual = match jobs {
+            Jobs::Manual => Some((jobs_rx, done_tx)),
+            Jobs::Thread => {
+                thread::Builder::new()
+                    .name("snapshot".into())
+                    .spawn(move || snapshot_thread(jobs_rx, done_tx))
+                    .map_err(|e| StorageError::SnapshotThread { source: Some(e) })?;
+                None
+            }
+        };
         let disk = Disk {
             wal,
             store,
             snapshot_entries,
             snapshot_trailing,
+            segment_bytes: SEGMENT_BYTES,
             snapshot_index: snapshot.as_ref().map_or(0, |(s, _)| s.index),
             writing: false,
             written: None,
             started_in: Duration::ZERO,
-            jobs,
+            jobs: jobs_tx,
             done,
+            manual,
             prepared: Arc::new(AtomicU64::new(0)),
             since_snapshot: Vec::new(),
             store_full: None,
@@ -548,6 +589,11 @@ impl Disk {
 
     fn wait_for_snapshot(&mut self) -> Result<SnapshotJob, StorageError> {
         self.writing = false;
+        while self.manual.is_some() && self.done.is_empty() {
+            if self.run_jobs(1) == 0 {
+                return Err(StorageError::SnapshotThread { source: None });
+            }
+        }
         self.done
             .recv()
             .map_err(|_| StorageError::SnapshotThread { source: None })?
@@ -556,10 +602,35 @@ impl Disk {
     /// Waits until the snapshot thread has done every job sent so far (a snapshot's fsyncs,
     /// segment preparations and deletions), so that tests see one order of file operations.
     pub fn settle(&self) -> Result<(), StorageError> {
+        if self.manual.is_some() {
+            self.run_jobs(usize::MAX);
+            return Ok(());
+        }
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.send(Job::Barrier(tx))?;
         rx.recv()
             .map_err(|_| StorageError::SnapshotThread { source: None })
+    }
+
+    /// With [`Jobs::Manual`], runs at most `max` of the queued jobs, oldest first, on this
+    /// thread; returns how many ran (0 with [`Jobs::Thread`]).
+    pub fn run_jobs(&self, max: usize) -> usize {
+        let Some((jobs, done)) = &self.manual else {
+            return 0;
+        };
+        let mut ran = 0;
+        while ran < max {
+            let Ok(job) = jobs.try_recv() else { break };
+            run_job(job, done);
+            ran += 1;
+        }
+        ran
+    }
+
+    /// Closes a WAL segment at a snapshot once it holds `bytes` (not [`SEGMENT_BYTES`]): the
+    /// simulator's short runs then rotate and delete segments too.
+    pub fn set_segment_bytes(&mut self, bytes: u64) {
+        self.segment_bytes = bytes;
     }
 
     pub fn snapshot_trailing(&self) -> u64 {
@@ -577,7 +648,7 @@ impl Disk {
         last: (Index, Term),
         base: Index,
     ) -> Result<(), StorageError> {
-        if self.wal.segment_len() >= SEGMENT_BYTES {
+        if self.wal.segment_len() >= self.segment_bytes {
             if let Err(e) = self.rotate_wal(hard_state, last) {
                 // Nothing changed: the WAL goes on in its current segment.
                 self.errors.push("wal_rotate");
@@ -617,35 +688,39 @@ fn reset_if_full(
 }
 
 /// The snapshot thread: runs jobs in order until the disk is dropped.
-fn snapshot_thread(jobs: Receiver<Job>, done: Sender<Result<SnapshotJob, StorageError>>) {
+fn snapshot_thread(jobs: Receiver<Job>, done: Sender<SnapshotDone>) {
     for job in jobs {
-        match job {
-            Job::Snapshot(job) => {
-                if done.send(job.write()).is_err() {
-                    return;
-                }
+        if !run_job(job, &done) {
+            return;
+        }
+    }
+}
+
+/// Runs one job; false once nobody takes snapshot results any more.
+fn run_job(job: Job, done: &Sender<SnapshotDone>) -> bool {
+    match job {
+        Job::Snapshot(job) => return done.send(job.write()).is_ok(),
+        Job::PrepareSegment(fs, dir, number, prepared) => {
+            match wal::prepare_segment(&fs, &dir, number) {
+                Ok(true) => prepared.store(number, Ordering::Release),
+                // The node thread created that segment itself meanwhile.
+                Ok(false) => {}
+                // Rotations then create their segments on the node thread.
+                Err(e) => log::warn!("{e}"),
             }
-            Job::PrepareSegment(fs, dir, number, prepared) => {
-                match wal::prepare_segment(&fs, &dir, number) {
-                    Ok(true) => prepared.store(number, Ordering::Release),
-                    // The node thread created that segment itself meanwhile.
-                    Ok(false) => {}
-                    // Rotations then create their segments on the node thread.
-                    Err(e) => log::warn!("{e}"),
-                }
-            }
-            Job::Free(entries) => drop(entries),
-            Job::Barrier(done) => {
-                let _ = done.send(());
-            }
-            Job::DeleteSegments(fs, dir, doomed) => {
-                if let Err(e) = wal::delete_segments(&fs, &dir, &doomed) {
-                    // A segment left behind is replayed first and gives the same log.
-                    log::warn!("compacting the WAL: {e}");
-                }
+        }
+        Job::Free(entries) => drop(entries),
+        Job::Barrier(done) => {
+            let _ = done.send(());
+        }
+        Job::DeleteSegments(fs, dir, doomed) => {
+            if let Err(e) = wal::delete_segments(&fs, &dir, &doomed) {
+                // A segment left behind is replayed first and gives the same log.
+                log::warn!("compacting the WAL: {e}");
             }
         }
     }
+    true
 }
 
 #[cfg(test)]

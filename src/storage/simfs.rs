@@ -110,6 +110,8 @@ struct State {
     rng: Rng,
     /// Set by [`SimFs::start_journal`]: the durability-relevant operations, in order.
     journal: Option<Vec<String>>,
+    /// Set by [`SimFs::set_segment_prealloc`]: the length WAL segments are created with.
+    segment_prealloc: Option<u64>,
 }
 
 struct Capture {
@@ -134,6 +136,7 @@ impl Default for State {
             capture: None,
             rng: Rng::new(0),
             journal: None,
+            segment_prealloc: None,
         }
     }
 }
@@ -503,6 +506,7 @@ impl State {
             capture: None,
             rng,
             journal: None,
+            segment_prealloc: self.segment_prealloc,
         }
     }
 
@@ -599,6 +603,7 @@ impl SimFs {
             capture: None,
             rng: s.rng.clone(),
             journal: None,
+            segment_prealloc: s.segment_prealloc,
         })))
     }
 
@@ -617,6 +622,25 @@ impl SimFs {
                 FileOp::SetLen(_) => 0,
             })
             .sum())
+    }
+
+    /// Has the WAL create its segments `bytes` long (zeros after the header) instead of
+    /// `wal::SEGMENT_PREALLOC`: the simulator opens disks so often that reading megabytes of
+    /// zeros each time would dominate its runs.
+    pub fn set_segment_prealloc(&self, bytes: u64) {
+        self.lock().segment_prealloc = Some(bytes);
+    }
+
+    pub fn segment_prealloc(&self) -> Option<u64> {
+        self.lock().segment_prealloc
+    }
+
+    /// Stops keeping crash images and hands over those kept.
+    pub fn stop_capture(&self) -> Vec<SimFs> {
+        self.lock()
+            .capture
+            .take()
+            .map_or_else(Vec::new, |c| c.images)
     }
 
     pub fn take_images(&self) -> Vec<SimFs> {

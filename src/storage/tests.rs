@@ -343,3 +343,30 @@ fn a_failed_fsync_stops_the_wal_for_good() {
     let (_, restored) = open(&fs, 1_000_000, 0);
     assert!(restored.entries.len() >= 10);
 }
+
+#[test]
+fn manual_jobs_run_only_when_asked_and_a_power_cut_loses_a_snapshot_not_run() {
+    let (sim, fs) = sim();
+    let dir = Path::new(DIR);
+    let (mut disk, _) = Disk::open_with(&fs, dir, 1, 10, 0, Jobs::Manual).unwrap();
+    disk.settle().unwrap();
+    write(&mut disk, 1, 20, 100);
+    disk.start_snapshot(&state(20)).unwrap();
+    // Queued, not run: nothing to announce, and a power cut now loses the snapshot.
+    assert_eq!(disk.snapshot_written().unwrap(), None);
+    let before_cut = sim.fork();
+    assert_eq!(disk.run_jobs(usize::MAX), 1);
+    let id = disk
+        .snapshot_written()
+        .unwrap()
+        .expect("the snapshot is written");
+    assert_eq!(id.index, 20);
+    assert_eq!(disk.run_jobs(usize::MAX), 0);
+    drop(disk);
+    before_cut.power_cut();
+    let (_, lost) = open(&Fs::Sim(before_cut), 10, 0);
+    assert!(lost.snapshot.is_none());
+    sim.power_cut();
+    let (_, kept) = open(&fs, 10, 0);
+    assert_eq!(kept.snapshot.map(|(_, id)| id.index), Some(20));
+}

@@ -1045,7 +1045,7 @@ fn write_segment(fs: &Fs, path: &Path, bytes: &[u8]) -> Result<FsFile, StorageEr
         };
         let mut f = fs.open(&tmp, how)?;
         f.write_all(bytes)?;
-        write_zeros_to_prealloc(&mut f, bytes.len() as u64)?;
+        write_zeros_to_prealloc(fs, &mut f, bytes.len() as u64)?;
         f.sync_all()?;
         fs.rename(&tmp, path)?;
         f.seek(SeekFrom::Start(bytes.len() as u64))?;
@@ -1057,10 +1057,20 @@ fn write_segment(fs: &Fs, path: &Path, bytes: &[u8]) -> Result<FsFile, StorageEr
     })
 }
 
-/// Writes zeros from `len`, where `f`'s write position is, up to [`SEGMENT_PREALLOC`].
-fn write_zeros_to_prealloc(f: &mut FsFile, mut len: u64) -> io::Result<()> {
-    while len < SEGMENT_PREALLOC {
-        let n = (SEGMENT_PREALLOC - len).min(ZEROS.len() as u64) as usize;
+/// The length segments are created with on `fs`: [`SEGMENT_PREALLOC`], unless a simulated
+/// filesystem asks for less.
+fn segment_prealloc(fs: &Fs) -> u64 {
+    match fs {
+        Fs::Sim(sim) => sim.segment_prealloc().unwrap_or(SEGMENT_PREALLOC),
+        Fs::Real => SEGMENT_PREALLOC,
+    }
+}
+
+/// Writes zeros from `len`, where `f`'s write position is, up to the preallocated length.
+fn write_zeros_to_prealloc(fs: &Fs, f: &mut FsFile, mut len: u64) -> io::Result<()> {
+    let prealloc = segment_prealloc(fs);
+    while len < prealloc {
+        let n = (prealloc - len).min(ZEROS.len() as u64) as usize;
         f.write_all(&ZEROS[..n])?;
         len += n as u64;
     }
@@ -1083,7 +1093,7 @@ pub fn prepare_segment(fs: &Fs, dir: &Path, number: u64) -> Result<bool, Storage
         };
         let mut f = fs.open(&spare, how)?;
         f.write_all(&header)?;
-        write_zeros_to_prealloc(&mut f, header.len() as u64)?;
+        write_zeros_to_prealloc(fs, &mut f, header.len() as u64)?;
         f.sync_all()
     };
     write().map_err(StorageError::io("prepare", &spare))?;
@@ -1115,8 +1125,8 @@ fn open_prepared(fs: &Fs, path: &Path) -> Result<(FsFile, u64), StorageError> {
         .open(path, how)
         .map_err(StorageError::io("open the prepared segment", path))?;
     let len = len_of(path, &f)?;
-    if len < SEGMENT_PREALLOC {
-        let min = SEGMENT_PREALLOC;
+    if len < segment_prealloc(fs) {
+        let min = segment_prealloc(fs);
         return Err(StorageError::wal(
             path,
             WalProblem::ShortPrepared { len, min },
@@ -1248,7 +1258,7 @@ fn replay_segment(
     let file_len = len_of(path, file)?;
     let read_err = |off: u64, e| StorageError::io_at(path, At::ReadNear(off))(e);
     let corrupt = |problem| Err(StorageError::wal(path, problem));
-    let mut reader = BufReader::with_capacity(READ_BUFFER, &mut *file);
+    let mut reader = BufReader::with_capacity(read_buffer(file_len, 0), &mut *file);
     let magic = read_wal_header(path, &mut reader, file_len)?;
     // A guess at the entry count; the log grows past it if the entries are smaller.
     log.entries.reserve((file_len / 64) as usize);
@@ -1352,11 +1362,18 @@ fn replay_segment(
     })
 }
 
+/// A read buffer for the bytes of a file `len` long from `from` on: [`READ_BUFFER`] at most,
+/// and no bigger than they need (each fill of a buffered reader zeroes all of it first).
+fn read_buffer(len: u64, from: u64) -> usize {
+    (len.saturating_sub(from) as usize).clamp(8 << 10, READ_BUFFER)
+}
+
 /// Whether every byte from offset `from` to the end of the file is zero (a segment's
 /// preallocated tail, or one that no write reached).
 fn zeros_from(file: &mut FsFile, from: u64) -> io::Result<bool> {
     file.seek(SeekFrom::Start(from))?;
-    let mut reader = BufReader::with_capacity(READ_BUFFER, file);
+    let len = file.size()?;
+    let mut reader = BufReader::with_capacity(read_buffer(len, from), file);
     loop {
         let buf = reader.fill_buf()?;
         if buf.is_empty() {

@@ -422,17 +422,12 @@ impl Sim {
                 }
                 continue;
             }
-            let entry = node.log().get(index).expect("committed entry present");
-            match self.committed.get(&index) {
-                Some((e, _)) if e != entry => self.fail(&format!(
-                    "node {id} committed {entry:?} at {index}, another committed {e:?}"
-                )),
-                Some(_) => {}
-                None => {
-                    let entry = entry.clone();
-                    self.newly_committed(id, term, entry);
-                }
-            }
+            let entry = node
+                .log()
+                .get(index)
+                .expect("committed entry present")
+                .clone();
+            self.check_committed(id, term, entry);
         }
         self.checked_commit.insert(id, commit.max(from - 1));
         self.check_store(id);
@@ -448,6 +443,19 @@ impl Sim {
         }
         if self.paranoid {
             self.full_check(id);
+        }
+    }
+
+    /// State Machine Safety: `entry`, committed by node `id` in `term`, is what every node
+    /// committed at its index.
+    pub(super) fn check_committed(&mut self, id: NodeId, term: Term, entry: Entry) {
+        let index = entry.index;
+        match self.committed.get(&index) {
+            Some((e, _)) if *e != entry => self.fail(&format!(
+                "node {id} committed {entry:?} at {index}, another committed {e:?}"
+            )),
+            Some(_) => {}
+            None => self.newly_committed(id, term, entry),
         }
     }
 

@@ -139,6 +139,9 @@ impl Sim {
         self.ids.push(id);
         self.joined.insert(id);
         self.disks.insert(id, Disk::default());
+        // A new, empty filesystem.
+        self.real.remove(&id);
+        self.in_flight.remove(&id);
         self.prefix.insert(id, Vec::new());
         self.store_checked.insert(id, 0);
         self.last_term.remove(&id);

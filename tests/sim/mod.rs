@@ -21,12 +21,15 @@
 //! ([`Stats::unaddressed`]); messages from a sender it cannot place are dropped
 //! ([`Stats::unknown_sender`]).
 //!
-//! Snapshots (thesis ch. 5), when [`SimConfig::snapshot_every`] is set: each node's shell keeps
-//! the applied log (its store) and takes snapshots as the real one does, compacting its WAL;
-//! leaders stream snapshots in chunks through the simulated network, receivers stage them
-//! durably and install them; crashes strike between a snapshot's durability and telling the
-//! core. The checks then compare logs only where both still hold entries, and the stores'
-//! records (the applied history) with each other and with what was committed.
+//! Storage (`disk.rs`): each node runs the real storage code (`raft::storage::Disk`: WAL,
+//! store, snapshots, staged installs, and the node loop's after-advance round trip) over a
+//! simulated filesystem of its own, so crashes are process kills or power cuts that lose what
+//! was not synced. With [`SimConfig::snapshot_every`] set, nodes take snapshots as the peer
+//! does, compacting their WALs; leaders stream snapshots in chunks through the simulated
+//! network, receivers stage and install them; crashes strike before the core is told of a
+//! snapshot and at the fsyncs of an install. The checks then compare logs only where both
+//! still hold entries, and the stores' records (the applied history) with each other and with
+//! what was committed.
 
 #![allow(dead_code)]
 
@@ -35,18 +38,18 @@ mod clients;
 mod disk;
 mod membership;
 
+use raft::peer::AfterAdvance;
 use raft::raft::node::RoutingKey;
+use raft::raft::record_of;
 use raft::raft::{
-    escaped_len, Body, ClientId, ClientOp, ClientReply, ClientRequest, ClientResult, ConfChange,
-    Config, Datagram, Entry, HardState, Index, LogRecord, MemberRole, Membership, Message, Node,
-    NodeId, Payload, Ready, ReplyTo, Role, SnapshotId, SnapshotMeta, SnapshotState, Term,
-    ENTRY_OVERHEAD,
+    Body, ClientId, ClientOp, ClientReply, ClientRequest, ClientResult, ConfChange, Config,
+    Datagram, Entry, HardState, Index, LogRecord, MemberRole, Membership, Message, Node, NodeId,
+    Payload, Ready, ReplyTo, Role, SnapshotId, SnapshotState, Term,
 };
-use raft::raft::{record_of, ChunkRead, ChunkWrite, StoreRead, PAGE_BUDGET};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
 /// Virtual microseconds.
 pub type Time = u64;
@@ -84,10 +87,8 @@ pub struct SimConfig {
     /// keeping this many entries before it in its log. None: never (the core then behaves as
     /// before snapshots existed).
     pub snapshot_every: Option<(u64, u64)>,
-    /// Bytes added to each record's length in a snapshot's stream, as if entries were larger:
-    /// snapshots then span several chunks.
-    pub record_pad: u64,
-    /// Probability of crashing at each snapshot crash point met (see [`SNAPSHOT_CRASH_POINTS`]).
+    /// Probability of crashing at each snapshot crash point met (see [`SNAPSHOT_CRASH_POINTS`];
+    /// for a power cut during an install, per round trip that stages chunks).
     pub crash_in_snapshot: f64,
     /// Whether a node learns the address of the sender of every peer message delivered to it
     /// (the sender's address rides in the message), and so takes messages from, and answers,
@@ -116,7 +117,6 @@ impl SimConfig {
             client_retry: 100 * MS,
             pause_buffer: 1_000,
             snapshot_every: None,
-            record_pad: 0,
             crash_in_snapshot: 0.0,
             learn_addresses: true,
             rejoins: true,
@@ -132,9 +132,9 @@ impl SimConfig {
     }
 }
 
-/// What survives a crash: whatever a Ready persisted (the shell fsyncs each one as one frame,
-/// so a crash during the write loses the batch whole), the latest snapshot, and the store up
-/// to it.
+/// What the real storage code reported durable when it returned (see `disk.rs`): whatever a
+/// Ready persisted, the latest snapshot announced or installed, the WAL compacted to the
+/// core's base, and the records applied; and the `cluster` file, modelled here.
 #[derive(Clone, Debug, Default)]
 pub struct Disk {
     pub hard_state: HardState,
@@ -143,14 +143,10 @@ pub struct Disk {
     pub base: (Index, Term),
     pub entries: Vec<Entry>,
     /// The applied log (one record per applied entry, from index 1). Durable up to the latest
-    /// snapshot's index: a crash cuts it back there, as the real store's restart does.
+    /// snapshot's index: a restart cuts it back there, as the real store does.
     pub store: Vec<LogRecord>,
-    /// Running (bytes, hash) of the store's records, for snapshot IDs; filled on demand.
-    sums: Vec<(u64, u64)>,
     /// The latest snapshot, durable.
     pub snapshot: Option<(SnapshotState, SnapshotId)>,
-    /// The snapshot being received, durable so that a restarted receiver resumes.
-    pub staged: Option<Staged>,
     /// The `cluster` file of a joining node: whether it adopted its cluster, and its vote
     /// floor until its log reached it (see `raft::node::vote_floor_from`), and that first
     /// floor for good (`started_over`).
@@ -159,23 +155,15 @@ pub struct Disk {
     pub started_over: (Index, Term),
 }
 
-/// A snapshot being received: its ID, and the bytes of its records and meta held from 0.
-#[derive(Clone, Copy, Debug)]
-pub struct Staged {
-    pub id: SnapshotId,
-    pub records: u64,
-    pub meta: u64,
-}
-
 impl Disk {
-    fn persist(&mut self, rd: &Ready) {
-        if let Some(hs) = rd.hard_state {
+    fn persist(&mut self, hard_state: Option<HardState>, entries: &[Entry]) {
+        if let Some(hs) = hard_state {
             self.hard_state = hs;
         }
-        if let Some(first) = rd.entries.first() {
+        if let Some(first) = entries.first() {
             self.entries
                 .truncate((first.index - self.base.0 - 1) as usize);
-            self.entries.extend_from_slice(&rd.entries);
+            self.entries.extend_from_slice(entries);
         }
     }
 
@@ -186,54 +174,6 @@ impl Disk {
 
     pub fn snapshot_index(&self) -> Index {
         self.snapshot.as_ref().map_or(0, |(s, _)| s.index)
-    }
-
-    /// Cuts the store back to `len` records.
-    fn store_truncate(&mut self, len: usize) {
-        self.store.truncate(len);
-        self.sums.truncate(len);
-    }
-
-    /// (bytes, hash) of the store's first `n` records as a snapshot streams them.
-    fn store_sums(&mut self, n: usize, pad: u64) -> (u64, u64) {
-        while self.sums.len() < n {
-            let (bytes, hash) = self.sums.last().copied().unwrap_or((0, 0));
-            let r = &self.store[self.sums.len()];
-            let line = serde_json::to_string(r).expect("record encodes");
-            let h = chain(hash, str_hash(&line));
-            self.sums.push((bytes + line.len() as u64 + 1 + pad, h));
-        }
-        if n == 0 {
-            (0, 0)
-        } else {
-            self.sums[n - 1]
-        }
-    }
-}
-
-fn str_hash(s: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    s.hash(&mut h);
-    h.finish()
-}
-
-/// A snapshot's ID, from its content: equal IDs mean equal snapshots.
-fn snapshot_id(state: &SnapshotState, (records_len, records_hash): (u64, u64)) -> SnapshotId {
-    let records_crc = records_hash as u32;
-    let meta = SnapshotMeta {
-        state: state.clone(),
-        records_len,
-        records_crc,
-    };
-    let meta = serde_json::to_string(&meta).expect("meta encodes");
-    SnapshotId {
-        index: state.index,
-        term: state.term,
-        records_len,
-        records_crc,
-        meta_len: meta.len() as u64,
-        meta_crc: str_hash(&meta) as u32,
     }
 }
 
@@ -256,14 +196,18 @@ pub enum CrashPoint {
     BetweenMessages,
     /// Durable and sent, but the core was never told (`advance` not called).
     BeforeAdvance,
+    /// The power failed while the batch was written: on restart it is there whole, or not
+    /// at all (a torn tail is cut off).
+    TornPersist,
     /// Advanced; some or all client replies not sent.
     BeforeReplies,
     /// A snapshot taken is durable, but the core was never told (`snapshot_taken` not called,
     /// the WAL not compacted).
     SnapshotBeforeTaken,
-    /// A received snapshot is durable (store swapped, snapshot current) but the WAL was not
-    /// yet reset to its base: a restart finds a WAL that may not reach the snapshot.
-    InstallBeforeWalReset,
+    /// The power failed at one of the fsyncs of staging or installing a received snapshot
+    /// (among them: the store swapped in, the WAL not yet reset to its base, so that a restart
+    /// finds a WAL that may not reach the snapshot).
+    InstallPowerCut,
     /// A received snapshot is durable and the WAL reset, but the core was never told
     /// (`install_snapshot` not called, so no acknowledgement).
     InstallBeforeAck,
@@ -272,12 +216,13 @@ pub enum CrashPoint {
 /// Where snapshot work may crash, with probability [`SimConfig::crash_in_snapshot`] each.
 pub const SNAPSHOT_CRASH_POINTS: [CrashPoint; 3] = [
     CrashPoint::SnapshotBeforeTaken,
-    CrashPoint::InstallBeforeWalReset,
+    CrashPoint::InstallPowerCut,
     CrashPoint::InstallBeforeAck,
 ];
 
-pub const CRASH_POINTS: [CrashPoint; 6] = [
+pub const CRASH_POINTS: [CrashPoint; 7] = [
     CrashPoint::BeforePersist,
+    CrashPoint::TornPersist,
     CrashPoint::SentBeforePersist,
     CrashPoint::AfterPersist,
     CrashPoint::BetweenMessages,
@@ -395,6 +340,10 @@ pub struct Stats {
     pub long_delayed: u64,
     pub crashes: u64,
     pub crashes_in_ready: BTreeMap<CrashPoint, u64>,
+    /// Crashes that were power cuts (unsynced data lost), the others process kills.
+    pub power_cuts: u64,
+    /// New WAL segments the real disks started (at snapshots and installs).
+    pub wal_rotations: u64,
     pub restarts: u64,
     pub pauses: u64,
     /// Datagrams that waited in a paused node's buffer and were received on resume.
@@ -465,7 +414,10 @@ pub struct Sim {
     /// Removed by a committed change: stopped by the operator at the next [`Sim::decommission`].
     decommission: BTreeSet<NodeId>,
     nodes: BTreeMap<NodeId, Option<Node>>,
+    /// What the real storage reported durable, per node (the shadow the invariants read).
     pub disks: BTreeMap<NodeId, Disk>,
+    /// Each node's real storage and simulated filesystem.
+    real: BTreeMap<NodeId, disk::Real>,
     events: BTreeMap<(Time, u64), Event>,
     event_seq: u64,
     /// Directed links that drop everything.
@@ -541,8 +493,13 @@ pub struct Sim {
     applied_records: Vec<LogRecord>,
     /// Records of each node's store checked against `applied_records` and `committed`.
     store_checked: BTreeMap<NodeId, usize>,
-    /// Every snapshot taken, by ID: what a receiver installs once it holds all its bytes.
-    pub snapshots: HashMap<SnapshotId, Arc<(SnapshotState, Vec<LogRecord>)>>,
+    /// Every snapshot taken or installed, by ID (equal IDs must mean equal snapshots).
+    snapshot_states: HashMap<SnapshotId, SnapshotState>,
+    /// A batch each node was writing when the power failed (see `Sim::torn_persist`): its
+    /// restart may find it whole.
+    in_flight: BTreeMap<NodeId, (Option<HardState>, Vec<Entry>)>,
+    /// The state of the snapshot each node's real disk started last.
+    started_snapshot: BTreeMap<NodeId, SnapshotState>,
 }
 
 /// How many servers' membership or role differs between two configurations.
@@ -581,6 +538,7 @@ impl Sim {
             now: 0,
             nodes: BTreeMap::new(),
             disks: ids.iter().map(|&id| (id, Disk::default())).collect(),
+            real: BTreeMap::new(),
             initial: ids.clone(),
             joined: BTreeSet::new(),
             retired: BTreeSet::new(),
@@ -634,7 +592,9 @@ impl Sim {
             committed_prefix: Vec::new(),
             applied_records: Vec::new(),
             store_checked: BTreeMap::new(),
-            snapshots: HashMap::new(),
+            snapshot_states: HashMap::new(),
+            started_snapshot: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
             ids,
             cfg,
         };
@@ -668,26 +628,17 @@ impl Sim {
     }
 
     fn start(&mut self, id: NodeId) {
+        let r = self.open_disk(id);
         let cfg = self.core_config(id);
-        let disk = &self.disks[&id];
-        let node = Node::restore(
-            cfg,
-            disk.hard_state,
-            disk.snapshot.clone(),
-            disk.base,
-            disk.entries.clone(),
-        );
-        // The core replaces a WAL that does not reach its snapshot (or disagrees with it) by
-        // the snapshot's base; so does the shell.
+        let node = Node::restore(cfg, r.hard_state, r.snapshot, r.base, r.entries);
+        // The real disk already replaced a WAL that does not reach its snapshot by the
+        // snapshot's base: the core has nothing left to replace.
         let base = node.log().base();
-        if base != disk.base {
-            if !node.log().entries().is_empty() || base.0 != disk.snapshot_index() {
-                self.fail(&format!(
-                    "node {id} restored with log base {base:?}, its WAL's is {:?}",
-                    disk.base
-                ));
-            }
-            self.reset_wal(id, base);
+        if base != self.disks[&id].base {
+            self.fail(&format!(
+                "node {id} restored with log base {base:?}, its WAL's is {:?}",
+                self.disks[&id].base
+            ));
         }
         self.last_commit.insert(id, node.commit_index());
         self.leader_commit_checked.insert(id, node.commit_index());
@@ -751,26 +702,20 @@ impl Sim {
             .filter(|&i| !self.is_up(i))
             .collect()
     }
-    /// SIGKILL: the node loses everything not on its disk, including datagrams it held paused.
+    /// SIGKILL, or as often a power cut: the node loses everything not on its disk (with a
+    /// power cut, also what its disk was not made to sync), including datagrams it held paused.
     pub fn crash(&mut self, id: NodeId) {
+        let power_cut = self.rng.chance(0.5);
+        self.kill_disk(id, power_cut);
+        self.crash_process(id);
+    }
+
+    fn crash_process(&mut self, id: NodeId) {
         if self.nodes[&id].is_some() {
             self.stats.crashes += 1;
         }
         self.nodes.insert(id, None);
         self.paused.remove(&id);
-        // The store is durable up to the latest snapshot: a restart cuts it back there.
-        if let Some(disk) = self.disks.get_mut(&id) {
-            let keep = disk.snapshot_index() as usize;
-            disk.store_truncate(keep);
-            // As the real store: staged records are synced only now and then, and meta bytes
-            // are held in memory, so a restart keeps some prefix of the records received.
-            if let Some(st) = disk.staged.as_mut() {
-                st.records = self.rng.range(0, st.records);
-                st.meta = 0;
-            }
-            let checked = self.store_checked.entry(id).or_default();
-            *checked = (*checked).min(keep);
-        }
     }
     pub fn restart(&mut self, id: NodeId) {
         if self.nodes[&id].is_none() && !self.retired.contains(&id) {
@@ -819,6 +764,7 @@ impl Sim {
     /// Stops node `id` for good, as an operator does once it has left the cluster. Its disk is
     /// kept for the invariants.
     pub fn retire(&mut self, id: NodeId) {
+        self.kill_disk(id, false);
         self.nodes.insert(id, None);
         self.paused.remove(&id);
         self.ids.retain(|&i| i != id);
@@ -1198,10 +1144,6 @@ impl Sim {
             self.disks.get_mut(&id).unwrap().vote_floor = (0, 0);
         }
         self.check(id);
-        if self.maybe_snapshot(id) {
-            self.process_ready(id);
-            self.check(id);
-        }
         self.follow_configuration(id);
     }
 
@@ -1214,14 +1156,19 @@ impl Sim {
             let (role, term) = (node.role(), node.term());
             let mut rd = node.ready();
             if rd.is_empty() {
+                // As the node loop: the round trip runs after the last, empty, Ready too (it
+                // starts and announces snapshots).
+                self.maybe_run_jobs(id);
+                self.after_advance(id, AfterAdvance::default());
                 return;
             }
             // Carried out right after `advance` (see `after_advance`).
-            let applied = std::mem::take(&mut rd.applied);
-            let store_reads = std::mem::take(&mut rd.store_reads);
-            let chunk_reads = std::mem::take(&mut rd.chunk_reads);
-            let chunk_writes = std::mem::take(&mut rd.chunk_writes);
-            let mut after = Some((applied, store_reads, chunk_reads, chunk_writes));
+            let mut after = Some(AfterAdvance {
+                applied: std::mem::take(&mut rd.applied),
+                store_reads: std::mem::take(&mut rd.store_reads),
+                chunk_reads: std::mem::take(&mut rd.chunk_reads),
+                chunk_writes: std::mem::take(&mut rd.chunk_writes),
+            });
             let writes = rd.hard_state.is_some() || !rd.entries.is_empty();
             let mut acts = Vec::with_capacity(rd.messages.len() + rd.replies.len() + 2);
             if writes && !rd.send_before_persist {
@@ -1241,6 +1188,10 @@ impl Sim {
             for (g, act) in acts.iter().enumerate() {
                 if let Some((at, point)) = crash_before {
                     if at == g {
+                        if matches!(act, Act::Persist) && self.rng.chance(0.5) {
+                            self.torn_persist(id, role, term, &rd);
+                            return;
+                        }
                         *self.stats.crashes_in_ready.entry(point).or_default() += 1;
                         self.crash(id);
                         return;
@@ -1252,9 +1203,7 @@ impl Sim {
                     Act::Advance => {
                         self.nodes.get_mut(&id).unwrap().as_mut().unwrap().advance();
                         self.leader_commit_check(id);
-                        let (applied, reads, chunk_reads, chunk_writes) =
-                            after.take().expect("one advance");
-                        if !self.after_advance(id, applied, reads, chunk_reads, chunk_writes) {
+                        if !self.after_advance(id, after.take().expect("one advance")) {
                             return;
                         }
                     }
