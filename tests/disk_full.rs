@@ -79,16 +79,7 @@ fn a_follower_whose_disk_fills_stays_up_and_catches_up_once_it_grows() {
         cluster.client_ok(&["transfer-leader", "1"]);
         leader = 1;
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers = spawn_workers(
-        &cluster,
-        "df",
-        8,
-        Duration::from_secs(2),
-        20,
-        usize::MAX,
-        &stop,
-    );
+    let (stop, workers) = start_appends(&cluster, "df");
 
     poll_until(
         Duration::from_secs(90),
@@ -113,6 +104,25 @@ fn a_follower_whose_disk_fills_stays_up_and_catches_up_once_it_grows() {
     );
 
     grow_and_catch_up(&mut cluster, &dir, leader, &stop, workers);
+}
+
+/// Eight append workers that go on until `stop` is set, each retrying a timed-out append up
+/// to 20 times (2 s each): enough to fill the 6 MiB tmpfs within the tests' deadlines.
+fn start_appends(
+    cluster: &Cluster,
+    prefix: &str,
+) -> (Arc<AtomicBool>, Vec<std::thread::JoinHandle<Appends>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = spawn_workers(
+        cluster,
+        prefix,
+        8,
+        Duration::from_secs(2),
+        20,
+        usize::MAX,
+        &stop,
+    );
+    (stop, workers)
 }
 
 /// Grows the tmpfs, stops the appends, waits for peer [`FULL`] to leave `disk_full` and
@@ -173,16 +183,7 @@ fn a_leader_whose_disk_fills_hands_over_and_catches_up_once_it_grows() {
         let out = cluster.client(&["transfer-leader", &FULL.to_string()]);
         Err(String::from_utf8_lossy(&out.stdout).into_owned())
     });
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers = spawn_workers(
-        &cluster,
-        "dfl",
-        8,
-        Duration::from_secs(2),
-        20,
-        usize::MAX,
-        &stop,
-    );
+    let (stop, workers) = start_appends(&cluster, "dfl");
     poll_until(
         Duration::from_secs(90),
         "peer 3 reports a full disk and another peer leads",

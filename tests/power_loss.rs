@@ -19,6 +19,7 @@
 use raft::raft::rng::Rng;
 use raft::raft::{
     record_of, ChunkWrite, Entry, HardState, Index, Membership, Payload, SnapshotId, SnapshotState,
+    Term,
 };
 use raft::storage::fs::Fs;
 use raft::storage::simfs::{Counts, Faults, SimFs};
@@ -371,15 +372,7 @@ impl Run {
         let model = self.model.clone();
         self.check_images(&[&model], "applying");
         if self.disk().snapshot_due(applied) {
-            let state = SnapshotState {
-                index: applied,
-                term: self.model.term_at(applied),
-                membership: Membership::default(),
-                config_at: (0, 0),
-                removed: Vec::new(),
-                sessions: Vec::new(),
-                users: Vec::new(),
-            };
+            let state = bare_state(applied, self.model.term_at(applied));
             let started = self
                 .disk()
                 .start_snapshot(&state)
@@ -515,15 +508,7 @@ impl Run {
         let (mut store, _) = Store::open_in(&leader_fs, Path::new("/leader")).unwrap();
         let records: Vec<_> = leader_log.iter().map(|e| record_of(e, false)).collect();
         store.append(&records).unwrap();
-        let state = SnapshotState {
-            index: at,
-            term: leader_log[at as usize - 1].term,
-            membership: Membership::default(),
-            config_at: (0, 0),
-            removed: Vec::new(),
-            sessions: Vec::new(),
-            users: Vec::new(),
-        };
+        let state = bare_state(at, leader_log[at as usize - 1].term);
         let id = store.write_snapshot(&state).unwrap();
         let stream = store.read_chunk(&id, 0, id.total_len()).unwrap();
         let leader = Leader {
@@ -679,6 +664,20 @@ impl Run {
         }
         self.cut_during = false;
         self.cut_during_operation();
+    }
+}
+
+/// A snapshot's state at (`index`, `term`) with nothing besides the records: storage does not
+/// look inside it.
+fn bare_state(index: Index, term: Term) -> SnapshotState {
+    SnapshotState {
+        index,
+        term,
+        membership: Membership::default(),
+        config_at: (0, 0),
+        removed: Vec::new(),
+        sessions: Vec::new(),
+        users: Vec::new(),
     }
 }
 
@@ -880,15 +879,7 @@ fn a_large_install_is_synced_as_it_arrives() {
         .collect();
     let records: Vec<_> = log.iter().map(|e| record_of(e, false)).collect();
     leader.append(&records).unwrap();
-    let state = SnapshotState {
-        index: n,
-        term: 1,
-        membership: Membership::default(),
-        config_at: (0, 0),
-        removed: Vec::new(),
-        sessions: Vec::new(),
-        users: Vec::new(),
-    };
+    let state = bare_state(n, 1);
     let id = leader.write_snapshot(&state).unwrap();
     assert!(id.records_len > SYNC_EVERY, "{id:?}");
 
@@ -976,16 +967,7 @@ fn a_new_data_directory_survives_a_power_cut_at_every_step() {
         disk.persist_wal(Some(&hs), &log).unwrap();
         let records: Vec<_> = log.iter().map(|e| record_of(e, false)).collect();
         disk.apply(&records).unwrap();
-        let state = SnapshotState {
-            index: 10,
-            term: 1,
-            membership: Membership::default(),
-            config_at: (0, 0),
-            removed: Vec::new(),
-            sessions: Vec::new(),
-            users: Vec::new(),
-        };
-        disk.start_snapshot(&state).unwrap();
+        disk.start_snapshot(&bare_state(10, 1)).unwrap();
         disk.settle().unwrap();
         assert!(disk.snapshot_written().unwrap().is_some());
         drop(disk);

@@ -52,6 +52,17 @@ fn state(index: Index) -> SnapshotState {
     }
 }
 
+/// A leader's snapshot at 30 (entries of 10 bytes), from a store of its own on a filesystem of
+/// its own: its store, to read chunks from, and the snapshot's ID.
+fn leader_snapshot_at_30() -> (Store, SnapshotId) {
+    let leader = Fs::Sim(SimFs::new(3));
+    let (mut store, _) = Store::open_in(&leader, Path::new("/leader")).unwrap();
+    let records: Vec<_> = (1..=30).map(|i| record_of(&entry(i, 10), false)).collect();
+    store.append(&records).unwrap();
+    let id = store.write_snapshot(&state(30)).unwrap();
+    (store, id)
+}
+
 /// Persists and applies entries `from..=to` of `size` bytes each.
 fn write(disk: &mut Disk, from: Index, to: Index, size: usize) {
     let entries: Vec<Entry> = (from..=to).map(|i| entry(i, size)).collect();
@@ -114,12 +125,7 @@ fn an_install_waits_for_a_snapshot_in_flight() {
     let (sim, fs) = sim();
     let (mut disk, _) = open(&fs, 10, 0);
     write(&mut disk, 1, 20, 10);
-    // The leader's snapshot at 30, from a store of its own.
-    let leader = Fs::Sim(SimFs::new(3));
-    let (mut store, _) = Store::open_in(&leader, Path::new("/leader")).unwrap();
-    let records: Vec<_> = (1..=30).map(|i| record_of(&entry(i, 10), false)).collect();
-    store.append(&records).unwrap();
-    let id = store.write_snapshot(&state(30)).unwrap();
+    let (mut store, id) = leader_snapshot_at_30();
     let bytes = store.read_chunk(&id, 0, id.total_len()).unwrap();
     let (data, crc) = store::encode_chunk(&bytes);
 
@@ -154,12 +160,7 @@ fn a_full_disk_at_an_installs_last_step_keeps_the_old_store_and_is_retried() {
     let (sim, fs) = sim();
     let (mut disk, _) = open(&fs, 1_000_000, 0);
     write(&mut disk, 1, 5, 10);
-    // The leader's snapshot at 30, from a store of its own.
-    let leader = Fs::Sim(SimFs::new(3));
-    let (mut store, _) = Store::open_in(&leader, Path::new("/leader")).unwrap();
-    let records: Vec<_> = (1..=30).map(|i| record_of(&entry(i, 10), false)).collect();
-    store.append(&records).unwrap();
-    let id = store.write_snapshot(&state(30)).unwrap();
+    let (mut store, id) = leader_snapshot_at_30();
     let mut chunk = |offset: u64, len: u64| {
         let (data, crc) = store::encode_chunk(&store.read_chunk(&id, offset, len).unwrap());
         ChunkWrite {
@@ -208,11 +209,7 @@ fn an_install_with_no_room_for_a_new_segment_resets_the_wal_in_place() {
     write(&mut disk, 1, 5, 10);
     // A rotation of the node thread's own: the segment prepared at open is not the next one.
     disk.wal.rotate(&hs(5), (5, 1)).unwrap();
-    let leader = Fs::Sim(SimFs::new(3));
-    let (mut store, _) = Store::open_in(&leader, Path::new("/leader")).unwrap();
-    let records: Vec<_> = (1..=30).map(|i| record_of(&entry(i, 10), false)).collect();
-    store.append(&records).unwrap();
-    let id = store.write_snapshot(&state(30)).unwrap();
+    let (mut store, id) = leader_snapshot_at_30();
     let (data, crc) = store::encode_chunk(&store.read_chunk(&id, 0, id.total_len()).unwrap());
     let w = ChunkWrite {
         from: 2,
