@@ -337,15 +337,7 @@ impl Run {
         let from = self.rng.range(hs.commit + 1, self.model.last() + 1);
         let n = self.rng.range(1, 6);
         let entries = (0..n)
-            .map(|k| Entry {
-                index: from + k,
-                term: hs.term,
-                payload: Payload::Data {
-                    client: 9,
-                    seq: from + k,
-                    data: data(&mut self.rng),
-                },
-            })
+            .map(|k| data_entry(from + k, hs.term, 9, data(&mut self.rng)))
             .collect();
         self.act.truncations += 1;
         self.persist(hs, entries, "a truncating append");
@@ -424,15 +416,7 @@ impl Run {
         let mut hs = self.model.hs;
         hs.term = hs.term.max(1);
         let entries: Vec<Entry> = (1..=n)
-            .map(|k| Entry {
-                index: last + k,
-                term: hs.term,
-                payload: Payload::Data {
-                    client: 3,
-                    seq: last + k,
-                    data: "f".repeat(100_500),
-                },
-            })
+            .map(|k| data_entry(last + k, hs.term, 3, "f".repeat(100_500)))
             .collect();
         let before = self.model.clone();
         let mut after = before.clone();
@@ -491,15 +475,7 @@ impl Run {
         for index in commit + 1..=at {
             let entry = match self.model.log.get(index as usize - 1) {
                 Some(e) if keep_ours => e.clone(),
-                _ => Entry {
-                    index,
-                    term: leader_term,
-                    payload: Payload::Data {
-                        client: 7,
-                        seq: index,
-                        data: data(&mut self.rng),
-                    },
-                },
+                _ => data_entry(index, leader_term, 7, data(&mut self.rng)),
             };
             leader_log.push(entry);
         }
@@ -664,6 +640,19 @@ impl Run {
         }
         self.cut_during = false;
         self.cut_during_operation();
+    }
+}
+
+/// Entry `index` of `term`: client `client`'s append number `index` of `data`.
+fn data_entry(index: Index, term: Term, client: u64, data: String) -> Entry {
+    Entry {
+        index,
+        term,
+        payload: Payload::Data {
+            client,
+            seq: index,
+            data,
+        },
     }
 }
 
@@ -837,15 +826,7 @@ fn a_wal_opened_alone_keeps_what_it_persisted() {
                 commit: 0,
             };
             let entries: Vec<Entry> = (1..=rng.range(1, 4))
-                .map(|k| Entry {
-                    index: last + k,
-                    term: hs.term,
-                    payload: Payload::Data {
-                        client: 1,
-                        seq: last + k,
-                        data: data(&mut rng),
-                    },
-                })
+                .map(|k| data_entry(last + k, hs.term, 1, data(&mut rng)))
                 .collect();
             wal.persist(Some(&hs), &entries).unwrap();
             model.0 = hs;
@@ -867,15 +848,7 @@ fn a_large_install_is_synced_as_it_arrives() {
     let mut rng = Rng::new(2);
     let n = SYNC_EVERY * 5 / 4 / 8_000 + 1;
     let log: Vec<Entry> = (1..=n)
-        .map(|index| Entry {
-            index,
-            term: 1,
-            payload: Payload::Data {
-                client: 1,
-                seq: index,
-                data: "x".repeat(rng.range(7_000, 9_000) as usize),
-            },
-        })
+        .map(|index| data_entry(index, 1, 1, "x".repeat(rng.range(7_000, 9_000) as usize)))
         .collect();
     let records: Vec<_> = log.iter().map(|e| record_of(e, false)).collect();
     leader.append(&records).unwrap();
@@ -949,15 +922,7 @@ fn a_new_data_directory_survives_a_power_cut_at_every_step() {
         let sim = Fs::Sim(fs.clone());
         let (mut disk, _) = open(&sim, dir, 10, 0).unwrap();
         let log: Vec<Entry> = (1..=10)
-            .map(|index| Entry {
-                index,
-                term: 1,
-                payload: Payload::Data {
-                    client: 1,
-                    seq: index,
-                    data: data(&mut rng),
-                },
-            })
+            .map(|index| data_entry(index, 1, 1, data(&mut rng)))
             .collect();
         let hs = HardState {
             term: 1,
