@@ -7,7 +7,7 @@ mod common;
 use common::{describe, missing_tool, write_configs, Cluster, TempDir};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -71,10 +71,7 @@ fn metrics_follow_appends_and_a_leader_change_and_pass_promtool() {
     let configs = write_configs(&dir.0, 3);
     let mut metrics_addrs: BTreeMap<u64, SocketAddr> = BTreeMap::new();
     for (&id, path) in &configs {
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let addr = common::free_tcp_addr();
         let mut json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         json["metrics_addr"] = addr.to_string().into();

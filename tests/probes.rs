@@ -9,7 +9,7 @@ mod common;
 use common::{wait_with_deadline, Cluster, TempDir};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,10 +20,7 @@ use std::time::{Duration, Instant};
 fn with_metrics(configs: &BTreeMap<u64, std::path::PathBuf>) -> BTreeMap<u64, SocketAddr> {
     let mut addrs = BTreeMap::new();
     for (&id, path) in configs {
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let addr = common::free_tcp_addr();
         set_metrics_addr(path, addr);
         addrs.insert(id, addr);
     }

@@ -32,10 +32,7 @@ fn start(name: &str) -> (Cluster, SocketAddr) {
     let dir = TempDir::new(name);
     let ports = free_ports(3);
     let secret = Secret::generate().unwrap();
-    let metrics = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let metrics = common::free_tcp_addr();
     let mut configs = BTreeMap::new();
     for id in 1..=3u64 {
         let mut config = config_json(&dir.0, &ports, id);

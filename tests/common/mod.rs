@@ -69,15 +69,41 @@ impl Drop for TempDir {
     }
 }
 
-/// Ports that were free a moment ago: bound together, so distinct, then released.
+/// Ports that are free for UDP and TCP, below the kernel's ephemeral range (32768 and up on
+/// Linux). A port taken from the ephemeral range and released could be handed to any socket
+/// bound to port 0 (a client, another test's probe) before the peer binds it; ports below that
+/// range are only ever handed out here, each once per test process, starting at an offset
+/// from the process ID so that two test processes rarely meet.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let sockets: Vec<UdpSocket> = (0..n)
-        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
-        .collect();
-    sockets
-        .iter()
-        .map(|s| s.local_addr().unwrap().port())
-        .collect()
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    let mut ports = Vec::with_capacity(n);
+    for _ in 0..SPAN {
+        if ports.len() == n {
+            break;
+        }
+        let step = NEXT.fetch_add(1, Ordering::Relaxed) as u32;
+        let port = (FIRST + (start + step) % SPAN) as u16;
+        let free = UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            ports.push(port);
+        }
+    }
+    assert_eq!(
+        ports.len(),
+        n,
+        "no {n} free ports in {FIRST}..{}",
+        FIRST + SPAN
+    );
+    ports
+}
+
+/// A free loopback address for a TCP server (a peer's `metrics_addr`), as `free_ports`.
+pub fn free_tcp_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_ports(1)[0]))
 }
 
 /// The config of peer `id` (of IDs 1..=ports.len()) as JSON, its data in `dir/data-peer{id}`.

@@ -395,20 +395,26 @@ fn last_panic(log: &Path) -> Option<String> {
     Some(format!("panicked at {place} {message}"))
 }
 
-/// `n` distinct free loopback UDP ports. They are released before the peers bind them, so a
-/// race with another process is possible but unlikely.
+/// `n` distinct loopback ports free for UDP, below the kernel's ephemeral range (32768 and up
+/// on Linux). They are released before the peers bind them; a port from the ephemeral range
+/// could meanwhile go to any socket bound to port 0 (the proxy's, a client's), one below it
+/// only to another process that picks ports by number, and the start is spread by process ID.
 pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
-    let sockets: Vec<UdpSocket> = (0..n)
-        .map(|_| UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| format!("bind: {e}")))
-        .collect::<Result<_, _>>()?;
-    sockets
-        .iter()
-        .map(|s| {
-            s.local_addr()
-                .map(|a| a.port())
-                .map_err(|e| format!("local_addr: {e}"))
-        })
-        .collect()
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    let ports: Vec<u16> = (0..SPAN)
+        .map(|step| (FIRST + (start + step) % SPAN) as u16)
+        .filter(|&port| UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_ok())
+        .take(n)
+        .collect();
+    if ports.len() < n {
+        return Err(format!(
+            "no {n} free UDP ports in {FIRST}..{}",
+            FIRST + SPAN
+        ));
+    }
+    Ok(ports)
 }
 
 /// The leader among the peers that answered: the one in the highest term that says it leads.
