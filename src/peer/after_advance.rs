@@ -16,6 +16,10 @@ impl Durable for Disk {
         Disk::full(self).map(String::from)
     }
 
+    fn install_pending(&self) -> bool {
+        Disk::install_pending(self)
+    }
+
     fn take_errors(&mut self) -> Vec<&'static str> {
         Disk::take_errors(self)
     }
@@ -27,6 +31,10 @@ impl Durable for Disk {
         out: &mut impl Outbox,
     ) -> Result<(), String> {
         let me = core.id();
+        // Before anything else: the core's log still ends before that snapshot.
+        if let Some((from, state, id)) = self.retry_install()? {
+            core.install_snapshot(from, state, id);
+        }
         self.apply(&rd.applied)?;
         for read in &rd.store_reads {
             let result = self.page(read);

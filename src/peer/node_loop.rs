@@ -183,6 +183,11 @@ pub trait Durable {
     fn full(&self) -> Option<String> {
         None
     }
+    /// Whether a snapshot install waits for space: after a failed `after_advance`, the loop
+    /// then waits and calls it again (with nothing new) until the install goes through.
+    fn install_pending(&self) -> bool {
+        false
+    }
     /// Storage errors since the last call, by what failed (for the metrics).
     fn take_errors(&mut self) -> Vec<&'static str> {
         Vec::new()
@@ -540,15 +545,26 @@ pub(super) fn carry_out(
         inst.answering(to, &mut reply);
         out.send_reply(to, reply);
     }
-    let after = AfterAdvance {
+    let mut after = AfterAdvance {
         applied,
         store_reads,
         chunk_reads,
         chunk_writes,
     };
-    storage
-        .after_advance(after, core, out)
-        .map_err(|e| format!("storage failed: {e}"))?;
+    loop {
+        match storage.after_advance(after, core, out) {
+            Ok(()) => break,
+            Err(e) if !storage.install_pending() => return Err(format!("storage failed: {e}")),
+            Err(_) => {
+                for op in storage.take_errors() {
+                    inst.metrics.storage_error(op);
+                }
+                wait_for_space(core, out, inst, inbox, &mut handed_over)?;
+                // What was left of this round (other chunks) is sent again by the leader.
+                after = AfterAdvance::default();
+            }
+        }
+    }
     Ok(persisting)
 }
 /// How long the node thread waits between attempts to write a batch the disk had no space for.

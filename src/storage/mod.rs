@@ -67,6 +67,17 @@ pub enum Staged {
     },
 }
 
+/// A snapshot the store has installed whose WAL reset a full disk stopped: the core is told
+/// only once the WAL continues from it (the invariant above), so the peer acknowledges
+/// nothing meanwhile; [`Disk::retry_install`] tries again.
+#[derive(Clone)]
+struct PendingInstall {
+    from: NodeId,
+    hard_state: HardState,
+    state: SnapshotState,
+    id: SnapshotId,
+}
+
 /// A snapshot job back from the snapshot thread.
 type SnapshotDone = Result<SnapshotJob, StorageError>;
 
@@ -130,6 +141,8 @@ pub struct Disk {
     store_full: Option<(String, Instant)>,
     /// While the WAL cannot be written for lack of space: what failed.
     wal_full: Option<String>,
+    /// An installed snapshot the WAL does not continue from yet (a full disk).
+    pending_install: Option<PendingInstall>,
     /// When the full disk was last reported (the error line is rate-limited).
     reported: Option<Instant>,
     /// Storage errors since the shell last took them, by what failed (`wal_write`,
@@ -240,6 +253,7 @@ impl Disk {
             since_snapshot: Vec::new(),
             store_full: None,
             wal_full: None,
+            pending_install: None,
             reported: None,
             errors: Vec::new(),
         };
@@ -463,21 +477,77 @@ impl Disk {
         self.since_snapshot.clear();
         self.store_full = None;
         let state = meta.state;
-        let hs = HardState {
+        let hard_state = HardState {
             commit: hard_state.commit.max(state.index),
             ..hard_state
         };
+        let pending = PendingInstall {
+            from: w.from,
+            hard_state,
+            state,
+            id,
+        };
+        let (_, state, id) = self.finish_install(pending)?;
+        Ok(Staged::Installed { state, id })
+    }
+
+    /// Whether a snapshot is installed in the store but the WAL does not continue from it
+    /// yet, for lack of space ([`Disk::retry_install`]).
+    pub fn install_pending(&self) -> bool {
+        self.pending_install.is_some()
+    }
+
+    /// Tries again to reset the WAL to a snapshot installed while the disk was full; once it
+    /// is durable, returns who sent the snapshot and what it is, for the core to install.
+    pub fn retry_install(
+        &mut self,
+    ) -> Result<Option<(NodeId, SnapshotState, SnapshotId)>, StorageError> {
+        match self.pending_install.take() {
+            Some(pending) => self.finish_install(pending).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Resets the WAL to an installed snapshot's base (a new segment, or in place when there
+    /// is no room for one), durably, then lets it compact. A full disk leaves the install
+    /// pending, reported as a full WAL: the core has not been told, so nothing is acknowledged.
+    fn finish_install(
+        &mut self,
+        pending: PendingInstall,
+    ) -> Result<(NodeId, SnapshotState, SnapshotId), StorageError> {
+        let base = (pending.state.index, pending.state.term);
+        if let Err(e) = self.reset_wal(&pending.hard_state, base) {
+            if e.is_disk_full() {
+                self.errors.push("wal_write");
+                self.report_full(&e);
+                self.wal_full = Some(e.to_string());
+                self.pending_install = Some(pending);
+            }
+            return Err(e);
+        }
+        if let Some(what) = self.wal_full.take() {
+            log::info!(
+                "space again: the WAL continues from the installed snapshot ({what} earlier)"
+            );
+        }
+        self.wal.compact(base.0)?;
+        self.prepare_segment()?;
+        self.snapshot_index = base.0;
+        Ok((pending.from, pending.state, pending.id))
+    }
+
+    /// Starts the WAL afresh at `base` with `hard_state`, durably.
+    fn reset_wal(
+        &mut self,
+        hard_state: &HardState,
+        base: (Index, Term),
+    ) -> Result<(), StorageError> {
         // The next segment is prepared once the node thread is done with the WAL's files, so
         // that the two threads never work on them at once (tests then see one order).
         let prepared = self.prepared.load(Ordering::Acquire) == self.wal.next_segment_number();
-        let base = (state.index, state.term);
-        let rotated = self.wal.rotate_using(&hs, base, prepared);
-        reset_if_full(&mut self.wal, rotated, &hs, base, &mut self.errors)?;
-        self.wal.write_first_frame()?;
-        self.wal.compact(state.index)?;
-        self.prepare_segment()?;
-        self.snapshot_index = state.index;
-        Ok(Staged::Installed { state, id })
+        let rotated = self.wal.rotate_using(hard_state, base, prepared);
+        reset_if_full(&mut self.wal, rotated, hard_state, base, &mut self.errors)?;
+        self.wal.write_first_frame()
     }
 
     /// Starts a new WAL segment with base `base`, the one the snapshot thread prepared if it

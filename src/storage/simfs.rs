@@ -94,6 +94,10 @@ pub struct Faults {
     pub failing_syncs: u32,
     /// The next this many writes fail with EIO.
     pub failing_writes: u32,
+    /// After this many more writes that grow a file, every such write fails with ENOSPC,
+    /// whatever is deleted meanwhile: as if another writer took all the space left and any
+    /// freed later.
+    pub growing_writes_left: Option<u32>,
 }
 
 struct State {
@@ -515,6 +519,18 @@ impl State {
             self.faults.failing_writes -= 1;
             self.counts.failed_writes += 1;
             return Err(io::Error::from_raw_os_error(EIO));
+        }
+        if let Some(left) = self
+            .faults
+            .growing_writes_left
+            .as_mut()
+            .filter(|_| grows_by > 0)
+        {
+            if *left == 0 {
+                self.counts.failed_writes += 1;
+                return Err(io::Error::from_raw_os_error(ENOSPC));
+            }
+            *left -= 1;
         }
         if let Some(cap) = self.faults.capacity {
             if grows_by > 0 && self.used_bytes() + grows_by > cap {

@@ -241,6 +241,79 @@ fn an_install_with_no_room_for_a_new_segment_resets_the_wal_in_place() {
     assert_eq!(indices, vec![31, 32]);
 }
 
+/// A disk with entries 1..=5 whose WAL segments have no zeros ahead (each write grows the
+/// file), staging the leader's whole snapshot at 30 when `writes` more writes that grow a file
+/// fill the disk for good (the space the replaced store frees goes to another writer).
+fn install_on_a_filling_disk(writes: u32) -> (SimFs, Fs, Disk, Result<Staged, StorageError>) {
+    let (sim, fs) = sim();
+    sim.set_segment_prealloc(0);
+    let (mut disk, _) = open(&fs, 1_000_000, 0);
+    write(&mut disk, 1, 5, 10);
+    let (mut store, id) = leader_snapshot_at_30();
+    let (data, crc) = store::encode_chunk(&store.read_chunk(&id, 0, id.total_len()).unwrap());
+    let w = ChunkWrite {
+        from: 2,
+        snapshot: id,
+        offset: 0,
+        data,
+        crc,
+    };
+    sim.set_faults(Faults {
+        growing_writes_left: Some(writes),
+        ..Faults::default()
+    });
+    let staged = disk.stage(&w, hs(5));
+    (sim, fs, disk, staged)
+}
+
+#[test]
+fn an_install_with_no_room_even_to_reset_the_wal_waits_for_space_and_is_never_acknowledged() {
+    // The fewest writes with which the store takes the snapshot: the WAL then can grow no file.
+    let (sim, fs, mut disk) = (0..100)
+        .find_map(|writes| match install_on_a_filling_disk(writes) {
+            (sim, fs, disk, Err(e)) if disk.install_pending() => {
+                assert!(e.is_disk_full(), "{e}");
+                Some((sim, fs, disk))
+            }
+            (_, _, _, Ok(Staged::Installed { .. })) => panic!("installed after {writes} writes"),
+            _ => None,
+        })
+        .expect("some number of writes lets the store install the snapshot, not the WAL");
+    assert!(disk.full().is_some(), "shown as a full disk");
+    assert!(disk.take_errors().contains(&"wal_write"));
+    let current = fs.read_to_string(&Path::new(DIR).join("store.current"));
+    assert_ne!(
+        current.unwrap(),
+        "store.1\n",
+        "the store holds the snapshot"
+    );
+    // Still full: still pending, nothing for the core.
+    assert!(disk.retry_install().unwrap_err().is_disk_full());
+    assert!(disk.install_pending());
+
+    // A power cut now reopens to the snapshot (the WAL is started from it at open).
+    let image = sim.fork();
+    image.set_faults(Faults::default());
+    image.power_cut();
+    let (_, restored) = open(&Fs::Sim(image), 1_000_000, 0);
+    assert_eq!(restored.snapshot.map(|(s, _)| s.index), Some(30));
+    assert_eq!(restored.base, (30, 1));
+
+    // Space again: the retry resets the WAL, and only then hands the install to the core.
+    sim.set_faults(Faults::default());
+    let (from, state, _) = disk.retry_install().unwrap().expect("installed");
+    assert_eq!((from, state.index), (2, 30));
+    assert!(!disk.install_pending() && disk.full().is_none());
+    assert_eq!(disk.retry_install().unwrap().map(|(_, s, _)| s.index), None);
+    write(&mut disk, 31, 32, 10);
+    sim.power_cut();
+    drop(disk);
+    let (_, restored) = open(&fs, 1_000_000, 0);
+    assert_eq!(restored.base, (30, 1));
+    let indices: Vec<Index> = restored.entries.iter().map(|e| e.index).collect();
+    assert_eq!(indices, vec![31, 32]);
+}
+
 #[test]
 fn a_full_disk_refuses_a_batch_which_goes_through_once_there_is_space() {
     let (sim, fs) = sim();

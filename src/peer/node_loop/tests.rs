@@ -9,6 +9,8 @@ use std::sync::Arc;
 thread_local! {
     /// Set by a test before `run_loop`: the fake storage's `full_for`.
     static FULL_FOR: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// Set by a test before `run_loop`: the fake storage's `install_full_for`.
+    static INSTALL_FULL_FOR: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
 /// A log of what the loop did, shared by the fakes.
@@ -82,6 +84,8 @@ struct FakeStorage {
     /// Persists that fail for lack of space before one goes through.
     full_for: u32,
     full: bool,
+    /// After-advance rounds that fail with an install waiting for space.
+    install_full_for: u32,
 }
 
 impl Durable for FakeStorage {
@@ -103,6 +107,29 @@ impl Durable for FakeStorage {
     }
     fn full(&self) -> Option<String> {
         self.full.then(|| "no space left on device".into())
+    }
+    fn install_pending(&self) -> bool {
+        self.install_full_for > 0
+    }
+    fn after_advance(
+        &mut self,
+        rd: AfterAdvance,
+        _core: &mut impl Core,
+        _out: &mut impl Outbox,
+    ) -> Result<(), String> {
+        let applied = rd.applied.len();
+        if self.install_full_for > 0 {
+            self.events.borrow_mut().push("install waits".into());
+            self.install_full_for -= 1;
+            if self.install_full_for == 0 {
+                return Ok(());
+            }
+            return Err("no space left on device".into());
+        }
+        if applied > 0 {
+            self.events.borrow_mut().push(format!("apply {applied}"));
+        }
+        Ok(())
     }
 }
 
@@ -188,6 +215,7 @@ fn run_inbox(
         fail,
         full_for: FULL_FOR.with(|f| f.take()),
         full: false,
+        install_full_for: INSTALL_FULL_FOR.with(|f| f.take()),
     };
     let mut inst = Instruments::new(Arc::new(Metrics::new()), Duration::from_millis(10));
     let result = node_loop(
@@ -388,6 +416,25 @@ fn a_full_disk_holds_the_batch_answers_nothing_of_it_and_writes_it_again() {
     );
     // The shutdown came with the batch: the loop ends once it is written.
     assert_eq!(result, Ok(()));
+}
+
+#[test]
+fn an_install_waiting_for_space_holds_the_loop_until_it_goes_through() {
+    INSTALL_FULL_FOR.with(|f| f.set(3));
+    let (peers, clients, inbox) = queues();
+    clients.send(request(7)).unwrap();
+    // Arrives while the install waits: dropped, as while a batch waits for space.
+    let hook: Hook = Box::new(move |id| {
+        if id == 7 {
+            clients.send(request(8)).unwrap();
+            peers.send(Inbox::Shutdown).unwrap();
+        }
+    });
+    let (result, events) = run_inbox(inbox, false, false, Some(hook));
+    let waits = events.iter().filter(|e| *e == "install waits").count();
+    assert_eq!(waits, 3, "tried until it went through: {events:?}");
+    assert!(!events.contains(&"reply 8".to_string()), "{events:?}");
+    assert_eq!(result, Ok(()), "the peer never exits for it: {events:?}");
 }
 
 #[test]
