@@ -94,6 +94,11 @@ pub struct Faults {
     pub failing_syncs: u32,
     /// The next this many writes fail with EIO.
     pub failing_writes: u32,
+    /// The next this many renames fail with EIO (and change nothing).
+    pub failing_renames: u32,
+    /// The next this many directory fsyncs fail with EIO (and keep nothing of what they would
+    /// have made durable durable).
+    pub failing_dir_syncs: u32,
     /// After this many more writes that grow a file, every such write fails with ENOSPC,
     /// whatever is deleted meanwhile: as if another writer took all the space left and any
     /// freed later.
@@ -742,6 +747,10 @@ impl SimFs {
                 }
             }
         }
+        if s.faults.failing_renames > 0 {
+            s.faults.failing_renames -= 1;
+            return Err(io::Error::from_raw_os_error(EIO));
+        }
         s.counts.renames += 1;
         s.note(|| format!("rename {} {}", from.display(), to.display()));
         if src == dst {
@@ -839,6 +848,11 @@ impl SimFs {
             return Err(err(io::ErrorKind::NotADirectory, "not a directory", path));
         }
         s.maybe_capture(true);
+        if s.faults.failing_dir_syncs > 0 {
+            s.faults.failing_dir_syncs -= 1;
+            s.counts.failed_syncs += 1;
+            return Err(io::Error::from_raw_os_error(EIO));
+        }
         s.counts.dir_syncs += 1;
         s.note(|| format!("syncdir {}", path.display()));
         let d = s.dir_mut(ino);

@@ -415,6 +415,122 @@ fn a_failed_fsync_stops_the_wal_for_good() {
 }
 
 #[test]
+fn a_failed_write_stops_the_wal_for_good() {
+    let (sim, fs) = sim();
+    let (mut disk, _) = open(&fs, 1_000_000, 0);
+    write(&mut disk, 1, 10, 100);
+    sim.set_faults(Faults {
+        failing_writes: 1,
+        ..Faults::default()
+    });
+    let e = disk
+        .persist_wal(Some(&hs(11)), &[entry(11, 10)])
+        .unwrap_err();
+    assert!(!e.is_disk_full(), "{e}");
+    assert!(disk.full().is_none(), "not a full disk: the peer exits");
+    let again = disk
+        .persist_wal(Some(&hs(11)), &[entry(11, 10)])
+        .unwrap_err();
+    assert!(again.to_string().contains("earlier"), "{again}");
+    drop(disk);
+    sim.power_cut();
+    let (_, restored) = open(&fs, 1_000_000, 0);
+    let indices: Vec<Index> = restored.entries.iter().map(|e| e.index).collect();
+    assert_eq!(indices, (1..=10).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_failed_directory_sync_at_a_rotation_stops_the_wal_for_good() {
+    let (sim, fs) = sim();
+    let (mut disk, _) = open(&fs, 1_000_000, 0);
+    write(&mut disk, 1, 10, 100);
+    sim.set_faults(Faults {
+        failing_dir_syncs: 1,
+        ..Faults::default()
+    });
+    // The new segment's name may or may not be durable: nothing more is written after it.
+    let e = disk.wal.rotate(&hs(10), (10, 1)).unwrap_err();
+    assert!(!e.is_disk_full(), "{e}");
+    let again = disk
+        .persist_wal(Some(&hs(11)), &[entry(11, 10)])
+        .unwrap_err();
+    assert!(again.to_string().contains("earlier"), "{again}");
+    drop(disk);
+    sim.power_cut();
+    // Either way the log is the same: the new segment only restates its end.
+    let (_, restored) = open(&fs, 1_000_000, 0);
+    assert_eq!(restored.entries.last().map(|e| e.index), Some(10));
+    assert_eq!(restored.hard_state.commit, 10);
+}
+
+#[test]
+fn a_failed_store_write_stops_the_store_and_is_not_taken_for_a_full_disk() {
+    let (sim, fs) = sim();
+    let (mut disk, _) = open(&fs, 1_000_000, 0);
+    write(&mut disk, 1, 10, 100);
+    disk.persist_wal(Some(&hs(11)), &[entry(11, 100)]).unwrap();
+    sim.set_faults(Faults {
+        failing_writes: 1,
+        ..Faults::default()
+    });
+    // Appends are buffered: the failed write shows when the snapshot flushes them.
+    disk.apply(&[record_of(&entry(11, 100), false)]).unwrap();
+    let e = disk.start_snapshot(&state(11)).unwrap_err();
+    assert!(!e.is_disk_full(), "{e}");
+    assert!(disk.full().is_none(), "not a full disk: the peer exits");
+    assert_eq!(disk.take_errors(), vec!["snapshot"]);
+    let again = disk
+        .apply(&[record_of(&entry(12, 100), false)])
+        .unwrap_err();
+    assert!(again.to_string().contains("earlier"), "{again}");
+    drop(disk);
+    sim.power_cut();
+    // The restart re-applies from the WAL, which has the entry.
+    let (disk, restored) = open(&fs, 1_000_000, 0);
+    assert_eq!(restored.entries.last().map(|e| e.index), Some(11));
+    assert!(disk.store.last_index() <= 11);
+}
+
+#[test]
+fn a_failed_rename_at_an_install_keeps_the_old_store_and_a_resend_installs() {
+    let (sim, fs) = sim();
+    let (mut disk, _) = open(&fs, 1_000_000, 0);
+    write(&mut disk, 1, 5, 10);
+    let (mut store, id) = leader_snapshot_at_30();
+    let (data, crc) = store::encode_chunk(&store.read_chunk(&id, 0, id.total_len()).unwrap());
+    let w = ChunkWrite {
+        from: 2,
+        snapshot: id,
+        offset: 0,
+        data,
+        crc,
+    };
+    sim.set_faults(Faults {
+        failing_renames: 1,
+        ..Faults::default()
+    });
+    match disk.stage(&w, hs(5)).unwrap() {
+        // Dropped, nothing acknowledged: the leader sends it again.
+        Staged::Partial { .. } => {}
+        Staged::Installed { .. } => panic!("installed although its rename failed"),
+    }
+    let current = fs.read_to_string(&Path::new(DIR).join("store.current"));
+    assert_eq!(current.unwrap(), "store.1\n");
+    // The old store and the WAL go on.
+    write(&mut disk, 6, 8, 10);
+    assert_eq!(disk.store.last_index(), 8);
+    let w = ChunkWrite { offset: 0, ..w };
+    match disk.stage(&w, hs(8)).unwrap() {
+        Staged::Installed { state, .. } => assert_eq!(state.index, 30),
+        Staged::Partial { have } => panic!("not installed on the resend: {have} bytes staged"),
+    }
+    drop(disk);
+    sim.power_cut();
+    let (_, restored) = open(&fs, 1_000_000, 0);
+    assert_eq!(restored.snapshot.map(|(s, _)| s.index), Some(30));
+}
+
+#[test]
 fn manual_jobs_run_only_when_asked_and_a_power_cut_loses_a_snapshot_not_run() {
     let (sim, fs) = sim();
     let dir = Path::new(DIR);
