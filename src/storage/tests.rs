@@ -63,6 +63,19 @@ fn leader_snapshot_at_30() -> (Store, SnapshotId) {
     (store, id)
 }
 
+/// The leader's snapshot at 30 as one chunk from node 2.
+fn whole_snapshot_at_30() -> ChunkWrite {
+    let (mut store, id) = leader_snapshot_at_30();
+    let (data, crc) = store::encode_chunk(&store.read_chunk(&id, 0, id.total_len()).unwrap());
+    ChunkWrite {
+        from: 2,
+        snapshot: id,
+        offset: 0,
+        data,
+        crc,
+    }
+}
+
 /// Persists and applies entries `from..=to` of `size` bytes each.
 fn write(disk: &mut Disk, from: Index, to: Index, size: usize) {
     let entries: Vec<Entry> = (from..=to).map(|i| entry(i, size)).collect();
@@ -209,18 +222,10 @@ fn an_install_with_no_room_for_a_new_segment_resets_the_wal_in_place() {
     write(&mut disk, 1, 5, 10);
     // A rotation of the node thread's own: the segment prepared at open is not the next one.
     disk.wal.rotate(&hs(5), (5, 1)).unwrap();
-    let (mut store, id) = leader_snapshot_at_30();
-    let (data, crc) = store::encode_chunk(&store.read_chunk(&id, 0, id.total_len()).unwrap());
-    let w = ChunkWrite {
-        from: 2,
-        snapshot: id,
-        offset: 0,
-        data,
-        crc,
-    };
+    let w = whole_snapshot_at_30();
     // Room for the staged snapshot and store.current, none for a new segment.
     sim.set_faults(Faults {
-        capacity: Some(sim.used() + 2 * id.total_len() + 4096),
+        capacity: Some(sim.used() + 2 * w.snapshot.total_len() + 4096),
         ..Faults::default()
     });
     match disk.stage(&w, hs(5)).unwrap() {
@@ -249,15 +254,7 @@ fn install_on_a_filling_disk(writes: u32) -> (SimFs, Fs, Disk, Result<Staged, St
     sim.set_segment_prealloc(0);
     let (mut disk, _) = open(&fs, 1_000_000, 0);
     write(&mut disk, 1, 5, 10);
-    let (mut store, id) = leader_snapshot_at_30();
-    let (data, crc) = store::encode_chunk(&store.read_chunk(&id, 0, id.total_len()).unwrap());
-    let w = ChunkWrite {
-        from: 2,
-        snapshot: id,
-        offset: 0,
-        data,
-        crc,
-    };
+    let w = whole_snapshot_at_30();
     sim.set_faults(Faults {
         growing_writes_left: Some(writes),
         ..Faults::default()
@@ -496,15 +493,7 @@ fn a_failed_rename_at_an_install_keeps_the_old_store_and_a_resend_installs() {
     let (sim, fs) = sim();
     let (mut disk, _) = open(&fs, 1_000_000, 0);
     write(&mut disk, 1, 5, 10);
-    let (mut store, id) = leader_snapshot_at_30();
-    let (data, crc) = store::encode_chunk(&store.read_chunk(&id, 0, id.total_len()).unwrap());
-    let w = ChunkWrite {
-        from: 2,
-        snapshot: id,
-        offset: 0,
-        data,
-        crc,
-    };
+    let w = whole_snapshot_at_30();
     sim.set_faults(Faults {
         failing_renames: 1,
         ..Faults::default()

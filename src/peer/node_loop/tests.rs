@@ -380,19 +380,24 @@ fn a_peer_message_arriving_during_a_client_batch_is_stepped_in_that_batch() {
     );
 }
 
-#[test]
-fn a_full_disk_holds_the_batch_answers_nothing_of_it_and_writes_it_again() {
-    FULL_FOR.with(|f| f.set(2));
+/// Runs the loop on request 7, during which request 8 and a shutdown arrive (while the disk
+/// is full, request 8 is dropped: the fake core has no status to give).
+fn request_7_then_8_and_shutdown_while_it_is_carried_out() -> (Result<(), String>, Vec<String>) {
     let (peers, clients, inbox) = queues();
     clients.send(request(7)).unwrap();
-    // Arrives while the disk is full: dropped (the fake core has no status to give).
     let hook: Hook = Box::new(move |id| {
         if id == 7 {
             clients.send(request(8)).unwrap();
             peers.send(Inbox::Shutdown).unwrap();
         }
     });
-    let (result, events) = run_inbox(inbox, false, false, Some(hook));
+    run_inbox(inbox, false, false, Some(hook))
+}
+
+#[test]
+fn a_full_disk_holds_the_batch_answers_nothing_of_it_and_writes_it_again() {
+    FULL_FOR.with(|f| f.set(2));
+    let (result, events) = request_7_then_8_and_shutdown_while_it_is_carried_out();
     let persists: Vec<_> = events.iter().filter(|e| e.starts_with("persist")).collect();
     assert_eq!(persists, ["persist true 1"; 3], "{events:?}");
     let written = events
@@ -421,16 +426,8 @@ fn a_full_disk_holds_the_batch_answers_nothing_of_it_and_writes_it_again() {
 #[test]
 fn an_install_waiting_for_space_holds_the_loop_until_it_goes_through() {
     INSTALL_FULL_FOR.with(|f| f.set(3));
-    let (peers, clients, inbox) = queues();
-    clients.send(request(7)).unwrap();
-    // Arrives while the install waits: dropped, as while a batch waits for space.
-    let hook: Hook = Box::new(move |id| {
-        if id == 7 {
-            clients.send(request(8)).unwrap();
-            peers.send(Inbox::Shutdown).unwrap();
-        }
-    });
-    let (result, events) = run_inbox(inbox, false, false, Some(hook));
+    // Request 8 arrives while the install waits: dropped, as while a batch waits for space.
+    let (result, events) = request_7_then_8_and_shutdown_while_it_is_carried_out();
     let waits = events.iter().filter(|e| *e == "install waits").count();
     assert_eq!(waits, 3, "tried until it went through: {events:?}");
     assert!(!events.contains(&"reply 8".to_string()), "{events:?}");
