@@ -386,40 +386,14 @@ fn a_store_the_disk_filled_is_written_again_without_a_restart() {
     assert_eq!(page[44], more[4]);
 }
 
-#[test]
-fn a_failed_fsync_stops_the_wal_for_good() {
+/// Persists entries 1..=10, injects `faults`, and checks that the next persist fails (not for
+/// a full disk: the peer exits) and that every later one is refused, though the fault is gone:
+/// what the failed call left on disk is unknown.
+fn persist_fails_for_good(faults: Faults) -> (SimFs, Fs) {
     let (sim, fs) = sim();
     let (mut disk, _) = open(&fs, 1_000_000, 0);
     write(&mut disk, 1, 10, 100);
-    sim.set_faults(Faults {
-        failing_syncs: 1,
-        ..Faults::default()
-    });
-    let e = disk
-        .persist_wal(Some(&hs(11)), &[entry(11, 10)])
-        .unwrap_err();
-    assert!(!e.is_disk_full());
-    assert!(disk.full().is_none(), "not a full disk: the peer exits");
-    // The fsync would now succeed, but what the failed one dropped is unknown: refused.
-    let again = disk
-        .persist_wal(Some(&hs(11)), &[entry(11, 10)])
-        .unwrap_err();
-    assert!(again.to_string().contains("earlier"), "{again}");
-    drop(disk);
-    // A restart reads what is on disk: the batch whose fsync failed may or may not be there.
-    let (_, restored) = open(&fs, 1_000_000, 0);
-    assert!(restored.entries.len() >= 10);
-}
-
-#[test]
-fn a_failed_write_stops_the_wal_for_good() {
-    let (sim, fs) = sim();
-    let (mut disk, _) = open(&fs, 1_000_000, 0);
-    write(&mut disk, 1, 10, 100);
-    sim.set_faults(Faults {
-        failing_writes: 1,
-        ..Faults::default()
-    });
+    sim.set_faults(faults);
     let e = disk
         .persist_wal(Some(&hs(11)), &[entry(11, 10)])
         .unwrap_err();
@@ -429,7 +403,26 @@ fn a_failed_write_stops_the_wal_for_good() {
         .persist_wal(Some(&hs(11)), &[entry(11, 10)])
         .unwrap_err();
     assert!(again.to_string().contains("earlier"), "{again}");
-    drop(disk);
+    (sim, fs)
+}
+
+#[test]
+fn a_failed_fsync_stops_the_wal_for_good() {
+    let (_, fs) = persist_fails_for_good(Faults {
+        failing_syncs: 1,
+        ..Faults::default()
+    });
+    // A restart reads what is on disk: the batch whose fsync failed may or may not be there.
+    let (_, restored) = open(&fs, 1_000_000, 0);
+    assert!(restored.entries.len() >= 10);
+}
+
+#[test]
+fn a_failed_write_stops_the_wal_for_good() {
+    let (sim, fs) = persist_fails_for_good(Faults {
+        failing_writes: 1,
+        ..Faults::default()
+    });
     sim.power_cut();
     let (_, restored) = open(&fs, 1_000_000, 0);
     let indices: Vec<Index> = restored.entries.iter().map(|e| e.index).collect();
