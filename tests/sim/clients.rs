@@ -75,7 +75,8 @@ impl Sim {
     /// and returns the index it would take if `id` is leader (its last index either way).
     pub fn propose_once(&mut self, id: NodeId, data: &str) -> Index {
         let client = self.rng.next_u64();
-        if self.paused.contains_key(&id) {
+        // A paused node takes nothing; one waiting for space drops it.
+        if self.paused.contains_key(&id) || self.is_held(id) {
             return 0;
         }
         let Some(node) = self.nodes.get_mut(&id).unwrap().as_mut() else {

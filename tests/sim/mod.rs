@@ -30,6 +30,10 @@
 //! snapshot and at the fsyncs of an install. The checks then compare logs only where both
 //! still hold entries, and the stores' records (the applied history) with each other and with
 //! what was committed.
+//!
+//! Disk faults (`faults.rs`, `SIM_DISK_FAULTS=0` turns them off): a node's disk fills for a
+//! while, and its next fsync or write fails, carried out as the peer's node loop does: a batch
+//! with no room holds the whole Ready and is retried, a failed fsync or write exits the process.
 
 #![allow(dead_code)]
 
@@ -389,9 +393,10 @@ pub struct Stats {
     /// Disk faults (`faults.rs`): full-disk episodes; Readies whose batch waited for space,
     /// and those written once it was back; retries; installs that waited for space and went
     /// through; TimeoutNows sent by a leader whose disk was full; peer messages, ticks and
-    /// client requests a waiting node dropped; stores a full disk left behind; nodes
-    /// restarted because such a store could not catch up in virtual time; queries refused by
-    /// a store behind; exits on a failed fsync and on a failed write.
+    /// client requests a waiting node dropped; round trips that left a store behind (a full
+    /// disk stopped its appends, the records wait in memory); nodes restarted because such a
+    /// store could not catch up in virtual time; queries a store refused (behind, or its read
+    /// failed); exits on a failed fsync and on a failed write.
     pub disk_full_episodes: u64,
     pub held_batches: u64,
     pub written_after_space: u64,
