@@ -347,6 +347,61 @@ struct Counts {
     learned: u64,
     power_cuts: u64,
     wal_rotations: u64,
+    disk: DiskCounts,
+}
+
+/// What the injected disk faults did (see tests/sim/faults.rs).
+#[derive(Clone, Debug, Default)]
+struct DiskCounts {
+    full_episodes: u64,
+    held_batches: u64,
+    written_after_space: u64,
+    full_retries: u64,
+    installs_waited: u64,
+    installs_after_space: u64,
+    hand_overs: u64,
+    dropped_while_full: u64,
+    store_behind: u64,
+    store_behind_restarts: u64,
+    reads_refused: u64,
+    fsync_exits: u64,
+    write_exits: u64,
+}
+
+impl DiskCounts {
+    fn of(s: &sim::Stats) -> DiskCounts {
+        DiskCounts {
+            full_episodes: s.disk_full_episodes,
+            held_batches: s.held_batches,
+            written_after_space: s.written_after_space,
+            full_retries: s.full_retries,
+            installs_waited: s.installs_waited,
+            installs_after_space: s.installs_after_space,
+            hand_overs: s.hand_overs,
+            dropped_while_full: s.dropped_while_full,
+            store_behind: s.stores_full,
+            store_behind_restarts: s.store_behind_restarts,
+            reads_refused: s.reads_refused_store_behind,
+            fsync_exits: s.fsync_failure_exits,
+            write_exits: s.write_failure_exits,
+        }
+    }
+
+    fn add(&mut self, o: &DiskCounts) {
+        self.full_episodes += o.full_episodes;
+        self.held_batches += o.held_batches;
+        self.written_after_space += o.written_after_space;
+        self.full_retries += o.full_retries;
+        self.installs_waited += o.installs_waited;
+        self.installs_after_space += o.installs_after_space;
+        self.hand_overs += o.hand_overs;
+        self.dropped_while_full += o.dropped_while_full;
+        self.store_behind += o.store_behind;
+        self.store_behind_restarts += o.store_behind_restarts;
+        self.reads_refused += o.reads_refused;
+        self.fsync_exits += o.fsync_exits;
+        self.write_exits += o.write_exits;
+    }
 }
 
 impl Counts {
@@ -381,6 +436,7 @@ impl Counts {
         self.learned += o.learned;
         self.power_cuts += o.power_cuts;
         self.wal_rotations += o.wal_rotations;
+        self.disk.add(&o.disk);
     }
 }
 
@@ -416,6 +472,17 @@ const MEMBERSHIP_CHANGES_PER_RUN: u64 = 4;
 /// both, 2,000 seeds each; the fewest per run were 21 acknowledged appends, 4 elections, 4
 /// crashes and 2 membership changes committed).
 const MEMBERSHIP_CHAOS_TIME: u64 = 14_000 * MS;
+
+/// Whether randomized runs inject disk faults (`SIM_DISK_FAULTS=0` turns them off).
+fn disk_faults_on() -> bool {
+    std::env::var("SIM_DISK_FAULTS").map_or(true, |v| v.trim() != "0")
+}
+
+/// Whether disks fill in randomized runs with snapshots too (`SIM_DISK_FULL_SNAPSHOTS=1`; off
+/// by default for the bug `sim::DISK_FULL_AT_A_STORE_READ` describes).
+fn disk_full_with_snapshots() -> bool {
+    std::env::var("SIM_DISK_FULL_SNAPSHOTS").is_ok_and(|v| v.trim() != "0")
+}
 
 /// Whether randomized runs with membership changes re-add removed nodes (`SIM_REJOINS=1` or
 /// `0`; by default [`REJOINS_IN_RANDOM_RUNS`]).
@@ -548,6 +615,7 @@ fn chaos_run(
     }
     let flavour_text = epochs.join("; ");
     // Heal everything; every client operation must then finish.
+    s.end_disk_faults();
     s.stop_clients();
     s.cfg.crash_in_ready = 0.0;
     s.cfg.crash_in_snapshot = 0.0;
@@ -605,6 +673,7 @@ fn chaos_run(
         learned: s.stats.learned,
         power_cuts: s.stats.power_cuts,
         wal_rotations: s.stats.wal_rotations,
+        disk: DiskCounts::of(&s.stats),
     };
     if std::env::var("SIM_SEED").is_ok() || std::env::var("SIM_VERBOSE").is_ok() {
         println!("seed {seed} ({flavour_text}): {counts:?}");
@@ -625,6 +694,10 @@ fn chaos_run(
 /// network; with `membership`, also a membership change (if none is in progress).
 fn random_fault(s: &mut Sim, membership: bool) {
     s.stats.faults += 1;
+    if s.disk_faults_on() && s.rng.chance(DISK_FAULT_SHARE) {
+        s.random_disk_fault();
+        return;
+    }
     let ids = s.ids.clone();
     let nodes = ids.len();
     let id = s.rng.pick(&ids);
@@ -695,6 +768,10 @@ fn random_fault(s: &mut Sim, membership: bool) {
     }
 }
 
+/// The share of random faults that are disk faults (tests/sim/faults.rs: a disk full for a
+/// while, a failed fsync, a failed write), with `SIM_DISK_FAULTS` not `0`.
+const DISK_FAULT_SHARE: f64 = 0.07;
+
 /// Snapshots taken per randomized run with snapshots, at least (every node takes one every
 /// few dozen entries applied, and runs acknowledge hundreds).
 const MIN_SNAPSHOTS: u64 = 5;
@@ -732,6 +809,26 @@ fn chaos_test_with(nodes: usize, list: Vec<u64>, membership: bool, snapshots: Op
         min(|c| c.elections as u64),
         min(|c| c.crashes),
         min(|c| c.config_changes),
+    );
+    let d = &total.disk;
+    println!(
+        "disk faults: {} full-disk episodes, {} batches held ({} written once space was back, \
+         {} retries, {} TimeoutNows, {} items dropped meanwhile), {} installs waited ({} went \
+         through), {} round trips with a store behind ({} restarts, {} reads refused); exits on \
+         a failed fsync {}, on a failed write {}",
+        d.full_episodes,
+        d.held_batches,
+        d.written_after_space,
+        d.full_retries,
+        d.hand_overs,
+        d.dropped_while_full,
+        d.installs_waited,
+        d.installs_after_space,
+        d.store_behind,
+        d.store_behind_restarts,
+        d.reads_refused,
+        d.fsync_exits,
+        d.write_exits,
     );
     if snapshots.is_some() {
         println!(
@@ -807,6 +904,20 @@ fn chaos_test_with(nodes: usize, list: Vec<u64>, membership: bool, snapshots: Op
                 total.crashes_in_ready.get(&p).copied().unwrap_or(0) > 0,
                 "no run crashed at {p:?}"
             );
+        }
+        // Disk faults, unless turned off: each kind must have struck and been carried out.
+        if disk_faults_on() {
+            let d = &total.disk;
+            if snapshots.is_none() || disk_full_with_snapshots() {
+                assert!(d.full_episodes > 0, "no disk filled");
+                assert!(d.held_batches > 0, "no batch waited for space");
+                assert!(
+                    d.written_after_space > 0,
+                    "no batch was written once space was back"
+                );
+            }
+            assert!(d.fsync_exits > 0, "no node exited on a failed fsync");
+            assert!(d.write_exits > 0, "no node exited on a failed write");
         }
     }
 }

@@ -40,6 +40,8 @@ use crate::storage::{Disk, Restored};
 use crate::transport::{self, Inbound, Queues};
 use crossbeam_channel::{select, Receiver, Sender};
 use instruments::Instruments;
+#[doc(hidden)]
+pub use node_loop::hand_over;
 use node_loop::{node_loop, Inboxes};
 /// The node loop's seams, for the simulator (tests/sim), which carries out `Ready`s itself
 /// but runs the real storage round trip after `advance` through them.

@@ -621,8 +621,10 @@ fn wait_for_space(
     Ok(())
 }
 
-/// The TimeoutNow a leader whose disk is full sends to its most up-to-date voter.
-fn hand_over(status: &StatusInfo) -> Option<Message> {
+/// The TimeoutNow a leader whose disk is full sends to its most up-to-date voter (public for
+/// the simulator, which carries out a full disk as the node loop does).
+#[doc(hidden)]
+pub fn hand_over(status: &StatusInfo) -> Option<Message> {
     if status.role != raft::Role::Leader {
         return None;
     }

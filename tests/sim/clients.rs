@@ -75,7 +75,8 @@ impl Sim {
     /// and returns the index it would take if `id` is leader (its last index either way).
     pub fn propose_once(&mut self, id: NodeId, data: &str) -> Index {
         let client = self.rng.next_u64();
-        if self.paused.contains_key(&id) {
+        // A paused node takes nothing; one waiting for space drops it.
+        if self.paused.contains_key(&id) || self.is_held(id) {
             return 0;
         }
         let Some(node) = self.nodes.get_mut(&id).unwrap().as_mut() else {
@@ -233,6 +234,16 @@ impl Sim {
             {
                 client.done.push(Op::Refused { data, reason });
                 self.next_op(c);
+            }
+            // A store a full disk left behind refuses reads, as does one whose read failed
+            // (an injected I/O error in flushing it; `Disk::page`): as a client that gets no
+            // entries, try another node when the retry timer fires.
+            (pending @ Pending::Query { .. }, ClientResult::Refused { reason })
+                if reason.contains("lack of disk space")
+                    || reason.contains("cannot read its store") =>
+            {
+                client.pending = Some((pending, invoked));
+                self.stats.reads_refused_store_behind += 1;
             }
             (pending, ClientResult::NotLeader { leader }) => {
                 client.pending = Some((pending, invoked));

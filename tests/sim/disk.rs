@@ -303,6 +303,7 @@ impl Sim {
     /// Kills node `id`'s process: its disk is closed, and with `power_cut` what it did not
     /// sync may be lost.
     pub(super) fn kill_disk(&mut self, id: NodeId, power_cut: bool) {
+        self.disarm(id);
         let Some(real) = self.real.get_mut(&id) else {
             return;
         };
@@ -324,16 +325,30 @@ impl Sim {
     }
 
     /// Makes a Ready's writes durable on the real disk, checking Leader Append-Only and Log
-    /// Matching on them.
-    pub(super) fn persist(&mut self, id: NodeId, role: Role, term: Term, rd: &Ready) {
-        self.check_write(id, role, term, rd);
-        if let Err(e) = self
-            .real_disk(id)
-            .persist_wal(rd.hard_state.as_ref(), &rd.entries)
-        {
-            self.fail(&format!("node {id} could not persist a Ready: {e}"));
+    /// Matching on them (`check`: the first time this batch is written). A full disk (as the
+    /// node loop tells it, by `full()`) and an injected I/O error are told to the caller; any
+    /// other error fails the run. The shadow takes the batch only once it is written.
+    pub(super) fn persist(
+        &mut self,
+        id: NodeId,
+        role: Role,
+        term: Term,
+        rd: &Ready,
+        check: bool,
+    ) -> faults::Persisted {
+        if check {
+            self.check_write(id, role, term, rd);
         }
-        self.persisted(id, rd.hard_state, &rd.entries);
+        let disk = self.real_disk(id);
+        match disk.persist_wal(rd.hard_state.as_ref(), &rd.entries) {
+            Ok(()) => {
+                self.persisted(id, rd.hard_state, &rd.entries);
+                faults::Persisted::Done
+            }
+            Err(_) if disk.full().is_some() => faults::Persisted::Full,
+            Err(_) if self.eio_fired(id) => faults::Persisted::Exit,
+            Err(e) => self.fail(&format!("node {id} could not persist a Ready: {e}")),
+        }
     }
 
     /// What node `id`, `role` of `term`, writes must continue its durable log, and a leader
@@ -448,9 +463,11 @@ impl Sim {
     /// store, reads served from it, snapshot chunks sent and staged, snapshots taken and
     /// announced. Now and then the power fails at one of its fsyncs while it stages or
     /// installs a snapshot (among them, between the store swapped in and the WAL reset), or
-    /// the node crashes right before the core is told of a snapshot. Returns false if it
-    /// crashed.
-    pub(super) fn after_advance(&mut self, id: NodeId, rd: AfterAdvance) -> bool {
+    /// the node crashes right before the core is told of a snapshot. An error the node loop
+    /// takes for an install waiting for space (`install_pending()`) or that an injected I/O
+    /// error explains (the process exits, after sending what it sent) is told to the caller,
+    /// as is a crash; any other fails the run.
+    pub(super) fn after_advance(&mut self, id: NodeId, rd: AfterAdvance) -> faults::AfterOutcome {
         self.check_requests(id, &rd);
         let crash_p = self.cfg.crash_in_snapshot;
         let fs = self.real[&id].fs.clone();
@@ -490,20 +507,27 @@ impl Sim {
         } else {
             Vec::new()
         };
-        if let Err(e) = result {
-            self.fail(&format!("node {id}: storage failed after advance: {e}"));
-        }
+        let (install_waits, store_behind) = (disk.install_pending(), disk.full().is_some());
+        let ops = disk.take_errors();
         if let Some((point, image)) = crashed {
             image.power_cut();
             self.crash_into(id, point, image);
-            return false;
+            return faults::AfterOutcome::Down;
         }
         if !images.is_empty() {
             let k = self.rng.below(images.len() as u64) as usize;
             let image = images.into_iter().nth(k).unwrap();
             self.crash_into(id, CrashPoint::InstallPowerCut, image);
-            return false;
+            return faults::AfterOutcome::Down;
         }
+        let outcome = match result {
+            Ok(()) => faults::AfterOutcome::Done,
+            Err(_) if install_waits => faults::AfterOutcome::InstallWaits,
+            Err(_) if self.eio_fired(id) => faults::AfterOutcome::Down,
+            Err(e) => self.fail(&format!(
+                "node {id}: storage failed after advance: {e} (failed: {ops:?}, full: {store_behind})"
+            )),
+        };
         self.stats.wal_rotations += rotations;
         if let Some(state) = started {
             self.started_snapshot.insert(id, state);
@@ -544,14 +568,22 @@ impl Sim {
                 Told::Installed(state, sid) => self.snapshot_installed(id, state, sid),
             }
         }
+        if let faults::AfterOutcome::Down = outcome {
+            self.exit_on_error(id);
+            return outcome;
+        }
+        // A store a full disk interrupted is behind: the records wait in memory.
         let have = self.real_disk(id).store.last_index();
         let shadow = self.disks[&id].store.len() as Index;
-        if have != shadow {
+        if have != shadow && !(store_behind && have < shadow) {
             self.fail(&format!(
                 "node {id}'s store holds {have} records, {shadow} were applied"
             ));
         }
-        true
+        if store_behind && have < shadow {
+            self.stats.stores_full += 1;
+        }
+        outcome
     }
 
     /// What the core asks of the store must be there: reads within the records applied,

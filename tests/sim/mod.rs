@@ -30,12 +30,17 @@
 //! snapshot and at the fsyncs of an install. The checks then compare logs only where both
 //! still hold entries, and the stores' records (the applied history) with each other and with
 //! what was committed.
+//!
+//! Disk faults (`faults.rs`, `SIM_DISK_FAULTS=0` turns them off): a node's disk fills for a
+//! while, and its next fsync or write fails, carried out as the peer's node loop does: a batch
+//! with no room holds the whole Ready and is retried, a failed fsync or write exits the process.
 
 #![allow(dead_code)]
 
 mod checks;
 mod clients;
 mod disk;
+mod faults;
 mod membership;
 
 use raft::peer::AfterAdvance;
@@ -232,7 +237,7 @@ pub const CRASH_POINTS: [CrashPoint; 7] = [
 
 /// One step of carrying out a Ready, in the shell's order.
 #[derive(Clone, Copy, Debug)]
-enum Act {
+pub(crate) enum Act {
     Persist,
     Send(usize),
     Advance,
@@ -247,6 +252,10 @@ enum Event {
     Reply(ReplyTo, ClientReply),
     ClientTimer(usize, u64),
     AdminTimer(u64),
+    /// A node waiting for space tries again (the wait's serial).
+    DiskRetry(NodeId, u64),
+    /// A full disk's episode ends (its serial).
+    SpaceBack(NodeId, u64),
 }
 
 /// Where the administrator's answers go.
@@ -381,6 +390,26 @@ pub struct Stats {
     pub rejoins: u64,
     /// Restarts whose JSON listed an old set of peers ([`Sim::restart_with_peers`]).
     pub old_config_restarts: u64,
+    /// Disk faults (`faults.rs`): full-disk episodes; Readies whose batch waited for space,
+    /// and those written once it was back; retries; installs that waited for space and went
+    /// through; TimeoutNows sent by a leader whose disk was full; peer messages, ticks and
+    /// client requests a waiting node dropped; round trips that left a store behind (a full
+    /// disk stopped its appends, the records wait in memory); nodes restarted because such a
+    /// store could not catch up in virtual time; queries a store refused (behind, or its read
+    /// failed); exits on a failed fsync and on a failed write.
+    pub disk_full_episodes: u64,
+    pub held_batches: u64,
+    pub written_after_space: u64,
+    pub full_retries: u64,
+    pub installs_waited: u64,
+    pub installs_after_space: u64,
+    pub hand_overs: u64,
+    pub dropped_while_full: u64,
+    pub stores_full: u64,
+    pub store_behind_restarts: u64,
+    pub reads_refused_store_behind: u64,
+    pub fsync_failure_exits: u64,
+    pub write_failure_exits: u64,
 }
 
 /// A paused node: its held datagrams, or None if what arrives is lost.
@@ -500,6 +529,9 @@ pub struct Sim {
     in_flight: BTreeMap<NodeId, (Option<HardState>, Vec<Entry>)>,
     /// The state of the snapshot each node's real disk started last.
     started_snapshot: BTreeMap<NodeId, SnapshotState>,
+    /// Disk faults injected, and the nodes waiting for space (see `faults.rs`).
+    disk_faults: faults::DiskFaults,
+    held: BTreeMap<NodeId, faults::Held>,
 }
 
 /// How many servers' membership or role differs between two configurations.
@@ -595,6 +627,8 @@ impl Sim {
             snapshot_states: HashMap::new(),
             started_snapshot: BTreeMap::new(),
             in_flight: BTreeMap::new(),
+            disk_faults: faults::DiskFaults::from_env(),
+            held: BTreeMap::new(),
             ids,
             cfg,
         };
@@ -711,6 +745,7 @@ impl Sim {
     }
 
     fn crash_process(&mut self, id: NodeId) {
+        self.disarm(id);
         if self.nodes[&id].is_some() {
             self.stats.crashes += 1;
         }
@@ -1032,12 +1067,12 @@ impl Sim {
         self.now = time;
         self.stats.events += 1;
         let target = match &event {
-            Event::Tick(id) => Some(*id),
+            Event::Tick(id) | Event::DiskRetry(id, _) => Some(*id),
             Event::Deliver(Message { to: id, .. }) | Event::Request(id, ..) => Some(*id),
             _ => None,
         };
         if let Some(id) = target.filter(|id| self.paused.contains_key(id)) {
-            if let Event::Tick(_) = event {
+            if let Event::Tick(_) | Event::DiskRetry(..) = event {
                 self.schedule(self.cfg.tick, event);
             } else if let Some(Some(queue)) = self.paused.get_mut(&id) {
                 if queue.len() < self.cfg.pause_buffer {
@@ -1046,7 +1081,35 @@ impl Sim {
             }
             return true;
         }
+        // A node waiting for space drops what arrives, as `wait_for_space` (the sim's
+        // clients send no `status`); its timer goes on.
+        if let Some(id) = target.filter(|id| self.held.contains_key(id)) {
+            match event {
+                Event::Tick(_) => {
+                    if !self.retired.contains(&id) {
+                        self.schedule(self.cfg.tick, event);
+                    }
+                    self.stats.dropped_while_full += 1;
+                    return true;
+                }
+                Event::Deliver(_) | Event::Request(..) => {
+                    self.stats.dropped_while_full += 1;
+                    return true;
+                }
+                _ => {}
+            }
+        }
         let touched = match event {
+            Event::DiskRetry(id, serial) => {
+                if !self.retry_held(id, serial) {
+                    return true;
+                }
+                id
+            }
+            Event::SpaceBack(id, serial) => {
+                self.space_back(id, serial);
+                return true;
+            }
             Event::Tick(id) => {
                 if self.retired.contains(&id) {
                     return true;
@@ -1112,8 +1175,16 @@ impl Sim {
                 return true;
             }
         };
+        if self.is_held(touched) {
+            // Its Ready is not carried out yet: the checks wait for it.
+            return true;
+        }
         self.leader_commit_check(touched);
         self.after_event(touched);
+        if self.is_held(touched) {
+            return true;
+        }
+        self.went_on(touched);
         // A removed node takes no further part; its process stops (thesis §4.2.2). It must
         // really have been removed: a node started over to rejoin must not take its earlier
         // removal, replayed while it catches up, for its own.
@@ -1139,6 +1210,9 @@ impl Sim {
     /// entry it covers committed), carrying out what that causes.
     fn after_event(&mut self, id: NodeId) {
         self.process_ready(id);
+        if self.is_held(id) {
+            return;
+        }
         // As the shell clears the `cluster` file's vote floor once the core's log reached it.
         if self.node(id).is_some_and(|n| n.vote_floor() == 0) {
             self.disks.get_mut(&id).unwrap().vote_floor = (0, 0);
@@ -1147,9 +1221,13 @@ impl Sim {
         self.follow_configuration(id);
     }
 
-    /// Carries out a node's Ready the way the shell does, possibly crashing part-way.
+    /// Carries out a node's Readies the way the shell does, possibly crashing part-way, until
+    /// one is empty, or the node waits for space or is down.
     fn process_ready(&mut self, id: NodeId) {
         loop {
+            if self.is_held(id) {
+                return;
+            }
             let Some(node) = self.nodes.get_mut(&id).unwrap().as_mut() else {
                 return;
             };
@@ -1159,11 +1237,16 @@ impl Sim {
                 // As the node loop: the round trip runs after the last, empty, Ready too (it
                 // starts and announces snapshots).
                 self.maybe_run_jobs(id);
-                self.after_advance(id, AfterAdvance::default());
+                if let faults::AfterOutcome::InstallWaits =
+                    self.after_advance(id, AfterAdvance::default())
+                {
+                    self.stats.installs_waited += 1;
+                    self.hold(id, faults::Waiting::Install, false);
+                }
                 return;
             }
             // Carried out right after `advance` (see `after_advance`).
-            let mut after = Some(AfterAdvance {
+            let after = Some(AfterAdvance {
                 applied: std::mem::take(&mut rd.applied),
                 store_reads: std::mem::take(&mut rd.store_reads),
                 chunk_reads: std::mem::take(&mut rd.chunk_reads),
@@ -1185,35 +1268,91 @@ impl Sim {
             } else {
                 None
             };
-            for (g, act) in acts.iter().enumerate() {
-                if let Some((at, point)) = crash_before {
-                    if at == g {
-                        if matches!(act, Act::Persist) && self.rng.chance(0.5) {
-                            self.torn_persist(id, role, term, &rd);
-                            return;
+            let carrying = faults::Carrying {
+                rd,
+                after,
+                acts,
+                next: 0,
+                role,
+                term,
+                handed_over: false,
+                was_held: false,
+            };
+            if !self.carry_out(id, carrying, crash_before) {
+                return;
+            }
+        }
+    }
+
+    /// Carries out a Ready from step `c.next` on, crashing before step `at` if `crash_before`
+    /// says so. Returns false if the node went down or waits for space (as `carry_out` in the
+    /// node loop: a batch the disk has no room for holds the rest of the Ready; an install the
+    /// WAL reset has no room for waits once the Ready's replies are out).
+    fn carry_out(
+        &mut self,
+        id: NodeId,
+        mut c: faults::Carrying,
+        crash_before: Option<(usize, CrashPoint)>,
+    ) -> bool {
+        let mut install_waits = false;
+        for g in c.next..c.acts.len() {
+            let act = c.acts[g];
+            if let Some((at, point)) = crash_before {
+                if at == g {
+                    if matches!(act, Act::Persist) && self.faults_quiet(id) && self.rng.chance(0.5)
+                    {
+                        self.torn_persist(id, c.role, c.term, &c.rd);
+                        return false;
+                    }
+                    *self.stats.crashes_in_ready.entry(point).or_default() += 1;
+                    self.crash(id);
+                    return false;
+                }
+            }
+            match act {
+                Act::Persist => match self.persist(id, c.role, c.term, &c.rd, !c.was_held) {
+                    faults::Persisted::Done => {
+                        if c.was_held {
+                            self.stats.written_after_space += 1;
                         }
-                        *self.stats.crashes_in_ready.entry(point).or_default() += 1;
-                        self.crash(id);
-                        return;
+                    }
+                    faults::Persisted::Full => {
+                        if !c.was_held {
+                            self.stats.held_batches += 1;
+                        }
+                        c.was_held = true;
+                        c.next = g;
+                        let handed_over = c.handed_over;
+                        self.hold(id, faults::Waiting::Persist(Box::new(c)), handed_over);
+                        return false;
+                    }
+                    faults::Persisted::Exit => {
+                        self.exit_on_error(id);
+                        return false;
+                    }
+                },
+                Act::Send(k) => self.send(c.rd.messages[k].clone()),
+                Act::Advance => {
+                    self.nodes.get_mut(&id).unwrap().as_mut().unwrap().advance();
+                    self.leader_commit_check(id);
+                    match self.after_advance(id, c.after.take().expect("one advance")) {
+                        faults::AfterOutcome::Done => {}
+                        faults::AfterOutcome::Down => return false,
+                        faults::AfterOutcome::InstallWaits => install_waits = true,
                     }
                 }
-                match *act {
-                    Act::Persist => self.persist(id, role, term, &rd),
-                    Act::Send(k) => self.send(rd.messages[k].clone()),
-                    Act::Advance => {
-                        self.nodes.get_mut(&id).unwrap().as_mut().unwrap().advance();
-                        self.leader_commit_check(id);
-                        if !self.after_advance(id, after.take().expect("one advance")) {
-                            return;
-                        }
-                    }
-                    Act::Reply(k) => {
-                        let (to, reply) = rd.replies[k].clone();
-                        self.transmit(Event::Reply(to, reply));
-                    }
+                Act::Reply(k) => {
+                    let (to, reply) = c.rd.replies[k].clone();
+                    self.transmit(Event::Reply(to, reply));
                 }
             }
         }
+        if install_waits {
+            self.stats.installs_waited += 1;
+            self.hold(id, faults::Waiting::Install, c.handed_over);
+            return false;
+        }
+        true
     }
 
     /// A crash point for this Ready: a kind uniformly among those it has, then a position
