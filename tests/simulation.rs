@@ -478,10 +478,10 @@ fn disk_faults_on() -> bool {
     std::env::var("SIM_DISK_FAULTS").map_or(true, |v| v.trim() != "0")
 }
 
-/// Whether disks fill in randomized runs with snapshots too (`SIM_DISK_FULL_SNAPSHOTS=1`; off
-/// by default for the bug `sim::DISK_FULL_AT_A_STORE_READ` describes).
+/// Whether disks fill in randomized runs with snapshots too (`SIM_DISK_FULL_SNAPSHOTS=0` turns
+/// that off).
 fn disk_full_with_snapshots() -> bool {
-    std::env::var("SIM_DISK_FULL_SNAPSHOTS").is_ok_and(|v| v.trim() != "0")
+    std::env::var("SIM_DISK_FULL_SNAPSHOTS").map_or(true, |v| v.trim() != "0")
 }
 
 /// Whether randomized runs with membership changes re-add removed nodes (`SIM_REJOINS=1` or

@@ -16,6 +16,10 @@ impl Durable for Disk {
         Disk::full(self).map(String::from)
     }
 
+    fn persist_waits_for_space(&self) -> bool {
+        Disk::wal_full(self)
+    }
+
     fn install_pending(&self) -> bool {
         Disk::install_pending(self)
     }

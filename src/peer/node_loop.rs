@@ -183,6 +183,11 @@ pub trait Durable {
     fn full(&self) -> Option<String> {
         None
     }
+    /// Whether the last failed `persist` failed for lack of space, so that the loop waits and
+    /// writes the same batch again; any other error ends the loop.
+    fn persist_waits_for_space(&self) -> bool {
+        self.full().is_some()
+    }
     /// Whether a snapshot install waits for space: after a failed `after_advance`, the loop
     /// then waits and calls it again (with nothing new) until the install goes through.
     fn install_pending(&self) -> bool {
@@ -523,7 +528,9 @@ pub(super) fn carry_out(
     while hard_state.is_some() || !entries.is_empty() {
         match storage.persist(hard_state.as_ref(), &entries) {
             Ok(()) => break,
-            Err(e) if storage.full().is_none() => return Err(format!("storage failed: {e}")),
+            Err(e) if !storage.persist_waits_for_space() => {
+                return Err(format!("storage failed: {e}"))
+            }
             Err(_) => {
                 for op in storage.take_errors() {
                     inst.metrics.storage_error(op);

@@ -286,6 +286,9 @@ impl Disk {
                 if e.is_disk_full() {
                     self.report_full(&e);
                     self.wal_full = Some(e.to_string());
+                } else {
+                    // Not a batch to write again: the peer exits (crash-only).
+                    self.wal_full = None;
                 }
                 Err(e)
             }
@@ -299,6 +302,12 @@ impl Disk {
             (Some(what), _) | (None, Some((what, _))) => Some(what),
             (None, None) => None,
         }
+    }
+
+    /// Whether the last persist failed for lack of space: the batch is to be written again.
+    /// A store left behind by a full disk does not count (it catches up by itself).
+    pub fn wal_full(&self) -> bool {
+        self.wal_full.is_some()
     }
 
     /// The storage errors since the last call, by what failed.
@@ -415,6 +424,15 @@ impl Disk {
                 read_index: read.read_index,
                 next,
             },
+            Err(e) if e.is_disk_full() => {
+                // The read flushed appended records and the disk had no room: the store is
+                // behind, as when an append finds no room, and is written again later.
+                let reason = format!("this peer's store is behind for lack of disk space: {e}");
+                if let Err(e) = self.store_failed(Err(e), "store_write") {
+                    log::error!("{e}");
+                }
+                ClientResult::Refused { reason }
+            }
             Err(e) => {
                 log::error!("cannot serve a read from the store: {e}");
                 ClientResult::Refused {

@@ -373,17 +373,91 @@ fn a_store_the_disk_filled_is_written_again_without_a_restart() {
     let more: Vec<_> = (41..=45).map(|i| record_of(&entry(i, 10), false)).collect();
     disk.apply(&more).unwrap();
     sim.set_faults(Faults::default());
+    wait_until_the_store_is_written_again(&mut disk);
+    assert_eq!(disk.store.last_index(), 45);
+    let (page, _) = disk.store.read_page(1, 45, 1 << 30).unwrap();
+    assert_eq!(page.len(), 45);
+    assert_eq!(page[39], records[29]);
+    assert_eq!(page[44], more[4]);
+}
+
+/// Applies nothing new until a store a full disk left behind is written again (its retry is
+/// due a second after the failure).
+fn wait_until_the_store_is_written_again(disk: &mut Disk) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while disk.full().is_some() {
         assert!(Instant::now() < deadline, "the store was not written again");
         disk.apply(&[]).unwrap();
         thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(disk.store.last_index(), 45);
-    let (page, _) = disk.store.read_page(1, 45, 1 << 30).unwrap();
-    assert_eq!(page.len(), 45);
-    assert_eq!(page[39], records[29]);
-    assert_eq!(page[44], more[4]);
+}
+
+#[test]
+fn a_full_disk_at_a_store_read_leaves_the_store_behind_until_there_is_space() {
+    let (sim, fs) = sim();
+    let (mut disk, _) = open(&fs, 1_000_000, 0);
+    write(&mut disk, 1, 3, 10);
+    // The read flushes the buffered records first, and finds no room.
+    sim.set_faults(Faults {
+        capacity: Some(sim.used()),
+        ..Faults::default()
+    });
+    let read = StoreRead {
+        id: 1,
+        reply_to: "127.0.0.1:9".parse().unwrap(),
+        start: 1,
+        read_index: 3,
+    };
+    match disk.page(&read) {
+        ClientResult::Refused { reason } => assert!(reason.contains("disk space"), "{reason}"),
+        other => panic!("served on a full disk: {other:?}"),
+    }
+    assert!(disk.full().is_some(), "shown as a full disk");
+    assert!(!disk.wal_full(), "the WAL is not held up by it");
+    assert_eq!(disk.take_errors(), vec!["store_write"]);
+    // Not a failure that stops the peer: applying goes on, and the store catches up.
+    sim.set_faults(Faults::default());
+    disk.persist_wal(Some(&hs(4)), &[entry(4, 10)]).unwrap();
+    disk.apply(&[record_of(&entry(4, 10), false)]).unwrap();
+    wait_until_the_store_is_written_again(&mut disk);
+    assert_eq!(disk.store.last_index(), 4);
+    match disk.page(&StoreRead {
+        read_index: 4,
+        ..read
+    }) {
+        ClientResult::Entries { entries, .. } => assert_eq!(entries.len(), 4),
+        other => panic!("not served once there is space: {other:?}"),
+    }
+}
+
+#[test]
+fn an_io_error_after_a_full_wal_ends_the_wait_for_space() {
+    let (sim, fs) = sim();
+    // No zeros ahead in the segment: every frame grows the file.
+    sim.set_segment_prealloc(0);
+    let (mut disk, _) = open(&fs, 1_000_000, 0);
+    write(&mut disk, 1, 3, 10);
+    // A full WAL first, then an I/O error: the error is what the loop must see.
+    sim.set_faults(Faults {
+        capacity: Some(sim.used()),
+        ..Faults::default()
+    });
+    let big = entry(4, 4096);
+    assert!(disk
+        .persist_wal(Some(&hs(4)), std::slice::from_ref(&big))
+        .unwrap_err()
+        .is_disk_full());
+    assert!(disk.wal_full());
+    sim.set_faults(Faults {
+        failing_syncs: 1,
+        ..Faults::default()
+    });
+    let e = disk.persist_wal(Some(&hs(4)), &[big]).unwrap_err();
+    assert!(!e.is_disk_full(), "{e}");
+    assert!(
+        !disk.wal_full(),
+        "an I/O error ends the wait for space: the peer exits"
+    );
 }
 
 /// Persists entries 1..=10, injects `faults`, and checks that the next persist fails (not for

@@ -326,7 +326,7 @@ impl Sim {
 
     /// Makes a Ready's writes durable on the real disk, checking Leader Append-Only and Log
     /// Matching on them (`check`: the first time this batch is written). A full disk (as the
-    /// node loop tells it, by `full()`) and an injected I/O error are told to the caller; any
+    /// node loop tells it, by `wal_full()`) and an injected I/O error are told to the caller; any
     /// other error fails the run. The shadow takes the batch only once it is written.
     pub(super) fn persist(
         &mut self,
@@ -345,7 +345,7 @@ impl Sim {
                 self.persisted(id, rd.hard_state, &rd.entries);
                 faults::Persisted::Done
             }
-            Err(_) if disk.full().is_some() => faults::Persisted::Full,
+            Err(_) if disk.wal_full() => faults::Persisted::Full,
             Err(_) if self.eio_fired(id) => faults::Persisted::Exit,
             Err(e) => self.fail(&format!("node {id} could not persist a Ready: {e}")),
         }

@@ -68,20 +68,13 @@ pub(super) struct DiskFaults {
     pub serial: u64,
     /// Nodes with an EIO fault armed: true for a failing fsync, false for a failing write.
     pub armed: BTreeMap<NodeId, bool>,
-    /// Whether disks fill in runs with snapshots too (`SIM_DISK_FULL_SNAPSHOTS=1`): off by
-    /// default, for the bug [`DISK_FULL_AT_A_STORE_READ`] describes.
+    /// Whether disks fill in runs with snapshots too (`SIM_DISK_FULL_SNAPSHOTS=0` turns that
+    /// off). Their first runs found a read served from the store that flushed into a full
+    /// disk stop the peer (seed 1796655113119093 of
+    /// `safety_holds_under_random_faults_with_membership_changes_and_snapshots_5_nodes`); fixed
+    /// in `Disk::page`.
     pub full_with_snapshots: bool,
 }
-
-/// Why disks do not fill in runs with snapshots by default (found by this simulator, seed
-/// 1796655113119093 of `safety_holds_under_random_faults_with_membership_changes_and_snapshots_5_nodes`
-/// with `SIM_DISK_FULL_SNAPSHOTS=1`): a read served from the store (`Disk::page`) flushes the
-/// records appended since the last flush; on a full disk that flush fails, the store latches
-/// the failure (`Current::note` in `src/storage/store.rs`) and the read is refused, but `store_full` is not set, so the
-/// next `apply` is refused ("refusing to write after an earlier failure"), an error that is not
-/// a full disk: the peer exits, where it should wait for space. Only runs with snapshots serve
-/// reads from the store.
-pub const DISK_FULL_AT_A_STORE_READ: &str = "a full disk at a store read stops the peer";
 
 /// What a write of a Ready's batch came to.
 pub(super) enum Persisted {
@@ -106,7 +99,7 @@ impl DiskFaults {
         DiskFaults {
             enabled: std::env::var("SIM_DISK_FAULTS").map_or(true, |v| v.trim() != "0"),
             full_with_snapshots: std::env::var("SIM_DISK_FULL_SNAPSHOTS")
-                .is_ok_and(|v| v.trim() != "0"),
+                .map_or(true, |v| v.trim() != "0"),
             ..DiskFaults::default()
         }
     }
