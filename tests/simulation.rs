@@ -362,7 +362,8 @@ struct DiskCounts {
     hand_overs: u64,
     dropped_while_full: u64,
     store_behind: u64,
-    store_behind_restarts: u64,
+    store_retries: u64,
+    stores_caught_up: u64,
     reads_refused: u64,
     fsync_exits: u64,
     write_exits: u64,
@@ -380,7 +381,8 @@ impl DiskCounts {
             hand_overs: s.hand_overs,
             dropped_while_full: s.dropped_while_full,
             store_behind: s.stores_full,
-            store_behind_restarts: s.store_behind_restarts,
+            store_retries: s.store_retries,
+            stores_caught_up: s.stores_caught_up,
             reads_refused: s.reads_refused_store_behind,
             fsync_exits: s.fsync_failure_exits,
             write_exits: s.write_failure_exits,
@@ -397,7 +399,8 @@ impl DiskCounts {
         self.hand_overs += o.hand_overs;
         self.dropped_while_full += o.dropped_while_full;
         self.store_behind += o.store_behind;
-        self.store_behind_restarts += o.store_behind_restarts;
+        self.store_retries += o.store_retries;
+        self.stores_caught_up += o.stores_caught_up;
         self.reads_refused += o.reads_refused;
         self.fsync_exits += o.fsync_exits;
         self.write_exits += o.write_exits;
@@ -814,7 +817,8 @@ fn chaos_test_with(nodes: usize, list: Vec<u64>, membership: bool, snapshots: Op
     println!(
         "disk faults: {} full-disk episodes, {} batches held ({} written once space was back, \
          {} retries, {} TimeoutNows, {} items dropped meanwhile), {} installs waited ({} went \
-         through), {} round trips with a store behind ({} restarts, {} reads refused); exits on \
+         through), {} round trips with a store behind ({} retried once space was back, {} caught up, {} reads \
+         refused); exits on \
          a failed fsync {}, on a failed write {}",
         d.full_episodes,
         d.held_batches,
@@ -825,7 +829,8 @@ fn chaos_test_with(nodes: usize, list: Vec<u64>, membership: bool, snapshots: Op
         d.installs_waited,
         d.installs_after_space,
         d.store_behind,
-        d.store_behind_restarts,
+        d.store_retries,
+        d.stores_caught_up,
         d.reads_refused,
         d.fsync_exits,
         d.write_exits,
@@ -914,6 +919,12 @@ fn chaos_test_with(nodes: usize, list: Vec<u64>, membership: bool, snapshots: Op
                 assert!(
                     d.written_after_space > 0,
                     "no batch was written once space was back"
+                );
+            }
+            if snapshots.is_some() && disk_full_with_snapshots() {
+                assert!(
+                    d.stores_caught_up > 0,
+                    "no store a full disk left behind caught up"
                 );
             }
             assert!(d.fsync_exits > 0, "no node exited on a failed fsync");

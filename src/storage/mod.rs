@@ -139,6 +139,9 @@ pub struct Disk {
     /// While the store cannot be written for lack of space: what failed, and when to retry.
     /// Applied records wait in `since_snapshot` meanwhile.
     store_full: Option<(String, Instant)>,
+    /// Whether that retry comes by the clock ([`FULL_RETRY`] after a failure), or only when
+    /// asked ([`Disk::retry_store_now`]; [`Jobs::Manual`]: a seed then reruns the same).
+    retry_by_clock: bool,
     /// While the WAL cannot be written for lack of space: what failed.
     wal_full: Option<String>,
     /// An installed snapshot the WAL does not continue from yet (a full disk).
@@ -252,6 +255,7 @@ impl Disk {
             prepared: Arc::new(AtomicU64::new(0)),
             since_snapshot: Vec::new(),
             store_full: None,
+            retry_by_clock: jobs == Jobs::Thread,
             wal_full: None,
             pending_install: None,
             reported: None,
@@ -365,9 +369,28 @@ impl Disk {
         }
         self.report_full(&e);
         if self.store_full.is_none() {
-            self.store_full = Some((e.to_string(), Instant::now() + FULL_RETRY));
+            self.store_full = Some((e.to_string(), self.next_store_retry()));
         }
         Ok(())
+    }
+
+    /// When a store a full disk left behind is next written again.
+    fn next_store_retry(&self) -> Instant {
+        let wait = if self.retry_by_clock {
+            FULL_RETRY
+        } else {
+            Duration::from_secs(1 << 30)
+        };
+        Instant::now() + wait
+    }
+
+    /// Makes the retry of a store a full disk left behind due now (it runs at the next
+    /// `apply`): for the simulator, whose disks retry only when asked.
+    #[doc(hidden)]
+    pub fn retry_store_now(&mut self) {
+        if let Some((_, due)) = &mut self.store_full {
+            *due = Instant::now();
+        }
     }
 
     /// Once a retry is due: reopens the store (cut back to its latest durable snapshot) and
@@ -401,8 +424,9 @@ impl Disk {
             self.store.flush()
         });
         self.store_failed(reopened, "store_write")?;
+        let next = self.next_store_retry();
         match &mut self.store_full {
-            Some((_, due)) => *due = Instant::now() + FULL_RETRY,
+            Some((_, due)) => *due = next,
             None => log::info!("space again: the store is written ({what} earlier)"),
         }
         Ok(())

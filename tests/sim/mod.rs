@@ -394,8 +394,8 @@ pub struct Stats {
     /// and those written once it was back; retries; installs that waited for space and went
     /// through; TimeoutNows sent by a leader whose disk was full; peer messages, ticks and
     /// client requests a waiting node dropped; round trips that left a store behind (a full
-    /// disk stopped its appends, the records wait in memory); nodes restarted because such a
-    /// store could not catch up in virtual time; queries a store refused (behind, or its read
+    /// disk stopped its appends, the records wait in memory); retries of such a store asked for
+    /// once space was back; queries a store refused (behind, or its read
     /// failed); exits on a failed fsync and on a failed write.
     pub disk_full_episodes: u64,
     pub held_batches: u64,
@@ -406,7 +406,9 @@ pub struct Stats {
     pub hand_overs: u64,
     pub dropped_while_full: u64,
     pub stores_full: u64,
-    pub store_behind_restarts: u64,
+    pub store_retries: u64,
+    /// Stores left behind that were written again and hold every record applied.
+    pub stores_caught_up: u64,
     pub reads_refused_store_behind: u64,
     pub fsync_failure_exits: u64,
     pub write_failure_exits: u64,
