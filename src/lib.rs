@@ -9,6 +9,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod peer;
+pub mod ports;
 pub mod probes;
 pub mod raft;
 pub mod storage;

@@ -11,7 +11,7 @@ use raft::raft::{LogRecord, NodeId, Role, Term};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -69,36 +69,11 @@ impl Drop for TempDir {
     }
 }
 
-/// Ports that are free for UDP and TCP, below the kernel's ephemeral range (32768 and up on
-/// Linux). A port taken from the ephemeral range and released could be handed to any socket
-/// bound to port 0 (a client, another test's probe) before the peer binds it; ports below that
-/// range are only ever handed out here, each once per test process, starting at an offset
-/// from the process ID so that two test processes rarely meet.
+/// Loopback ports free for UDP and TCP, never handed out before in this test process (see
+/// `raft::ports`: below the kernel's ephemeral range, so no socket bound to port 0 takes one
+/// before the peer binds it).
 pub fn free_ports(n: usize) -> Vec<u16> {
-    const FIRST: u32 = 20_000;
-    const SPAN: u32 = 12_000;
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
-    let mut ports = Vec::with_capacity(n);
-    for _ in 0..SPAN {
-        if ports.len() == n {
-            break;
-        }
-        let step = NEXT.fetch_add(1, Ordering::Relaxed) as u32;
-        let port = (FIRST + (start + step) % SPAN) as u16;
-        let free = UdpSocket::bind(("127.0.0.1", port)).is_ok()
-            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
-        if free {
-            ports.push(port);
-        }
-    }
-    assert_eq!(
-        ports.len(),
-        n,
-        "no {n} free ports in {FIRST}..{}",
-        FIRST + SPAN
-    );
-    ports
+    raft::ports::free_loopback_ports(n).unwrap()
 }
 
 /// A free loopback address for a TCP server (a peer's `metrics_addr`), as `free_ports`.

@@ -8,7 +8,7 @@ use raft::client::{Client, PeerStatus};
 use raft::raft::{NodeId, Role};
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -393,28 +393,6 @@ fn last_panic(log: &Path) -> Option<String> {
     let place = lines[at].split("panicked at").nth(1).unwrap_or("").trim();
     let message = lines.get(at + 1).map_or("", |l| l.trim());
     Some(format!("panicked at {place} {message}"))
-}
-
-/// `n` distinct loopback ports free for UDP, below the kernel's ephemeral range (32768 and up
-/// on Linux). They are released before the peers bind them; a port from the ephemeral range
-/// could meanwhile go to any socket bound to port 0 (the proxy's, a client's), one below it
-/// only to another process that picks ports by number, and the start is spread by process ID.
-pub fn free_ports(n: usize) -> Result<Vec<u16>, String> {
-    const FIRST: u32 = 20_000;
-    const SPAN: u32 = 12_000;
-    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
-    let ports: Vec<u16> = (0..SPAN)
-        .map(|step| (FIRST + (start + step) % SPAN) as u16)
-        .filter(|&port| UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_ok())
-        .take(n)
-        .collect();
-    if ports.len() < n {
-        return Err(format!(
-            "no {n} free UDP ports in {FIRST}..{}",
-            FIRST + SPAN
-        ));
-    }
-    Ok(ports)
 }
 
 /// The leader among the peers that answered: the one in the highest term that says it leads.

@@ -20,7 +20,7 @@
 //! operation), or [`RunOutcome::Aborted`] when the run itself could not be done.
 
 use crate::checker::{self, Verdict};
-use crate::cluster::{free_ports, wait_for_leader, Cluster};
+use crate::cluster::{wait_for_leader, Cluster};
 use crate::history::{self, secs, Call, FaultEvent, Micros, Observed, Op, Outcome};
 use crate::nemesis::{self, FaultKind, Links, Nemesis};
 use crate::netns::{NetnsConfig, NetnsGuard};
@@ -681,8 +681,11 @@ fn drive(
     let (cluster, links) = match &opts.netns {
         None => {
             let ids: Vec<NodeId> = (1..=opts.nodes as NodeId).collect();
-            let ports: BTreeMap<NodeId, u16> =
-                ids.iter().copied().zip(free_ports(opts.nodes)?).collect();
+            let ports: BTreeMap<NodeId, u16> = ids
+                .iter()
+                .copied()
+                .zip(raft::ports::free_loopback_ports(opts.nodes)?)
+                .collect();
             let network = Arc::new(Network::start(&ports, opts.seed)?);
             let secret_file = files.peers().join("cluster.key");
             if opts.auth {
