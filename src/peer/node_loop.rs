@@ -609,7 +609,8 @@ fn wait_for_space(
         let Inbox::Client(reply_to, req) = item else {
             if let Inbox::Shutdown = item {
                 return Err(
-                    "shutting down while the disk is full: the last batch was not written".into(),
+                    "shutting down while the disk is full: what waited for space was not written"
+                        .into(),
                 );
             }
             continue;

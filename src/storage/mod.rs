@@ -70,7 +70,6 @@ pub enum Staged {
 /// A snapshot the store has installed whose WAL reset a full disk stopped: the core is told
 /// only once the WAL continues from it (the invariant above), so the peer acknowledges
 /// nothing meanwhile; [`Disk::retry_install`] tries again.
-#[derive(Clone)]
 struct PendingInstall {
     from: NodeId,
     hard_state: HardState,
@@ -139,9 +138,6 @@ pub struct Disk {
     /// While the store cannot be written for lack of space: what failed, and when to retry.
     /// Applied records wait in `since_snapshot` meanwhile.
     store_full: Option<(String, Instant)>,
-    /// Whether that retry comes by the clock ([`FULL_RETRY`] after a failure), or only when
-    /// asked ([`Disk::retry_store_now`]; [`Jobs::Manual`]: a seed then reruns the same).
-    retry_by_clock: bool,
     /// While the WAL cannot be written for lack of space: what failed.
     wal_full: Option<String>,
     /// An installed snapshot the WAL does not continue from yet (a full disk).
@@ -255,7 +251,6 @@ impl Disk {
             prepared: Arc::new(AtomicU64::new(0)),
             since_snapshot: Vec::new(),
             store_full: None,
-            retry_by_clock: jobs == Jobs::Thread,
             wal_full: None,
             pending_install: None,
             reported: None,
@@ -374,9 +369,11 @@ impl Disk {
         Ok(())
     }
 
-    /// When a store a full disk left behind is next written again.
+    /// When a store a full disk left behind is next written again: [`FULL_RETRY`] from now,
+    /// or with [`Jobs::Manual`] only when asked ([`Disk::retry_store_now`]), so that a seed
+    /// of the simulator does not depend on the clock.
     fn next_store_retry(&self) -> Instant {
-        let wait = if self.retry_by_clock {
+        let wait = if self.manual.is_none() {
             FULL_RETRY
         } else {
             Duration::from_secs(1 << 30)

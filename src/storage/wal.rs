@@ -1125,8 +1125,8 @@ fn open_prepared(fs: &Fs, path: &Path) -> Result<(FsFile, u64), StorageError> {
         .open(path, how)
         .map_err(StorageError::io("open the prepared segment", path))?;
     let len = len_of(path, &f)?;
-    if len < segment_prealloc(fs) {
-        let min = segment_prealloc(fs);
+    let min = segment_prealloc(fs);
+    if len < min {
         return Err(StorageError::wal(
             path,
             WalProblem::ShortPrepared { len, min },
