@@ -157,9 +157,9 @@ fn grow_and_catch_up(
     );
     cluster.check_alive();
     let mut records = query_log(cluster, Duration::from_secs(10));
-    // `bench`'s appends all carry the same 64 bytes and it checks their answers itself: here
-    // they only fill indices, like no-ops.
-    let bench_data = "x".repeat(64);
+    // `bench`'s appends all carry the same BENCH_SIZE bytes and it checks their answers
+    // itself: here they only fill indices, like no-ops.
+    let bench_data = "x".repeat(BENCH_SIZE);
     for r in records.iter_mut() {
         if r.data.as_deref() == Some(bench_data.as_str()) {
             r.data = None;
@@ -202,6 +202,9 @@ fn a_leader_whose_disk_fills_hands_over_and_catches_up_once_it_grows() {
     grow_and_catch_up(&mut cluster, &dir, leader, &stop, workers);
 }
 
+/// The bytes of each of `bench`'s appends.
+const BENCH_SIZE: usize = 64;
+
 /// Runs `bench` against the cluster for `seconds`: the appends it committed and those that
 /// failed, from its JSON line.
 fn bench(cluster: &Cluster, seconds: u64) -> (u64, u64) {
@@ -209,6 +212,7 @@ fn bench(cluster: &Cluster, seconds: u64) -> (u64, u64) {
         .arg("-p")
         .arg(&cluster.configs[&1])
         .args(["--clients", "16", "--duration", &seconds.to_string()])
+        .args(["--size", &BENCH_SIZE.to_string()])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -47,7 +47,7 @@ use node_loop::{node_loop, Inboxes};
 /// but runs the real storage round trip after `advance` through them.
 #[doc(hidden)]
 pub use node_loop::{AfterAdvance, Core, Durable, Outbox};
-pub use node_loop::{MAX_BATCH, MAX_CLIENT_BATCH, MAX_TICKS_PER_BATCH, SLOW_BATCH};
+pub use node_loop::{FULL_RETRY, MAX_BATCH, MAX_CLIENT_BATCH, MAX_TICKS_PER_BATCH, SLOW_BATCH};
 use routes::Routes;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -18,9 +18,8 @@
 use super::*;
 use raft::storage::simfs::Faults;
 
-/// How long the node loop waits between attempts to write a batch the disk had no space for
-/// (the node loop's `FULL_RETRY`).
-pub const FULL_RETRY: Time = 200 * MS;
+/// How long the node loop waits between attempts to write a batch the disk had no space for.
+pub const FULL_RETRY: Time = raft::peer::FULL_RETRY.as_millis() as Time * MS;
 
 /// How long a full-disk episode lasts, uniformly.
 const FULL_FOR: (Time, Time) = (300 * MS, 4_000 * MS);
@@ -70,12 +69,6 @@ pub(super) struct DiskFaults {
     pub armed: BTreeMap<NodeId, bool>,
     /// Nodes whose store, left behind by a full disk, was asked to be written again.
     pub store_retrying: BTreeSet<NodeId>,
-    /// Whether disks fill in runs with snapshots too (`SIM_DISK_FULL_SNAPSHOTS=0` turns that
-    /// off). Their first runs found a read served from the store that flushed into a full
-    /// disk stop the peer (seed 1796655113119093 of
-    /// `safety_holds_under_random_faults_with_membership_changes_and_snapshots_5_nodes`); fixed
-    /// in `Disk::page`.
-    pub full_with_snapshots: bool,
 }
 
 /// What a write of a Ready's batch came to.
@@ -96,12 +89,15 @@ pub(super) enum AfterOutcome {
     InstallWaits,
 }
 
+/// Whether randomized runs inject disk faults (`SIM_DISK_FAULTS=0` turns them off).
+pub fn disk_faults_enabled() -> bool {
+    std::env::var("SIM_DISK_FAULTS").map_or(true, |v| v.trim() != "0")
+}
+
 impl DiskFaults {
     pub fn from_env() -> DiskFaults {
         DiskFaults {
-            enabled: std::env::var("SIM_DISK_FAULTS").map_or(true, |v| v.trim() != "0"),
-            full_with_snapshots: std::env::var("SIM_DISK_FULL_SNAPSHOTS")
-                .map_or(true, |v| v.trim() != "0"),
+            enabled: disk_faults_enabled(),
             ..DiskFaults::default()
         }
     }
@@ -148,9 +144,8 @@ impl Sim {
             return;
         }
         let id = self.rng.pick(&up);
-        let fill = self.cfg.snapshot_every.is_none() || self.disk_faults.full_with_snapshots;
         match self.rng.below(4) {
-            0 | 1 if fill && self.disk_faults.full.is_none() => self.fill_disk(id),
+            0 | 1 if self.disk_faults.full.is_none() => self.fill_disk(id),
             0 | 1 => {}
             k => self.arm_eio(id, k == 2),
         }
@@ -308,7 +303,8 @@ impl Sim {
         }
     }
 
-    /// After a node went on from a wait: a store left behind is caught up once space is back.
+    /// After an event of a node not waiting for space: a store left behind whose space came
+    /// back while the node waited is caught up now ([`Sim::space_back`] skips a waiting node).
     pub(super) fn went_on(&mut self, id: NodeId) {
         self.store_caught_up(id);
     }

@@ -41,6 +41,8 @@ mod checks;
 mod clients;
 mod disk;
 mod faults;
+#[allow(unused_imports)] // by tests/simulation.rs, not tests/membership.rs
+pub use faults::disk_faults_enabled;
 mod membership;
 
 use raft::peer::AfterAdvance;
