@@ -347,64 +347,7 @@ struct Counts {
     learned: u64,
     power_cuts: u64,
     wal_rotations: u64,
-    disk: DiskCounts,
-}
-
-/// What the injected disk faults did (see tests/sim/faults.rs).
-#[derive(Clone, Debug, Default)]
-struct DiskCounts {
-    full_episodes: u64,
-    held_batches: u64,
-    written_after_space: u64,
-    full_retries: u64,
-    installs_waited: u64,
-    installs_after_space: u64,
-    hand_overs: u64,
-    dropped_while_full: u64,
-    store_behind: u64,
-    store_retries: u64,
-    stores_caught_up: u64,
-    reads_refused: u64,
-    fsync_exits: u64,
-    write_exits: u64,
-}
-
-impl DiskCounts {
-    fn of(s: &sim::Stats) -> DiskCounts {
-        DiskCounts {
-            full_episodes: s.disk_full_episodes,
-            held_batches: s.held_batches,
-            written_after_space: s.written_after_space,
-            full_retries: s.full_retries,
-            installs_waited: s.installs_waited,
-            installs_after_space: s.installs_after_space,
-            hand_overs: s.hand_overs,
-            dropped_while_full: s.dropped_while_full,
-            store_behind: s.stores_full,
-            store_retries: s.store_retries,
-            stores_caught_up: s.stores_caught_up,
-            reads_refused: s.reads_refused_store_behind,
-            fsync_exits: s.fsync_failure_exits,
-            write_exits: s.write_failure_exits,
-        }
-    }
-
-    fn add(&mut self, o: &DiskCounts) {
-        self.full_episodes += o.full_episodes;
-        self.held_batches += o.held_batches;
-        self.written_after_space += o.written_after_space;
-        self.full_retries += o.full_retries;
-        self.installs_waited += o.installs_waited;
-        self.installs_after_space += o.installs_after_space;
-        self.hand_overs += o.hand_overs;
-        self.dropped_while_full += o.dropped_while_full;
-        self.store_behind += o.store_behind;
-        self.store_retries += o.store_retries;
-        self.stores_caught_up += o.stores_caught_up;
-        self.reads_refused += o.reads_refused;
-        self.fsync_exits += o.fsync_exits;
-        self.write_exits += o.write_exits;
-    }
+    disk: sim::DiskStats,
 }
 
 impl Counts {
@@ -665,7 +608,7 @@ fn chaos_run(
         learned: s.stats.learned,
         power_cuts: s.stats.power_cuts,
         wal_rotations: s.stats.wal_rotations,
-        disk: DiskCounts::of(&s.stats),
+        disk: s.stats.disk.clone(),
     };
     if std::env::var("SIM_SEED").is_ok() || std::env::var("SIM_VERBOSE").is_ok() {
         println!("seed {seed} ({flavour_text}): {counts:?}");

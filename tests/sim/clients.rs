@@ -243,7 +243,7 @@ impl Sim {
                     || reason.contains("cannot read its store") =>
             {
                 client.pending = Some((pending, invoked));
-                self.stats.reads_refused_store_behind += 1;
+                self.stats.disk.reads_refused += 1;
             }
             (pending, ClientResult::NotLeader { leader }) => {
                 client.pending = Some((pending, invoked));

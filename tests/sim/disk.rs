@@ -582,10 +582,10 @@ impl Sim {
             ));
         }
         if store_behind && have < shadow {
-            self.stats.stores_full += 1;
+            self.stats.disk.store_behind += 1;
         } else if self.disk_faults.store_retrying.remove(&id) {
             // Not behind any more: it holds every record applied (checked above).
-            self.stats.stores_caught_up += 1;
+            self.stats.disk.stores_caught_up += 1;
         }
         outcome
     }

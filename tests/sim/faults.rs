@@ -71,6 +71,52 @@ pub(super) struct DiskFaults {
     pub store_retrying: BTreeSet<NodeId>,
 }
 
+/// What the injected disk faults did in a run: full-disk episodes; Readies whose batch waited
+/// for space, and those written once it was back; retries; installs that waited for space and
+/// went through; TimeoutNows sent by a leader whose disk was full; peer messages, ticks and
+/// client requests a waiting node dropped; round trips that left a store behind (a full disk
+/// stopped its appends, the records wait in memory), retries of such a store asked for once
+/// space was back, and stores caught up (written again, holding every record applied);
+/// queries a store refused (behind, or its read failed); exits on a failed fsync and on a
+/// failed write.
+#[derive(Clone, Debug, Default)]
+pub struct DiskStats {
+    pub full_episodes: u64,
+    pub held_batches: u64,
+    pub written_after_space: u64,
+    pub full_retries: u64,
+    pub installs_waited: u64,
+    pub installs_after_space: u64,
+    pub hand_overs: u64,
+    pub dropped_while_full: u64,
+    pub store_behind: u64,
+    pub store_retries: u64,
+    pub stores_caught_up: u64,
+    pub reads_refused: u64,
+    pub fsync_exits: u64,
+    pub write_exits: u64,
+}
+
+impl DiskStats {
+    /// Adds another run's counts.
+    pub fn add(&mut self, o: &DiskStats) {
+        self.full_episodes += o.full_episodes;
+        self.held_batches += o.held_batches;
+        self.written_after_space += o.written_after_space;
+        self.full_retries += o.full_retries;
+        self.installs_waited += o.installs_waited;
+        self.installs_after_space += o.installs_after_space;
+        self.hand_overs += o.hand_overs;
+        self.dropped_while_full += o.dropped_while_full;
+        self.store_behind += o.store_behind;
+        self.store_retries += o.store_retries;
+        self.stores_caught_up += o.stores_caught_up;
+        self.reads_refused += o.reads_refused;
+        self.fsync_exits += o.fsync_exits;
+        self.write_exits += o.write_exits;
+    }
+}
+
 /// What a write of a Ready's batch came to.
 pub(super) enum Persisted {
     Done,
@@ -163,7 +209,7 @@ impl Sim {
         self.disk_faults.serial += 1;
         let serial = self.disk_faults.serial;
         self.disk_faults.full = Some((id, serial));
-        self.stats.disk_full_episodes += 1;
+        self.stats.disk.full_episodes += 1;
         let lasts = self.rng.range(FULL_FOR.0, FULL_FOR.1);
         self.schedule(lasts, Event::SpaceBack(id, serial));
     }
@@ -220,7 +266,7 @@ impl Sim {
         let disk = self.real.get_mut(&id).and_then(|r| r.disk.as_mut());
         if let Some(disk) = disk.filter(|d| d.full().is_some()) {
             disk.retry_store_now();
-            self.stats.store_retries += 1;
+            self.stats.disk.store_retries += 1;
             self.disk_faults.store_retrying.insert(id);
         }
     }
@@ -243,8 +289,8 @@ impl Sim {
     /// dropped (no power cut).
     pub(super) fn exit_on_error(&mut self, id: NodeId) {
         match self.disk_faults.armed.get(&id) {
-            Some(true) => self.stats.fsync_failure_exits += 1,
-            _ => self.stats.write_failure_exits += 1,
+            Some(true) => self.stats.disk.fsync_exits += 1,
+            _ => self.stats.disk.write_exits += 1,
         }
         self.kill_disk(id, false);
         self.crash_process(id);
@@ -259,7 +305,7 @@ impl Sim {
                 .node(id)
                 .and_then(|n| raft::peer::hand_over(&n.status()));
             if let Some(msg) = msg {
-                self.stats.hand_overs += 1;
+                self.stats.disk.hand_overs += 1;
                 self.send(msg);
             }
         }
@@ -283,7 +329,7 @@ impl Sim {
             return false;
         }
         let held = self.held.remove(&id).unwrap();
-        self.stats.full_retries += 1;
+        self.stats.disk.full_retries += 1;
         match held.waiting {
             Waiting::Persist(mut c) => {
                 c.handed_over = held.handed_over;
@@ -291,7 +337,7 @@ impl Sim {
             }
             Waiting::Install => match self.after_advance(id, AfterAdvance::default()) {
                 AfterOutcome::Done => {
-                    self.stats.installs_after_space += 1;
+                    self.stats.disk.installs_after_space += 1;
                     true
                 }
                 AfterOutcome::Down => false,

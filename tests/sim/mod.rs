@@ -42,7 +42,7 @@ mod clients;
 mod disk;
 mod faults;
 #[allow(unused_imports)] // by tests/simulation.rs, not tests/membership.rs
-pub use faults::disk_faults_enabled;
+pub use faults::{disk_faults_enabled, DiskStats};
 mod membership;
 
 use raft::peer::AfterAdvance;
@@ -392,28 +392,8 @@ pub struct Stats {
     pub rejoins: u64,
     /// Restarts whose JSON listed an old set of peers ([`Sim::restart_with_peers`]).
     pub old_config_restarts: u64,
-    /// Disk faults (`faults.rs`): full-disk episodes; Readies whose batch waited for space,
-    /// and those written once it was back; retries; installs that waited for space and went
-    /// through; TimeoutNows sent by a leader whose disk was full; peer messages, ticks and
-    /// client requests a waiting node dropped; round trips that left a store behind (a full
-    /// disk stopped its appends, the records wait in memory); retries of such a store asked for
-    /// once space was back; queries a store refused (behind, or its read
-    /// failed); exits on a failed fsync and on a failed write.
-    pub disk_full_episodes: u64,
-    pub held_batches: u64,
-    pub written_after_space: u64,
-    pub full_retries: u64,
-    pub installs_waited: u64,
-    pub installs_after_space: u64,
-    pub hand_overs: u64,
-    pub dropped_while_full: u64,
-    pub stores_full: u64,
-    pub store_retries: u64,
-    /// Stores left behind that were written again and hold every record applied.
-    pub stores_caught_up: u64,
-    pub reads_refused_store_behind: u64,
-    pub fsync_failure_exits: u64,
-    pub write_failure_exits: u64,
+    /// What the injected disk faults did (`faults.rs`).
+    pub disk: faults::DiskStats,
 }
 
 /// A paused node: its held datagrams, or None if what arrives is lost.
@@ -1093,11 +1073,11 @@ impl Sim {
                     if !self.retired.contains(&id) {
                         self.schedule(self.cfg.tick, event);
                     }
-                    self.stats.dropped_while_full += 1;
+                    self.stats.disk.dropped_while_full += 1;
                     return true;
                 }
                 Event::Deliver(_) | Event::Request(..) => {
-                    self.stats.dropped_while_full += 1;
+                    self.stats.disk.dropped_while_full += 1;
                     return true;
                 }
                 _ => {}
@@ -1244,7 +1224,7 @@ impl Sim {
                 if let faults::AfterOutcome::InstallWaits =
                     self.after_advance(id, AfterAdvance::default())
                 {
-                    self.stats.installs_waited += 1;
+                    self.stats.disk.installs_waited += 1;
                     self.hold(id, faults::Waiting::Install, false);
                 }
                 return;
@@ -1317,12 +1297,12 @@ impl Sim {
                 Act::Persist => match self.persist(id, c.role, c.term, &c.rd, !c.was_held) {
                     faults::Persisted::Done => {
                         if c.was_held {
-                            self.stats.written_after_space += 1;
+                            self.stats.disk.written_after_space += 1;
                         }
                     }
                     faults::Persisted::Full => {
                         if !c.was_held {
-                            self.stats.held_batches += 1;
+                            self.stats.disk.held_batches += 1;
                         }
                         c.was_held = true;
                         c.next = g;
@@ -1352,7 +1332,7 @@ impl Sim {
             }
         }
         if install_waits {
-            self.stats.installs_waited += 1;
+            self.stats.disk.installs_waited += 1;
             self.hold(id, faults::Waiting::Install, c.handed_over);
             return false;
         }
